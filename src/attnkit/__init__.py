@@ -1,0 +1,21 @@
+"""attnkit: one attention contract for PyTorch, many backends, one dispatcher."""
+
+from .backends import BACKENDS, Backend, Capabilities, get_backend, register_backend
+from .dispatch import Plan
+from .functional import attention, explain
+from .request import AttentionRequest
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention", "explain", "Plan", "AttentionRequest", "Backend", "Capabilities",
+    "BACKENDS", "get_backend", "register_backend", "__version__",
+]
+
+
+def available_backends() -> list[str]:
+    """Names of the registered backends usable in this process."""
+    return [n for n, b in BACKENDS.items() if b.available() is None]
+
+
+__all__.append("available_backends")

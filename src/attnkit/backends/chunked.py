@@ -1,0 +1,264 @@
+"""`chunked`: pure-PyTorch online softmax over (query, key) tiles, O(L) memory.
+
+Forward keeps a running max, denominator and accumulator per query row and
+never holds more than one [B, Hq, block_q, block_k] tile of scores. The
+backward is a custom autograd Function that recomputes each tile from the
+saved log-sum-exp, as FlashAttention does; the tile's logits are rebuilt under
+autograd so that bias, softcap and score_mod gradients come from one code path.
+Runs on every device torch runs on.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor, nn
+
+from ..masks import apply_score_mod, slice_4d, tile_allowed, tile_fully_outside
+from ..request import AttentionRequest
+from .base import ALL_FEATURES, Backend, Capabilities
+
+# Upper bound on elements of one score tile: 2**22 fp32 = 16 MiB.
+_TILE_ELEMENTS = 1 << 22
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def captured_tensors(fn) -> list[Tensor]:
+    """Tensors requiring grad that a mod closes over (closure cells, partial args, module params).
+
+    They become inputs of the autograd Function so that their gradients reach
+    the caller's graph. A mod that hides its tensors elsewhere is caught by
+    the check in `_ChunkedAttention.forward`.
+    """
+    found: list[Tensor] = []
+
+    def visit(obj, depth: int) -> None:
+        if depth > 3 or obj is None:
+            return
+        if isinstance(obj, Tensor):
+            if obj.requires_grad and not any(obj is t for t in found):
+                found.append(obj)
+        elif isinstance(obj, nn.Module):
+            for p in obj.parameters():
+                visit(p, depth + 1)
+        elif isinstance(obj, functools.partial):
+            visit(obj.func, depth + 1)
+            for a in list(obj.args) + list(obj.keywords.values()):
+                visit(a, depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for a in obj:
+                visit(a, depth + 1)
+        elif isinstance(obj, dict):
+            for a in obj.values():
+                visit(a, depth + 1)
+        elif callable(obj):
+            for cell in getattr(obj, "__closure__", None) or ():
+                try:
+                    visit(cell.cell_contents, depth + 1)
+                except ValueError:  # empty cell
+                    pass
+            visit(getattr(obj, "__self__", None), depth + 1)
+
+    visit(fn, 0)
+    return found
+
+
+def _tile_logits(
+    req: AttentionRequest, q_t: Tensor, k_t: Tensor, bias_t: Tensor | None, qs: int, ks: int
+) -> Tensor:
+    """Masked logits of one tile, [B, Hq, bq, bk], in the compute dtype of q_t."""
+    B, Hq, bq, D = q_t.shape
+    Hkv, bk = k_t.shape[1], k_t.shape[2]
+    g = Hq // Hkv
+    # GQA without repeating K: fold the g query heads of a group into rows.
+    s = torch.matmul(q_t.reshape(B, Hkv, g * bq, D), k_t.transpose(-1, -2)).view(B, Hq, bq, bk)
+    s = s * req.scale
+    if bias_t is not None:
+        s = s + bias_t
+    if req.softcap is not None:
+        s = req.softcap * torch.tanh(s / req.softcap)
+    if req.score_mod is not None:
+        s = apply_score_mod(req, s, qs, ks)
+    allowed = tile_allowed(req, qs, qs + bq, ks, ks + bk)
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    return s
+
+
+class _Tiling:
+    def __init__(self, req: AttentionRequest, block_q: int | None, block_k: int | None):
+        self.bk = block_k or min(req.len_k, 1024)
+        rows = max(1, _TILE_ELEMENTS // (req.batch * req.heads_q * self.bk))
+        self.bq = block_q or max(16, min(req.len_q, rows))
+
+    def tiles(self, req: AttentionRequest):
+        for qi, qs in enumerate(range(0, req.len_q, self.bq)):
+            qe = min(qs + self.bq, req.len_q)
+            for ki, ks in enumerate(range(0, req.len_k, self.bk)):
+                ke = min(ks + self.bk, req.len_k)
+                if not tile_fully_outside(req, qs, qe, ks, ke):
+                    yield qi, ki, qs, qe, ks, ke
+
+
+def _dropout_keep(req: AttentionRequest, seed: int, qi: int, ki: int, shape) -> Tensor:
+    """The tile's dropout keep-mask, regenerated identically in the backward."""
+    gen = torch.Generator(device=req.device)
+    gen.manual_seed((seed + 1_000_003 * qi + 7_919 * ki) % (1 << 62))
+    return torch.rand(shape, generator=gen, device=req.device) >= req.dropout_p
+
+
+def _grouped(t: Tensor, heads_kv: int) -> Tensor:
+    """[B, Hq, ...] -> [B, Hkv, g * ...] (consecutive query heads share a kv head)."""
+    B, Hq = t.shape[:2]
+    return t.reshape(B, heads_kv, (Hq // heads_kv) * t.shape[2], *t.shape[3:])
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, req, tiling, q, k, v, bias, sinks, *captured):
+        ct = _compute_dtype(q.dtype)
+        B, Hq, Lq = q.shape[:3]
+        Hkv, Dv = k.shape[1], v.shape[3]
+        m = torch.full((B, Hq, Lq, 1), float("-inf"), dtype=ct, device=q.device)
+        den = torch.zeros((B, Hq, Lq, 1), dtype=ct, device=q.device)
+        acc = torch.zeros((B, Hq, Lq, Dv), dtype=ct, device=q.device)
+        seed = int(torch.randint(0, 1 << 62, (1,)).item()) if req.dropout_p > 0 else 0
+        for qi, ki, qs, qe, ks, ke in tiling.tiles(req):
+            q_t = q[:, :, qs:qe].to(ct)
+            k_t = k[:, :, ks:ke].to(ct)
+            bias_t = slice_4d(bias, qs, qe, ks, ke).to(ct) if bias is not None else None
+            s = _tile_logits(req, q_t, k_t, bias_t, qs, ks)
+            m_tile = s.amax(dim=-1, keepdim=True)
+            m_new = torch.maximum(m[:, :, qs:qe], m_tile)
+            m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+            p = torch.exp(s - m_safe)
+            alpha = torch.exp(m[:, :, qs:qe] - m_safe)
+            den[:, :, qs:qe] = den[:, :, qs:qe] * alpha + p.sum(dim=-1, keepdim=True)
+            if req.dropout_p > 0:
+                p = p * _dropout_keep(req, seed, qi, ki, p.shape) / (1.0 - req.dropout_p)
+            pv = torch.matmul(_grouped(p, Hkv), v[:, :, ks:ke].to(ct)).view(B, Hq, qe - qs, Dv)
+            acc[:, :, qs:qe] = acc[:, :, qs:qe] * alpha + pv
+            m[:, :, qs:qe] = m_new
+        if sinks is not None:
+            sk = sinks.to(ct).view(1, Hq, 1, 1)
+            m_new = torch.maximum(m, sk)
+            alpha = torch.exp(m - m_new)
+            den = den * alpha + torch.exp(sk - m_new)
+            acc = acc * alpha
+            m = m_new
+        m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        out = acc / torch.where(den == 0, torch.ones_like(den), den)
+        lse = (torch.log(den) + m_safe).squeeze(-1)  # -inf where nothing was attended
+        out = out.to(q.dtype)
+        ctx.req, ctx.tiling, ctx.seed = req, tiling, seed
+        ctx.n_captured = len(captured)
+        ctx.save_for_backward(q, k, v, bias, sinks, out, lse, *captured)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        req, tiling, seed = ctx.req, ctx.tiling, ctx.seed
+        q, k, v, bias, sinks, out, lse, *captured = ctx.saved_tensors
+        ct = _compute_dtype(q.dtype)
+        B, Hq, Lq, D = q.shape
+        Hkv, Dv = k.shape[1], v.shape[3]
+        need_bias = bias is not None and ctx.needs_input_grad[5]
+        dq = torch.zeros(q.shape, dtype=ct, device=q.device)
+        dk = torch.zeros(k.shape, dtype=ct, device=q.device)
+        dv = torch.zeros(v.shape, dtype=ct, device=q.device)
+        dbias = torch.zeros(bias.shape, dtype=ct, device=q.device) if need_bias else None
+        dcap = [torch.zeros_like(c) for c in captured]
+        d_out = torch.zeros_like(out) if d_out is None else d_out
+        d_out_c = d_out.to(ct)
+        delta = (d_out_c * out.to(ct)).sum(dim=-1)  # rowsum(dO * O) [B, Hq, Lq]
+        if d_lse is not None:
+            delta = delta - d_lse.to(ct)  # d lse / d s_j = p_j folds into the same term
+        # exp(s - lse) must be 0 on rows with nothing to attend (lse = -inf).
+        lse_safe = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).to(ct)
+
+        for qi, ki, qs, qe, ks, ke in tiling.tiles(req):
+            with torch.enable_grad():
+                q_t = q[:, :, qs:qe].to(ct).detach().requires_grad_()
+                k_t = k[:, :, ks:ke].to(ct).detach().requires_grad_()
+                bias_t = None
+                if bias is not None:
+                    bias_t = slice_4d(bias, qs, qe, ks, ke).to(ct).detach().requires_grad_(need_bias)
+                s = _tile_logits(req, q_t, k_t, bias_t, qs, ks)
+            p = torch.exp(s.detach() - lse_safe[:, :, qs:qe, None])
+            v_t = v[:, :, ks:ke].to(ct)
+            do_t = d_out_c[:, :, qs:qe]
+            if req.dropout_p > 0:
+                keep = _dropout_keep(req, seed, qi, ki, p.shape).to(ct) / (1.0 - req.dropout_p)
+                pd = p * keep
+            else:
+                keep, pd = None, p
+            bq, bk = qe - qs, ke - ks
+            # dV = P^T dO, summed over the query heads of each kv head.
+            dv[:, :, ks:ke] += torch.matmul(_grouped(pd, Hkv).transpose(-1, -2), _grouped(do_t, Hkv))
+            dp = torch.matmul(_grouped(do_t, Hkv), v_t.transpose(-1, -2)).view(B, Hq, bq, bk)
+            if keep is not None:
+                dp = dp * keep
+            ds = p * (dp - delta[:, :, qs:qe, None])
+            wrt = [q_t, k_t] + ([bias_t] if need_bias else []) + list(captured)
+            grads = torch.autograd.grad(s, wrt, ds, allow_unused=True)
+            dq[:, :, qs:qe] += grads[0]
+            dk[:, :, ks:ke] += grads[1]
+            rest = grads[2:]
+            if need_bias:
+                gb = rest[0]
+                qsl = slice(None) if bias.shape[2] == 1 else slice(qs, qe)
+                ksl = slice(None) if bias.shape[3] == 1 else slice(ks, ke)
+                dbias[:, :, qsl, ksl] += gb
+                rest = rest[1:]
+            for acc, gcap in zip(dcap, rest):
+                if gcap is not None:
+                    acc += gcap
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[6]:
+            p_sink = torch.exp(sinks.to(ct).view(1, Hq, 1) - lse_safe)
+            dsinks = (-(p_sink * delta)).sum(dim=(0, 2)).to(sinks.dtype)
+        return (
+            None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+            dbias.to(bias.dtype) if dbias is not None else None, dsinks, *dcap,
+        )
+
+
+class ChunkedBackend(Backend):
+    """Online-softmax tiles in plain PyTorch; `block_q`/`block_k` override the tile size."""
+
+    name = "chunked"
+    capabilities = Capabilities(
+        devices=frozenset({"cpu", "cuda"}),
+        dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64}),
+        features=ALL_FEATURES,
+        notes="pure PyTorch, O(L) memory, recomputing backward; float32 accumulation",
+    )
+
+    def __init__(self, block_q: int | None = None, block_k: int | None = None):
+        self.block_q, self.block_k = block_q, block_k
+
+    def speed(self, req: AttentionRequest) -> float:
+        return 20.0 if req.device.type == "cpu" else 5.0
+
+    def run(self, req: AttentionRequest) -> tuple[Tensor, Tensor | None]:
+        tiling = _Tiling(req, self.block_q, self.block_k)
+        captured = captured_tensors(req.score_mod) if req.score_mod is not None else []
+        if req.score_mod is not None and req.needs_grad and not captured:
+            # A mod whose output needs grad though we found no tensor to route it to
+            # would lose that gradient silently: refuse instead.
+            with torch.enable_grad():
+                probe = apply_score_mod(req, req.q.new_zeros(req.batch, req.heads_q, 1, 1, dtype=torch.float32), 0, 0)
+            if probe.requires_grad:
+                raise TypeError(
+                    "score_mod uses a tensor that requires grad but holds it where the chunked backend "
+                    "cannot find it (it looks in closure cells, functools.partial arguments and module "
+                    "parameters); capture it in a closure, or use backend='reference'"
+                )
+        out, lse = _ChunkedAttention.apply(
+            req, tiling, req.q, req.k, req.v, req.bias, req.sinks, *captured
+        )
+        return out, (lse if req.return_lse else None)

@@ -1,0 +1,167 @@
+"""`flex`: torch FlexAttention, compiled, with the contract's features written as mods.
+
+- bias -> a score_mod that reads the bias in place (broadcast dims indexed at 0,
+  so its gradient has the bias's own shape, never [B, H, Lq, Lk]);
+- softcap -> tanh score_mod; the user's score_mod runs last;
+- bool mask, causal/window (bottom-right aligned) and the user's mask_mod ->
+  one mask_mod, turned into a BlockMask that is cached per
+  (mask_mod, bounds, mask tensor, shape, device);
+- sinks -> the kernel's log-sum-exp: out * sigmoid(lse - sink), which needs
+  the gradient through lse that compiled FlexAttention provides on CUDA.
+On the CPU, compiled FlexAttention is inference-only and returns no lse.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import Tensor
+
+from ..masks import bounds_allow
+from ..request import AttentionRequest
+from .base import Backend, Capabilities
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - torch < 2.5 is below our floor
+    create_block_mask = flex_attention = None
+
+_CUDA_FEATURES = frozenset(
+    {"mask", "bias", "bias_grad", "causal", "window", "softcap", "score_mod", "mask_mod", "sinks",
+     "return_lse", "gqa", "value_head_dim", "backward"}
+)
+_CPU_FEATURES = frozenset(
+    {"mask", "bias", "causal", "window", "softcap", "score_mod", "mask_mod", "gqa", "value_head_dim"}
+)
+_BLOCK_MASK_CACHE_SIZE = 32
+_compiled = None
+
+
+def _compiled_flex():
+    global _compiled
+    if _compiled is None:
+        # Each new shape/mod is a recompile; torch's default limit of 8 would
+        # silently drop to the unfused eager path in a long-running process.
+        cfg = torch._dynamo.config
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+        setattr(cfg, name, max(getattr(cfg, name), 64))
+        _compiled = torch.compile(flex_attention, dynamic=False)
+    return _compiled
+
+
+def _pick(idx, size: int):
+    """Index a broadcast dim: 0 where the tensor has size 1 there."""
+    return idx if size != 1 else 0
+
+
+def _score_mod(req: AttentionRequest):
+    bias, softcap, user = req.bias, req.softcap, req.score_mod
+    if bias is None and softcap is None and user is None:
+        return None
+    shape = tuple(bias.shape) if bias is not None else None
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        if bias is not None:
+            score = score + bias[
+                _pick(b, shape[0]), _pick(h, shape[1]), _pick(q_idx, shape[2]), _pick(kv_idx, shape[3])
+            ]
+        if softcap is not None:
+            score = softcap * torch.tanh(score / softcap)
+        if user is not None:
+            score = user(score, b, h, q_idx, kv_idx)
+        return score
+
+    return score_mod
+
+
+def _mask_key(req: AttentionRequest):
+    m = req.mask
+    mask_id = None
+    if m is not None:
+        mask_id = (m.untyped_storage().data_ptr(), m.storage_offset(), tuple(m.shape), m.stride(), m._version)
+    return (req.key_bounds, req.offset, req.mask_mod, mask_id)
+
+
+class FlexBackend(Backend):
+    name = "flex"
+    capabilities = Capabilities(
+        devices=frozenset({"cpu", "cuda"}),
+        dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
+        features=_CUDA_FEATURES,
+        features_by_device={"cpu": _CPU_FEATURES},
+        min_head_dim=16,
+        notes="compiled FlexAttention; block masks cached; CPU: inference only, no lse/sinks",
+    )
+
+    def __init__(self) -> None:
+        self._block_masks: OrderedDict = OrderedDict()
+
+    def available(self) -> str | None:
+        return None if flex_attention is not None else "torch.nn.attention.flex_attention is missing"
+
+    def speed(self, req: AttentionRequest) -> float:
+        if req.device.type != "cuda":
+            return 8.0  # compiles per shape; forward only
+        sparse = req.window is not None or req.mask_mod is not None or req.mask is not None
+        return 70.0 if sparse or req.bias is not None else 60.0
+
+    def block_mask(self, req: AttentionRequest):
+        """The cached BlockMask of req's mask, causal/window and mask_mod (None if dense)."""
+        bounds, mask, user = req.key_bounds, req.mask, req.mask_mod
+        if bounds is None and mask is None and user is None:
+            return None
+        B = req.batch if (user is not None or (mask is not None and mask.shape[0] != 1)) else None
+        H = req.heads_q if (user is not None or (mask is not None and mask.shape[1] != 1)) else None
+        key = (_mask_key(req), B, H, req.len_q, req.len_k, str(req.device))
+        hit = self._block_masks.get(key)
+        if hit is not None:
+            self._block_masks.move_to_end(key)
+            return hit[0]
+        offset = req.offset
+        mshape = tuple(mask.shape) if mask is not None else None
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            keep = None
+            if bounds is not None:
+                keep = bounds_allow(q_idx, kv_idx, offset, *bounds)
+            if mask is not None:
+                m = mask[_pick(b, mshape[0]), _pick(h, mshape[1]), _pick(q_idx, mshape[2]), _pick(kv_idx, mshape[3])]
+                keep = m if keep is None else keep & m
+            if user is not None:
+                u = user(b, h, q_idx, kv_idx)
+                keep = u if keep is None else keep & u
+            return keep
+
+        bm = create_block_mask(mask_mod, B, H, req.len_q, req.len_k, device=req.device)
+        # Keep the mask tensor alive with its entry so its storage cannot be reused
+        # by another tensor that would then hit this key.
+        self._block_masks[key] = (bm, mask)
+        if len(self._block_masks) > _BLOCK_MASK_CACHE_SIZE:
+            self._block_masks.popitem(last=False)
+        return bm
+
+    def run(self, req: AttentionRequest) -> tuple[Tensor, Tensor | None]:
+        want_lse = req.return_lse or req.sinks is not None
+        fn = _compiled_flex()
+        q, k, v = req.q, req.k, req.v
+        if not req.needs_grad:  # flex refuses inputs that merely carry requires_grad on the CPU
+            q, k, v = q.detach(), k.detach(), v.detach()
+        res = fn(
+            q, k, v,
+            score_mod=_score_mod(req),
+            block_mask=self.block_mask(req),
+            scale=req.scale,
+            enable_gqa=req.heads_q != req.heads_kv,
+            return_lse=want_lse,
+        )
+        if not want_lse:
+            return res, None
+        out, lse = res
+        lse = lse.float()
+        if req.sinks is not None:
+            sink = req.sinks.float().view(1, -1, 1)
+            total = torch.logaddexp(lse, sink)
+            out = (out.float() * torch.exp(lse - total).unsqueeze(-1)).to(req.dtype)
+            lse = total
+        return out, (lse if req.return_lse else None)

@@ -1,0 +1,60 @@
+"""Choosing a backend for a request, and saying why.
+
+`auto` keeps the backends whose capabilities cover the request, then takes the
+one with the highest expected speed (`Backend.speed`, a per-device heuristic
+checked against benchmarks/). `reference` is the oracle and is chosen only
+when nothing else can serve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .backends import BACKENDS, Backend, get_backend
+from .request import AttentionRequest
+
+__all__ = ["Plan", "plan"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The dispatcher's decision: the chosen backend and why each other one was passed over."""
+
+    backend: str
+    request: str
+    reason: str
+    passed_over: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"attnkit plan for {self.request}", f"  -> {self.backend}: {self.reason}"]
+        for name, why in self.passed_over.items():
+            lines.append(f"     {name}: {why}")
+        return "\n".join(lines)
+
+
+def plan(req: AttentionRequest, backend: str = "auto") -> tuple[Backend, Plan]:
+    """Pick the backend for req; a forced backend that cannot serve req is a ValueError."""
+    if backend != "auto":
+        chosen = get_backend(backend)
+        why = chosen.unsupported(req)
+        if why is not None:
+            raise ValueError(f"backend {backend!r} cannot serve this call: {why} ({req.describe()})")
+        return chosen, Plan(backend, req.describe(), "forced by backend=", {})
+
+    candidates: list[tuple[float, Backend]] = []
+    passed: dict[str, str] = {}
+    for b in BACKENDS.values():
+        why = b.unsupported(req)
+        if why is None:
+            candidates.append((b.speed(req), b))
+        else:
+            passed[b.name] = "cannot serve: " + why
+    if not candidates:  # reference serves everything it is given; keep the message anyway
+        raise ValueError(f"no backend can serve this call ({req.describe()}): {passed}")
+    candidates.sort(key=lambda sb: -sb[0])
+    best_speed, best = candidates[0]
+    for s, b in candidates[1:]:
+        passed[b.name] = f"can serve, expected slower (speed score {s:g} < {best_speed:g})"
+    reason = f"fastest capable backend on {req.device.type} (speed score {best_speed:g})"
+    ordered = {n: passed[n] for n in BACKENDS if n in passed}
+    return best, Plan(best.name, req.describe(), reason, ordered)

@@ -1,0 +1,80 @@
+"""The kernel contract: one function for every attention variant.
+
+See DESIGN.md / README.md for the full semantics. Layout [B, H, L, D] with
+heads split; GQA by head grouping; masks are bool with True = attend; bias is
+additive; causal is bottom-right aligned when Lq != Lk.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .dispatch import Plan, plan
+from .request import MaskMod, ScoreMod, build_request
+
+__all__ = ["attention", "explain"]
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Tensor | None = None,
+    bias: Tensor | None = None,
+    causal: bool = False,
+    window: int | tuple[int | None, int | None] | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    score_mod: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
+    sinks: Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Scaled dot-product attention under one contract, on the best backend for the call.
+
+    Args:
+        q: [B, Hq, Lq, D]. k: [B, Hkv, Lk, D]. v: [B, Hkv, Lk, Dv]. Hq % Hkv == 0;
+            query head h reads kv head h // (Hq // Hkv).
+        mask: bool, True = attend, broadcastable to [B, Hq, Lq, Lk].
+        bias: additive float logits, broadcastable to [B, Hq, Lq, Lk]; differentiable.
+        causal: query i sees key j iff j <= i + Lk - Lq (bottom-right aligned).
+        window: int W (the W most recent keys, the aligned diagonal included) or
+            (left, right) key offsets around the aligned diagonal (-1/None = unbounded).
+        scale: logit scale, default 1/sqrt(D).
+        softcap: logits become softcap * tanh(logits / softcap).
+        score_mod: FlexAttention-style `(score, b, h, q_idx, kv_idx) -> score`.
+        mask_mod: FlexAttention-style `(b, h, q_idx, kv_idx) -> bool`.
+        sinks: [Hq] logits that join each row's softmax denominator with no value.
+        dropout_p: dropout on the attention probabilities (applied whenever > 0).
+        return_lse: also return the float32 log-sum-exp [B, Hq, Lq] of each row
+            (sinks included; -inf for a row with nothing to attend).
+        backend: "auto" or a registered backend name ("sdpa", "flex", "chunked", "reference", ...).
+
+    Logits are built in this order: scale * q k^T, + bias, softcap, score_mod,
+    then mask / causal / window / mask_mod set excluded pairs to -inf. A row
+    with nothing to attend to returns 0 and gets zero gradient.
+
+    Returns:
+        out [B, Hq, Lq, Dv] in q's dtype, or (out, lse) when return_lse.
+    """
+    req = build_request(
+        q, k, v, mask=mask, bias=bias, causal=causal, window=window, scale=scale,
+        softcap=softcap, score_mod=score_mod, mask_mod=mask_mod, sinks=sinks,
+        dropout_p=dropout_p, return_lse=return_lse,
+    )
+    chosen, _ = plan(req, backend)
+    out, lse = chosen.run(req)
+    return (out, lse) if return_lse else out
+
+
+def explain(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto", **kwargs) -> Plan:
+    """The plan `attention(q, k, v, **kwargs)` would follow: chosen backend and why the others were not.
+
+    `print(attnkit.explain(...))` gives a readable table; the Plan's fields are
+    `backend`, `request`, `reason` and `passed_over` (name -> reason).
+    """
+    req = build_request(q, k, v, **kwargs)
+    return plan(req, backend)[1]

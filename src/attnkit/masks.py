@@ -1,0 +1,105 @@
+"""Masks and mods on index grids, shared by the backends that evaluate them densely.
+
+FlexAttention calls a mod on scalar indices; the pure-PyTorch backends call
+the same mod once on broadcast index grids (b [B,1,1,1], h [1,H,1,1],
+q_idx [1,1,Lq,1], kv_idx [1,1,1,Lk], all int32). Mods must therefore be
+element-wise, which FlexAttention requires too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .request import AttentionRequest
+
+__all__ = [
+    "index_grid",
+    "bounds_allow",
+    "tile_fully_outside",
+    "tile_allowed",
+    "apply_score_mod",
+    "slice_4d",
+]
+
+
+def index_grid(
+    batch: int, heads: int, q_start: int, q_end: int, k_start: int, k_end: int, device
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Broadcastable int32 (b, h, q_idx, kv_idx) grids over a tile, in global positions."""
+    b = torch.arange(batch, device=device, dtype=torch.int32).view(-1, 1, 1, 1)
+    h = torch.arange(heads, device=device, dtype=torch.int32).view(1, -1, 1, 1)
+    i = torch.arange(q_start, q_end, device=device, dtype=torch.int32).view(1, 1, -1, 1)
+    j = torch.arange(k_start, k_end, device=device, dtype=torch.int32).view(1, 1, 1, -1)
+    return b, h, i, j
+
+
+def bounds_allow(i, j, offset: int, left: int | None, right: int | None):
+    """Causal/window predicate: i + offset - left <= j <= i + offset + right.
+
+    Works on scalars (inside FlexAttention mods) and on broadcast grids.
+    """
+    keep = None
+    if right is not None:
+        keep = j <= i + (offset + right)
+    if left is not None:
+        lo = j >= i + (offset - left)
+        keep = lo if keep is None else keep & lo
+    return keep
+
+
+def tile_fully_outside(req: AttentionRequest, q_start: int, q_end: int, k_start: int, k_end: int) -> bool:
+    """True when causal/window bounds exclude every (query, key) pair of the tile."""
+    bounds = req.key_bounds
+    if bounds is None:
+        return False
+    left, right = bounds
+    off = req.offset
+    # The first key of the tile lies right of the last query's reach, or the
+    # last key lies left of the first query's reach.
+    if right is not None and k_start > (q_end - 1) + off + right:
+        return True
+    if left is not None and k_end - 1 < q_start + off - left:
+        return True
+    return False
+
+
+def slice_4d(t: Tensor, q_start: int, q_end: int, k_start: int, k_end: int) -> Tensor:
+    """Slice the [.., .., Lq, Lk] dims of a broadcast 4-D tensor, leaving size-1 dims alone."""
+    qs = slice(None) if t.shape[2] == 1 else slice(q_start, q_end)
+    ks = slice(None) if t.shape[3] == 1 else slice(k_start, k_end)
+    return t[:, :, qs, ks]
+
+
+def tile_allowed(
+    req: AttentionRequest, q_start: int, q_end: int, k_start: int, k_end: int
+) -> Tensor | None:
+    """Bool tile of allowed pairs (broadcastable to [B, Hq, bq, bk]), or None if all are allowed."""
+    allowed = None
+    if req.mask is not None:
+        allowed = slice_4d(req.mask, q_start, q_end, k_start, k_end)
+    bounds = req.key_bounds
+    if bounds is not None or req.mask_mod is not None:
+        b, h, i, j = index_grid(req.batch, req.heads_q, q_start, q_end, k_start, k_end, req.device)
+        if bounds is not None:
+            keep = bounds_allow(i, j, req.offset, *bounds)
+            allowed = keep if allowed is None else allowed & keep
+        if req.mask_mod is not None:
+            keep = req.mask_mod(b, h, i, j)
+            if not isinstance(keep, Tensor) or keep.dtype != torch.bool:
+                raise TypeError(
+                    f"mask_mod must return a bool tensor, got {getattr(keep, 'dtype', type(keep).__name__)}"
+                )
+            allowed = keep if allowed is None else allowed & keep
+    return allowed
+
+
+def apply_score_mod(req: AttentionRequest, s: Tensor, q_start: int, k_start: int) -> Tensor:
+    """Run the user's score_mod on a [B, Hq, bq, bk] tile of scores (global indices)."""
+    b, h, i, j = index_grid(
+        req.batch, req.heads_q, q_start, q_start + s.shape[2], k_start, k_start + s.shape[3], s.device
+    )
+    out = req.score_mod(s, b, h, i, j)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"score_mod must return a tensor, got {type(out).__name__}")
+    return out.expand_as(s) if out.shape != s.shape else out

@@ -1,0 +1,295 @@
+"""The validated, normalised form of one call of the contract.
+
+`attnkit.attention(...)` turns its arguments into an :class:`AttentionRequest`
+once; backends and the dispatcher only ever read this object, so every check
+lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["AttentionRequest", "build_request", "SUPPORTED_DTYPES"]
+
+# float64 is accepted so that the reference (and gradcheck) can run in double.
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class AttentionRequest:
+    """One attention call, checked. Shapes: q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv]."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    mask: Tensor | None  # bool, viewed as 4-D, broadcastable to [B, Hq, Lq, Lk]
+    bias: Tensor | None  # float, viewed as 4-D, broadcastable to [B, Hq, Lq, Lk]
+    causal: bool
+    # (left, right) key offsets around the aligned diagonal; None = unbounded side.
+    window: tuple[int | None, int | None] | None
+    scale: float
+    softcap: float | None
+    score_mod: ScoreMod | None
+    mask_mod: MaskMod | None
+    sinks: Tensor | None  # [Hq]
+    dropout_p: float
+    return_lse: bool
+
+    # --- shapes -----------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def heads_q(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def heads_kv(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def len_q(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def len_k(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def head_dim_v(self) -> int:
+        return self.v.shape[3]
+
+    @property
+    def offset(self) -> int:
+        """Diagonal shift of bottom-right alignment: query i lines up with key i + offset."""
+        return self.len_k - self.len_q
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def needs_grad(self) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        ts = [self.q, self.k, self.v, self.bias, self.sinks]
+        return any(t is not None and t.requires_grad for t in ts)
+
+    @property
+    def key_bounds(self) -> tuple[int | None, int | None] | None:
+        """Combined causal/window limits as (left, right) around the aligned diagonal.
+
+        Query i may see key j iff i + offset - left <= j <= i + offset + right
+        (a None side is unbounded). None when neither causal nor window is set.
+        """
+        if self.window is None and not self.causal:
+            return None
+        left, right = self.window if self.window is not None else (None, None)
+        if self.causal:
+            right = 0 if right is None else min(right, 0)
+        return left, right
+
+    def features(self) -> set[str]:
+        """Names of the capabilities this call needs (matched against Capabilities.features)."""
+        f: set[str] = set()
+        if self.mask is not None:
+            f.add("mask")
+        if self.bias is not None:
+            f.add("bias")
+            if self.needs_grad and self.bias.requires_grad:
+                f.add("bias_grad")
+        if self.causal:
+            f.add("causal")
+        if self.window is not None:
+            f.add("window")
+        if self.softcap is not None:
+            f.add("softcap")
+        if self.score_mod is not None:
+            f.add("score_mod")
+        if self.mask_mod is not None:
+            f.add("mask_mod")
+        if self.sinks is not None:
+            f.add("sinks")
+        if self.dropout_p > 0:
+            f.add("dropout")
+        if self.return_lse:
+            f.add("return_lse")
+        if self.heads_q != self.heads_kv:
+            f.add("gqa")
+        if self.head_dim_v != self.head_dim:
+            f.add("value_head_dim")
+        if self.needs_grad:
+            f.add("backward")
+        return f
+
+    def describe(self) -> str:
+        feats = ", ".join(sorted(self.features())) or "dense"
+        return (
+            f"q {list(self.q.shape)} k {list(self.k.shape)} v {list(self.v.shape)} "
+            f"{str(self.dtype).replace('torch.', '')} on {self.device.type}; features: {feats}"
+        )
+
+
+def _shape(t: Tensor) -> str:
+    return str(list(t.shape))
+
+
+def _as_4d(name: str, t: Tensor, target: tuple[int, int, int, int]) -> Tensor:
+    """View t (rank <= 4) as 4-D by adding leading dims; check it broadcasts to target."""
+    if t.dim() > 4 or t.dim() == 0:
+        raise ValueError(
+            f"{name} must have 1 to 4 dims broadcastable to [B, Hq, Lq, Lk] = {list(target)}, "
+            f"got shape {_shape(t)}"
+        )
+    t4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
+    for size, want in zip(t4.shape, target):
+        if size != 1 and size != want:
+            raise ValueError(
+                f"{name} of shape {_shape(t)} does not broadcast to [B, Hq, Lq, Lk] = {list(target)}"
+            )
+    return t4
+
+
+def _check_window(window) -> tuple[int | None, int | None] | None:
+    if window is None:
+        return None
+    if isinstance(window, bool):
+        raise TypeError(f"window must be an int >= 1 or a (left, right) pair, got bool {window}")
+    if isinstance(window, int):
+        if window < 1:
+            raise ValueError(f"window must be >= 1 (the query itself counts), got {window}")
+        return (window - 1, 0)
+    if isinstance(window, (tuple, list)) and len(window) == 2:
+        out = []
+        for side, w in zip(("left", "right"), window):
+            if w is None or (isinstance(w, int) and not isinstance(w, bool) and w == -1):
+                out.append(None)  # flash-attn writes an unbounded side as -1
+            elif isinstance(w, int) and not isinstance(w, bool) and w >= 0:
+                out.append(w)
+            else:
+                raise ValueError(
+                    f"window {side} must be an int >= 0, or -1/None for unbounded, got {w!r}"
+                )
+        return (out[0], out[1])
+    raise TypeError(f"window must be an int >= 1 or a (left, right) pair, got {window!r}")
+
+
+def build_request(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Tensor | None = None,
+    bias: Tensor | None = None,
+    causal: bool = False,
+    window=None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    score_mod: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
+    sinks: Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+) -> AttentionRequest:
+    """Check every argument of the contract and return the normalised request."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D [B, H, L, D] (heads already split), got shape {_shape(t)}"
+            )
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{name} has dtype {t.dtype}; expected one of float32, float16, bfloat16 (float64 for references)"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, Hq, Lq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(
+            f"batch mismatch: q {_shape(q)}, k {_shape(k)}, v {_shape(v)} (dim 0 must agree)"
+        )
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same number of heads, got k {_shape(k)}, v {_shape(v)}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same length, got k {_shape(k)}, v {_shape(v)}")
+    if k.shape[3] != D:
+        raise ValueError(f"q and k must have the same head dim, got q {_shape(q)}, k {_shape(k)}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(
+            f"query heads must be a multiple of key/value heads (GQA/MQA), got Hq={Hq}, Hkv={Hkv}"
+        )
+    if min(B, Hq, Lq, D) == 0 or k.shape[2] == 0 or v.shape[3] == 0:
+        raise ValueError(f"empty input: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
+    Lk = k.shape[2]
+    target = (B, Hq, Lq, Lk)
+
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a bool torch.Tensor, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(
+                f"mask must be bool (True = attend), got dtype {mask.dtype}; pass float masks as bias="
+            )
+        if mask.device != q.device:
+            raise ValueError(f"mask is on {mask.device} but q is on {q.device}")
+        mask = _as_4d("mask", mask, target)
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a floating torch.Tensor, got {type(bias).__name__}")
+        if not bias.is_floating_point():
+            raise TypeError(f"bias must be a floating tensor (additive logits), got dtype {bias.dtype}")
+        if bias.device != q.device:
+            raise ValueError(f"bias is on {bias.device} but q is on {q.device}")
+        bias = _as_4d("bias", bias, target)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    win = _check_window(window)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float, got {scale!r}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0:
+            raise ValueError(f"softcap must be a float > 0 or None, got {softcap!r}")
+        softcap = float(softcap)
+    for name, fn in (("score_mod", score_mod), ("mask_mod", mask_mod)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+    if sinks is not None:
+        if not isinstance(sinks, Tensor) or not sinks.is_floating_point():
+            raise TypeError(f"sinks must be a floating tensor of shape [Hq]={[Hq]}, got {sinks!r:.60}")
+        if sinks.shape != (Hq,):
+            raise ValueError(f"sinks must have shape [Hq] = [{Hq}], got {_shape(sinks)}")
+        if sinks.device != q.device:
+            raise ValueError(f"sinks is on {sinks.device} but q is on {q.device}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    return AttentionRequest(
+        q=q, k=k, v=v, mask=mask, bias=bias, causal=causal, window=win, scale=float(scale),
+        softcap=softcap, score_mod=score_mod, mask_mod=mask_mod, sinks=sinks,
+        dropout_p=float(dropout_p), return_lse=return_lse,
+    )

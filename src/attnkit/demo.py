@@ -1,0 +1,152 @@
+"""`python -m attnkit demo`: every available backend on a few feature sets, against the reference.
+
+Prints one row per (feature set, backend): the max abs error of the output and
+of the gradients against a float64 reference, the forward time, or why the
+backend cannot serve that call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from . import BACKENDS, attention, explain
+from .request import build_request
+
+
+def _cases(device: torch.device, dtype: torch.dtype, long: int):
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    B, Hq, Hkv, L, D = 2, 8, 2, long, 64
+    pad = torch.ones(B, 1, 1, L, dtype=torch.bool, device=device)
+    pad[1, ..., L // 2:] = False  # second sequence is half padding
+    pad[0, ..., :] = False  # first sequence: nothing to attend (rows must give 0)
+    alibi = torch.linspace(0.05, 0.5, Hq, device=device)
+
+    def alibi_mod(score, b, h, q_idx, kv_idx):
+        return score - alibi[h] * (q_idx - kv_idx).abs()
+
+    def doc_mask(b, h, q_idx, kv_idx):
+        return (q_idx // 64) == (kv_idx // 64)
+
+    yield "dense", (rnd(B, Hq, L, D), rnd(B, Hkv, L, D), rnd(B, Hkv, L, D)), {}
+    yield "causal", (rnd(B, Hq, L, D), rnd(B, Hkv, L, D), rnd(B, Hkv, L, D)), dict(causal=True)
+    yield "window 64", (rnd(B, Hq, L, D), rnd(B, Hkv, L, D), rnd(B, Hkv, L, D)), dict(window=64)
+    yield "bias+grad", (rnd(B, Hq, L, D), rnd(B, Hkv, L, D), rnd(B, Hkv, L, D)), dict(bias=rnd(Hq, L, L))
+    yield "key padding", (rnd(B, Hq, L, D), rnd(B, Hkv, L, D), rnd(B, Hkv, L, D)), dict(mask=pad)
+    yield "softcap 5", (rnd(B, Hq, L, D, scale=3), rnd(B, Hkv, L, D), rnd(B, Hkv, L, D)), dict(softcap=5.0)
+    yield "score_mod alibi", (rnd(B, Hq, L, D), rnd(B, Hkv, L, D), rnd(B, Hkv, L, D)), dict(score_mod=alibi_mod)
+    yield "mask_mod docs", (rnd(B, Hq, L, D), rnd(B, Hkv, L, D), rnd(B, Hkv, L, D)), dict(mask_mod=doc_mask)
+    yield "sinks+lse", (rnd(B, Hq, L, D), rnd(B, Hkv, L, D), rnd(B, Hkv, L, D)), dict(
+        sinks=rnd(Hq), causal=True, return_lse=True)
+    yield "decode Lq=1", (rnd(B, Hq, 1, D), rnd(B, Hkv, L, D), rnd(B, Hkv, L, D)), dict(causal=True)
+
+
+def _run(backend, q, k, v, kw, grad_out):
+    """Forward (+ backward when asked) -> (out, grads)."""
+    res = attention(q, k, v, backend=backend, **kw)
+    out = res[0] if isinstance(res, tuple) else res
+    if grad_out is None:
+        return out, None
+    leaves = [q, k, v] + [t for t in (kw.get("bias"), kw.get("sinks")) if t is not None]
+    return out, torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+
+
+def _timed(fn, device, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def run_demo(device: str | None = None, full: bool = False) -> list[dict]:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    L = 1024 if dev.type == "cuda" else 256
+    # FlexAttention compiles per shape and mod (~8 s each on a CPU): on the CPU
+    # the default demo shows it on two feature sets; --full runs all.
+    flex_cpu_cases = {"dense", "causal"}
+    rows = []
+    print(f"attnkit demo on {dev.type} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}), "
+          f"{str(dtype).replace('torch.', '')}, torch {torch.__version__}")
+    for name, (q, k, v), kw in _cases(dev, dtype, L):
+        grad_out = torch.randn(q.shape[0], q.shape[1], q.shape[2], v.shape[3], device=dev)
+        leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        kw64 = {a: (b.detach().double().requires_grad_() if isinstance(b, torch.Tensor) and b.is_floating_point() else b)
+                for a, b in kw.items()}
+        ref_out, ref_grads = _run("reference", *leaves64, kw64, grad_out.double())
+        chosen = explain(q, k, v, **kw).backend
+        for bname, backend in BACKENDS.items():
+            if bname == "flex" and dev.type == "cpu" and not full and name not in flex_cpu_cases:
+                rows.append(dict(case=name, backend=bname, note="skipped on CPU (compile per shape); --full"))
+                continue
+            ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
+            kwl = {a: (b.detach().requires_grad_() if isinstance(b, torch.Tensor) and b.is_floating_point() else b)
+                   for a, b in kw.items()}
+            req = build_request(ql, kl, vl, **kwl)
+            why = backend.unsupported(req)
+            with_grad = why is None
+            if why is not None and "backward" in why:
+                # Forward-only backend (e.g. flex on the CPU): show its forward.
+                with torch.no_grad():
+                    why = backend.unsupported(build_request(ql, kl, vl, **kwl))
+            if why is not None:
+                rows.append(dict(case=name, backend=bname, note=why.replace("missing ", "cannot: ")))
+                continue
+            try:
+                if with_grad:
+                    out, grads = _run(bname, ql, kl, vl, kwl, grad_out)
+                else:
+                    with torch.no_grad():
+                        out, grads = _run(bname, ql, kl, vl, kwl, None)
+                err = (out.double() - ref_out).abs().max().item()
+                gerr = None
+                if grads is not None:
+                    gerr = max((a.double() - b).abs().max().item() for a, b in zip(grads, ref_grads))
+                with torch.no_grad():
+                    ms = _timed(lambda: attention(ql, kl, vl, backend=bname, **kwl), dev, 3)
+                rows.append(dict(case=name, backend=bname, err=err, grad_err=gerr, ms=ms,
+                                 auto=(bname == chosen)))
+            except Exception as e:  # a demo reports, it does not stop
+                rows.append(dict(case=name, backend=bname, note=f"ERROR {type(e).__name__}: {e}"[:90]))
+    _print(rows)
+    return rows
+
+
+def _print(rows: list[dict]) -> None:
+    print(f"\n{'case':<16} {'backend':<10} {'max err':>9} {'grad err':>9} {'fwd ms':>8}  note")
+    print("-" * 80)
+    last = None
+    for r in rows:
+        case = r["case"] if r["case"] != last else ""
+        last = r["case"]
+        if "note" in r:
+            print(f"{case:<16} {r['backend']:<10} {'':>9} {'':>9} {'':>8}  {r['note'][:70]}")
+            continue
+        g = f"{r['grad_err']:.1e}" if r["grad_err"] is not None else "fwd only"
+        mark = "<- auto" if r["auto"] else ""
+        print(f"{case:<16} {r['backend']:<10} {r['err']:>9.1e} {g:>9} {r['ms']:>8.2f}  {mark}")
+    print("\nerrors: max |out - float64 reference| (and of dq, dk, dv, dbias, dsinks); "
+          "'<- auto' marks the backend the dispatcher picks.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m attnkit demo", description=__doc__)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--full", action="store_true", help="also compile FlexAttention for every case on the CPU")
+    args = p.parse_args(argv)
+    rows = run_demo(args.device, args.full)
+    bad = [r for r in rows if "note" in r and r["note"].startswith("ERROR")]
+    return 1 if bad else 0

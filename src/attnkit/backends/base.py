@@ -33,6 +33,7 @@ class Capabilities:
     features: frozenset[str]
     min_head_dim: int = 1
     max_head_dim: int | None = None
+    head_dims: frozenset[int] | None = None  # an explicit allow-list, when only some dims compile
     features_by_device: dict[str, frozenset[str]] = field(default_factory=dict)
     notes: str = ""
 
@@ -58,6 +59,8 @@ class Capabilities:
         for d, name in ((req.head_dim, "head dim"), (req.head_dim_v, "value head dim")):
             if d < self.min_head_dim or (self.max_head_dim is not None and d > self.max_head_dim):
                 out.append(f"{name} {d} (supports {self.min_head_dim}..{self.max_head_dim or 'any'})")
+            elif self.head_dims is not None and d not in self.head_dims:
+                out.append(f"{name} {d} (supports {sorted(self.head_dims)})")
         lacking = sorted(req.features() - self.features_on(dev))
         if lacking:
             out.append("feature " + ", ".join(f"'{f}'" for f in lacking) + f" on {dev}")

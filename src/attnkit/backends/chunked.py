@@ -151,13 +151,12 @@ class _ChunkedAttention(torch.autograd.Function):
             acc = acc * alpha
             m = m_new
         m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        out = acc / torch.where(den == 0, torch.ones_like(den), den)
+        out_c = acc / torch.where(den == 0, torch.ones_like(den), den)
         lse = (torch.log(den) + m_safe).squeeze(-1)  # -inf where nothing was attended
-        out = out.to(q.dtype)
         ctx.req, ctx.tiling, ctx.seed = req, tiling, seed
-        ctx.n_captured = len(captured)
-        ctx.save_for_backward(q, k, v, bias, sinks, out, lse, *captured)
-        return out, lse
+        # The unrounded output keeps rowsum(dO * O) accurate in half precision.
+        ctx.save_for_backward(q, k, v, bias, sinks, out_c, lse, *captured)
+        return out_c.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
@@ -172,9 +171,8 @@ class _ChunkedAttention(torch.autograd.Function):
         dv = torch.zeros(v.shape, dtype=ct, device=q.device)
         dbias = torch.zeros(bias.shape, dtype=ct, device=q.device) if need_bias else None
         dcap = [torch.zeros_like(c) for c in captured]
-        d_out = torch.zeros_like(out) if d_out is None else d_out
-        d_out_c = d_out.to(ct)
-        delta = (d_out_c * out.to(ct)).sum(dim=-1)  # rowsum(dO * O) [B, Hq, Lq]
+        d_out_c = torch.zeros_like(out) if d_out is None else d_out.to(ct)
+        delta = (d_out_c * out).sum(dim=-1)  # rowsum(dO * O) [B, Hq, Lq]
         if d_lse is not None:
             delta = delta - d_lse.to(ct)  # d lse / d s_j = p_j folds into the same term
         # exp(s - lse) must be 0 on rows with nothing to attend (lse = -inf).

@@ -4,16 +4,23 @@
 one with the highest expected speed (`Backend.speed`, a per-device heuristic
 checked against benchmarks/). `reference` is the oracle and is chosen only
 when nothing else can serve.
+
+Backends decide from `AttentionRequest.signature` alone (device, dtype, head
+dims, features), so the choice is cached per signature: a call pays one dict
+lookup, not a walk over every backend's capability table.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .backends import BACKENDS, Backend, get_backend
+from . import backends as _backends
+from .backends import Backend, get_backend
 from .request import AttentionRequest
 
-__all__ = ["Plan", "plan"]
+__all__ = ["Plan", "plan", "choose", "clear_cache"]
+
+_CHOICE_CACHE: dict[tuple, Backend] = {}
 
 
 @dataclass(frozen=True)
@@ -32,29 +39,45 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan(req: AttentionRequest, backend: str = "auto") -> tuple[Backend, Plan]:
-    """Pick the backend for req; a forced backend that cannot serve req is a ValueError."""
+def clear_cache() -> None:
+    """Forget cached choices (called when the backend registry changes)."""
+    _CHOICE_CACHE.clear()
+
+
+def choose(req: AttentionRequest, backend: str = "auto") -> Backend:
+    """The backend that will run req; a forced backend that cannot serve req is a ValueError."""
+    key = (backend, req.signature)
+    hit = _CHOICE_CACHE.get(key)
+    if hit is not None:
+        return hit
+    chosen = get_backend(plan(req, backend).backend)
+    _CHOICE_CACHE[key] = chosen
+    return chosen
+
+
+def plan(req: AttentionRequest, backend: str = "auto") -> Plan:
+    """The full decision with reasons (uncached; `explain` prints it)."""
     if backend != "auto":
         chosen = get_backend(backend)
         why = chosen.unsupported(req)
         if why is not None:
             raise ValueError(f"backend {backend!r} cannot serve this call: {why} ({req.describe()})")
-        return chosen, Plan(backend, req.describe(), "forced by backend=", {})
+        return Plan(backend, req.describe(), "forced by backend=", {})
 
     candidates: list[tuple[float, Backend]] = []
     passed: dict[str, str] = {}
-    for b in BACKENDS.values():
+    for b in _backends.BACKENDS.values():
         why = b.unsupported(req)
         if why is None:
             candidates.append((b.speed(req), b))
         else:
             passed[b.name] = "cannot serve: " + why
-    if not candidates:  # reference serves everything it is given; keep the message anyway
+    if not candidates:
         raise ValueError(f"no backend can serve this call ({req.describe()}): {passed}")
     candidates.sort(key=lambda sb: -sb[0])
     best_speed, best = candidates[0]
     for s, b in candidates[1:]:
         passed[b.name] = f"can serve, expected slower (speed score {s:g} < {best_speed:g})"
     reason = f"fastest capable backend on {req.device.type} (speed score {best_speed:g})"
-    ordered = {n: passed[n] for n in BACKENDS if n in passed}
-    return best, Plan(best.name, req.describe(), reason, ordered)
+    ordered = {n: passed[n] for n in _backends.BACKENDS if n in passed}
+    return Plan(best.name, req.describe(), reason, ordered)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .dispatch import Plan, plan
+from .dispatch import Plan, choose, plan
 from .request import MaskMod, ScoreMod, build_request
 
 __all__ = ["attention", "explain"]
@@ -65,8 +65,7 @@ def attention(
         softcap=softcap, score_mod=score_mod, mask_mod=mask_mod, sinks=sinks,
         dropout_p=dropout_p, return_lse=return_lse,
     )
-    chosen, _ = plan(req, backend)
-    out, lse = chosen.run(req)
+    out, lse = choose(req, backend).run(req)
     return (out, lse) if return_lse else out
 
 
@@ -77,4 +76,4 @@ def explain(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto", **kwargs)
     `backend`, `request`, `reason` and `passed_over` (name -> reason).
     """
     req = build_request(q, k, v, **kwargs)
-    return plan(req, backend)[1]
+    return plan(req, backend)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -23,9 +24,13 @@ ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class AttentionRequest:
-    """One attention call, checked. Shapes: q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv]."""
+    """One attention call, checked. Shapes: q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv].
+
+    Treat as read-only. (Not a frozen dataclass: frozen __init__ costs ~10 us
+    per call, and this object is built on every attention call.)
+    """
 
     q: Tensor
     k: Tensor
@@ -85,7 +90,7 @@ class AttentionRequest:
     def dtype(self) -> torch.dtype:
         return self.q.dtype
 
-    @property
+    @cached_property
     def needs_grad(self) -> bool:
         if not torch.is_grad_enabled():
             return False
@@ -106,8 +111,17 @@ class AttentionRequest:
             right = 0 if right is None else min(right, 0)
         return left, right
 
-    def features(self) -> set[str]:
+    def features(self) -> frozenset[str]:
         """Names of the capabilities this call needs (matched against Capabilities.features)."""
+        return self._features
+
+    @cached_property
+    def signature(self) -> tuple:
+        """Everything backend choice may depend on; the dispatcher caches its choice per signature."""
+        return (self.device.type, self.dtype, self.head_dim, self.head_dim_v, self._features)
+
+    @cached_property
+    def _features(self) -> frozenset[str]:
         f: set[str] = set()
         if self.mask is not None:
             f.add("mask")
@@ -137,7 +151,7 @@ class AttentionRequest:
             f.add("value_head_dim")
         if self.needs_grad:
             f.add("backward")
-        return f
+        return frozenset(f)
 
     def describe(self) -> str:
         feats = ", ".join(sorted(self.features())) or "dense"
@@ -212,37 +226,39 @@ def build_request(
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(
-                f"{name} must be 4-D [B, H, L, D] (heads already split), got shape {_shape(t)}"
-            )
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"{name} has dtype {t.dtype}; expected one of float32, float16, bfloat16 (float64 for references)"
-            )
-    if not (q.dtype == k.dtype == v.dtype):
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
+        bad, t = next((n, t) for n, t in (("q", q), ("k", k), ("v", v)) if t.dim() != 4)
+        raise ValueError(f"{bad} must be 4-D [B, H, L, D] (heads already split), got shape {_shape(t)}")
+    dtype = q.dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"q has dtype {dtype}; expected one of float32, float16, bfloat16 (float64 for references)"
+        )
+    if k.dtype != dtype or v.dtype != dtype:
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
+    device = q.device
+    if k.device != device or v.device != device:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    B, Hq, Lq, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
+    B, Hq, Lq, D = qs
+    if ks[0] != B or vs[0] != B:
         raise ValueError(
             f"batch mismatch: q {_shape(q)}, k {_shape(k)}, v {_shape(v)} (dim 0 must agree)"
         )
-    if k.shape[1] != v.shape[1]:
+    if ks[1] != vs[1]:
         raise ValueError(f"k and v must have the same number of heads, got k {_shape(k)}, v {_shape(v)}")
-    if k.shape[2] != v.shape[2]:
+    if ks[2] != vs[2]:
         raise ValueError(f"k and v must have the same length, got k {_shape(k)}, v {_shape(v)}")
-    if k.shape[3] != D:
+    if ks[3] != D:
         raise ValueError(f"q and k must have the same head dim, got q {_shape(q)}, k {_shape(k)}")
-    Hkv = k.shape[1]
+    Hkv = ks[1]
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(
             f"query heads must be a multiple of key/value heads (GQA/MQA), got Hq={Hq}, Hkv={Hkv}"
         )
-    if min(B, Hq, Lq, D) == 0 or k.shape[2] == 0 or v.shape[3] == 0:
+    if min(B, Hq, Lq, D) == 0 or ks[2] == 0 or vs[3] == 0:
         raise ValueError(f"empty input: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
-    Lk = k.shape[2]
+    Lk = ks[2]
     target = (B, Hq, Lq, Lk)
 
     if mask is not None:
@@ -252,16 +268,16 @@ def build_request(
             raise TypeError(
                 f"mask must be bool (True = attend), got dtype {mask.dtype}; pass float masks as bias="
             )
-        if mask.device != q.device:
-            raise ValueError(f"mask is on {mask.device} but q is on {q.device}")
+        if mask.device != device:
+            raise ValueError(f"mask is on {mask.device} but q is on {device}")
         mask = _as_4d("mask", mask, target)
     if bias is not None:
         if not isinstance(bias, Tensor):
             raise TypeError(f"bias must be a floating torch.Tensor, got {type(bias).__name__}")
         if not bias.is_floating_point():
             raise TypeError(f"bias must be a floating tensor (additive logits), got dtype {bias.dtype}")
-        if bias.device != q.device:
-            raise ValueError(f"bias is on {bias.device} but q is on {q.device}")
+        if bias.device != device:
+            raise ValueError(f"bias is on {bias.device} but q is on {device}")
         bias = _as_4d("bias", bias, target)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
@@ -282,8 +298,8 @@ def build_request(
             raise TypeError(f"sinks must be a floating tensor of shape [Hq]={[Hq]}, got {sinks!r:.60}")
         if sinks.shape != (Hq,):
             raise ValueError(f"sinks must have shape [Hq] = [{Hq}], got {_shape(sinks)}")
-        if sinks.device != q.device:
-            raise ValueError(f"sinks is on {sinks.device} but q is on {q.device}")
+        if sinks.device != device:
+            raise ValueError(f"sinks is on {sinks.device} but q is on {device}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if not isinstance(return_lse, bool):

@@ -25,6 +25,9 @@ def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
     if backend.name in BACKENDS and not replace:
         raise ValueError(f"a backend named {backend.name!r} is already registered; pass replace=True")
     BACKENDS[backend.name] = backend
+    from ..dispatch import clear_cache  # cached choices may now be stale
+
+    clear_cache()
     return backend
 
 

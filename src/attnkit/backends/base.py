@@ -68,7 +68,11 @@ class Capabilities:
 
 
 class Backend:
-    """Base class. Subclasses set `name` and `capabilities` and implement `run`."""
+    """Base class. Subclasses set `name` and `capabilities` and implement `run`.
+
+    `unsupported` and `speed` must depend on `req.signature` only (device,
+    dtype, head dims, features): the dispatcher caches its choice per signature.
+    """
 
     name: str = ""
     capabilities: Capabilities

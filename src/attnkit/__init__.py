@@ -4,12 +4,21 @@ from .backends import BACKENDS, Backend, Capabilities, get_backend, register_bac
 from .dispatch import Plan
 from .functional import attention, explain
 from .request import AttentionRequest
+from .caches import KVCache
+from .modules import (
+    ATTENTION_REGISTRY, AttentionConfig, AttentionRegistry, BaseAttention, FlashAttention,
+    GatedAttention, LinearAttention, LiteAttention, MultiHeadAttention, RopeScaling,
+    RotaryEmbedding, StandardAttention, SwappableMixin, swap,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention", "explain", "Plan", "AttentionRequest", "Backend", "Capabilities",
     "BACKENDS", "get_backend", "register_backend", "__version__",
+    "KVCache", "ATTENTION_REGISTRY", "AttentionConfig", "AttentionRegistry", "BaseAttention",
+    "FlashAttention", "GatedAttention", "LinearAttention", "LiteAttention", "MultiHeadAttention",
+    "RopeScaling", "RotaryEmbedding", "StandardAttention", "SwappableMixin", "swap",
 ]
 
 

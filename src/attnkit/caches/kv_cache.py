@@ -1,0 +1,102 @@
+"""A contiguous, preallocated KV cache for decoding (static shapes, CUDA-graph friendly)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["KVCache"]
+
+
+class KVCache:
+    """Per-layer K/V buffers [B, Hkv, max_len, D] plus per-sequence lengths.
+
+    `append(k_new, v_new)` writes [B, Hkv, L_new, D] at each sequence's current
+    length with index arithmetic on device tensors (no host sync, fixed shapes,
+    so a decode step can be captured in a CUDA graph) and returns the whole
+    buffers with the lengths before and after the write. Keys at positions
+    >= a sequence's length are stale and must be masked (`key_mask`).
+
+    An append that would run past max_len raises and writes nothing; the
+    check uses a host-side copy of the lengths (`host_lengths`), kept in step
+    by `append`. After replaying a captured graph, call `advance(n)` to move
+    the host copy by the n tokens the replay appended.
+    """
+
+    def __init__(self, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int, *,
+                 head_dim_v: int | None = None, dtype: torch.dtype = torch.float32, device=None):
+        for name, val in (("batch_size", batch_size), ("num_kv_heads", num_kv_heads),
+                          ("max_len", max_len), ("head_dim", head_dim)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        dv = head_dim if head_dim_v is None else head_dim_v
+        self.k = torch.zeros(batch_size, num_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch_size, num_kv_heads, max_len, dv, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.host_lengths = [0] * batch_size
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[0]
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+        self.host_lengths = [0] * self.batch_size
+
+    def advance(self, n: int) -> None:
+        """Move the host copy of the lengths by n (after a captured graph appended n tokens)."""
+        self.host_lengths = [x + n for x in self.host_lengths]
+
+    def append(self, k_new: Tensor, v_new: Tensor, num_new: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Write k_new/v_new [B, Hkv, L_new, D] after each sequence's tokens.
+
+        num_new: optional int [B], how many of the L_new tokens of each sequence
+        are real (right-padded prefill); default all. Returns (k, v, old_lengths,
+        new_lengths), k/v being the full buffers.
+        """
+        B, H, Ln = k_new.shape[:3]
+        if k_new.shape[0] != self.batch_size or k_new.shape[1] != self.k.shape[1] or k_new.shape[3] != self.k.shape[3]:
+            raise ValueError(f"k_new must be [B, Hkv, L, D] = [{self.batch_size}, {self.k.shape[1]}, L, {self.k.shape[3]}], got {list(k_new.shape)}")
+        if v_new.shape[:3] != k_new.shape[:3] or v_new.shape[3] != self.v.shape[3]:
+            raise ValueError(f"v_new must be [B, Hkv, L, Dv] matching k_new, got {list(v_new.shape)}")
+        if k_new.dtype != self.k.dtype or v_new.dtype != self.v.dtype:
+            raise TypeError(f"cache holds {self.k.dtype}, got k {k_new.dtype}, v {v_new.dtype}")
+        if not torch.compiler.is_compiling():
+            over = [i for i, n in enumerate(self.host_lengths) if n + Ln > self.max_len]
+            if over:
+                raise ValueError(
+                    f"KV cache overflow: sequence(s) {over} hold {[self.host_lengths[i] for i in over]} "
+                    f"tokens; appending {Ln} exceeds max_len {self.max_len}; nothing was written"
+                )
+        old = self.lengths.clone()
+        pos = (old.view(B, 1).long() + torch.arange(Ln, device=old.device)).clamp_max(self.max_len - 1)
+        idx = pos.view(B, 1, Ln, 1)
+        self.k.scatter_(2, idx.expand(B, H, Ln, self.k.shape[3]), k_new)
+        self.v.scatter_(2, idx.expand(B, H, Ln, self.v.shape[3]), v_new)
+        added = torch.full_like(old, Ln) if num_new is None else num_new.to(old.dtype)
+        self.lengths.add_(added)
+        if not torch.compiler.is_compiling():
+            counts = [Ln] * B if num_new is None else [int(x) for x in num_new.tolist()]
+            self.host_lengths = [a + b for a, b in zip(self.host_lengths, counts)]
+        return self.k, self.v, old, self.lengths
+
+    def key_mask(self, old_lengths: Tensor, new_tokens: int, *, causal: bool = True,
+                 window: int | None = None) -> Tensor:
+        """Bool [B, 1, L_new, max_len]: query i of sequence b (position old[b] + i) may see key j.
+
+        Keys must be written (j < old[b] + i + 1 when causal, j < new length otherwise)
+        and, with a window W, recent (j > old[b] + i - W).
+        """
+        j = torch.arange(self.max_len, device=self.k.device).view(1, 1, 1, -1)
+        qpos = old_lengths.long().view(-1, 1, 1, 1) + torch.arange(new_tokens, device=self.k.device).view(1, 1, -1, 1)
+        if causal:
+            keep = j <= qpos
+        else:
+            keep = j < self.lengths.long().view(-1, 1, 1, 1)
+        if window is not None:
+            keep = keep & (j > qpos - window)
+        return keep

@@ -1,0 +1,219 @@
+"""Split-head attention modules: q, k, v arrive as [B, H, L, D]; every one calls the contract or an op."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..functional import attention
+from ..ops.linear_attention import FEATURE_MAPS, linear_attention
+from .base import ATTENTION_REGISTRY, BaseAttention
+
+__all__ = ["StandardAttention", "FlashAttention", "GatedAttention", "LinearAttention", "LiteAttention"]
+
+
+def _check_dropout(dropout: float) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    return float(dropout)
+
+
+def _check_dims(num_heads: int, head_dim: int) -> None:
+    for name, val in (("num_heads", num_heads), ("head_dim", head_dim)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+
+
+class _SoftmaxAttention(BaseAttention):
+    """Shared body of the modules that are exactly the contract with a fixed backend."""
+
+    default_backend = "auto"
+
+    def __init__(self, num_heads: int, head_dim: int, dropout: float = 0.0, backend: str | None = None):
+        super().__init__()
+        _check_dims(num_heads, head_dim)
+        self._num_heads, self._head_dim = num_heads, head_dim
+        self.dropout = _check_dropout(dropout)
+        self.backend = backend or self.default_backend
+
+    @property
+    def num_heads(self) -> int:
+        return self._num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self._head_dim
+
+    def forward(self, q, k, v, mask=None, bias=None):
+        """q [B, H, Lq, D], k/v [B, H(kv), Lk, D]; mask bool / bias float broadcastable to [B, H, Lq, Lk]."""
+        self.check_heads(q)
+        return attention(
+            q, k, v, mask=mask, bias=bias, dropout_p=self.dropout if self.training else 0.0,
+            backend=self.backend,
+        )
+
+
+@ATTENTION_REGISTRY.register("standard")
+class StandardAttention(_SoftmaxAttention):
+    """Vanilla scaled dot-product attention: the plain math (`reference` backend), every device.
+
+    Args: num_heads, head_dim, dropout (on the probabilities, training only).
+    Shapes: q [B, H, Lq, D], k, v [B, H, Lk, D] -> [B, H, Lq, D].
+    """
+
+    default_backend = "reference"
+
+
+@ATTENTION_REGISTRY.register("flash")
+class FlashAttention(_SoftmaxAttention):
+    """Fused attention: the dispatcher's fastest exact backend (cuDNN/flash SDPA, FlexAttention, ...).
+
+    Same interface and math as StandardAttention. Shapes: q [B, H, Lq, D], k, v [B, H, Lk, D].
+    """
+
+    default_backend = "auto"
+
+    @classmethod
+    def from_standard(cls, module: BaseAttention) -> "FlashAttention":
+        """Convert any BaseAttention: same dimensions, dropout and any parameters that fit."""
+        if not isinstance(module, BaseAttention):
+            raise TypeError(f"from_standard takes a BaseAttention, got {type(module).__name__}")
+        from .base import _rebuild
+
+        return _rebuild(module, cls)
+
+
+@ATTENTION_REGISTRY.register("gated")
+class GatedAttention(_SoftmaxAttention):
+    """AlphaFold2 / OpenFold gated attention: softmax attention (pair bias welcome) times a sigmoid gate.
+
+    out = attention(q, k, v, mask, bias) * sigmoid(q W_g + b_g), with W_g [D, D]
+    initialised to 0 and b_g to `gate_init_bias`, so the gate starts at
+    sigmoid(gate_init_bias) everywhere. Shapes: q [B, H, Lq, D] -> [B, H, Lq, D].
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, dropout: float = 0.0, gate_init_bias: float = 1.0,
+                 backend: str | None = None):
+        super().__init__(num_heads, head_dim, dropout, backend)
+        self.gate_init_bias = float(gate_init_bias)
+        self.gate = nn.Linear(head_dim, head_dim)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, self.gate_init_bias)
+
+    def forward(self, q, k, v, mask=None, bias=None):
+        out = super().forward(q, k, v, mask=mask, bias=bias)
+        return out * torch.sigmoid(self.gate(q))
+
+
+@ATTENTION_REGISTRY.register("linear")
+class LinearAttention(BaseAttention):
+    """Kernelised linear attention in O(L * D^2): feature maps "elu" (elu + 1), "relu", "favor+".
+
+    "favor+" uses `num_features` positive orthogonal random features (Performer),
+    drawn from `seed` and kept in a buffer; `redraw_projection()` draws anew.
+    `causal=True` uses prefix sums (Lq == Lk). `mask` is a key padding mask
+    ([B, Lk] or [B, 1, 1, Lk], True = real key); linear attention has no
+    logits, so `bias` is refused. Shapes: q [B, H, Lq, D], k, v [B, H, Lk, D].
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, feature_map: str = "elu", causal: bool = False,
+                 num_features: int | None = None, seed: int = 0, dropout: float = 0.0):
+        super().__init__()
+        _check_dims(num_heads, head_dim)
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
+        self._num_heads, self._head_dim = num_heads, head_dim
+        self.feature_map, self.causal, self.seed = feature_map, bool(causal), int(seed)
+        self.num_features = int(num_features or head_dim)
+        self.dropout = _check_dropout(dropout)
+        proj = self._draw(self.seed) if feature_map == "favor+" else torch.empty(0)
+        self.register_buffer("projection", proj)
+
+    @property
+    def num_heads(self) -> int:
+        return self._num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self._head_dim
+
+    def _draw(self, seed: int) -> Tensor:
+        """[D, M] Gaussian-norm orthogonal random features (blocks of a QR), from a fixed seed."""
+        g = torch.Generator().manual_seed(seed)
+        d, m = self._head_dim, self.num_features
+        blocks = []
+        for _ in range(math.ceil(m / d)):
+            qm, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+            blocks.append(qm)
+        w = torch.cat(blocks, dim=1)[:, :m]
+        norms = torch.randn(d, m, generator=g).norm(dim=0)
+        return w * norms
+
+    def redraw_projection(self, seed: int | None = None) -> None:
+        """Draw new FAVOR+ features (seed=None: the next seed)."""
+        if self.feature_map != "favor+":
+            return
+        self.seed = self.seed + 1 if seed is None else int(seed)
+        self.projection.copy_(self._draw(self.seed).to(self.projection))
+
+    def forward(self, q, k, v, mask=None, bias=None):
+        self.check_heads(q)
+        if bias is not None:
+            raise ValueError("LinearAttention has no logits to bias; bias must be None")
+        out = linear_attention(
+            q, k, v, feature_map_kind=self.feature_map,
+            projection=self.projection if self.feature_map == "favor+" else None,
+            causal=self.causal, key_mask=mask,
+        )
+        return nn.functional.dropout(out, self.dropout, self.training)
+
+
+@ATTENTION_REGISTRY.register("lite")
+class LiteAttention(BaseAttention):
+    """Element-wise gated attention (attnax's LITE): no q k^T, one gate logit per position.
+
+    a_i = w . (q_i * k_i) + b (a Linear(head_dim, 1) over the Hadamard product),
+    p = softmax over positions i of a, out_i = p_i * v_i. Needs Lq == Lk.
+    `mask` is a key padding mask ([B, L] or [B, 1, 1, L]); masked positions get
+    p = 0 (attnax multiplies after the softmax; we exclude them from it, so the
+    weights still sum to 1). Shapes: q, k, v [B, H, L, D] -> [B, H, L, D].
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, dropout: float = 0.0):
+        super().__init__()
+        _check_dims(num_heads, head_dim)
+        self._num_heads, self._head_dim = num_heads, head_dim
+        self.dropout = _check_dropout(dropout)
+        self.gate_proj = nn.Linear(head_dim, 1)
+
+    @property
+    def num_heads(self) -> int:
+        return self._num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self._head_dim
+
+    def forward(self, q, k, v, mask=None, bias=None):
+        self.check_heads(q)
+        if q.shape != k.shape or k.shape[:3] != v.shape[:3]:
+            raise ValueError(f"LiteAttention needs q, k [B, H, L, D] of one shape, got {list(q.shape)}, {list(k.shape)}")
+        if bias is not None:
+            raise ValueError("LiteAttention has no pairwise logits to bias; bias must be None")
+        logits = self.gate_proj(q * k).float()  # [B, H, L, 1]
+        if mask is not None:
+            if mask.dtype != torch.bool:
+                raise TypeError(f"mask must be bool (True = real token), got {mask.dtype}")
+            B, L = q.shape[0], q.shape[2]
+            if mask.numel() not in (L, B * L) or mask.shape[-1] != L:
+                raise ValueError(f"LiteAttention takes a padding mask [B, L] = [{B}, {L}], got {list(mask.shape)}")
+            keep = mask.reshape(-1, 1, L, 1)
+            logits = logits.masked_fill(~keep, float("-inf"))
+        m = logits.amax(dim=2, keepdim=True)
+        e = torch.exp(logits - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+        den = e.sum(dim=2, keepdim=True)
+        p = e / torch.where(den == 0, torch.ones_like(den), den)
+        out = (p * v.float()).to(v.dtype)
+        return nn.functional.dropout(out, self.dropout, self.training)

@@ -1,0 +1,206 @@
+"""AttentionConfig and MultiHeadAttention on [B, L, d_model]: GQA/MQA, RoPE, sinks, windows, KV cache."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..caches.kv_cache import KVCache
+from ..functional import attention
+from .rope import RopeScaling, RotaryEmbedding
+
+__all__ = ["AttentionConfig", "MultiHeadAttention"]
+
+
+@dataclass
+class AttentionConfig:
+    """Hyperparameters of MultiHeadAttention, checked on construction.
+
+    d_model: model width, divisible by n_heads. n_heads: query heads.
+    use_rope / rope_base / rope_scaling: rotary embeddings; rope_scaling is a
+        float factor (1.0 = off, else linear), a dict or a RopeScaling
+        ("linear", "ntk", "yarn").
+    use_attention_sinks / num_attention_sinks: learnable sink tokens prepended
+        to K/V that every query sees (num_attention_sinks > 0 when on).
+    use_gqa / gqa_groups: num_kv_heads = gqa_groups (1 = MQA); must divide n_heads.
+    dropout: on the attention probabilities, training only.
+    use_flash: True = the dispatcher picks the backend; False = the reference math.
+    window: causal sliding window in tokens (None = off).
+    qkv_bias: bias in the q/k/v projections.
+    backend: backend name for attnkit.attention when use_flash (default "auto").
+    score_mod: FlexAttention-style score_mod passed to every call.
+    attention_fn: a callable with attnkit.attention's signature that replaces it.
+    """
+
+    d_model: int
+    n_heads: int
+    use_rope: bool = False
+    rope_base: float = 10000.0
+    rope_scaling: float | dict | RopeScaling = 1.0
+    use_attention_sinks: bool = False
+    num_attention_sinks: int = 0
+    use_gqa: bool = False
+    gqa_groups: int = 1
+    dropout: float = 0.0
+    use_flash: bool = True
+    window: int | None = None
+    qkv_bias: bool = False
+    backend: str = "auto"
+    score_mod: Callable | None = None
+    attention_fn: Callable | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_heads"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.use_rope and (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"use_rope needs an even head dim, got d_model / n_heads = {self.d_model // self.n_heads}")
+        if not self.rope_base > 1.0:
+            raise ValueError(f"rope_base must be > 1, got {self.rope_base!r}")
+        self.rope_scaling = RopeScaling.parse(self.rope_scaling)
+        if self.use_attention_sinks and not (isinstance(self.num_attention_sinks, int) and self.num_attention_sinks > 0):
+            raise ValueError(f"num_attention_sinks must be > 0 when use_attention_sinks, got {self.num_attention_sinks!r}")
+        if not isinstance(self.gqa_groups, int) or isinstance(self.gqa_groups, bool) or self.gqa_groups < 1:
+            raise ValueError(f"gqa_groups must be a positive int, got {self.gqa_groups!r}")
+        if self.use_gqa and self.n_heads % self.gqa_groups:
+            raise ValueError(f"gqa_groups ({self.gqa_groups}) must divide n_heads ({self.n_heads})")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
+        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1):
+            raise ValueError(f"window must be None or an int >= 1, got {self.window!r}")
+        if not isinstance(self.backend, str):
+            raise TypeError(f"backend must be a str, got {type(self.backend).__name__}")
+        for name in ("score_mod", "attention_fn"):
+            fn = getattr(self, name)
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.gqa_groups if self.use_gqa else self.n_heads
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention on x [B, L, d_model] -> [B, L, d_model].
+
+    Projections q_proj (d_model -> d_model), k_proj / v_proj (d_model ->
+    num_kv_heads * head_dim), o_proj; RoPE on q and k; GQA through the
+    contract (K/V heads are never repeated); `sinks`, when enabled, is a
+    learnable (num_attention_sinks, d_model) parameter projected to K/V and
+    prepended (no RoPE), visible to every query, even outside the window.
+
+    forward(x, attn_bias=None, *, mask=None, causal=False, positions=None, kv_cache=None):
+      attn_bias: additive [B, 1, L, L] (0 keep, -inf masked), as the reference API.
+      mask: bool, True = attend, broadcastable to [B, H, L, L].
+      causal: causal self-attention (implied by a window and by decoding with a cache).
+      positions: RoPE positions (None = 0..L-1, or after the cache's tokens).
+      kv_cache: a KVCache; the new K/V are appended and attention runs over
+        everything cached so far (prefill, then single-token decode steps).
+    """
+
+    def __init__(self, config: AttentionConfig):
+        super().__init__()
+        if not isinstance(config, AttentionConfig):
+            raise TypeError(f"config must be an AttentionConfig, got {type(config).__name__}")
+        self.config = config
+        self.num_heads = config.n_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        d, kvd = config.d_model, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(d, d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(d, kvd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(d, kvd, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(d, d)
+        self.rope = (
+            RotaryEmbedding(self.head_dim, config.rope_base, config.rope_scaling) if config.use_rope else None
+        )
+        if config.use_attention_sinks:
+            self.sinks = nn.Parameter(torch.randn(config.num_attention_sinks, d) * 0.02)
+        else:
+            self.register_parameter("sinks", None)
+        self._attend = config.attention_fn or attention
+        self._backend = config.backend if config.use_flash else "reference"
+
+    def _split(self, t: Tensor, heads: int) -> Tensor:
+        B, L = t.shape[:2]
+        return t.view(B, L, heads, self.head_dim).transpose(1, 2)
+
+    def _sink_kv(self, B: int) -> tuple[Tensor, Tensor]:
+        s = self.sinks.unsqueeze(0)  # [1, S, d_model]
+        k = self._split(self.k_proj(s), self.num_kv_heads).expand(B, -1, -1, -1)
+        v = self._split(self.v_proj(s), self.num_kv_heads).expand(B, -1, -1, -1)
+        return k, v
+
+    def forward(self, x: Tensor, attn_bias: Tensor | None = None, *, mask: Tensor | None = None,
+                causal: bool = False, positions=None, kv_cache: KVCache | None = None) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.config.d_model:
+            raise ValueError(f"x must be [B, L, d_model={self.config.d_model}], got {list(x.shape)}")
+        B, L, _ = x.shape
+        q = self._split(self.q_proj(x), self.num_heads)
+        k = self._split(self.k_proj(x), self.num_kv_heads)
+        v = self._split(self.v_proj(x), self.num_kv_heads)
+        window = self.config.window
+        old = None
+        if kv_cache is not None:
+            if positions is None:
+                positions = kv_cache.lengths.long().view(-1, 1) + torch.arange(L, device=x.device)
+        if self.rope is not None:
+            q, k = self.rope(q, k, positions)
+
+        kw: dict = dict(dropout_p=self.config.dropout if self.training else 0.0, backend=self._backend)
+        if self.config.score_mod is not None:
+            kw["score_mod"] = self.config.score_mod
+        if kv_cache is not None:
+            k, v, old, _ = kv_cache.append(k.to(kv_cache.k.dtype), v.to(kv_cache.v.dtype))
+            k, v = k.to(q.dtype), v.to(q.dtype)
+            keep = kv_cache.key_mask(old, L, causal=True, window=window)
+            mask = keep if mask is None else mask & keep
+            causal_arg, window_arg = False, None
+        else:
+            causal_arg, window_arg = causal or window is not None, window
+
+        if self.sinks is not None:
+            S = self.sinks.shape[0]
+            sk, sv = self._sink_kv(B)
+            k = torch.cat([sk.to(k.dtype), k], dim=2)
+            v = torch.cat([sv.to(v.dtype), v], dim=2)
+            pad = (S, 0)
+            if attn_bias is not None:
+                attn_bias = nn.functional.pad(attn_bias, pad, value=0.0)
+            if mask is not None:
+                mask = nn.functional.pad(mask, pad, value=True)
+            if window_arg is not None:
+                # Bottom-right alignment already lets every causal query see the sinks;
+                # a window would hide them, so the window moves into a mask_mod.
+                off = k.shape[2] - L
+                kw["mask_mod"] = _sink_window_mod(S, off, window_arg)
+                window_arg = None
+        out = self._attend(q, k, v, mask=mask, bias=attn_bias, causal=causal_arg, window=window_arg, **kw)
+        out = out.transpose(1, 2).reshape(B, L, self.config.d_model)
+        return self.o_proj(out)
+
+    def new_kv_cache(self, batch_size: int, max_len: int, *, dtype=None, device=None) -> KVCache:
+        """A KVCache shaped for this layer."""
+        p = self.q_proj.weight
+        return KVCache(batch_size, self.num_kv_heads, max_len, self.head_dim,
+                       dtype=dtype or p.dtype, device=device or p.device)
+
+
+def _sink_window_mod(num_sinks: int, offset: int, window: int):
+    def mask_mod(b, h, q_idx, kv_idx):
+        recent = (kv_idx <= q_idx + offset) & (kv_idx > q_idx + offset - window)
+        return (kv_idx < num_sinks) | recent
+
+    return mask_mod

@@ -1,0 +1,139 @@
+"""Rotary position embeddings (Su et al. 2021) with linear, NTK and YaRN context extension."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["RopeScaling", "RotaryEmbedding"]
+
+_KINDS = ("none", "linear", "ntk", "yarn")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How to stretch RoPE beyond the trained context.
+
+    kind: "none"; "linear" (positions / factor, position interpolation);
+    "ntk" (NTK-aware: base * factor ** (D / (D - 2))); "yarn" (per-frequency
+    blend of interpolated and original frequencies between beta_slow and
+    beta_fast rotations over original_max_positions, and cos/sin scaled by
+    0.1 * ln(factor) + 1).
+    """
+
+    kind: str = "none"
+    factor: float = 1.0
+    original_max_positions: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"rope scaling kind must be one of {_KINDS}, got {self.kind!r}")
+        if not self.factor >= 1.0:
+            raise ValueError(f"rope scaling factor must be >= 1.0, got {self.factor!r}")
+        if self.original_max_positions < 1:
+            raise ValueError(f"original_max_positions must be >= 1, got {self.original_max_positions}")
+        if not self.beta_fast > self.beta_slow > 0:
+            raise ValueError(f"need beta_fast > beta_slow > 0, got {self.beta_fast}, {self.beta_slow}")
+
+    @classmethod
+    def parse(cls, spec) -> "RopeScaling":
+        """A float factor (1.0 = none, else linear), a dict of fields, or a RopeScaling."""
+        if isinstance(spec, RopeScaling):
+            return spec
+        if isinstance(spec, bool):
+            raise TypeError(f"rope_scaling must be a float, dict or RopeScaling, got {spec!r}")
+        if isinstance(spec, (int, float)):
+            return cls("none" if spec == 1.0 else "linear", float(spec))
+        if isinstance(spec, dict):
+            return cls(**spec)
+        raise TypeError(f"rope_scaling must be a float, dict or RopeScaling, got {type(spec).__name__}")
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates q and k by position (rotate-half / GPT-NeoX layout: dims [0, D/2) pair with [D/2, D)).
+
+    Args:
+        head_dim: even D.
+        base: frequency base theta.
+        scaling: RopeScaling, a float factor or a dict (see RopeScaling).
+        max_positions: initial size of the cos/sin tables; they grow on demand.
+
+    `forward(q, k, positions=None)` with q [B, Hq, L, D], k [B, Hkv, L, D] and
+    positions None (0..L-1), an int offset (offset..offset+L-1), or an integer
+    tensor [L] or [B, L] of explicit positions. Returns rotated (q, k) in their dtypes.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0, scaling=1.0, max_positions: int = 2048):
+        super().__init__()
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim >= 2, got {head_dim!r}")
+        if not base > 1.0:
+            raise ValueError(f"rope base must be > 1, got {base!r}")
+        self.head_dim, self.base = head_dim, float(base)
+        self.scaling = RopeScaling.parse(scaling)
+        inv_freq, self.mscale = self._frequencies()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("cos_table", torch.empty(0), persistent=False)
+        self.register_buffer("sin_table", torch.empty(0), persistent=False)
+        self._grow(max_positions)
+
+    def _frequencies(self) -> tuple[Tensor, float]:
+        d, s = self.head_dim, self.scaling
+        base = self.base
+        if s.kind == "ntk":
+            base = base * s.factor ** (d / (d - 2))
+        inv = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        mscale = 1.0
+        if s.kind == "linear":
+            inv = inv / s.factor
+        elif s.kind == "yarn":
+            rotations = s.original_max_positions * inv / (2 * math.pi)  # turns over the trained context
+            ramp = ((rotations - s.beta_slow) / (s.beta_fast - s.beta_slow)).clamp(0, 1)
+            inv = (1 - ramp) * inv / s.factor + ramp * inv  # slow dims interpolate, fast ones keep
+            mscale = 0.1 * math.log(s.factor) + 1.0
+        return inv.float(), mscale
+
+    def _grow(self, n: int) -> None:
+        if n <= self.cos_table.shape[0]:
+            return
+        n = max(n, 2 * self.cos_table.shape[0])
+        t = torch.arange(n, device=self.inv_freq.device, dtype=torch.float32)
+        ang = torch.outer(t, self.inv_freq)
+        self.cos_table = torch.cos(ang) * self.mscale
+        self.sin_table = torch.sin(ang) * self.mscale
+
+    def cos_sin(self, length: int, positions=None, device=None) -> tuple[Tensor, Tensor]:
+        """cos, sin [L, D/2] or [B, L, D/2] (float32) for the given positions."""
+        if positions is None or isinstance(positions, int):
+            start = 0 if positions is None else positions
+            if start < 0:
+                raise ValueError(f"position offset must be >= 0, got {start}")
+            self._grow(start + length)
+            return self.cos_table[start:start + length], self.sin_table[start:start + length]
+        if not isinstance(positions, Tensor) or positions.dtype.is_floating_point or positions.dtype == torch.bool:
+            raise TypeError(f"positions must be None, an int or an integer tensor, got {positions!r:.60}")
+        if positions.shape[-1] != length or positions.dim() not in (1, 2):
+            raise ValueError(f"positions must be [L] or [B, L] with L = {length}, got {list(positions.shape)}")
+        # Explicit positions: angles computed directly (no table lookup, no host sync).
+        ang = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq
+        return torch.cos(ang) * self.mscale, torch.sin(ang) * self.mscale
+
+    @staticmethod
+    def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x [B, H, L, D]; cos/sin [L, D/2] or [B, L, D/2]."""
+        if cos.dim() == 3:  # per-batch positions: [B, 1, L, D/2]
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        xf = x.float()
+        x1, x2 = xf.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+    def forward(self, q: Tensor, k: Tensor, positions=None) -> tuple[Tensor, Tensor]:
+        if q.shape[-1] != self.head_dim or k.shape[-1] != self.head_dim:
+            raise ValueError(f"RoPE built for head_dim {self.head_dim}, got q {list(q.shape)}, k {list(k.shape)}")
+        cos, sin = self.cos_sin(q.shape[2], positions, q.device)
+        return self.rotate(q, cos, sin), self.rotate(k, cos, sin)

@@ -8,8 +8,7 @@ lives here and nowhere else.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -47,6 +46,17 @@ class AttentionRequest:
     sinks: Tensor | None  # [Hq]
     dropout_p: float
     return_lse: bool
+    # Derived once in __post_init__ (plain attributes: cheap, and traceable by torch.compile).
+    needs_grad: bool = field(init=False)
+    _features: frozenset = field(init=False)
+    signature: tuple = field(init=False)
+
+    def __post_init__(self) -> None:
+        ts = (self.q, self.k, self.v, self.bias, self.sinks)
+        self.needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+        self._features = self._compute_features()
+        # Everything backend choice may depend on; the dispatcher caches its choice per signature.
+        self.signature = (self.device.type, self.dtype, self.head_dim, self.head_dim_v, self._features)
 
     # --- shapes -----------------------------------------------------------
     @property
@@ -90,13 +100,6 @@ class AttentionRequest:
     def dtype(self) -> torch.dtype:
         return self.q.dtype
 
-    @cached_property
-    def needs_grad(self) -> bool:
-        if not torch.is_grad_enabled():
-            return False
-        ts = [self.q, self.k, self.v, self.bias, self.sinks]
-        return any(t is not None and t.requires_grad for t in ts)
-
     @property
     def key_bounds(self) -> tuple[int | None, int | None] | None:
         """Combined causal/window limits as (left, right) around the aligned diagonal.
@@ -115,13 +118,7 @@ class AttentionRequest:
         """Names of the capabilities this call needs (matched against Capabilities.features)."""
         return self._features
 
-    @cached_property
-    def signature(self) -> tuple:
-        """Everything backend choice may depend on; the dispatcher caches its choice per signature."""
-        return (self.device.type, self.dtype, self.head_dim, self.head_dim_v, self._features)
-
-    @cached_property
-    def _features(self) -> frozenset[str]:
+    def _compute_features(self) -> frozenset[str]:
         f: set[str] = set()
         if self.mask is not None:
             f.add("mask")

@@ -105,8 +105,13 @@ class FlexBackend(Backend):
     def speed(self, req: AttentionRequest) -> float:
         if req.device.type != "cuda":
             return 8.0  # compiles per shape; forward only
-        sparse = req.window is not None or req.mask_mod is not None or req.mask is not None
-        return 70.0 if sparse or req.bias is not None else 60.0
+        if req.window is not None or req.mask_mod is not None or req.bias is not None:
+            return 70.0  # block sparsity / bias read in place: ahead of SDPA's dense masks
+        if req.mask is not None:
+            # A mask tensor usually changes every call (padding, decode steps): its
+            # BlockMask is rebuilt each time, and cannot be built inside CUDA-graph capture.
+            return 25.0
+        return 60.0
 
     def block_mask(self, req: AttentionRequest):
         """The cached BlockMask of req's mask, causal/window and mask_mod (None if dense)."""

@@ -198,6 +198,8 @@ def _check_window(window) -> tuple[int | None, int | None] | None:
                 raise ValueError(
                     f"window {side} must be an int >= 0, or -1/None for unbounded, got {w!r}"
                 )
+        if out[0] is None and out[1] is None:
+            return None  # unbounded on both sides: no window at all
         return (out[0], out[1])
     raise TypeError(f"window must be an int >= 1 or a (left, right) pair, got {window!r}")
 
@@ -284,8 +286,8 @@ def build_request(
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float, got {scale!r}")
     if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0:
-            raise ValueError(f"softcap must be a float > 0 or None, got {softcap!r}")
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < math.inf:
+            raise ValueError(f"softcap must be a finite float > 0 or None, got {softcap!r}")
         softcap = float(softcap)
     for name, fn in (("score_mod", score_mod), ("mask_mod", mask_mod)):
         if fn is not None and not callable(fn):

@@ -245,7 +245,7 @@ class ChunkedBackend(Backend):
     def run(self, req: AttentionRequest) -> tuple[Tensor, Tensor | None]:
         tiling = _Tiling(req, self.block_q, self.block_k)
         captured = captured_tensors(req.score_mod) if req.score_mod is not None else []
-        if req.score_mod is not None and req.needs_grad and not captured:
+        if req.score_mod is not None and torch.is_grad_enabled() and not captured:
             # A mod whose output needs grad though we found no tensor to route it to
             # would lose that gradient silently: refuse instead.
             with torch.enable_grad():

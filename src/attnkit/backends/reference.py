@@ -60,7 +60,10 @@ class ReferenceBackend(Backend):
             h = torch.arange(Hq, device=q.device, dtype=torch.int32).view(1, -1, 1, 1)
             i = torch.arange(Lq, device=q.device, dtype=torch.int32).view(1, 1, -1, 1)
             j = torch.arange(Lk, device=q.device, dtype=torch.int32).view(1, 1, 1, -1)
-            s = req.score_mod(s, b, h, i, j).expand(B, Hq, Lq, Lk)
+            s = req.score_mod(s, b, h, i, j)
+            if not isinstance(s, torch.Tensor):
+                raise TypeError(f"score_mod must return a tensor, got {type(s).__name__}")
+            s = s.expand(B, Hq, Lq, Lk)
 
         keep = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device)
         if req.mask is not None:
@@ -73,7 +76,12 @@ class ReferenceBackend(Backend):
             h = torch.arange(Hq, device=q.device, dtype=torch.int32).view(1, -1, 1, 1)
             i = torch.arange(Lq, device=q.device, dtype=torch.int32).view(1, 1, -1, 1)
             j = torch.arange(Lk, device=q.device, dtype=torch.int32).view(1, 1, 1, -1)
-            keep = keep & req.mask_mod(b, h, i, j)
+            kept = req.mask_mod(b, h, i, j)
+            if not isinstance(kept, torch.Tensor) or kept.dtype != torch.bool:
+                raise TypeError(
+                    f"mask_mod must return a bool tensor, got {getattr(kept, 'dtype', type(kept).__name__)}"
+                )
+            keep = keep & kept
         s = s.masked_fill(~keep, float("-inf"))
 
         if req.sinks is not None:

@@ -202,7 +202,8 @@ class LiteAttention(BaseAttention):
             raise ValueError(f"LiteAttention needs q, k [B, H, L, D] of one shape, got {list(q.shape)}, {list(k.shape)}")
         if bias is not None:
             raise ValueError("LiteAttention has no pairwise logits to bias; bias must be None")
-        logits = self.gate_proj(q * k).float()  # [B, H, L, 1]
+        logits = self.gate_proj(q * k)  # [B, H, L, 1]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if mask is not None:
             if mask.dtype != torch.bool:
                 raise TypeError(f"mask must be bool (True = real token), got {mask.dtype}")
@@ -215,5 +216,5 @@ class LiteAttention(BaseAttention):
         e = torch.exp(logits - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
         den = e.sum(dim=2, keepdim=True)
         p = e / torch.where(den == 0, torch.ones_like(den), den)
-        out = (p * v.float()).to(v.dtype)
+        out = (p * v.to(p.dtype)).to(v.dtype)
         return nn.functional.dropout(out, self.dropout, self.training)

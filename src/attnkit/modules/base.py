@@ -107,8 +107,12 @@ class AttentionRegistry:
 ATTENTION_REGISTRY = AttentionRegistry()
 
 
-def _rebuild(old: BaseAttention, cls: type[BaseAttention]) -> BaseAttention:
-    """A `cls` with old's dimensions and constructor settings, and every weight that fits."""
+def _rebuild(old: BaseAttention, cls: type[BaseAttention], like: Tensor | None = None) -> BaseAttention:
+    """A `cls` with old's dimensions and constructor settings, and every weight that fits.
+
+    The new module takes the device and dtype of old's first parameter/buffer,
+    else of `like` (a tensor of the model it goes into).
+    """
     params = inspect.signature(cls.__init__).parameters
     kwargs = {"num_heads": old.num_heads, "head_dim": old.head_dim}
     for p in params:
@@ -122,6 +126,8 @@ def _rebuild(old: BaseAttention, cls: type[BaseAttention]) -> BaseAttention:
     ref = next(iter(old.parameters()), None)
     if ref is None:
         ref = next(iter(old.buffers()), None)
+    if ref is None:
+        ref = like
     if ref is not None:
         new = new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
     new.train(old.training)
@@ -140,11 +146,14 @@ def swap(model: nn.Module, kind: str, name: str) -> int:
     cls = ATTENTION_REGISTRY.get(name)
     if isinstance(model, BaseAttention):
         raise TypeError("swap replaces submodules; to convert one module use its class's constructor or from_standard")
+    like = next((t for t in model.parameters() if t.is_floating_point()), None)
+    if like is None:
+        like = next((t for t in model.buffers() if t.is_floating_point()), None)
     count = 0
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, BaseAttention):
-                setattr(parent, child_name, _rebuild(child, cls))
+                setattr(parent, child_name, _rebuild(child, cls, like))
                 count += 1
     return count
 

@@ -159,7 +159,8 @@ class MultiHeadAttention(nn.Module):
         if self.rope is not None:
             q, k = self.rope(q, k, positions)
 
-        kw: dict = dict(dropout_p=self.config.dropout if self.training else 0.0, backend=self._backend)
+        kw: dict = dict(scale=self.scale, dropout_p=self.config.dropout if self.training else 0.0,
+                        backend=self._backend)
         if self.config.score_mod is not None:
             kw["score_mod"] = self.config.score_mod
         if kv_cache is not None:

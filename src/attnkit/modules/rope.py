@@ -32,7 +32,7 @@ class RopeScaling:
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
-            raise ValueError(f"rope scaling kind must be one of {_KINDS}, got {self.kind!r}")
+            raise ValueError(f"rope_scaling kind must be one of {_KINDS}, got {self.kind!r}")
         if not self.factor >= 1.0:
             raise ValueError(f"rope scaling factor must be >= 1.0, got {self.factor!r}")
         if self.original_max_positions < 1:
@@ -96,19 +96,19 @@ class RotaryEmbedding(nn.Module):
             ramp = ((rotations - s.beta_slow) / (s.beta_fast - s.beta_slow)).clamp(0, 1)
             inv = (1 - ramp) * inv / s.factor + ramp * inv  # slow dims interpolate, fast ones keep
             mscale = 0.1 * math.log(s.factor) + 1.0
-        return inv.float(), mscale
+        return inv, mscale  # float64: tables are built in double, sliced into the input's precision
 
     def _grow(self, n: int) -> None:
         if n <= self.cos_table.shape[0]:
             return
         n = max(n, 2 * self.cos_table.shape[0])
-        t = torch.arange(n, device=self.inv_freq.device, dtype=torch.float32)
+        t = torch.arange(n, device=self.inv_freq.device, dtype=torch.float64)
         ang = torch.outer(t, self.inv_freq)
         self.cos_table = torch.cos(ang) * self.mscale
         self.sin_table = torch.sin(ang) * self.mscale
 
     def cos_sin(self, length: int, positions=None, device=None) -> tuple[Tensor, Tensor]:
-        """cos, sin [L, D/2] or [B, L, D/2] (float32) for the given positions."""
+        """cos, sin [L, D/2] or [B, L, D/2] (float64) for the given positions."""
         if positions is None or isinstance(positions, int):
             start = 0 if positions is None else positions
             if start < 0:
@@ -120,7 +120,7 @@ class RotaryEmbedding(nn.Module):
         if positions.shape[-1] != length or positions.dim() not in (1, 2):
             raise ValueError(f"positions must be [L] or [B, L] with L = {length}, got {list(positions.shape)}")
         # Explicit positions: angles computed directly (no table lookup, no host sync).
-        ang = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq
+        ang = positions.to(torch.float64).unsqueeze(-1) * self.inv_freq
         return torch.cos(ang) * self.mscale, torch.sin(ang) * self.mscale
 
     @staticmethod
@@ -128,7 +128,9 @@ class RotaryEmbedding(nn.Module):
         """x [B, H, L, D]; cos/sin [L, D/2] or [B, L, D/2]."""
         if cos.dim() == 3:  # per-batch positions: [B, 1, L, D/2]
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        xf = x.float()
+        ct = torch.promote_types(x.dtype, torch.float32)  # half inputs rotate in float32
+        cos, sin = cos.to(ct), sin.to(ct)
+        xf = x.to(ct)
         x1, x2 = xf.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 

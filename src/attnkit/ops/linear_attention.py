@@ -20,6 +20,15 @@ FEATURE_MAPS = ("elu", "relu", "favor+")
 _EPS = 1e-6
 
 
+def _favor_log_features(x: Tensor, projection: Tensor | None) -> Tensor:
+    """log of FAVOR+ positive random features: w.x - |x|^2 / 2 with x pre-scaled by D^-1/4,
+    so that phi(q).phi(k) estimates exp(q.k / sqrt(D)) (times 1/M, applied by the caller)."""
+    if projection is None:
+        raise ValueError("feature map 'favor+' needs a projection matrix [D, M]")
+    x = x * x.shape[-1] ** -0.25
+    return x @ projection.to(x.dtype) - 0.5 * (x * x).sum(dim=-1, keepdim=True)
+
+
 def feature_map(x: Tensor, kind: str, projection: Tensor | None = None) -> Tensor:
     """phi(x) for x [B, H, L, D]; "favor+" needs projection [D, M] and returns [B, H, L, M]."""
     if kind == "elu":
@@ -27,17 +36,10 @@ def feature_map(x: Tensor, kind: str, projection: Tensor | None = None) -> Tenso
     if kind == "relu":
         return F.relu(x)
     if kind == "favor+":
-        if projection is None:
-            raise ValueError("feature map 'favor+' needs a projection matrix [D, M]")
-        # Positive random features: exp(w.x - |x|^2 / 2) / sqrt(M), x pre-scaled by D^-1/4
-        # so that phi(q).phi(k) estimates exp(q.k / sqrt(D)).
-        d = x.shape[-1]
-        x = x * d ** -0.25
-        wx = x @ projection.to(x.dtype)
-        sq = 0.5 * (x * x).sum(dim=-1, keepdim=True)
-        # Subtracting the row max keeps exp finite; it cancels in the ratio.
-        stab = wx.amax(dim=-1, keepdim=True).detach()
-        return torch.exp(wx - sq - stab) / math.sqrt(projection.shape[-1])
+        log_phi = _favor_log_features(x, projection)
+        # A shift keeps exp finite and cancels in a query's own num / den ratio.
+        stab = log_phi.amax(dim=-1, keepdim=True).detach()
+        return torch.exp(log_phi - stab) / math.sqrt(projection.shape[-1])
     raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {kind!r}")
 
 
@@ -67,8 +69,8 @@ def linear_attention(
         raise ValueError(f"causal linear attention needs Lq == Lk, got {q.shape[2]} and {k.shape[2]}")
     dtype = q.dtype
     qf = feature_map(q.float(), feature_map_kind, projection)
-    kf = feature_map(k.float(), feature_map_kind, projection)
     vf = v.float()
+    keep = None
     if key_mask is not None:
         if key_mask.dtype != torch.bool:
             raise TypeError(f"mask must be bool (True = real key), got {key_mask.dtype}")
@@ -79,8 +81,20 @@ def linear_attention(
                 f"linear attention takes a key padding mask [B, Lk] = [{B}, {Lk}] "
                 f"(or [B, 1, 1, Lk]), got shape {list(key_mask.shape)}"
             )
-        keep = km.view(km.shape[0], 1, Lk, 1).to(kf.dtype)
-        kf = kf * keep
+        keep = km.view(km.shape[0], 1, Lk, 1)
+    if feature_map_kind == "favor+":
+        # Keys share ONE shift per (batch, head), taken over real keys only, so that it
+        # cancels in num / den and a huge padded key cannot underflow the real ones.
+        log_k = _favor_log_features(k.float(), projection)
+        if keep is not None:
+            log_k = log_k.masked_fill(~keep, float("-inf"))
+        stab = log_k.amax(dim=(-2, -1), keepdim=True).detach()
+        stab = torch.where(torch.isfinite(stab), stab, torch.zeros_like(stab))
+        kf = torch.exp(log_k - stab) / math.sqrt(projection.shape[-1])
+    else:
+        kf = feature_map(k.float(), feature_map_kind, projection)
+        if keep is not None:
+            kf = kf * keep.to(kf.dtype)
     if not causal:
         s = torch.einsum("bhkm,bhke->bhme", kf, vf)
         z = kf.sum(dim=2)

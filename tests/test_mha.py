@@ -1,0 +1,735 @@
+"""AttentionConfig, MultiHeadAttention, RotaryEmbedding and KV-cache decoding, each checked
+against a reference written here in plain PyTorch (float64), with the module's weights.
+
+Note on tolerances: RotaryEmbedding rotates in float32 (float32 cos/sin tables and
+`x.float()`), so MultiHeadAttention with RoPE is float32-accurate even on float64 inputs;
+the RoPE cases below use a float32-level bound, every other float64 case 1e-10.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import attnkit
+from attnkit import AttentionConfig, KVCache, MultiHeadAttention, RopeScaling, RotaryEmbedding
+
+TIGHT64 = 1e-10
+ROPE_FWD, ROPE_GRAD = 2e-5, 5e-5  # float32 RoPE, see the module docstring
+F32_FWD, F32_GRAD = 2e-5, 5e-5
+
+
+# ---------------------------------------------------------------------------
+# helpers (kept local on purpose)
+# ---------------------------------------------------------------------------
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, dtype=torch.float64, gen=None, std=1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(dtype)
+
+
+def rel_err(out, ref) -> float:
+    o, r = out.detach().double(), ref.detach().double()
+    den = r.norm().item()
+    num = (o - r).norm().item()
+    return num if den == 0.0 else num / den
+
+
+def assert_close(out, ref, tol, name="out") -> None:
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    if ref.detach().double().norm().item() < 1e-9:
+        worst = out.detach().double().abs().max().item()
+        assert worst <= 10 * tol, f"{name}: reference is 0 but max |out| = {worst:.3e}"
+        return
+    err = rel_err(out, ref)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def leaf(t, dtype=torch.float64):
+    return t.detach().clone().to(dtype).requires_grad_(True)
+
+
+def safe_softmax(s, dim=-1):
+    m = s.amax(dim=dim, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    den = e.sum(dim=dim, keepdim=True)
+    return e / torch.where(den == 0, torch.ones_like(den), den)
+
+
+def make_mha(seed=0, dtype=torch.float64, **cfg) -> MultiHeadAttention:
+    """A module with every parameter random (sinks at unit scale so that they matter)."""
+    torch.manual_seed(seed)
+    mod = MultiHeadAttention(AttentionConfig(**cfg)).to(dtype)
+    g = _gen(seed + 100)
+    with torch.no_grad():
+        for name, p in mod.named_parameters():
+            p.copy_(randn(*p.shape, gen=g, std=1.0 if name == "sinks" else 0.3))
+    return mod
+
+
+# --- reference RoPE (rotate-half: dim i pairs with dim i + D/2) --------------
+
+
+def ref_inv_freq(D: int, base: float, scaling: RopeScaling) -> tuple[torch.Tensor, float]:
+    i = torch.arange(D // 2, dtype=torch.float64)
+    f = scaling.factor
+    if scaling.kind == "ntk":
+        base = base * f ** (D / (D - 2))
+    inv = base ** (-2.0 * i / D)
+    mscale = 1.0
+    if scaling.kind == "linear":
+        inv = inv / f  # position interpolation: positions / factor
+    elif scaling.kind == "yarn":
+        turns = scaling.original_max_positions * inv / (2 * math.pi)
+        ramp = ((turns - scaling.beta_slow) / (scaling.beta_fast - scaling.beta_slow)).clamp(0.0, 1.0)
+        inv = ramp * inv + (1.0 - ramp) * inv / f
+        mscale = 1.0 + 0.1 * math.log(f)
+    return inv, mscale
+
+
+def ref_rotate(x, pos, inv, mscale):
+    """x [B, H, L, D]; pos [L] or [B, L] (float64)."""
+    ang = pos.to(torch.float64).unsqueeze(-1) * inv  # [L, D/2] or [B, L, D/2]
+    cos, sin = torch.cos(ang) * mscale, torch.sin(ang) * mscale
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def _positions(positions, L):
+    if positions is None:
+        return torch.arange(L)
+    if isinstance(positions, int):
+        return torch.arange(L) + positions
+    return positions
+
+
+# --- reference multi-head attention -------------------------------------------
+
+
+def ref_params(mod: MultiHeadAttention) -> dict[str, torch.Tensor]:
+    return {n: leaf(p) for n, p in mod.named_parameters()}
+
+
+def _lin(P, name, x):
+    y = x @ P[f"{name}.weight"].T
+    b = P.get(f"{name}.bias")
+    return y if b is None else y + b
+
+
+def ref_mha(P, cfg: AttentionConfig, x, *, attn_bias=None, mask=None, causal=False, positions=None,
+            score_mod=None):
+    """Self-attention written out: projections, RoPE, sinks (no RoPE, always visible), repeated
+    KV heads, explicit masked softmax, output projection. Everything in x's dtype."""
+    B, L, dm = x.shape
+    H = cfg.n_heads
+    D = dm // H
+    Hkv = cfg.gqa_groups if cfg.use_gqa else H
+    q = _lin(P, "q_proj", x).view(B, L, H, D).transpose(1, 2)
+    k = _lin(P, "k_proj", x).view(B, L, Hkv, D).transpose(1, 2)
+    v = _lin(P, "v_proj", x).view(B, L, Hkv, D).transpose(1, 2)
+    if cfg.use_rope:
+        inv, ms = ref_inv_freq(D, cfg.rope_base, RopeScaling.parse(cfg.rope_scaling))
+        pos = _positions(positions, L)
+        q, k = ref_rotate(q, pos, inv, ms), ref_rotate(k, pos, inv, ms)
+    S = 0
+    if cfg.use_attention_sinks:
+        sinks = P["sinks"]
+        S = sinks.shape[0]
+        sk = _lin(P, "k_proj", sinks).view(1, S, Hkv, D).transpose(1, 2).expand(B, -1, -1, -1)
+        sv = _lin(P, "v_proj", sinks).view(1, S, Hkv, D).transpose(1, 2).expand(B, -1, -1, -1)
+        k, v = torch.cat([sk, k], dim=2), torch.cat([sv, v], dim=2)
+    rep = H // Hkv
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    s = q @ k.transpose(-1, -2) / math.sqrt(D)  # [B, H, L, S + L]
+    if attn_bias is not None:
+        s = s + torch.cat([torch.zeros(*attn_bias.shape[:-1], S, dtype=s.dtype), attn_bias.to(s.dtype)], -1)
+    i = torch.arange(L).view(L, 1)
+    j = torch.arange(S + L).view(1, S + L)
+    if score_mod is not None:
+        s = score_mod(s, torch.arange(B).view(B, 1, 1, 1), torch.arange(H).view(1, H, 1, 1),
+                      i.view(1, 1, L, 1), j.view(1, 1, 1, S + L))
+    tok = j - S  # token index of each key; negative for sinks
+    is_sink = tok < 0
+    allowed = torch.ones(L, S + L, dtype=torch.bool)
+    if causal or cfg.window is not None:
+        allowed &= (tok <= i) | is_sink
+    if cfg.window is not None:
+        allowed &= (tok > i - cfg.window) | is_sink
+    allowed = allowed.view(1, 1, L, S + L)
+    if mask is not None:
+        allowed = allowed & torch.cat([torch.ones(*mask.shape[:-1], S, dtype=torch.bool), mask], -1)
+    p = safe_softmax(s.masked_fill(~allowed, float("-inf")))
+    out = (p @ v).transpose(1, 2).reshape(B, L, dm)
+    return _lin(P, "o_proj", out)
+
+
+def run_and_grads(fn, x, params: dict, g_out):
+    """out, {x and params: grad} for loss <out, g_out>."""
+    out = fn(x)
+    names = ["x", *params]
+    tensors = [x, *params.values()]
+    gs = torch.autograd.grad((out * g_out.to(out.dtype)).sum(), tensors, allow_unused=True)
+    return out, dict(zip(names, gs))
+
+
+def check_module_vs_reference(mod, x, fwd_kw=None, ref_kw=None, *, fwd_tol=TIGHT64, grad_tol=TIGHT64,
+                              seed=0):
+    fwd_kw = fwd_kw or {}
+    ref_kw = dict(fwd_kw, **(ref_kw or {}))
+    g_out = randn(*x.shape, gen=_gen(seed + 7))
+    xm = leaf(x, x.dtype)
+    mp = dict(mod.named_parameters())
+    out, got = run_and_grads(lambda t: mod(t, **fwd_kw), xm, mp, g_out)
+    P = ref_params(mod)
+    xr = leaf(x)
+    ref, want = run_and_grads(lambda t: ref_mha(P, mod.config, t, **ref_kw), xr, P, g_out)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert_close(out, ref, fwd_tol)
+    assert set(got) == set(want)
+    for n in want:
+        assert got[n] is not None, f"no gradient reached {n}"
+        assert_close(got[n], want[n], grad_tol, name=f"grad {n}")
+    return out, ref
+
+
+# ---------------------------------------------------------------------------
+# AttentionConfig validation
+# ---------------------------------------------------------------------------
+
+BAD_CONFIGS = [
+    ("not_divisible", dict(d_model=30, n_heads=4), ValueError, "d_model"),
+    ("zero_heads", dict(d_model=32, n_heads=0), ValueError, "n_heads"),
+    ("bool_d_model", dict(d_model=True, n_heads=1), ValueError, "d_model"),
+    ("odd_rope_head_dim", dict(d_model=12, n_heads=4, use_rope=True), ValueError, "use_rope"),
+    ("rope_base", dict(d_model=32, n_heads=4, use_rope=True, rope_base=1.0), ValueError, "rope_base"),
+    ("no_sinks", dict(d_model=32, n_heads=4, use_attention_sinks=True, num_attention_sinks=0),
+     ValueError, "num_attention_sinks"),
+    ("gqa_not_dividing", dict(d_model=32, n_heads=4, use_gqa=True, gqa_groups=3), ValueError, "gqa_groups"),
+    ("gqa_zero", dict(d_model=32, n_heads=4, use_gqa=True, gqa_groups=0), ValueError, "gqa_groups"),
+    ("dropout_one", dict(d_model=32, n_heads=4, dropout=1.0), ValueError, "dropout"),
+    ("dropout_negative", dict(d_model=32, n_heads=4, dropout=-0.1), ValueError, "dropout"),
+    ("window_zero", dict(d_model=32, n_heads=4, window=0), ValueError, "window"),
+    ("window_bool", dict(d_model=32, n_heads=4, window=True), ValueError, "window"),
+    ("rope_scaling_kind", dict(d_model=32, n_heads=4, use_rope=True, rope_scaling={"kind": "bogus", "factor": 2.0}),
+     ValueError, r"rope[ _]scaling"),
+    ("rope_scaling_factor", dict(d_model=32, n_heads=4, use_rope=True, rope_scaling=0.5), ValueError,
+     r"rope[ _]scaling"),
+    ("rope_scaling_type", dict(d_model=32, n_heads=4, use_rope=True, rope_scaling="yarn"), TypeError,
+     "rope_scaling"),
+    ("attention_fn", dict(d_model=32, n_heads=4, attention_fn=42), TypeError, "attention_fn"),
+    ("score_mod", dict(d_model=32, n_heads=4, score_mod="tanh"), TypeError, "score_mod"),
+    ("backend_type", dict(d_model=32, n_heads=4, backend=None), TypeError, "backend"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,field", [b[1:] for b in BAD_CONFIGS], ids=[b[0] for b in BAD_CONFIGS])
+def test_config_rejects_bad_field(kw, exc, field):
+    with pytest.raises(exc, match=field):
+        AttentionConfig(**kw)
+
+
+def test_config_accepts_and_normalises():
+    c = AttentionConfig(d_model=32, n_heads=4, use_rope=True, rope_scaling=2.0)
+    assert c.rope_scaling == RopeScaling("linear", 2.0)
+    assert AttentionConfig(d_model=32, n_heads=4, use_rope=True).rope_scaling.kind == "none"
+    c = AttentionConfig(d_model=32, n_heads=4, rope_scaling={"kind": "yarn", "factor": 8.0})
+    assert c.rope_scaling.kind == "yarn" and c.rope_scaling.factor == 8.0
+    # gqa_groups only has to divide n_heads when GQA is on
+    c = AttentionConfig(d_model=32, n_heads=4, gqa_groups=3)
+    assert c.num_kv_heads == 4 and c.head_dim == 8
+    assert AttentionConfig(d_model=32, n_heads=4, use_gqa=True, gqa_groups=2).num_kv_heads == 2
+    with pytest.raises(TypeError, match="AttentionConfig"):
+        MultiHeadAttention({"d_model": 32, "n_heads": 4})
+
+
+# ---------------------------------------------------------------------------
+# attributes
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gqa,sinks,bias", [(None, 0, False), (2, 3, True), (1, 1, False)])
+def test_attributes(gqa, sinks, bias):
+    cfg = AttentionConfig(d_model=48, n_heads=6, use_gqa=gqa is not None, gqa_groups=gqa or 1,
+                          use_attention_sinks=sinks > 0, num_attention_sinks=sinks, qkv_bias=bias)
+    mod = MultiHeadAttention(cfg)
+    kv = gqa if gqa is not None else 6
+    assert mod.config is cfg
+    assert (mod.num_heads, mod.head_dim, mod.num_kv_heads) == (6, 8, kv)
+    assert mod.scale == pytest.approx(1 / math.sqrt(8))
+    assert mod.q_proj.weight.shape == (48, 48)
+    assert mod.k_proj.weight.shape == (kv * 8, 48)
+    assert mod.v_proj.weight.shape == (kv * 8, 48)
+    assert mod.o_proj.weight.shape == (48, 48)
+    for p in (mod.q_proj, mod.k_proj, mod.v_proj):
+        assert (p.bias is not None) == bias
+    assert mod.o_proj.bias is not None
+    if sinks:
+        assert isinstance(mod.sinks, nn.Parameter) and mod.sinks.shape == (sinks, 48)
+        assert "sinks" in dict(mod.named_parameters())
+    else:
+        assert mod.sinks is None
+    cache = mod.new_kv_cache(3, 20)
+    assert cache.k.shape == (3, kv, 20, 8) and cache.v.shape == (3, kv, 20, 8)
+    assert cache.lengths.dtype == torch.int32 and cache.host_lengths == [0, 0, 0]
+
+
+def test_forward_rejects_bad_input():
+    mod = MultiHeadAttention(AttentionConfig(d_model=32, n_heads=4))
+    with pytest.raises(ValueError, match="d_model"):
+        mod(randn(2, 5, 16, dtype=torch.float32))
+    with pytest.raises(ValueError, match="d_model"):
+        mod(randn(5, 32, dtype=torch.float32))
+
+
+# ---------------------------------------------------------------------------
+# forward + backward vs the reference (float64)
+# ---------------------------------------------------------------------------
+
+_YARN = RopeScaling("yarn", 4.0, original_max_positions=64)
+
+# (id, config, forward kwargs builder)
+MHA_CASES = [
+    ("plain", {}, {}),
+    ("causal", {}, {"causal": True}),
+    ("gqa2_causal", dict(use_gqa=True, gqa_groups=2), {"causal": True}),
+    ("mqa", dict(use_gqa=True, gqa_groups=1), {}),
+    ("qkv_bias_gqa", dict(qkv_bias=True, use_gqa=True, gqa_groups=2), {"causal": True}),
+    ("rope", dict(use_rope=True), {"causal": True}),
+    ("rope_linear", dict(use_rope=True, rope_scaling=2.0), {"causal": True}),
+    ("rope_ntk", dict(use_rope=True, rope_scaling={"kind": "ntk", "factor": 4.0}), {"causal": True}),
+    ("rope_yarn", dict(use_rope=True, rope_scaling=_YARN), {"causal": True}),
+    ("rope_yarn_offset", dict(use_rope=True, rope_scaling=_YARN, rope_base=500.0), {"positions": 37}),
+    ("rope_positions_tensor", dict(use_rope=True, use_gqa=True, gqa_groups=2), {"positions": "tensor"}),
+    ("sinks", dict(use_attention_sinks=True, num_attention_sinks=3), {"causal": True}),
+    ("sinks_noncausal", dict(use_attention_sinks=True, num_attention_sinks=1), {}),
+    ("window", dict(window=3), {}),
+    ("window_causal", dict(window=4), {"causal": True}),
+    ("sinks_window_gqa", dict(use_attention_sinks=True, num_attention_sinks=2, window=3, use_gqa=True,
+                              gqa_groups=2), {"causal": True}),
+    ("attn_bias", {}, {"attn_bias": True}),
+    ("attn_bias_causal_gqa", dict(use_gqa=True, gqa_groups=2), {"attn_bias": True, "causal": True}),
+    ("attn_bias_sinks", dict(use_attention_sinks=True, num_attention_sinks=2), {"attn_bias": True}),
+    ("mask", dict(use_gqa=True, gqa_groups=1), {"mask": True}),
+    ("mask_sinks_window", dict(use_attention_sinks=True, num_attention_sinks=2, window=5), {"mask": True}),
+    ("everything", dict(use_rope=True, rope_scaling={"kind": "ntk", "factor": 2.0}, qkv_bias=True,
+                        use_attention_sinks=True, num_attention_sinks=2, use_gqa=True, gqa_groups=2, window=4),
+     {"causal": True, "attn_bias": True}),
+]
+
+
+def _attn_bias(B, L, gen):
+    """[B, 1, L, L], 0 / -inf style with random finite values too; row 2 of batch 1 fully -inf."""
+    bias = randn(B, 1, L, L, gen=gen)
+    drop = torch.rand(B, 1, L, L, generator=gen) < 0.3
+    drop[..., 0] = False  # keep key 0 so most rows see something even when causal
+    bias = bias.masked_fill(drop, float("-inf"))
+    bias[1, 0, 2, :] = float("-inf")
+    return bias
+
+
+def _fwd_kwargs(spec: dict, B, L, gen):
+    kw = dict(spec)
+    if kw.get("attn_bias"):
+        kw["attn_bias"] = _attn_bias(B, L, gen)
+    if kw.get("mask"):
+        m = torch.ones(B, 1, 1, L, dtype=torch.bool)
+        m[0, ..., 7:] = False
+        m[1, ..., ::3] = False
+        kw["mask"] = m
+    if isinstance(kw.get("positions"), str):
+        kw["positions"] = torch.stack([torch.arange(L) * 2 + 5, torch.arange(L) + 100])  # [B, L]
+    return kw
+
+
+@pytest.mark.parametrize("cfg,spec", [c[1:] for c in MHA_CASES], ids=[c[0] for c in MHA_CASES])
+def test_mha_matches_reference_float64(cfg, spec):
+    B, L = 2, 10
+    mod = make_mha(seed=len(str(cfg)) + 3 * len(spec), d_model=32, n_heads=4, **cfg)
+    g = _gen(5)
+    x = randn(B, L, 32, gen=g)
+    kw = _fwd_kwargs(spec, B, L, g)
+    tol = (ROPE_FWD, ROPE_GRAD) if cfg.get("use_rope") else (TIGHT64, TIGHT64)
+    out, ref = check_module_vs_reference(mod, x, kw, fwd_tol=tol[0], grad_tol=tol[1])
+    if kw.get("attn_bias") is not None and not cfg.get("use_attention_sinks"):
+        # the fully -inf row attends to nothing: attention output 0, so out = o_proj.bias
+        assert_close(out[1, 2], mod.o_proj.bias.detach(), 1e-12, name="dead row")
+
+
+@pytest.mark.parametrize("cfg,spec", [
+    (dict(use_gqa=True, gqa_groups=2, use_attention_sinks=True, num_attention_sinks=2, window=3), {"causal": True}),
+    (dict(use_rope=True, rope_scaling=_YARN, qkv_bias=True), {"attn_bias": True}),
+], ids=["gqa_sinks_window", "rope_yarn_bias"])
+def test_mha_matches_reference_float32(cfg, spec):
+    B, L = 2, 9
+    mod = make_mha(seed=9, dtype=torch.float32, d_model=32, n_heads=4, **cfg)
+    g = _gen(6)
+    x = randn(B, L, 32, gen=g, dtype=torch.float32)
+    check_module_vs_reference(mod, x, _fwd_kwargs(spec, B, L, g), fwd_tol=F32_FWD, grad_tol=F32_GRAD)
+
+
+def test_sinks_change_the_output_and_window_hides_old_tokens():
+    """Sanity of the setup: sinks and windows matter, so the reference comparisons can fail."""
+    g = _gen(8)
+    x = randn(1, 12, 32, gen=g)
+    base = make_mha(seed=1, d_model=32, n_heads=4)
+    with_sinks = make_mha(seed=1, d_model=32, n_heads=4, use_attention_sinks=True, num_attention_sinks=2)
+    with torch.no_grad():
+        for n, p in base.named_parameters():
+            p.copy_(dict(with_sinks.named_parameters())[n])
+        a, b = base(x, causal=True), with_sinks(x, causal=True)
+        assert rel_err(a, b) > 1e-3
+        windowed = make_mha(seed=1, d_model=32, n_heads=4, window=2)
+        windowed.load_state_dict(base.state_dict())
+        w = windowed(x)
+        # the first two rows are the same as causal; later rows differ
+        assert_close(w[:, :2], a[:, :2], 1e-12)
+        assert rel_err(w[:, 5:], a[:, 5:]) > 1e-3
+
+
+# ---------------------------------------------------------------------------
+# RotaryEmbedding
+# ---------------------------------------------------------------------------
+
+SCALINGS = [
+    pytest.param(1.0, id="none"),
+    pytest.param(3.0, id="linear_float"),
+    pytest.param({"kind": "linear", "factor": 2.0}, id="linear"),
+    pytest.param({"kind": "ntk", "factor": 4.0}, id="ntk"),
+    pytest.param(RopeScaling("yarn", 8.0, original_max_positions=128, beta_fast=16.0, beta_slow=2.0), id="yarn"),
+]
+
+
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_rope_matches_reference(scaling):
+    D = 16
+    rope = RotaryEmbedding(D, base=1000.0, scaling=scaling, max_positions=64)
+    g = _gen(51)
+    q, k = randn(2, 4, 9, D, gen=g), randn(2, 2, 9, D, gen=g)
+    inv, ms = ref_inv_freq(D, 1000.0, RopeScaling.parse(scaling))
+    for positions in (None, 13, torch.arange(9) * 3, torch.stack([torch.arange(9), torch.arange(9) + 40])):
+        rq, rk = rope(q, k, positions)
+        assert rq.dtype == q.dtype and rk.shape == k.shape
+        pos = _positions(positions, 9)
+        assert_close(rq, ref_rotate(q, pos, inv, ms), 2e-6, name="q")
+        assert_close(rk, ref_rotate(k, pos, inv, ms), 2e-6, name="k")
+    # the scaling actually changes the rotation (so the comparisons above can fail)
+    if RopeScaling.parse(scaling).kind != "none":
+        inv0, _ = ref_inv_freq(D, 1000.0, RopeScaling())
+        assert rel_err(rope(q, k, 13)[0], ref_rotate(q, torch.arange(9) + 13, inv0, 1.0)) > 1e-2
+
+
+def test_rope_odd_head_dim_raises():
+    for d in (7, 1, 0):
+        with pytest.raises(ValueError, match="head_dim"):
+            RotaryEmbedding(d)
+    rope = RotaryEmbedding(8)
+    with pytest.raises(ValueError, match="head_dim"):
+        rope(randn(1, 1, 3, 6), randn(1, 1, 3, 6))
+
+
+def test_rope_int_offset_equals_tensor_positions():
+    rope = RotaryEmbedding(16, max_positions=32)
+    g = _gen(52)
+    q, k = randn(2, 3, 7, 16, dtype=torch.float32, gen=g), randn(2, 1, 7, 16, dtype=torch.float32, gen=g)
+    for off in (0, 5, 25, 30):  # 30 + 7 > 32: the table grows
+        a = rope(q, k, off)
+        b = rope(q, k, torch.arange(7) + off)
+        c = rope(q, k, torch.arange(7).expand(2, 7) + off)
+        for x, y in ((a, b), (a, c)):
+            assert torch.allclose(x[0], y[0], rtol=1e-6, atol=1e-6)
+            assert torch.allclose(x[1], y[1], rtol=1e-6, atol=1e-6)
+    assert torch.equal(rope(q, k)[0], rope(q, k, 0)[0])
+    # per-batch positions differ per row
+    pos = torch.stack([torch.arange(7), torch.arange(7) + 11])
+    rq, _ = rope(q, k, pos)
+    assert torch.allclose(rq[1], rope(q[1:], k[1:], 11)[0][0], atol=1e-6)
+    assert torch.allclose(rq[0], rope(q[:1], k[:1], 0)[0][0], atol=1e-6)
+    with pytest.raises(ValueError, match="positions"):
+        rope(q, k, torch.arange(6))
+    with pytest.raises(TypeError, match="positions"):
+        rope(q, k, torch.arange(7).float())
+    with pytest.raises(ValueError, match="offset"):
+        rope(q, k, -1)
+
+
+def test_rope_tables_grow_on_demand():
+    rope = RotaryEmbedding(8, max_positions=16)
+    assert rope.cos_table.shape[0] == 16
+    big = RotaryEmbedding(8, max_positions=4096)
+    g = _gen(53)
+    q, k = randn(1, 2, 10, 8, dtype=torch.float32, gen=g), randn(1, 2, 10, 8, dtype=torch.float32, gen=g)
+    out = rope(q, k, 100)
+    assert rope.cos_table.shape[0] >= 110 and rope.sin_table.shape[0] == rope.cos_table.shape[0]
+    ref = big(q, k, 100)
+    assert torch.allclose(out[0], ref[0], atol=1e-6) and torch.allclose(out[1], ref[1], atol=1e-6)
+    # a long sequence from 0 also grows the table
+    q2, k2 = randn(1, 1, 300, 8, dtype=torch.float32, gen=g), randn(1, 1, 300, 8, dtype=torch.float32, gen=g)
+    a = rope(q2, k2)
+    b = big(q2, k2)
+    assert torch.allclose(a[0], b[0], atol=1e-5) and rope.cos_table.shape[0] >= 300
+    # and the module inside MultiHeadAttention grows too (default tables: 2048)
+    mod = make_mha(seed=2, dtype=torch.float32, d_model=16, n_heads=2, use_rope=True)
+    x = randn(1, 4, 16, dtype=torch.float32, gen=g)
+    with torch.no_grad():
+        y = mod(x, positions=3000)
+        z = mod(x, positions=torch.arange(4) + 3000)
+    assert mod.rope.cos_table.shape[0] >= 3004
+    assert torch.allclose(y, z, atol=1e-5)
+
+
+@pytest.mark.parametrize("pairs", [[(5, 2), (40, 37), (203, 200)], [(0, 9), (17, 26), (120, 129)]])
+def test_rope_relative_position_property(pairs):
+    """<R_m q, R_n k> depends on m - n only (scaling "none")."""
+    D = 16
+    rope = RotaryEmbedding(D, base=10000.0)
+    g = _gen(54)
+    q, k = randn(1, 1, 1, D, gen=g), randn(1, 1, 1, D, gen=g)
+    dots = []
+    for m, n in pairs:
+        rq, _ = rope(q, q, torch.tensor([m]))
+        _, rk = rope(k, k, torch.tensor([n]))
+        dots.append((rq * rk).sum().item())
+    for d in dots[1:]:
+        assert d == pytest.approx(dots[0], rel=1e-4, abs=1e-4)
+    # and it does depend on the offset (else the check is vacuous)
+    rq, _ = rope(q, q, torch.tensor([pairs[0][0] + 3]))
+    _, rk = rope(k, k, torch.tensor([pairs[0][1]]))
+    assert abs((rq * rk).sum().item() - dots[0]) > 1e-3
+
+
+# ---------------------------------------------------------------------------
+# decode with a KV cache == one causal forward
+# ---------------------------------------------------------------------------
+
+DECODE_CASES = [
+    ("plain", {}),
+    ("rope", dict(use_rope=True)),
+    ("rope_yarn", dict(use_rope=True, rope_scaling=_YARN)),
+    ("gqa", dict(use_gqa=True, gqa_groups=2)),
+    ("mqa_rope", dict(use_gqa=True, gqa_groups=1, use_rope=True)),
+    ("window", dict(window=3)),
+    ("sinks", dict(use_attention_sinks=True, num_attention_sinks=2)),
+    ("window_sinks", dict(window=2, use_attention_sinks=True, num_attention_sinks=3)),
+    ("rope_gqa_window_sinks", dict(use_rope=True, use_gqa=True, gqa_groups=2, window=4,
+                                   use_attention_sinks=True, num_attention_sinks=2, qkv_bias=True)),
+]
+
+
+@pytest.mark.parametrize("cfg", [c[1] for c in DECODE_CASES], ids=[c[0] for c in DECODE_CASES])
+@pytest.mark.parametrize("prefill", [1, 6])
+def test_decode_with_cache_matches_full_forward(cfg, prefill):
+    B, N = 2, 5
+    T = prefill + N
+    mod = make_mha(seed=11, d_model=32, n_heads=4, **cfg)
+    x = randn(B, T, 32, gen=_gen(61 + prefill))
+    with torch.no_grad():
+        full = mod(x, causal=True)
+        cache = mod.new_kv_cache(B, T + 2)
+        assert cache.k.dtype == torch.float64
+        outs = [mod(x[:, :prefill], kv_cache=cache)]
+        assert cache.lengths.tolist() == [prefill] * B and cache.host_lengths == [prefill] * B
+        for t in range(prefill, T):
+            outs.append(mod(x[:, t:t + 1], kv_cache=cache))
+    dec = torch.cat(outs, dim=1)
+    assert_close(dec, full, 1e-6)
+    assert cache.lengths.tolist() == [T] * B and cache.host_lengths == [T] * B
+    assert cache.lengths.dtype == torch.int32
+    if cfg.get("use_rope"):
+        # rope in the reference too: the decode result is the true causal attention
+        P = ref_params(mod)
+        assert_close(dec, ref_mha(P, mod.config, x, causal=True), ROPE_FWD)
+    else:
+        assert_close(dec, ref_mha(ref_params(mod), mod.config, x, causal=True), 1e-10)
+
+
+def test_decode_cache_overflow_leaves_cache_unchanged():
+    B = 2
+    mod = make_mha(seed=12, d_model=32, n_heads=4, use_rope=True, use_gqa=True, gqa_groups=2,
+                   use_attention_sinks=True, num_attention_sinks=1, window=3)
+    x = randn(B, 6, 32, gen=_gen(62))
+    cache = mod.new_kv_cache(B, 5)
+    with torch.no_grad():
+        mod(x[:, :4], kv_cache=cache)
+        mod(x[:, 4:5], kv_cache=cache)  # exactly full
+        state = (cache.k.clone(), cache.v.clone(), cache.lengths.clone(), list(cache.host_lengths))
+        with pytest.raises(ValueError, match="overflow"):
+            mod(x[:, 5:6], kv_cache=cache)
+        with pytest.raises(ValueError, match="max_len"):
+            mod(x[:, :2], kv_cache=cache)
+    assert torch.equal(cache.k, state[0]) and torch.equal(cache.v, state[1])
+    assert torch.equal(cache.lengths, state[2]) and cache.host_lengths == state[3] == [5, 5]
+
+
+def test_kv_cache_append_and_overflow_direct():
+    g = _gen(63)
+    cache = KVCache(2, 2, 6, 4, dtype=torch.float32)
+    k, v = randn(2, 2, 3, 4, dtype=torch.float32, gen=g), randn(2, 2, 3, 4, dtype=torch.float32, gen=g)
+    kk, vv, old, new = cache.append(k, v, num_new=torch.tensor([3, 2]))  # ragged: row 1 keeps 2 of 3
+    assert old.tolist() == [0, 0] and new.tolist() == [3, 2] and cache.host_lengths == [3, 2]
+    assert kk is cache.k and vv is cache.v
+    assert torch.equal(cache.k[:, :, :3], k) and torch.equal(cache.v[:, :, :3], v)
+    k2, v2 = randn(2, 2, 3, 4, dtype=torch.float32, gen=g), randn(2, 2, 3, 4, dtype=torch.float32, gen=g)
+    _, _, old, new = cache.append(k2, v2)
+    assert old.tolist() == [3, 2] and new.tolist() == [6, 5]
+    assert torch.equal(cache.k[0, :, 3:6], k2[0]) and torch.equal(cache.k[1, :, 2:5], k2[1])
+    state = (cache.k.clone(), cache.v.clone(), cache.lengths.clone(), list(cache.host_lengths))
+    # row 0 is full: a one-token append overflows there and must write nothing, not even to row 1
+    with pytest.raises(ValueError, match="overflow") as ei:
+        cache.append(k2[:, :, :1], v2[:, :, :1])
+    assert "[0]" in str(ei.value)
+    assert torch.equal(cache.k, state[0]) and torch.equal(cache.v, state[1])
+    assert torch.equal(cache.lengths, state[2]) and cache.host_lengths == state[3]
+    with pytest.raises(TypeError, match="dtype|holds"):
+        cache.append(k2.double(), v2.double())
+    cache.reset()
+    assert cache.lengths.tolist() == [0, 0] and cache.host_lengths == [0, 0]
+
+
+# ---------------------------------------------------------------------------
+# backend choice, attention_fn, score_mod
+# ---------------------------------------------------------------------------
+
+
+def _spy_backend(monkeypatch, name):
+    backend = attnkit.get_backend(name)
+    calls = []
+    orig = backend.run
+
+    def run(req):
+        calls.append(req)
+        return orig(req)
+
+    monkeypatch.setattr(backend, "run", run)
+    return calls
+
+
+def test_use_flash_false_uses_reference(monkeypatch):
+    ref_calls = _spy_backend(monkeypatch, "reference")
+    chunk_calls = _spy_backend(monkeypatch, "chunked")
+    common = dict(d_model=32, n_heads=4, use_gqa=True, gqa_groups=2, use_rope=True)
+    fast = make_mha(seed=13, dtype=torch.float32, **common)
+    slow = MultiHeadAttention(AttentionConfig(use_flash=False, backend="chunked", **common))
+    slow.load_state_dict(fast.state_dict())
+    x = randn(2, 9, 32, dtype=torch.float32, gen=_gen(71))
+    a = fast(x, causal=True)
+    assert len(ref_calls) == 0, "use_flash=True must not run the reference on the CPU"
+    b = slow(x, causal=True)
+    assert len(ref_calls) == 1 and len(chunk_calls) == 0, "use_flash=False must ignore backend= and use reference"
+    assert_close(a, b, 2e-5)
+    # use_flash=True honours the configured backend
+    chunked = MultiHeadAttention(AttentionConfig(backend="chunked", **common))
+    chunked.load_state_dict(fast.state_dict())
+    c = chunked(x, causal=True)
+    assert len(chunk_calls) == 1 and len(ref_calls) == 1
+    assert_close(c, b, 2e-5)
+
+
+def test_attention_fn_is_called_and_used():
+    seen = []
+
+    def counting(q, k, v, **kw):
+        seen.append((tuple(q.shape), tuple(k.shape), kw))
+        return attnkit.attention(q, k, v, **kw)
+
+    common = dict(d_model=32, n_heads=4, use_gqa=True, gqa_groups=2, window=3)
+    base = make_mha(seed=14, **common)
+    mod = MultiHeadAttention(AttentionConfig(attention_fn=counting, **common)).double()
+    mod.load_state_dict(base.state_dict())
+    x = randn(2, 8, 32, gen=_gen(72))
+    out = mod(x)
+    assert len(seen) == 1
+    qs, ks, kw = seen[0]
+    assert qs == (2, 4, 8, 8) and ks == (2, 2, 8, 8)  # kv heads not repeated
+    assert kw["causal"] is True and kw["window"] == 3
+    assert_close(out, base(x), 1e-12)
+    mod(x)
+    assert len(seen) == 2
+
+    # the callable's result is what the module projects
+    def doubled(q, k, v, **kw):
+        return 2.0 * attnkit.attention(q, k, v, **kw)
+
+    mod2 = MultiHeadAttention(AttentionConfig(attention_fn=doubled, **common)).double()
+    mod2.load_state_dict(base.state_dict())
+    bias = base.o_proj.bias.detach()
+    assert_close(mod2(x) - bias, 2.0 * (base(x) - bias), 1e-12)
+
+    def zeros(q, k, v, **kw):
+        return torch.zeros_like(q)
+
+    mod3 = MultiHeadAttention(AttentionConfig(attention_fn=zeros, **common)).double()
+    mod3.load_state_dict(base.state_dict())
+    assert_close(mod3(x), bias.expand(2, 8, 32), 1e-12)
+
+
+@pytest.mark.parametrize("use_flash", [True, False], ids=["auto", "reference"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_score_mod_from_config_is_applied(use_flash, causal):
+    slopes = torch.tensor([0.1, 0.25, 0.5, 1.0], dtype=torch.float64)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx).abs()
+
+    mod = make_mha(seed=15, d_model=32, n_heads=4, use_gqa=True, gqa_groups=2, score_mod=alibi,
+                   use_flash=use_flash)
+    x = randn(2, 9, 32, gen=_gen(73))
+    out, ref = check_module_vs_reference(mod, x, {"causal": causal}, {"score_mod": alibi})
+    # and the mod matters
+    plain = ref_mha(ref_params(mod), mod.config, x, causal=causal)
+    assert rel_err(out, plain) > 1e-3
+
+
+# ---------------------------------------------------------------------------
+# torch.compile
+# ---------------------------------------------------------------------------
+
+
+def _compile_case(backend):
+    cfg = dict(d_model=64, n_heads=4, use_rope=True, use_gqa=True, gqa_groups=2, backend=backend)
+    return make_mha(seed=16, dtype=torch.float32, **cfg), randn(2, 16, 64, dtype=torch.float32, gen=_gen(74))
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_sdpa_matches_eager():
+    mod, x = _compile_case("sdpa")
+    xe = leaf(x, torch.float32)
+    eager = mod(xe, causal=True)
+    eager.sum().backward()
+    g_eager = {n: p.grad.clone() for n, p in mod.named_parameters()}
+    mod.zero_grad()
+    compiled = torch.compile(mod.forward, fullgraph=True)
+    xc = leaf(x, torch.float32)
+    out = compiled(xc, causal=True)
+    assert_close(out, eager, 1e-5)
+    out.sum().backward()
+    assert_close(xc.grad, xe.grad, 1e-5, name="grad x")
+    for n, p in mod.named_parameters():
+        assert_close(p.grad, g_eager[n], 1e-5, name=f"grad {n}")
+    # also vs the float64 reference
+    ref = ref_mha(ref_params(mod), mod.config, x.double(), causal=True)
+    assert_close(out, ref, ROPE_FWD)
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_flex_matches_eager_no_grad():
+    mod, x = _compile_case("flex")
+    with torch.no_grad():
+        eager = mod(x, causal=True)
+        compiled = torch.compile(mod.forward, fullgraph=True)
+        out = compiled(x, causal=True)
+    assert_close(out, eager, 1e-5)
+    ref = ref_mha(ref_params(mod), mod.config, x.double(), causal=True)
+    assert_close(out, ref, ROPE_FWD)

@@ -26,17 +26,14 @@ def _check_dims(num_heads: int, head_dim: int) -> None:
             raise ValueError(f"{name} must be a positive int, got {val!r}")
 
 
-class _SoftmaxAttention(BaseAttention):
-    """Shared body of the modules that are exactly the contract with a fixed backend."""
+class _SplitHeadsModule(BaseAttention):
+    """Holds the dimensions and dropout that every split-head kind takes."""
 
-    default_backend = "auto"
-
-    def __init__(self, num_heads: int, head_dim: int, dropout: float = 0.0, backend: str | None = None):
+    def __init__(self, num_heads: int, head_dim: int, dropout: float = 0.0):
         super().__init__()
         _check_dims(num_heads, head_dim)
         self._num_heads, self._head_dim = num_heads, head_dim
         self.dropout = _check_dropout(dropout)
-        self.backend = backend or self.default_backend
 
     @property
     def num_heads(self) -> int:
@@ -45,6 +42,16 @@ class _SoftmaxAttention(BaseAttention):
     @property
     def head_dim(self) -> int:
         return self._head_dim
+
+
+class _SoftmaxAttention(_SplitHeadsModule):
+    """Shared body of the modules that are exactly the contract with a fixed backend."""
+
+    default_backend = "auto"
+
+    def __init__(self, num_heads: int, head_dim: int, dropout: float = 0.0, backend: str | None = None):
+        super().__init__(num_heads, head_dim, dropout)
+        self.backend = backend or self.default_backend
 
     def forward(self, q, k, v, mask=None, bias=None):
         """q [B, H, Lq, D], k/v [B, H(kv), Lk, D]; mask bool / bias float broadcastable to [B, H, Lq, Lk]."""
@@ -108,7 +115,7 @@ class GatedAttention(_SoftmaxAttention):
 
 
 @ATTENTION_REGISTRY.register("linear")
-class LinearAttention(BaseAttention):
+class LinearAttention(_SplitHeadsModule):
     """Kernelised linear attention in O(L * D^2): feature maps "elu" (elu + 1), "relu", "favor+".
 
     "favor+" uses `num_features` positive orthogonal random features (Performer),
@@ -120,24 +127,13 @@ class LinearAttention(BaseAttention):
 
     def __init__(self, num_heads: int, head_dim: int, feature_map: str = "elu", causal: bool = False,
                  num_features: int | None = None, seed: int = 0, dropout: float = 0.0):
-        super().__init__()
-        _check_dims(num_heads, head_dim)
+        super().__init__(num_heads, head_dim, dropout)
         if feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
-        self._num_heads, self._head_dim = num_heads, head_dim
         self.feature_map, self.causal, self.seed = feature_map, bool(causal), int(seed)
         self.num_features = int(num_features or head_dim)
-        self.dropout = _check_dropout(dropout)
         proj = self._draw(self.seed) if feature_map == "favor+" else torch.empty(0)
         self.register_buffer("projection", proj)
-
-    @property
-    def num_heads(self) -> int:
-        return self._num_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self._head_dim
 
     def _draw(self, seed: int) -> Tensor:
         """[D, M] Gaussian-norm orthogonal random features (blocks of a QR), from a fixed seed."""
@@ -171,7 +167,7 @@ class LinearAttention(BaseAttention):
 
 
 @ATTENTION_REGISTRY.register("lite")
-class LiteAttention(BaseAttention):
+class LiteAttention(_SplitHeadsModule):
     """Element-wise gated attention (attnax's LITE): no q k^T, one gate logit per position.
 
     a_i = w . (q_i * k_i) + b (a Linear(head_dim, 1) over the Hadamard product),
@@ -182,19 +178,8 @@ class LiteAttention(BaseAttention):
     """
 
     def __init__(self, num_heads: int, head_dim: int, dropout: float = 0.0):
-        super().__init__()
-        _check_dims(num_heads, head_dim)
-        self._num_heads, self._head_dim = num_heads, head_dim
-        self.dropout = _check_dropout(dropout)
+        super().__init__(num_heads, head_dim, dropout)
         self.gate_proj = nn.Linear(head_dim, 1)
-
-    @property
-    def num_heads(self) -> int:
-        return self._num_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self._head_dim
 
     def forward(self, q, k, v, mask=None, bias=None):
         self.check_heads(q)

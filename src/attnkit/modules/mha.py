@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -199,7 +200,10 @@ class MultiHeadAttention(nn.Module):
                        dtype=dtype or p.dtype, device=device or p.device)
 
 
+@functools.lru_cache(maxsize=64)
 def _sink_window_mod(num_sinks: int, offset: int, window: int):
+    """One function object per geometry, so FlexAttention's BlockMask cache hits across calls."""
+
     def mask_mod(b, h, q_idx, kv_idx):
         recent = (kv_idx <= q_idx + offset) & (kv_idx > q_idx + offset - window)
         return (kv_idx < num_sinks) | recent

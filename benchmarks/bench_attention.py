@@ -467,6 +467,7 @@ def bench_mode(st: State, mode: str, args, t_start: float, log) -> list[dict]:
                 continue
             c.round_ms.append(stats["median_ms"])
             c.stats.append(stats)
+    paired = _paired_with_best(cands, results, device, args)
     for c in cands:
         if c.peer in results:
             continue
@@ -479,11 +480,31 @@ def bench_mode(st: State, mode: str, args, t_start: float, log) -> list[dict]:
             "p80_ms": max(s["p80_ms"] for s in c.stats),
             "n_rep": sum(s["n_rep"] for s in c.stats),
         })
+        if c.peer == "attnkit" and paired:
+            extra.update(paired)
         results[c.peer] = H.make_record(wl.name, mode, c.peer, ms=ms, **c.base, **extra)
         log(results[c.peer])
     c = None
     cands.clear()
     return [results[p] for p in args.peers if p in results]
+
+
+def _paired_with_best(cands, results, device, args) -> dict:
+    """attnkit against the fastest other peer, timed call by call in alternation.
+
+    The round medians drift by up to ~15% on a throttling GPU depending on which
+    peer ran just before; interleaving the two calls removes that from their ratio.
+    """
+    ok = [c for c in cands if c.peer not in results and c.round_ms]
+    mine = next((c for c in ok if c.peer == "attnkit"), None)
+    others = [c for c in ok if c.peer != "attnkit" and c.extra.get("correct", True) is not False]
+    if mine is None or not others or device.type != "cuda":
+        return {}
+    best = min(others, key=lambda c: sum(c.round_ms) / len(c.round_ms))
+    (a, b), err, _ = H.run_guarded(lambda: H.time_interleaved(mine.timed, best.timed, n=args.paired_n, device=device))
+    if err is not None:
+        return {"paired_error": err}
+    return {"paired_peer": best.peer, "paired_ms": a, "paired_peer_ms": b, "paired_ratio": b / a}
 
 
 # --------------------------------------------------------------------------- console table
@@ -550,6 +571,9 @@ def log_record(rec: dict) -> None:
         desc = f"{rec['ms']:.4g} ms {rec['tflops']:.4g} TFLOP/s"
         if len(rounds) > 1:
             desc += " (rounds " + "/".join(f"{x:.4g}" for x in rounds) + ")"
+        if rec.get("paired_ratio"):
+            desc += (f" [interleaved with {rec['paired_peer']}: {rec['paired_ms']:.4g} vs "
+                     f"{rec['paired_peer_ms']:.4g} ms, ratio {rec['paired_ratio']:.3f}]")
     else:
         desc = f"{rec['status']}: {H._short(H.error_summary(rec.get('error')), 110)}"
     chk = "" if rec.get("max_abs_err") is None else f" err {rec['max_abs_err']:.1e}"
@@ -571,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-ms", type=float, default=None, help="warm-up budget per timing (ms)")
     ap.add_argument("--rep-ms", type=float, default=None, help="timed budget per timing (ms)")
     ap.add_argument("--min-rep", type=int, default=3)
+    ap.add_argument("--paired-n", type=int, default=40,
+                    help="calls of attnkit and of the fastest other peer timed alternately (CUDA only)")
     ap.add_argument("--rounds", type=int, default=2,
                     help="timing rounds over the peers, alternating their order; ms = mean of the rounds' medians")
     ap.add_argument("--budget-s", type=float, default=None,

@@ -158,6 +158,39 @@ def time_fn_stats(
     }
 
 
+def time_interleaved(fn_a: Callable[[], Any], fn_b: Callable[[], Any], *, n: int = 60, warmup: int = 5,
+                     device=None) -> tuple[float, float]:
+    """Median ms of fn_a and fn_b timed call by call in alternation (a b b a a b ...).
+
+    Clock boost, throttling and whatever the previous workload left behind then
+    hit both alike, so their ratio is fair even when round-by-round timing drifts.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    sync(device)
+    ta: list[float] = []
+    tb: list[float] = []
+    cuda = _is_cuda(device)
+    for i in range(n):
+        order = ((fn_a, ta), (fn_b, tb)) if i % 2 == 0 else ((fn_b, tb), (fn_a, ta))
+        for fn, acc in order:
+            if cuda:
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                fn()
+                e.record()
+                e.synchronize()
+                acc.append(s.elapsed_time(e))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                acc.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ta), statistics.median(tb)
+
+
 def time_fn(fn: Callable[[], Any], warmup: float = 25.0, rep: float = 100.0, **kw) -> float:
     """Median milliseconds of fn() (see time_fn_stats for the scheme and the keywords)."""
     return time_fn_stats(fn, warmup=warmup, rep=rep, **kw)["median_ms"]

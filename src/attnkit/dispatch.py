@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from . import backends as _backends
 from .backends import Backend, get_backend
 from .request import AttentionRequest
@@ -46,6 +48,8 @@ def clear_cache() -> None:
 
 def choose(req: AttentionRequest, backend: str = "auto") -> Backend:
     """The backend that will run req; a forced backend that cannot serve req is a ValueError."""
+    if torch.compiler.is_compiling():  # traced once per graph; keep the global dict out of guards
+        return get_backend(plan(req, backend).backend)
     key = (backend, req.signature)
     hit = _CHOICE_CACHE.get(key)
     if hit is not None:

@@ -120,8 +120,11 @@ class FlexBackend(Backend):
             return None
         B = req.batch if (user is not None or (mask is not None and mask.shape[0] != 1)) else None
         H = req.heads_q if (user is not None or (mask is not None and mask.shape[1] != 1)) else None
-        key = (_mask_key(req), B, H, req.len_q, req.len_k, str(req.device))
-        hit = self._block_masks.get(key)
+        # Inside torch.compile the mask is built in the graph: a lookup in this
+        # process-wide dict would make dynamo guard on (and trace) every cached key.
+        compiling = torch.compiler.is_compiling()
+        key = None if compiling else (_mask_key(req), B, H, req.len_q, req.len_k, str(req.device))
+        hit = None if compiling else self._block_masks.get(key)
         if hit is not None:
             self._block_masks.move_to_end(key)
             return hit[0]
@@ -141,6 +144,8 @@ class FlexBackend(Backend):
             return keep
 
         bm = create_block_mask(mask_mod, B, H, req.len_q, req.len_k, device=req.device)
+        if compiling:
+            return bm
         # Keep the mask tensor alive with its entry so its storage cannot be reused
         # by another tensor that would then hit this key.
         self._block_masks[key] = (bm, mask)

@@ -9,6 +9,7 @@ from .modules import (
     ATTENTION_REGISTRY, AttentionConfig, AttentionRegistry, BaseAttention, FlashAttention,
     GatedAttention, LinearAttention, LiteAttention, MultiHeadAttention, RopeScaling,
     RotaryEmbedding, StandardAttention, SwappableMixin, swap,
+    TokenSpec, AttentionPattern, MixedAttentionConfig, MixedAttention,
 )
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "KVCache", "ATTENTION_REGISTRY", "AttentionConfig", "AttentionRegistry", "BaseAttention",
     "FlashAttention", "GatedAttention", "LinearAttention", "LiteAttention", "MultiHeadAttention",
     "RopeScaling", "RotaryEmbedding", "StandardAttention", "SwappableMixin", "swap",
+    "TokenSpec", "AttentionPattern", "MixedAttentionConfig", "MixedAttention",
 ]
 
 

@@ -1,0 +1,378 @@
+"""MixedAttention: named token groups, which group attends to which, and cached anchor K/V.
+
+Anchor attention (AB-UPT and its kin) splits a sequence into groups, e.g.
+surface anchors, surface queries, volume anchors, volume queries, and lets each
+group attend only to chosen groups. One QKV projection and one output
+projection serve every group.
+
+Two forms compute the same function:
+- sequential (`parallel=False`): one attention call per pattern, the readable form;
+- parallel (`parallel=True`): either ONE attention call over the whole sequence
+  with a group-level `mask_mod` (block-sparse under FlexAttention, its BlockMask
+  cached per layout), or one call per distinct key/value set with the patterns
+  that share it batched together. It picks per layout: see `_fused_pays`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..functional import attention
+from .rope import RotaryEmbedding
+
+__all__ = ["TokenSpec", "AttentionPattern", "MixedAttentionConfig", "MixedAttention"]
+
+_INITS = ("truncnormal", "xavier", "torch")
+KVCacheDict = dict[str, dict[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """A named token group; size None means its K/V come from a KV cache, not from the input."""
+
+    name: str
+    size: int | None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"TokenSpec name must be a non-empty str, got {self.name!r}")
+        if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0):
+            raise ValueError(f"TokenSpec {self.name!r}: size must be an int >= 0 or None, got {self.size!r}")
+
+
+@dataclass(frozen=True)
+class AttentionPattern:
+    """The groups in query_tokens attend to (only) the groups in key_value_tokens."""
+
+    query_tokens: Sequence[str]
+    key_value_tokens: Sequence[str]
+
+    def __post_init__(self) -> None:
+        for name in ("query_tokens", "key_value_tokens"):
+            val = getattr(self, name)
+            if isinstance(val, str) or not all(isinstance(t, str) for t in val) or len(val) == 0:
+                raise ValueError(f"AttentionPattern.{name} must be a non-empty list of group names, got {val!r}")
+        object.__setattr__(self, "query_tokens", tuple(self.query_tokens))
+        object.__setattr__(self, "key_value_tokens", tuple(self.key_value_tokens))
+
+
+@dataclass
+class MixedAttentionConfig:
+    """dim: model width (divisible by num_heads). use_rope: rotate q/k by `freqs`. bias: bias in the
+    projections. init_weights: "truncnormal" (std 0.02), "xavier" or "torch". parallel: the fast form.
+    dropout: on the attention probabilities (training). qk_norm: RMS-normalise q and k per head.
+    backend: attnkit backend name for the attention calls."""
+
+    dim: int
+    num_heads: int
+    use_rope: bool = False
+    bias: bool = True
+    init_weights: str = "truncnormal"
+    parallel: bool = True
+    dropout: float = 0.0
+    qk_norm: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "num_heads"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
+        if self.use_rope and (self.dim // self.num_heads) % 2:
+            raise ValueError(f"use_rope needs an even head dim, got {self.dim // self.num_heads}")
+        if self.init_weights not in _INITS:
+            raise ValueError(f"init_weights must be one of {_INITS}, got {self.init_weights!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.backend, str):
+            raise TypeError(f"backend must be a str, got {type(self.backend).__name__}")
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: one object per cached layout
+class _Layout:
+    """A checked (token_specs, attention_patterns) pair with token offsets into x."""
+
+    spans: dict  # input group -> (start, end) in x
+    cached: tuple  # names of cached groups
+    kv_sets: tuple  # ((kv names...), (query names...)), patterns merged by identical kv set
+    patterns: tuple  # ((kv names...), (query names...)), one per pattern as written
+    n_tokens: int
+
+    @property
+    def uses_cache(self) -> bool:
+        return any(n in self.cached for kv, _ in self.kv_sets for n in kv)
+
+
+def _check_layout(token_specs: Sequence[TokenSpec], patterns: Sequence[AttentionPattern], n: int) -> _Layout:
+    names = [s.name for s in token_specs]
+    for s in token_specs:
+        if not isinstance(s, TokenSpec):
+            raise TypeError(f"token_specs must hold TokenSpec objects, got {type(s).__name__}")
+        if names.count(s.name) > 1:
+            raise ValueError(f"token group {s.name!r} appears {names.count(s.name)} times in token_specs")
+    spans, start = {}, 0
+    for s in token_specs:
+        if s.size is not None:
+            spans[s.name] = (start, start + s.size)
+            start += s.size
+    if start != n:
+        sizes = {s.name: s.size for s in token_specs if s.size is not None}
+        raise ValueError(f"input group sizes {sizes} sum to {start}, but x has {n} tokens")
+    cached = tuple(s.name for s in token_specs if s.size is None)
+    seen_as_query: dict[str, int] = {}
+    merged: "OrderedDict[tuple, list]" = OrderedDict()
+    written = []
+    for pi, p in enumerate(patterns):
+        if not isinstance(p, AttentionPattern):
+            raise TypeError(f"attention_patterns must hold AttentionPattern objects, got {type(p).__name__}")
+        for g in (*p.query_tokens, *p.key_value_tokens):
+            if g not in names:
+                raise ValueError(f"pattern {pi} names token group {g!r}, which is not in token_specs {names}")
+        for g in p.query_tokens:
+            if g in cached:
+                raise ValueError(f"token group {g!r} comes from the KV cache (size=None) and cannot be a query")
+            if g in seen_as_query:
+                raise ValueError(f"token group {g!r} is a query in patterns {seen_as_query[g]} and {pi}; "
+                                 "patterns must not overlap")
+            seen_as_query[g] = pi
+        merged.setdefault(tuple(p.key_value_tokens), []).extend(p.query_tokens)
+        written.append((tuple(p.key_value_tokens), tuple(p.query_tokens)))
+    missing = [g for g in spans if g not in seen_as_query]
+    if missing:
+        raise ValueError(f"token group(s) {missing} are never a query; every input group must be the "
+                         "query of exactly one pattern")
+    return _Layout(spans, cached, tuple((kv, tuple(qs)) for kv, qs in merged.items()), tuple(written), n)
+
+
+def _rms_norm(t: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    tf = t.float()
+    return (tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + eps)).to(t.dtype) * weight
+
+
+class MixedAttention(nn.Module):
+    """Attention over named token groups. x [B, N, dim] -> (out [B, N, dim], new_kv_cache).
+
+    forward(x, token_specs, attention_patterns, key_padding_mask=None, freqs=None, kv_cache=None):
+      x: the input groups (size not None) concatenated in token_specs order.
+      attention_patterns: exhaustive and non-overlapping: every input group is the
+        query of exactly one pattern; cached groups may only be keys/values.
+      key_padding_mask: bool [B, N], True = real token; padded tokens are never
+        attended to; cached tokens are always valid. Rows with no valid key give 0.
+      freqs: RoPE for the input tokens: angles [N, D/2] or [B, N, D/2], or a
+        (cos, sin) pair of that shape (e.g. RotaryEmbedding.cos_sin(N)).
+      kv_cache: {group: {"k": [B, H, size, D], "v": [B, H, size, D]}} for the size=None groups.
+    Returns new_kv_cache = {group: {"k", "v"}} for every input group used as keys/values
+    (post-RoPE, post-qk-norm), or None when this call read cached groups.
+    """
+
+    def __init__(self, config: MixedAttentionConfig):
+        super().__init__()
+        if not isinstance(config, MixedAttentionConfig):
+            raise TypeError(f"config must be a MixedAttentionConfig, got {type(config).__name__}")
+        self.config = config
+        self.num_heads = config.num_heads
+        self.head_dim = config.dim // config.num_heads
+        self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=config.bias)
+        self.proj = nn.Linear(config.dim, config.dim, bias=config.bias)
+        if config.qk_norm:
+            self.q_norm = nn.Parameter(torch.ones(self.head_dim))
+            self.k_norm = nn.Parameter(torch.ones(self.head_dim))
+        else:
+            self.register_parameter("q_norm", None)
+            self.register_parameter("k_norm", None)
+        self._init_weights(config.init_weights)
+        self._layouts: OrderedDict = OrderedDict()
+
+    def _init_weights(self, how: str) -> None:
+        for lin in (self.qkv, self.proj):
+            if how == "truncnormal":
+                nn.init.trunc_normal_(lin.weight, std=0.02)
+            elif how == "xavier":
+                nn.init.xavier_uniform_(lin.weight)
+            if lin.bias is not None and how != "torch":
+                nn.init.zeros_(lin.bias)
+
+    # ------------------------------------------------------------------ helpers
+    def _layout(self, token_specs, patterns, n: int) -> _Layout:
+        key = (tuple(token_specs), tuple(patterns), n)
+        hit = self._layouts.get(key)
+        if hit is None:
+            hit = _check_layout(token_specs, patterns, n)
+            self._layouts[key] = hit
+            if len(self._layouts) > 16:
+                self._layouts.popitem(last=False)
+        return hit
+
+    def _rope(self, q: Tensor, k: Tensor, freqs) -> tuple[Tensor, Tensor]:
+        if freqs is None:
+            raise ValueError("use_rope=True needs freqs (angles [N, D/2] or a (cos, sin) pair)")
+        if isinstance(freqs, (tuple, list)):
+            cos, sin = freqs
+        else:
+            cos, sin = torch.cos(freqs), torch.sin(freqs)
+        if cos.shape[-1] != self.head_dim // 2 or cos.shape[-2] != q.shape[2]:
+            raise ValueError(f"freqs must be [N, D/2] or [B, N, D/2] with N={q.shape[2]}, D/2={self.head_dim // 2}, "
+                             f"got {list(cos.shape)}")
+        return RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
+
+    def _attend(self, q, k, v, mask=None, mask_mod=None) -> Tensor:
+        return attention(q, k, v, mask=mask, mask_mod=mask_mod,
+                         dropout_p=self.config.dropout if self.training else 0.0, backend=self.config.backend)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, token_specs: Sequence[TokenSpec], attention_patterns: Sequence[AttentionPattern],
+                key_padding_mask: Tensor | None = None, freqs=None,
+                kv_cache: KVCacheDict | None = None) -> tuple[Tensor, KVCacheDict | None]:
+        if x.dim() != 3 or x.shape[-1] != self.config.dim:
+            raise ValueError(f"x must be [B, N, dim={self.config.dim}], got {list(x.shape)}")
+        B, N, _ = x.shape
+        lay = self._layout(token_specs, attention_patterns, N)
+        if key_padding_mask is not None:
+            if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, N):
+                raise ValueError(f"key_padding_mask must be bool [B, N] = [{B}, {N}], got "
+                                 f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}")
+        cache = self._check_cache(lay, kv_cache, B, x)
+        H, D = self.num_heads, self.head_dim
+        q, k, v = self.qkv(x).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, D]
+        if self.q_norm is not None:
+            q, k = _rms_norm(q, self.q_norm), _rms_norm(k, self.k_norm)
+        if self.config.use_rope:
+            q, k = self._rope(q, k, freqs)
+        if self.config.parallel and not lay.uses_cache and self._fused_pays(lay, x):
+            out = self._fused(lay, q, k, v, key_padding_mask)
+        else:
+            out = self._per_kv_set(lay, q, k, v, key_padding_mask, cache, merge=self.config.parallel)
+        out = self.proj(out.transpose(1, 2).reshape(B, N, self.config.dim))
+        if lay.uses_cache:
+            return out, None
+        used = {g for kv, _ in lay.kv_sets for g in kv}
+        new_cache = {g: {"k": k[:, :, s:e], "v": v[:, :, s:e]} for g, (s, e) in lay.spans.items() if g in used}
+        return out, new_cache
+
+    def _check_cache(self, lay: _Layout, kv_cache, B: int, x: Tensor) -> KVCacheDict:
+        needed = {g for kv, _ in lay.kv_sets for g in kv if g in lay.cached}
+        if not needed:
+            return {}
+        if kv_cache is None:
+            raise ValueError(f"token group(s) {sorted(needed)} have size=None but no kv_cache was given")
+        for g in sorted(needed):
+            entry = kv_cache.get(g)
+            if entry is None or "k" not in entry or "v" not in entry:
+                raise ValueError(f"kv_cache has no 'k'/'v' for cached token group {g!r}")
+            kk, vv = entry["k"], entry["v"]
+            if kk.dim() != 4 or kk.shape[0] != B or kk.shape[1] != self.num_heads or kk.shape[3] != self.head_dim \
+                    or vv.shape != kk.shape:
+                raise ValueError(f"kv_cache[{g!r}] k/v must be [B, H, size, D] = [{B}, {self.num_heads}, size, "
+                                 f"{self.head_dim}], got {list(kk.shape)} / {list(vv.shape)}")
+        return {g: kv_cache[g] for g in needed}
+
+    # The sequential form, and the parallel form's "one call per distinct key/value set".
+    def _per_kv_set(self, lay: _Layout, q, k, v, kpm, cache, merge: bool) -> Tensor:
+        out = torch.empty_like(q)
+        for kv_names, q_names in (lay.kv_sets if merge else lay.patterns):
+            qi = self._gather(q, lay, q_names)
+            ks, vs, ms = [], [], []
+            for g in kv_names:
+                if g in lay.cached:
+                    ks.append(cache[g]["k"].to(k.dtype))
+                    vs.append(cache[g]["v"].to(v.dtype))
+                    ms.append(torch.ones(q.shape[0], cache[g]["k"].shape[2], dtype=torch.bool, device=q.device))
+                else:
+                    s, e = lay.spans[g]
+                    ks.append(k[:, :, s:e])
+                    vs.append(v[:, :, s:e])
+                    if kpm is not None:
+                        ms.append(kpm[:, s:e])
+            kk = ks[0] if len(ks) == 1 else torch.cat(ks, dim=2)
+            vv = vs[0] if len(vs) == 1 else torch.cat(vs, dim=2)
+            mask = None
+            if kpm is not None:
+                mask = (ms[0] if len(ms) == 1 else torch.cat(ms, dim=1))[:, None, None, :]
+            o = self._attend(qi, kk, vv, mask=mask)
+            self._scatter(out, o, lay, q_names)
+        return out
+
+    @staticmethod
+    def _runs(lay: _Layout, names) -> list[tuple[int, int]]:
+        """Contiguous (start, end) runs of x covered by the named groups, in order."""
+        runs: list[list[int]] = []
+        for g in names:
+            s, e = lay.spans[g]
+            if runs and runs[-1][1] == s:
+                runs[-1][1] = e
+            else:
+                runs.append([s, e])
+        return [(s, e) for s, e in runs]
+
+    def _gather(self, t: Tensor, lay: _Layout, names) -> Tensor:
+        runs = self._runs(lay, names)
+        parts = [t[:, :, s:e] for s, e in runs]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # a view when contiguous
+
+    def _scatter(self, out: Tensor, o: Tensor, lay: _Layout, names) -> None:
+        i = 0
+        for s, e in self._runs(lay, names):
+            out[:, :, s:e] = o[:, :, i:i + e - s]
+            i += e - s
+
+    # ------------------------------------------------------------------ fused form
+    def _fused_pays(self, lay: _Layout, x: Tensor) -> bool:
+        """One block-sparse call beats a loop of dense calls when the calls are many or small.
+
+        On an H100 (issue 4): 2 key/value sets of 16k-64k tokens each -> the loop of cuDNN
+        calls wins; 8 groups of 512 -> one FlexAttention call wins by 3x. Rule: fuse on CUDA
+        when there are more than 2 key/value sets or the smallest call has < 4096 x 4096 pairs.
+        On the CPU the loop always runs (no block-sparse kernel there).
+        """
+        if x.device.type != "cuda":
+            return False
+        sizes = []
+        for kv, qs in lay.kv_sets:
+            nq = sum(lay.spans[g][1] - lay.spans[g][0] for g in qs)
+            nk = sum(lay.spans[g][1] - lay.spans[g][0] for g in kv)
+            sizes.append(nq * nk)
+        return len(lay.kv_sets) > 2 or min(sizes) < 4096 * 4096
+
+    def _fused(self, lay: _Layout, q, k, v, kpm) -> Tensor:
+        mod = self._group_mask_mod(lay, q.device)
+        mask = kpm[:, None, None, :] if kpm is not None else None
+        return self._attend(q, k, v, mask=mask, mask_mod=mod)
+
+    def _group_mask_mod(self, lay: _Layout, device):
+        """mask_mod(b, h, i, j) = allowed[query_set[i], group[j]]; one function object per layout."""
+        key = ("mod", lay, str(device))
+        hit = self._layouts.get(key)
+        if hit is not None:
+            return hit
+        names = list(lay.spans)
+        gid = torch.empty(lay.n_tokens, dtype=torch.int32)
+        qset = torch.empty(lay.n_tokens, dtype=torch.int32)
+        allowed = torch.zeros(len(lay.kv_sets), len(names), dtype=torch.bool)
+        for gi, g in enumerate(names):
+            s, e = lay.spans[g]
+            gid[s:e] = gi
+        for si, (kv, qs) in enumerate(lay.kv_sets):
+            for g in qs:
+                s, e = lay.spans[g]
+                qset[s:e] = si
+            for g in kv:
+                allowed[si, names.index(g)] = True
+        gid, qset, allowed = gid.to(device), qset.to(device), allowed.to(device)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return allowed[qset[q_idx], gid[kv_idx]]
+
+        self._layouts[key] = mask_mod
+        return mask_mod
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"dim={c.dim}, num_heads={c.num_heads}, parallel={c.parallel}, use_rope={c.use_rope}, qk_norm={c.qk_norm}"

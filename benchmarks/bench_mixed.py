@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""MixedAttention (anchor attention) forms against each other, one process, same weights and inputs.
+
+    python benchmarks/bench_mixed.py --out DIR [--smoke]
+
+Layouts (bf16, B as noted):
+ (a) AB-UPT-like: 16k surface anchors, 16k surface queries, 16k volume anchors, 64k volume
+     queries; patterns [sa, sq] -> [sa] and [va, vq] -> [va]; B = 1.
+ (b) 8 groups of 512 tokens; pattern i: group i attends to groups 0 and i (a shared anchor
+     group plus itself); B = 4.
+Each at dim 192 / 3 heads and dim 768 / 12 heads, forward and forward+backward of the whole
+module (projections included, identical for every row). Rows:
+ - attnkit: `parallel=True`, backend auto (it picks fused or per-key/value-set per layout);
+ - loop_sdpa: the sequential form, one SDPA call per pattern (cuDNN first);
+ - fused_flex: one FlexAttention call with a group-level block mask over the whole sequence;
+ - fused_sdpa_dense: one SDPA call with the group mask materialised (only where N^2 fits).
+Reports ms, the ratio to the faster of loop_sdpa / fused_flex, and the peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+try:
+    import attnkit
+except ImportError:
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
+    import attnkit
+
+import torch
+
+import harness as H
+from attnkit import AttentionPattern as P, MixedAttention, MixedAttentionConfig, TokenSpec as T
+
+
+def layouts(smoke: bool):
+    s = 64 if smoke else 1024
+    a = ([T("surface_anchors", 16 * s), T("surface_queries", 16 * s), T("volume_anchors", 16 * s),
+          T("volume_queries", 64 * s)],
+         [P(["surface_anchors", "surface_queries"], ["surface_anchors"]),
+          P(["volume_anchors", "volume_queries"], ["volume_anchors"])], 1)
+    g = 32 if smoke else 512
+    specs = [T(f"g{i}", g) for i in range(8)]
+    pats = [P([f"g{i}"], ["g0"] if i == 0 else ["g0", f"g{i}"]) for i in range(8)]
+    return {"a_abupt": a, "b_8x512": (specs, pats, 4)}
+
+
+def make(dim, heads, parallel, backend, force=None, dev="cuda", dt=torch.bfloat16):
+    m = MixedAttention(MixedAttentionConfig(dim=dim, num_heads=heads, parallel=parallel, backend=backend))
+    m = m.to(dev, dt)
+    if force is not None:
+        m._fused_pays = lambda lay, x, _f=force: _f
+    return m
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--smoke", action="store_true")
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    budget = dict(warmup=10, rep=40) if dev == "cuda" else dict(warmup=1, rep=3)
+    recs = []
+    for lname, (specs, pats, B) in layouts(a.smoke).items():
+        N = sum(s.size for s in specs)
+        for dim, heads in ((192, 3), (768, 12)):
+            torch.manual_seed(0)
+            base = make(dim, heads, True, "auto", dev=dev, dt=dt)
+            rows = {
+                "attnkit": base,
+                "loop_sdpa": make(dim, heads, False, "sdpa", dev=dev, dt=dt),
+                "fused_flex": make(dim, heads, True, "flex", force=True, dev=dev, dt=dt),
+            }
+            if N * N * B <= 2**28:
+                rows["fused_sdpa_dense"] = make(dim, heads, True, "sdpa", force=True, dev=dev, dt=dt)
+            for m in rows.values():
+                m.load_state_dict(base.state_dict())
+            x = torch.randn(B, N, dim, device=dev, dtype=dt)
+            g = torch.randn_like(x)
+            with torch.no_grad():
+                ref = rows["loop_sdpa"](x, specs, pats)[0].float()
+            for mode in ("fwd", "fwd+bwd"):
+                for name, m in rows.items():
+                    xg = x.detach().requires_grad_(mode == "fwd+bwd")
+                    params = [xg] + list(m.parameters())
+
+                    def call():
+                        if mode == "fwd":
+                            with torch.no_grad():
+                                return m(xg, specs, pats)[0]
+                        return torch.autograd.grad(m(xg, specs, pats)[0], params, g)
+
+                    def measured():
+                        if dev == "cuda":
+                            torch.cuda.synchronize()
+                            torch.cuda.reset_peak_memory_stats()
+                        with torch.no_grad():
+                            err = (m(x, specs, pats)[0].float() - ref).abs().max().item()
+                        ms = H.time_fn(call, **budget)
+                        peak = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else None
+                        return ms, err, peak
+
+                    res, e, _ = H.run_guarded(measured)
+                    wl = f"{lname}_d{dim}"
+                    if e is not None:
+                        recs.append(H.make_record(wl, mode, name, status="error", error=e))
+                    else:
+                        ms, err, peak = res
+                        plan = "fused" if (m.config.parallel and m._fused_pays(m._layout(specs, pats, N), x)) else "per kv set"
+                        recs.append(H.make_record(wl, mode, name, ms=ms, max_abs_err=err, peak_mib=peak,
+                                                  form=plan if name == "attnkit" else None))
+                    r = recs[-1]
+                    print(f"{wl} {mode} {name}: {r.get('ms') or r.get('error', '')[:80]}", flush=True)
+    for r in recs:
+        if r["status"] != "ok":
+            continue
+        peers = [x["ms"] for x in recs if x["workload"] == r["workload"] and x["mode"] == r["mode"]
+                 and x["peer"] in ("loop_sdpa", "fused_flex") and x["status"] == "ok"]
+        r["ratio_vs_best_of_loop_flex"] = min(peers) / r["ms"] if peers else None
+    meta = H.collect_meta(torch.device(dev))
+    with open(os.path.join(a.out, "mixed.json"), "w") as f:
+        json.dump({"meta": meta, "records": recs}, f, indent=1, default=str)
+    lines = [f"# MixedAttention benchmark ({meta.get('device_name')}, {meta.get('date_utc')})", "",
+             f"torch {torch.__version__}, {dt}; whole module (projections included); ratio = faster of "
+             "loop_sdpa / fused_flex over this row's time (> 1 = faster)", "",
+             "| workload | mode | row | ms | ratio | peak MiB | note |", "|---|---|---|---:|---:|---:|---|"]
+    for r in recs:
+        if r["status"] == "ok":
+            ratio = f"{r['ratio_vs_best_of_loop_flex']:.2f}" if r.get("ratio_vs_best_of_loop_flex") else "-"
+            peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") else "-"
+            note = f"chose {r['form']}" if r.get("form") else f"max err {r['max_abs_err']:.1e}"
+            lines.append(f"| {r['workload']} | {r['mode']} | {r['peer']} | {r['ms']:.4g} | {ratio} | {peak} | {note} |")
+        else:
+            lines.append(f"| {r['workload']} | {r['mode']} | {r['peer']} | - | - | - | {H.error_summary(r['error'])[:60]} |")
+    md = "\n".join(lines)
+    with open(os.path.join(a.out, "mixed.md"), "w") as f:
+        f.write(md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -42,8 +42,7 @@ class HandSdpaMHA(nn.Module):
         super().__init__()
         self.h, self.hkv, self.d = ref.num_heads, ref.num_kv_heads, ref.head_dim
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = ref.q_proj, ref.k_proj, ref.v_proj, ref.o_proj
-        inv = ref.rope.inv_freq
-        self.register_buffer("inv_freq", inv)
+        self.register_buffer("inv_freq", ref.rope.inv_freq.float())
 
     def forward(self, x):
         B, L, _ = x.shape

@@ -8,8 +8,10 @@ element-wise, which FlexAttention requires too.
 
 from __future__ import annotations
 
+import functools
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .request import AttentionRequest
 
@@ -20,6 +22,8 @@ __all__ = [
     "tile_allowed",
     "apply_score_mod",
     "slice_4d",
+    "closure_tensors",
+    "check_mod_grads",
 ]
 
 
@@ -103,3 +107,71 @@ def apply_score_mod(req: AttentionRequest, s: Tensor, q_start: int, k_start: int
     if not isinstance(out, Tensor):
         raise TypeError(f"score_mod must return a tensor, got {type(out).__name__}")
     return out.expand_as(s) if out.shape != s.shape else out
+
+
+def closure_tensors(fn, *, requires_grad: bool = False) -> list[Tensor]:
+    """Tensors a mod closes over: closure cells, functools.partial args, module parameters and
+    buffers, bound-method owners, lists/tuples/dicts of those (3 levels deep).
+
+    With requires_grad=True only those that require grad (the chunked backend routes their
+    gradients); otherwise all of them (FlexAttention's BlockMask cache keys on their versions).
+    """
+    found: list[Tensor] = []
+
+    def visit(obj, depth: int) -> None:
+        if depth > 3 or obj is None:
+            return
+        if isinstance(obj, Tensor):
+            if (obj.requires_grad or not requires_grad) and not any(obj is t for t in found):
+                found.append(obj)
+        elif isinstance(obj, nn.Module):
+            for t in (*obj.parameters(), *obj.buffers()):
+                visit(t, depth + 1)
+        elif isinstance(obj, functools.partial):
+            visit(obj.func, depth + 1)
+            for a in list(obj.args) + list(obj.keywords.values()):
+                visit(a, depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for a in obj:
+                visit(a, depth + 1)
+        elif isinstance(obj, dict):
+            for a in obj.values():
+                visit(a, depth + 1)
+        elif callable(obj):
+            for cell in getattr(obj, "__closure__", None) or ():
+                try:
+                    visit(cell.cell_contents, depth + 1)
+                except ValueError:  # empty cell
+                    pass
+            visit(getattr(obj, "__self__", None), depth + 1)
+
+    visit(fn, 0)
+    return found
+
+
+def check_mod_grads(req: AttentionRequest, captured: list[Tensor]) -> None:
+    """Raise if req.score_mod's output depends on a tensor requiring grad that is not in captured.
+
+    Runs the mod on a [B, Hq, 1, 1] probe and walks its autograd graph, stopping at the
+    captured tensors; any other leaf that requires grad would lose its gradient.
+    """
+    with torch.enable_grad():
+        probe = apply_score_mod(req, req.q.new_zeros(req.batch, req.heads_q, 1, 1, dtype=torch.float32), 0, 0)
+    if probe.grad_fn is None:
+        return
+    stop = {id(t.grad_fn) for t in captured if t.grad_fn is not None}
+    leaves = {id(t) for t in captured}
+    todo, seen = [probe.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen or id(node) in stop:
+            continue
+        seen.add(id(node))
+        var = getattr(node, "variable", None)  # AccumulateGrad holds its leaf
+        if var is not None and id(var) not in leaves:
+            raise TypeError(
+                "score_mod uses a tensor that requires grad but holds it where the chunked backend "
+                "cannot find it (it looks in closure cells, functools.partial arguments and module "
+                "parameters); capture it in a closure, or use backend='reference'"
+            )
+        todo.extend(fn for fn, _ in node.next_functions)

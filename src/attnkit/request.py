@@ -53,7 +53,10 @@ class AttentionRequest:
 
     def __post_init__(self) -> None:
         ts = (self.q, self.k, self.v, self.bias, self.sinks)
-        self.needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+        self.needs_grad = torch.is_grad_enabled() and (
+            any(t is not None and t.requires_grad for t in ts)
+            or (self.score_mod is not None and _mod_wants_grad(self.score_mod))
+        )
         self._features = self._compute_features()
         # Everything backend choice may depend on; the dispatcher caches its choice per signature.
         self.signature = (self.device.type, self.dtype, self.head_dim, self.head_dim_v, self._features)
@@ -156,6 +159,12 @@ class AttentionRequest:
             f"q {list(self.q.shape)} k {list(self.k.shape)} v {list(self.v.shape)} "
             f"{str(self.dtype).replace('torch.', '')} on {self.device.type}; features: {feats}"
         )
+
+
+def _mod_wants_grad(fn) -> bool:
+    from .masks import closure_tensors  # masks imports this module
+
+    return bool(closure_tensors(fn, requires_grad=True))
 
 
 def _shape(t: Tensor) -> str:

@@ -10,12 +10,10 @@ Runs on every device torch runs on.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor, nn
 
-from ..masks import apply_score_mod, slice_4d, tile_allowed, tile_fully_outside
+from ..masks import apply_score_mod, check_mod_grads, closure_tensors, slice_4d, tile_allowed, tile_fully_outside
 from ..request import AttentionRequest
 from .base import ALL_FEATURES, Backend, Capabilities
 
@@ -25,46 +23,6 @@ _TILE_ELEMENTS = 1 << 22
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def captured_tensors(fn) -> list[Tensor]:
-    """Tensors requiring grad that a mod closes over (closure cells, partial args, module params).
-
-    They become inputs of the autograd Function so that their gradients reach
-    the caller's graph. A mod that hides its tensors elsewhere is caught by
-    the check in `_ChunkedAttention.forward`.
-    """
-    found: list[Tensor] = []
-
-    def visit(obj, depth: int) -> None:
-        if depth > 3 or obj is None:
-            return
-        if isinstance(obj, Tensor):
-            if obj.requires_grad and not any(obj is t for t in found):
-                found.append(obj)
-        elif isinstance(obj, nn.Module):
-            for p in obj.parameters():
-                visit(p, depth + 1)
-        elif isinstance(obj, functools.partial):
-            visit(obj.func, depth + 1)
-            for a in list(obj.args) + list(obj.keywords.values()):
-                visit(a, depth + 1)
-        elif isinstance(obj, (list, tuple)):
-            for a in obj:
-                visit(a, depth + 1)
-        elif isinstance(obj, dict):
-            for a in obj.values():
-                visit(a, depth + 1)
-        elif callable(obj):
-            for cell in getattr(obj, "__closure__", None) or ():
-                try:
-                    visit(cell.cell_contents, depth + 1)
-                except ValueError:  # empty cell
-                    pass
-            visit(getattr(obj, "__self__", None), depth + 1)
-
-    visit(fn, 0)
-    return found
 
 
 def _tile_logits(
@@ -155,13 +113,17 @@ class _ChunkedAttention(torch.autograd.Function):
         lse = (torch.log(den) + m_safe).squeeze(-1)  # -inf where nothing was attended
         ctx.req, ctx.tiling, ctx.seed = req, tiling, seed
         # The unrounded output keeps rowsum(dO * O) accurate in half precision.
-        ctx.save_for_backward(q, k, v, bias, sinks, out_c, lse, *captured)
+        ctx.save_for_backward(q, k, v, bias, sinks, out_c, lse)
+        # The mod reads these very objects; the backward differentiates with respect to
+        # them, so they are kept as they are (saved copies would be other tensors).
+        ctx.captured = captured
         return out_c.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
         req, tiling, seed = ctx.req, ctx.tiling, ctx.seed
-        q, k, v, bias, sinks, out, lse, *captured = ctx.saved_tensors
+        q, k, v, bias, sinks, out, lse = ctx.saved_tensors
+        captured = ctx.captured
         ct = _compute_dtype(q.dtype)
         B, Hq, Lq, D = q.shape
         Hkv, Dv = k.shape[1], v.shape[3]
@@ -202,7 +164,8 @@ class _ChunkedAttention(torch.autograd.Function):
                 dp = dp * keep
             ds = p * (dp - delta[:, :, qs:qe, None])
             wrt = [q_t, k_t] + ([bias_t] if need_bias else []) + list(captured)
-            grads = torch.autograd.grad(s, wrt, ds, allow_unused=True)
+            # retain_graph: a captured non-leaf tensor's own graph is shared by every tile.
+            grads = torch.autograd.grad(s, wrt, ds, allow_unused=True, retain_graph=bool(captured))
             dq[:, :, qs:qe] += grads[0]
             dk[:, :, ks:ke] += grads[1]
             rest = grads[2:]
@@ -244,18 +207,13 @@ class ChunkedBackend(Backend):
 
     def run(self, req: AttentionRequest) -> tuple[Tensor, Tensor | None]:
         tiling = _Tiling(req, self.block_q, self.block_k)
-        captured = captured_tensors(req.score_mod) if req.score_mod is not None else []
-        if req.score_mod is not None and torch.is_grad_enabled() and not captured:
-            # A mod whose output needs grad though we found no tensor to route it to
-            # would lose that gradient silently: refuse instead.
-            with torch.enable_grad():
-                probe = apply_score_mod(req, req.q.new_zeros(req.batch, req.heads_q, 1, 1, dtype=torch.float32), 0, 0)
-            if probe.requires_grad:
-                raise TypeError(
-                    "score_mod uses a tensor that requires grad but holds it where the chunked backend "
-                    "cannot find it (it looks in closure cells, functools.partial arguments and module "
-                    "parameters); capture it in a closure, or use backend='reference'"
-                )
+        captured = []
+        if req.score_mod is not None:
+            captured = closure_tensors(req.score_mod, requires_grad=True)
+            if torch.is_grad_enabled():
+                # Tensors a mod reads from elsewhere (globals, attributes) would lose their
+                # gradient silently in this custom autograd Function: refuse them.
+                check_mod_grads(req, captured)
         out, lse = _ChunkedAttention.apply(
             req, tiling, req.q, req.k, req.v, req.bias, req.sinks, *captured
         )

@@ -5,7 +5,9 @@
 - softcap -> tanh score_mod; the user's score_mod runs last;
 - bool mask, causal/window (bottom-right aligned) and the user's mask_mod ->
   one mask_mod, turned into a BlockMask that is cached per
-  (mask_mod, bounds, mask tensor, shape, device);
+  (mask_mod, the contents of every tensor it closes over, bounds, mask tensor,
+  shape, device); a tensor a mask_mod reads from a global is not tracked, so
+  change such a tensor only together with the function;
 - sinks -> the kernel's log-sum-exp: out * sigmoid(lse - sink), which needs
   the gradient through lse that compiled FlexAttention provides on CUDA.
 On the CPU, compiled FlexAttention is inference-only and returns no lse.
@@ -18,7 +20,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from ..masks import bounds_allow
+from ..masks import bounds_allow, closure_tensors
 from ..request import AttentionRequest
 from .base import Backend, Capabilities
 
@@ -75,12 +77,21 @@ def _score_mod(req: AttentionRequest):
     return score_mod
 
 
-def _mask_key(req: AttentionRequest):
-    m = req.mask
-    mask_id = None
-    if m is not None:
-        mask_id = (m.untyped_storage().data_ptr(), m.storage_offset(), tuple(m.shape), m.stride(), m._version)
-    return (req.key_bounds, req.offset, req.mask_mod, mask_id)
+def _tensor_id(t: Tensor) -> tuple:
+    """Identity of a tensor's contents: storage, view and in-place version."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t._version)
+
+
+def _mask_key(req: AttentionRequest) -> tuple[tuple, list[Tensor]]:
+    """Cache key of req's BlockMask, and the tensors it depends on (kept alive with the entry).
+
+    The user's mask_mod is keyed by identity AND by the contents of every tensor it
+    closes over, so a document-id tensor changed in place builds a new mask.
+    """
+    deps = [req.mask] if req.mask is not None else []
+    if req.mask_mod is not None:
+        deps += closure_tensors(req.mask_mod)
+    return (req.key_bounds, req.offset, req.mask_mod, tuple(_tensor_id(t) for t in deps)), deps
 
 
 class FlexBackend(Backend):
@@ -123,7 +134,8 @@ class FlexBackend(Backend):
         # Inside torch.compile the mask is built in the graph: a lookup in this
         # process-wide dict would make dynamo guard on (and trace) every cached key.
         compiling = torch.compiler.is_compiling()
-        key = None if compiling else (_mask_key(req), B, H, req.len_q, req.len_k, str(req.device))
+        key, deps = (None, None) if compiling else _mask_key(req)
+        key = None if compiling else (key, B, H, req.len_q, req.len_k, str(req.device))
         hit = None if compiling else self._block_masks.get(key)
         if hit is not None:
             self._block_masks.move_to_end(key)
@@ -143,12 +155,15 @@ class FlexBackend(Backend):
                 keep = u if keep is None else keep & u
             return keep
 
-        bm = create_block_mask(mask_mod, B, H, req.len_q, req.len_k, device=req.device)
+        # On CUDA the mask is evaluated block by block (compiled) instead of as one dense
+        # [B, H, Lq, Lk] bool, which would not fit for long sequences (112k tokens: 12.5 GB).
+        bm = create_block_mask(mask_mod, B, H, req.len_q, req.len_k, device=req.device,
+                               _compile=req.device.type == "cuda")
         if compiling:
             return bm
-        # Keep the mask tensor alive with its entry so its storage cannot be reused
-        # by another tensor that would then hit this key.
-        self._block_masks[key] = (bm, mask)
+        # Keep the key's tensors alive with the entry so their storage cannot be reused
+        # by other tensors that would then hit this key.
+        self._block_masks[key] = (bm, deps)
         if len(self._block_masks) > _BLOCK_MASK_CACHE_SIZE:
             self._block_masks.popitem(last=False)
         return bm

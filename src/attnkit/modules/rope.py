@@ -76,11 +76,13 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"rope base must be > 1, got {base!r}")
         self.head_dim, self.base = head_dim, float(base)
         self.scaling = RopeScaling.parse(scaling)
-        inv_freq, self.mscale = self._frequencies()
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("cos_table", torch.empty(0), persistent=False)
-        self.register_buffer("sin_table", torch.empty(0), persistent=False)
-        self._grow(max_positions)
+        # Frequencies and tables are plain float64 attributes, not buffers: model.to(bf16)
+        # must not round them (a bf16 angle at position 4000 is off by whole radians).
+        self._inv64, self.mscale = self._frequencies()
+        self._tables: dict[str, tuple[Tensor, Tensor]] = {}
+        self._initial_positions = max_positions
+        self._last_device = "cpu"
+        self._table(max_positions, "cpu")
 
     def _frequencies(self) -> tuple[Tensor, float]:
         d, s = self.head_dim, self.scaling
@@ -98,14 +100,33 @@ class RotaryEmbedding(nn.Module):
             mscale = 0.1 * math.log(s.factor) + 1.0
         return inv, mscale  # float64: tables are built in double, sliced into the input's precision
 
-    def _grow(self, n: int) -> None:
-        if n <= self.cos_table.shape[0]:
-            return
-        n = max(n, 2 * self.cos_table.shape[0])
-        t = torch.arange(n, device=self.inv_freq.device, dtype=torch.float64)
-        ang = torch.outer(t, self.inv_freq)
-        self.cos_table = torch.cos(ang) * self.mscale
-        self.sin_table = torch.sin(ang) * self.mscale
+    @property
+    def cos_table(self) -> Tensor:
+        """[positions, D/2] float64 cos table of the device used last (grows on demand)."""
+        return self._tables[self._last_device][0]
+
+    @property
+    def sin_table(self) -> Tensor:
+        return self._tables[self._last_device][1]
+
+    @property
+    def inv_freq(self) -> Tensor:
+        """[D/2] float64 rotation frequencies (scaling applied)."""
+        return self._inv64
+
+    def _table(self, n: int, device) -> tuple[Tensor, Tensor]:
+        """float64 cos/sin tables of at least n positions on device, grown on demand."""
+        key = str(torch.device(device) if device is not None else torch.device("cpu"))
+        cos, sin = self._tables.get(key, (None, None))
+        if cos is None or cos.shape[0] < n:
+            have = 0 if cos is None else cos.shape[0]
+            size = max(n, 2 * have, self._initial_positions)
+            t = torch.arange(size, dtype=torch.float64, device=key)
+            ang = torch.outer(t, self._inv64.to(key))
+            cos, sin = torch.cos(ang) * self.mscale, torch.sin(ang) * self.mscale
+            self._tables[key] = (cos, sin)
+        self._last_device = key
+        return cos, sin
 
     def cos_sin(self, length: int, positions=None, device=None) -> tuple[Tensor, Tensor]:
         """cos, sin [L, D/2] or [B, L, D/2] (float64) for the given positions."""
@@ -113,14 +134,14 @@ class RotaryEmbedding(nn.Module):
             start = 0 if positions is None else positions
             if start < 0:
                 raise ValueError(f"position offset must be >= 0, got {start}")
-            self._grow(start + length)
-            return self.cos_table[start:start + length], self.sin_table[start:start + length]
+            cos, sin = self._table(start + length, device)
+            return cos[start:start + length], sin[start:start + length]
         if not isinstance(positions, Tensor) or positions.dtype.is_floating_point or positions.dtype == torch.bool:
             raise TypeError(f"positions must be None, an int or an integer tensor, got {positions!r:.60}")
         if positions.shape[-1] != length or positions.dim() not in (1, 2):
             raise ValueError(f"positions must be [L] or [B, L] with L = {length}, got {list(positions.shape)}")
         # Explicit positions: angles computed directly (no table lookup, no host sync).
-        ang = positions.to(torch.float64).unsqueeze(-1) * self.inv_freq
+        ang = positions.to(torch.float64).unsqueeze(-1) * self._inv64.to(positions.device)
         return torch.cos(ang) * self.mscale, torch.sin(ang) * self.mscale
 
     @staticmethod

@@ -153,7 +153,7 @@ def _check_layout(token_specs: Sequence[TokenSpec], patterns: Sequence[Attention
 
 
 def _rms_norm(t: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
-    tf = t.float()
+    tf = t.to(torch.promote_types(t.dtype, torch.float32))  # half in float32, float64 kept
     return (tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + eps)).to(t.dtype) * weight
 
 
@@ -214,13 +214,18 @@ class MixedAttention(nn.Module):
     def _rope(self, q: Tensor, k: Tensor, freqs) -> tuple[Tensor, Tensor]:
         if freqs is None:
             raise ValueError("use_rope=True needs freqs (angles [N, D/2] or a (cos, sin) pair)")
-        if isinstance(freqs, (tuple, list)):
+        if isinstance(freqs, (tuple, list)) and len(freqs) == 2:
             cos, sin = freqs
-        else:
+        elif isinstance(freqs, Tensor):
             cos, sin = torch.cos(freqs), torch.sin(freqs)
-        if cos.shape[-1] != self.head_dim // 2 or cos.shape[-2] != q.shape[2]:
-            raise ValueError(f"freqs must be [N, D/2] or [B, N, D/2] with N={q.shape[2]}, D/2={self.head_dim // 2}, "
-                             f"got {list(cos.shape)}")
+        else:
+            raise TypeError(f"freqs must be a tensor of angles or a (cos, sin) pair, got {type(freqs).__name__}")
+        B, N, half = q.shape[0], q.shape[2], self.head_dim // 2
+        for name, t in (("cos", cos), ("sin", sin)):
+            ok = isinstance(t, Tensor) and t.dim() in (2, 3) and tuple(t.shape[-2:]) == (N, half)
+            if not ok or (t.dim() == 3 and t.shape[0] not in (1, B)):
+                raise ValueError(f"freqs ({name}) must be [N, D/2] = [{N}, {half}] or [B, N, D/2] with B = {B}, "
+                                 f"got {list(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
         return RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
 
     def _attend(self, q, k, v, mask=None, mask_mod=None) -> Tensor:
@@ -279,6 +284,8 @@ class MixedAttention(nn.Module):
         out = torch.empty_like(q)
         for kv_names, q_names in (lay.kv_sets if merge else lay.patterns):
             qi = self._gather(q, lay, q_names)
+            if qi.shape[2] == 0:
+                continue  # empty query groups
             ks, vs, ms = [], [], []
             for g in kv_names:
                 if g in lay.cached:
@@ -296,7 +303,10 @@ class MixedAttention(nn.Module):
             mask = None
             if kpm is not None:
                 mask = (ms[0] if len(ms) == 1 else torch.cat(ms, dim=1))[:, None, None, :]
-            o = self._attend(qi, kk, vv, mask=mask)
+            if kk.shape[2] == 0:
+                o = torch.zeros_like(qi)  # no key at all: rows with nothing to attend give 0
+            else:
+                o = self._attend(qi, kk, vv, mask=mask)
             self._scatter(out, o, lay, q_names)
         return out
 

@@ -50,7 +50,8 @@ def attention(
         sinks: [Hq] logits that join each row's softmax denominator with no value.
         dropout_p: dropout on the attention probabilities (applied whenever > 0).
         return_lse: also return the float32 log-sum-exp [B, Hq, Lq] of each row
-            (sinks included; -inf for a row with nothing to attend).
+            (sinks included; -inf for a row with nothing to attend; float64 when
+            float64 inputs run on reference/chunked).
         backend: "auto" or a registered backend name ("sdpa", "flex", "chunked", "reference", ...).
 
     Logits are built in this order: scale * q k^T, + bias, softcap, score_mod,

@@ -130,8 +130,11 @@ class LinearAttention(_SplitHeadsModule):
         super().__init__(num_heads, head_dim, dropout)
         if feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
+        if num_features is not None and (isinstance(num_features, bool) or not isinstance(num_features, int)
+                                         or num_features < 1):
+            raise ValueError(f"num_features must be a positive int or None, got {num_features!r}")
         self.feature_map, self.causal, self.seed = feature_map, bool(causal), int(seed)
-        self.num_features = int(num_features or head_dim)
+        self.num_features = head_dim if num_features is None else num_features
         proj = self._draw(self.seed) if feature_map == "favor+" else torch.empty(0)
         self.register_buffer("projection", proj)
 

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ._checks import probability
+
 __all__ = ["AttentionRequest", "build_request", "SUPPORTED_DTYPES"]
 
 # float64 is accepted so that the reference (and gradcheck) can run in double.
@@ -310,8 +312,7 @@ def build_request(
             raise ValueError(f"sinks must have shape [Hq] = [{Hq}], got {_shape(sinks)}")
         if sinks.device != device:
             raise ValueError(f"sinks is on {sinks.device} but q is on {device}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    dropout_p = probability("dropout_p", dropout_p)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     return AttentionRequest(

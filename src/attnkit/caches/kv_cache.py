@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import positive_int
+
 __all__ = ["KVCache"]
 
 
@@ -27,9 +29,8 @@ class KVCache:
                  head_dim_v: int | None = None, dtype: torch.dtype = torch.float32, device=None):
         for name, val in (("batch_size", batch_size), ("num_kv_heads", num_kv_heads),
                           ("max_len", max_len), ("head_dim", head_dim)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
-        dv = head_dim if head_dim_v is None else head_dim_v
+            positive_int(name, val)
+        dv = head_dim if head_dim_v is None else positive_int("head_dim_v", head_dim_v)
         self.k = torch.zeros(batch_size, num_kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(batch_size, num_kv_heads, max_len, dv, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .._checks import positive_int, probability
 from ..functional import attention
 from ..ops.linear_attention import FEATURE_MAPS, linear_attention
 from .base import ATTENTION_REGISTRY, BaseAttention
@@ -14,26 +15,14 @@ from .base import ATTENTION_REGISTRY, BaseAttention
 __all__ = ["StandardAttention", "FlashAttention", "GatedAttention", "LinearAttention", "LiteAttention"]
 
 
-def _check_dropout(dropout: float) -> float:
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-    return float(dropout)
-
-
-def _check_dims(num_heads: int, head_dim: int) -> None:
-    for name, val in (("num_heads", num_heads), ("head_dim", head_dim)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
-
-
 class _SplitHeadsModule(BaseAttention):
     """Holds the dimensions and dropout that every split-head kind takes."""
 
     def __init__(self, num_heads: int, head_dim: int, dropout: float = 0.0):
         super().__init__()
-        _check_dims(num_heads, head_dim)
-        self._num_heads, self._head_dim = num_heads, head_dim
-        self.dropout = _check_dropout(dropout)
+        self._num_heads = positive_int("num_heads", num_heads)
+        self._head_dim = positive_int("head_dim", head_dim)
+        self.dropout = probability("dropout", dropout)
 
     @property
     def num_heads(self) -> int:
@@ -130,9 +119,8 @@ class LinearAttention(_SplitHeadsModule):
         super().__init__(num_heads, head_dim, dropout)
         if feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
-        if num_features is not None and (isinstance(num_features, bool) or not isinstance(num_features, int)
-                                         or num_features < 1):
-            raise ValueError(f"num_features must be a positive int or None, got {num_features!r}")
+        if num_features is not None:
+            positive_int("num_features", num_features)
         self.feature_map, self.causal, self.seed = feature_map, bool(causal), int(seed)
         self.num_features = head_dim if num_features is None else num_features
         proj = self._draw(self.seed) if feature_map == "favor+" else torch.empty(0)

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .._checks import positive_int, probability
 from ..caches.kv_cache import KVCache
 from ..functional import attention
 from .rope import RopeScaling, RotaryEmbedding
@@ -56,9 +57,7 @@ class AttentionConfig:
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_heads"):
-            val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
+            positive_int(name, getattr(self, name))
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.use_rope and (self.d_model // self.n_heads) % 2:
@@ -68,12 +67,10 @@ class AttentionConfig:
         self.rope_scaling = RopeScaling.parse(self.rope_scaling)
         if self.use_attention_sinks and not (isinstance(self.num_attention_sinks, int) and self.num_attention_sinks > 0):
             raise ValueError(f"num_attention_sinks must be > 0 when use_attention_sinks, got {self.num_attention_sinks!r}")
-        if not isinstance(self.gqa_groups, int) or isinstance(self.gqa_groups, bool) or self.gqa_groups < 1:
-            raise ValueError(f"gqa_groups must be a positive int, got {self.gqa_groups!r}")
+        positive_int("gqa_groups", self.gqa_groups)
         if self.use_gqa and self.n_heads % self.gqa_groups:
             raise ValueError(f"gqa_groups ({self.gqa_groups}) must divide n_heads ({self.n_heads})")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
+        probability("dropout", self.dropout)
         if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1):
             raise ValueError(f"window must be None or an int >= 1, got {self.window!r}")
         if not isinstance(self.backend, str):

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .._checks import positive_int, probability
 from ..functional import attention
 from .rope import RotaryEmbedding
 
@@ -81,17 +82,14 @@ class MixedAttentionConfig:
 
     def __post_init__(self) -> None:
         for name in ("dim", "num_heads"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            positive_int(name, getattr(self, name))
         if self.dim % self.num_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
         if self.use_rope and (self.dim // self.num_heads) % 2:
             raise ValueError(f"use_rope needs an even head dim, got {self.dim // self.num_heads}")
         if self.init_weights not in _INITS:
             raise ValueError(f"init_weights must be one of {_INITS}, got {self.init_weights!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
+        probability("dropout", self.dropout)
         if not isinstance(self.backend, str):
             raise TypeError(f"backend must be a str, got {type(self.backend).__name__}")
 

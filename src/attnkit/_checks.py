@@ -1,0 +1,17 @@
+"""Argument checks shared by the contract, the modules and the caches (one message style)."""
+
+from __future__ import annotations
+
+
+def positive_int(name: str, value) -> int:
+    """value as an int >= 1, else ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def probability(name: str, value) -> float:
+    """value as a float in [0, 1), else ValueError naming the argument (dropout rates)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+    return float(value)

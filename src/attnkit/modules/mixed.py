@@ -249,7 +249,7 @@ class MixedAttention(nn.Module):
             q, k = _rms_norm(q, self.q_norm), _rms_norm(k, self.k_norm)
         if self.config.use_rope:
             q, k = self._rope(q, k, freqs)
-        if self.config.parallel and not lay.uses_cache and self._fused_pays(lay, x):
+        if self.config.parallel and not lay.uses_cache and self._fused_decision(lay, x):
             out = self._fused(lay, q, k, v, key_padding_mask)
         else:
             out = self._per_kv_set(lay, q, k, v, key_padding_mask, cache, merge=self.config.parallel)
@@ -332,6 +332,14 @@ class MixedAttention(nn.Module):
             i += e - s
 
     # ------------------------------------------------------------------ fused form
+    def _fused_decision(self, lay: _Layout, x: Tensor) -> bool:
+        """`_fused_pays`, remembered per (layout, device type): it is on every call's path."""
+        key = ("fused?", lay, x.device.type)
+        hit = self._layouts.get(key)
+        if hit is None:
+            hit = self._layouts[key] = bool(self._fused_pays(lay, x))
+        return hit
+
     def _fused_pays(self, lay: _Layout, x: Tensor) -> bool:
         """One block-sparse call beats a loop of dense calls when the calls are many or small.
 

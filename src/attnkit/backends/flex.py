@@ -157,8 +157,10 @@ class FlexBackend(Backend):
 
         # On CUDA the mask is evaluated block by block (compiled) instead of as one dense
         # [B, H, Lq, Lk] bool, which would not fit for long sequences (112k tokens: 12.5 GB).
+        # (Not inside torch.compile: there the whole graph is compiled anyway, and
+        # create_block_mask(_compile=True) warns, which breaks fullgraph tracing.)
         bm = create_block_mask(mask_mod, B, H, req.len_q, req.len_k, device=req.device,
-                               _compile=req.device.type == "cuda")
+                               _compile=req.device.type == "cuda" and not compiling)
         if compiling:
             return bm
         # Keep the key's tensors alive with the entry so their storage cannot be reused

@@ -80,6 +80,7 @@ class RotaryEmbedding(nn.Module):
         # must not round them (a bf16 angle at position 4000 is off by whole radians).
         self._inv64, self.mscale = self._frequencies()
         self._tables: dict[str, tuple[Tensor, Tensor]] = {}
+        self._inv_by_device: dict[str, Tensor] = {}
         self._initial_positions = max_positions
         self._last_device = "cpu"
         self._table(max_positions, "cpu")
@@ -114,6 +115,14 @@ class RotaryEmbedding(nn.Module):
         """[D/2] float64 rotation frequencies (scaling applied)."""
         return self._inv64
 
+    def _inv_on(self, device) -> Tensor:
+        """inv_freq on device, copied once: a host-to-device copy inside CUDA-graph capture fails."""
+        key = str(device)
+        inv = self._inv_by_device.get(key)
+        if inv is None:
+            inv = self._inv_by_device[key] = self._inv64.to(device)
+        return inv
+
     def _table(self, n: int, device) -> tuple[Tensor, Tensor]:
         """float64 cos/sin tables of at least n positions on device, grown on demand."""
         key = str(torch.device(device) if device is not None else torch.device("cpu"))
@@ -122,7 +131,7 @@ class RotaryEmbedding(nn.Module):
             have = 0 if cos is None else cos.shape[0]
             size = max(n, 2 * have, self._initial_positions)
             t = torch.arange(size, dtype=torch.float64, device=key)
-            ang = torch.outer(t, self._inv64.to(key))
+            ang = torch.outer(t, self._inv_on(key))
             cos, sin = torch.cos(ang) * self.mscale, torch.sin(ang) * self.mscale
             self._tables[key] = (cos, sin)
         self._last_device = key
@@ -141,7 +150,7 @@ class RotaryEmbedding(nn.Module):
         if positions.shape[-1] != length or positions.dim() not in (1, 2):
             raise ValueError(f"positions must be [L] or [B, L] with L = {length}, got {list(positions.shape)}")
         # Explicit positions: angles computed directly (no table lookup, no host sync).
-        ang = positions.to(torch.float64).unsqueeze(-1) * self._inv64.to(positions.device)
+        ang = positions.to(torch.float64).unsqueeze(-1) * self._inv_on(positions.device)
         return torch.cos(ang) * self.mscale, torch.sin(ang) * self.mscale
 
     @staticmethod

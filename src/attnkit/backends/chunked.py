@@ -85,8 +85,10 @@ class _ChunkedAttention(torch.autograd.Function):
         den = torch.zeros((B, Hq, Lq, 1), dtype=ct, device=q.device)
         acc = torch.zeros((B, Hq, Lq, Dv), dtype=ct, device=q.device)
         seed = int(torch.randint(0, 1 << 62, (1,)).item()) if req.dropout_p > 0 else 0
+        q_t, q_row = None, -1
         for qi, ki, qs, qe, ks, ke in tiling.tiles(req):
-            q_t = q[:, :, qs:qe].to(ct)
+            if qi != q_row:  # tiles come row by row: cast each query block once
+                q_t, q_row = q[:, :, qs:qe].to(ct), qi
             k_t = k[:, :, ks:ke].to(ct)
             bias_t = slice_4d(bias, qs, qe, ks, ke).to(ct) if bias is not None else None
             s = _tile_logits(req, q_t, k_t, bias_t, qs, ks)

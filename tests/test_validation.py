@@ -431,3 +431,27 @@ def test_cached_choice_follows_grad_mode():
     assert out.requires_grad
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: attnkit.StandardAttention(2, 8, backend="nope"),
+    lambda: attnkit.FlashAttention(2, 8, backend="nope"),
+    lambda: attnkit.AttentionConfig(d_model=16, n_heads=2, backend="nope"),
+    lambda: attnkit.MixedAttentionConfig(dim=16, num_heads=2, backend="nope"),
+], ids=["standard", "flash", "attention_config", "mixed_config"])
+def test_unknown_backend_fails_at_construction(make):
+    _raises(ValueError, ["nope", "known backends"], make)
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda: attnkit.LinearAttention(2, 8, num_features=0), ["num_features"]),
+    (lambda: attnkit.LinearAttention(2, 8, num_features=-3), ["num_features"]),
+    (lambda: attnkit.KVCache(1, 1, 4, 8, head_dim_v=-1), ["head_dim_v"]),
+    (lambda: attnkit.KVCache(1, 1, 4, 8).advance(-5), ["advance"]),
+    (lambda: attnkit.KVCache(2, 1, 4, 8).append(torch.randn(2, 1, 3, 8), torch.randn(2, 1, 3, 8),
+                                                torch.tensor([3])), ["num_new"]),
+    (lambda: attnkit.KVCache(2, 1, 4, 8).append(torch.randn(2, 1, 3, 8), torch.randn(2, 1, 3, 8),
+                                                torch.tensor([5, -1])), ["num_new"]),
+], ids=["num_features_0", "num_features_neg", "head_dim_v_neg", "advance_neg", "num_new_shape", "num_new_range"])
+def test_module_and_cache_arguments(make, words):
+    _raises(ValueError, words, make)

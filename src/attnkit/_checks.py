@@ -15,3 +15,12 @@ def probability(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
     return float(value)
+
+
+def backend_name(name) -> str:
+    """A backend name known now ("auto" or registered), so a typo fails at construction."""
+    if name != "auto":
+        from .backends import get_backend  # ValueError listing the known names
+
+        get_backend(name)
+    return name

@@ -50,6 +50,8 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         """Move the host copy of the lengths by n (after a captured graph appended n tokens)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"advance takes a token count >= 0, got {n!r}")
         self.host_lengths = [x + n for x in self.host_lengths]
 
     def append(self, k_new: Tensor, v_new: Tensor, num_new: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:

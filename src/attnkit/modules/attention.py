@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .._checks import positive_int, probability
+from .._checks import backend_name, positive_int, probability
 from ..functional import attention
 from ..ops.linear_attention import FEATURE_MAPS, linear_attention
 from .base import ATTENTION_REGISTRY, BaseAttention
@@ -40,7 +40,7 @@ class _SoftmaxAttention(_SplitHeadsModule):
 
     def __init__(self, num_heads: int, head_dim: int, dropout: float = 0.0, backend: str | None = None):
         super().__init__(num_heads, head_dim, dropout)
-        self.backend = backend or self.default_backend
+        self.backend = backend_name(backend or self.default_backend)
 
     def forward(self, q, k, v, mask=None, bias=None):
         """q [B, H, Lq, D], k/v [B, H(kv), Lk, D]; mask bool / bias float broadcastable to [B, H, Lq, Lk]."""

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .._checks import positive_int, probability
+from .._checks import backend_name, positive_int, probability
 from ..caches.kv_cache import KVCache
 from ..functional import attention
 from .rope import RopeScaling, RotaryEmbedding
@@ -75,6 +75,7 @@ class AttentionConfig:
             raise ValueError(f"window must be None or an int >= 1, got {self.window!r}")
         if not isinstance(self.backend, str):
             raise TypeError(f"backend must be a str, got {type(self.backend).__name__}")
+        backend_name(self.backend)
         for name in ("score_mod", "attention_fn"):
             fn = getattr(self, name)
             if fn is not None and not callable(fn):

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .._checks import positive_int, probability
+from .._checks import backend_name, positive_int, probability
 from ..functional import attention
 from .rope import RotaryEmbedding
 
@@ -92,6 +92,7 @@ class MixedAttentionConfig:
         probability("dropout", self.dropout)
         if not isinstance(self.backend, str):
             raise TypeError(f"backend must be a str, got {type(self.backend).__name__}")
+        backend_name(self.backend)
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: one object per cached layout

@@ -14,8 +14,8 @@ class KVCache:
     """Per-layer K/V buffers [B, Hkv, max_len, D] plus per-sequence lengths.
 
     `append(k_new, v_new)` writes [B, Hkv, L_new, D] at each sequence's current
-    length with index arithmetic on device tensors (no host sync, fixed shapes,
-    so a decode step can be captured in a CUDA graph) and returns the whole
+    length with index arithmetic on device tensors (no host sync unless
+    `num_new` is given; fixed shapes, so a decode step can be captured in a CUDA graph) and returns the whole
     buffers with the lengths before and after the write. Keys at positions
     >= a sequence's length are stale and must be masked (`key_mask`).
 
@@ -68,6 +68,14 @@ class KVCache:
             raise ValueError(f"v_new must be [B, Hkv, L, Dv] matching k_new, got {list(v_new.shape)}")
         if k_new.dtype != self.k.dtype or v_new.dtype != self.v.dtype:
             raise TypeError(f"cache holds {self.k.dtype}, got k {k_new.dtype}, v {v_new.dtype}")
+        counts = [Ln] * B
+        if num_new is not None:
+            if not isinstance(num_new, Tensor) or num_new.dtype.is_floating_point or num_new.dtype == torch.bool \
+                    or tuple(num_new.shape) != (B,):
+                raise ValueError(f"num_new must be an integer tensor of shape [B] = [{B}], got {num_new!r:.80}")
+            counts = [int(c) for c in num_new.tolist()]  # host sync: padded prefill only
+            if any(c < 0 or c > Ln for c in counts):
+                raise ValueError(f"num_new must lie in [0, L_new={Ln}], got {counts}")
         if not torch.compiler.is_compiling():
             over = [i for i, n in enumerate(self.host_lengths) if n + Ln > self.max_len]
             if over:
@@ -83,7 +91,6 @@ class KVCache:
         added = torch.full_like(old, Ln) if num_new is None else num_new.to(old.dtype)
         self.lengths.add_(added)
         if not torch.compiler.is_compiling():
-            counts = [Ln] * B if num_new is None else [int(x) for x in num_new.tolist()]
             self.host_lengths = [a + b for a, b in zip(self.host_lengths, counts)]
         return self.k, self.v, old, self.lengths
 

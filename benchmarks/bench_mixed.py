@@ -20,7 +20,6 @@ Reports ms, the ratio to the faster of loop_sdpa / fused_flex, and the peak memo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -156,8 +155,6 @@ def main() -> int:
                  and x["peer"] in ("loop_sdpa", "fused_flex") and x["status"] == "ok"]
         r["ratio_vs_best_of_loop_flex"] = min(peers) / r["ms"] if peers else None
     meta = H.collect_meta(torch.device(dev))
-    with open(os.path.join(a.out, "mixed.json"), "w") as f:
-        json.dump({"meta": meta, "records": recs}, f, indent=1, default=str)
     lines = [f"# MixedAttention benchmark ({meta.get('device_name')}, {meta.get('date_utc')})", "",
              f"torch {torch.__version__}, {dt}; whole module (projections included); ratio = faster of "
              "loop_sdpa / fused_flex over this row's time (> 1 = faster)", "",
@@ -176,10 +173,7 @@ def main() -> int:
                   "| workload | mode | attnkit ms | peer | peer ms | ratio |", "|---|---|---:|---|---:|---:|"]
         lines += [f"| {r['workload']} | {r['mode']} | {r['paired_ms']:.4g} | {r['paired_peer']} | "
                   f"{r['paired_peer_ms']:.4g} | {r['paired_ratio']:.3f} |" for r in paired]
-    md = "\n".join(lines)
-    with open(os.path.join(a.out, "mixed.md"), "w") as f:
-        f.write(md + "\n")
-    print(md)
+    print(H.write_report(a.out, "mixed", meta, recs, lines))
     return 0
 
 

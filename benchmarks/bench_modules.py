@@ -16,7 +16,6 @@ Timing: harness.time_fn (CUDA events, median). Writes DIR/modules.json and DIR/m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -151,8 +150,6 @@ def main() -> int:
             rec.append(H.make_record("decode_B%d_%dk" % (dec_B, dec_len // 1024), "step", "attnkit_cuda_graph",
                                      ms=ms_graph, tokens_per_s=dec_B / (ms_graph * 1e-3), graph_vs_eager_err=gerr))
     meta = H.collect_meta(dev)
-    with open(os.path.join(a.out, "modules.json"), "w") as f:
-        json.dump({"meta": meta, "records": rec, "forward_err_vs_hand": err}, f, indent=1, default=str)
     lines = [f"# MultiHeadAttention benchmark ({meta.get('device_name', dev)}, {meta.get('date_utc', '')})", "",
              f"torch {torch.__version__}; d_model {d_model}, {heads} heads, {groups} KV heads, RoPE, causal, L={L}, B={B}, {dt}",
              "", "| workload | mode | peer | ms | TFLOP/s | vs hand (x) | tokens/s |", "|---|---|---|---:|---:|---:|---:|"]
@@ -161,10 +158,7 @@ def main() -> int:
         vs = f"{r['ratio_vs_hand']:.3f}" if r.get("ratio_vs_hand") else "-"
         tps = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-"
         lines.append(f"| {r['workload']} | {r['mode']} | {r['peer']} | {r['ms']:.4g} | {tf} | {vs} | {tps} |")
-    md = "\n".join(lines)
-    with open(os.path.join(a.out, "modules.md"), "w") as f:
-        f.write(md + "\n")
-    print(md)
+    print(H.write_report(a.out, "modules", meta, rec, lines, forward_err_vs_hand=err))
     return 0
 
 

@@ -491,16 +491,31 @@ def _note_cell(r: dict, n: int) -> str:
     return "; ".join(parts)
 
 
+def group_records(records: list[dict]) -> list[tuple[tuple, list[dict]]]:
+    """[((workload, mode), rows)] in first-seen order."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["workload"], r["mode"]), []).append(r)
+    return list(groups.items())
+
+
+def write_report(out_dir: str, stem: str, meta: dict, records: list[dict], md_lines: list[str], **extra) -> str:
+    """Write OUT/stem.json (meta, records, extra) and OUT/stem.md; return the markdown."""
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, stem + ".json"), "w") as f:
+        json.dump({"meta": meta, "records": records, **extra}, f, indent=1, default=str)
+    md = "\n".join(md_lines)
+    with open(os.path.join(out_dir, stem + ".md"), "w") as f:
+        f.write(md + "\n")
+    return md
+
+
 def format_table(records: list[dict], *, note_width: int = 70) -> str:
     """Compact text tables, one per (workload, mode): peer, ms, TFLOP/s, ratio, fraction of ceiling."""
     lines: list[str] = []
-    seen: list[tuple] = []
-    for r in records:
-        key = (r["workload"], r["mode"])
-        if key not in seen:
-            seen.append(key)
-    for key in seen:
-        rows = [r for r in records if (r["workload"], r["mode"]) == key]
+    for key, rows in group_records(records):
         desc = rows[0].get("shape", "")
         gflop = rows[0].get("flops")
         lines.append(f"== {key[0]} [{key[1]}] {desc}" + (f"  {gflop / 1e9:.3g} GFLOP" if gflop else ""))
@@ -555,13 +570,7 @@ def write_results(records: list[dict], ceilings: dict | None, meta: dict, json_p
         if meta.get(k):
             md.append(f"- {k}: {meta[k]}")
     md.append("")
-    seen: list[tuple] = []
-    for r in records:
-        key = (r["workload"], r["mode"])
-        if key not in seen:
-            seen.append(key)
-    for key in seen:
-        rows = [r for r in records if (r["workload"], r["mode"]) == key]
+    for key, rows in group_records(records):
         desc = rows[0].get("shape", "")
         gflop = rows[0].get("flops")
         md.append(f"## {key[0]} — {key[1]}")

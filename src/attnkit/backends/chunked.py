@@ -173,9 +173,7 @@ class _ChunkedAttention(torch.autograd.Function):
             rest = grads[2:]
             if need_bias:
                 gb = rest[0]
-                qsl = slice(None) if bias.shape[2] == 1 else slice(qs, qe)
-                ksl = slice(None) if bias.shape[3] == 1 else slice(ks, ke)
-                dbias[:, :, qsl, ksl] += gb
+                slice_4d(dbias, qs, qe, ks, ke).add_(gb)  # a view: accumulates in place
                 rest = rest[1:]
             for acc, gcap in zip(dcap, rest):
                 if gcap is not None:

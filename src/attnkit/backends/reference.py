@@ -98,5 +98,4 @@ class ReferenceBackend(Backend):
         if req.dropout_p > 0:
             p = F.dropout(p, req.dropout_p, training=True)
         out = torch.matmul(p, v).to(req.dtype)
-        lse_out = lse.to(torch.float64 if ct == torch.float64 else torch.float32)
-        return out, (lse_out if req.return_lse else None)
+        return out, (lse if req.return_lse else None)  # already in ct: float32, or float64

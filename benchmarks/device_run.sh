@@ -16,5 +16,6 @@ fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 benchmarks/bench_attention.py --out "$OUT/bench" > "$OUT/bench_console.txt" 2>&1; echo "bench rc=$?"
   python3 benchmarks/bench_modules.py --out "$OUT/modules" > "$OUT/modules_console.txt" 2>&1; echo "modules rc=$?"
+  python3 benchmarks/bench_mixed.py --out "$OUT/mixed" > "$OUT/mixed_console.txt" 2>&1; echo "mixed rc=$?"
   tail -14 "$OUT/modules_console.txt"
 fi

@@ -17,7 +17,8 @@ from ..masks import apply_score_mod, check_mod_grads, closure_tensors, slice_4d,
 from ..request import AttentionRequest
 from .base import ALL_FEATURES, Backend, Capabilities
 
-# Upper bound on elements of one score tile: 2**22 fp32 = 16 MiB.
+# Target elements of one score tile (2**22 fp32 = 16 MiB); the 16-row floor of block_q can exceed it
+# when B * Hq is large (e.g. 1024 Evoformer rows x heads: ~8M elements).
 _TILE_ELEMENTS = 1 << 22
 
 

@@ -78,7 +78,7 @@ try:
 except ImportError:  # pragma: no cover - torch < 2.5
     create_block_mask = flex_attention = None
 
-PEERS = ("attnkit", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flex", "eager")
+PEERS = ("attnkit", "attnkit_triton", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flex", "eager")
 MODES = ("fwd", "fwd+bwd")
 SDPA_KERNELS = {
     "sdpa_cudnn": "CUDNN_ATTENTION",
@@ -264,6 +264,8 @@ def configure_dynamo() -> None:
 def skip_reason(peer: str, wl: Workload, mode: str, device: torch.device) -> str | None:
     if peer in ("sdpa_math", "eager") and wl.long:
         return "O(L^2) memory at L >= 16k: not run"
+    if peer == "attnkit_triton" and (wl.bias or device.type != "cuda"):
+        return "our Triton kernel has no bias yet (issue 5)" if wl.bias else "CUDA only here"
     if peer == "flex" and device.type == "cpu" and mode == "fwd+bwd":
         return "FlexAttention on the CPU is inference-only"
     if peer.startswith("sdpa_") and sdpa_kernel is None:
@@ -274,8 +276,9 @@ def skip_reason(peer: str, wl: Workload, mode: str, device: torch.device) -> str
 def make_call(peer: str, st: State, q, k, v, bias):
     """A zero-argument callable computing this peer's forward output on (q, k, v, bias)."""
     wl, scale = st.wl, st.scale
-    if peer == "attnkit":
-        kw = dict(causal=wl.causal, window=wl.window, bias=bias, scale=scale)
+    if peer in ("attnkit", "attnkit_triton"):
+        kw = dict(causal=wl.causal, window=wl.window, bias=bias, scale=scale,
+                  backend="triton" if peer == "attnkit_triton" else "auto")
         return lambda: attnkit.attention(q, k, v, **kw)
     if peer in SDPA_KERNELS:
         backend = getattr(SDPBackend, SDPA_KERNELS[peer])
@@ -497,7 +500,7 @@ def _paired_with_best(cands, results, device, args) -> dict:
     """
     ok = [c for c in cands if c.peer not in results and c.round_ms]
     mine = next((c for c in ok if c.peer == "attnkit"), None)
-    others = [c for c in ok if c.peer != "attnkit" and c.extra.get("correct", True) is not False]
+    others = [c for c in ok if not c.peer.startswith("attnkit") and c.extra.get("correct", True) is not False]
     if mine is None or not others or device.type != "cuda":
         return {}
     best = min(others, key=lambda c: sum(c.round_ms) / len(c.round_ms))

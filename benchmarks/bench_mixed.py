@@ -12,6 +12,7 @@ Each at dim 192 / 3 heads and dim 768 / 12 heads, forward and forward+backward o
 module (projections included, identical for every row). Rows:
  - attnkit: `parallel=True`, backend auto (it picks fused or per-key/value-set per layout);
  - loop_sdpa: the sequential form, one SDPA call per pattern (cuDNN first);
+ - fused_triton: attnkit's own Triton kernel, one launch over the group layout (a GroupMask);
  - fused_flex: one FlexAttention call with a group-level block mask over the whole sequence;
  - fused_sdpa_dense: one SDPA call with the group mask materialised (only where N^2 fits).
 Reports ms, the ratio to the faster of loop_sdpa / fused_flex, and the peak memory.
@@ -106,6 +107,8 @@ def main() -> int:
                 "loop_sdpa": make(dim, heads, False, "sdpa", dev=dev, dt=dt),
                 "fused_flex": make(dim, heads, True, "flex", force=True, dev=dev, dt=dt),
             }
+            if dev == "cuda":
+                rows["fused_triton"] = make(dim, heads, True, "triton", force=True, dev=dev, dt=dt)
             if N * N * B <= 2**28:
                 rows["fused_sdpa_dense"] = make(dim, heads, True, "sdpa", force=True, dev=dev, dt=dt)
             for m in rows.values():

@@ -63,7 +63,8 @@ FLOP_CONVENTION = (
     "the FlashAttention convention). Masked-out pairs are not counted, even for peers that compute them."
 )
 
-# The name of the attnkit row: its ratio is taken against the best *other* peer.
+# The name of the attnkit row: its ratio is taken against the best *other* peer
+# (rows named attnkit_* are attnkit's own forced backends, not peers).
 ATTNKIT_PEER = "attnkit"
 
 
@@ -334,7 +335,7 @@ def fill_ratios(records: list[dict], ceilings: dict | None) -> list[dict]:
     for rows in groups.values():
         ok = [r for r in rows if _eligible(r)]
         best_all = max(ok, key=lambda r: r["tflops"], default=None)
-        others = [r for r in ok if r["peer"] != ATTNKIT_PEER]
+        others = [r for r in ok if not r["peer"].startswith(ATTNKIT_PEER)]  # attnkit_triton: ours too
         best_other = max(others, key=lambda r: r["tflops"], default=None)
         for r in rows:
             if r["status"] != "ok" or r["tflops"] is None:

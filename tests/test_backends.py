@@ -37,7 +37,7 @@ from conftest import (
 
 # Backends run through attnkit.attention(backend=name), plus chunked with forced small tiles.
 SMALL_TILES = {"chunked_8x16": (8, 16), "chunked_5x7": (5, 7)}
-NAMED = ["reference", "chunked", "sdpa", "flex", "auto"]
+NAMED = ["reference", "chunked", "sdpa", "flex", "triton", "auto"]
 
 
 def _resolve(name: str):
@@ -608,14 +608,14 @@ CUDA_CASES = CUDA_REALISTIC + [BY_NAME[n] for n in CUDA_EDGE]
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-@pytest.mark.parametrize("backend", ["chunked", "sdpa", "reference"])
+@pytest.mark.parametrize("backend", ["chunked", "sdpa", "triton", "reference"])
 @pytest.mark.parametrize("case", CUDA_CASES, ids=[c.name for c in CUDA_CASES])
 def test_cuda_lowp(case, backend, dtype):
     run_case(backend, case, dtype, "cuda")
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["chunked", "sdpa"])
+@pytest.mark.parametrize("backend", ["chunked", "sdpa", "triton"])
 @pytest.mark.parametrize("case", CUDA_CASES, ids=[c.name for c in CUDA_CASES])
 def test_cuda_float32(case, backend):
     run_case(backend, case, torch.float32, "cuda")

@@ -1,5 +1,6 @@
-"""MixedAttention on CUDA: the fused FlexAttention form and the per-key/value-set form agree with
-the sequential form, forward and backward, in bf16. Skipped without a GPU."""
+"""MixedAttention on CUDA: the fused form (one call with a GroupMask: our Triton kernel under
+backend auto, or FlexAttention) and the per-key/value-set form agree with the sequential form,
+forward and backward, in bf16. Skipped without a GPU."""
 
 from __future__ import annotations
 
@@ -23,15 +24,17 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("form", ["fused", "per_kv_set"])
+@pytest.mark.parametrize("form", ["fused", "fused_flex", "per_kv_set"])
 def test_parallel_matches_sequential_bf16(layout, form):
     specs, pats = LAYOUTS[layout]
     N = sum(s.size for s in specs)
     torch.manual_seed(0)
     seq = MixedAttention(MixedAttentionConfig(dim=128, num_heads=4, parallel=False)).cuda().to(torch.bfloat16)
-    par = MixedAttention(MixedAttentionConfig(dim=128, num_heads=4, parallel=True)).cuda().to(torch.bfloat16)
+    backend = "flex" if form == "fused_flex" else "auto"
+    par = MixedAttention(MixedAttentionConfig(dim=128, num_heads=4, parallel=True, backend=backend))
+    par = par.cuda().to(torch.bfloat16)
     par.load_state_dict(seq.state_dict())
-    par._fused_pays = lambda lay, x: form == "fused"
+    par._fused_pays = lambda lay, x: form != "per_kv_set"
     x = torch.randn(2, N, 128, device="cuda", dtype=torch.bfloat16)
     kpm = torch.rand(2, N, device="cuda") > 0.1
     g = torch.randn_like(x)

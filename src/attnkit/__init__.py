@@ -3,6 +3,7 @@
 from .backends import BACKENDS, Backend, Capabilities, get_backend, register_backend
 from .dispatch import Plan
 from .functional import attention, explain
+from .groups import GroupMask, SegmentLayout
 from .request import AttentionRequest
 from .caches import KVCache
 from .modules import (
@@ -16,7 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attention", "explain", "Plan", "AttentionRequest", "Backend", "Capabilities",
-    "BACKENDS", "get_backend", "register_backend", "__version__",
+    "BACKENDS", "get_backend", "register_backend", "__version__", "GroupMask", "SegmentLayout",
     "KVCache", "ATTENTION_REGISTRY", "AttentionConfig", "AttentionRegistry", "BaseAttention",
     "FlashAttention", "GatedAttention", "LinearAttention", "LiteAttention", "MultiHeadAttention",
     "RopeScaling", "RotaryEmbedding", "StandardAttention", "SwappableMixin", "swap",

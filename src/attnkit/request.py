@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ._checks import probability
+from .groups import GroupMask
 
 __all__ = ["AttentionRequest", "build_request", "SUPPORTED_DTYPES"]
 
@@ -140,7 +141,8 @@ class AttentionRequest:
         if self.score_mod is not None:
             f.add("score_mod")
         if self.mask_mod is not None:
-            f.add("mask_mod")
+            # A GroupMask is a mask_mod whose structure a kernel can read (see groups.py).
+            f.add("group_mask" if isinstance(self.mask_mod, GroupMask) else "mask_mod")
         if self.sinks is not None:
             f.add("sinks")
         if self.dropout_p > 0:

@@ -7,10 +7,11 @@ from .chunked import ChunkedBackend
 from .flex import FlexBackend
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
+from .triton import TritonBackend
 
 __all__ = [
     "ALL_FEATURES", "Backend", "Capabilities", "BACKENDS", "register_backend", "get_backend",
-    "ReferenceBackend", "ChunkedBackend", "SdpaBackend", "FlexBackend",
+    "ReferenceBackend", "ChunkedBackend", "SdpaBackend", "FlexBackend", "TritonBackend",
 ]
 
 BACKENDS: dict[str, Backend] = {}
@@ -42,5 +43,5 @@ def get_backend(name: str) -> Backend:
         raise ValueError(f"unknown backend {name!r}; known backends: {known}") from None
 
 
-for _b in (SdpaBackend(), FlexBackend(), ChunkedBackend(), ReferenceBackend()):
+for _b in (SdpaBackend(), FlexBackend(), TritonBackend(), ChunkedBackend(), ReferenceBackend()):
     register_backend(_b)

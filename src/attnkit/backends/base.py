@@ -14,7 +14,7 @@ __all__ = ["Capabilities", "Backend", "ALL_FEATURES"]
 # Every feature name a request can need (AttentionRequest.features()).
 ALL_FEATURES = frozenset(
     {
-        "mask", "bias", "bias_grad", "causal", "window", "softcap", "score_mod", "mask_mod",
+        "mask", "bias", "bias_grad", "causal", "window", "softcap", "score_mod", "mask_mod", "group_mask",
         "sinks", "dropout", "return_lse", "gqa", "value_head_dim", "backward",
     }
 )

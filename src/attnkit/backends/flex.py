@@ -30,11 +30,12 @@ except ImportError:  # pragma: no cover - torch < 2.5 is below our floor
     create_block_mask = flex_attention = None
 
 _CUDA_FEATURES = frozenset(
-    {"mask", "bias", "bias_grad", "causal", "window", "softcap", "score_mod", "mask_mod", "sinks",
+    {"mask", "bias", "bias_grad", "causal", "window", "softcap", "score_mod", "mask_mod", "group_mask", "sinks",
      "return_lse", "gqa", "value_head_dim", "backward"}
 )
 _CPU_FEATURES = frozenset(
-    {"mask", "bias", "causal", "window", "softcap", "score_mod", "mask_mod", "gqa", "value_head_dim"}
+    {"mask", "bias", "causal", "window", "softcap", "score_mod", "mask_mod", "group_mask", "gqa",
+     "value_head_dim"}
 )
 _BLOCK_MASK_CACHE_SIZE = 32
 _compiled = None

@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - torch < 2.3 is below our floor
     SDPBackend = sdpa_kernel = causal_lower_right = None
 
 _FEATURES = frozenset(
-    {"mask", "bias", "bias_grad", "causal", "window", "mask_mod", "dropout", "gqa",
+    {"mask", "bias", "bias_grad", "causal", "window", "mask_mod", "group_mask", "dropout", "gqa",
      "value_head_dim", "backward"}
 )
 CUDA_PRIORITY = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")

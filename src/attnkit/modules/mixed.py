@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .._checks import backend_name, positive_int, probability
 from ..functional import attention
+from ..groups import GroupMask, SegmentLayout
 from .rope import RotaryEmbedding
 
 __all__ = ["TokenSpec", "AttentionPattern", "MixedAttentionConfig", "MixedAttention"]
@@ -363,32 +364,14 @@ class MixedAttention(nn.Module):
         mask = kpm[:, None, None, :] if kpm is not None else None
         return self._attend(q, k, v, mask=mask, mask_mod=mod)
 
-    def _group_mask_mod(self, lay: _Layout, device):
-        """mask_mod(b, h, i, j) = allowed[query_set[i], group[j]]; one function object per layout."""
+    def _group_mask_mod(self, lay: _Layout, device) -> GroupMask:
+        """The layout as one GroupMask over the whole sequence (query set i -> its key groups)."""
         key = ("mod", lay, str(device))
         hit = self._layouts.get(key)
-        if hit is not None:
-            return hit
-        names = list(lay.spans)
-        gid = torch.empty(lay.n_tokens, dtype=torch.int32)
-        qset = torch.empty(lay.n_tokens, dtype=torch.int32)
-        allowed = torch.zeros(len(lay.kv_sets), len(names), dtype=torch.bool)
-        for gi, g in enumerate(names):
-            s, e = lay.spans[g]
-            gid[s:e] = gi
-        for si, (kv, qs) in enumerate(lay.kv_sets):
-            for g in qs:
-                s, e = lay.spans[g]
-                qset[s:e] = si
-            for g in kv:
-                allowed[si, names.index(g)] = True
-        gid, qset, allowed = gid.to(device), qset.to(device), allowed.to(device)
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return allowed[qset[q_idx], gid[kv_idx]]
-
-        self._layouts[key] = mask_mod
-        return mask_mod
+        if hit is None:
+            sets = tuple((tuple(self._runs(lay, qs)), tuple(self._runs(lay, kv))) for kv, qs in lay.kv_sets)
+            hit = self._layouts[key] = GroupMask(SegmentLayout(lay.n_tokens, lay.n_tokens, sets), device)
+        return hit
 
     def extra_repr(self) -> str:
         c = self.config

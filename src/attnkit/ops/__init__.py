@@ -1,4 +1,4 @@
-"""Kernels that are not softmax attention (and so not backends of the contract)."""
+"""Kernels: our fused softmax attention (served by the `triton` backend) and linear attention."""
 
 from .linear_attention import FEATURE_MAPS, feature_map, linear_attention
 

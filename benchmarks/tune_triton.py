@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Block-size sweep for attnkit's Triton attention kernels (ops/flash_attention.py), CUDA only.
+
+    python benchmarks/tune_triton.py [--out DIR] [--quick]
+
+For each workload and each candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) of the
+forward, dQ and dK/dV kernels, times the kernel call alone (CUDA events, median) and prints
+ms and TFLOP/s; the current default configuration is marked. Workloads: dense and causal
+bf16 attention, and the two MixedAttention layouts of issue 4 as GroupMask layouts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
+
+import torch
+
+import harness as H
+from attnkit.groups import SegmentLayout
+from attnkit.ops import flash_attention as fa
+
+CANDIDATES = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)],
+    "dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 4, 3)],
+    "dkdv": [(64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3)],
+}
+
+
+def group_layout(sizes, patterns) -> SegmentLayout:
+    spans, s = {}, 0
+    for g, n in sizes:
+        spans[g] = (s, s + n)
+        s += n
+    return SegmentLayout(s, s, tuple((tuple(spans[g] for g in qs), tuple(spans[g] for g in kv)) for qs, kv in patterns))
+
+
+def workloads(quick: bool):
+    k = 1024
+    a = group_layout([("sa", 16 * k), ("sq", 16 * k), ("va", 16 * k), ("vq", 64 * k)],
+                     [(["sa", "sq"], ["sa"]), (["va", "vq"], ["va"])])
+    b = group_layout([(f"g{i}", 512) for i in range(8)],
+                     [([f"g{i}"], ["g0"] if i == 0 else ["g0", f"g{i}"]) for i in range(8)])
+    out = [
+        ("mixed_b_8x512_H12_D64", 4, 12, 4096, 64, b, None),
+        ("mixed_a_abupt_H12_D64", 1, 12, a.len_q, 64, a, None),
+        ("dense_L4096_H32_D64", 4, 32, 4096, 64, None, None),
+        ("causal_L4096_H16_D128", 4, 16, 4096, 128, None, (None, 0)),
+        ("dense_L4096_H16_D128", 4, 16, 4096, 128, None, None),
+    ]
+    return out[:2] if quick else out
+
+
+def pairs_of(layout: SegmentLayout | None, L: int, bounds) -> int:
+    if layout is None:
+        return L * (L + 1) // 2 if bounds is not None else L * L
+    return sum(sum(e - s for s, e in qr) * sum(e - s for s, e in ks) for qr, ks in layout.sets)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("CUDA only")
+        return 0
+    dev = torch.device("cuda")
+    default = fa._config
+    recs = []
+    for name, B, Hh, L, D, layout, bounds in workloads(args.quick):
+        g = torch.Generator(device=dev).manual_seed(0)
+        q, k, v = (torch.randn(B, Hh, L, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
+        do = torch.randn_like(q)
+        lay = layout if layout is not None else fa.dense_layout(L, L)
+        flops = 4.0 * B * Hh * D * pairs_of(layout, L, bounds)
+        o, lse = fa._forward(q, k, v, None, lay, D ** -0.5, bounds)
+        base = default(D, D, False)
+        for kind, cands in CANDIDATES.items():
+            for cfg in cands:
+                def cfg_fn(d, dv, interp, _k=kind, _c=cfg):
+                    c = dict(base)
+                    c[_k] = _c
+                    return c
+                fa._config = cfg_fn
+                try:
+                    if kind == "fwd":
+                        fn = lambda: fa._forward(q, k, v, None, lay, D ** -0.5, bounds)  # noqa: E731
+                        mult = 1.0
+                    else:
+                        fn = lambda: fa._backward(do, q, k, v, o, lse, None, None, lay, D ** -0.5, bounds)  # noqa: E731
+                        mult = 2.5  # the whole backward (both kernels) is timed; only `kind`'s config varies
+                    ms = H.time_fn(fn, warmup=5, rep=20)
+                    err = None
+                except Exception as e:  # a config that does not fit (shared memory) is recorded, not fatal
+                    ms, err = None, f"{type(e).__name__}: {str(e)[:100]}"
+                finally:
+                    fa._config = default
+                mark = "*" if cfg == base[kind] else " "
+                tf = flops * mult / (ms * 1e-3) / 1e12 if ms else None
+                recs.append(dict(workload=name, kernel=kind, config=cfg, default=cfg == base[kind], ms=ms,
+                                 tflops=tf, error=err))
+                print(f"{name:28s} {kind:5s} {mark}{str(cfg):20s} "
+                      + (f"{ms:8.3f} ms {tf:7.1f} TFLOP/s" if ms else err), flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "tune_triton.json"), "w") as f:
+            json.dump(recs, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

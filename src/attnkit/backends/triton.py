@@ -1,0 +1,59 @@
+"""`triton`: attnkit's own fused kernels (ops/flash_attention.py).
+
+One launch per call, for dense attention and for token-group layouts given as a
+`GroupMask` (the `group_mask` feature), where it visits only the tiles the groups
+allow. Reads a bool mask in place through its strides; causal/window tiles
+outside the bounds are skipped. float32 inputs multiply in IEEE float32 (no tf32).
+On the CPU it runs only under Triton's interpreter (TRITON_INTERPRET=1), for tests.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..groups import GroupMask
+from ..ops import flash_attention as fa
+from ..request import AttentionRequest
+from .base import Backend, Capabilities
+
+_FEATURES = frozenset({"mask", "causal", "window", "group_mask", "return_lse", "gqa", "value_head_dim", "backward"})
+# Read once: Triton decides interpretation when the kernels are defined (import time).
+_INTERPRET = fa.interpreting()
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    capabilities = Capabilities(
+        devices=frozenset({"cuda", "cpu"}),
+        dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
+        features=_FEATURES,
+        max_head_dim=256,
+        notes="attnkit's Triton kernels: one launch over a token-group layout; float32 in IEEE (no tf32); "
+              "CPU only under TRITON_INTERPRET=1",
+    )
+
+    def available(self) -> str | None:
+        return fa.TRITON_ERROR
+
+    def unsupported(self, req: AttentionRequest) -> str | None:
+        why = super().unsupported(req)
+        if why is None and req.device.type == "cpu" and not _INTERPRET:
+            why = "device 'cpu' runs Triton kernels only under its interpreter (TRITON_INTERPRET=1)"
+        return why
+
+    def speed(self, req: AttentionRequest) -> float:
+        if req.device.type != "cuda":
+            return 0.5  # the interpreter: for tests only
+        if "group_mask" in req.features():
+            return 80.0  # one launch over the allowed tiles only; ahead of flex's block mask (issue 4 bench)
+        return 20.0  # dense/masked: cuDNN and flex are faster; chosen only when forced
+
+    def run(self, req: AttentionRequest) -> tuple[Tensor, Tensor | None]:
+        layout = req.mask_mod.layout if isinstance(req.mask_mod, GroupMask) else None
+        q, k, v = req.q, req.k, req.v
+        if not req.needs_grad:
+            q, k, v = q.detach(), k.detach(), v.detach()
+        out, lse = fa.flash_attention(q, k, v, mask=req.mask, layout=layout, scale=req.scale,
+                                      bounds=req.key_bounds)
+        return out, (lse if req.return_lse else None)

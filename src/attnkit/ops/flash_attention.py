@@ -1,0 +1,443 @@
+"""Our FlashAttention-style Triton kernels: forward with online softmax, backward from the lse.
+
+The work list is a *segment table*, so one launch serves dense attention and
+token-group layouts (MixedAttention) alike:
+
+- a query **set** is a list of query runs (contiguous token ranges) that attend
+  to the same list of key **segments** (contiguous key ranges);
+- the forward and the dQ kernels take one program per (query block, batch x
+  head), where each query block lies inside one run of one set, and loop over
+  that set's key segments only: tiles outside the pattern are never visited;
+- the dK/dV kernel takes one program per (key block, batch x kv head) and loops
+  over the query runs of every set whose segments hold that key block, and over
+  the query heads of its GQA group, so it needs no atomics.
+
+Dense attention is one set: query run [0, Lq), key segment [0, Lk). Query
+tokens in no set get zero output and lse -inf; key tokens in no segment get zero
+dK/dV. On top of the table: a bool mask read in place through its strides
+(broadcast dims have stride 0), and bottom-right causal / window bounds (tiles
+outside them are skipped). GQA reads kv head h // (Hq // Hkv). Any head dim
+(padded to a power of two in registers), Lq != Lk, Dv != D.
+
+float16/bfloat16 multiply in their own type; float32 multiplies in IEEE float32
+(`tl.dot(input_precision="ieee")`, no tf32). Accumulation is float32.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+from ..groups import SegmentLayout, dense_layout
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a hard dependency on Linux
+    triton = tl = None
+
+__all__ = ["SegmentLayout", "dense_layout", "flash_attention", "interpreting", "TRITON_ERROR"]
+
+TRITON_ERROR = None if triton is not None else "triton is not installed"
+_LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---------------------------------------------------------------------------
+# the work lists
+# ---------------------------------------------------------------------------
+
+
+_TABLES: dict = {}
+
+
+def _tables(layout: SegmentLayout, block_m: int, block_n: int, device: torch.device) -> dict[str, Tensor]:
+    """int32 device tables of the layout for the given block sizes (cached: built once per layout)."""
+    key = (layout, block_m, block_n, str(device))
+    hit = _TABLES.get(key)
+    if hit is not None:
+        return hit
+    nsets = len(layout.sets)
+    qb = layout.q_blocks(block_m)
+    qtab = [x for s, e, si in qb for x in (s, e, si if si >= 0 else nsets)]  # set `nsets` is empty
+    segptr, segs = [0], []
+    for _, ksegs in layout.sets:
+        segs += [x for s, e in ksegs if e > s for x in (s, e)]
+        segptr.append(len(segs) // 2)
+    segptr.append(segptr[-1])
+    kb = layout.k_blocks(block_n)
+    ktab, runptr, runs = [], [0], []
+    for s, e, users in kb:
+        for si in users:
+            runs += [x for a, b in layout.sets[si][0] if b > a for x in (a, b)]
+        ktab += [s, e]
+        runptr.append(len(runs) // 2)
+
+    def t(xs):
+        return torch.tensor(xs if xs else [0], dtype=torch.int32, device=device)
+
+    hit = {"qtab": t(qtab), "n_qblocks": len(qb), "segptr": t(segptr), "segs": t(segs),
+           "ktab": t(ktab), "n_kblocks": len(kb), "runptr": t(runptr), "runs": t(runs)}
+    if len(_TABLES) > 64:
+        _TABLES.pop(next(iter(_TABLES)))
+    _TABLES[key] = hit
+    return hit
+
+
+# ---------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        # Triton 3.6's CPU interpreter multiplies bfloat16 wrongly: there, multiply the same
+        # bfloat16 values in float32 (what the tensor cores do, exactly, with float32 accumulation).
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b, input_precision=PRECISION)
+
+    @triton.jit
+    def _fwd_kernel(
+        Q, K, V, O, LSE, MASK, QTAB, SEGPTR, SEGS,
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+        smb, smh, smm, smn,
+        H, GROUP, Lq, D, DV, qk_scale, offset, left, right,
+        HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = pid_bh % H
+        hk = (h // GROUP).to(tl.int64)
+        h = h.to(tl.int64)
+        q_start = tl.load(QTAB + 3 * pid_m)
+        q_end = tl.load(QTAB + 3 * pid_m + 1)
+        qset = tl.load(QTAB + 3 * pid_m + 2)
+        offs_m = q_start + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        row_ok = offs_m < q_end
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        k_base = K + b * skb + hk * skh
+        v_base = V + b * svb + hk * svh
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        seg0 = tl.load(SEGPTR + qset)
+        seg1 = tl.load(SEGPTR + qset + 1)
+        for si in range(seg0, seg1):
+            lo = tl.load(SEGS + 2 * si)
+            hi = tl.load(SEGS + 2 * si + 1)
+            if HAS_LEFT:  # skip keys left of the first query's reach
+                lo = tl.maximum(lo, q_start + offset - left)
+            if HAS_RIGHT:  # and right of the last query's reach
+                hi = tl.minimum(hi, q_end - 1 + offset + right + 1)
+            for start_n in range(lo, hi, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                col_ok = offs_n < hi
+                k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                            mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+                            mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+                ok = col_ok[None, :]
+                if HAS_LEFT:
+                    ok = ok & (offs_n[None, :] >= offs_m[:, None] + offset - left)
+                if HAS_RIGHT:
+                    ok = ok & (offs_n[None, :] <= offs_m[:, None] + offset + right)
+                if HAS_MASK:
+                    mk = tl.load(MASK + b * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn,
+                                 mask=row_ok[:, None] & col_ok[None, :], other=0)
+                    ok = ok & (mk != 0)
+                s = tl.where(ok, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+                p = tl.exp2(s - m_use[:, None])
+                alpha = tl.exp2(m_i - m_use)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
+                m_i = m_new
+        dead = l_i == 0.0
+        out = acc / tl.where(dead, 1.0, l_i)[:, None]
+        lse = tl.where(dead, float("-inf"), (m_i + tl.log2(tl.where(dead, 1.0, l_i))) / 1.4426950408889634)
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
+                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+        tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
+
+    @triton.jit
+    def _bwd_dq_kernel(
+        Q, K, V, DO, DQ, LSE, DELTA, MASK, QTAB, SEGPTR, SEGS,
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+        sdqb, sdqh, sdqm, sdqd, smb, smh, smm, smn,
+        H, GROUP, Lq, D, DV, qk_scale, sm_scale, offset, left, right,
+        HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = pid_bh % H
+        hk = (h // GROUP).to(tl.int64)
+        h = h.to(tl.int64)
+        q_start = tl.load(QTAB + 3 * pid_m)
+        q_end = tl.load(QTAB + 3 * pid_m + 1)
+        qset = tl.load(QTAB + 3 * pid_m + 2)
+        offs_m = q_start + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        row_ok = offs_m < q_end
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
+                     mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        lse = tl.load(LSE + pid_bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # dead rows: p = 0
+        delta = tl.load(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
+        k_base = K + b * skb + hk * skh
+        v_base = V + b * svb + hk * svh
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        seg0 = tl.load(SEGPTR + qset)
+        seg1 = tl.load(SEGPTR + qset + 1)
+        for si in range(seg0, seg1):
+            lo = tl.load(SEGS + 2 * si)
+            hi = tl.load(SEGS + 2 * si + 1)
+            if HAS_LEFT:
+                lo = tl.maximum(lo, q_start + offset - left)
+            if HAS_RIGHT:
+                hi = tl.minimum(hi, q_end - 1 + offset + right + 1)
+            for start_n in range(lo, hi, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                col_ok = offs_n < hi
+                k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                            mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+                            mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+                ok = col_ok[None, :]
+                if HAS_LEFT:
+                    ok = ok & (offs_n[None, :] >= offs_m[:, None] + offset - left)
+                if HAS_RIGHT:
+                    ok = ok & (offs_n[None, :] <= offs_m[:, None] + offset + right)
+                if HAS_MASK:
+                    mk = tl.load(MASK + b * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn,
+                                 mask=row_ok[:, None] & col_ok[None, :], other=0)
+                    ok = ok & (mk != 0)
+                p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+                dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
+                ds = p * (dp - delta[:, None])
+                dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
+        tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+    @triton.jit
+    def _bwd_dkdv_kernel(
+        Q, K, V, DO, DK, DV_, LSE, DELTA, MASK, KTAB, RUNPTR, RUNS,
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+        sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smh, smm, smn,
+        H, HKV, GROUP, Lq, D, DV, qk_scale, sm_scale, offset, left, right,
+        HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // HKV).to(tl.int64)
+        hk = (pid_bh % HKV).to(tl.int64)
+        k_start = tl.load(KTAB + 2 * pid_n)
+        k_end = tl.load(KTAB + 2 * pid_n + 1)
+        offs_n = k_start + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        col_ok = offs_n < k_end
+        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                    mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+                    mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+        run0 = tl.load(RUNPTR + pid_n)
+        run1 = tl.load(RUNPTR + pid_n + 1)
+        for g in range(0, GROUP):
+            h = hk * GROUP + g
+            bh = b * H + h
+            for ri in range(run0, run1):
+                lo = tl.load(RUNS + 2 * ri)
+                hi = tl.load(RUNS + 2 * ri + 1)
+                if HAS_RIGHT:  # queries whose reach ends left of this key block
+                    lo = tl.maximum(lo, k_start - offset - right)
+                if HAS_LEFT:  # queries whose reach starts right of it
+                    hi = tl.minimum(hi, k_end - 1 - offset + left + 1)
+                for start_m in range(lo, hi, BLOCK_M):
+                    offs_m = start_m + tl.arange(0, BLOCK_M)
+                    row_ok = offs_m < hi
+                    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
+                                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                    lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+                    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+                    delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+                    st = _mm(k, tl.trans(q), PRECISION, UPCAST) * qk_scale  # [BLOCK_N, BLOCK_M]
+                    ok = row_ok[None, :] & col_ok[:, None]
+                    if HAS_LEFT:
+                        ok = ok & (offs_n[:, None] >= offs_m[None, :] + offset - left)
+                    if HAS_RIGHT:
+                        ok = ok & (offs_n[:, None] <= offs_m[None, :] + offset + right)
+                    if HAS_MASK:
+                        mk = tl.load(MASK + b * smb + h * smh + offs_m[None, :] * smm + offs_n[:, None] * smn,
+                                     mask=row_ok[None, :] & col_ok[:, None], other=0)
+                        ok = ok & (mk != 0)
+                    pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)
+                    dv += _mm(pt.to(do.dtype), do, PRECISION, UPCAST)
+                    dpt = _mm(v, tl.trans(do), PRECISION, UPCAST)
+                    dst = pt * (dpt - delta[None, :])
+                    dk += _mm(dst.to(q.dtype), q, PRECISION, UPCAST)
+        tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
+        tl.store(DV_ + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd,
+                 dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+# ---------------------------------------------------------------------------
+# launch configuration
+# ---------------------------------------------------------------------------
+
+
+def _pow2(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _config(d: int, dv: int, interp: bool) -> dict:
+    """Block sizes and warps. Under the interpreter (numpy) fewer, larger tiles run faster;
+    32 still leaves partial tiles in the tests' odd lengths."""
+    if interp:
+        return dict(fwd=(32, 32, 1, 1), dq=(32, 32, 1, 1), dkdv=(32, 32, 1, 1))
+    big = max(d, dv) > 64
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    return dict(
+        fwd=(128, 64 if big else 64, 8 if big else 4, 3),
+        dq=(64, 64, 4 if not big else 8, 2),
+        dkdv=(64, 64, 4 if not big else 8, 2),
+    )
+
+
+def _precision(dtype: torch.dtype, interp: bool) -> dict:
+    return dict(PRECISION="ieee" if dtype == torch.float32 else "tf32", UPCAST=interp and dtype == torch.bfloat16)
+
+
+def _mask_args(mask: Tensor | None, q: Tensor) -> tuple:
+    if mask is None:
+        return q, (0, 0, 0, 0)  # any pointer: never read
+    m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    return m, tuple(0 if m.shape[i] == 1 else m.stride(i) for i in range(4))
+
+
+def _bounds(bounds) -> tuple[int, int, bool, bool]:
+    left, right = bounds if bounds is not None else (None, None)
+    return (left or 0, right or 0, left is not None, right is not None)
+
+
+def _forward(q, k, v, mask, layout, scale, bounds):
+    B, H, Lq, D = q.shape
+    Hkv, DV = k.shape[1], v.shape[3]
+    interp = interpreting()
+    bm, bn, warps, stages = _config(D, DV, interp)["fwd"]
+    tab = _tables(layout, bm, bn, q.device)
+    o = torch.empty(B, H, Lq, DV, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
+    m, ms = _mask_args(mask, q)
+    left, right, has_l, has_r = _bounds(bounds)
+    _fwd_kernel[(tab["n_qblocks"], B * H)](
+        q, k, v, o, lse, m, tab["qtab"], tab["segptr"], tab["segs"],
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms,
+        H, H // Hkv, Lq, D, DV, scale * _LOG2E, k.shape[2] - Lq, left, right,
+        HAS_MASK=mask is not None, HAS_LEFT=has_l, HAS_RIGHT=has_r,
+        **_precision(q.dtype, interp),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), num_warps=warps, num_stages=stages,
+    )
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, dlse, mask, layout, scale, bounds):
+    B, H, Lq, D = q.shape
+    Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
+    interp = interpreting()
+    cfg = _config(D, DV, interp)
+    delta = (do.float() * o.float()).sum(-1)
+    if dlse is not None:  # d lse / d s = p: folds into the softmax backward as -dlse
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    m, ms = _mask_args(mask, q)
+    left, right, has_l, has_r = _bounds(bounds)
+    flags = dict(HAS_MASK=mask is not None, HAS_LEFT=has_l, HAS_RIGHT=has_r, **_precision(q.dtype, interp),
+                 BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV))
+    offset = Lk - Lq
+    bm, bn, warps, stages = cfg["dq"]
+    tab = _tables(layout, bm, bn, q.device)
+    _bwd_dq_kernel[(tab["n_qblocks"], B * H)](
+        q, k, v, do, dq, lse, delta, m, tab["qtab"], tab["segptr"], tab["segs"],
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms,
+        H, H // Hkv, Lq, D, DV, scale * _LOG2E, scale, offset, left, right,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
+    )
+    bm, bn, warps, stages = cfg["dkdv"]
+    tab = _tables(layout, bm, bn, q.device)
+    _bwd_dkdv_kernel[(tab["n_kblocks"], B * Hkv)](
+        q, k, v, do, dk, dv, lse, delta, m, tab["ktab"], tab["runptr"], tab["runs"],
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *ms,
+        H, Hkv, H // Hkv, Lq, D, DV, scale * _LOG2E, scale, offset, left, right,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
+    )
+    return dq, dk, dv
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, layout, scale, bounds):
+        o, lse = _forward(q, k, v, mask, layout, scale, bounds)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.mask, ctx.layout, ctx.scale, ctx.bounds = mask, layout, scale, bounds
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(do.contiguous() if do.stride(-1) != 1 else do, q, k, v, o, lse, dlse,
+                               ctx.mask, ctx.layout, ctx.scale, ctx.bounds)
+        return dq, dk, dv, None, None, None, None
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None,
+                    layout: SegmentLayout | None = None, scale: float | None = None,
+                    bounds: tuple[int | None, int | None] | None = None) -> tuple[Tensor, Tensor]:
+    """Fused attention over a segment layout. q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv].
+
+    mask: bool, broadcastable 4-D [B|1, Hq|1, Lq|1, Lk|1] (True = attend), read in place.
+    layout: which query runs see which key segments (default: dense).
+    bounds: (left, right) key offsets around the bottom-right diagonal (None side = unbounded).
+    Returns (out [B, Hq, Lq, Dv], lse [B, Hq, Lq] float32, -inf on rows with no key);
+    both are differentiable.
+    """
+    if triton is None:
+        raise RuntimeError(TRITON_ERROR)
+    Lq, Lk = q.shape[2], k.shape[2]
+    if layout is None:
+        layout = dense_layout(Lq, Lk)
+    elif (layout.len_q, layout.len_k) != (Lq, Lk):
+        raise ValueError(f"layout is for Lq={layout.len_q}, Lk={layout.len_k}; q/k have Lq={Lq}, Lk={Lk}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return _FlashAttention.apply(q, k, v, mask, layout, float(scale), bounds)

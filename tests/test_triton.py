@@ -1,0 +1,287 @@
+"""The `triton` backend (ops/flash_attention.py) and token-group masks (GroupMask).
+
+The whole case matrix of test_backends.py runs the triton backend too; here are
+the token-group layouts, the edge behaviours shared with the other backends, and
+the layout checks. On the CPU the kernels run in Triton's interpreter
+(TRITON_INTERPRET=1, as CI runs them); without it the CPU tests are skipped.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import GroupMask, SegmentLayout
+from attnkit.ops.flash_attention import flash_attention
+from attnkit.request import build_request
+from cases import TRITON_INTERPRET, expected_missing
+from conftest import Case, allowed_pairs, assert_close_rel, check_against_oracle, default_build, make_qkv, randn
+from test_backends import run_case, test_fully_masked_rows, test_noncontiguous_inputs  # noqa: F401 (reused)
+
+
+@pytest.fixture
+def tdevice(device):
+    if device == "cpu" and not TRITON_INTERPRET:
+        pytest.skip("the triton backend runs on the CPU only with TRITON_INTERPRET=1")
+    return device
+
+
+def _triton(q, k, v, **kw):
+    return attnkit.attention(q, k, v, backend="triton", **kw)
+
+
+# ---------------------------------------------------------------------------
+# token-group layouts
+# ---------------------------------------------------------------------------
+
+# (len_q, len_k, sets): uneven sizes, tokens in no set, a key group shared by two sets,
+# non-adjacent runs, Lq != Lk.
+LAYOUTS = {
+    "two_patterns": (50, 50, [([(0, 10), (20, 30)], [(0, 10)]), ([(10, 20), (30, 45)], [(0, 10), (20, 30), (45, 50)])]),
+    "abupt_small": (33 + 17 + 29 + 21, 100, [([(0, 50)], [(0, 33)]), ([(50, 100)], [(0, 33), (50, 79)])]),
+    "uncovered": (37, 37, [([(5, 20)], [(0, 3), (30, 37)]), ([(25, 30)], [(3, 30)])]),
+    "lq_ne_lk": (19, 45, [([(0, 7)], [(0, 20)]), ([(7, 19)], [(20, 45), (0, 5)])]),
+    "empty_keys": (24, 24, [([(0, 12)], []), ([(12, 24)], [(0, 24)])]),
+    "one_token_groups": (6, 6, [([(i, i + 1)], [(0, 1), (i, i + 1)] if i else [(0, 1)]) for i in range(6)]),
+}
+
+
+def _group_case(layout_name: str, **kw) -> Case:
+    Lq, Lk, sets = LAYOUTS[layout_name]
+    layout = SegmentLayout(Lq, Lk, tuple((tuple(q), tuple(k)) for q, k in sets))
+
+    def build(t):
+        out = default_build(t)
+        dev = t["q"].device if t.get("q") is not None else "cpu"
+        out["mask_mod"] = GroupMask(layout, dev)
+        return out
+
+    base = dict(name=f"group_{layout_name}", Lq=Lq, Lk=Lk, build=build)
+    base.update(kw)
+    return Case(**base)
+
+
+def _keypad(B, H, Lq, Lk, g):
+    m = torch.rand(B, 1, 1, Lk, generator=g) > 0.25
+    return {"mask": m}
+
+
+# (B, heads) kept small: on the CPU these run in Triton's interpreter
+GROUP_CASES = [_group_case(n, B=1, Hq=2, Hkv=2) for n in LAYOUTS] + [
+    _group_case("two_patterns", Hq=4, Hkv=1, D=40, name="group_gqa_d40"),
+    _group_case("abupt_small", B=2, Hq=2, Hkv=1, extras=_keypad, name="group_keypad"),
+    _group_case("lq_ne_lk", kw=dict(causal=True, return_lse=True), name="group_causal_lse"),
+    _group_case("two_patterns", kw=dict(window=(7, 3)), D=16, Dv=8, name="group_window_dv"),
+]
+
+
+@pytest.mark.parametrize("case", GROUP_CASES, ids=[c.name for c in GROUP_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_group_layouts_match_oracle(case, dtype, tdevice):
+    """Forward and backward (q, k, v and the mask's ...) against the float64 reference."""
+    run_case("triton", case, dtype, tdevice)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "sdpa", "flex"])
+@pytest.mark.parametrize("name", ["two_patterns", "uncovered", "lq_ne_lk"])
+def test_group_mask_is_a_mask_mod(name, backend):
+    """Every backend that takes a mask_mod takes a GroupMask, and it means the dense mask of its layout."""
+    Lq, Lk, sets = LAYOUTS[name]
+    layout = SegmentLayout(Lq, Lk, tuple((tuple(q), tuple(k)) for q, k in sets))
+    dense = torch.zeros(Lq, Lk, dtype=torch.bool)
+    for qruns, ksegs in sets:
+        for qs, qe in qruns:
+            for ks, ke in ksegs:
+                dense[qs:qe, ks:ke] = True
+    q, k, v = make_qkv(2, 2, 2, Lq, Lk, 16, seed=4)
+    gm = GroupMask(layout)
+    got = attnkit.attention(q, k, v, mask_mod=gm, backend=backend)
+    want = attnkit.attention(q.double(), k.double(), v.double(), mask=dense, backend="reference")
+    assert_close_rel(got, want)
+    assert torch.equal(allowed_pairs(2, 2, Lq, Lk, mask_mod=gm)[0, 0], dense)
+    assert "group_mask" in build_request(q, k, v, mask_mod=gm).features()
+
+
+def test_segment_layout_is_checked():
+    with pytest.raises(ValueError, match=r"query runs \(0, 8\) of set 0 and \(5, 12\) of set 1 overlap"):
+        SegmentLayout(20, 20, ((((0, 8),), ((0, 20),)), (((5, 12),), ((0, 20),))))
+    with pytest.raises(ValueError, match="key segments .* overlap"):
+        SegmentLayout(20, 20, ((((0, 8),), ((0, 10), (5, 12))),))
+    with pytest.raises(ValueError, match=r"query run \(0, 21\) outside \[0, 20\]"):
+        SegmentLayout(20, 20, ((((0, 21),), ((0, 20),)),))
+    with pytest.raises(ValueError, match=r"key segment \(-1, 3\)"):
+        SegmentLayout(20, 20, ((((0, 2),), ((-1, 3),)),))
+    with pytest.raises(TypeError, match="layout must be a SegmentLayout"):
+        GroupMask([(0, 1)])
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 16)
+    with pytest.raises(ValueError, match="layout is for Lq=20, Lk=20; q/k have Lq=8, Lk=8"):
+        flash_attention(q, k, v, layout=SegmentLayout(20, 20, ()))
+
+
+def test_group_tables_skip_disallowed_tiles():
+    """The work lists visit each query block's own key segments only (no block of the dense square)."""
+    lay = SegmentLayout(40, 40, ((((0, 20),), ((0, 20),)), (((20, 40),), ((20, 40),))))
+    qb = lay.q_blocks(16)
+    assert qb == [(0, 16, 0), (16, 20, 0), (20, 36, 1), (36, 40, 1)]
+    kb = lay.k_blocks(16)
+    assert kb == [(0, 16, (0,)), (16, 20, (0,)), (20, 36, (1,)), (36, 40, (1,))]
+    # uncovered query tokens are blocks with set -1; unread key tokens are blocks read by nobody
+    lay2 = SegmentLayout(10, 10, ((((2, 5),), ((6, 8),)),))
+    assert lay2.q_blocks(16) == [(0, 2, -1), (2, 5, 0), (5, 10, -1)]
+    assert lay2.k_blocks(16) == [(0, 6, ()), (6, 8, (0,)), (8, 10, ())]
+
+
+# ---------------------------------------------------------------------------
+# behaviours every backend shares, run on triton
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["mask", "causal_lq_gt_lk"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_fully_masked_rows_triton(kind, dtype, tdevice):
+    test_fully_masked_rows(kind, "triton", dtype, tdevice)
+
+
+def test_dead_rows_lse_triton(tdevice):
+    q, k, v = make_qkv(2, 4, 2, 20, 9, 16, seed=11, device=tdevice)
+    out, lse = _triton(q, k, v, causal=True, return_lse=True)
+    assert torch.isneginf(lse[:, :, :11]).all() and torch.isfinite(lse[:, :, 11:]).all()
+    assert torch.all(out[:, :, :11] == 0)
+
+
+def test_noncontiguous_triton(tdevice):
+    """q/k/v views of packed [B, L, H, D] tensors and a transposed key-padding-like mask, read in place."""
+    B, L, Lk, Hq, Hkv, D = 2, 19, 27, 4, 2, 24
+    g = torch.Generator().manual_seed(8)
+    q_bl = randn(B, L, Hq, D, gen=g, device=tdevice)
+    kv_bl = randn(B, Lk, 2, Hkv, D, gen=g, device=tdevice)
+    mask = (randn(B, 1, Lk, L, gen=g, device=tdevice) > -1.0).transpose(-1, -2)
+    leaves = [q_bl.requires_grad_(True), kv_bl.requires_grad_(True)]
+    q, k, v = q_bl.transpose(1, 2), kv_bl[:, :, 0].transpose(1, 2), kv_bl[:, :, 1].transpose(1, 2)
+    assert not any(x.is_contiguous() for x in (q, k, v, mask))
+    out = _triton(q, k, v, mask=mask, causal=True)
+    g_out = randn(*out.shape, gen=g, device=tdevice)
+    grads = torch.autograd.grad((out * g_out).sum(), leaves)
+    l64 = [x.detach().double().requires_grad_(True) for x in leaves]
+    ref = attnkit.attention(l64[0].transpose(1, 2), l64[1][:, :, 0].transpose(1, 2), l64[1][:, :, 1].transpose(1, 2),
+                            mask=mask.contiguous(), causal=True, backend="reference")
+    refg = torch.autograd.grad((ref * g_out.double()).sum(), l64)
+    assert_close_rel(out, ref)
+    for n, a, r in zip(["q", "kv"], grads, refg):
+        assert_close_rel(a, r, rtol=5e-5, name=f"grad {n}")
+
+
+def test_gradient_through_lse_triton(tdevice):
+    q, k, v = make_qkv(2, 4, 2, 13, 21, 16, seed=31, device=tdevice)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    out, lse = _triton(*leaves, causal=True, return_lse=True)
+    w = torch.linspace(-1, 2, lse.numel(), device=tdevice).view_as(lse)
+    grads = torch.autograd.grad((lse * w).sum() + out.sum(), leaves)
+    l64 = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
+    out64, lse64 = attnkit.attention(*l64, causal=True, return_lse=True, backend="reference")
+    ref = torch.autograd.grad((lse64 * w.double()).sum() + out64.sum(), l64)
+    for n, a, r in zip("qkv", grads, ref):
+        assert_close_rel(a, r, rtol=5e-5, name=f"grad {n}")
+
+
+def test_triton_refuses_what_it_lacks():
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 16)
+    for kw, word in [(dict(bias=torch.randn(8, 8)), "'bias'"), (dict(softcap=2.0), "'softcap'"),
+                     (dict(mask_mod=lambda b, h, i, j: j <= i), "'mask_mod'"),
+                     (dict(sinks=torch.randn(2)), "'sinks'")]:
+        with pytest.raises(ValueError, match=word):
+            _triton(q, k, v, **kw)
+    if not TRITON_INTERPRET:
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            _triton(q, k, v)
+    assert expected_missing("triton", Case("dense"), "cuda", True) == []
+
+
+# ---------------------------------------------------------------------------
+# CUDA: real sizes, and the dispatcher's choice
+# ---------------------------------------------------------------------------
+
+CUDA_GROUP = [
+    _group_case("two_patterns", name="cu_group_small"),
+]
+
+
+def _big_group_case(name, sizes, patterns, B=2, Hq=4, Hkv=4, D=64, **kw) -> Case:
+    starts, s = {}, 0
+    for g, n in sizes:
+        starts[g] = (s, s + n)
+        s += n
+    sets = tuple((tuple(starts[g] for g in qs), tuple(starts[g] for g in kv)) for qs, kv in patterns)
+    layout = SegmentLayout(s, s, sets)
+
+    def build(t):
+        out = default_build(t)
+        out["mask_mod"] = GroupMask(layout, t["q"].device if t.get("q") is not None else "cpu")
+        return out
+
+    return Case(name=name, B=B, Hq=Hq, Hkv=Hkv, Lq=s, Lk=s, D=D, build=build, **kw)
+
+
+CUDA_GROUP += [
+    _big_group_case("cu_abupt_D64", [("sa", 700), ("sq", 300), ("va", 500), ("vq", 1100)],
+                    [(["sa", "sq"], ["sa"]), (["va", "vq"], ["va", "sa"])]),
+    _big_group_case("cu_8x200_D72_gqa", [(f"g{i}", 200) for i in range(8)],
+                    [([f"g{i}"], ["g0"] if i == 0 else ["g0", f"g{i}"]) for i in range(8)], Hq=8, Hkv=2, D=72),
+    _big_group_case("cu_abupt_D128_keypad", [("sa", 640), ("sq", 333), ("va", 512), ("vq", 777)],
+                    [(["sa", "sq"], ["sa"]), (["va", "vq"], ["va"])], D=128, extras=_keypad),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("case", CUDA_GROUP, ids=[c.name for c in CUDA_GROUP])
+def test_cuda_group_layouts(case, dtype):
+    run_case("triton", case, dtype, "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("D", [16, 32, 48, 80, 96, 256])
+def test_cuda_head_dims(D):
+    run_case("triton", Case(f"cu_d{D}", B=2, Hq=4, Hkv=2, Lq=300, Lk=515, D=D, kw=dict(causal=True)),
+             torch.bfloat16, "cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_auto_picks_triton_for_groups():
+    case = CUDA_GROUP[1]
+    q, k, v = make_qkv(1, 4, 4, case.Lq, case.Lk, 64, dtype=torch.bfloat16, device="cuda")
+    kw = case.build({"q": q})
+    assert attnkit.explain(q, k, v, mask_mod=kw["mask_mod"]).backend == "triton"
+
+
+# ---------------------------------------------------------------------------
+# MixedAttention's fused form on the triton backend
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_mixed_attention_fused_on_triton(padding, tdevice):
+    """One GroupMask call on triton == the sequential form (one reference call per pattern), fwd + bwd."""
+    from attnkit import AttentionPattern as P, MixedAttention, MixedAttentionConfig, TokenSpec as T
+
+    specs = [T("sa", 21), T("sq", 13), T("va", 30), T("vq", 17)]
+    pats = [P(["sa", "sq"], ["sa"]), P(["va", "vq"], ["va", "sa"])]
+    N = 81
+    torch.manual_seed(3)
+    seq = MixedAttention(MixedAttentionConfig(dim=64, num_heads=2, parallel=False, backend="reference")).to(tdevice)
+    fused = MixedAttention(MixedAttentionConfig(dim=64, num_heads=2, parallel=True, backend="triton")).to(tdevice)
+    fused.load_state_dict(seq.state_dict())
+    fused._fused_pays = lambda lay, x: True  # the CPU default is the per-key/value-set loop
+    x = randn(2, N, 64, gen=torch.Generator().manual_seed(4), device=tdevice)
+    kpm = (torch.rand(2, N, generator=torch.Generator().manual_seed(5)) > 0.2).to(tdevice) if padding else None
+    g = randn(2, N, 64, gen=torch.Generator().manual_seed(6), device=tdevice)
+    res = []
+    for m in (seq, fused):
+        xg = x.clone().requires_grad_(True)
+        out, cache = m(xg, specs, pats, key_padding_mask=kpm)
+        res.append((out, torch.autograd.grad(out, [xg, *m.parameters()], g), cache))
+    assert_close_rel(res[1][0], res[0][0].double(), rtol=2e-5, name="out")
+    for i, (a, b) in enumerate(zip(res[1][1], res[0][1])):
+        assert_close_rel(a, b.double(), rtol=1e-4, name=f"grad {i}")
+    assert set(res[1][2]) == {"sa", "va"}

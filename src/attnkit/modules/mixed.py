@@ -8,9 +8,10 @@ projection serve every group.
 Two forms compute the same function:
 - sequential (`parallel=False`): one attention call per pattern, the readable form;
 - parallel (`parallel=True`): either ONE attention call over the whole sequence
-  with a group-level `mask_mod` (block-sparse under FlexAttention, its BlockMask
-  cached per layout), or one call per distinct key/value set with the patterns
-  that share it batched together. It picks per layout: see `_fused_pays`.
+  with the layout as a `GroupMask` (one launch of our Triton kernel on CUDA,
+  visiting only the allowed tiles; a block mask under FlexAttention), or one
+  call per distinct key/value set with the patterns that share it batched
+  together. It picks per layout: see `_fused_pays`.
 """
 
 from __future__ import annotations
@@ -281,7 +282,8 @@ class MixedAttention(nn.Module):
 
     # The sequential form, and the parallel form's "one call per distinct key/value set".
     def _per_kv_set(self, lay: _Layout, q, k, v, kpm, cache, merge: bool) -> Tensor:
-        out = torch.empty_like(q)
+        # [B, N, H, D] in memory, so that merging the heads for the projection is a free view
+        out = q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
         for kv_names, q_names in (lay.kv_sets if merge else lay.patterns):
             qi = self._gather(q, lay, q_names)
             if qi.shape[2] == 0:
@@ -345,8 +347,9 @@ class MixedAttention(nn.Module):
     def _fused_pays(self, lay: _Layout, x: Tensor) -> bool:
         """One block-sparse call beats a loop of dense calls when the calls are many or small.
 
-        On an H100 (issue 4): 2 key/value sets of 16k-64k tokens each -> the loop of cuDNN
-        calls wins; 8 groups of 512 -> one FlexAttention call wins by 3x. Rule: fuse on CUDA
+        On an H100 (issue 4, benchmarks/bench_mixed.py): 2 key/value sets of 16k-64k tokens
+        each -> the loop of cuDNN calls wins (our fused Triton launch is 1.2-1.6x slower there);
+        8 groups of 512 -> the fused launch wins by 3x over the loop. Rule: fuse on CUDA
         when there are more than 2 key/value sets or the smallest call has < 4096 x 4096 pairs.
         On the CPU the loop always runs (no block-sparse kernel there).
         """

@@ -357,7 +357,8 @@ def _forward(q, k, v, mask, layout, scale, bounds):
     interp = interpreting()
     bm, bn, warps, stages = _config(D, DV, interp, q.dtype == torch.float32)["fwd"]
     tab = _tables(layout, bm, bn, q.device)
-    o = torch.empty(B, H, Lq, DV, device=q.device, dtype=q.dtype)
+    # [B, Lq, H, Dv] in memory (flash-attn's layout): merging heads afterwards is a free view
+    o = torch.empty(B, Lq, H, DV, device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
     m, ms = _mask_args(mask, q)
     left, right, has_l, has_r = _bounds(bounds)

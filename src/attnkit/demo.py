@@ -14,6 +14,7 @@ import time
 import torch
 
 from . import BACKENDS, attention, explain
+from .groups import GroupMask, SegmentLayout
 from .request import build_request
 
 
@@ -43,6 +44,10 @@ def _cases(device: torch.device, dtype: torch.dtype, long: int):
     yield "softcap 5", (rnd(B, Hq, L, D, scale=3), rnd(B, Hkv, L, D), rnd(B, Hkv, L, D)), dict(softcap=5.0)
     yield "score_mod alibi", (rnd(B, Hq, L, D), rnd(B, Hkv, L, D), rnd(B, Hkv, L, D)), dict(score_mod=alibi_mod)
     yield "mask_mod docs", (rnd(B, Hq, L, D), rnd(B, Hkv, L, D), rnd(B, Hkv, L, D)), dict(mask_mod=doc_mask)
+    # anchor attention: queries [0, L/2) see the first quarter, queries [L/2, L) the second half
+    groups = GroupMask(SegmentLayout(L, L, ((((0, L // 2),), ((0, L // 4),)), (((L // 2, L),), ((L // 2, L),)))),
+                       device)
+    yield "token groups", (rnd(B, Hq, L, D), rnd(B, Hkv, L, D), rnd(B, Hkv, L, D)), dict(mask_mod=groups)
     yield "sinks+lse", (rnd(B, Hq, L, D), rnd(B, Hkv, L, D), rnd(B, Hkv, L, D)), dict(
         sinks=rnd(Hq), causal=True, return_lse=True)
     yield "decode Lq=1", (rnd(B, Hq, 1, D), rnd(B, Hkv, L, D), rnd(B, Hkv, L, D)), dict(causal=True)

@@ -30,12 +30,14 @@ class SegmentLayout:
     sets: tuple
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "sets", _as_sets(self.sets))  # nested tuples of ints: hashable, cached by value
         seen = []
         for si, (qruns, ksegs) in enumerate(self.sets):
             for s, e in qruns:
                 if not 0 <= s <= e <= self.len_q:
                     raise ValueError(f"set {si}: query run ({s}, {e}) outside [0, {self.len_q}]")
-                seen.append((s, e, si))
+                if e > s:  # an empty run (a group of size 0) holds no token
+                    seen.append((s, e, si))
             for s, e in ksegs:
                 if not 0 <= s <= e <= self.len_k:
                     raise ValueError(f"set {si}: key segment ({s}, {e}) outside [0, {self.len_k}]")
@@ -73,6 +75,29 @@ class SegmentLayout:
             users = tuple(si for si, (_, ksegs) in enumerate(self.sets) if any(s <= a and b <= e for s, e in ksegs))
             out += [(x, min(x + block_n, b), users) for x in range(a, b, block_n)]
         return out
+
+
+def _as_sets(sets) -> tuple:
+    """((query runs, key segments), ...) as nested tuples of int pairs, or a TypeError saying what was seen."""
+    def pairs(x, what, si):
+        try:
+            out = tuple((a, b) for a, b in x)
+        except (TypeError, ValueError):
+            raise TypeError(f"set {si}: {what} must be (start, end) int pairs, got {x!r}") from None
+        if not all(isinstance(a, int) and not isinstance(a, bool) for p in out for a in p):
+            raise TypeError(f"set {si}: {what} must be (start, end) int pairs, got {x!r}")
+        return out
+
+    try:
+        items = list(sets)
+    except TypeError:
+        raise TypeError(f"sets must be a sequence of (query runs, key segments) pairs, got {sets!r}") from None
+    out = []
+    for si, item in enumerate(items):
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TypeError(f"set {si} must be a (query runs, key segments) pair, got {item!r}")
+        out.append((pairs(item[0], "query runs", si), pairs(item[1], "key segments", si)))
+    return tuple(out)
 
 
 def dense_layout(len_q: int, len_k: int) -> SegmentLayout:

@@ -18,8 +18,6 @@ from ..request import AttentionRequest
 from .base import Backend, Capabilities
 
 _FEATURES = frozenset({"mask", "causal", "window", "group_mask", "return_lse", "gqa", "value_head_dim", "backward"})
-# Read once: Triton decides interpretation when the kernels are defined (import time).
-_INTERPRET = fa.interpreting()
 
 
 class TritonBackend(Backend):
@@ -38,7 +36,7 @@ class TritonBackend(Backend):
 
     def unsupported(self, req: AttentionRequest) -> str | None:
         why = super().unsupported(req)
-        if why is None and req.device.type == "cpu" and not _INTERPRET:
+        if why is None and req.device.type == "cpu" and not fa._INTERPRET:
             why = "device 'cpu' runs Triton kernels only under its interpreter (TRITON_INTERPRET=1)"
         return why
 

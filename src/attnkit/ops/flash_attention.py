@@ -25,6 +25,7 @@ float16/bfloat16 multiply in their own type; float32 multiplies in IEEE float32
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -48,6 +49,10 @@ _LOG2E = 1.4426950408889634
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Triton decides interpretation when the kernels are defined (import time): so do we.
+_INTERPRET = interpreting()
 
 
 # ---------------------------------------------------------------------------
@@ -107,15 +112,17 @@ if triton is not None:
 
     @triton.jit
     def _fwd_kernel(
-        Q, K, V, O, LSE, MASK, QTAB, SEGPTR, SEGS,
+        Q, K, V, O, LSE, MASK, QTAB, SEGPTR, SEGS, NBLOCKS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
         smb, smh, smm, smn,
         H, GROUP, Lq, D, DV, qk_scale, offset, left, right,
         HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BIG: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        # one axis (B * H can pass the 65535 limit of axis 1); neighbours share (b, h) and so K/V in L2
+        pid_m = tl.program_id(0) % NBLOCKS
+        pid_bh = tl.program_id(0) // NBLOCKS
         b = (pid_bh // H).to(tl.int64)
         h = pid_bh % H
         hk = (h // GROUP).to(tl.int64)
@@ -124,6 +131,8 @@ if triton is not None:
         q_end = tl.load(QTAB + 3 * pid_m + 1)
         qset = tl.load(QTAB + 3 * pid_m + 2)
         offs_m = q_start + tl.arange(0, BLOCK_M)
+        if BIG:  # some element offset passes 2**31: index in int64
+            offs_m = offs_m.to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
         row_ok = offs_m < q_end
@@ -145,6 +154,8 @@ if triton is not None:
                 hi = tl.minimum(hi, q_end - 1 + offset + right + 1)
             for start_n in range(lo, hi, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
+                if BIG:
+                    offs_n = offs_n.to(tl.int64)
                 col_ok = offs_n < hi
                 k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
                             mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -177,15 +188,17 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dq_kernel(
-        Q, K, V, DO, DQ, LSE, DELTA, MASK, QTAB, SEGPTR, SEGS,
+        Q, K, V, DO, DQ, LSE, DELTA, MASK, QTAB, SEGPTR, SEGS, NBLOCKS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdqb, sdqh, sdqm, sdqd, smb, smh, smm, smn,
         H, GROUP, Lq, D, DV, qk_scale, sm_scale, offset, left, right,
         HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BIG: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        # one axis (B * H can pass the 65535 limit of axis 1); neighbours share (b, h) and so K/V in L2
+        pid_m = tl.program_id(0) % NBLOCKS
+        pid_bh = tl.program_id(0) // NBLOCKS
         b = (pid_bh // H).to(tl.int64)
         h = pid_bh % H
         hk = (h // GROUP).to(tl.int64)
@@ -194,6 +207,8 @@ if triton is not None:
         q_end = tl.load(QTAB + 3 * pid_m + 1)
         qset = tl.load(QTAB + 3 * pid_m + 2)
         offs_m = q_start + tl.arange(0, BLOCK_M)
+        if BIG:  # some element offset passes 2**31: index in int64
+            offs_m = offs_m.to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
         row_ok = offs_m < q_end
@@ -218,6 +233,8 @@ if triton is not None:
                 hi = tl.minimum(hi, q_end - 1 + offset + right + 1)
             for start_n in range(lo, hi, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
+                if BIG:
+                    offs_n = offs_n.to(tl.int64)
                 col_ok = offs_n < hi
                 k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
                             mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -242,20 +259,23 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dkdv_kernel(
-        Q, K, V, DO, DK, DV_, LSE, DELTA, MASK, KTAB, RUNPTR, RUNS,
+        Q, K, V, DO, DK, DV_, LSE, DELTA, MASK, KTAB, RUNPTR, RUNS, NBLOCKS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smh, smm, smn,
         H, HKV, GROUP, Lq, D, DV, qk_scale, sm_scale, offset, left, right,
         HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BIG: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_n = tl.program_id(0) % NBLOCKS
+        pid_bh = tl.program_id(0) // NBLOCKS
         b = (pid_bh // HKV).to(tl.int64)
         hk = (pid_bh % HKV).to(tl.int64)
         k_start = tl.load(KTAB + 2 * pid_n)
         k_end = tl.load(KTAB + 2 * pid_n + 1)
         offs_n = k_start + tl.arange(0, BLOCK_N)
+        if BIG:  # some element offset passes 2**31: index in int64
+            offs_n = offs_n.to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
         col_ok = offs_n < k_end
@@ -279,6 +299,8 @@ if triton is not None:
                     hi = tl.minimum(hi, k_end - 1 - offset + left + 1)
                 for start_m in range(lo, hi, BLOCK_M):
                     offs_m = start_m + tl.arange(0, BLOCK_M)
+                    if BIG:
+                        offs_m = offs_m.to(tl.int64)
                     row_ok = offs_m < hi
                     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
                                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -335,6 +357,16 @@ def _config(d: int, dv: int, interp: bool, f32: bool = False) -> dict:
     return dict(fwd=(64, 32, 4, 2), dq=(32, 32, 4, 2), dkdv=(32, 32, 4, 2))
 
 
+def _on(t: Tensor):
+    """Launch on t's GPU (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _big(*ts: Tensor | None) -> bool:
+    """True when some element lies 2**31 or more elements from its tensor's start (int32 would wrap)."""
+    return any(t is not None and sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2**31 for t in ts)
+
+
 def _precision(dtype: torch.dtype, interp: bool) -> dict:
     return dict(PRECISION="ieee" if dtype == torch.float32 else "tf32", UPCAST=interp and dtype == torch.bfloat16)
 
@@ -354,7 +386,7 @@ def _bounds(bounds) -> tuple[int, int, bool, bool]:
 def _forward(q, k, v, mask, layout, scale, bounds):
     B, H, Lq, D = q.shape
     Hkv, DV = k.shape[1], v.shape[3]
-    interp = interpreting()
+    interp = _INTERPRET
     bm, bn, warps, stages = _config(D, DV, interp, q.dtype == torch.float32)["fwd"]
     tab = _tables(layout, bm, bn, q.device)
     # [B, Lq, H, Dv] in memory (flash-attn's layout): merging heads afterwards is a free view
@@ -362,21 +394,22 @@ def _forward(q, k, v, mask, layout, scale, bounds):
     lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
     m, ms = _mask_args(mask, q)
     left, right, has_l, has_r = _bounds(bounds)
-    _fwd_kernel[(tab["n_qblocks"], B * H)](
-        q, k, v, o, lse, m, tab["qtab"], tab["segptr"], tab["segs"],
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms,
-        H, H // Hkv, Lq, D, DV, scale * _LOG2E, k.shape[2] - Lq, left, right,
-        HAS_MASK=mask is not None, HAS_LEFT=has_l, HAS_RIGHT=has_r,
-        **_precision(q.dtype, interp),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), num_warps=warps, num_stages=stages,
-    )
+    with _on(q):
+        _fwd_kernel[(tab["n_qblocks"] * B * H,)](
+            q, k, v, o, lse, m, tab["qtab"], tab["segptr"], tab["segs"], tab["n_qblocks"],
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms,
+            H, H // Hkv, Lq, D, DV, scale * _LOG2E, k.shape[2] - Lq, left, right,
+            HAS_MASK=mask is not None, HAS_LEFT=has_l, HAS_RIGHT=has_r, BIG=_big(q, k, v, o, mask),
+            **_precision(q.dtype, interp),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), num_warps=warps, num_stages=stages,
+        )
     return o, lse
 
 
 def _backward(do, q, k, v, o, lse, dlse, mask, layout, scale, bounds):
     B, H, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
-    interp = interpreting()
+    interp = _INTERPRET
     cfg = _config(D, DV, interp, q.dtype == torch.float32)
     delta = (do.float() * o.float()).sum(-1)
     if dlse is not None:  # d lse / d s = p: folds into the softmax backward as -dlse
@@ -387,25 +420,28 @@ def _backward(do, q, k, v, o, lse, dlse, mask, layout, scale, bounds):
     dv = torch.empty_like(v)
     m, ms = _mask_args(mask, q)
     left, right, has_l, has_r = _bounds(bounds)
-    flags = dict(HAS_MASK=mask is not None, HAS_LEFT=has_l, HAS_RIGHT=has_r, **_precision(q.dtype, interp),
+    flags = dict(HAS_MASK=mask is not None, HAS_LEFT=has_l, HAS_RIGHT=has_r, BIG=_big(q, k, v, do, dq, dk, dv, mask),
+                 **_precision(q.dtype, interp),
                  BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV))
     offset = Lk - Lq
     bm, bn, warps, stages = cfg["dq"]
     tab = _tables(layout, bm, bn, q.device)
-    _bwd_dq_kernel[(tab["n_qblocks"], B * H)](
-        q, k, v, do, dq, lse, delta, m, tab["qtab"], tab["segptr"], tab["segs"],
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms,
-        H, H // Hkv, Lq, D, DV, scale * _LOG2E, scale, offset, left, right,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
-    )
+    with _on(q):
+        _bwd_dq_kernel[(tab["n_qblocks"] * B * H,)](
+            q, k, v, do, dq, lse, delta, m, tab["qtab"], tab["segptr"], tab["segs"], tab["n_qblocks"],
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms,
+            H, H // Hkv, Lq, D, DV, scale * _LOG2E, scale, offset, left, right,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
+        )
     bm, bn, warps, stages = cfg["dkdv"]
     tab = _tables(layout, bm, bn, q.device)
-    _bwd_dkdv_kernel[(tab["n_kblocks"], B * Hkv)](
-        q, k, v, do, dk, dv, lse, delta, m, tab["ktab"], tab["runptr"], tab["runs"],
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *ms,
-        H, Hkv, H // Hkv, Lq, D, DV, scale * _LOG2E, scale, offset, left, right,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
-    )
+    with _on(q):
+        _bwd_dkdv_kernel[(tab["n_kblocks"] * B * Hkv,)](
+            q, k, v, do, dk, dv, lse, delta, m, tab["ktab"], tab["runptr"], tab["runs"], tab["n_kblocks"],
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *ms,
+            H, Hkv, H // Hkv, Lq, D, DV, scale * _LOG2E, scale, offset, left, right,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
+        )
     return dq, dk, dv
 
 

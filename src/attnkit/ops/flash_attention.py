@@ -111,66 +111,112 @@ if triton is not None:
         return tl.dot(a, b, input_precision=PRECISION)
 
     @triton.jit
+    def _program(NBLOCKS, H, GROUP):
+        """(block index, b * H + h, b, h, kv head): one grid axis, since B * H can pass axis 1's
+        limit of 65535; neighbouring programs share (b, h), and so K/V in L2."""
+        blk = tl.program_id(0) % NBLOCKS
+        bh = tl.program_id(0) // NBLOCKS
+        h = bh % H
+        return blk, bh, (bh // H).to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64)
+
+    @triton.jit
+    def _rows(start, end, BLOCK: tl.constexpr, BIG: tl.constexpr):
+        offs = start + tl.arange(0, BLOCK)
+        if BIG:  # some element lies 2**31 or more from its tensor's start: index in int64
+            offs = offs.to(tl.int64)
+        return offs, offs < end
+
+    @triton.jit
+    def _query_block(QTAB, blk, BLOCK_M: tl.constexpr, BIG: tl.constexpr):
+        """Query block blk of the table: its [start, end), its set, its row offsets and their validity."""
+        q_start = tl.load(QTAB + 3 * blk)
+        q_end = tl.load(QTAB + 3 * blk + 1)
+        offs_m, row_ok = _rows(q_start, q_end, BLOCK_M, BIG)
+        return q_start, q_end, tl.load(QTAB + 3 * blk + 2), offs_m, row_ok
+
+    @triton.jit
+    def _load(base, rows, ok, s_row, s_col, COLS, BLOCK_COLS: tl.constexpr):
+        """A [rows, BLOCK_COLS] tile, zero outside (ok, col < COLS)."""
+        cols = tl.arange(0, BLOCK_COLS)
+        return tl.load(base + rows[:, None] * s_row + cols[None, :] * s_col,
+                       mask=ok[:, None] & (cols[None, :] < COLS), other=0.0)
+
+    @triton.jit
+    def _store(base, rows, ok, s_row, s_col, COLS, val, BLOCK_COLS: tl.constexpr):
+        cols = tl.arange(0, BLOCK_COLS)
+        tl.store(base + rows[:, None] * s_row + cols[None, :] * s_col, val.to(base.dtype.element_ty),
+                 mask=ok[:, None] & (cols[None, :] < COLS))
+
+    @triton.jit
+    def _allowed(valid, qi, kj, MASK_BH, smm, smn, offset, left, right,
+                 HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+        """Pairs (query qi, key kj), broadcast tiles in either orientation, that the bounds and the mask keep."""
+        ok = valid
+        if HAS_LEFT:
+            ok = ok & (kj >= qi + offset - left)
+        if HAS_RIGHT:
+            ok = ok & (kj <= qi + offset + right)
+        if HAS_MASK:
+            ok = ok & (tl.load(MASK_BH + qi * smm + kj * smn, mask=valid, other=0) != 0)
+        return ok
+
+    @triton.jit
+    def _key_tile(q, offs_m, row_ok, start_n, hi, k_base, skn, skd, v_base, svn, svd, D, DV,
+                  mask_bh, smm, smn, qk_scale, offset, left, right, HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr,
+                  HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+        """The K and V tile of keys [start_n, min(start_n + BLOCK_N, hi)), the scores q k^T * qk_scale
+        (log2 units) of the query block against it, and which of those pairs are allowed."""
+        offs_n, col_ok = _rows(start_n, hi, BLOCK_N, BIG)
+        k = _load(k_base, offs_n, col_ok, skn, skd, D, BLOCK_D)
+        v = _load(v_base, offs_n, col_ok, svn, svd, DV, BLOCK_DV)
+        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        ok = _allowed(row_ok[:, None] & col_ok[None, :], offs_m[:, None], offs_n[None, :], mask_bh, smm, smn,
+                      offset, left, right, HAS_MASK, HAS_LEFT, HAS_RIGHT)
+        return k, v, s, ok
+
+    @triton.jit
+    def _key_range(SEGS, si, q_start, q_end, offset, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+        """Segment si's keys that some query of [q_start, q_end) may reach under the bounds."""
+        lo = tl.load(SEGS + 2 * si)
+        hi = tl.load(SEGS + 2 * si + 1)
+        if HAS_LEFT:
+            lo = tl.maximum(lo, q_start + offset - left)
+        if HAS_RIGHT:
+            hi = tl.minimum(hi, q_end - 1 + offset + right + 1)
+        return lo, hi
+
+    @triton.jit
+    def _lse_log2(LSE_BH, rows, ok):
+        """The saved lse in log2 units; +inf on rows with no key, so that their p is 0."""
+        lse = tl.load(LSE_BH + rows, mask=ok, other=float("-inf")) * 1.4426950408889634
+        return tl.where(lse == float("-inf"), float("inf"), lse)
+
+    @triton.jit
     def _fwd_kernel(
         Q, K, V, O, LSE, MASK, QTAB, SEGPTR, SEGS, NBLOCKS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
         smb, smh, smm, smn,
         H, GROUP, Lq, D, DV, qk_scale, offset, left, right,
-        HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        BIG: tl.constexpr,
+        HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
-        # one axis (B * H can pass the 65535 limit of axis 1); neighbours share (b, h) and so K/V in L2
-        pid_m = tl.program_id(0) % NBLOCKS
-        pid_bh = tl.program_id(0) // NBLOCKS
-        b = (pid_bh // H).to(tl.int64)
-        h = pid_bh % H
-        hk = (h // GROUP).to(tl.int64)
-        h = h.to(tl.int64)
-        q_start = tl.load(QTAB + 3 * pid_m)
-        q_end = tl.load(QTAB + 3 * pid_m + 1)
-        qset = tl.load(QTAB + 3 * pid_m + 2)
-        offs_m = q_start + tl.arange(0, BLOCK_M)
-        if BIG:  # some element offset passes 2**31: index in int64
-            offs_m = offs_m.to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_dv = tl.arange(0, BLOCK_DV)
-        row_ok = offs_m < q_end
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        blk, bh, b, h, hk = _program(NBLOCKS, H, GROUP)
+        q_start, q_end, qset, offs_m, row_ok = _query_block(QTAB, blk, BLOCK_M, BIG)
+        q = _load(Q + b * sqb + h * sqh, offs_m, row_ok, sqm, sqd, D, BLOCK_D)
         k_base = K + b * skb + hk * skh
         v_base = V + b * svb + hk * svh
+        mask_bh = MASK + b * smb + h * smh
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-        seg0 = tl.load(SEGPTR + qset)
-        seg1 = tl.load(SEGPTR + qset + 1)
-        for si in range(seg0, seg1):
-            lo = tl.load(SEGS + 2 * si)
-            hi = tl.load(SEGS + 2 * si + 1)
-            if HAS_LEFT:  # skip keys left of the first query's reach
-                lo = tl.maximum(lo, q_start + offset - left)
-            if HAS_RIGHT:  # and right of the last query's reach
-                hi = tl.minimum(hi, q_end - 1 + offset + right + 1)
+        for si in range(tl.load(SEGPTR + qset), tl.load(SEGPTR + qset + 1)):
+            lo, hi = _key_range(SEGS, si, q_start, q_end, offset, left, right, HAS_LEFT, HAS_RIGHT)
             for start_n in range(lo, hi, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                if BIG:
-                    offs_n = offs_n.to(tl.int64)
-                col_ok = offs_n < hi
-                k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                            mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-                v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                            mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-                s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-                ok = col_ok[None, :]
-                if HAS_LEFT:
-                    ok = ok & (offs_n[None, :] >= offs_m[:, None] + offset - left)
-                if HAS_RIGHT:
-                    ok = ok & (offs_n[None, :] <= offs_m[:, None] + offset + right)
-                if HAS_MASK:
-                    mk = tl.load(MASK + b * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn,
-                                 mask=row_ok[:, None] & col_ok[None, :], other=0)
-                    ok = ok & (mk != 0)
+                k, v, s, ok = _key_tile(q, offs_m, row_ok, start_n, hi, k_base, skn, skd, v_base, svn, svd, D, DV,
+                                        mask_bh, smm, smn, qk_scale, offset, left, right, HAS_MASK, HAS_LEFT,
+                                        HAS_RIGHT, PRECISION, UPCAST, BIG, BLOCK_N, BLOCK_D, BLOCK_DV)
                 s = tl.where(ok, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
@@ -182,9 +228,8 @@ if triton is not None:
         dead = l_i == 0.0
         out = acc / tl.where(dead, 1.0, l_i)[:, None]
         lse = tl.where(dead, float("-inf"), (m_i + tl.log2(tl.where(dead, 1.0, l_i))) / 1.4426950408889634)
-        tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
-                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-        tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
+        _store(O + b * sob + h * soh, offs_m, row_ok, som, sod, DV, out, BLOCK_DV)
+        tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
 
     @triton.jit
     def _bwd_dq_kernel(
@@ -192,70 +237,31 @@ if triton is not None:
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdqb, sdqh, sdqm, sdqd, smb, smh, smm, smn,
         H, GROUP, Lq, D, DV, qk_scale, sm_scale, offset, left, right,
-        HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        BIG: tl.constexpr,
+        HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
-        # one axis (B * H can pass the 65535 limit of axis 1); neighbours share (b, h) and so K/V in L2
-        pid_m = tl.program_id(0) % NBLOCKS
-        pid_bh = tl.program_id(0) // NBLOCKS
-        b = (pid_bh // H).to(tl.int64)
-        h = pid_bh % H
-        hk = (h // GROUP).to(tl.int64)
-        h = h.to(tl.int64)
-        q_start = tl.load(QTAB + 3 * pid_m)
-        q_end = tl.load(QTAB + 3 * pid_m + 1)
-        qset = tl.load(QTAB + 3 * pid_m + 2)
-        offs_m = q_start + tl.arange(0, BLOCK_M)
-        if BIG:  # some element offset passes 2**31: index in int64
-            offs_m = offs_m.to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_dv = tl.arange(0, BLOCK_DV)
-        row_ok = offs_m < q_end
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
-                     mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        lse = tl.load(LSE + pid_bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=float("-inf")) * 1.4426950408889634
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # dead rows: p = 0
-        delta = tl.load(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
+        blk, bh, b, h, hk = _program(NBLOCKS, H, GROUP)
+        q_start, q_end, qset, offs_m, row_ok = _query_block(QTAB, blk, BLOCK_M, BIG)
+        q = _load(Q + b * sqb + h * sqh, offs_m, row_ok, sqm, sqd, D, BLOCK_D)
+        do = _load(DO + b * sdob + h * sdoh, offs_m, row_ok, sdom, sdod, DV, BLOCK_DV)
+        lse = _lse_log2(LSE + bh.to(tl.int64) * Lq, offs_m, row_ok)
+        delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
         k_base = K + b * skb + hk * skh
         v_base = V + b * svb + hk * svh
+        mask_bh = MASK + b * smb + h * smh
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        seg0 = tl.load(SEGPTR + qset)
-        seg1 = tl.load(SEGPTR + qset + 1)
-        for si in range(seg0, seg1):
-            lo = tl.load(SEGS + 2 * si)
-            hi = tl.load(SEGS + 2 * si + 1)
-            if HAS_LEFT:
-                lo = tl.maximum(lo, q_start + offset - left)
-            if HAS_RIGHT:
-                hi = tl.minimum(hi, q_end - 1 + offset + right + 1)
+        for si in range(tl.load(SEGPTR + qset), tl.load(SEGPTR + qset + 1)):
+            lo, hi = _key_range(SEGS, si, q_start, q_end, offset, left, right, HAS_LEFT, HAS_RIGHT)
             for start_n in range(lo, hi, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                if BIG:
-                    offs_n = offs_n.to(tl.int64)
-                col_ok = offs_n < hi
-                k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                            mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-                v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                            mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-                s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-                ok = col_ok[None, :]
-                if HAS_LEFT:
-                    ok = ok & (offs_n[None, :] >= offs_m[:, None] + offset - left)
-                if HAS_RIGHT:
-                    ok = ok & (offs_n[None, :] <= offs_m[:, None] + offset + right)
-                if HAS_MASK:
-                    mk = tl.load(MASK + b * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn,
-                                 mask=row_ok[:, None] & col_ok[None, :], other=0)
-                    ok = ok & (mk != 0)
+                k, v, s, ok = _key_tile(q, offs_m, row_ok, start_n, hi, k_base, skn, skd, v_base, svn, svd, D, DV,
+                                        mask_bh, smm, smn, qk_scale, offset, left, right, HAS_MASK, HAS_LEFT,
+                                        HAS_RIGHT, PRECISION, UPCAST, BIG, BLOCK_N, BLOCK_D, BLOCK_DV)
                 p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
                 dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
                 ds = p * (dp - delta[:, None])
                 dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
-        tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
-                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+        _store(DQ + b * sdqb + h * sdqh, offs_m, row_ok, sdqm, sdqd, D, dq * sm_scale, BLOCK_D)
 
     @triton.jit
     def _bwd_dkdv_kernel(
@@ -263,34 +269,23 @@ if triton is not None:
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smh, smm, smn,
         H, HKV, GROUP, Lq, D, DV, qk_scale, sm_scale, offset, left, right,
-        HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        BIG: tl.constexpr,
+        HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
-        pid_n = tl.program_id(0) % NBLOCKS
-        pid_bh = tl.program_id(0) // NBLOCKS
-        b = (pid_bh // HKV).to(tl.int64)
-        hk = (pid_bh % HKV).to(tl.int64)
-        k_start = tl.load(KTAB + 2 * pid_n)
-        k_end = tl.load(KTAB + 2 * pid_n + 1)
-        offs_n = k_start + tl.arange(0, BLOCK_N)
-        if BIG:  # some element offset passes 2**31: index in int64
-            offs_n = offs_n.to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_dv = tl.arange(0, BLOCK_DV)
-        col_ok = offs_n < k_end
-        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                    mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        blk, _, b, hk, _ = _program(NBLOCKS, HKV, 1)
+        k_start = tl.load(KTAB + 2 * blk)
+        k_end = tl.load(KTAB + 2 * blk + 1)
+        offs_n, col_ok = _rows(k_start, k_end, BLOCK_N, BIG)
+        k = _load(K + b * skb + hk * skh, offs_n, col_ok, skn, skd, D, BLOCK_D)
+        v = _load(V + b * svb + hk * svh, offs_n, col_ok, svn, svd, DV, BLOCK_DV)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-        run0 = tl.load(RUNPTR + pid_n)
-        run1 = tl.load(RUNPTR + pid_n + 1)
-        for g in range(0, GROUP):
+        for g in range(0, GROUP):  # the query heads that read this kv head: no atomics needed
             h = hk * GROUP + g
             bh = b * H + h
-            for ri in range(run0, run1):
+            mask_bh = MASK + b * smb + h * smh
+            for ri in range(tl.load(RUNPTR + blk), tl.load(RUNPTR + blk + 1)):
                 lo = tl.load(RUNS + 2 * ri)
                 hi = tl.load(RUNS + 2 * ri + 1)
                 if HAS_RIGHT:  # queries whose reach ends left of this key block
@@ -298,36 +293,21 @@ if triton is not None:
                 if HAS_LEFT:  # queries whose reach starts right of it
                     hi = tl.minimum(hi, k_end - 1 - offset + left + 1)
                 for start_m in range(lo, hi, BLOCK_M):
-                    offs_m = start_m + tl.arange(0, BLOCK_M)
-                    if BIG:
-                        offs_m = offs_m.to(tl.int64)
-                    row_ok = offs_m < hi
-                    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-                    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
-                                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-                    lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=float("-inf")) * 1.4426950408889634
-                    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+                    offs_m, row_ok = _rows(start_m, hi, BLOCK_M, BIG)
+                    q = _load(Q + b * sqb + h * sqh, offs_m, row_ok, sqm, sqd, D, BLOCK_D)
+                    do = _load(DO + b * sdob + h * sdoh, offs_m, row_ok, sdom, sdod, DV, BLOCK_DV)
+                    lse = _lse_log2(LSE + bh * Lq, offs_m, row_ok)
                     delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
                     st = _mm(k, tl.trans(q), PRECISION, UPCAST) * qk_scale  # [BLOCK_N, BLOCK_M]
-                    ok = row_ok[None, :] & col_ok[:, None]
-                    if HAS_LEFT:
-                        ok = ok & (offs_n[:, None] >= offs_m[None, :] + offset - left)
-                    if HAS_RIGHT:
-                        ok = ok & (offs_n[:, None] <= offs_m[None, :] + offset + right)
-                    if HAS_MASK:
-                        mk = tl.load(MASK + b * smb + h * smh + offs_m[None, :] * smm + offs_n[:, None] * smn,
-                                     mask=row_ok[None, :] & col_ok[:, None], other=0)
-                        ok = ok & (mk != 0)
+                    ok = _allowed(col_ok[:, None] & row_ok[None, :], offs_m[None, :], offs_n[:, None], mask_bh,
+                                  smm, smn, offset, left, right, HAS_MASK, HAS_LEFT, HAS_RIGHT)
                     pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)
                     dv += _mm(pt.to(do.dtype), do, PRECISION, UPCAST)
                     dpt = _mm(v, tl.trans(do), PRECISION, UPCAST)
                     dst = pt * (dpt - delta[None, :])
                     dk += _mm(dst.to(q.dtype), q, PRECISION, UPCAST)
-        tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
-                 (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
-        tl.store(DV_ + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd,
-                 dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+        _store(DK + b * sdkb + hk * sdkh, offs_n, col_ok, sdkn, sdkd, D, dk * sm_scale, BLOCK_D)
+        _store(DV_ + b * sdvb + hk * sdvh, offs_n, col_ok, sdvn, sdvd, DV, dv, BLOCK_DV)
 
 
 # ---------------------------------------------------------------------------

@@ -148,16 +148,18 @@ if triton is not None:
                  mask=ok[:, None] & (cols[None, :] < COLS))
 
     @triton.jit
-    def _allowed(valid, qi, kj, MASK_BH, smm, smn, offset, left, right,
+    def _allowed(keep, in_bounds, qi, kj, MASK_BH, smm, smn, offset, left, right,
                  HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-        """Pairs (query qi, key kj), broadcast tiles in either orientation, that the bounds and the mask keep."""
-        ok = valid
+        """Pairs (query qi, key kj; broadcast tiles in either orientation) that `keep` (a vector:
+        no full-tile op when nothing else applies), the bounds and the mask allow. `in_bounds`
+        guards the mask read (the compiler drops it when there is no mask)."""
+        ok = keep
         if HAS_LEFT:
             ok = ok & (kj >= qi + offset - left)
         if HAS_RIGHT:
             ok = ok & (kj <= qi + offset + right)
         if HAS_MASK:
-            ok = ok & (tl.load(MASK_BH + qi * smm + kj * smn, mask=valid, other=0) != 0)
+            ok = ok & (tl.load(MASK_BH + qi * smm + kj * smn, mask=in_bounds, other=0) != 0)
         return ok
 
     @triton.jit
@@ -171,8 +173,9 @@ if triton is not None:
         k = _load(k_base, offs_n, col_ok, skn, skd, D, BLOCK_D)
         v = _load(v_base, offs_n, col_ok, svn, svd, DV, BLOCK_DV)
         s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-        ok = _allowed(row_ok[:, None] & col_ok[None, :], offs_m[:, None], offs_n[None, :], mask_bh, smm, smn,
-                      offset, left, right, HAS_MASK, HAS_LEFT, HAS_RIGHT)
+        # keys past the segment must not count; queries past the block are never stored
+        ok = _allowed(col_ok[None, :], row_ok[:, None] & col_ok[None, :], offs_m[:, None], offs_n[None, :],
+                      mask_bh, smm, smn, offset, left, right, HAS_MASK, HAS_LEFT, HAS_RIGHT)
         return k, v, s, ok
 
     @triton.jit
@@ -299,8 +302,10 @@ if triton is not None:
                     lse = _lse_log2(LSE + bh * Lq, offs_m, row_ok)
                     delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
                     st = _mm(k, tl.trans(q), PRECISION, UPCAST) * qk_scale  # [BLOCK_N, BLOCK_M]
-                    ok = _allowed(col_ok[:, None] & row_ok[None, :], offs_m[None, :], offs_n[:, None], mask_bh,
-                                  smm, smn, offset, left, right, HAS_MASK, HAS_LEFT, HAS_RIGHT)
+                    # queries past the run must not count; key rows past the block are never stored
+                    ok = _allowed(row_ok[None, :], col_ok[:, None] & row_ok[None, :], offs_m[None, :],
+                                  offs_n[:, None], mask_bh, smm, smn, offset, left, right,
+                                  HAS_MASK, HAS_LEFT, HAS_RIGHT)
                     pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)
                     dv += _mm(pt.to(do.dtype), do, PRECISION, UPCAST)
                     dpt = _mm(v, tl.trans(do), PRECISION, UPCAST)

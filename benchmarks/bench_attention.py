@@ -264,8 +264,8 @@ def configure_dynamo() -> None:
 def skip_reason(peer: str, wl: Workload, mode: str, device: torch.device) -> str | None:
     if peer in ("sdpa_math", "eager") and wl.long:
         return "O(L^2) memory at L >= 16k: not run"
-    if peer == "attnkit_triton" and (wl.bias or device.type != "cuda"):
-        return "our Triton kernel has no bias yet (issue 5)" if wl.bias else "CUDA only here"
+    if peer == "attnkit_triton" and device.type != "cuda":
+        return "CUDA only here"
     if peer == "flex" and device.type == "cpu" and mode == "fwd+bwd":
         return "FlexAttention on the CPU is inference-only"
     if peer.startswith("sdpa_") and sdpa_kernel is None:

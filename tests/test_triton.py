@@ -73,6 +73,9 @@ GROUP_CASES = [_group_case(n, B=1, Hq=2, Hkv=2) for n in LAYOUTS] + [
     _group_case("abupt_small", B=2, Hq=2, Hkv=1, extras=_keypad, name="group_keypad"),
     _group_case("lq_ne_lk", kw=dict(causal=True, return_lse=True), name="group_causal_lse"),
     _group_case("two_patterns", kw=dict(window=(7, 3)), D=16, Dv=8, name="group_window_dv"),
+    # a pair bias shared by the batch (Evoformer-like), on a group layout: its gradient sums over B
+    _group_case("abupt_small", B=2, Hq=2, Hkv=1, name="group_pair_bias",
+                extras=lambda B, H, Lq, Lk, g: {"bias": torch.randn(H, Lq, Lk, generator=g)}),
 ]
 
 
@@ -138,7 +141,7 @@ def test_group_tables_skip_disallowed_tiles():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["mask", "causal_lq_gt_lk"])
+@pytest.mark.parametrize("kind", ["mask", "causal_lq_gt_lk", "bias_neg_inf"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_fully_masked_rows_triton(kind, dtype, tdevice):
     test_fully_masked_rows(kind, "triton", dtype, tdevice)
@@ -188,7 +191,7 @@ def test_gradient_through_lse_triton(tdevice):
 
 def test_triton_refuses_what_it_lacks():
     q, k, v = make_qkv(1, 2, 2, 8, 8, 16)
-    for kw, word in [(dict(bias=torch.randn(8, 8)), "'bias'"), (dict(softcap=2.0), "'softcap'"),
+    for kw, word in [(dict(softcap=2.0), "'softcap'"),
                      (dict(mask_mod=lambda b, h, i, j: j <= i), "'mask_mod'"),
                      (dict(sinks=torch.randn(2)), "'sinks'")]:
         with pytest.raises(ValueError, match=word):

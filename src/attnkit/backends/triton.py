@@ -2,8 +2,10 @@
 
 One launch per call, for dense attention and for token-group layouts given as a
 `GroupMask` (the `group_mask` feature), where it visits only the tiles the groups
-allow. Reads a bool mask in place through its strides; causal/window tiles
-outside the bounds are skipped. float32 inputs multiply in IEEE float32 (no tf32).
+allow. Reads a bool mask and an additive bias in place through their strides (the
+bias gradient is summed over the bias's broadcast dims inside the dQ kernel, with
+float32 atomics where programs share elements); causal/window tiles outside the
+bounds are skipped. float32 inputs multiply in IEEE float32 (no tf32).
 On the CPU it runs only under Triton's interpreter (TRITON_INTERPRET=1), for tests.
 """
 
@@ -17,7 +19,8 @@ from ..ops import flash_attention as fa
 from ..request import AttentionRequest
 from .base import Backend, Capabilities
 
-_FEATURES = frozenset({"mask", "causal", "window", "group_mask", "return_lse", "gqa", "value_head_dim", "backward"})
+_FEATURES = frozenset({"mask", "bias", "bias_grad", "causal", "window", "group_mask", "return_lse", "gqa",
+                       "value_head_dim", "backward"})
 
 
 class TritonBackend(Backend):
@@ -52,6 +55,7 @@ class TritonBackend(Backend):
         q, k, v = req.q, req.k, req.v
         if not req.needs_grad:
             q, k, v = q.detach(), k.detach(), v.detach()
-        out, lse = fa.flash_attention(q, k, v, mask=req.mask, layout=layout, scale=req.scale,
+        bias = req.bias if req.bias is None or req.needs_grad else req.bias.detach()
+        out, lse = fa.flash_attention(q, k, v, mask=req.mask, bias=bias, layout=layout, scale=req.scale,
                                       bounds=req.key_bounds)
         return out, (lse if req.return_lse else None)

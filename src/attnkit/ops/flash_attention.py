@@ -163,8 +163,14 @@ if triton is not None:
         return ok
 
     @triton.jit
+    def _bias_log2(BIAS_BH, qi, kj, in_bounds, sbm, sbn):
+        """The additive bias of pairs (qi, kj) in log2 units, read in place (broadcast dims: stride 0)."""
+        return tl.load(BIAS_BH + qi * sbm + kj * sbn, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
+
+    @triton.jit
     def _key_tile(q, offs_m, row_ok, start_n, hi, k_base, skn, skd, v_base, svn, svd, D, DV,
-                  mask_bh, smm, smn, qk_scale, offset, left, right, HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr,
+                  mask_bh, smm, smn, bias_bh, sbm, sbn, qk_scale, offset, left, right,
+                  HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LEFT: tl.constexpr,
                   HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
         """The K and V tile of keys [start_n, min(start_n + BLOCK_N, hi)), the scores q k^T * qk_scale
@@ -173,10 +179,31 @@ if triton is not None:
         k = _load(k_base, offs_n, col_ok, skn, skd, D, BLOCK_D)
         v = _load(v_base, offs_n, col_ok, svn, svd, DV, BLOCK_DV)
         s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        if HAS_BIAS:
+            s += _bias_log2(bias_bh, offs_m[:, None], offs_n[None, :], row_ok[:, None] & col_ok[None, :], sbm, sbn)
         # keys past the segment must not count; queries past the block are never stored
         ok = _allowed(col_ok[None, :], row_ok[:, None] & col_ok[None, :], offs_m[:, None], offs_n[None, :],
                       mask_bh, smm, smn, offset, left, right, HAS_MASK, HAS_LEFT, HAS_RIGHT)
         return k, v, s, ok
+
+    @triton.jit
+    def _bias_grad(DB_BH, ds, rows, row_ok, cols, col_ok, sdbm, sdbn,
+                   SUM_M: tl.constexpr, SUM_N: tl.constexpr, ATOMIC: tl.constexpr):
+        """Add a [M, N] tile of ds into the float32 bias gradient: summed in registers over a
+        broadcast query / key dim first; atomically when other programs share the elements
+        (bias broadcast over batch or heads), else a plain store (each element is visited once)."""
+        ds = tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
+        if SUM_M and SUM_N:
+            tl.atomic_add(DB_BH, tl.sum(tl.sum(ds, 1), 0))
+        elif SUM_M:
+            tl.atomic_add(DB_BH + cols * sdbn, tl.sum(ds, 0), mask=col_ok)
+        elif SUM_N:
+            tl.atomic_add(DB_BH + rows * sdbm, tl.sum(ds, 1), mask=row_ok)
+        elif ATOMIC:
+            tl.atomic_add(DB_BH + rows[:, None] * sdbm + cols[None, :] * sdbn, ds,
+                          mask=row_ok[:, None] & col_ok[None, :])
+        else:
+            tl.store(DB_BH + rows[:, None] * sdbm + cols[None, :] * sdbn, ds, mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
     def _key_range(SEGS, si, q_start, q_end, offset, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
@@ -197,11 +224,11 @@ if triton is not None:
 
     @triton.jit
     def _fwd_kernel(
-        Q, K, V, O, LSE, MASK, QTAB, SEGPTR, SEGS, NBLOCKS,
+        Q, K, V, O, LSE, MASK, BIAS, QTAB, SEGPTR, SEGS, NBLOCKS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-        smb, smh, smm, smn,
+        smb, smh, smm, smn, sbb, sbh, sbm, sbn,
         H, GROUP, Lq, D, DV, qk_scale, offset, left, right,
-        HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
@@ -211,6 +238,7 @@ if triton is not None:
         k_base = K + b * skb + hk * skh
         v_base = V + b * svb + hk * svh
         mask_bh = MASK + b * smb + h * smh
+        bias_bh = BIAS + b * sbb + h * sbh
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -218,8 +246,9 @@ if triton is not None:
             lo, hi = _key_range(SEGS, si, q_start, q_end, offset, left, right, HAS_LEFT, HAS_RIGHT)
             for start_n in range(lo, hi, BLOCK_N):
                 k, v, s, ok = _key_tile(q, offs_m, row_ok, start_n, hi, k_base, skn, skd, v_base, svn, svd, D, DV,
-                                        mask_bh, smm, smn, qk_scale, offset, left, right, HAS_MASK, HAS_LEFT,
-                                        HAS_RIGHT, PRECISION, UPCAST, BIG, BLOCK_N, BLOCK_D, BLOCK_DV)
+                                        mask_bh, smm, smn, bias_bh, sbm, sbn, qk_scale, offset, left, right,
+                                        HAS_MASK, HAS_BIAS, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
+                                        BLOCK_N, BLOCK_D, BLOCK_DV)
                 s = tl.where(ok, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
@@ -236,16 +265,18 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dq_kernel(
-        Q, K, V, DO, DQ, LSE, DELTA, MASK, QTAB, SEGPTR, SEGS, NBLOCKS,
+        Q, K, V, DO, DQ, LSE, DELTA, MASK, BIAS, DBIAS, QTAB, SEGPTR, SEGS, NBLOCKS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
-        sdqb, sdqh, sdqm, sdqd, smb, smh, smm, smn,
+        sdqb, sdqh, sdqm, sdqd, smb, smh, smm, smn, sbb, sbh, sbm, sbn, sdbb, sdbh, sdbm, sdbn,
         H, GROUP, Lq, D, DV, qk_scale, sm_scale, offset, left, right,
-        HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
+        BIAS_GRAD: tl.constexpr, DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr, DB_ATOMIC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
         blk, bh, b, h, hk = _program(NBLOCKS, H, GROUP)
         q_start, q_end, qset, offs_m, row_ok = _query_block(QTAB, blk, BLOCK_M, BIG)
+        dbias_bh = DBIAS + b * sdbb + h * sdbh
         q = _load(Q + b * sqb + h * sqh, offs_m, row_ok, sqm, sqd, D, BLOCK_D)
         do = _load(DO + b * sdob + h * sdoh, offs_m, row_ok, sdom, sdod, DV, BLOCK_DV)
         lse = _lse_log2(LSE + bh.to(tl.int64) * Lq, offs_m, row_ok)
@@ -253,26 +284,31 @@ if triton is not None:
         k_base = K + b * skb + hk * skh
         v_base = V + b * svb + hk * svh
         mask_bh = MASK + b * smb + h * smh
+        bias_bh = BIAS + b * sbb + h * sbh
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for si in range(tl.load(SEGPTR + qset), tl.load(SEGPTR + qset + 1)):
             lo, hi = _key_range(SEGS, si, q_start, q_end, offset, left, right, HAS_LEFT, HAS_RIGHT)
             for start_n in range(lo, hi, BLOCK_N):
                 k, v, s, ok = _key_tile(q, offs_m, row_ok, start_n, hi, k_base, skn, skd, v_base, svn, svd, D, DV,
-                                        mask_bh, smm, smn, qk_scale, offset, left, right, HAS_MASK, HAS_LEFT,
-                                        HAS_RIGHT, PRECISION, UPCAST, BIG, BLOCK_N, BLOCK_D, BLOCK_DV)
+                                        mask_bh, smm, smn, bias_bh, sbm, sbn, qk_scale, offset, left, right,
+                                        HAS_MASK, HAS_BIAS, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
+                                        BLOCK_N, BLOCK_D, BLOCK_DV)
                 p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
                 dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
                 ds = p * (dp - delta[:, None])
+                if BIAS_GRAD:  # d loss / d bias = ds, summed over the bias's broadcast dims
+                    offs_n, col_ok = _rows(start_n, hi, BLOCK_N, BIG)
+                    _bias_grad(dbias_bh, ds, offs_m, row_ok, offs_n, col_ok, sdbm, sdbn, DB_SUM_M, DB_SUM_N, DB_ATOMIC)
                 dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
         _store(DQ + b * sdqb + h * sdqh, offs_m, row_ok, sdqm, sdqd, D, dq * sm_scale, BLOCK_D)
 
     @triton.jit
     def _bwd_dkdv_kernel(
-        Q, K, V, DO, DK, DV_, LSE, DELTA, MASK, KTAB, RUNPTR, RUNS, NBLOCKS,
+        Q, K, V, DO, DK, DV_, LSE, DELTA, MASK, BIAS, KTAB, RUNPTR, RUNS, NBLOCKS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
-        sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smh, smm, smn,
+        sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
         H, HKV, GROUP, Lq, D, DV, qk_scale, sm_scale, offset, left, right,
-        HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
@@ -288,6 +324,7 @@ if triton is not None:
             h = hk * GROUP + g
             bh = b * H + h
             mask_bh = MASK + b * smb + h * smh
+            bias_bh = BIAS + b * sbb + h * sbh
             for ri in range(tl.load(RUNPTR + blk), tl.load(RUNPTR + blk + 1)):
                 lo = tl.load(RUNS + 2 * ri)
                 hi = tl.load(RUNS + 2 * ri + 1)
@@ -302,6 +339,9 @@ if triton is not None:
                     lse = _lse_log2(LSE + bh * Lq, offs_m, row_ok)
                     delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
                     st = _mm(k, tl.trans(q), PRECISION, UPCAST) * qk_scale  # [BLOCK_N, BLOCK_M]
+                    if HAS_BIAS:
+                        st += _bias_log2(bias_bh, offs_m[None, :], offs_n[:, None], col_ok[:, None] & row_ok[None, :],
+                                         sbm, sbn)
                     # queries past the run must not count; key rows past the block are never stored
                     ok = _allowed(row_ok[None, :], col_ok[:, None] & row_ok[None, :], offs_m[None, :],
                                   offs_n[:, None], mask_bh, smm, smn, offset, left, right,
@@ -356,7 +396,8 @@ def _precision(dtype: torch.dtype, interp: bool) -> dict:
     return dict(PRECISION="ieee" if dtype == torch.float32 else "tf32", UPCAST=interp and dtype == torch.bfloat16)
 
 
-def _mask_args(mask: Tensor | None, q: Tensor) -> tuple:
+def _bcast_args(mask: Tensor | None, q: Tensor) -> tuple:
+    """A 4-D mask / bias (or its gradient buffer) and its strides, 0 along broadcast dims."""
     if mask is None:
         return q, (0, 0, 0, 0)  # any pointer: never read
     m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
@@ -368,7 +409,7 @@ def _bounds(bounds) -> tuple[int, int, bool, bool]:
     return (left or 0, right or 0, left is not None, right is not None)
 
 
-def _forward(q, k, v, mask, layout, scale, bounds):
+def _forward(q, k, v, mask, bias, layout, scale, bounds):
     B, H, Lq, D = q.shape
     Hkv, DV = k.shape[1], v.shape[3]
     interp = _INTERPRET
@@ -377,21 +418,23 @@ def _forward(q, k, v, mask, layout, scale, bounds):
     # [B, Lq, H, Dv] in memory (flash-attn's layout): merging heads afterwards is a free view
     o = torch.empty(B, Lq, H, DV, device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
-    m, ms = _mask_args(mask, q)
+    m, ms = _bcast_args(mask, q)
+    bt, bs = _bcast_args(bias, q)
     left, right, has_l, has_r = _bounds(bounds)
     with _on(q):
         _fwd_kernel[(tab["n_qblocks"] * B * H,)](
-            q, k, v, o, lse, m, tab["qtab"], tab["segptr"], tab["segs"], tab["n_qblocks"],
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms,
+            q, k, v, o, lse, m, bt, tab["qtab"], tab["segptr"], tab["segs"], tab["n_qblocks"],
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms, *bs,
             H, H // Hkv, Lq, D, DV, scale * _LOG2E, k.shape[2] - Lq, left, right,
-            HAS_MASK=mask is not None, HAS_LEFT=has_l, HAS_RIGHT=has_r, BIG=_big(q, k, v, o, mask),
+            HAS_MASK=mask is not None, HAS_BIAS=bias is not None, HAS_LEFT=has_l, HAS_RIGHT=has_r,
+            BIG=_big(q, k, v, o, mask, bias),
             **_precision(q.dtype, interp),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), num_warps=warps, num_stages=stages,
         )
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, dlse, mask, layout, scale, bounds):
+def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, layout, scale, bounds):
     B, H, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
     interp = _INTERPRET
@@ -403,9 +446,14 @@ def _backward(do, q, k, v, o, lse, dlse, mask, layout, scale, bounds):
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    m, ms = _mask_args(mask, q)
+    m, ms = _bcast_args(mask, q)
+    bt, bs = _bcast_args(bias, q)
+    # float32, the bias's own (4-D) shape: the sum over its broadcast dims happens in the dQ kernel
+    dbias = torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if bias_grad else None
+    db, dbs = _bcast_args(dbias, q)
     left, right, has_l, has_r = _bounds(bounds)
-    flags = dict(HAS_MASK=mask is not None, HAS_LEFT=has_l, HAS_RIGHT=has_r, BIG=_big(q, k, v, do, dq, dk, dv, mask),
+    flags = dict(HAS_MASK=mask is not None, HAS_BIAS=bias is not None, HAS_LEFT=has_l, HAS_RIGHT=has_r,
+                 BIG=_big(q, k, v, do, dq, dk, dv, mask, bias),
                  **_precision(q.dtype, interp),
                  BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV))
     offset = Lk - Lq
@@ -413,45 +461,51 @@ def _backward(do, q, k, v, o, lse, dlse, mask, layout, scale, bounds):
     tab = _tables(layout, bm, bn, q.device)
     with _on(q):
         _bwd_dq_kernel[(tab["n_qblocks"] * B * H,)](
-            q, k, v, do, dq, lse, delta, m, tab["qtab"], tab["segptr"], tab["segs"], tab["n_qblocks"],
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms,
+            q, k, v, do, dq, lse, delta, m, bt, db, tab["qtab"], tab["segptr"], tab["segs"], tab["n_qblocks"],
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms, *bs, *dbs,
             H, H // Hkv, Lq, D, DV, scale * _LOG2E, scale, offset, left, right,
+            BIAS_GRAD=bias_grad, DB_SUM_M=bias_grad and bias.shape[2] == 1 and Lq > 1,
+            DB_SUM_N=bias_grad and bias.shape[3] == 1 and Lk > 1,
+            DB_ATOMIC=bias_grad and ((bias.shape[0] == 1 and B > 1) or (bias.shape[1] == 1 and H > 1)),
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
         )
     bm, bn, warps, stages = cfg["dkdv"]
     tab = _tables(layout, bm, bn, q.device)
     with _on(q):
         _bwd_dkdv_kernel[(tab["n_kblocks"] * B * Hkv,)](
-            q, k, v, do, dk, dv, lse, delta, m, tab["ktab"], tab["runptr"], tab["runs"], tab["n_kblocks"],
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *ms,
+            q, k, v, do, dk, dv, lse, delta, m, bt, tab["ktab"], tab["runptr"], tab["runs"], tab["n_kblocks"],
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *ms, *bs,
             H, Hkv, H // Hkv, Lq, D, DV, scale * _LOG2E, scale, offset, left, right,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
         )
-    return dq, dk, dv
+    return dq, dk, dv, (dbias.to(bias.dtype) if dbias is not None else None)
 
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, layout, scale, bounds):
-        o, lse = _forward(q, k, v, mask, layout, scale, bounds)
-        ctx.save_for_backward(q, k, v, o, lse)
+    def forward(ctx, q, k, v, bias, mask, layout, scale, bounds):
+        o, lse = _forward(q, k, v, mask, bias, layout, scale, bounds)
+        ctx.save_for_backward(q, k, v, o, lse, bias)
         ctx.mask, ctx.layout, ctx.scale, ctx.bounds = mask, layout, scale, bounds
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do.contiguous() if do.stride(-1) != 1 else do, q, k, v, o, lse, dlse,
-                               ctx.mask, ctx.layout, ctx.scale, ctx.bounds)
-        return dq, dk, dv, None, None, None, None
+        q, k, v, o, lse, bias = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = _backward(do.contiguous() if do.stride(-1) != 1 else do, q, k, v, o, lse, dlse,
+                                      ctx.mask, bias, bias_grad, ctx.layout, ctx.scale, ctx.bounds)
+        return dq, dk, dv, dbias, None, None, None, None
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None,
-                    layout: SegmentLayout | None = None, scale: float | None = None,
+                    bias: Tensor | None = None, layout: SegmentLayout | None = None, scale: float | None = None,
                     bounds: tuple[int | None, int | None] | None = None) -> tuple[Tensor, Tensor]:
     """Fused attention over a segment layout. q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv].
 
     mask: bool, broadcastable 4-D [B|1, Hq|1, Lq|1, Lk|1] (True = attend), read in place.
+    bias: additive logits, the same broadcastable 4-D shapes, read in place; its gradient (when it
+      requires one) comes back in its own shape, summed over the broadcast dims inside the kernel.
     layout: which query runs see which key segments (default: dense).
     bounds: (left, right) key offsets around the bottom-right diagonal (None side = unbounded).
     Returns (out [B, Hq, Lq, Dv], lse [B, Hq, Lq] float32, -inf on rows with no key);
@@ -466,4 +520,6 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = No
         raise ValueError(f"layout is for Lq={layout.len_q}, Lk={layout.len_k}; q/k have Lq={Lq}, Lk={Lk}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return _FlashAttention.apply(q, k, v, mask, layout, float(scale), bounds)
+    if bias is not None and bias.dim() != 4:
+        raise ValueError(f"bias must be 4-D (broadcastable to [B, Hq, Lq, Lk]), got shape {list(bias.shape)}")
+    return _FlashAttention.apply(q, k, v, bias, mask, layout, float(scale), bounds)

@@ -17,7 +17,8 @@ from attnkit.ops.flash_attention import flash_attention
 from attnkit.request import build_request
 from cases import TRITON_INTERPRET
 from conftest import Case, allowed_pairs, assert_close_rel, check_against_oracle, default_build, make_qkv, randn
-from test_backends import run_case, test_fully_masked_rows, test_noncontiguous_inputs  # noqa: F401 (reused)
+import test_backends  # its test functions are reused below (imported by name, pytest would collect them twice)
+from test_backends import run_case
 
 
 @pytest.fixture
@@ -144,7 +145,7 @@ def test_group_tables_skip_disallowed_tiles():
 @pytest.mark.parametrize("kind", ["mask", "causal_lq_gt_lk", "bias_neg_inf"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_fully_masked_rows_triton(kind, dtype, tdevice):
-    test_fully_masked_rows(kind, "triton", dtype, tdevice)
+    test_backends.test_fully_masked_rows(kind, "triton", dtype, tdevice)
 
 
 def test_dead_rows_lse_triton(tdevice):

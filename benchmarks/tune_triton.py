@@ -84,7 +84,7 @@ def main() -> int:
         base = default(D, D, False)
         for kind, cands in CANDIDATES.items():
             for cfg in cands:
-                def cfg_fn(d, dv, interp, _k=kind, _c=cfg):
+                def cfg_fn(d, dv, interp, f32=False, *, _k=kind, _c=cfg):
                     c = dict(base)
                     c[_k] = _c
                     return c

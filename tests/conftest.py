@@ -429,3 +429,29 @@ def expect_refusal(backend_name: str, t: dict, kw: dict, expected_words) -> None
     assert backend_name in msg, msg
     for w in expected_words:
         assert w in msg, f"{w!r} not named in: {msg}"
+
+
+# ---------------------------------------------------------------------------
+# the module tests' bound: a fixed relative tolerance (float64 oracles)
+# ---------------------------------------------------------------------------
+
+
+def rel_norm(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; ||out - ref|| when ref is exactly 0."""
+    o, r = out.detach().double(), ref.detach().double()
+    den = r.norm().item()
+    num = (o - r).norm().item()
+    return num if den == 0.0 else num / den
+
+
+def assert_close_tol(out: torch.Tensor, ref: torch.Tensor, tol: float, name: str = "out") -> None:
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    if ref.detach().double().norm().item() < 1e-9:
+        # mathematically zero (e.g. the gradient of a bias that a softmax is invariant to):
+        # only rounding noise is allowed, scaled like the bound
+        worst = out.detach().double().abs().max().item()
+        assert worst <= 10 * tol, f"{name}: reference is 0 but max |out| = {worst:.3e}"
+        return
+    err = rel_norm(out, ref)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"

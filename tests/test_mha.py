@@ -16,6 +16,7 @@ from torch import nn
 
 import attnkit
 from attnkit import AttentionConfig, KVCache, MultiHeadAttention, RopeScaling, RotaryEmbedding
+from conftest import assert_close_tol as assert_close, rel_norm as rel_err
 
 TIGHT64 = 1e-10
 ROPE_FWD, ROPE_GRAD = 2e-5, 5e-5  # float32 RoPE, see the module docstring
@@ -33,24 +34,6 @@ def _gen(seed: int) -> torch.Generator:
 
 def randn(*shape, dtype=torch.float64, gen=None, std=1.0) -> torch.Tensor:
     return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(dtype)
-
-
-def rel_err(out, ref) -> float:
-    o, r = out.detach().double(), ref.detach().double()
-    den = r.norm().item()
-    num = (o - r).norm().item()
-    return num if den == 0.0 else num / den
-
-
-def assert_close(out, ref, tol, name="out") -> None:
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), f"{name}: non-finite values"
-    if ref.detach().double().norm().item() < 1e-9:
-        worst = out.detach().double().abs().max().item()
-        assert worst <= 10 * tol, f"{name}: reference is 0 but max |out| = {worst:.3e}"
-        return
-    err = rel_err(out, ref)
-    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
 
 
 def leaf(t, dtype=torch.float64):

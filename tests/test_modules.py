@@ -29,6 +29,7 @@ from attnkit import (
     SwappableMixin,
     swap,
 )
+from conftest import assert_close_tol as assert_close, rel_norm as rel_err
 
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")]
 
@@ -52,26 +53,6 @@ def _gen(seed: int) -> torch.Generator:
 def randn(*shape, dtype=torch.float32, gen=None, std=1.0) -> torch.Tensor:
     """Fresh standard-normal values (float64 draw, then cast)."""
     return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(dtype)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    o, r = out.detach().double(), ref.detach().double()
-    den = r.norm().item()
-    num = (o - r).norm().item()
-    return num if den == 0.0 else num / den
-
-
-def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, name: str = "out") -> None:
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), f"{name}: non-finite values"
-    if ref.detach().double().norm().item() < 1e-9:
-        # mathematically zero (e.g. the gradient of a bias that a softmax is invariant to):
-        # only rounding noise is allowed, scaled like the bound
-        worst = out.detach().double().abs().max().item()
-        assert worst <= 10 * tol, f"{name}: reference is 0 but max |out| = {worst:.3e}"
-        return
-    err = rel_err(out, ref)
-    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
 
 
 def leaf(t: torch.Tensor, dtype=None) -> torch.Tensor:

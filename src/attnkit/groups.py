@@ -63,18 +63,15 @@ class SegmentLayout:
             full.append((pos, self.len_q, -1))
         return [(b, min(b + block_m, e), si) for s, e, si in full for b in range(s, e, block_m)]
 
+    def key_classes(self) -> list[tuple[int, int, tuple[int, ...]]]:
+        """[0, len_k) cut where set membership changes: (start, end, the sets whose segments hold it)."""
+        cuts = sorted({0, self.len_k, *(x for _, ksegs in self.sets for seg in ksegs for x in seg)})
+        return [(a, b, tuple(si for si, (_, ksegs) in enumerate(self.sets) if any(s <= a and b <= e for s, e in ksegs)))
+                for a, b in zip(cuts, cuts[1:])]
+
     def k_blocks(self, block_n: int) -> list[tuple[int, int, tuple[int, ...]]]:
-        """(start, end, sets that read it) per key block, cut where set membership changes."""
-        cuts = {0, self.len_k}
-        for _, ksegs in self.sets:
-            for s, e in ksegs:
-                cuts.update((s, e))
-        cuts = sorted(cuts)
-        out = []
-        for a, b in zip(cuts, cuts[1:]):
-            users = tuple(si for si, (_, ksegs) in enumerate(self.sets) if any(s <= a and b <= e for s, e in ksegs))
-            out += [(x, min(x + block_n, b), users) for x in range(a, b, block_n)]
-        return out
+        """(start, end, sets that read it) per key block: the key classes cut at the block size."""
+        return [(x, min(x + block_n, b), users) for a, b, users in self.key_classes() for x in range(a, b, block_n)]
 
 
 def _as_sets(sets) -> tuple:
@@ -115,14 +112,13 @@ class GroupMask:
             raise TypeError(f"layout must be a SegmentLayout, got {type(layout).__name__}")
         self.layout = layout
         nsets = len(layout.sets)
-        cuts = sorted({0, layout.len_k, *(x for _, ks in layout.sets for seg in ks for x in seg)})
+        classes = layout.key_classes()
         qset = torch.full((layout.len_q,), nsets, dtype=torch.int32)  # row `nsets`: attends nothing
         kcls = torch.zeros(layout.len_k, dtype=torch.int32)
-        allowed = torch.zeros(nsets + 1, max(len(cuts) - 1, 1), dtype=torch.bool)
-        for ci, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        allowed = torch.zeros(nsets + 1, max(len(classes), 1), dtype=torch.bool)
+        for ci, (a, b, users) in enumerate(classes):
             kcls[a:b] = ci
-            for si, (_, ksegs) in enumerate(layout.sets):
-                allowed[si, ci] = any(s <= a and b <= e for s, e in ksegs)
+            allowed[list(users), ci] = True
         for si, (qruns, _) in enumerate(layout.sets):
             for s, e in qruns:
                 qset[s:e] = si

@@ -191,8 +191,8 @@ if triton is not None:
                    SUM_M: tl.constexpr, SUM_N: tl.constexpr, ATOMIC: tl.constexpr):
         """Add a [M, N] tile of ds into the float32 bias gradient: summed in registers over a
         broadcast query / key dim first; atomically when other programs share the elements
-        (bias broadcast over batch or heads), else a plain store (each element is visited once)."""
-        ds = tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
+        (bias broadcast over batch or heads), else a plain store (each element is visited once).
+        ds is already 0 outside the tile's valid rows/columns (p = 0 there)."""
         if SUM_M and SUM_N:
             tl.atomic_add(DB_BH, tl.sum(tl.sum(ds, 1), 0))
         elif SUM_M:
@@ -493,8 +493,8 @@ class _FlashAttention(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse, bias = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = _backward(do.contiguous() if do.stride(-1) != 1 else do, q, k, v, o, lse, dlse,
-                                      ctx.mask, bias, bias_grad, ctx.layout, ctx.scale, ctx.bounds)
+        dq, dk, dv, dbias = _backward(do, q, k, v, o, lse, dlse, ctx.mask, bias, bias_grad,  # do: any strides
+                                      ctx.layout, ctx.scale, ctx.bounds)
         return dq, dk, dv, dbias, None, None, None, None
 
 

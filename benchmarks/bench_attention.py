@@ -27,6 +27,9 @@ grad that is non-zero on the checked rows only) is compared with attnkit's float
 far above bf16 rounding is marked BAD and cannot be "best". A peer that fails
 (unsupported, OOM, compile error) is recorded with its error text.
 
+Peak memory (CUDA): the memory one more call allocates above what was allocated before it
+(inputs excluded; fwd+bwd includes the gradients), measured after the first call.
+
 Timing (harness.time_fn_stats): CUDA events, warm-up / rep budgets of 10 / 50 ms per peer,
 median; the peers of a (workload, mode) are timed in 2 rounds, the second in reverse order,
 and ms is the mean of the two medians (an H100 running near its power limit slows down over
@@ -149,7 +152,12 @@ def workloads(smoke: bool) -> list[Workload]:
                                     causal=causal, long=L >= 16384))
     out.append(Workload("window1024_L16384_D128", 1, 16, 16384, 128, causal=True, window=1024, long=True,
                         note="SDPA peers get a materialised [L, L] bool mask, as a user would write"))
-    out.append(Workload("evoformer_B128_H8_L512_D32", 128, 8, 512, 32, bias=True, note=EVO_NOTE))
+    # issue 5's Evoformer grid: MSA row attention (B = N_seq = 128 rows, 8 heads) and triangle
+    # attention (B = N_res rows, 4 heads), D = 32, one [1, H, L, L] pair bias shared by every row
+    for L in (256, 512, 1024):
+        out.append(Workload(f"evoformer_msa_B128_H8_L{L}_D32", 128, 8, L, 32, bias=True, note=EVO_NOTE))
+    for L in (256, 512):
+        out.append(Workload(f"evoformer_tri_B{L}_H4_L{L}_D32", L, 4, L, 32, bias=True, note=EVO_NOTE))
     return out
 
 
@@ -433,6 +441,13 @@ def prepare_peer(peer: str, st: State, mode: str, args, t_start: float):
 
         def timed():
             return torch.autograd.grad(call(), inputs, gout)
+    if device.type == "cuda":  # memory one call needs above the inputs (after the compile, on its own)
+        H.sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        _, err, _ = H.run_guarded(lambda: H.sync(device) if timed() is not None else None)
+        if err is None:
+            extra["peak_mib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
     return Candidate(peer, timed, base, extra)
 
 
@@ -579,6 +594,8 @@ def log_record(rec: dict) -> None:
                      f"{rec['paired_peer_ms']:.4g} ms, ratio {rec['paired_ratio']:.3f}]")
     else:
         desc = f"{rec['status']}: {H._short(H.error_summary(rec.get('error')), 110)}"
+    if rec.get("peak_mib") is not None:
+        desc += f" peak +{rec['peak_mib']:.0f} MiB"
     chk = "" if rec.get("max_abs_err") is None else f" err {rec['max_abs_err']:.1e}"
     chk += " BAD" if rec.get("correct") is False else ""
     fc = f" (first call {rec['first_call_s']:.1f}s)" if (rec.get("first_call_s") or 0) > 2 else ""

@@ -487,6 +487,8 @@ def _note_cell(r: dict, n: int) -> str:
         parts.append(f"chose {r['backend']}")
     if r["status"] != "ok":
         parts.append(f"{r['status']}: {_short(error_summary(r.get('error')), n)}")
+    if r.get("peak_mib") is not None:
+        parts.append(f"peak +{r['peak_mib']:.0f} MiB")
     if r.get("note"):
         parts.append(_short(r["note"], n))
     return "; ".join(parts)

@@ -233,7 +233,7 @@ SPEC_LACKS = {
              "cuda": {"softcap", "score_mod", "sinks", "return_lse"}},
     "flex": {"cpu": {"backward", "bias_grad", "return_lse", "sinks", "dropout"},
              "cuda": {"dropout"}},
-    "triton": {d: {"softcap", "score_mod", "mask_mod", "sinks", "dropout"}
+    "triton": {d: {"score_mod", "mask_mod", "dropout"}
                for d in ("cpu", "cuda")},
 }
 # Head dims a backend is specified to take (None = any). flex: powers of two 16..256 (README).

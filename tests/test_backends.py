@@ -16,8 +16,8 @@ import torch
 import attnkit
 from attnkit.backends import ChunkedBackend
 from attnkit.request import build_request
-from cases import (BY_NAME, CASE_IDS, CASES, REL_RADIUS, alibi_score_mod, dead_rows_mask_mod, expected_missing,
-                   rel_table_build)
+from cases import (BY_NAME, CASE_IDS, CASES, REL_RADIUS, TRITON_INTERPRET, alibi_score_mod, dead_rows_mask_mod,
+                   expected_missing, rel_table_build)
 from conftest import (
     Case,
     allowed_pairs,
@@ -265,7 +265,7 @@ def test_dead_rows_with_sinks_gradients():
     q, k, v = make_qkv(1, 2, 1, 6, 4, 8, seed=21)
     q.requires_grad_(True)
     sinks = torch.tensor([0.3, -0.7], requires_grad=True)
-    for backend in ["reference", "chunked"]:
+    for backend in ["reference", "chunked"] + (["triton"] if TRITON_INTERPRET else []):
         out, lse = attnkit.attention(q, k, v, causal=True, sinks=sinks, return_lse=True, backend=backend)
         # rows 0, 1 are dead (Lq - Lk = 2)
         gs, gq = torch.autograd.grad(lse[:, :, :2].sum(), [sinks, q])

@@ -77,6 +77,13 @@ GROUP_CASES = [_group_case(n, B=1, Hq=2, Hkv=2) for n in LAYOUTS] + [
     # a pair bias shared by the batch (Evoformer-like), on a group layout: its gradient sums over B
     _group_case("abupt_small", B=2, Hq=2, Hkv=1, name="group_pair_bias",
                 extras=lambda B, H, Lq, Lk, g: {"bias": torch.randn(H, Lq, Lk, generator=g)}),
+    # a full bias (gradient stored, not added) where one set's two key segments share a key tile
+    _group_case("two_patterns", B=2, Hq=2, Hkv=2, name="group_full_bias_shared_tile",
+                extras=lambda B, H, Lq, Lk, g: {"bias": torch.randn(B, H, Lq, Lk, generator=g)}),
+    # softcap over a bias, and sinks, on a group layout with uncovered query rows
+    _group_case("uncovered", B=1, Hq=2, Hkv=1, kw=dict(softcap=1.5, return_lse=True), name="group_softcap_sinks",
+                extras=lambda B, H, Lq, Lk, g: {"bias": torch.randn(1, H, 1, Lk, generator=g),
+                                                "sinks": torch.randn(H, generator=g)}),
 ]
 
 
@@ -192,9 +199,9 @@ def test_gradient_through_lse_triton(tdevice):
 
 def test_triton_refuses_what_it_lacks():
     q, k, v = make_qkv(1, 2, 2, 8, 8, 16)
-    for kw, word in [(dict(softcap=2.0), "'softcap'"),
+    for kw, word in [(dict(score_mod=lambda s, b, h, i, j: s * 2), "'score_mod'"),
                      (dict(mask_mod=lambda b, h, i, j: j <= i), "'mask_mod'"),
-                     (dict(sinks=torch.randn(2)), "'sinks'")]:
+                     (dict(dropout_p=0.1), "'dropout'")]:
         with pytest.raises(ValueError, match=word):
             _triton(q, k, v, **kw)
     if not TRITON_INTERPRET:

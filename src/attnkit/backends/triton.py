@@ -19,8 +19,8 @@ from ..ops import flash_attention as fa
 from ..request import AttentionRequest
 from .base import Backend, Capabilities
 
-_FEATURES = frozenset({"mask", "bias", "bias_grad", "causal", "window", "group_mask", "return_lse", "gqa",
-                       "value_head_dim", "backward"})
+_FEATURES = frozenset({"mask", "bias", "bias_grad", "causal", "window", "group_mask", "softcap", "sinks",
+                       "return_lse", "gqa", "value_head_dim", "backward"})
 
 
 class TritonBackend(Backend):
@@ -55,7 +55,10 @@ class TritonBackend(Backend):
         q, k, v = req.q, req.k, req.v
         if not req.needs_grad:
             q, k, v = q.detach(), k.detach(), v.detach()
-        bias = req.bias if req.bias is None or req.needs_grad else req.bias.detach()
+        bias, sinks = req.bias, req.sinks
+        if not req.needs_grad:
+            bias = bias.detach() if bias is not None else None
+            sinks = sinks.detach() if sinks is not None else None
         out, lse = fa.flash_attention(q, k, v, mask=req.mask, bias=bias, layout=layout, scale=req.scale,
-                                      bounds=req.key_bounds)
+                                      softcap=req.softcap, sinks=sinks, bounds=req.key_bounds)
         return out, (lse if req.return_lse else None)

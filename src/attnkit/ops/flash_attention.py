@@ -85,11 +85,17 @@ def _tables(layout: SegmentLayout, block_m: int, block_n: int, device: torch.dev
         ktab += [s, e]
         runptr.append(len(runs) // 2)
 
+    # the largest power of two (<= block_n) dividing every key block's start: the dK/dV kernel
+    # may assume it, so that a block's bias/mask columns load as aligned vectors
+    kalign = block_n
+    while kalign > 1 and any(s % kalign for s, _, _ in kb):
+        kalign //= 2
+
     def t(xs):
         return torch.tensor(xs if xs else [0], dtype=torch.int32, device=device)
 
     hit = {"qtab": t(qtab), "n_qblocks": len(qb), "segptr": t(segptr), "segs": t(segs),
-           "ktab": t(ktab), "n_kblocks": len(kb), "runptr": t(runptr), "runs": t(runs)}
+           "ktab": t(ktab), "n_kblocks": len(kb), "runptr": t(runptr), "runs": t(runs), "kalign": kalign}
     if len(_TABLES) > 64:
         _TABLES.pop(next(iter(_TABLES)))
     _TABLES[key] = hit
@@ -148,10 +154,15 @@ if triton is not None:
                  mask=ok[:, None] & (cols[None, :] < COLS))
 
     @triton.jit
-    def _allowed(keep, in_bounds, qi, kj, MASK_BH, smm, smn, offset, left, right,
+    def _tanh(x):
+        # tanh through the sigmoid: one exp, saturates cleanly to +-1 (tl has no tanh on every target)
+        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+    @triton.jit
+    def _allowed(keep, in_mem, qi, kj, MASK_BH, smm, smn, offset, left, right,
                  HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
         """Pairs (query qi, key kj; broadcast tiles in either orientation) that `keep` (a vector:
-        no full-tile op when nothing else applies), the bounds and the mask allow. `in_bounds`
+        no full-tile op when nothing else applies), the bounds and the mask allow. `in_mem`
         guards the mask read (the compiler drops it when there is no mask)."""
         ok = keep
         if HAS_LEFT:
@@ -159,62 +170,85 @@ if triton is not None:
         if HAS_RIGHT:
             ok = ok & (kj <= qi + offset + right)
         if HAS_MASK:
-            ok = ok & (tl.load(MASK_BH + qi * smm + kj * smn, mask=in_bounds, other=0) != 0)
+            ok = ok & (tl.load(MASK_BH + qi * smm + kj * smn, mask=in_mem, other=0) != 0)
         return ok
 
     @triton.jit
-    def _bias_log2(BIAS_BH, qi, kj, in_bounds, sbm, sbn):
+    def _bias_log2(BIAS_BH, qi, kj, in_mem, sbm, sbn):
         """The additive bias of pairs (qi, kj) in log2 units, read in place (broadcast dims: stride 0)."""
-        return tl.load(BIAS_BH + qi * sbm + kj * sbn, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
+        return tl.load(BIAS_BH + qi * sbm + kj * sbn, mask=in_mem, other=0.0).to(tl.float32) * 1.4426950408889634
 
     @triton.jit
-    def _key_tile(q, offs_m, row_ok, start_n, hi, k_base, skn, skd, v_base, svn, svd, D, DV,
-                  mask_bh, smm, smn, bias_bh, sbm, sbn, qk_scale, offset, left, right,
-                  HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LEFT: tl.constexpr,
-                  HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-        """The K and V tile of keys [start_n, min(start_n + BLOCK_N, hi)), the scores q k^T * qk_scale
-        (log2 units) of the query block against it, and which of those pairs are allowed."""
-        offs_n, col_ok = _rows(start_n, hi, BLOCK_N, BIG)
-        k = _load(k_base, offs_n, col_ok, skn, skd, D, BLOCK_D)
-        v = _load(v_base, offs_n, col_ok, svn, svd, DV, BLOCK_DV)
+    def _key_cols(start_n, lo, hi, LK, row_ok, BLOCK_N: tl.constexpr, BIG: tl.constexpr, KEY_EDGE: tl.constexpr):
+        """Key offsets of the tile at start_n (on the BLOCK_N grid), which of them the segment
+        [lo, hi) holds, which exist (< LK), and the memory guard of a [rows, keys] bias/mask tile.
+        Away from LK's edge that guard is the rows only: constant along the keys, so that bias
+        and mask rows load as wide vectors (a per-key guard forces scalar loads)."""
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if BIG:
+            offs_n = offs_n.to(tl.int64)
+        exists = offs_n < LK
+        if KEY_EDGE:
+            tile_mem = row_ok[:, None] & exists[None, :]
+        else:
+            tile_mem = row_ok[:, None]
+        return offs_n, (offs_n >= lo) & (offs_n < hi), exists, tile_mem
+
+    @triton.jit
+    def _key_tile(q, offs_m, offs_n, col_ok, exists, tile_mem, k_base, skn, skd, v_base, svn, svd, D, DV,
+                  mask_bh, smm, smn, bias_bh, sbm, sbn, qk_scale, cap2, offset, left, right,
+                  HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
+                  HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+        """The K and V tile of keys offs_n, the scores (q k^T * scale + bias, softcapped; log2
+        units) of the query block against it, their tanh (for the softcap's gradient), and which
+        pairs are allowed."""
+        k = _load(k_base, offs_n, exists, skn, skd, D, BLOCK_D)
+        v = _load(v_base, offs_n, exists, svn, svd, DV, BLOCK_DV)
         s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         if HAS_BIAS:
-            s += _bias_log2(bias_bh, offs_m[:, None], offs_n[None, :], row_ok[:, None] & col_ok[None, :], sbm, sbn)
-        # keys past the segment must not count; queries past the block are never stored
-        ok = _allowed(col_ok[None, :], row_ok[:, None] & col_ok[None, :], offs_m[:, None], offs_n[None, :],
+            s += _bias_log2(bias_bh, offs_m[:, None], offs_n[None, :], tile_mem, sbm, sbn)
+        t = s
+        if SOFTCAP:  # cap * tanh(x / cap), in log2 units: cap2 = cap * log2(e)
+            t = _tanh(s / cap2)
+            s = t * cap2
+        # keys outside the segment must not count; query rows past the block are never stored
+        ok = _allowed(col_ok[None, :], tile_mem, offs_m[:, None], offs_n[None, :],
                       mask_bh, smm, smn, offset, left, right, HAS_MASK, HAS_LEFT, HAS_RIGHT)
-        return k, v, s, ok
+        return k, v, s, t, ok
 
     @triton.jit
-    def _bias_grad(DB_BH, ds, rows, row_ok, cols, col_ok, sdbm, sdbn,
+    def _bias_grad(DB_BH, ds, rows, row_ok, cols, col_ok, exists, tile_mem, sdbm, sdbn,
                    SUM_M: tl.constexpr, SUM_N: tl.constexpr, ATOMIC: tl.constexpr):
         """Add a [M, N] tile of ds into the float32 bias gradient: summed in registers over a
         broadcast query / key dim first; atomically when other programs share the elements
-        (bias broadcast over batch or heads), else a plain store (each element is visited once).
-        ds is already 0 outside the tile's valid rows/columns (p = 0 there)."""
+        (bias broadcast over batch or heads), else a plain store of the segment's own columns
+        (two segments of one set may share a tile on the BLOCK_N grid). ds is 0 outside the
+        segment and on rows past the block (p = 0 there), so atomics may add the whole tile."""
         if SUM_M and SUM_N:
-            tl.atomic_add(DB_BH, tl.sum(tl.sum(ds, 1), 0))
+            tl.atomic_add(DB_BH, tl.sum(tl.sum(ds, 1), 0), sem="relaxed")
         elif SUM_M:
-            tl.atomic_add(DB_BH + cols * sdbn, tl.sum(ds, 0), mask=col_ok)
+            tl.atomic_add(DB_BH + cols * sdbn, tl.sum(ds, 0), mask=exists, sem="relaxed")
         elif SUM_N:
-            tl.atomic_add(DB_BH + rows * sdbm, tl.sum(ds, 1), mask=row_ok)
+            tl.atomic_add(DB_BH + rows * sdbm, tl.sum(ds, 1), mask=row_ok, sem="relaxed")
         elif ATOMIC:
-            tl.atomic_add(DB_BH + rows[:, None] * sdbm + cols[None, :] * sdbn, ds,
-                          mask=row_ok[:, None] & col_ok[None, :])
+            tl.atomic_add(DB_BH + rows[:, None] * sdbm + cols[None, :] * sdbn, ds, mask=tile_mem, sem="relaxed")
         else:
             tl.store(DB_BH + rows[:, None] * sdbm + cols[None, :] * sdbn, ds, mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
-    def _key_range(SEGS, si, q_start, q_end, offset, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-        """Segment si's keys that some query of [q_start, q_end) may reach under the bounds."""
+    def _key_range(SEGS, si, q_start, q_end, offset, left, right, LK, HAS_LEFT: tl.constexpr,
+                   HAS_RIGHT: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Segment si's keys that some query of [q_start, q_end) may reach under the bounds: [lo, hi),
+        the first tile's start (lo rounded down to the BLOCK_N grid, so that bias/mask rows load
+        aligned) and the end of the tiles that lie wholly below LK."""
         lo = tl.load(SEGS + 2 * si)
         hi = tl.load(SEGS + 2 * si + 1)
         if HAS_LEFT:
             lo = tl.maximum(lo, q_start + offset - left)
         if HAS_RIGHT:
             hi = tl.minimum(hi, q_end - 1 + offset + right + 1)
-        return lo, hi
+        return lo, hi, lo - lo % BLOCK_N, tl.minimum(hi, LK - LK % BLOCK_N)
 
     @triton.jit
     def _lse_log2(LSE_BH, rows, ok):
@@ -223,12 +257,34 @@ if triton is not None:
         return tl.where(lse == float("-inf"), float("inf"), lse)
 
     @triton.jit
+    def _fwd_tile(acc, m_i, l_i, q, offs_m, row_ok, start_n, lo, hi, LK, k_base, skn, skd, v_base, svn, svd, D, DV,
+                  mask_bh, smm, smn, bias_bh, sbm, sbn, qk_scale, cap2, offset, left, right,
+                  HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
+                  HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
+                  KEY_EDGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+        """One key tile of the online softmax."""
+        offs_n, col_ok, exists, tile_mem = _key_cols(start_n, lo, hi, LK, row_ok, BLOCK_N, BIG, KEY_EDGE)
+        k, v, s, _, ok = _key_tile(q, offs_m, offs_n, col_ok, exists, tile_mem, k_base, skn, skd, v_base, svn, svd,
+                                   D, DV, mask_bh, smm, smn, bias_bh, sbm, sbn, qk_scale, cap2, offset, left, right,
+                                   HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST,
+                                   BLOCK_D, BLOCK_DV)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
+        return acc, m_new, l_i
+
+    @triton.jit
     def _fwd_kernel(
-        Q, K, V, O, LSE, MASK, BIAS, QTAB, SEGPTR, SEGS, NBLOCKS,
+        Q, K, V, O, LSE, MASK, BIAS, SINKS, QTAB, SEGPTR, SEGS, NBLOCKS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
         smb, smh, smm, smn, sbb, sbh, sbm, sbn,
-        H, GROUP, Lq, D, DV, qk_scale, offset, left, right,
-        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+        H, GROUP, Lq, LK, D, DV, qk_scale, cap2, offset, left, right,
+        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
@@ -241,22 +297,26 @@ if triton is not None:
         bias_bh = BIAS + b * sbb + h * sbh
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
+        if HAS_SINKS:  # the sink logit opens the softmax: in the denominator, with no value
+            m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+            l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         for si in range(tl.load(SEGPTR + qset), tl.load(SEGPTR + qset + 1)):
-            lo, hi = _key_range(SEGS, si, q_start, q_end, offset, left, right, HAS_LEFT, HAS_RIGHT)
-            for start_n in range(lo, hi, BLOCK_N):
-                k, v, s, ok = _key_tile(q, offs_m, row_ok, start_n, hi, k_base, skn, skd, v_base, svn, svd, D, DV,
-                                        mask_bh, smm, smn, bias_bh, sbm, sbn, qk_scale, offset, left, right,
-                                        HAS_MASK, HAS_BIAS, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
-                                        BLOCK_N, BLOCK_D, BLOCK_DV)
-                s = tl.where(ok, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-                p = tl.exp2(s - m_use[:, None])
-                alpha = tl.exp2(m_i - m_use)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
-                m_i = m_new
+            lo, hi, first, full_end = _key_range(SEGS, si, q_start, q_end, offset, left, right, LK,
+                                                 HAS_LEFT, HAS_RIGHT, BLOCK_N)
+            for start_n in range(first, full_end, BLOCK_N):  # tiles wholly below LK
+                start_n = tl.multiple_of(start_n, BLOCK_N)
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, offs_m, row_ok, start_n, lo, hi, LK,
+                                          k_base, skn, skd, v_base, svn, svd, D, DV, mask_bh, smm, smn,
+                                          bias_bh, sbm, sbn, qk_scale, cap2, offset, left, right,
+                                          HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
+                                          False, BLOCK_N, BLOCK_D, BLOCK_DV)
+            for start_n in range(tl.maximum(first, LK - LK % BLOCK_N), hi, BLOCK_N):  # the tile across LK
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, offs_m, row_ok, start_n, lo, hi, LK,
+                                          k_base, skn, skd, v_base, svn, svd, D, DV, mask_bh, smm, smn,
+                                          bias_bh, sbm, sbn, qk_scale, cap2, offset, left, right,
+                                          HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
+                                          True, BLOCK_N, BLOCK_D, BLOCK_DV)
         dead = l_i == 0.0
         out = acc / tl.where(dead, 1.0, l_i)[:, None]
         lse = tl.where(dead, float("-inf"), (m_i + tl.log2(tl.where(dead, 1.0, l_i))) / 1.4426950408889634)
@@ -264,12 +324,36 @@ if triton is not None:
         tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
 
     @triton.jit
+    def _dq_tile(dq, q, do, lse, delta, offs_m, row_ok, start_n, lo, hi, LK, k_base, skn, skd, v_base, svn, svd,
+                 D, DV, mask_bh, smm, smn, bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, qk_scale, cap2, offset, left, right,
+                 HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
+                 HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
+                 BIAS_GRAD: tl.constexpr, DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr, DB_ATOMIC: tl.constexpr,
+                 KEY_EDGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+        """One key tile of dQ (and of the bias gradient)."""
+        offs_n, col_ok, exists, tile_mem = _key_cols(start_n, lo, hi, LK, row_ok, BLOCK_N, BIG, KEY_EDGE)
+        k, v, s, t, ok = _key_tile(q, offs_m, offs_n, col_ok, exists, tile_mem, k_base, skn, skd, v_base, svn, svd,
+                                   D, DV, mask_bh, smm, smn, bias_bh, sbm, sbn, qk_scale, cap2, offset, left, right,
+                                   HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST,
+                                   BLOCK_D, BLOCK_DV)
+        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        if BIAS_GRAD:  # d loss / d bias = ds, summed over the bias's broadcast dims
+            _bias_grad(dbias_bh, ds, offs_m, row_ok, offs_n, col_ok, exists, tile_mem, sdbm, sdbn,
+                       DB_SUM_M, DB_SUM_N, DB_ATOMIC)
+        return dq + _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
+
+    @triton.jit
     def _bwd_dq_kernel(
         Q, K, V, DO, DQ, LSE, DELTA, MASK, BIAS, DBIAS, QTAB, SEGPTR, SEGS, NBLOCKS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdqb, sdqh, sdqm, sdqd, smb, smh, smm, smn, sbb, sbh, sbm, sbn, sdbb, sdbh, sdbm, sdbn,
-        H, GROUP, Lq, D, DV, qk_scale, sm_scale, offset, left, right,
-        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+        H, GROUP, Lq, LK, D, DV, qk_scale, cap2, sm_scale, offset, left, right,
+        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
         BIAS_GRAD: tl.constexpr, DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr, DB_ATOMIC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -287,37 +371,31 @@ if triton is not None:
         bias_bh = BIAS + b * sbb + h * sbh
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for si in range(tl.load(SEGPTR + qset), tl.load(SEGPTR + qset + 1)):
-            lo, hi = _key_range(SEGS, si, q_start, q_end, offset, left, right, HAS_LEFT, HAS_RIGHT)
-            for start_n in range(lo, hi, BLOCK_N):
-                k, v, s, ok = _key_tile(q, offs_m, row_ok, start_n, hi, k_base, skn, skd, v_base, svn, svd, D, DV,
-                                        mask_bh, smm, smn, bias_bh, sbm, sbn, qk_scale, offset, left, right,
-                                        HAS_MASK, HAS_BIAS, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
-                                        BLOCK_N, BLOCK_D, BLOCK_DV)
-                p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-                dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
-                ds = p * (dp - delta[:, None])
-                if BIAS_GRAD:  # d loss / d bias = ds, summed over the bias's broadcast dims
-                    offs_n, col_ok = _rows(start_n, hi, BLOCK_N, BIG)
-                    _bias_grad(dbias_bh, ds, offs_m, row_ok, offs_n, col_ok, sdbm, sdbn, DB_SUM_M, DB_SUM_N, DB_ATOMIC)
-                dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
+            lo, hi, first, full_end = _key_range(SEGS, si, q_start, q_end, offset, left, right, LK,
+                                                 HAS_LEFT, HAS_RIGHT, BLOCK_N)
+            for start_n in range(first, full_end, BLOCK_N):  # tiles wholly below LK
+                start_n = tl.multiple_of(start_n, BLOCK_N)
+                dq = _dq_tile(dq, q, do, lse, delta, offs_m, row_ok, start_n, lo, hi, LK, k_base, skn, skd,
+                              v_base, svn, svd, D, DV, mask_bh, smm, smn, bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn,
+                              qk_scale, cap2, offset, left, right, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT,
+                              PRECISION, UPCAST, BIG, BIAS_GRAD, DB_SUM_M, DB_SUM_N, DB_ATOMIC,
+                              False, BLOCK_N, BLOCK_D, BLOCK_DV)
+            for start_n in range(tl.maximum(first, LK - LK % BLOCK_N), hi, BLOCK_N):  # the tile across LK
+                dq = _dq_tile(dq, q, do, lse, delta, offs_m, row_ok, start_n, lo, hi, LK, k_base, skn, skd,
+                              v_base, svn, svd, D, DV, mask_bh, smm, smn, bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn,
+                              qk_scale, cap2, offset, left, right, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT,
+                              PRECISION, UPCAST, BIG, BIAS_GRAD, DB_SUM_M, DB_SUM_N, DB_ATOMIC,
+                              True, BLOCK_N, BLOCK_D, BLOCK_DV)
         _store(DQ + b * sdqb + h * sdqh, offs_m, row_ok, sdqm, sdqd, D, dq * sm_scale, BLOCK_D)
 
     @triton.jit
-    def _bwd_dkdv_kernel(
-        Q, K, V, DO, DK, DV_, LSE, DELTA, MASK, BIAS, KTAB, RUNPTR, RUNS, NBLOCKS,
-        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
-        sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
-        H, HKV, GROUP, Lq, D, DV, qk_scale, sm_scale, offset, left, right,
-        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    ):
-        blk, _, b, hk, _ = _program(NBLOCKS, HKV, 1)
-        k_start = tl.load(KTAB + 2 * blk)
-        k_end = tl.load(KTAB + 2 * blk + 1)
-        offs_n, col_ok = _rows(k_start, k_end, BLOCK_N, BIG)
-        k = _load(K + b * skb + hk * skh, offs_n, col_ok, skn, skd, D, BLOCK_D)
-        v = _load(V + b * svb + hk * svh, offs_n, col_ok, svn, svd, DV, BLOCK_DV)
+    def _dkdv_block(Q, DO, LSE, DELTA, MASK, BIAS, RUNPTR, RUNS, blk, k, v, offs_n, col_ok, k_start, k_end, b, hk,
+                    sqb, sqh, sqm, sqd, sdob, sdoh, sdom, sdod, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
+                    H, GROUP, Lq, D, DV, qk_scale, cap2, offset, left, right,
+                    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
+                    HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
+                    KEY_EDGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+        """dK, dV of one key block: every query of the sets that read it, every head of its GQA group."""
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
         for g in range(0, GROUP):  # the query heads that read this kv head: no atomics needed
@@ -334,23 +412,73 @@ if triton is not None:
                     hi = tl.minimum(hi, k_end - 1 - offset + left + 1)
                 for start_m in range(lo, hi, BLOCK_M):
                     offs_m, row_ok = _rows(start_m, hi, BLOCK_M, BIG)
+                    # the [keys, queries] bias/mask tile is contiguous along the keys: guard them only at an edge
+                    if KEY_EDGE:
+                        tile_mem = col_ok[:, None] & row_ok[None, :]
+                    else:
+                        tile_mem = row_ok[None, :]
                     q = _load(Q + b * sqb + h * sqh, offs_m, row_ok, sqm, sqd, D, BLOCK_D)
                     do = _load(DO + b * sdob + h * sdoh, offs_m, row_ok, sdom, sdod, DV, BLOCK_DV)
                     lse = _lse_log2(LSE + bh * Lq, offs_m, row_ok)
                     delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
                     st = _mm(k, tl.trans(q), PRECISION, UPCAST) * qk_scale  # [BLOCK_N, BLOCK_M]
                     if HAS_BIAS:
-                        st += _bias_log2(bias_bh, offs_m[None, :], offs_n[:, None], col_ok[:, None] & row_ok[None, :],
-                                         sbm, sbn)
+                        st += _bias_log2(bias_bh, offs_m[None, :], offs_n[:, None], tile_mem, sbm, sbn)
+                    t = st
+                    if SOFTCAP:
+                        t = _tanh(st / cap2)
+                        st = t * cap2
                     # queries past the run must not count; key rows past the block are never stored
-                    ok = _allowed(row_ok[None, :], col_ok[:, None] & row_ok[None, :], offs_m[None, :],
-                                  offs_n[:, None], mask_bh, smm, smn, offset, left, right,
-                                  HAS_MASK, HAS_LEFT, HAS_RIGHT)
+                    ok = _allowed(row_ok[None, :], tile_mem, offs_m[None, :], offs_n[:, None], mask_bh, smm, smn,
+                                  offset, left, right, HAS_MASK, HAS_LEFT, HAS_RIGHT)
                     pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)
                     dv += _mm(pt.to(do.dtype), do, PRECISION, UPCAST)
                     dpt = _mm(v, tl.trans(do), PRECISION, UPCAST)
                     dst = pt * (dpt - delta[None, :])
+                    if SOFTCAP:
+                        dst = dst * (1.0 - t * t)
                     dk += _mm(dst.to(q.dtype), q, PRECISION, UPCAST)
+        return dk, dv
+
+    @triton.jit
+    def _bwd_dkdv_kernel(
+        Q, K, V, DO, DK, DV_, LSE, DELTA, MASK, BIAS, KTAB, RUNPTR, RUNS, NBLOCKS,
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+        sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
+        H, HKV, GROUP, Lq, D, DV, qk_scale, cap2, sm_scale, offset, left, right,
+        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr, KALIGN: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ):
+        blk, _, b, hk, _ = _program(NBLOCKS, HKV, 1)
+        k_start = tl.multiple_of(tl.load(KTAB + 2 * blk), KALIGN)  # KALIGN divides every block start
+        k_end = tl.load(KTAB + 2 * blk + 1)
+        offs_n, col_ok = _rows(k_start, k_end, BLOCK_N, BIG)
+        k = _load(K + b * skb + hk * skh, offs_n, col_ok, skn, skd, D, BLOCK_D)
+        v = _load(V + b * svb + hk * svh, offs_n, col_ok, svn, svd, DV, BLOCK_DV)
+        if HAS_BIAS or HAS_MASK:
+            if k_end - k_start == BLOCK_N:  # a full block: its bias/mask columns load as vectors
+                dk, dv = _dkdv_block(Q, DO, LSE, DELTA, MASK, BIAS, RUNPTR, RUNS, blk, k, v, offs_n, col_ok,
+                                     k_start, k_end, b, hk, sqb, sqh, sqm, sqd, sdob, sdoh, sdom, sdod,
+                                     smb, smh, smm, smn, sbb, sbh, sbm, sbn, H, GROUP, Lq, D, DV,
+                                     qk_scale, cap2, offset, left, right,
+                                     HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
+                                     False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
+            else:
+                dk, dv = _dkdv_block(Q, DO, LSE, DELTA, MASK, BIAS, RUNPTR, RUNS, blk, k, v, offs_n, col_ok,
+                                     k_start, k_end, b, hk, sqb, sqh, sqm, sqd, sdob, sdoh, sdom, sdod,
+                                     smb, smh, smm, smn, sbb, sbh, sbm, sbn, H, GROUP, Lq, D, DV,
+                                     qk_scale, cap2, offset, left, right,
+                                     HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
+                                     True, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
+        else:  # nothing is read along the keys
+            dk, dv = _dkdv_block(Q, DO, LSE, DELTA, MASK, BIAS, RUNPTR, RUNS, blk, k, v, offs_n, col_ok,
+                                 k_start, k_end, b, hk, sqb, sqh, sqm, sqd, sdob, sdoh, sdom, sdod,
+                                 smb, smh, smm, smn, sbb, sbh, sbm, sbn, H, GROUP, Lq, D, DV,
+                                 qk_scale, cap2, offset, left, right,
+                                 HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
+                                 True, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
         _store(DK + b * sdkb + hk * sdkh, offs_n, col_ok, sdkn, sdkd, D, dk * sm_scale, BLOCK_D)
         _store(DV_ + b * sdvb + hk * sdvh, offs_n, col_ok, sdvn, sdvd, DV, dv, BLOCK_DV)
 
@@ -409,9 +537,9 @@ def _bounds(bounds) -> tuple[int, int, bool, bool]:
     return (left or 0, right or 0, left is not None, right is not None)
 
 
-def _forward(q, k, v, mask, bias, layout, scale, bounds):
+def _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds):
     B, H, Lq, D = q.shape
-    Hkv, DV = k.shape[1], v.shape[3]
+    Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
     interp = _INTERPRET
     bm, bn, warps, stages = _config(D, DV, interp, q.dtype == torch.float32)["fwd"]
     tab = _tables(layout, bm, bn, q.device)
@@ -423,10 +551,12 @@ def _forward(q, k, v, mask, bias, layout, scale, bounds):
     left, right, has_l, has_r = _bounds(bounds)
     with _on(q):
         _fwd_kernel[(tab["n_qblocks"] * B * H,)](
-            q, k, v, o, lse, m, bt, tab["qtab"], tab["segptr"], tab["segs"], tab["n_qblocks"],
+            q, k, v, o, lse, m, bt, sinks if sinks is not None else q,
+            tab["qtab"], tab["segptr"], tab["segs"], tab["n_qblocks"],
             *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms, *bs,
-            H, H // Hkv, Lq, D, DV, scale * _LOG2E, k.shape[2] - Lq, left, right,
-            HAS_MASK=mask is not None, HAS_BIAS=bias is not None, HAS_LEFT=has_l, HAS_RIGHT=has_r,
+            H, H // Hkv, Lq, Lk, D, DV, scale * _LOG2E, (softcap or 1.0) * _LOG2E, Lk - Lq, left, right,
+            HAS_MASK=mask is not None, HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
+            HAS_SINKS=sinks is not None, HAS_LEFT=has_l, HAS_RIGHT=has_r,
             BIG=_big(q, k, v, o, mask, bias),
             **_precision(q.dtype, interp),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), num_warps=warps, num_stages=stages,
@@ -434,7 +564,8 @@ def _forward(q, k, v, mask, bias, layout, scale, bounds):
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, layout, scale, bounds):
+def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sinks_grad: bool,
+              layout, scale, softcap, bounds):
     B, H, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
     interp = _INTERPRET
@@ -452,18 +583,17 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, layout, sc
     dbias = torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if bias_grad else None
     db, dbs = _bcast_args(dbias, q)
     left, right, has_l, has_r = _bounds(bounds)
-    flags = dict(HAS_MASK=mask is not None, HAS_BIAS=bias is not None, HAS_LEFT=has_l, HAS_RIGHT=has_r,
-                 BIG=_big(q, k, v, do, dq, dk, dv, mask, bias),
-                 **_precision(q.dtype, interp),
-                 BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV))
-    offset = Lk - Lq
+    flags = dict(HAS_MASK=mask is not None, HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
+                 HAS_LEFT=has_l, HAS_RIGHT=has_r, BIG=_big(q, k, v, do, dq, dk, dv, mask, bias),
+                 **_precision(q.dtype, interp), BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV))
+    scalars = (scale * _LOG2E, (softcap or 1.0) * _LOG2E, scale, Lk - Lq, left, right)
     bm, bn, warps, stages = cfg["dq"]
     tab = _tables(layout, bm, bn, q.device)
     with _on(q):
         _bwd_dq_kernel[(tab["n_qblocks"] * B * H,)](
             q, k, v, do, dq, lse, delta, m, bt, db, tab["qtab"], tab["segptr"], tab["segs"], tab["n_qblocks"],
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms, *bs, *dbs,
-            H, H // Hkv, Lq, D, DV, scale * _LOG2E, scale, offset, left, right,
+            H, H // Hkv, Lq, Lk, D, DV, *scalars,
             BIAS_GRAD=bias_grad, DB_SUM_M=bias_grad and bias.shape[2] == 1 and Lq > 1,
             DB_SUM_N=bias_grad and bias.shape[3] == 1 and Lk > 1,
             DB_ATOMIC=bias_grad and ((bias.shape[0] == 1 and B > 1) or (bias.shape[1] == 1 and H > 1)),
@@ -475,31 +605,37 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, layout, sc
         _bwd_dkdv_kernel[(tab["n_kblocks"] * B * Hkv,)](
             q, k, v, do, dk, dv, lse, delta, m, bt, tab["ktab"], tab["runptr"], tab["runs"], tab["n_kblocks"],
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *ms, *bs,
-            H, Hkv, H // Hkv, Lq, D, DV, scale * _LOG2E, scale, offset, left, right,
+            H, Hkv, H // Hkv, Lq, D, DV, *scalars, KALIGN=tab["kalign"],
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
         )
-    return dq, dk, dv, (dbias.to(bias.dtype) if dbias is not None else None)
+    dsinks = None
+    if sinks_grad:  # d lse / d sink = p_sink: the sink's share of every row's softmax
+        p_sink = torch.exp(sinks.float().view(1, H, 1) - lse)
+        dsinks = (-(p_sink * delta).sum(dim=(0, 2))).to(sinks.dtype)
+    return dq, dk, dv, (dbias.to(bias.dtype) if dbias is not None else None), dsinks
 
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, mask, layout, scale, bounds):
-        o, lse = _forward(q, k, v, mask, bias, layout, scale, bounds)
-        ctx.save_for_backward(q, k, v, o, lse, bias)
-        ctx.mask, ctx.layout, ctx.scale, ctx.bounds = mask, layout, scale, bounds
+    def forward(ctx, q, k, v, bias, sinks, mask, layout, scale, softcap, bounds):
+        o, lse = _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds)
+        ctx.save_for_backward(q, k, v, o, lse, bias, sinks)
+        ctx.mask, ctx.layout, ctx.scale, ctx.softcap, ctx.bounds = mask, layout, scale, softcap, bounds
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, bias = ctx.saved_tensors
+        q, k, v, o, lse, bias, sinks = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = _backward(do, q, k, v, o, lse, dlse, ctx.mask, bias, bias_grad,  # do: any strides
-                                      ctx.layout, ctx.scale, ctx.bounds)
-        return dq, dk, dv, dbias, None, None, None, None
+        sinks_grad = sinks is not None and ctx.needs_input_grad[4]
+        dq, dk, dv, dbias, dsinks = _backward(do, q, k, v, o, lse, dlse, ctx.mask, bias, bias_grad,  # do: any strides
+                                              sinks, sinks_grad, ctx.layout, ctx.scale, ctx.softcap, ctx.bounds)
+        return dq, dk, dv, dbias, dsinks, None, None, None, None, None
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None,
                     bias: Tensor | None = None, layout: SegmentLayout | None = None, scale: float | None = None,
+                    softcap: float | None = None, sinks: Tensor | None = None,
                     bounds: tuple[int | None, int | None] | None = None) -> tuple[Tensor, Tensor]:
     """Fused attention over a segment layout. q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv].
 
@@ -507,8 +643,10 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = No
     bias: additive logits, the same broadcastable 4-D shapes, read in place; its gradient (when it
       requires one) comes back in its own shape, summed over the broadcast dims inside the kernel.
     layout: which query runs see which key segments (default: dense).
+    softcap: logits (scores plus bias) become softcap * tanh(logits / softcap) before masking.
+    sinks: [Hq] logits that join each row's softmax denominator with no value (differentiable).
     bounds: (left, right) key offsets around the bottom-right diagonal (None side = unbounded).
-    Returns (out [B, Hq, Lq, Dv], lse [B, Hq, Lq] float32, -inf on rows with no key);
+    Returns (out [B, Hq, Lq, Dv], lse [B, Hq, Lq] float32, -inf on rows with no key and no sink);
     both are differentiable.
     """
     if triton is None:
@@ -522,4 +660,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = No
         scale = 1.0 / math.sqrt(q.shape[-1])
     if bias is not None and bias.dim() != 4:
         raise ValueError(f"bias must be 4-D (broadcastable to [B, Hq, Lq, Lk]), got shape {list(bias.shape)}")
-    return _FlashAttention.apply(q, k, v, bias, mask, layout, float(scale), bounds)
+    if sinks is not None and sinks.shape != (q.shape[1],):
+        raise ValueError(f"sinks must have shape [Hq] = [{q.shape[1]}], got {list(sinks.shape)}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0, got {softcap!r}")
+    return _FlashAttention.apply(q, k, v, bias, sinks, mask, layout, float(scale),
+                                 None if softcap is None else float(softcap), bounds)

@@ -6,7 +6,8 @@
 For each workload and each candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) of the
 forward, dQ and dK/dV kernels, times the kernel call alone (CUDA events, median) and prints
 ms and TFLOP/s; the current default configuration is marked. Workloads: dense and causal
-bf16 attention, and the two MixedAttention layouts of issue 4 as GroupMask layouts.
+bf16 attention, the two MixedAttention layouts of issue 4 as GroupMask layouts, and Evoformer
+shapes with a [1, H, L, L] pair bias (its gradient included in the backward).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from attnkit.groups import SegmentLayout
 from attnkit.ops import flash_attention as fa
 
 CANDIDATES = {
-    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)],
-    "dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 4, 3)],
-    "dkdv": [(64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3)],
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3),
+            (64, 64, 4, 2), (128, 128, 4, 2)],
+    "dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3)],
+    "dkdv": [(64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
 }
 
 
@@ -47,12 +49,16 @@ def workloads(quick: bool):
                      [(["sa", "sq"], ["sa"]), (["va", "vq"], ["va"])])
     b = group_layout([(f"g{i}", 512) for i in range(8)],
                      [([f"g{i}"], ["g0"] if i == 0 else ["g0", f"g{i}"]) for i in range(8)])
+    # (name, B, H, L, D, layout, bounds, pair bias [1, H, L, L] with its gradient)
     out = [
-        ("mixed_b_8x512_H12_D64", 4, 12, 4096, 64, b, None),
-        ("mixed_a_abupt_H12_D64", 1, 12, a.len_q, 64, a, None),
-        ("dense_L4096_H32_D64", 4, 32, 4096, 64, None, None),
-        ("causal_L4096_H16_D128", 4, 16, 4096, 128, None, (None, 0)),
-        ("dense_L4096_H16_D128", 4, 16, 4096, 128, None, None),
+        ("mixed_b_8x512_H12_D64", 4, 12, 4096, 64, b, None, False),
+        ("mixed_a_abupt_H12_D64", 1, 12, a.len_q, 64, a, None, False),
+        ("dense_L4096_H32_D64", 4, 32, 4096, 64, None, None, False),
+        ("causal_L4096_H16_D128", 4, 16, 4096, 128, None, (None, 0), False),
+        ("dense_L4096_H16_D128", 4, 16, 4096, 128, None, None, False),
+        ("evo_msa_B128_H8_L512_D32", 128, 8, 512, 32, None, None, True),
+        ("evo_msa_B128_H8_L1024_D32", 128, 8, 1024, 32, None, None, True),
+        ("evo_tri_B256_H4_L256_D32", 256, 4, 256, 32, None, None, True),
     ]
     return out[:2] if quick else out
 
@@ -67,6 +73,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", nargs="+", default=None, help="workloads whose name contains one of these")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("CUDA only")
@@ -74,13 +81,17 @@ def main() -> int:
     dev = torch.device("cuda")
     default = fa._config
     recs = []
-    for name, B, Hh, L, D, layout, bounds in workloads(args.quick):
+    for name, B, Hh, L, D, layout, bounds, has_bias in workloads(args.quick):
+        if args.only and not any(x in name for x in args.only):
+            continue
         g = torch.Generator(device=dev).manual_seed(0)
         q, k, v = (torch.randn(B, Hh, L, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
+        bias = torch.randn(1, Hh, L, L, device=dev, dtype=torch.bfloat16, generator=g) if has_bias else None
         do = torch.randn_like(q)
         lay = layout if layout is not None else fa.dense_layout(L, L)
         flops = 4.0 * B * Hh * D * pairs_of(layout, L, bounds)
-        o, lse = fa._forward(q, k, v, None, lay, D ** -0.5, bounds)
+        fwd_args = (q, k, v, None, bias, None, lay, D ** -0.5, None, bounds)
+        o, lse = fa._forward(*fwd_args)
         base = default(D, D, False)
         for kind, cands in CANDIDATES.items():
             for cfg in cands:
@@ -91,10 +102,11 @@ def main() -> int:
                 fa._config = cfg_fn
                 try:
                     if kind == "fwd":
-                        fn = lambda: fa._forward(q, k, v, None, lay, D ** -0.5, bounds)  # noqa: E731
+                        fn = lambda: fa._forward(*fwd_args)  # noqa: E731
                         mult = 1.0
                     else:
-                        fn = lambda: fa._backward(do, q, k, v, o, lse, None, None, lay, D ** -0.5, bounds)  # noqa: E731
+                        fn = lambda: fa._backward(do, q, k, v, o, lse, None, None, bias, has_bias,  # noqa: E731
+                                                  None, False, lay, D ** -0.5, None, bounds)
                         mult = 2.5  # the whole backward (both kernels) is timed; only `kind`'s config varies
                     ms = H.time_fn(fn, warmup=5, rep=20)
                     err = None

@@ -11,6 +11,8 @@ from .modules import (
     GatedAttention, LinearAttention, LiteAttention, MultiHeadAttention, RopeScaling,
     RotaryEmbedding, StandardAttention, SwappableMixin, swap,
     TokenSpec, AttentionPattern, MixedAttentionConfig, MixedAttention,
+    EvoformerAttention, MSARowAttentionWithPairBias, TriangleAttention, TriangleAttentionStartingNode,
+    TriangleAttentionEndingNode,
 )
 
 __version__ = "0.1.0"
@@ -22,6 +24,8 @@ __all__ = [
     "FlashAttention", "GatedAttention", "LinearAttention", "LiteAttention", "MultiHeadAttention",
     "RopeScaling", "RotaryEmbedding", "StandardAttention", "SwappableMixin", "swap",
     "TokenSpec", "AttentionPattern", "MixedAttentionConfig", "MixedAttention",
+    "EvoformerAttention", "MSARowAttentionWithPairBias", "TriangleAttention",
+    "TriangleAttentionStartingNode", "TriangleAttentionEndingNode",
 ]
 
 

@@ -174,21 +174,21 @@ if triton is not None:
         return ok
 
     @triton.jit
-    def _bias_log2(BIAS_BH, qi, kj, in_mem, sbm, sbn):
-        """The additive bias of pairs (qi, kj) in log2 units, read in place (broadcast dims: stride 0)."""
-        return tl.load(BIAS_BH + qi * sbm + kj * sbn, mask=in_mem, other=0.0).to(tl.float32) * 1.4426950408889634
+    def _bias(BIAS_BH, qi, kj, in_mem, sbm, sbn):
+        """The additive bias of pairs (qi, kj), read in place (broadcast dims: stride 0)."""
+        return tl.load(BIAS_BH + qi * sbm + kj * sbn, mask=in_mem, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _key_cols(start_n, lo, hi, LK, row_ok, BLOCK_N: tl.constexpr, BIG: tl.constexpr, KEY_EDGE: tl.constexpr):
+    def _key_cols(start_n, lo, hi, LK, row_ok, BLOCK_N: tl.constexpr, BIG: tl.constexpr, TILE: tl.constexpr):
         """Key offsets of the tile at start_n (on the BLOCK_N grid), which of them the segment
         [lo, hi) holds, which exist (< LK), and the memory guard of a [rows, keys] bias/mask tile.
-        Away from LK's edge that guard is the rows only: constant along the keys, so that bias
-        and mask rows load as wide vectors (a per-key guard forces scalar loads)."""
+        Below LK's last full tile that guard is the rows only: constant along the keys, so that
+        bias and mask rows load as wide vectors (a per-key guard forces scalar loads)."""
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if BIG:
             offs_n = offs_n.to(tl.int64)
         exists = offs_n < LK
-        if KEY_EDGE:
+        if TILE == 2:
             tile_mem = row_ok[:, None] & exists[None, :]
         else:
             tile_mem = row_ok[:, None]
@@ -196,25 +196,32 @@ if triton is not None:
 
     @triton.jit
     def _key_tile(q, offs_m, offs_n, col_ok, exists, tile_mem, k_base, skn, skd, v_base, svn, svd, D, DV,
-                  mask_bh, smm, smn, bias_bh, sbm, sbn, qk_scale, cap2, offset, left, right,
+                  mask_bh, smm, smn, bias_bh, sbm, sbn, scale, softcap, offset, left, right,
                   HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
-                  HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                  HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, TILE: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-        """The K and V tile of keys offs_n, the scores (q k^T * scale + bias, softcapped; log2
-        units) of the query block against it, their tanh (for the softcap's gradient), and which
-        pairs are allowed."""
+        """The K and V tile of keys offs_n; the scores of the query block against it, in *score
+        units* (q k^T alone when there is neither bias nor softcap: the scale then folds into the
+        exp's FMA; else the logits q k^T * scale + bias, softcapped); their tanh (for the softcap's
+        gradient); and which pairs are allowed (TILE 0, interior: only the bool mask applies)."""
         k = _load(k_base, offs_n, exists, skn, skd, D, BLOCK_D)
         v = _load(v_base, offs_n, exists, svn, svd, DV, BLOCK_DV)
-        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        s = _mm(q, tl.trans(k), PRECISION, UPCAST)
         if HAS_BIAS:
-            s += _bias_log2(bias_bh, offs_m[:, None], offs_n[None, :], tile_mem, sbm, sbn)
+            s = s * scale + _bias(bias_bh, offs_m[:, None], offs_n[None, :], tile_mem, sbm, sbn)
+        elif SOFTCAP:
+            s = s * scale
         t = s
-        if SOFTCAP:  # cap * tanh(x / cap), in log2 units: cap2 = cap * log2(e)
-            t = _tanh(s / cap2)
-            s = t * cap2
-        # keys outside the segment must not count; query rows past the block are never stored
-        ok = _allowed(col_ok[None, :], tile_mem, offs_m[:, None], offs_n[None, :],
-                      mask_bh, smm, smn, offset, left, right, HAS_MASK, HAS_LEFT, HAS_RIGHT)
+        if SOFTCAP:
+            t = _tanh(s / softcap)
+            s = t * softcap
+        if TILE == 0:  # wholly inside the segment and the bounds
+            ok = tile_mem
+            if HAS_MASK:
+                ok = tl.load(mask_bh + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=tile_mem, other=0) != 0
+        else:  # keys outside the segment must not count; query rows past the block are never stored
+            ok = _allowed(col_ok[None, :], tile_mem, offs_m[:, None], offs_n[None, :],
+                          mask_bh, smm, smn, offset, left, right, HAS_MASK, HAS_LEFT, HAS_RIGHT)
         return k, v, s, t, ok
 
     @triton.jit
@@ -239,16 +246,28 @@ if triton is not None:
     @triton.jit
     def _key_range(SEGS, si, q_start, q_end, offset, left, right, LK, HAS_LEFT: tl.constexpr,
                    HAS_RIGHT: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Segment si's keys that some query of [q_start, q_end) may reach under the bounds: [lo, hi),
-        the first tile's start (lo rounded down to the BLOCK_N grid, so that bias/mask rows load
-        aligned) and the end of the tiles that lie wholly below LK."""
+        """Segment si's keys that some query of [q_start, q_end) may reach under the bounds, [lo, hi),
+        and the key tiles of the BLOCK_N grid that cover them, cut into kinds: [t0, i0) and
+        [i1, below) edge tiles; [i0, i1) interior tiles (every pair allowed by the segment and the
+        bounds: no per-pair test); [max(t0, F), t_end) the tile across LK, if any (F = LK // BLOCK_N,
+        below = min(t_end, F)). Loops run over tile indices and start at t * BLOCK_N, which the
+        compiler knows to be aligned (a multiple_of hint on a loop variable is lost)."""
         lo = tl.load(SEGS + 2 * si)
         hi = tl.load(SEGS + 2 * si + 1)
+        lo_all = lo  # keys that every query of the block may reach
+        hi_all = hi
         if HAS_LEFT:
             lo = tl.maximum(lo, q_start + offset - left)
+            lo_all = tl.maximum(lo_all, q_end - 1 + offset - left)
         if HAS_RIGHT:
             hi = tl.minimum(hi, q_end - 1 + offset + right + 1)
-        return lo, hi, lo - lo % BLOCK_N, tl.minimum(hi, LK - LK % BLOCK_N)
+            hi_all = tl.minimum(hi_all, q_start + offset + right + 1)
+        t0 = lo // BLOCK_N
+        t_end = tl.where(hi > lo, tl.cdiv(hi, BLOCK_N), t0)
+        below = tl.minimum(t_end, LK // BLOCK_N)  # tiles wholly below LK end here
+        i0 = tl.minimum(tl.maximum(tl.cdiv(lo_all, BLOCK_N), t0), below)
+        i1 = tl.minimum(tl.maximum(hi_all // BLOCK_N, i0), below)
+        return lo, hi, t0, i0, i1, below, t_end
 
     @triton.jit
     def _lse_log2(LSE_BH, rows, ok):
@@ -258,21 +277,22 @@ if triton is not None:
 
     @triton.jit
     def _fwd_tile(acc, m_i, l_i, q, offs_m, row_ok, start_n, lo, hi, LK, k_base, skn, skd, v_base, svn, svd, D, DV,
-                  mask_bh, smm, smn, bias_bh, sbm, sbn, qk_scale, cap2, offset, left, right,
+                  mask_bh, smm, smn, bias_bh, sbm, sbn, scale, softcap, exp_scale, offset, left, right,
                   HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
                   HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
-                  KEY_EDGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-        """One key tile of the online softmax."""
-        offs_n, col_ok, exists, tile_mem = _key_cols(start_n, lo, hi, LK, row_ok, BLOCK_N, BIG, KEY_EDGE)
+                  TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+        """One key tile of the online softmax; m_i in score units, p = exp2((s - m) * exp_scale)."""
+        offs_n, col_ok, exists, tile_mem = _key_cols(start_n, lo, hi, LK, row_ok, BLOCK_N, BIG, TILE)
         k, v, s, _, ok = _key_tile(q, offs_m, offs_n, col_ok, exists, tile_mem, k_base, skn, skd, v_base, svn, svd,
-                                   D, DV, mask_bh, smm, smn, bias_bh, sbm, sbn, qk_scale, cap2, offset, left, right,
-                                   HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST,
+                                   D, DV, mask_bh, smm, smn, bias_bh, sbm, sbn, scale, softcap, offset, left, right,
+                                   HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, TILE,
                                    BLOCK_D, BLOCK_DV)
-        s = tl.where(ok, s, float("-inf"))
+        if TILE != 0 or HAS_MASK:
+            s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new) * exp_scale  # rows with no key yet: 0
+        p = tl.exp2(s * exp_scale - m_use[:, None])  # one FMA per score
+        alpha = tl.exp2(m_i * exp_scale - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
         return acc, m_new, l_i
@@ -282,7 +302,7 @@ if triton is not None:
         Q, K, V, O, LSE, MASK, BIAS, SINKS, QTAB, SEGPTR, SEGS, NBLOCKS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
         smb, smh, smm, smn, sbb, sbh, sbm, sbn,
-        H, GROUP, Lq, LK, D, DV, qk_scale, cap2, offset, left, right,
+        H, GROUP, Lq, LK, D, DV, scale, softcap, exp_scale, offset, left, right,
         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
@@ -298,47 +318,61 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         if HAS_SINKS:  # the sink logit opens the softmax: in the denominator, with no value
-            m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+            m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINKS + h).to(tl.float32) * (1.4426950408889634 / exp_scale)
             l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         for si in range(tl.load(SEGPTR + qset), tl.load(SEGPTR + qset + 1)):
-            lo, hi, first, full_end = _key_range(SEGS, si, q_start, q_end, offset, left, right, LK,
-                                                 HAS_LEFT, HAS_RIGHT, BLOCK_N)
-            for start_n in range(first, full_end, BLOCK_N):  # tiles wholly below LK
-                start_n = tl.multiple_of(start_n, BLOCK_N)
-                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, offs_m, row_ok, start_n, lo, hi, LK,
+            lo, hi, t0, i0, i1, below, t_end = _key_range(SEGS, si, q_start, q_end, offset, left, right, LK,
+                                                          HAS_LEFT, HAS_RIGHT, BLOCK_N)
+            for t in range(t0, i0):  # edge tiles before the interior
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, offs_m, row_ok, t * BLOCK_N, lo, hi, LK,
                                           k_base, skn, skd, v_base, svn, svd, D, DV, mask_bh, smm, smn,
-                                          bias_bh, sbm, sbn, qk_scale, cap2, offset, left, right,
+                                          bias_bh, sbm, sbn, scale, softcap, exp_scale, offset, left, right,
                                           HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
-                                          False, BLOCK_N, BLOCK_D, BLOCK_DV)
-            for start_n in range(tl.maximum(first, LK - LK % BLOCK_N), hi, BLOCK_N):  # the tile across LK
-                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, offs_m, row_ok, start_n, lo, hi, LK,
+                                          1, BLOCK_N, BLOCK_D, BLOCK_DV)
+            for t in range(i0, i1):  # interior tiles: no per-pair test
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, offs_m, row_ok, t * BLOCK_N, lo, hi, LK,
                                           k_base, skn, skd, v_base, svn, svd, D, DV, mask_bh, smm, smn,
-                                          bias_bh, sbm, sbn, qk_scale, cap2, offset, left, right,
+                                          bias_bh, sbm, sbn, scale, softcap, exp_scale, offset, left, right,
                                           HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
-                                          True, BLOCK_N, BLOCK_D, BLOCK_DV)
+                                          0, BLOCK_N, BLOCK_D, BLOCK_DV)
+            for t in range(i1, below):  # edge tiles after it
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, offs_m, row_ok, t * BLOCK_N, lo, hi, LK,
+                                          k_base, skn, skd, v_base, svn, svd, D, DV, mask_bh, smm, smn,
+                                          bias_bh, sbm, sbn, scale, softcap, exp_scale, offset, left, right,
+                                          HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
+                                          1, BLOCK_N, BLOCK_D, BLOCK_DV)
+            for t in range(tl.maximum(t0, LK // BLOCK_N), t_end):  # the tile across LK, if any
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, offs_m, row_ok, t * BLOCK_N, lo, hi, LK,
+                                          k_base, skn, skd, v_base, svn, svd, D, DV, mask_bh, smm, smn,
+                                          bias_bh, sbm, sbn, scale, softcap, exp_scale, offset, left, right,
+                                          HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
+                                          2, BLOCK_N, BLOCK_D, BLOCK_DV)
         dead = l_i == 0.0
         out = acc / tl.where(dead, 1.0, l_i)[:, None]
-        lse = tl.where(dead, float("-inf"), (m_i + tl.log2(tl.where(dead, 1.0, l_i))) / 1.4426950408889634)
+        lse = tl.where(dead, float("-inf"), (m_i * exp_scale + tl.log2(tl.where(dead, 1.0, l_i))) / 1.4426950408889634)
         _store(O + b * sob + h * soh, offs_m, row_ok, som, sod, DV, out, BLOCK_DV)
         tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
 
     @triton.jit
     def _dq_tile(dq, q, do, lse, delta, offs_m, row_ok, start_n, lo, hi, LK, k_base, skn, skd, v_base, svn, svd,
-                 D, DV, mask_bh, smm, smn, bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, qk_scale, cap2, offset, left, right,
+                 D, DV, mask_bh, smm, smn, bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, scale, softcap, exp_scale,
+                 offset, left, right,
                  HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
                  HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
                  BIAS_GRAD: tl.constexpr, DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr, DB_ATOMIC: tl.constexpr,
-                 KEY_EDGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-        """One key tile of dQ (and of the bias gradient)."""
-        offs_n, col_ok, exists, tile_mem = _key_cols(start_n, lo, hi, LK, row_ok, BLOCK_N, BIG, KEY_EDGE)
+                 TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+        """One key tile of dQ (and of the bias gradient). lse in log2 units."""
+        offs_n, col_ok, exists, tile_mem = _key_cols(start_n, lo, hi, LK, row_ok, BLOCK_N, BIG, TILE)
         k, v, s, t, ok = _key_tile(q, offs_m, offs_n, col_ok, exists, tile_mem, k_base, skn, skd, v_base, svn, svd,
-                                   D, DV, mask_bh, smm, smn, bias_bh, sbm, sbn, qk_scale, cap2, offset, left, right,
-                                   HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST,
+                                   D, DV, mask_bh, smm, smn, bias_bh, sbm, sbn, scale, softcap, offset, left, right,
+                                   HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, TILE,
                                    BLOCK_D, BLOCK_DV)
-        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.exp2(s * exp_scale - lse[:, None])
+        if TILE != 0 or HAS_MASK:
+            p = tl.where(ok, p, 0.0)
         dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
-        ds = p * (dp - delta[:, None])
+        ds = p * (dp - delta[:, None])  # d loss / d logit
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         if BIAS_GRAD:  # d loss / d bias = ds, summed over the bias's broadcast dims
@@ -351,7 +385,7 @@ if triton is not None:
         Q, K, V, DO, DQ, LSE, DELTA, MASK, BIAS, DBIAS, QTAB, SEGPTR, SEGS, NBLOCKS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdqb, sdqh, sdqm, sdqd, smb, smh, smm, smn, sbb, sbh, sbm, sbn, sdbb, sdbh, sdbm, sdbn,
-        H, GROUP, Lq, LK, D, DV, qk_scale, cap2, sm_scale, offset, left, right,
+        H, GROUP, Lq, LK, D, DV, scale, softcap, exp_scale, offset, left, right,
         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
@@ -371,27 +405,38 @@ if triton is not None:
         bias_bh = BIAS + b * sbb + h * sbh
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for si in range(tl.load(SEGPTR + qset), tl.load(SEGPTR + qset + 1)):
-            lo, hi, first, full_end = _key_range(SEGS, si, q_start, q_end, offset, left, right, LK,
-                                                 HAS_LEFT, HAS_RIGHT, BLOCK_N)
-            for start_n in range(first, full_end, BLOCK_N):  # tiles wholly below LK
-                start_n = tl.multiple_of(start_n, BLOCK_N)
-                dq = _dq_tile(dq, q, do, lse, delta, offs_m, row_ok, start_n, lo, hi, LK, k_base, skn, skd,
+            lo, hi, t0, i0, i1, below, t_end = _key_range(SEGS, si, q_start, q_end, offset, left, right, LK,
+                                                          HAS_LEFT, HAS_RIGHT, BLOCK_N)
+            for t in range(t0, i0):  # edge tiles before the interior
+                dq = _dq_tile(dq, q, do, lse, delta, offs_m, row_ok, t * BLOCK_N, lo, hi, LK, k_base, skn, skd,
                               v_base, svn, svd, D, DV, mask_bh, smm, smn, bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn,
-                              qk_scale, cap2, offset, left, right, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT,
-                              PRECISION, UPCAST, BIG, BIAS_GRAD, DB_SUM_M, DB_SUM_N, DB_ATOMIC,
-                              False, BLOCK_N, BLOCK_D, BLOCK_DV)
-            for start_n in range(tl.maximum(first, LK - LK % BLOCK_N), hi, BLOCK_N):  # the tile across LK
-                dq = _dq_tile(dq, q, do, lse, delta, offs_m, row_ok, start_n, lo, hi, LK, k_base, skn, skd,
+                              scale, softcap, exp_scale, offset, left, right, HAS_MASK, HAS_BIAS, SOFTCAP,
+                              HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG, BIAS_GRAD, DB_SUM_M, DB_SUM_N, DB_ATOMIC,
+                              1, BLOCK_N, BLOCK_D, BLOCK_DV)
+            for t in range(i0, i1):  # interior tiles: no per-pair test
+                dq = _dq_tile(dq, q, do, lse, delta, offs_m, row_ok, t * BLOCK_N, lo, hi, LK, k_base, skn, skd,
                               v_base, svn, svd, D, DV, mask_bh, smm, smn, bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn,
-                              qk_scale, cap2, offset, left, right, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT,
-                              PRECISION, UPCAST, BIG, BIAS_GRAD, DB_SUM_M, DB_SUM_N, DB_ATOMIC,
-                              True, BLOCK_N, BLOCK_D, BLOCK_DV)
-        _store(DQ + b * sdqb + h * sdqh, offs_m, row_ok, sdqm, sdqd, D, dq * sm_scale, BLOCK_D)
+                              scale, softcap, exp_scale, offset, left, right, HAS_MASK, HAS_BIAS, SOFTCAP,
+                              HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG, BIAS_GRAD, DB_SUM_M, DB_SUM_N, DB_ATOMIC,
+                              0, BLOCK_N, BLOCK_D, BLOCK_DV)
+            for t in range(i1, below):  # edge tiles after it
+                dq = _dq_tile(dq, q, do, lse, delta, offs_m, row_ok, t * BLOCK_N, lo, hi, LK, k_base, skn, skd,
+                              v_base, svn, svd, D, DV, mask_bh, smm, smn, bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn,
+                              scale, softcap, exp_scale, offset, left, right, HAS_MASK, HAS_BIAS, SOFTCAP,
+                              HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG, BIAS_GRAD, DB_SUM_M, DB_SUM_N, DB_ATOMIC,
+                              1, BLOCK_N, BLOCK_D, BLOCK_DV)
+            for t in range(tl.maximum(t0, LK // BLOCK_N), t_end):  # the tile across LK, if any
+                dq = _dq_tile(dq, q, do, lse, delta, offs_m, row_ok, t * BLOCK_N, lo, hi, LK, k_base, skn, skd,
+                              v_base, svn, svd, D, DV, mask_bh, smm, smn, bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn,
+                              scale, softcap, exp_scale, offset, left, right, HAS_MASK, HAS_BIAS, SOFTCAP,
+                              HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG, BIAS_GRAD, DB_SUM_M, DB_SUM_N, DB_ATOMIC,
+                              2, BLOCK_N, BLOCK_D, BLOCK_DV)
+        _store(DQ + b * sdqb + h * sdqh, offs_m, row_ok, sdqm, sdqd, D, dq * scale, BLOCK_D)
 
     @triton.jit
     def _dkdv_block(Q, DO, LSE, DELTA, MASK, BIAS, RUNPTR, RUNS, blk, k, v, offs_n, col_ok, k_start, k_end, b, hk,
                     sqb, sqh, sqm, sqd, sdob, sdoh, sdom, sdod, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
-                    H, GROUP, Lq, D, DV, qk_scale, cap2, offset, left, right,
+                    H, GROUP, Lq, D, DV, scale, softcap, exp_scale, offset, left, right,
                     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
                     HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
                     KEY_EDGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -421,17 +466,19 @@ if triton is not None:
                     do = _load(DO + b * sdob + h * sdoh, offs_m, row_ok, sdom, sdod, DV, BLOCK_DV)
                     lse = _lse_log2(LSE + bh * Lq, offs_m, row_ok)
                     delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
-                    st = _mm(k, tl.trans(q), PRECISION, UPCAST) * qk_scale  # [BLOCK_N, BLOCK_M]
+                    st = _mm(k, tl.trans(q), PRECISION, UPCAST)  # [BLOCK_N, BLOCK_M], score units
                     if HAS_BIAS:
-                        st += _bias_log2(bias_bh, offs_m[None, :], offs_n[:, None], tile_mem, sbm, sbn)
+                        st = st * scale + _bias(bias_bh, offs_m[None, :], offs_n[:, None], tile_mem, sbm, sbn)
+                    elif SOFTCAP:
+                        st = st * scale
                     t = st
                     if SOFTCAP:
-                        t = _tanh(st / cap2)
-                        st = t * cap2
+                        t = _tanh(st / softcap)
+                        st = t * softcap
                     # queries past the run must not count; key rows past the block are never stored
                     ok = _allowed(row_ok[None, :], tile_mem, offs_m[None, :], offs_n[:, None], mask_bh, smm, smn,
                                   offset, left, right, HAS_MASK, HAS_LEFT, HAS_RIGHT)
-                    pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)
+                    pt = tl.where(ok, tl.exp2(st * exp_scale - lse[None, :]), 0.0)
                     dv += _mm(pt.to(do.dtype), do, PRECISION, UPCAST)
                     dpt = _mm(v, tl.trans(do), PRECISION, UPCAST)
                     dst = pt * (dpt - delta[None, :])
@@ -445,14 +492,14 @@ if triton is not None:
         Q, K, V, DO, DK, DV_, LSE, DELTA, MASK, BIAS, KTAB, RUNPTR, RUNS, NBLOCKS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
-        H, HKV, GROUP, Lq, D, DV, qk_scale, cap2, sm_scale, offset, left, right,
+        H, HKV, GROUP, Lq, D, DV, scale, softcap, exp_scale, offset, left, right,
         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr, KALIGN: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
         blk, _, b, hk, _ = _program(NBLOCKS, HKV, 1)
-        k_start = tl.multiple_of(tl.load(KTAB + 2 * blk), KALIGN)  # KALIGN divides every block start
+        k_start = tl.load(KTAB + 2 * blk) // KALIGN * KALIGN  # exact (KALIGN divides every start): tells the compiler
         k_end = tl.load(KTAB + 2 * blk + 1)
         offs_n, col_ok = _rows(k_start, k_end, BLOCK_N, BIG)
         k = _load(K + b * skb + hk * skh, offs_n, col_ok, skn, skd, D, BLOCK_D)
@@ -462,24 +509,24 @@ if triton is not None:
                 dk, dv = _dkdv_block(Q, DO, LSE, DELTA, MASK, BIAS, RUNPTR, RUNS, blk, k, v, offs_n, col_ok,
                                      k_start, k_end, b, hk, sqb, sqh, sqm, sqd, sdob, sdoh, sdom, sdod,
                                      smb, smh, smm, smn, sbb, sbh, sbm, sbn, H, GROUP, Lq, D, DV,
-                                     qk_scale, cap2, offset, left, right,
+                                     scale, softcap, exp_scale, offset, left, right,
                                      HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
                                      False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
             else:
                 dk, dv = _dkdv_block(Q, DO, LSE, DELTA, MASK, BIAS, RUNPTR, RUNS, blk, k, v, offs_n, col_ok,
                                      k_start, k_end, b, hk, sqb, sqh, sqm, sqd, sdob, sdoh, sdom, sdod,
                                      smb, smh, smm, smn, sbb, sbh, sbm, sbn, H, GROUP, Lq, D, DV,
-                                     qk_scale, cap2, offset, left, right,
+                                     scale, softcap, exp_scale, offset, left, right,
                                      HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
                                      True, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
         else:  # nothing is read along the keys
             dk, dv = _dkdv_block(Q, DO, LSE, DELTA, MASK, BIAS, RUNPTR, RUNS, blk, k, v, offs_n, col_ok,
                                  k_start, k_end, b, hk, sqb, sqh, sqm, sqd, sdob, sdoh, sdom, sdod,
                                  smb, smh, smm, smn, sbb, sbh, sbm, sbn, H, GROUP, Lq, D, DV,
-                                 qk_scale, cap2, offset, left, right,
+                                 scale, softcap, exp_scale, offset, left, right,
                                  HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
                                  True, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
-        _store(DK + b * sdkb + hk * sdkh, offs_n, col_ok, sdkn, sdkd, D, dk * sm_scale, BLOCK_D)
+        _store(DK + b * sdkb + hk * sdkh, offs_n, col_ok, sdkn, sdkd, D, dk * scale, BLOCK_D)
         _store(DV_ + b * sdvb + hk * sdvh, offs_n, col_ok, sdvn, sdvd, DV, dv, BLOCK_DV)
 
 
@@ -537,6 +584,12 @@ def _bounds(bounds) -> tuple[int, int, bool, bool]:
     return (left or 0, right or 0, left is not None, right is not None)
 
 
+def _exp_scale(bias, softcap, scale: float) -> float:
+    """p = exp2(s * exp_scale - ...): the kernels' scores s are q k^T alone when there is neither
+    bias nor softcap (the scale folds into the exp's FMA), else logits in natural units."""
+    return _LOG2E if bias is not None or softcap is not None else scale * _LOG2E
+
+
 def _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds):
     B, H, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
@@ -554,7 +607,7 @@ def _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds):
             q, k, v, o, lse, m, bt, sinks if sinks is not None else q,
             tab["qtab"], tab["segptr"], tab["segs"], tab["n_qblocks"],
             *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms, *bs,
-            H, H // Hkv, Lq, Lk, D, DV, scale * _LOG2E, (softcap or 1.0) * _LOG2E, Lk - Lq, left, right,
+            H, H // Hkv, Lq, Lk, D, DV, scale, softcap or 1.0, _exp_scale(bias, softcap, scale), Lk - Lq, left, right,
             HAS_MASK=mask is not None, HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
             HAS_SINKS=sinks is not None, HAS_LEFT=has_l, HAS_RIGHT=has_r,
             BIG=_big(q, k, v, o, mask, bias),
@@ -586,7 +639,7 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
     flags = dict(HAS_MASK=mask is not None, HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
                  HAS_LEFT=has_l, HAS_RIGHT=has_r, BIG=_big(q, k, v, do, dq, dk, dv, mask, bias),
                  **_precision(q.dtype, interp), BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV))
-    scalars = (scale * _LOG2E, (softcap or 1.0) * _LOG2E, scale, Lk - Lq, left, right)
+    scalars = (scale, softcap or 1.0, _exp_scale(bias, softcap, scale), Lk - Lq, left, right)
     bm, bn, warps, stages = cfg["dq"]
     tab = _tables(layout, bm, bn, q.device)
     with _on(q):
@@ -658,6 +711,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = No
         raise ValueError(f"layout is for Lq={layout.len_q}, Lk={layout.len_k}; q/k have Lq={Lq}, Lk={Lk}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if not scale > 0:  # the kernels track row maxima of unscaled scores
+        raise ValueError(f"scale must be > 0, got {scale!r}")
     if bias is not None and bias.dim() != 4:
         raise ValueError(f"bias must be 4-D (broadcastable to [B, Hq, Lq, Lk]), got shape {list(bias.shape)}")
     if sinks is not None and sinks.shape != (q.shape[1],):

@@ -19,7 +19,6 @@ import os
 import pytest
 import torch
 
-import attnkit
 from attnkit import (
     EvoformerAttention,
     MSARowAttentionWithPairBias,
@@ -464,6 +463,13 @@ def test_expanded_bias_stays_broadcast(monkeypatch):
         b = mod(x, x, bias=bias)
     assert [tuple(c["bias"].shape) for c in calls] == [(1, H, L, L)] * 2
     assert torch.equal(a, b)
+
+
+def test_empty_msa_keeps_shapes():
+    mod = randomize_(MSARowAttentionWithPairBias(C_M, C_Z, C_HID, HEADS), 36)
+    out = mod(torch.randn(2, 0, 7, C_M), torch.randn(2, 7, 7, C_Z), chunk_size=3)
+    assert out.shape == (2, 0, 7, C_M)
+    assert mod(torch.randn(0, 7, C_M), torch.randn(7, 7, C_Z)).shape == (0, 7, C_M)
 
 
 # ---------------------------------------------------------------------------

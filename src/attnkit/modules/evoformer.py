@@ -97,7 +97,7 @@ def _split_point(lead: Sequence[int], leads: list[Sequence[int]]) -> int:
     return n  # unreachable: k = n always qualifies
 
 
-def _per_outer(t: Tensor | None, outer_idx: tuple[int, ...], k: int) -> Tensor | None:
+def _per_outer(t: Tensor | None, outer_idx: tuple[int, ...]) -> Tensor | None:
     """t [*lead_t, h, lq, lk] at one outer index (broadcast outer dims read at 0), with the inner
     leading dims merged into one rows dim: [rows or 1, h, lq, lk]."""
     if t is None:
@@ -270,13 +270,13 @@ class EvoformerAttention(nn.Module):
         q = self.linear_q(q_x).reshape(n_outer, inner, Lq, H, C)
         kk = self.linear_k(kv_x).reshape(n_outer, inner, Lk, H, C)
         v = self.linear_v(kv_x).reshape(n_outer, inner, Lk, H, C)
-        step = inner if chunk is None else chunk
+        step = max(inner, 1) if chunk is None else chunk
         backend = self.backend or "auto"
 
         outs = []
         for o in range(n_outer):
             o_idx = _unravel(o, outer_shape)
-            m_o, b_o = _per_outer(mask, o_idx, k), _per_outer(bias, o_idx, k)
+            m_o, b_o = _per_outer(mask, o_idx), _per_outer(bias, o_idx)
             for s in range(0, inner, step):
                 e = min(s + step, inner)
                 out = attention(

@@ -13,6 +13,7 @@ import torch
 
 import attnkit
 from attnkit import GroupMask, SegmentLayout
+from attnkit.ops import flash_attention as fa
 from attnkit.ops.flash_attention import flash_attention
 from attnkit.request import build_request
 from cases import TRITON_INTERPRET
@@ -286,6 +287,39 @@ def test_cuda_group_layouts(case, dtype):
 def test_cuda_head_dims(D):
     run_case("triton", Case(f"cu_d{D}", B=2, Hq=4, Hkv=2, Lq=300, Lk=515, D=D, kw=dict(causal=True)),
              torch.bfloat16, "cuda")
+
+
+def _pair_bias(B, H, Lq, Lk, g):  # Evoformer: one [H, L, L] bias for every row, with key padding
+    return {"bias": torch.randn(H, Lq, Lk, generator=g), "mask": torch.rand(B, 1, 1, Lk, generator=g) > 0.2}
+
+
+CUDA_FEATURES = [
+    # lengths off the block grid, head dims 32 / 64 / 128, bias shared by the batch with its gradient
+    Case("cu_evo_msa_L300_D32", B=8, Hq=4, Hkv=4, Lq=300, Lk=300, D=32, extras=_pair_bias),
+    Case("cu_bias_causal_gqa_D128", B=2, Hq=8, Hkv=2, Lq=259, Lk=391, D=128, kw=dict(causal=True),
+         extras=lambda B, H, Lq, Lk, g: {"bias": torch.randn(1, H, Lq, Lk, generator=g)}),
+    Case("cu_softcap_sinks_window_D64", B=2, Hq=8, Hkv=2, Lq=517, Lk=517, D=64,
+         kw=dict(window=(100, 0), softcap=2.0, return_lse=True),
+         extras=lambda B, H, Lq, Lk, g: {"sinks": torch.randn(H, generator=g),
+                                         "bias": torch.randn(B, 1, 1, Lk, generator=g)}),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("case", CUDA_FEATURES, ids=[c.name for c in CUDA_FEATURES])
+def test_cuda_features(case, dtype):
+    run_case("triton", case, dtype, "cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_autotune(monkeypatch):
+    """ATTNKIT_TRITON_AUTOTUNE=1: every candidate runs once, the winner's outputs stand (the bias
+    gradient that the dQ kernel accumulates is cleared before the final launch)."""
+    monkeypatch.setenv("ATTNKIT_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(fa, "_TUNED", {})
+    run_case("triton", CUDA_FEATURES[0], torch.bfloat16, "cuda")
+    assert sorted({kind for kind, _ in fa._TUNED}) == ["dkdv", "dq", "fwd"]
 
 
 @pytest.mark.cuda

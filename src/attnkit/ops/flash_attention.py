@@ -546,15 +546,71 @@ def _config(d: int, dv: int, interp: bool, f32: bool = False) -> dict:
         return dict(fwd=(32, 32, 1, 1), dq=(32, 32, 1, 1), dkdv=(32, 32, 1, 1))
     if f32:  # IEEE float32 products run on the FMA units: small tiles keep registers (and compile times) sane
         return dict(fwd=(64, 32, 4, 2), dq=(32, 32, 4, 2), dkdv=(32, 32, 4, 2))
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages), from benchmarks/tune_triton.py on an H100
-    # (2026-11-22, bf16): the best or within 2% of it on dense, causal and group layouts.
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages), from benchmarks/tune_triton.py and the forward /
+    # backward sweeps of docs/results/tune_triton_h100_2026-11-22*.txt on an H100 (bf16): the best
+    # or within ~3% of it on dense, causal, group and biased (Evoformer) workloads.
     dmax = max(d, dv)
+    if dmax <= 32:
+        return dict(fwd=(128, 32, 4, 3), dq=(64, 32, 4, 3), dkdv=(64, 128, 4, 2))
     if dmax <= 64:
-        return dict(fwd=(128, 64, 8, 3), dq=(64, 64, 4, 3), dkdv=(64, 64, 4, 2))
+        return dict(fwd=(128, 64, 4, 3), dq=(64, 64, 4, 3), dkdv=(64, 64, 4, 2))
     if dmax <= 128:
         return dict(fwd=(128, 64, 8, 3), dq=(64, 64, 4, 2), dkdv=(32, 64, 4, 3))
     # up to 256: smaller tiles so that the stages fit in shared memory (228 KB)
     return dict(fwd=(64, 32, 4, 2), dq=(32, 32, 4, 2), dkdv=(32, 32, 4, 2))
+
+
+# ATTNKIT_TRITON_AUTOTUNE=1: time these candidates (plus the default) on the first call of each
+# kind of problem and keep the fastest for the process. Off by default: every candidate compiles
+# (seconds each) on that first call. float32 and the interpreter always use _config.
+AUTOTUNE_CANDIDATES = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+    "dq": [(64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (32, 32, 4, 2)],
+    "dkdv": [(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)],
+}
+_TUNED: dict = {}
+
+
+def autotuning() -> bool:
+    """True when ATTNKIT_TRITON_AUTOTUNE=1 (read at each call)."""
+    return os.environ.get("ATTNKIT_TRITON_AUTOTUNE", "0") == "1"
+
+
+def _pick(kind: str, key: tuple, default: tuple, launch, reset=None) -> None:
+    """Run `launch(config)` once with the chosen config. With autotuning on, the first call of a key
+    times every candidate (CUDA events, median of 5 after a warm-up; candidates that fail to compile
+    are skipped), keeps the fastest for the process, and re-runs it last so that its outputs stand
+    (`reset()` first clears what a launch accumulates into)."""
+    cfg = _TUNED.get((kind, key))
+    if cfg is None and autotuning():
+        best = (math.inf, default)
+        for c in dict.fromkeys([default] + AUTOTUNE_CANDIDATES[kind]):
+            try:
+                launch(c)
+                times = []
+                for _ in range(5):
+                    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    t0.record()
+                    launch(c)
+                    t1.record()
+                    t1.synchronize()
+                    times.append(t0.elapsed_time(t1))
+            except Exception:  # noqa: BLE001 - a config that does not fit (shared memory, registers)
+                continue
+            best = min(best, (sorted(times)[2], c))
+        cfg = _TUNED[(kind, key)] = best[1]
+        if reset is not None:
+            reset()
+    launch(cfg if cfg is not None else default)
+
+
+def _tune_key(q, k, v, mask, bias, softcap, bounds, layout) -> tuple:
+    """What the best config depends on: dims, dtype, features, and the problem size (rounded)."""
+    def p2(n):
+        return 1 << max(0, (n - 1).bit_length())
+    return (q.shape[3], v.shape[3], q.dtype, q.shape[1] // k.shape[1], mask is not None, bias is not None,
+            softcap is not None, bounds, layout.sets == ((((0, q.shape[2]),), ((0, k.shape[2]),)),),
+            p2(q.shape[0] * q.shape[1]), p2(q.shape[2]), p2(k.shape[2]))
 
 
 def _on(t: Tensor):
@@ -594,26 +650,36 @@ def _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds):
     B, H, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
     interp = _INTERPRET
-    bm, bn, warps, stages = _config(D, DV, interp, q.dtype == torch.float32)["fwd"]
-    tab = _tables(layout, bm, bn, q.device)
     # [B, Lq, H, Dv] in memory (flash-attn's layout): merging heads afterwards is a free view
     o = torch.empty(B, Lq, H, DV, device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
     m, ms = _bcast_args(mask, q)
     bt, bs = _bcast_args(bias, q)
     left, right, has_l, has_r = _bounds(bounds)
-    with _on(q):
-        _fwd_kernel[(tab["n_qblocks"] * B * H,)](
-            q, k, v, o, lse, m, bt, sinks if sinks is not None else q,
-            tab["qtab"], tab["segptr"], tab["segs"], tab["n_qblocks"],
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms, *bs,
-            H, H // Hkv, Lq, Lk, D, DV, scale, softcap or 1.0, _exp_scale(bias, softcap, scale), Lk - Lq, left, right,
-            HAS_MASK=mask is not None, HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
-            HAS_SINKS=sinks is not None, HAS_LEFT=has_l, HAS_RIGHT=has_r,
-            BIG=_big(q, k, v, o, mask, bias),
-            **_precision(q.dtype, interp),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), num_warps=warps, num_stages=stages,
-        )
+
+    def launch(cfg):
+        bm, bn, warps, stages = cfg
+        tab = _tables(layout, bm, bn, q.device)
+        with _on(q):
+            _fwd_kernel[(tab["n_qblocks"] * B * H,)](
+                q, k, v, o, lse, m, bt, sinks if sinks is not None else q,
+                tab["qtab"], tab["segptr"], tab["segs"], tab["n_qblocks"],
+                *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms, *bs,
+                H, H // Hkv, Lq, Lk, D, DV, scale, softcap or 1.0, _exp_scale(bias, softcap, scale), Lk - Lq,
+                left, right,
+                HAS_MASK=mask is not None, HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
+                HAS_SINKS=sinks is not None, HAS_LEFT=has_l, HAS_RIGHT=has_r,
+                BIG=_big(q, k, v, o, mask, bias),
+                **_precision(q.dtype, interp),
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), num_warps=warps, num_stages=stages,
+            )
+
+    f32 = q.dtype == torch.float32
+    default = _config(D, DV, interp, f32)["fwd"]
+    if interp or f32:
+        launch(default)
+    else:
+        _pick("fwd", _tune_key(q, k, v, mask, bias, softcap, bounds, layout), default, launch)
     return o, lse
 
 
@@ -622,7 +688,8 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
     B, H, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
     interp = _INTERPRET
-    cfg = _config(D, DV, interp, q.dtype == torch.float32)
+    f32 = q.dtype == torch.float32
+    cfg = _config(D, DV, interp, f32)
     delta = (do.float() * o.float()).sum(-1)
     if dlse is not None:  # d lse / d s = p: folds into the softmax backward as -dlse
         delta = delta - dlse.float()
@@ -640,27 +707,39 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
                  HAS_LEFT=has_l, HAS_RIGHT=has_r, BIG=_big(q, k, v, do, dq, dk, dv, mask, bias),
                  **_precision(q.dtype, interp), BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV))
     scalars = (scale, softcap or 1.0, _exp_scale(bias, softcap, scale), Lk - Lq, left, right)
-    bm, bn, warps, stages = cfg["dq"]
-    tab = _tables(layout, bm, bn, q.device)
-    with _on(q):
-        _bwd_dq_kernel[(tab["n_qblocks"] * B * H,)](
-            q, k, v, do, dq, lse, delta, m, bt, db, tab["qtab"], tab["segptr"], tab["segs"], tab["n_qblocks"],
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms, *bs, *dbs,
-            H, H // Hkv, Lq, Lk, D, DV, *scalars,
-            BIAS_GRAD=bias_grad, DB_SUM_M=bias_grad and bias.shape[2] == 1 and Lq > 1,
-            DB_SUM_N=bias_grad and bias.shape[3] == 1 and Lk > 1,
-            DB_ATOMIC=bias_grad and ((bias.shape[0] == 1 and B > 1) or (bias.shape[1] == 1 and H > 1)),
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
-        )
-    bm, bn, warps, stages = cfg["dkdv"]
-    tab = _tables(layout, bm, bn, q.device)
-    with _on(q):
-        _bwd_dkdv_kernel[(tab["n_kblocks"] * B * Hkv,)](
-            q, k, v, do, dk, dv, lse, delta, m, bt, tab["ktab"], tab["runptr"], tab["runs"], tab["n_kblocks"],
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *ms, *bs,
-            H, Hkv, H // Hkv, Lq, D, DV, *scalars, KALIGN=tab["kalign"],
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
-        )
+
+    def launch_dq(c):
+        bm, bn, warps, stages = c
+        tab = _tables(layout, bm, bn, q.device)
+        with _on(q):
+            _bwd_dq_kernel[(tab["n_qblocks"] * B * H,)](
+                q, k, v, do, dq, lse, delta, m, bt, db, tab["qtab"], tab["segptr"], tab["segs"], tab["n_qblocks"],
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms, *bs, *dbs,
+                H, H // Hkv, Lq, Lk, D, DV, *scalars,
+                BIAS_GRAD=bias_grad, DB_SUM_M=bias_grad and bias.shape[2] == 1 and Lq > 1,
+                DB_SUM_N=bias_grad and bias.shape[3] == 1 and Lk > 1,
+                DB_ATOMIC=bias_grad and ((bias.shape[0] == 1 and B > 1) or (bias.shape[1] == 1 and H > 1)),
+                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
+            )
+
+    def launch_dkdv(c):
+        bm, bn, warps, stages = c
+        tab = _tables(layout, bm, bn, q.device)
+        with _on(q):
+            _bwd_dkdv_kernel[(tab["n_kblocks"] * B * Hkv,)](
+                q, k, v, do, dk, dv, lse, delta, m, bt, tab["ktab"], tab["runptr"], tab["runs"], tab["n_kblocks"],
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *ms, *bs,
+                H, Hkv, H // Hkv, Lq, D, DV, *scalars, KALIGN=tab["kalign"],
+                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
+            )
+
+    if interp or f32:
+        launch_dq(cfg["dq"])
+        launch_dkdv(cfg["dkdv"])
+    else:
+        key = _tune_key(q, k, v, mask, bias, softcap, bounds, layout) + (bias_grad,)
+        _pick("dq", key, cfg["dq"], launch_dq, reset=dbias.zero_ if dbias is not None else None)
+        _pick("dkdv", key, cfg["dkdv"], launch_dkdv)
     dsinks = None
     if sinks_grad:  # d lse / d sink = p_sink: the sink's share of every row's softmax
         p_sink = torch.exp(sinks.float().view(1, H, 1) - lse)

@@ -295,13 +295,14 @@ def _pair_bias(B, H, Lq, Lk, g):  # Evoformer: one [H, L, L] bias for every row,
 
 CUDA_FEATURES = [
     # lengths off the block grid, head dims 32 / 64 / 128, bias shared by the batch with its gradient
-    Case("cu_evo_msa_L300_D32", B=8, Hq=4, Hkv=4, Lq=300, Lk=300, D=32, extras=_pair_bias),
+    Case("cu_evo_msa_L300_D32", B=8, Hq=4, Hkv=4, Lq=300, Lk=300, D=32, extras=_pair_bias,
+         build=default_build),
     Case("cu_bias_causal_gqa_D128", B=2, Hq=8, Hkv=2, Lq=259, Lk=391, D=128, kw=dict(causal=True),
-         extras=lambda B, H, Lq, Lk, g: {"bias": torch.randn(1, H, Lq, Lk, generator=g)}),
+         extras=lambda B, H, Lq, Lk, g: {"bias": torch.randn(1, H, Lq, Lk, generator=g)}, build=default_build),
     Case("cu_softcap_sinks_window_D64", B=2, Hq=8, Hkv=2, Lq=517, Lk=517, D=64,
          kw=dict(window=(100, 0), softcap=2.0, return_lse=True),
          extras=lambda B, H, Lq, Lk, g: {"sinks": torch.randn(H, generator=g),
-                                         "bias": torch.randn(B, 1, 1, Lk, generator=g)}),
+                                         "bias": torch.randn(B, 1, 1, Lk, generator=g)}, build=default_build),
 ]
 
 

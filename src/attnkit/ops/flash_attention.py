@@ -434,6 +434,19 @@ if triton is not None:
         _store(DQ + b * sdqb + h * sdqh, offs_m, row_ok, sdqm, sdqd, D, dq * scale, BLOCK_D)
 
     @triton.jit
+    def _delta_kernel(O, DO, DLSE, DELTA, H, Lq, DV, sob, soh, som, sod, sdob, sdoh, sdom, sdod,
+                      HAS_DLSE: tl.constexpr, BIG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+        """delta = rowsum(dO * O) (- dlse), float32, without float32 copies of O and dO."""
+        blk, bh, b, h, _ = _program(tl.cdiv(Lq, BLOCK_M), H, 1)
+        rows, ok = _rows(blk * BLOCK_M, Lq, BLOCK_M, BIG)
+        o = _load(O + b * sob + h * soh, rows, ok, som, sod, DV, BLOCK_DV).to(tl.float32)
+        do = _load(DO + b * sdob + h * sdoh, rows, ok, sdom, sdod, DV, BLOCK_DV).to(tl.float32)
+        delta = tl.sum(o * do, 1)
+        if HAS_DLSE:  # d lse / d s = p: folds into the softmax backward as -dlse
+            delta -= tl.load(DLSE + bh.to(tl.int64) * Lq + rows, mask=ok, other=0.0)
+        tl.store(DELTA + bh.to(tl.int64) * Lq + rows, delta, mask=ok)
+
+    @triton.jit
     def _dkdv_block(Q, DO, LSE, DELTA, MASK, BIAS, RUNPTR, RUNS, blk, k, v, offs_n, col_ok, k_start, k_end, b, hk,
                     sqb, sqh, sqm, sqd, sdob, sdoh, sdom, sdod, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
                     H, GROUP, Lq, D, DV, scale, softcap, exp_scale, offset, left, right,
@@ -690,10 +703,12 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
     interp = _INTERPRET
     f32 = q.dtype == torch.float32
     cfg = _config(D, DV, interp, f32)
-    delta = (do.float() * o.float()).sum(-1)
-    if dlse is not None:  # d lse / d s = p: folds into the softmax backward as -dlse
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
+    delta = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
+    dlse = dlse.float().contiguous() if dlse is not None else None
+    with _on(q):
+        _delta_kernel[(triton.cdiv(Lq, 64) * B * H,)](
+            o, do, dlse if dlse is not None else delta, delta, H, Lq, DV, *o.stride(), *do.stride(),
+            HAS_DLSE=dlse is not None, BIG=_big(o, do), BLOCK_M=64, BLOCK_DV=_pow2(DV))
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)

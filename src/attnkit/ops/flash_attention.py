@@ -560,8 +560,8 @@ def _config(d: int, dv: int, interp: bool, f32: bool = False) -> dict:
     if f32:  # IEEE float32 products run on the FMA units: small tiles keep registers (and compile times) sane
         return dict(fwd=(64, 32, 4, 2), dq=(32, 32, 4, 2), dkdv=(32, 32, 4, 2))
     # (BLOCK_M, BLOCK_N, num_warps, num_stages), from benchmarks/tune_triton.py and the forward /
-    # backward sweeps of docs/results/tune_triton_h100_2026-11-22*.txt on an H100 (bf16): the best
-    # or within ~3% of it on dense, causal, group and biased (Evoformer) workloads.
+    # backward sweeps of docs/results/tune_triton_h100_2026-11-22.txt and tune_triton_bias_h100_2026-11-22.txt
+    # (H100, bf16): the best or within ~3% of it on dense, causal, group and biased (Evoformer) workloads.
     dmax = max(d, dv)
     if dmax <= 32:
         return dict(fwd=(128, 32, 4, 3), dq=(64, 32, 4, 3), dkdv=(64, 128, 4, 2))

@@ -14,10 +14,20 @@ token-group layouts (MixedAttention) alike:
 
 Dense attention is one set: query run [0, Lq), key segment [0, Lk). Query
 tokens in no set get zero output and lse -inf; key tokens in no segment get zero
-dK/dV. On top of the table: a bool mask read in place through its strides
-(broadcast dims have stride 0), and bottom-right causal / window bounds (tiles
-outside them are skipped). GQA reads kv head h // (Hq // Hkv). Any head dim
-(padded to a power of two in registers), Lq != Lk, Dv != D.
+dK/dV. On top of the table: a bool mask and an additive bias read in place
+through their strides (broadcast dims have stride 0; the bias gradient is summed
+over them inside the dQ kernel), softcap, sink logits, and bottom-right causal /
+window bounds (tiles outside them are skipped). GQA reads kv head h // (Hq // Hkv).
+Any head dim (padded to a power of two in registers), Lq != Lk, Dv != D.
+
+Key tiles sit on the BLOCK_N grid and come in three kinds: interior (every pair
+allowed by the segment and the bounds: no per-pair test), edge, and the one tile
+across Lk (the only one whose keys need a memory guard). Tile starts are
+computed as t * BLOCK_N so that the compiler knows them aligned: bias and mask
+rows then load as 16-byte vectors (a per-key guard, or an unknown alignment,
+makes them scalar loads, ~10x slower). Scores stay in "score units" (q k^T
+alone when there is no bias and no softcap) and the scale folds into the exp's
+FMA: p = exp2(s * exp_scale - m * exp_scale).
 
 float16/bfloat16 multiply in their own type; float32 multiplies in IEEE float32
 (`tl.dot(input_precision="ieee")`, no tf32). Accumulation is float32.

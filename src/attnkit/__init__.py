@@ -5,7 +5,7 @@ from .dispatch import Plan
 from .functional import attention, explain
 from .groups import GroupMask, SegmentLayout
 from .request import AttentionRequest
-from .caches import KVCache
+from .caches import DecodeCache, KVCache, PagedKVCache
 from .modules import (
     ATTENTION_REGISTRY, AttentionConfig, AttentionRegistry, BaseAttention, FlashAttention,
     GatedAttention, LinearAttention, LiteAttention, MultiHeadAttention, RopeScaling,
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "attention", "explain", "Plan", "AttentionRequest", "Backend", "Capabilities",
     "BACKENDS", "get_backend", "register_backend", "__version__", "GroupMask", "SegmentLayout",
-    "KVCache", "ATTENTION_REGISTRY", "AttentionConfig", "AttentionRegistry", "BaseAttention",
+    "DecodeCache", "KVCache", "PagedKVCache", "ATTENTION_REGISTRY", "AttentionConfig", "AttentionRegistry", "BaseAttention",
     "FlashAttention", "GatedAttention", "LinearAttention", "LiteAttention", "MultiHeadAttention",
     "RopeScaling", "RotaryEmbedding", "StandardAttention", "SwappableMixin", "swap",
     "TokenSpec", "AttentionPattern", "MixedAttentionConfig", "MixedAttention",

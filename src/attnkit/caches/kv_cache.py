@@ -6,11 +6,12 @@ import torch
 from torch import Tensor
 
 from .._checks import positive_int
+from .base import DecodeCache, decode_key_mask
 
 __all__ = ["KVCache"]
 
 
-class KVCache:
+class KVCache(DecodeCache):
     """Per-layer K/V buffers [B, Hkv, max_len, D] plus per-sequence lengths.
 
     `append(k_new, v_new)` writes [B, Hkv, L_new, D] at each sequence's current
@@ -43,6 +44,10 @@ class KVCache:
     @property
     def batch_size(self) -> int:
         return self.k.shape[0]
+
+    def next_positions(self, new_tokens: int) -> Tensor:
+        """Int64 [B, new_tokens]: positions of the next tokens (device arithmetic, no host sync)."""
+        return self.lengths.long().view(-1, 1) + torch.arange(new_tokens, device=self.lengths.device)
 
     def reset(self) -> None:
         self.lengths.zero_()
@@ -98,15 +103,7 @@ class KVCache:
                  window: int | None = None) -> Tensor:
         """Bool [B, 1, L_new, max_len]: query i of sequence b (position old[b] + i) may see key j.
 
-        Keys must be written (j < old[b] + i + 1 when causal, j < new length otherwise)
-        and, with a window W, recent (j > old[b] + i - W).
+        Keys must be written (j < new length) and, when causal, not after the query
+        (j <= old[b] + i); with a window W, recent (j > old[b] + i - W).
         """
-        j = torch.arange(self.max_len, device=self.k.device).view(1, 1, 1, -1)
-        qpos = old_lengths.long().view(-1, 1, 1, 1) + torch.arange(new_tokens, device=self.k.device).view(1, 1, -1, 1)
-        if causal:
-            keep = j <= qpos
-        else:
-            keep = j < self.lengths.long().view(-1, 1, 1, 1)
-        if window is not None:
-            keep = keep & (j > qpos - window)
-        return keep
+        return decode_key_mask(old_lengths, self.lengths, new_tokens, self.max_len, causal=causal, window=window)

@@ -11,7 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import backend_name, positive_int, probability
+from ..caches.base import DecodeCache
 from ..caches.kv_cache import KVCache
+from ..caches.paged_kv_cache import PagedKVCache
 from ..functional import attention
 from .rope import RopeScaling, RotaryEmbedding
 
@@ -104,7 +106,8 @@ class MultiHeadAttention(nn.Module):
       mask: bool, True = attend, broadcastable to [B, H, L, L].
       causal: causal self-attention (implied by a window and by decoding with a cache).
       positions: RoPE positions (None = 0..L-1, or after the cache's tokens).
-      kv_cache: a KVCache; the new K/V are appended and attention runs over
+      kv_cache: a DecodeCache (KVCache, or a PagedKVCache bound to a batch of
+        sequences with `bind`); the new K/V are appended and attention runs over
         everything cached so far (prefill, then single-token decode steps).
     """
 
@@ -143,9 +146,11 @@ class MultiHeadAttention(nn.Module):
         return k, v
 
     def forward(self, x: Tensor, attn_bias: Tensor | None = None, *, mask: Tensor | None = None,
-                causal: bool = False, positions=None, kv_cache: KVCache | None = None) -> Tensor:
+                causal: bool = False, positions=None, kv_cache: DecodeCache | None = None) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.config.d_model:
             raise ValueError(f"x must be [B, L, d_model={self.config.d_model}], got {list(x.shape)}")
+        if kv_cache is not None and not isinstance(kv_cache, DecodeCache):
+            raise TypeError(f"kv_cache must be a KVCache or PagedKVCache (a DecodeCache), got {type(kv_cache).__name__}")
         B, L, _ = x.shape
         q = self._split(self.q_proj(x), self.num_heads)
         k = self._split(self.k_proj(x), self.num_kv_heads)
@@ -153,8 +158,11 @@ class MultiHeadAttention(nn.Module):
         window = self.config.window
         old = None
         if kv_cache is not None:
+            nxt = kv_cache.next_positions(L)
+            if nxt.shape[0] != B:  # before RoPE, whose broadcast error would not name the cache
+                raise ValueError(f"kv_cache holds a batch of {nxt.shape[0]} sequences, x has B = {B}")
             if positions is None:
-                positions = kv_cache.lengths.long().view(-1, 1) + torch.arange(L, device=x.device)
+                positions = nxt
         if self.rope is not None:
             q, k = self.rope(q, k, positions)
 
@@ -196,6 +204,13 @@ class MultiHeadAttention(nn.Module):
         p = self.q_proj.weight
         return KVCache(batch_size, self.num_kv_heads, max_len, self.head_dim,
                        dtype=dtype or p.dtype, device=device or p.device)
+
+    def new_paged_kv_cache(self, num_blocks: int, block_size: int = 16, *, dtype=None, device=None,
+                           allocation_order=None) -> PagedKVCache:
+        """A PagedKVCache shaped for this layer (add sequences, `bind` a batch, then decode)."""
+        p = self.q_proj.weight
+        return PagedKVCache(num_blocks, self.num_kv_heads, self.head_dim, block_size,
+                            dtype=dtype or p.dtype, device=device or p.device, allocation_order=allocation_order)
 
 
 @functools.lru_cache(maxsize=64)

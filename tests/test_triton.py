@@ -163,6 +163,14 @@ def test_dead_rows_lse_triton(tdevice):
     assert torch.all(out[:, :, :11] == 0)
 
 
+def test_sink_neg_inf_on_dead_rows_triton(tdevice):
+    """A sink of -inf (a head without one) on rows with no key (causal, Lq > Lk): the sink's
+    gradient is 0 there, not exp(-inf - -inf) = NaN."""
+    case = Case("sink_neg_inf_dead_rows", B=1, Hq=2, Hkv=1, Lq=40, Lk=20, D=16, kw=dict(causal=True),
+                extras=lambda B, H, Lq, Lk, g: {"sinks": torch.tensor([float("-inf"), 0.5])}, build=default_build)
+    run_case("triton", case, torch.float32, tdevice)
+
+
 def test_noncontiguous_triton(tdevice):
     """q/k/v views of packed [B, L, H, D] tensors and a transposed key-padding-like mask, read in place."""
     B, L, Lk, Hq, Hkv, D = 2, 19, 27, 4, 2, 24

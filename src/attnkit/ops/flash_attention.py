@@ -767,7 +767,8 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
         _pick("dkdv", key, cfg["dkdv"], launch_dkdv)
     dsinks = None
     if sinks_grad:  # d lse / d sink = p_sink: the sink's share of every row's softmax
-        p_sink = torch.exp(sinks.float().view(1, H, 1) - lse)
+        # a row whose lse is -inf (no key, sink -inf) has p_sink 0, not exp(-inf - -inf) = NaN
+        p_sink = torch.where(torch.isneginf(lse), 0.0, torch.exp(sinks.float().view(1, H, 1) - lse))
         dsinks = (-(p_sink * delta).sum(dim=(0, 2))).to(sinks.dtype)
     return dq, dk, dv, (dbias.to(bias.dtype) if dbias is not None else None), dsinks
 

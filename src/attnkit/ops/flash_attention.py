@@ -601,9 +601,10 @@ def autotuning() -> bool:
 
 def _pick(kind: str, key: tuple, default: tuple, launch, reset=None) -> None:
     """Run `launch(config)` once with the chosen config. With autotuning on, the first call of a key
-    times every candidate (CUDA events, median of 5 after a warm-up; candidates that fail to compile
-    are skipped), keeps the fastest for the process, and re-runs it last so that its outputs stand
-    (`reset()` first clears what a launch accumulates into)."""
+    times every candidate (CUDA events on the launch's device, median of 5 after a warm-up;
+    candidates that fail to compile are skipped), keeps the fastest for the process, and re-runs it
+    last so that its outputs stand (`reset()` first clears what a launch accumulates into). A tuned
+    config that fails on a later call of the same key falls back to the default."""
     cfg = _TUNED.get((kind, key))
     if cfg is None and autotuning():
         best = (math.inf, default)
@@ -624,14 +625,24 @@ def _pick(kind: str, key: tuple, default: tuple, launch, reset=None) -> None:
         cfg = _TUNED[(kind, key)] = best[1]
         if reset is not None:
             reset()
-    launch(cfg if cfg is not None else default)
+    if cfg is None or cfg == default:
+        launch(default)
+        return
+    try:
+        launch(cfg)
+    except Exception:  # noqa: BLE001 - the key does not pin every compile-time detail (strides)
+        if reset is not None:
+            reset()
+        launch(default)
 
 
 def _tune_key(q, k, v, mask, bias, softcap, bounds, layout) -> tuple:
     """What the best config depends on: dims, dtype, features, and the problem size (rounded)."""
     def p2(n):
         return 1 << max(0, (n - 1).bit_length())
-    return (q.shape[3], v.shape[3], q.dtype, q.shape[1] // k.shape[1], mask is not None, bias is not None,
+    return (str(q.device), q.shape[3], v.shape[3], q.dtype, q.shape[1] // k.shape[1],
+            None if mask is None else tuple(n == 1 for n in mask.shape),
+            None if bias is None else tuple(n == 1 for n in bias.shape),
             softcap is not None, bounds, layout.sets == ((((0, q.shape[2]),), ((0, k.shape[2]),)),),
             p2(q.shape[0] * q.shape[1]), p2(q.shape[2]), p2(k.shape[2]))
 
@@ -702,7 +713,9 @@ def _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds):
     if interp or f32:
         launch(default)
     else:
-        _pick("fwd", _tune_key(q, k, v, mask, bias, softcap, bounds, layout), default, launch)
+        with _on(q):  # the tuner's CUDA events on q's device
+            _pick("fwd", _tune_key(q, k, v, mask, bias, softcap, bounds, layout) + (sinks is not None,),
+                  default, launch)
     return o, lse
 
 
@@ -729,7 +742,7 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
     db, dbs = _bcast_args(dbias, q)
     left, right, has_l, has_r = _bounds(bounds)
     flags = dict(HAS_MASK=mask is not None, HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
-                 HAS_LEFT=has_l, HAS_RIGHT=has_r, BIG=_big(q, k, v, do, dq, dk, dv, mask, bias),
+                 HAS_LEFT=has_l, HAS_RIGHT=has_r, BIG=_big(q, k, v, do, dq, dk, dv, mask, bias, dbias),
                  **_precision(q.dtype, interp), BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV))
     scalars = (scale, softcap or 1.0, _exp_scale(bias, softcap, scale), Lk - Lq, left, right)
 
@@ -763,8 +776,9 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
         launch_dkdv(cfg["dkdv"])
     else:
         key = _tune_key(q, k, v, mask, bias, softcap, bounds, layout) + (bias_grad,)
-        _pick("dq", key, cfg["dq"], launch_dq, reset=dbias.zero_ if dbias is not None else None)
-        _pick("dkdv", key, cfg["dkdv"], launch_dkdv)
+        with _on(q):  # the tuner's CUDA events on q's device
+            _pick("dq", key, cfg["dq"], launch_dq, reset=dbias.zero_ if dbias is not None else None)
+            _pick("dkdv", key, cfg["dkdv"], launch_dkdv)
     dsinks = None
     if sinks_grad:  # d lse / d sink = p_sink: the sink's share of every row's softmax
         # a row whose lse is -inf (no key, sink -inf) has p_sink 0, not exp(-inf - -inf) = NaN

@@ -16,28 +16,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import attnkit
 from attnkit import AttentionConfig, DecodeCache, KVCache, MultiHeadAttention, PagedKVCache
 from conftest import assert_close_tol as assert_close
+from test_mha import _gen, make_mha, randn  # the decoding tests' own helpers, shared
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 ROPE_TOL = 2e-5  # RoPE rotates in float32 (see test_mha's docstring)
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(*shape, dtype=torch.float64, gen=None, std=1.0) -> torch.Tensor:
-    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(dtype)
-
-
-def make_mha(seed=0, dtype=torch.float64, **cfg) -> MultiHeadAttention:
-    """Every parameter random (sinks at unit scale so that they matter)."""
-    torch.manual_seed(seed)
-    mod = MultiHeadAttention(AttentionConfig(**cfg)).to(dtype)
-    g = _gen(seed + 100)
-    with torch.no_grad():
-        for name, p in mod.named_parameters():
-            p.copy_(randn(*p.shape, gen=g, std=1.0 if name == "sinks" else 0.3))
-    return mod
 
 
 def shuffled(n: int, seed: int) -> list[int]:

@@ -5,7 +5,9 @@ One launch per call, for dense attention and for token-group layouts given as a
 allow. Reads a bool mask and an additive bias in place through their strides (the
 bias gradient is summed over the bias's broadcast dims inside the dQ kernel, with
 float32 atomics where programs share elements); causal/window tiles outside the
-bounds are skipped. float32 inputs multiply in IEEE float32 (no tf32).
+bounds are skipped; softcap and sink logits (with their gradient). float32 inputs
+multiply in IEEE float32 (no tf32). On CUDA `auto` picks it for token groups only:
+on biased calls FlexAttention measured faster (docs/benchmarks.md, issue 5).
 On the CPU it runs only under Triton's interpreter (TRITON_INTERPRET=1), for tests.
 """
 

@@ -6,6 +6,7 @@ from .functional import attention, explain
 from .groups import GroupMask, SegmentLayout
 from .request import AttentionRequest
 from .caches import DecodeCache, KVCache, PagedKVCache
+from .varlen import varlen_attention
 from .modules import (
     ATTENTION_REGISTRY, AttentionConfig, AttentionRegistry, BaseAttention, FlashAttention,
     GatedAttention, LinearAttention, LiteAttention, MultiHeadAttention, RopeScaling,
@@ -18,7 +19,7 @@ from .modules import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "attention", "explain", "Plan", "AttentionRequest", "Backend", "Capabilities",
+    "attention", "explain", "varlen_attention", "Plan", "AttentionRequest", "Backend", "Capabilities",
     "BACKENDS", "get_backend", "register_backend", "__version__", "GroupMask", "SegmentLayout",
     "DecodeCache", "KVCache", "PagedKVCache", "ATTENTION_REGISTRY", "AttentionConfig", "AttentionRegistry", "BaseAttention",
     "FlashAttention", "GatedAttention", "LinearAttention", "LiteAttention", "MultiHeadAttention",

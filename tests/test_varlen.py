@@ -1,0 +1,107 @@
+"""varlen_attention (packed sequences, flash-attn's cu_seqlens layout) against a loop of
+per-sequence reference calls, forward and backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnkit
+from cases import TRITON_INTERPRET
+
+# sequence lengths (queries, keys): empty ones, 1-token ones, lengths off every block size
+SAME = ([0, 5, 17, 1, 33], [0, 5, 17, 1, 33])
+DIFF = ([3, 0, 20, 7], [9, 4, 11, 7])
+
+
+def _cu(lens):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def _packed(lq, lk, Hq=4, Hkv=2, D=12, Dv=8, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lq), Hq, D, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(sum(lk), Hkv, D, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(sum(lk), Hkv, Dv, generator=g, dtype=torch.float64).to(dtype)
+    return q, k, v
+
+
+def _loop(q, k, v, lq, lk, **kw):
+    """One reference call per sequence: the oracle."""
+    outs, lses, a, c = [], [], 0, 0
+    for nq, nk in zip(lq, lk):
+        qi = q[a:a + nq].transpose(0, 1)[None]
+        ki, vi = k[c:c + nk].transpose(0, 1)[None], v[c:c + nk].transpose(0, 1)[None]
+        if nk == 0:  # nothing to attend: the contract's empty-row rule
+            outs.append(q.new_zeros(nq, q.shape[1], v.shape[2]))
+            lses.append(torch.full((q.shape[1], nq), float("-inf"), dtype=torch.float64))
+        elif nq:
+            o, lse = attnkit.attention(qi, ki, vi, return_lse=True, backend="reference", **kw)
+            outs.append(o[0].transpose(0, 1))
+            lses.append(lse[0])
+        a, c = a + nq, c + nk
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+BACKENDS = ["reference", "chunked", "sdpa", "auto"] + (["triton"] if TRITON_INTERPRET else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lens,causal", [(SAME, False), (SAME, True), (DIFF, False), (DIFF, True)],
+                         ids=["same", "same_causal", "diff", "diff_causal"])
+def test_varlen_matches_per_sequence_loop(lens, causal, backend):
+    lq, lk = lens
+    if backend == "triton" and causal and lq != lk:
+        pytest.skip("per-sequence bottom-right causal is a generic mask_mod: not a triton feature")
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    q, k, v = _packed(lq, lk, dtype=dtype)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    want_lse = backend != "sdpa"  # SDPA returns no lse
+    res = attnkit.varlen_attention(q, k, v, _cu(lq), _cu(lk), causal=causal, return_lse=want_lse, backend=backend)
+    out, lse = res if want_lse else (res, None)
+    qr, kr, vr = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref, ref_lse = _loop(qr, kr, vr, lq, lk, causal=causal)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert out.shape == ref.shape and torch.allclose(out.double(), ref, atol=tol, rtol=tol)
+    if want_lse:
+        fin = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), fin)
+        assert torch.allclose(lse.double()[fin], ref_lse[fin], atol=tol, rtol=tol)
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    grads = torch.autograd.grad(out, (q, k, v), g.to(dtype))
+    refs = torch.autograd.grad(ref, (qr, kr, vr), g)
+    for name, a, b in zip("qkv", grads, refs):
+        assert torch.allclose(a.double(), b, atol=10 * tol, rtol=10 * tol), name
+
+
+def test_varlen_mask_kinds(monkeypatch):
+    """Block-diagonal packings reach the contract as one cached GroupMask (one set per sequence,
+    `causal` passed through when every sequence has as many queries as keys); per-sequence
+    bottom-right causal with unequal lengths as a plain mask_mod."""
+    seen = []
+    real = attnkit.varlen.attention
+    monkeypatch.setattr(attnkit.varlen, "attention", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    for (lq, lk), causal in ((SAME, True), (DIFF, False), (SAME, False), (DIFF, True)):
+        q, k, v = _packed(lq, lk)
+        attnkit.varlen_attention(q, k, v, _cu(lq), _cu(lk), causal=causal)
+    kinds = [(type(kw["mask_mod"]).__name__, kw.get("causal", False)) for kw in seen]
+    assert kinds == [("GroupMask", True), ("GroupMask", False), ("GroupMask", False), ("function", False)]
+    assert seen[0]["mask_mod"] is seen[2]["mask_mod"]  # same packing: the cached mask
+    assert len(seen[1]["mask_mod"].layout.sets) == len(DIFF[0])
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(cu_seqlens_q=torch.tensor([0, 5.0])), TypeError, "cu_seqlens_q must be a 1-D int32/int64"),
+    (dict(cu_seqlens_q=torch.tensor([1, 6], dtype=torch.int32)), ValueError, "cu_seqlens_q must start at 0"),
+    (dict(cu_seqlens_k=torch.tensor([0, 3, 2, 6], dtype=torch.int32)), ValueError, "cu_seqlens_k must start at 0"),
+    (dict(cu_seqlens_k=torch.tensor([0, 6], dtype=torch.int32)), ValueError, "describe as many sequences"),
+    (dict(q=torch.randn(1, 6, 4, 8)), ValueError, "q must be packed"),
+])
+def test_varlen_bad_input(kw, err, match):
+    args = dict(q=torch.randn(6, 4, 8), k=torch.randn(6, 2, 8), v=torch.randn(6, 2, 8),
+                cu_seqlens_q=torch.tensor([0, 2, 6], dtype=torch.int32),
+                cu_seqlens_k=torch.tensor([0, 1, 6], dtype=torch.int32))
+    args.update(kw)
+    with pytest.raises(err, match=match):
+        attnkit.varlen_attention(**args)

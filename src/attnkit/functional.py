@@ -31,6 +31,8 @@ def attention(
     sinks: Tensor | None = None,
     dropout_p: float = 0.0,
     return_lse: bool = False,
+    cache_seqlens: Tensor | int | None = None,
+    block_table: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Scaled dot-product attention under one contract, on the best backend for the call.
@@ -52,11 +54,22 @@ def attention(
         return_lse: also return the float32 log-sum-exp [B, Hq, Lq] of each row
             (sinks included; -inf for a row with nothing to attend; float64 when
             float64 inputs run on reference/chunked).
+        cache_seqlens: decoding against a KV cache (flash-attn's `flash_attn_with_kvcache`
+            name): int32/int64 [B] on q's device, or an int for every sequence. Sequence b's
+            keys are 0..cache_seqlens[b]-1 (later ones are never seen) and causal / window are
+            aligned per sequence: query i sits at key position cache_seqlens[b] - Lq + i.
+        block_table: int32 [B, max_blocks] (needs cache_seqlens): k and v are then a block pool
+            [num_blocks, Hkv, block_size, D] / [..., Dv] (PagedKVCache.k / .v; block_size a
+            power of two); token t of sequence b lives in block block_table[b, t // block_size]
+            at slot t % block_size; the logical key length is max_blocks * block_size and
+            entries past a sequence's last used block are never read. Values (lengths, block
+            ids) are checked for CPU tensors only: on a GPU checking would synchronise every
+            decode step, so there they are the caller's promise.
         backend: "auto" or a registered backend name ("sdpa", "flex", "chunked", "reference", ...).
 
     Logits are built in this order: scale * q k^T, + bias, softcap, score_mod,
-    then mask / causal / window / mask_mod set excluded pairs to -inf. A row
-    with nothing to attend to returns 0 and gets zero gradient.
+    then mask / causal / window / mask_mod (and keys past cache_seqlens) set excluded
+    pairs to -inf. A row with nothing to attend to returns 0 and gets zero gradient.
 
     Returns:
         out [B, Hq, Lq, Dv] in q's dtype, or (out, lse) when return_lse.
@@ -64,7 +77,7 @@ def attention(
     req = build_request(
         q, k, v, mask=mask, bias=bias, causal=causal, window=window, scale=scale,
         softcap=softcap, score_mod=score_mod, mask_mod=mask_mod, sinks=sinks,
-        dropout_p=dropout_p, return_lse=return_lse,
+        dropout_p=dropout_p, return_lse=return_lse, cache_seqlens=cache_seqlens, block_table=block_table,
     )
     out, lse = choose(req, backend).run(req)
     return (out, lse) if return_lse else out

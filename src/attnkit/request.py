@@ -17,10 +17,16 @@ from torch import Tensor
 from ._checks import probability
 from .groups import GroupMask
 
-__all__ = ["AttentionRequest", "build_request", "SUPPORTED_DTYPES"]
+__all__ = ["AttentionRequest", "build_request", "SUPPORTED_DTYPES", "DECODE_MAX_LQ"]
 
 # float64 is accepted so that the reference (and gradcheck) can run in double.
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Calls with at most this many queries per sequence (and nothing that needs the full kernel)
+# are "decode-shaped": the triton backend runs its split-KV decode kernel on them.
+DECODE_MAX_LQ = 16
+# Features a decode-shaped call must not need (the decode kernel is forward-only and reads no
+# mask, bias or mod; everything else of the contract it honours).
+_NOT_DECODE = frozenset({"mask", "bias", "bias_grad", "score_mod", "mask_mod", "group_mask", "dropout", "backward"})
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -29,6 +35,13 @@ MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 @dataclass(eq=False)
 class AttentionRequest:
     """One attention call, checked. Shapes: q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv].
+
+    With a `block_table` [B, max_blocks], k/v are a block pool [num_blocks, Hkv, block_size, D|Dv]
+    and the logical key length `len_k` is max_blocks * block_size. With `cache_seqlens` [B],
+    sequence b's keys are 0..cache_seqlens[b]-1 and causal/window are aligned per sequence
+    (query i sits at key position cache_seqlens[b] - Lq + i); `offset` and `key_bounds` then
+    describe the logical layout only, so backends other than the decode kernel run
+    `densified()`, the equivalent plain request.
 
     Treat as read-only. (Not a frozen dataclass: frozen __init__ costs ~10 us
     per call, and this object is built on every attention call.)
@@ -49,6 +62,8 @@ class AttentionRequest:
     sinks: Tensor | None  # [Hq]
     dropout_p: float
     return_lse: bool
+    cache_seqlens: Tensor | None = None  # int32/int64 [B] on q's device: valid keys per sequence
+    block_table: Tensor | None = None  # int32 [B, max_blocks]: k/v are then a block pool
     # Derived once in __post_init__ (plain attributes: cheap, and traceable by torch.compile).
     needs_grad: bool = field(init=False)
     _features: frozenset = field(init=False)
@@ -62,7 +77,8 @@ class AttentionRequest:
         )
         self._features = self._compute_features()
         # Everything backend choice may depend on; the dispatcher caches its choice per signature.
-        self.signature = (self.device.type, self.dtype, self.head_dim, self.head_dim_v, self._features)
+        self.signature = (self.device.type, self.dtype, self.head_dim, self.head_dim_v, self._features,
+                          self.decode_shaped)
 
     # --- shapes -----------------------------------------------------------
     @property
@@ -83,7 +99,21 @@ class AttentionRequest:
 
     @property
     def len_k(self) -> int:
+        """Key length of the logical layout (max_blocks * block_size for a paged cache)."""
+        if self.block_table is not None:
+            return self.block_table.shape[1] * self.k.shape[2]
         return self.k.shape[2]
+
+    @property
+    def block_size(self) -> int | None:
+        """Tokens per block of a paged k/v pool, None when k/v are contiguous."""
+        return self.k.shape[2] if self.block_table is not None else None
+
+    @property
+    def decode_shaped(self) -> bool:
+        """At most DECODE_MAX_LQ queries and no feature the split-KV decode kernel lacks
+        (mask, bias, mods, dropout, gradients): what the triton backend decodes in place."""
+        return self.len_q <= DECODE_MAX_LQ and not (self._features & _NOT_DECODE)
 
     @property
     def head_dim(self) -> int:
@@ -95,7 +125,11 @@ class AttentionRequest:
 
     @property
     def offset(self) -> int:
-        """Diagonal shift of bottom-right alignment: query i lines up with key i + offset."""
+        """Diagonal shift of bottom-right alignment: query i lines up with key i + offset.
+
+        With cache_seqlens the shift is per sequence (cache_seqlens[b] - Lq); this is the
+        logical layout's, which `densified()` folds into a mask.
+        """
         return self.len_k - self.len_q
 
     @property
@@ -155,14 +189,65 @@ class AttentionRequest:
             f.add("value_head_dim")
         if self.needs_grad:
             f.add("backward")
+        if self.cache_seqlens is not None:
+            f.add("kv_lengths")
+        if self.block_table is not None:
+            f.add("paged")
         return frozenset(f)
 
     def describe(self) -> str:
         feats = ", ".join(sorted(self.features())) or "dense"
+        paged = ""
+        if self.block_table is not None:
+            paged = f" block_table {list(self.block_table.shape)} (block size {self.block_size})"
         return (
-            f"q {list(self.q.shape)} k {list(self.k.shape)} v {list(self.v.shape)} "
+            f"q {list(self.q.shape)} k {list(self.k.shape)} v {list(self.v.shape)}{paged} "
             f"{str(self.dtype).replace('torch.', '')} on {self.device.type}; features: {feats}"
         )
+
+    def densified(self) -> "AttentionRequest":
+        """The equivalent plain request: no cache_seqlens, no block_table.
+
+        A paged k/v pool is gathered into contiguous [B, Hkv, len_k, D] tensors (table
+        entries past a sequence's last used block are never dereferenced: they are clamped
+        into range and their keys masked); the per-sequence lengths and the per-sequence
+        causal/window bounds become a bool mask [B, 1, Lq, len_k] (and-ed with the user's
+        mask); causal=False, window=None. The backends that do not read the cache in place
+        call this first. Returns self when there is nothing to fold.
+        """
+        if self.cache_seqlens is None:
+            return self
+        k, v = self.k, self.v
+        if self.block_table is not None:
+            k, v = _gather_pages(k, self.block_table), _gather_pages(v, self.block_table)
+        Lq, Lk = self.len_q, self.len_k
+        lens = self.cache_seqlens.long().view(-1, 1, 1, 1)
+        j = torch.arange(Lk, device=self.device).view(1, 1, 1, Lk)
+        keep = j < lens
+        bounds = self.key_bounds
+        if bounds is not None:
+            qpos = lens - Lq + torch.arange(Lq, device=self.device).view(1, 1, Lq, 1)
+            left, right = bounds
+            if left is not None:
+                keep = keep & (j >= qpos - left)
+            if right is not None:
+                keep = keep & (j <= qpos + right)
+        else:
+            keep = keep.expand(-1, -1, Lq, -1)
+        mask = keep if self.mask is None else keep & self.mask
+        return AttentionRequest(
+            q=self.q, k=k, v=v, mask=mask, bias=self.bias, causal=False, window=None, scale=self.scale,
+            softcap=self.softcap, score_mod=self.score_mod, mask_mod=self.mask_mod, sinks=self.sinks,
+            dropout_p=self.dropout_p, return_lse=self.return_lse,
+        )
+
+
+def _gather_pages(pool: Tensor, block_table: Tensor) -> Tensor:
+    """[num_blocks, H, block_size, D] pool + [B, max_blocks] table -> [B, H, max_blocks * block_size, D]."""
+    B, nb = block_table.shape
+    _, H, bs, D = pool.shape
+    idx = block_table.long().clamp(0, pool.shape[0] - 1)  # unused entries (-1 padding): any block, masked
+    return pool[idx].permute(0, 2, 1, 3, 4).reshape(B, H, nb * bs, D)
 
 
 def _mod_wants_grad(fn) -> bool:
@@ -233,8 +318,16 @@ def build_request(
     sinks: Tensor | None = None,
     dropout_p: float = 0.0,
     return_lse: bool = False,
+    cache_seqlens: Tensor | int | None = None,
+    block_table: Tensor | None = None,
 ) -> AttentionRequest:
-    """Check every argument of the contract and return the normalised request."""
+    """Check every argument of the contract and return the normalised request.
+
+    Shapes, dtypes and devices are always checked. The *values* of cache_seqlens and
+    block_table (lengths within the logical key length, block ids within the pool) are
+    checked only when they live on the CPU: on a GPU reading them would synchronise every
+    decode step, so there they are the caller's promise (PagedKVCache builds valid ones).
+    """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -253,7 +346,17 @@ def build_request(
     if k.device != device or v.device != device:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     B, Hq, Lq, D = qs
-    if ks[0] != B or vs[0] != B:
+    paged = block_table is not None
+    if paged:
+        if ks[0] != vs[0]:
+            raise ValueError(
+                f"paged k and v must hold the same number of blocks (dim 0), got k {_shape(k)}, v {_shape(v)}"
+            )
+        if ks[2] != vs[2]:
+            raise ValueError(
+                f"paged k and v must have the same block size (dim 2), got k {_shape(k)}, v {_shape(v)}"
+            )
+    elif ks[0] != B or vs[0] != B:
         raise ValueError(
             f"batch mismatch: q {_shape(q)}, k {_shape(k)}, v {_shape(v)} (dim 0 must agree)"
         )
@@ -271,6 +374,11 @@ def build_request(
     if min(B, Hq, Lq, D) == 0 or ks[2] == 0 or vs[3] == 0:
         raise ValueError(f"empty input: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
     Lk = ks[2]
+    if paged:
+        Lk = _check_block_table(block_table, cache_seqlens, k, B, device)
+    cache_seqlens = _check_cache_seqlens(cache_seqlens, B, Lk, device)
+    if paged and device.type == "cpu":  # values: only where reading them costs no device sync
+        _check_block_ids(block_table, cache_seqlens, k.shape[0], k.shape[2])
     target = (B, Hq, Lq, Lk)
 
     if mask is not None:
@@ -320,5 +428,75 @@ def build_request(
     return AttentionRequest(
         q=q, k=k, v=v, mask=mask, bias=bias, causal=causal, window=win, scale=float(scale),
         softcap=softcap, score_mod=score_mod, mask_mod=mask_mod, sinks=sinks,
-        dropout_p=float(dropout_p), return_lse=return_lse,
+        dropout_p=float(dropout_p), return_lse=return_lse, cache_seqlens=cache_seqlens,
+        block_table=block_table,
     )
+
+
+def _what(t) -> str:
+    if isinstance(t, Tensor):
+        return f"{str(t.dtype).replace('torch.', '')} tensor of shape {_shape(t)} on {t.device}"
+    return f"{type(t).__name__} {t!r:.60}"
+
+
+def _check_block_table(block_table, cache_seqlens, k: Tensor, B: int, device: torch.device) -> int:
+    """Check a paged call's block table against the pool k; return the logical key length."""
+    if cache_seqlens is None:
+        raise ValueError("block_table needs cache_seqlens (the number of valid tokens of each sequence), got None")
+    if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
+        raise TypeError(f"block_table must be an int32 tensor [B, max_blocks], got {_what(block_table)}")
+    if block_table.shape[0] != B:
+        raise ValueError(f"block_table must have B = {B} rows (q's batch), got shape {_shape(block_table)}")
+    if block_table.shape[1] == 0:
+        raise ValueError(f"block_table must have at least one column, got shape {_shape(block_table)}")
+    if block_table.device != device:
+        raise ValueError(f"block_table is on {block_table.device} but q is on {device}")
+    num_blocks, bs = k.shape[0], k.shape[2]
+    if bs & (bs - 1):
+        raise ValueError(
+            f"paged k/v must have a power-of-two block size (dim 2 of [num_blocks, Hkv, block_size, D]), "
+            f"got k {_shape(k)}"
+        )
+    return block_table.shape[1] * bs
+
+
+def _check_block_ids(block_table: Tensor, cache_seqlens: Tensor, num_blocks: int, bs: int) -> None:
+    """Every entry a sequence reads (the first ceil(length / block_size)) is a block of the pool."""
+    lens = cache_seqlens.long()
+    used = torch.arange(block_table.shape[1]).view(1, -1) < ((lens + bs - 1) // bs).view(-1, 1)
+    bad = used & ((block_table < 0) | (block_table >= num_blocks))
+    if bad.any():
+        b, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(
+            f"block_table[{b}, {j}] = {int(block_table[b, j])} is not a block of the pool "
+            f"(k holds {num_blocks} blocks: ids 0..{num_blocks - 1}); sequence {b} has "
+            f"{int(lens[b])} tokens, so its first {int((lens[b] + bs - 1) // bs)} entries are read"
+        )
+
+
+def _check_seqlen_values(lens: Tensor, Lk: int) -> None:
+    """Lengths (a CPU tensor) must lie in [0, Lk]."""
+    if lens.min() < 0 or lens.max() > Lk:
+        shown = lens.tolist()
+        shown = shown if len(shown) <= 16 else shown[:16] + ["..."]
+        raise ValueError(f"cache_seqlens must lie in [0, {Lk}] (the logical key length), got {shown}")
+
+
+def _check_cache_seqlens(cache_seqlens, B: int, Lk: int, device: torch.device) -> Tensor | None:
+    """cache_seqlens as an int tensor [B] on q's device (an int: the same length for every sequence)."""
+    if cache_seqlens is None:
+        return None
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        _check_seqlen_values(torch.tensor([cache_seqlens]), Lk)
+        return torch.full((B,), cache_seqlens, dtype=torch.int32, device=device)
+    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(
+            f"cache_seqlens must be an int32/int64 tensor [B] = [{B}] or an int, got {_what(cache_seqlens)}"
+        )
+    if tuple(cache_seqlens.shape) != (B,):
+        raise ValueError(f"cache_seqlens must have shape [B] = [{B}], got {_shape(cache_seqlens)}")
+    if cache_seqlens.device != device:
+        raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {device}")
+    if cache_seqlens.device.type == "cpu":
+        _check_seqlen_values(cache_seqlens, Lk)
+    return cache_seqlens

@@ -16,6 +16,8 @@ ALL_FEATURES = frozenset(
     {
         "mask", "bias", "bias_grad", "causal", "window", "softcap", "score_mod", "mask_mod", "group_mask",
         "sinks", "dropout", "return_lse", "gqa", "value_head_dim", "backward",
+        "kv_lengths",  # cache_seqlens given: per-sequence key lengths, per-sequence causal/window alignment
+        "paged",  # block_table given: k/v are a block pool read through the table
     }
 )
 

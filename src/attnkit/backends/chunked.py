@@ -207,6 +207,7 @@ class ChunkedBackend(Backend):
         return 20.0 if req.device.type == "cpu" else 5.0
 
     def run(self, req: AttentionRequest) -> tuple[Tensor, Tensor | None]:
+        req = req.densified()  # cache_seqlens / block_table -> gathered K/V and a mask
         tiling = _Tiling(req, self.block_q, self.block_k)
         captured = []
         if req.score_mod is not None:

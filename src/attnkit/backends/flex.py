@@ -8,6 +8,8 @@
   (mask_mod, the contents of every tensor it closes over, bounds, mask tensor,
   shape, device); a tensor a mask_mod reads from a global is not tracked, so
   change such a tensor only together with the function;
+- cache_seqlens / block_table -> `AttentionRequest.densified()`: the paged cache
+  gathered, lengths and per-sequence alignment as a bool mask (a new BlockMask per call);
 - sinks -> the kernel's log-sum-exp: out * sigmoid(lse - sink), which needs
   the gradient through lse that compiled FlexAttention provides on CUDA.
 On the CPU, compiled FlexAttention is inference-only and returns no lse.
@@ -31,11 +33,11 @@ except ImportError:  # pragma: no cover - torch < 2.5 is below our floor
 
 _CUDA_FEATURES = frozenset(
     {"mask", "bias", "bias_grad", "causal", "window", "softcap", "score_mod", "mask_mod", "group_mask", "sinks",
-     "return_lse", "gqa", "value_head_dim", "backward"}
+     "return_lse", "gqa", "value_head_dim", "backward", "kv_lengths", "paged"}
 )
 _CPU_FEATURES = frozenset(
     {"mask", "bias", "causal", "window", "softcap", "score_mod", "mask_mod", "group_mask", "gqa",
-     "value_head_dim"}
+     "value_head_dim", "kv_lengths", "paged"}
 )
 _BLOCK_MASK_CACHE_SIZE = 32
 _compiled = None
@@ -119,8 +121,8 @@ class FlexBackend(Backend):
             return 8.0  # compiles per shape; forward only
         if req.window is not None or req.mask_mod is not None or req.bias is not None:
             return 70.0  # block sparsity / bias read in place: ahead of SDPA's dense masks
-        if req.mask is not None:
-            # A mask tensor usually changes every call (padding, decode steps): its
+        if req.mask is not None or req.cache_seqlens is not None:
+            # A mask tensor (cache_seqlens become one) usually changes every call (padding, decode steps): its
             # BlockMask is rebuilt each time, and cannot be built inside CUDA-graph capture.
             return 25.0
         return 60.0
@@ -172,6 +174,7 @@ class FlexBackend(Backend):
         return bm
 
     def run(self, req: AttentionRequest) -> tuple[Tensor, Tensor | None]:
+        req = req.densified()  # cache_seqlens / block_table -> gathered K/V and a mask
         want_lse = req.return_lse or req.sinks is not None
         fn = _compiled_flex()
         q, k, v = req.q, req.k, req.v

@@ -43,6 +43,7 @@ class ReferenceBackend(Backend):
         return 1.0  # the oracle, never preferred
 
     def run(self, req: AttentionRequest) -> tuple[Tensor, Tensor | None]:
+        req = req.densified()  # cache_seqlens / block_table -> gathered K/V and a mask
         ct = torch.float64 if req.dtype == torch.float64 else torch.float32
         B, Hq, Lq, Lk = req.batch, req.heads_q, req.len_q, req.len_k
         g = Hq // req.heads_kv

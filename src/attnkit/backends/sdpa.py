@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - torch < 2.3 is below our floor
 
 _FEATURES = frozenset(
     {"mask", "bias", "bias_grad", "causal", "window", "mask_mod", "group_mask", "dropout", "gqa",
-     "value_head_dim", "backward"}
+     "value_head_dim", "backward", "kv_lengths", "paged"}
 )
 CUDA_PRIORITY = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
@@ -88,12 +88,13 @@ class SdpaBackend(Backend):
 
     def speed(self, req: AttentionRequest) -> float:
         dense_mask = req.mask is not None or req.bias is not None or req.mask_mod is not None
-        dense_mask = dense_mask or req.window is not None
+        dense_mask = dense_mask or req.window is not None or req.cache_seqlens is not None
         if req.device.type == "cuda":
             return 30.0 if dense_mask else 100.0
         return 30.0 if dense_mask else 50.0
 
     def run(self, req: AttentionRequest) -> tuple[Tensor, Tensor | None]:
+        req = req.densified()  # cache_seqlens / block_table -> gathered K/V and a mask
         kw = dict(dropout_p=req.dropout_p, scale=req.scale, enable_gqa=req.heads_q != req.heads_kv)
         explicit = (
             req.mask is not None or req.bias is not None or req.mask_mod is not None

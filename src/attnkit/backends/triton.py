@@ -9,6 +9,14 @@ bounds are skipped; softcap and sink logits (with their gradient). float32 input
 multiply in IEEE float32 (no tf32). On CUDA `auto` picks it for token groups only:
 on biased calls FlexAttention measured faster (docs/benchmarks.md, issue 5).
 On the CPU it runs only under Triton's interpreter (TRITON_INTERPRET=1), for tests.
+
+Decode-shaped calls (at most 16 queries per sequence, no gradient, no mask / bias / mods /
+dropout: `AttentionRequest.decode_shaped`) run the split-KV decode kernel
+(ops/decode_attention.py), which reads a contiguous or paged cache in place with per-sequence
+lengths (`cache_seqlens`, `block_table`). Other calls with a cache are densified
+(`AttentionRequest.densified()`: gathered K/V and a mask) and run the flash kernel. On CUDA
+`auto` picks triton for decode-shaped calls with cache_seqlens (the other backends must
+build a mask, and gather a paged cache, first).
 """
 
 from __future__ import annotations
@@ -17,12 +25,13 @@ import torch
 from torch import Tensor
 
 from ..groups import GroupMask
+from ..ops import decode_attention as da
 from ..ops import flash_attention as fa
 from ..request import AttentionRequest
 from .base import Backend, Capabilities
 
 _FEATURES = frozenset({"mask", "bias", "bias_grad", "causal", "window", "group_mask", "softcap", "sinks",
-                       "return_lse", "gqa", "value_head_dim", "backward"})
+                       "return_lse", "gqa", "value_head_dim", "backward", "kv_lengths", "paged"})
 
 
 class TritonBackend(Backend):
@@ -48,11 +57,21 @@ class TritonBackend(Backend):
     def speed(self, req: AttentionRequest) -> float:
         if req.device.type != "cuda":
             return 0.5  # the interpreter: for tests only
+        if req.decode_shaped and req.cache_seqlens is not None:
+            return 90.0  # the split-KV decode kernel reads the cache in place; the others build a mask (and gather)
         if "group_mask" in req.features():
             return 80.0  # one launch over the allowed tiles only; ahead of flex's block mask (issue 4 bench)
         return 20.0  # dense/masked: cuDNN and flex are faster; chosen only when forced
 
     def run(self, req: AttentionRequest) -> tuple[Tensor, Tensor | None]:
+        if req.decode_shaped:
+            sinks = req.sinks.detach() if req.sinks is not None else None
+            out, lse = da.decode_attention(req.q.detach(), req.k.detach(), req.v.detach(),
+                                           cache_seqlens=req.cache_seqlens, block_table=req.block_table,
+                                           scale=req.scale, softcap=req.softcap, sinks=sinks,
+                                           bounds=req.key_bounds)
+            return out, (lse if req.return_lse else None)
+        req = req.densified()  # cache_seqlens / block_table -> gathered K/V and a mask
         layout = req.mask_mod.layout if isinstance(req.mask_mod, GroupMask) else None
         q, k, v = req.q, req.k, req.v
         if not req.needs_grad:

@@ -1,0 +1,339 @@
+"""Split-KV decoding (FlashDecoding) in Triton: a few queries per sequence against a long KV cache.
+
+q [B, Hq, Lq, D] (Lq <= 16: one new token, or a few for speculative decoding) against
+
+- a contiguous cache k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv], or
+- a paged pool k [num_blocks, Hkv, block_size, D], v [..., Dv] read through
+  block_table [B, max_blocks] (PagedKVCache's layout): logical key t of sequence b lives in
+  block block_table[b, t // block_size] at slot t % block_size,
+
+with per-sequence lengths cache_seqlens [B] (None: every sequence has all Lk keys). Causal and
+window bounds are aligned per sequence: query i of sequence b sits at key position
+cache_seqlens[b] - Lq + i. Softcap, sink logits (they join the denominator) and the
+log-sum-exp as in the contract. Forward only.
+
+Work: one program per (batch x kv head x row block, split). A program's rows are the
+Hq / Hkv query heads of its kv head times the Lq queries, the M dimension of one tl.dot, so
+each K/V tile is read once for the whole GQA group. The keys sequence b's queries may see,
+[lo_b, len_b) (lo_b > 0 only under a window), are cut into BLOCK_N tiles and the tiles dealt
+into num_splits contiguous runs of equal size, so the splits of a sequence share its work
+whatever its length; tiles past its length or left of its window are never visited, and a
+split with no tile writes an empty partial. num_splits comes from B * Hkv and the *logical*
+key length only, never from the lengths' values (no device sync: a decode step stays
+capturable in a CUDA graph), so that small batches with long caches fill the GPU.
+
+Each split writes a float32 partial output (already normalised) and its log-sum-exp; a
+second small kernel merges the splits by log-sum-exp and adds the sinks to the denominator.
+With one split the first kernel finishes its rows itself (no second launch).
+
+A paged tile may span several pages (block_size < BLOCK_N) or lie inside one: each key's
+block id is read from the table (masked past the sequence's length, so padding entries such
+as -1 are never dereferenced). float16/bfloat16 multiply in their own type with float32
+accumulation; float32 in IEEE float32 (no tf32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a hard dependency on Linux
+    triton = tl = None
+
+__all__ = ["decode_attention", "num_splits_for", "TRITON_ERROR", "MAX_LQ"]
+
+TRITON_ERROR = None if triton is not None else "triton is not installed"
+MAX_LQ = 16  # queries per sequence the kernel takes (request.DECODE_MAX_LQ)
+MAX_SPLITS = 128
+MIN_KEYS_PER_SPLIT = 256  # a split reads at least this many keys: its partial costs ~1/256 of its reads
+_LOG2E = 1.4426950408889634
+
+# Triton decides interpretation when the kernels are defined (import time): so do we.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        # Triton 3.6's CPU interpreter multiplies bfloat16 wrongly: there, multiply the same
+        # bfloat16 values in float32 (what the tensor cores do, with float32 accumulation).
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b, input_precision=PRECISION)
+
+    @triton.jit
+    def _tanh(x):
+        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+    @triton.jit
+    def _decode_split_kernel(
+        Q, K, V, LENS, BT, SINKS, O, LSE, OP, LSEP,
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbtb, sbtn, sob, soh, som, sod,
+        Hq, Hkv, G, Lq, LK, NUM_MBLOCKS, NUM_SPLITS, scale, softcap, left, right,
+        HAS_LENS: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+        FINAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        mblk = pid % NUM_MBLOCKS
+        bhk = pid // NUM_MBLOCKS
+        hk = (bhk % Hkv).to(tl.int64)
+        b = (bhk // Hkv).to(tl.int64)
+
+        # rows: query head g of the group (h = hk * G + g) x query i
+        r = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = r < G * Lq
+        g = r // Lq
+        i = r % Lq
+        h = hk * G + g
+        dq = tl.arange(0, BLOCK_D)
+        dv = tl.arange(0, BLOCK_DV)
+        q = tl.load(Q + b * sqb + h[:, None] * sqh + i[:, None] * sqm + dq[None, :] * sqd,
+                    mask=row_ok[:, None] & (dq[None, :] < D), other=0.0)
+
+        if HAS_LENS:
+            seqlen = tl.load(LENS + b).to(tl.int32)
+        else:
+            seqlen = LK
+        qpos = seqlen - Lq + i  # per-sequence bottom-right alignment
+        # the keys some row of the block may see: [lo, seqlen) (right >= 0, so never past seqlen)
+        lo = 0
+        if HAS_LEFT:
+            first = seqlen - Lq + tl.min(tl.where(row_ok, i, Lq), 0)
+            lo = tl.maximum(first - left, 0)
+        t0 = lo // BLOCK_N
+        n_tiles = tl.maximum(tl.cdiv(seqlen, BLOCK_N) - t0, 0)
+        per = tl.cdiv(n_tiles, NUM_SPLITS)
+        t_start = t0 + split * per
+        t_end = tl.minimum(t_start + per, t0 + n_tiles)
+
+        k_base = K + hk * skh
+        v_base = V + hk * svh
+        if not PAGED:
+            k_base += b * skb
+            v_base += b * svb
+        bt_row = BT + b * sbtb
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        if FINAL and HAS_SINKS:  # the sink logit opens the softmax: in the denominator, with no value
+            m_i = tl.load(SINKS + h, mask=row_ok, other=float("-inf")).to(tl.float32)
+            l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        for t in range(t_start, t_end):
+            offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            key_ok = offs_n < seqlen
+            if PAGED:  # each key's block from the table; entries past the length are never read
+                blk = tl.load(bt_row + (offs_n // PAGE) * sbtn, mask=key_ok, other=0).to(tl.int64)
+                k_rows = blk * skb + (offs_n % PAGE) * skn
+                v_rows = blk * svb + (offs_n % PAGE) * svn
+            else:
+                k_rows = offs_n.to(tl.int64) * skn
+                v_rows = offs_n.to(tl.int64) * svn
+            k = tl.load(k_base + k_rows[:, None] + dq[None, :] * skd,
+                        mask=key_ok[:, None] & (dq[None, :] < D), other=0.0)
+            v = tl.load(v_base + v_rows[:, None] + dv[None, :] * svd,
+                        mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+            s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
+            if SOFTCAP:
+                s = softcap * _tanh(s / softcap)
+            ok = key_ok[None, :]
+            if HAS_LEFT:
+                ok = ok & (offs_n[None, :] >= (qpos - left)[:, None])
+            if HAS_RIGHT:
+                ok = ok & (offs_n[None, :] <= (qpos + right)[:, None])
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
+            p = tl.exp2((s - m_use[:, None]) * 1.4426950408889634)
+            alpha = tl.exp2((m_i - m_use) * 1.4426950408889634)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
+            m_i = m_new
+
+        dead = l_i == 0.0
+        out = acc / tl.where(dead, 1.0, l_i)[:, None]
+        lse = tl.where(dead, float("-inf"), m_i + tl.log(tl.where(dead, 1.0, l_i)))
+        if FINAL:
+            tl.store(O + b * sob + h[:, None] * soh + i[:, None] * som + dv[None, :] * sod,
+                     out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
+            tl.store(LSE + (b * Hq + h) * Lq + i, lse, mask=row_ok)
+        else:
+            prow = ((b * Hq + h) * Lq + i) * NUM_SPLITS + split  # [B * Hq * Lq, splits] partials
+            tl.store(OP + prow[:, None] * DV + dv[None, :], out, mask=row_ok[:, None] & (dv[None, :] < DV))
+            tl.store(LSEP + prow, lse, mask=row_ok)
+
+    @triton.jit
+    def _decode_merge_kernel(
+        OP, LSEP, SINKS, O, LSE, ROWS, Hq, Lq, NUM_SPLITS, sob, soh, som, sod,
+        HAS_SINKS: tl.constexpr, DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+    ):
+        """Rows (b, h, i): out = sum_s exp(lse_s - lse) out_s, lse = log(sum_s exp(lse_s) + exp(sink)).
+        Splits are read BLOCK_S at a time (all their loads in flight together)."""
+        row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = row < ROWS
+        i = row % Lq
+        h = (row // Lq) % Hq
+        b = row // (Lq * Hq)
+        s = tl.arange(0, BLOCK_S)
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        for s0 in range(0, NUM_SPLITS, BLOCK_S):  # the largest partial lse of each row
+            ok = row_ok[:, None] & (s0 + s[None, :] < NUM_SPLITS)
+            m = tl.maximum(m, tl.max(tl.load(LSEP + row[:, None] * NUM_SPLITS + s0 + s[None, :], mask=ok,
+                                             other=float("-inf")), 1))
+        if HAS_SINKS:
+            sink = tl.load(SINKS + h, mask=row_ok, other=float("-inf")).to(tl.float32)
+            m = tl.maximum(m, sink)
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        d = tl.arange(0, BLOCK_DV)
+        den = tl.zeros([BLOCK_R], tl.float32)
+        acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+        for s0 in range(0, NUM_SPLITS, BLOCK_S):
+            ok = row_ok[:, None] & (s0 + s[None, :] < NUM_SPLITS)
+            prow = row[:, None] * NUM_SPLITS + s0 + s[None, :]  # [BLOCK_R, BLOCK_S]
+            w = tl.exp(tl.load(LSEP + prow, mask=ok, other=float("-inf")) - m_use[:, None])  # 0: empty split
+            o = tl.load(OP + prow[:, :, None] * DV + d[None, None, :],
+                        mask=ok[:, :, None] & (d[None, None, :] < DV), other=0.0)
+            den += tl.sum(w, 1)
+            acc += tl.sum(w[:, :, None] * o, 1)
+        if HAS_SINKS:
+            den += tl.exp(sink - m_use)
+        dead = den == 0.0
+        out = acc / tl.where(dead, 1.0, den)[:, None]
+        lse = tl.where(dead, float("-inf"), m_use + tl.log(tl.where(dead, 1.0, den)))
+        tl.store(O + b[:, None] * sob + h[:, None] * soh + i[:, None] * som + d[None, :] * sod,
+                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < DV))
+        tl.store(LSE + row, lse, mask=row_ok)
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _on(t: Tensor):
+    """Launch on t's GPU (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2  # the interpreter: few programs run fastest
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SM_COUNT.get(idx)
+    if n is None:
+        n = _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
+
+
+def num_splits_for(programs: int, len_k: int, device: torch.device) -> int:
+    """Splits per sequence: enough programs for ~4 per SM (so that loads keep the memory busy),
+    each split reading at least MIN_KEYS_PER_SPLIT keys of the logical length, at most MAX_SPLITS.
+    Depends on shapes only (never on the lengths' values: no device sync)."""
+    want = math.ceil(4 * _sm_count(device) / max(programs, 1))
+    return max(1, min(want, math.ceil(len_k / MIN_KEYS_PER_SPLIT), MAX_SPLITS))
+
+
+def _config(d: int, dv: int, f32: bool, rows: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Memory-bound: large key tiles, several stages in
+    flight; the rows (query heads of a group x queries) fill one M tile of 16 to 64."""
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    if _INTERPRET:
+        return block_m, 16, 1, 1  # small key tiles: the tests' short caches still span several
+    dmax = max(d, dv)
+    if f32:
+        return block_m, 32, 4, 2
+    if dmax <= 64:
+        return block_m, 128, 4, 3
+    if dmax <= 128:
+        return block_m, 64, 4, 3
+    return block_m, 32, 4, 2
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, cache_seqlens: Tensor | None = None,
+                     block_table: Tensor | None = None, scale: float | None = None,
+                     softcap: float | None = None, sinks: Tensor | None = None,
+                     bounds: tuple[int | None, int | None] | None = None,
+                     num_splits: int | None = None) -> tuple[Tensor, Tensor]:
+    """Split-KV decode attention (forward only; inputs are assumed checked by the contract).
+
+    q [B, Hq, Lq, D] with Lq <= 16; k/v contiguous [B, Hkv, Lk, D|Dv], or a block pool
+    [num_blocks, Hkv, block_size, D|Dv] with block_table int32 [B, max_blocks] (then
+    cache_seqlens is required). cache_seqlens int32/int64 [B]: valid keys per sequence (None:
+    all). bounds: (left, right) key offsets around each sequence's diagonal (None side =
+    unbounded; right >= 0). num_splits: override the heuristic (tests).
+    Returns (out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] float32, -inf on empty rows).
+    """
+    if triton is None:
+        raise RuntimeError(TRITON_ERROR)
+    B, Hq, Lq, D = q.shape
+    Hkv, DV = k.shape[1], v.shape[3]
+    paged = block_table is not None
+    if paged and cache_seqlens is None:
+        raise ValueError("decode_attention: block_table needs cache_seqlens")
+    if Lq > MAX_LQ:
+        raise ValueError(f"decode_attention takes at most {MAX_LQ} queries per sequence, got Lq={Lq}")
+    page = k.shape[2] if paged else 1
+    if page & (page - 1):
+        raise ValueError(f"decode_attention: the block size must be a power of two, got {page}")
+    LK = block_table.shape[1] * page if paged else k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    G = Hq // Hkv
+    rows = G * Lq
+    bm, bn, warps, stages = _config(D, DV, q.dtype == torch.float32, rows)
+    n_mblocks = triton.cdiv(rows, bm)
+    programs = B * Hkv * n_mblocks
+    S = num_splits if num_splits is not None else num_splits_for(programs, LK, q.device)
+    S = max(1, min(int(S), triton.cdiv(LK, bn)))
+    left, right = bounds if bounds is not None else (None, None)
+
+    # [B, Lq, Hq, Dv] in memory (flash-attn's layout): merging heads afterwards is a free view
+    out = torch.empty(B, Lq, Hq, DV, device=q.device, dtype=q.dtype).transpose(1, 2)
+    lse = torch.empty(B, Hq, Lq, device=q.device, dtype=torch.float32)
+    final = S == 1
+    if final:
+        op, lsep = lse, lse  # unused
+    else:
+        op = torch.empty(B * Hq * Lq, S, DV, device=q.device, dtype=torch.float32)
+        lsep = torch.empty(B * Hq * Lq, S, device=q.device, dtype=torch.float32)
+    bt = block_table if paged else q  # any pointer when unused: never read
+    bts = block_table.stride() if paged else (0, 0)
+    lens = cache_seqlens if cache_seqlens is not None else q
+    interp_bf16 = _INTERPRET and q.dtype == torch.bfloat16
+    with _on(q):
+        _decode_split_kernel[(programs, S)](
+            q, k, v, lens, bt, sinks if sinks is not None else q, out, lse, op, lsep,
+            *q.stride(), *k.stride(), *v.stride(), *bts, *out.stride(),
+            Hq, Hkv, G, Lq, LK, n_mblocks, S, float(scale), float(softcap or 1.0), left or 0, right or 0,
+            HAS_LENS=cache_seqlens is not None, PAGED=paged, PAGE=page,
+            HAS_LEFT=left is not None, HAS_RIGHT=right is not None, SOFTCAP=softcap is not None,
+            HAS_SINKS=sinks is not None, FINAL=final,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=interp_bf16,
+            D=D, DV=DV, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV),
+            num_warps=warps, num_stages=stages,
+        )
+        if not final:
+            rows_m = B * Hq * Lq
+            br = 16 if _INTERPRET else 1  # the interpreter pays per program; a GPU wants many programs
+            _decode_merge_kernel[(triton.cdiv(rows_m, br),)](
+                op, lsep, sinks if sinks is not None else q, out, lse, rows_m, Hq, Lq, S, *out.stride(),
+                HAS_SINKS=sinks is not None, DV=DV, BLOCK_R=br,
+                BLOCK_S=min(16, max(2, triton.next_power_of_2(S))), BLOCK_DV=_pow2(DV),
+                num_warps=1 if _INTERPRET else 4,
+            )
+    return out, lse

@@ -1,9 +1,16 @@
 """The decoding interface shared by the contiguous KVCache and the PagedKVCache.
 
 MultiHeadAttention decodes with any `DecodeCache`: it asks for the RoPE positions of the
-tokens it is about to add (`next_positions`), appends their K/V (`append`, which returns
-K/V covering every cached token of the batch) and masks what a query may not see
-(`key_mask`). Both caches also expose their storage as `k` and `v` (same dtype).
+tokens it is about to add (`next_positions`), then either
+
+- appends their K/V with `append_for_attention`, which returns the contract's keyword
+  arguments to attend over the cache *in place* (k, v, cache_seqlens, and block_table for
+  a paged cache): the decode path, no copy of the cache and no mask; or
+- appends with `append` (K/V covering every cached token of the batch, gathered for a
+  paged cache) and masks what a query may not see with `key_mask`: the general path
+  (learnable sink tokens, user masks or biases, a cache dtype other than the model's).
+
+Both caches also expose their storage as `k` and `v` (same dtype).
 """
 
 from __future__ import annotations
@@ -27,6 +34,12 @@ class DecodeCache(ABC):
         sequence b at positions 0..new_lengths[b]-1 (anything after is stale or padding).
     key_mask(old_lengths, new_tokens, causal=True, window=None) -> bool [B, 1, L_new, L_keys]
         for the k/v the last append returned.
+    append_for_attention(k_new, v_new) -> dict: appends L_new tokens to every sequence of the
+        batch and returns `attnkit.attention` keyword arguments over every cached token:
+        k, v (the storage itself), cache_seqlens (the lengths after the write) and, for a
+        paged cache, block_table. Query i of the new tokens then sits at key position
+        cache_seqlens[b] - L_new + i: the contract's per-sequence alignment. None (the
+        default) when a cache has no in-place path; nothing is appended then.
     """
 
     k: Tensor
@@ -44,6 +57,9 @@ class DecodeCache(ABC):
     def key_mask(self, old_lengths: Tensor, new_tokens: int, *, causal: bool = True,
                  window: int | None = None) -> Tensor:
         ...
+
+    def append_for_attention(self, k_new: Tensor, v_new: Tensor) -> dict[str, Tensor] | None:
+        return None
 
 
 def decode_key_mask(old_lengths: Tensor, new_lengths: Tensor, new_tokens: int, num_keys: int, *,

@@ -99,6 +99,13 @@ class KVCache(DecodeCache):
             self.host_lengths = [a + b for a, b in zip(self.host_lengths, counts)]
         return self.k, self.v, old, self.lengths
 
+    def append_for_attention(self, k_new: Tensor, v_new: Tensor) -> dict[str, Tensor]:
+        """append(), then the contract's keyword arguments over the buffers in place: k, v and
+        cache_seqlens (the lengths tensor itself, so a captured CUDA graph reads its current
+        values on every replay)."""
+        self.append(k_new, v_new)
+        return {"k": self.k, "v": self.v, "cache_seqlens": self.lengths}
+
     def key_mask(self, old_lengths: Tensor, new_tokens: int, *, causal: bool = True,
                  window: int | None = None) -> Tensor:
         """Bool [B, 1, L_new, max_len]: query i of sequence b (position old[b] + i) may see key j.

@@ -44,10 +44,11 @@ class PagedKVCache(DecodeCache):
       gather(seq_ids) -> contiguous k, v [B, Hkv, max(lengths), D], zeros after each length.
 
     Decoding interface (`DecodeCache`, what MultiHeadAttention uses): `bind(seq_ids)` picks
-    the batch; `append(k_new, v_new)` writes for that batch and returns the gathered K/V
-    with the lengths before and after; `key_mask` masks the gathered K/V. The gather is the
-    correct but slow path: it copies every cached token of the batch each step. The
-    split-KV decode kernel (issue 6) will read the pool through `block_table` instead.
+    the batch; `append_for_attention(k_new, v_new)` writes for that batch and returns the
+    contract's keyword arguments (the pool as k/v, `block_table`, `cache_seqlens`), which the
+    `triton` backend's split-KV decode kernel reads in place. `append(k_new, v_new)` writes
+    and returns the gathered K/V with the lengths before and after, and `key_mask` masks
+    them: the general path (a copy of every cached token of the batch each step).
 
     Nothing fails silently, nothing is lost: every check (sequence ids, shapes, dtypes,
     devices, enough free blocks for the whole write, copy-on-write copies included) runs
@@ -283,6 +284,14 @@ class PagedKVCache(DecodeCache):
         old, new = self.write(self._require_batch(), k_new, v_new, num_new)
         k, v = self.gather(self._batch)
         return k, v, old, new
+
+    def append_for_attention(self, k_new: Tensor, v_new: Tensor) -> dict[str, Tensor]:
+        """write() to the bound batch, then the contract's keyword arguments over the pool in
+        place: k, v (the pool), block_table (int32, padded with -1: never read) and
+        cache_seqlens (int32 lengths after the write)."""
+        ids = self._require_batch()
+        self.write(ids, k_new, v_new)
+        return {"k": self.k, "v": self.v, "cache_seqlens": self.lengths(ids), "block_table": self.block_table(ids)}
 
     def key_mask(self, old_lengths: Tensor, new_tokens: int, *, causal: bool = True,
                  window: int | None = None) -> Tensor:

@@ -108,7 +108,11 @@ class MultiHeadAttention(nn.Module):
       positions: RoPE positions (None = 0..L-1, or after the cache's tokens).
       kv_cache: a DecodeCache (KVCache, or a PagedKVCache bound to a batch of
         sequences with `bind`); the new K/V are appended and attention runs over
-        everything cached so far (prefill, then single-token decode steps).
+        everything cached so far (prefill, then single-token decode steps). Without
+        sink tokens, mask or attn_bias (and with the cache in the module's dtype) the
+        contract reads the cache in place through `cache_seqlens` (+ `block_table` for a
+        paged cache: the triton backend's split-KV decode kernel on CUDA); otherwise the
+        cached K/V are gathered and masked.
     """
 
     def __init__(self, config: AttentionConfig):
@@ -170,7 +174,17 @@ class MultiHeadAttention(nn.Module):
                         backend=self._backend)
         if self.config.score_mod is not None:
             kw["score_mod"] = self.config.score_mod
-        if kv_cache is not None:
+        cached = None
+        if kv_cache is not None and self.sinks is None and mask is None and attn_bias is None \
+                and kv_cache.k.dtype == k.dtype:
+            # decode path: attend over the cache in place (cache_seqlens, block_table); every
+            # sequence appends the same L tokens, so query i sits at length_b - L + i
+            cached = kv_cache.append_for_attention(k, v)
+        if cached is not None:
+            k, v = cached.pop("k"), cached.pop("v")
+            kw.update(cached)
+            causal_arg, window_arg = True, window
+        elif kv_cache is not None:  # general path: gathered K/V and a key mask
             k, v, old, _ = kv_cache.append(k.to(kv_cache.k.dtype), v.to(kv_cache.v.dtype))
             k, v = k.to(q.dtype), v.to(q.dtype)
             keep = kv_cache.key_mask(old, L, causal=True, window=window)

@@ -262,6 +262,20 @@ def test_decode_kernel_any_split_count(splits, tdevice):
     check(out, lse, ref, base, mask, torch.float32, name=f"{splits} splits")
 
 
+@pytest.mark.parametrize("Lq", [1, 3])
+def test_decode_kernel_window_edge_on_every_tile_offset(Lq, tdevice):
+    """The first tile a sequence visits under a window starts where its window starts: lengths
+    40..56 put the window's left edge at every offset of a key tile (16 in the interpreter, 32 to
+    128 on a GPU: 17 lengths cover the interpreter's every offset; the GPU cases cover others)."""
+    lens = list(range(40, 57))
+    d = make_decode(len(lens), 2, 1, Lq, 16, lens, 16, device=tdevice, seed=40 + Lq)
+    kw = dict(causal=True, window=20, return_lse=True)
+    ref, base, mask = oracle(d, kw)
+    with torch.no_grad():
+        out, lse = attnkit.attention(d.q, d.kp, d.vp, backend="triton", **contract_kw(d, kw, True))
+    check(out, lse, ref, base, mask, torch.float32)
+
+
 def test_decode_kernel_dead_sequences_and_int_lengths(tdevice):
     """Length 0 everywhere: output exactly 0, lse -inf (the sink's logit with sinks), no NaN.
     cache_seqlens as an int (every sequence) and as int64 give the same as int32."""

@@ -17,7 +17,8 @@ from attnkit.ops import flash_attention as fa
 from attnkit.ops.flash_attention import flash_attention
 from attnkit.request import build_request
 from cases import TRITON_INTERPRET
-from conftest import Case, allowed_pairs, assert_close_rel, check_against_oracle, default_build, make_qkv, randn
+from conftest import (Case, allowed_pairs, assert_close_rel, check_against_oracle, default_build, make_qkv,
+                      naive_attention, randn, rel_err)
 import test_backends  # its test functions are reused below (imported by name, pytest would collect them twice)
 from test_backends import run_case
 
@@ -329,6 +330,30 @@ def test_cuda_autotune(monkeypatch):
     monkeypatch.setattr(fa, "_TUNED", {})
     run_case("triton", CUDA_FEATURES[0], torch.bfloat16, "cuda")
     assert sorted({kind for kind, _ in fa._TUNED}) == ["dkdv", "dq", "fwd"]
+
+
+@pytest.mark.cuda
+def test_cuda_fast_launch_respects_specialisation():
+    """ops/_launch.py relaunches a cached compiled kernel when a cheap key matches: calls that
+    differ only in what Triton specialises on (16-byte alignment of a pointer, a stride that is
+    or is not a multiple of 16, a size of 1) must get their own kernels and stay exact."""
+    from attnkit.ops import _launch
+    g = torch.Generator().manual_seed(5)
+    base = randn(2, 4, 64, 33, gen=g, device="cuda").to(torch.bfloat16)
+    variants = {
+        "aligned": lambda t: t[..., :32],                       # row stride 33: not a multiple of 16
+        "contiguous": lambda t: t[..., :32].contiguous(),       # stride 32
+        "misaligned": lambda t: t[..., 1:33],                   # data pointer 2 bytes past 16
+        "one_row": lambda t: t[:1, :, :1, :32],                 # sizes of 1
+    }
+    before = len(_launch._CACHE)
+    for name, view in variants.items():
+        for _ in range(2):  # the second call takes the cached kernel
+            q, k, v = view(base), view(base.flip(2)), view(base.roll(3, dims=2))
+            out = attnkit.attention(q, k, v, causal=True, backend="triton")
+            ref = attnkit.attention(q.double(), k.double(), v.double(), causal=True, backend="reference")
+            assert_close_rel(out, ref, rel_err(naive_attention(q, k, v, causal=True), ref), name=name)
+    assert len(_launch._CACHE) - before >= 3  # distinct specialisations, distinct kernels
 
 
 @pytest.mark.cuda

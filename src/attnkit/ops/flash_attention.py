@@ -42,6 +42,7 @@ import os
 import torch
 from torch import Tensor
 
+from . import _launch
 from ..groups import SegmentLayout, dense_layout
 
 try:
@@ -127,13 +128,22 @@ if triton is not None:
         return tl.dot(a, b, input_precision=PRECISION)
 
     @triton.jit
-    def _program(NBLOCKS, H, GROUP):
+    def _program(NBLOCKS, H, GROUP, BATCH, HEAD_MAJOR: tl.constexpr):
         """(block index, b * H + h, b, h, kv head): one grid axis, since B * H can pass axis 1's
-        limit of 65535; neighbouring programs share (b, h), and so K/V in L2."""
+        limit of 65535; neighbouring programs share (b, h), and so K/V in L2. HEAD_MAJOR runs the
+        batch of one head before the next head: programs in flight then share that head's bias
+        and bias-gradient rows in L2 (a bias broadcast over the batch)."""
         blk = tl.program_id(0) % NBLOCKS
-        bh = tl.program_id(0) // NBLOCKS
-        h = bh % H
-        return blk, bh, (bh // H).to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64)
+        i = tl.program_id(0) // NBLOCKS
+        if HEAD_MAJOR:
+            h = i // BATCH
+            b = i % BATCH
+            bh = b * H + h
+        else:
+            bh = i
+            h = bh % H
+            b = bh // H
+        return blk, bh, b.to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64)
 
     @triton.jit
     def _rows(start, end, BLOCK: tl.constexpr, BIG: tl.constexpr):
@@ -312,13 +322,13 @@ if triton is not None:
         Q, K, V, O, LSE, MASK, BIAS, SINKS, QTAB, SEGPTR, SEGS, NBLOCKS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
         smb, smh, smm, smn, sbb, sbh, sbm, sbn,
-        H, GROUP, Lq, LK, D, DV, scale, softcap, exp_scale, offset, left, right,
+        H, GROUP, BATCH, Lq, LK, D, DV, scale, softcap, exp_scale, offset, left, right,
         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr, HEAD_MAJOR: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
-        blk, bh, b, h, hk = _program(NBLOCKS, H, GROUP)
+        blk, bh, b, h, hk = _program(NBLOCKS, H, GROUP, BATCH, HEAD_MAJOR)
         q_start, q_end, qset, offs_m, row_ok = _query_block(QTAB, blk, BLOCK_M, BIG)
         q = _load(Q + b * sqb + h * sqh, offs_m, row_ok, sqm, sqd, D, BLOCK_D)
         k_base = K + b * skb + hk * skh
@@ -395,14 +405,14 @@ if triton is not None:
         Q, K, V, DO, DQ, LSE, DELTA, MASK, BIAS, DBIAS, QTAB, SEGPTR, SEGS, NBLOCKS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdqb, sdqh, sdqm, sdqd, smb, smh, smm, smn, sbb, sbh, sbm, sbn, sdbb, sdbh, sdbm, sdbn,
-        H, GROUP, Lq, LK, D, DV, scale, softcap, exp_scale, offset, left, right,
+        H, GROUP, BATCH, Lq, LK, D, DV, scale, softcap, exp_scale, offset, left, right,
         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr, HEAD_MAJOR: tl.constexpr,
         BIAS_GRAD: tl.constexpr, DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr, DB_ATOMIC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
-        blk, bh, b, h, hk = _program(NBLOCKS, H, GROUP)
+        blk, bh, b, h, hk = _program(NBLOCKS, H, GROUP, BATCH, HEAD_MAJOR)
         q_start, q_end, qset, offs_m, row_ok = _query_block(QTAB, blk, BLOCK_M, BIG)
         dbias_bh = DBIAS + b * sdbb + h * sdbh
         q = _load(Q + b * sqb + h * sqh, offs_m, row_ok, sqm, sqd, D, BLOCK_D)
@@ -447,7 +457,7 @@ if triton is not None:
     def _delta_kernel(O, DO, DLSE, DELTA, H, Lq, DV, sob, soh, som, sod, sdob, sdoh, sdom, sdod,
                       HAS_DLSE: tl.constexpr, BIG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
         """delta = rowsum(dO * O) (- dlse), float32, without float32 copies of O and dO."""
-        blk, bh, b, h, _ = _program(tl.cdiv(Lq, BLOCK_M), H, 1)
+        blk, bh, b, h, _ = _program(tl.cdiv(Lq, BLOCK_M), H, 1, 1, False)
         rows, ok = _rows(blk * BLOCK_M, Lq, BLOCK_M, BIG)
         o = _load(O + b * sob + h * soh, rows, ok, som, sod, DV, BLOCK_DV).to(tl.float32)
         do = _load(DO + b * sdob + h * sdoh, rows, ok, sdom, sdod, DV, BLOCK_DV).to(tl.float32)
@@ -515,13 +525,14 @@ if triton is not None:
         Q, K, V, DO, DK, DV_, LSE, DELTA, MASK, BIAS, KTAB, RUNPTR, RUNS, NBLOCKS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
-        H, HKV, GROUP, Lq, D, DV, scale, softcap, exp_scale, offset, left, right,
+        H, HKV, GROUP, BATCH, Lq, D, DV, scale, softcap, exp_scale, offset, left, right,
         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr, KALIGN: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr, HEAD_MAJOR: tl.constexpr,
+        KALIGN: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
-        blk, _, b, hk, _ = _program(NBLOCKS, HKV, 1)
+        blk, _, b, hk, _ = _program(NBLOCKS, HKV, 1, BATCH, HEAD_MAJOR)
         k_start = tl.load(KTAB + 2 * blk) // KALIGN * KALIGN  # exact (KALIGN divides every start): tells the compiler
         k_end = tl.load(KTAB + 2 * blk + 1)
         offs_n, col_ok = _rows(k_start, k_end, BLOCK_N, BIG)
@@ -559,7 +570,7 @@ if triton is not None:
 
 
 def _pow2(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, 1 << (d - 1).bit_length())  # plain Python: triton's helper is a slow jit call here
 
 
 def _config(d: int, dv: int, interp: bool, f32: bool = False) -> dict:
@@ -597,6 +608,11 @@ _TUNED: dict = {}
 def autotuning() -> bool:
     """True when ATTNKIT_TRITON_AUTOTUNE=1 (read at each call)."""
     return os.environ.get("ATTNKIT_TRITON_AUTOTUNE", "0") == "1"
+
+
+def _tuning() -> bool:
+    """Whether launches go through _pick (autotuning now, or configs tuned earlier in the process)."""
+    return bool(_TUNED) or autotuning()
 
 
 def _pick(kind: str, key: tuple, default: tuple, launch, reset=None) -> None:
@@ -647,6 +663,17 @@ def _tune_key(q, k, v, mask, bias, softcap, bounds, layout) -> tuple:
             p2(q.shape[0] * q.shape[1]), p2(q.shape[2]), p2(k.shape[2]))
 
 
+# Kernel sweeps may force the program order (None: the rule of _head_major).
+_HEAD_MAJOR: bool | None = None
+
+
+def _head_major(bias: Tensor | None, B: int) -> bool:
+    """Order programs head by head when the bias is shared across the batch (see _program)."""
+    if _HEAD_MAJOR is not None:
+        return _HEAD_MAJOR
+    return bias is not None and bias.shape[0] == 1 and B > 1
+
+
 def _on(t: Tensor):
     """Launch on t's GPU (Triton launches on the current device)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -654,7 +681,12 @@ def _on(t: Tensor):
 
 def _big(*ts: Tensor | None) -> bool:
     """True when some element lies 2**31 or more elements from its tensor's start (int32 would wrap)."""
-    return any(t is not None and sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2**31 for t in ts)
+    for t in ts:
+        # a view reaches no further than its storage: the cheap test settles almost every call
+        if t is not None and t.untyped_storage().nbytes() >= 2**31 * t.element_size():
+            if sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2**31:
+                return True
+    return False
 
 
 def _precision(dtype: torch.dtype, interp: bool) -> dict:
@@ -695,22 +727,21 @@ def _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds):
         bm, bn, warps, stages = cfg
         tab = _tables(layout, bm, bn, q.device)
         with _on(q):
-            _fwd_kernel[(tab["n_qblocks"] * B * H,)](
+            _launch.launch(_fwd_kernel, (tab["n_qblocks"] * B * H,), (
                 q, k, v, o, lse, m, bt, sinks if sinks is not None else q,
                 tab["qtab"], tab["segptr"], tab["segs"], tab["n_qblocks"],
                 *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms, *bs,
-                H, H // Hkv, Lq, Lk, D, DV, scale, softcap or 1.0, _exp_scale(bias, softcap, scale), Lk - Lq,
-                left, right,
+                H, H // Hkv, B, Lq, Lk, D, DV, scale, softcap or 1.0, _exp_scale(bias, softcap, scale), Lk - Lq,
+                left, right), dict(
                 HAS_MASK=mask is not None, HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
                 HAS_SINKS=sinks is not None, HAS_LEFT=has_l, HAS_RIGHT=has_r,
-                BIG=_big(q, k, v, o, mask, bias),
-                **_precision(q.dtype, interp),
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), num_warps=warps, num_stages=stages,
-            )
+                **_precision(q.dtype, interp), BIG=_big(q, k, v, o, mask, bias), HEAD_MAJOR=_head_major(bias, B),
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV)),
+                num_warps=warps, num_stages=stages, interpret=interp)
 
     f32 = q.dtype == torch.float32
     default = _config(D, DV, interp, f32)["fwd"]
-    if interp or f32:
+    if interp or f32 or not _tuning():
         launch(default)
     else:
         with _on(q):  # the tuner's CUDA events on q's device
@@ -729,9 +760,10 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
     delta = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
     dlse = dlse.float().contiguous() if dlse is not None else None
     with _on(q):
-        _delta_kernel[(triton.cdiv(Lq, 64) * B * H,)](
-            o, do, dlse if dlse is not None else delta, delta, H, Lq, DV, *o.stride(), *do.stride(),
-            HAS_DLSE=dlse is not None, BIG=_big(o, do), BLOCK_M=64, BLOCK_DV=_pow2(DV))
+        _launch.launch(_delta_kernel, ((Lq + 63) // 64 * B * H,),
+               (o, do, dlse if dlse is not None else delta, delta, H, Lq, DV, *o.stride(), *do.stride()),
+               dict(HAS_DLSE=dlse is not None, BIG=_big(o, do), BLOCK_M=64, BLOCK_DV=_pow2(DV)),
+               num_warps=4, num_stages=2, interpret=interp)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -750,28 +782,28 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
         bm, bn, warps, stages = c
         tab = _tables(layout, bm, bn, q.device)
         with _on(q):
-            _bwd_dq_kernel[(tab["n_qblocks"] * B * H,)](
+            _launch.launch(_bwd_dq_kernel, (tab["n_qblocks"] * B * H,), (
                 q, k, v, do, dq, lse, delta, m, bt, db, tab["qtab"], tab["segptr"], tab["segs"], tab["n_qblocks"],
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms, *bs, *dbs,
-                H, H // Hkv, Lq, Lk, D, DV, *scalars,
+                H, H // Hkv, B, Lq, Lk, D, DV, *scalars), dict(
+                **flags, HEAD_MAJOR=_head_major(bias, B) and bias_grad,
                 BIAS_GRAD=bias_grad, DB_SUM_M=bias_grad and bias.shape[2] == 1 and Lq > 1,
                 DB_SUM_N=bias_grad and bias.shape[3] == 1 and Lk > 1,
                 DB_ATOMIC=bias_grad and ((bias.shape[0] == 1 and B > 1) or (bias.shape[1] == 1 and H > 1)),
-                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
-            )
+                BLOCK_M=bm, BLOCK_N=bn), num_warps=warps, num_stages=stages, interpret=interp)
 
     def launch_dkdv(c):
         bm, bn, warps, stages = c
         tab = _tables(layout, bm, bn, q.device)
         with _on(q):
-            _bwd_dkdv_kernel[(tab["n_kblocks"] * B * Hkv,)](
+            _launch.launch(_bwd_dkdv_kernel, (tab["n_kblocks"] * B * Hkv,), (
                 q, k, v, do, dk, dv, lse, delta, m, bt, tab["ktab"], tab["runptr"], tab["runs"], tab["n_kblocks"],
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *ms, *bs,
-                H, Hkv, H // Hkv, Lq, D, DV, *scalars, KALIGN=tab["kalign"],
-                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
-            )
+                H, Hkv, H // Hkv, B, Lq, D, DV, *scalars), dict(
+                **flags, HEAD_MAJOR=_head_major(bias, B), KALIGN=tab["kalign"], BLOCK_M=bm, BLOCK_N=bn),
+                num_warps=warps, num_stages=stages, interpret=interp)
 
-    if interp or f32:
+    if interp or f32 or not _tuning():
         launch_dq(cfg["dq"])
         launch_dkdv(cfg["dkdv"])
     else:
@@ -790,6 +822,7 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, sinks, mask, layout, scale, softcap, bounds):
+        ctx.set_materialize_grads(False)  # an unused lse gets no gradient: no zeros to read back
         o, lse = _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds)
         ctx.save_for_backward(q, k, v, o, lse, bias, sinks)
         ctx.mask, ctx.layout, ctx.scale, ctx.softcap, ctx.bounds = mask, layout, scale, softcap, bounds
@@ -798,6 +831,8 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, bias, sinks = ctx.saved_tensors
+        if do is None:  # only lse was used
+            do = torch.zeros_like(o)
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         sinks_grad = sinks is not None and ctx.needs_input_grad[4]
         dq, dk, dv, dbias, dsinks = _backward(do, q, k, v, o, lse, dlse, ctx.mask, bias, bias_grad,  # do: any strides
@@ -838,5 +873,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = No
         raise ValueError(f"sinks must have shape [Hq] = [{q.shape[1]}], got {list(sinks.shape)}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0, got {softcap!r}")
-    return _FlashAttention.apply(q, k, v, bias, sinks, mask, layout, float(scale),
-                                 None if softcap is None else float(softcap), bounds)
+    softcap = None if softcap is None else float(softcap)
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (q, k, v, bias, sinks)):
+        return _forward(q, k, v, mask, bias, sinks, layout, float(scale), softcap, bounds)  # no autograd node
+    return _FlashAttention.apply(q, k, v, bias, sinks, mask, layout, float(scale), softcap, bounds)

@@ -1,0 +1,83 @@
+"""Launching Triton kernels with little host overhead.
+
+`kernel[grid](*args, **constexprs)` costs tens of microseconds of Python per launch in
+Triton 3.6 (it re-derives the specialisation of every argument and builds a string key),
+which at Evoformer sizes is as long as the kernel itself. `launch` keeps the compiled
+kernel of each call under a cheap key that is finer than Triton's own specialisation key:
+every int and float argument by value, every tensor by dtype and 16-byte alignment, the
+constexprs, warps and stages. Two calls with equal keys would compile to the same kernel,
+so the cached one is launched directly; a new key goes through Triton's normal path once
+(which compiles, or finds its own cached kernel). Call sites keep each argument's Python
+type fixed (a float parameter always gets a float), since 1 == 1.0 == True as dict keys.
+Under the interpreter every call takes Triton's path.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+from torch import Tensor
+
+try:
+    import triton
+    from triton.runtime import driver
+except ImportError:  # pragma: no cover - triton missing: the kernels report it
+    triton = None
+
+__all__ = ["launch"]
+
+_CACHE: dict[tuple, Any] = {}
+_MAX_ENTRIES = 512
+_LAYOUTS: dict[tuple, tuple] = {}
+
+
+def _layout(kernel, args: tuple) -> tuple:
+    """Where the tensors sit among a kernel's positional arguments (fixed per call site), and
+    C-level getters for the tensors and for the rest."""
+    key = (kernel, len(args))
+    hit = _LAYOUTS.get(key)
+    if hit is None:
+        tensors = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
+        others = [i for i in range(len(args)) if i not in tensors]
+        hit = _LAYOUTS[key] = (_getter(tensors), _getter(others))
+    return hit
+
+
+def _getter(idx: list[int]):
+    if not idx:
+        return lambda args: ()
+    if len(idx) == 1:
+        return lambda args, i=idx[0]: (args[i],)
+    return operator.itemgetter(*idx)
+
+
+def launch(kernel, grid: tuple, args: tuple, consts: dict, *, num_warps: int, num_stages: int,
+           interpret: bool) -> None:
+    """Run `kernel[grid](*args, **consts, num_warps=, num_stages=)`.
+
+    args are the kernel's leading parameters, in order; consts name all the rest (its constexprs).
+    """
+    if interpret:
+        kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        return
+    device = driver.active.get_current_device()
+    tensors, others = _layout(kernel, args)
+    try:
+        spec = tuple([(t.dtype, not t.data_ptr() & 15) for t in tensors(args)])
+    except AttributeError:  # a call site put a tensor where another call had something else
+        kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        return
+    key = (kernel, device, num_warps, num_stages, tuple(consts.values()), others(args), spec)
+    compiled = _CACHE.get(key)
+    if compiled is None:
+        compiled = kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        if hasattr(compiled, "result"):  # an asynchronous compile
+            compiled = compiled.result()
+        if len(_CACHE) >= _MAX_ENTRIES:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = compiled
+        return
+    names = kernel.arg_names[len(args):]  # the constexprs, in the kernel's parameter order
+    grid3 = tuple(grid) + (1,) * (3 - len(grid))  # a compiled kernel's runner reads all three axes
+    compiled[grid3](*args, *(consts[n] for n in names), stream=driver.active.get_current_stream(device))

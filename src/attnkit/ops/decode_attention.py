@@ -47,6 +47,8 @@ try:
 except ImportError:  # pragma: no cover - triton is a hard dependency on Linux
     triton = tl = None
 
+from ._launch import launch  # cached compiled kernels: Triton's own launch path costs tens of us
+
 __all__ = ["decode_attention", "num_splits_for", "TRITON_ERROR", "MAX_LQ"]
 
 TRITON_ERROR = None if triton is not None else "triton is not installed"
@@ -314,26 +316,24 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, cache_seqlens: Tensor |
     bt = block_table if paged else q  # any pointer when unused: never read
     bts = block_table.stride() if paged else (0, 0)
     lens = cache_seqlens if cache_seqlens is not None else q
-    interp_bf16 = _INTERPRET and q.dtype == torch.bfloat16
+    f32 = q.dtype == torch.float32
     with _on(q):
-        _decode_split_kernel[(programs, S)](
+        launch(_decode_split_kernel, (programs, S), (
             q, k, v, lens, bt, sinks if sinks is not None else q, out, lse, op, lsep,
             *q.stride(), *k.stride(), *v.stride(), *bts, *out.stride(),
-            Hq, Hkv, G, Lq, LK, n_mblocks, S, float(scale), float(softcap or 1.0), left or 0, right or 0,
+            Hq, Hkv, G, Lq, LK, n_mblocks, S, float(scale), float(softcap or 1.0), left or 0, right or 0), dict(
             HAS_LENS=cache_seqlens is not None, PAGED=paged, PAGE=page,
             HAS_LEFT=left is not None, HAS_RIGHT=right is not None, SOFTCAP=softcap is not None,
             HAS_SINKS=sinks is not None, FINAL=final,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=interp_bf16,
-            D=D, DV=DV, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV),
-            num_warps=warps, num_stages=stages,
-        )
+            PRECISION="ieee" if f32 else "tf32", UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
+            D=D, DV=DV, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV)),
+            num_warps=warps, num_stages=stages, interpret=_INTERPRET)
         if not final:
             rows_m = B * Hq * Lq
             br = 16 if _INTERPRET else 1  # the interpreter pays per program; a GPU wants many programs
-            _decode_merge_kernel[(triton.cdiv(rows_m, br),)](
-                op, lsep, sinks if sinks is not None else q, out, lse, rows_m, Hq, Lq, S, *out.stride(),
+            launch(_decode_merge_kernel, (triton.cdiv(rows_m, br),), (
+                op, lsep, sinks if sinks is not None else q, out, lse, rows_m, Hq, Lq, S, *out.stride()), dict(
                 HAS_SINKS=sinks is not None, DV=DV, BLOCK_R=br,
-                BLOCK_S=min(16, max(2, triton.next_power_of_2(S))), BLOCK_DV=_pow2(DV),
-                num_warps=1 if _INTERPRET else 4,
-            )
+                BLOCK_S=min(16, max(2, triton.next_power_of_2(S))), BLOCK_DV=_pow2(DV)),
+                num_warps=1 if _INTERPRET else 4, num_stages=1 if _INTERPRET else 2, interpret=_INTERPRET)
     return out, lse

@@ -220,8 +220,18 @@ if triton is not None:
         tl.store(LSE + row, lse, mask=row_ok)
 
 
+def _p2(n: int) -> int:
+    """The next power of two >= n (plain Python: triton.next_power_of_2 / triton.cdiv are JIT
+    functions, microseconds per call from the host)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, _p2(n))
 
 
 def _on(t: Tensor):
@@ -246,14 +256,14 @@ def num_splits_for(programs: int, len_k: int, device: torch.device) -> int:
     """Splits per sequence: enough programs for ~4 per SM (so that loads keep the memory busy),
     each split reading at least MIN_KEYS_PER_SPLIT keys of the logical length, at most MAX_SPLITS.
     Depends on shapes only (never on the lengths' values: no device sync)."""
-    want = math.ceil(4 * _sm_count(device) / max(programs, 1))
-    return max(1, min(want, math.ceil(len_k / MIN_KEYS_PER_SPLIT), MAX_SPLITS))
+    want = _cdiv(4 * _sm_count(device), max(programs, 1))
+    return max(1, min(want, _cdiv(len_k, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
 
 
 def _config(d: int, dv: int, f32: bool, rows: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). Memory-bound: large key tiles, several stages in
     flight; the rows (query heads of a group x queries) fill one M tile of 16 to 64."""
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    block_m = min(64, max(16, _p2(rows)))
     if _INTERPRET:
         return block_m, 16, 1, 1  # small key tiles: the tests' short caches still span several
     dmax = max(d, dv)
@@ -298,10 +308,10 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, cache_seqlens: Tensor |
     G = Hq // Hkv
     rows = G * Lq
     bm, bn, warps, stages = _config(D, DV, q.dtype == torch.float32, rows)
-    n_mblocks = triton.cdiv(rows, bm)
+    n_mblocks = _cdiv(rows, bm)
     programs = B * Hkv * n_mblocks
     S = num_splits if num_splits is not None else num_splits_for(programs, LK, q.device)
-    S = max(1, min(int(S), triton.cdiv(LK, bn)))
+    S = max(1, min(int(S), _cdiv(LK, bn)))
     left, right = bounds if bounds is not None else (None, None)
 
     # [B, Lq, Hq, Dv] in memory (flash-attn's layout): merging heads afterwards is a free view
@@ -331,9 +341,9 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, cache_seqlens: Tensor |
         if not final:
             rows_m = B * Hq * Lq
             br = 16 if _INTERPRET else 1  # the interpreter pays per program; a GPU wants many programs
-            launch(_decode_merge_kernel, (triton.cdiv(rows_m, br),), (
+            launch(_decode_merge_kernel, (_cdiv(rows_m, br),), (
                 op, lsep, sinks if sinks is not None else q, out, lse, rows_m, Hq, Lq, S, *out.stride()), dict(
                 HAS_SINKS=sinks is not None, DV=DV, BLOCK_R=br,
-                BLOCK_S=min(16, max(2, triton.next_power_of_2(S))), BLOCK_DV=_pow2(DV)),
+                BLOCK_S=min(16, max(2, _p2(S))), BLOCK_DV=_pow2(DV)),
                 num_warps=1 if _INTERPRET else 4, num_stages=1 if _INTERPRET else 2, interpret=_INTERPRET)
     return out, lse

@@ -128,6 +128,13 @@ if triton is not None:
         return tl.dot(a, b, input_precision=PRECISION)
 
     @triton.jit
+    def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """acc + a @ b, accumulated by the tensor cores in place (no separate add)."""
+        if UPCAST:
+            return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+    @triton.jit
     def _program(NBLOCKS, H, GROUP, BATCH, HEAD_MAJOR: tl.constexpr):
         """(block index, b * H + h, b, h, kv head): one grid axis, since B * H can pass axis 1's
         limit of 65535; neighbouring programs share (b, h), and so K/V in L2. HEAD_MAJOR runs the
@@ -215,17 +222,17 @@ if triton is not None:
         return offs_n, (offs_n >= lo) & (offs_n < hi), exists, tile_mem
 
     @triton.jit
-    def _key_tile(q, offs_m, offs_n, col_ok, exists, tile_mem, k_base, skn, skd, v_base, svn, svd, D, DV,
+    def _key_tile(q, offs_m, offs_n, col_ok, exists, tile_mem, k_base, skn, skd, D,
                   mask_bh, smm, smn, bias_bh, sbm, sbn, scale, softcap, offset, left, right,
                   HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
                   HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, TILE: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-        """The K and V tile of keys offs_n; the scores of the query block against it, in *score
+                  BLOCK_D: tl.constexpr):
+        """The K tile of keys offs_n; the scores of the query block against it, in *score
         units* (q k^T alone when there is neither bias nor softcap: the scale then folds into the
         exp's FMA; else the logits q k^T * scale + bias, softcapped); their tanh (for the softcap's
-        gradient); and which pairs are allowed (TILE 0, interior: only the bool mask applies)."""
+        gradient); and which pairs are allowed (TILE 0, interior: only the bool mask applies).
+        Callers load the V tile where they use it (fewer live registers meanwhile)."""
         k = _load(k_base, offs_n, exists, skn, skd, D, BLOCK_D)
-        v = _load(v_base, offs_n, exists, svn, svd, DV, BLOCK_DV)
         s = _mm(q, tl.trans(k), PRECISION, UPCAST)
         if HAS_BIAS:
             s = s * scale + _bias(bias_bh, offs_m[:, None], offs_n[None, :], tile_mem, sbm, sbn)
@@ -242,7 +249,7 @@ if triton is not None:
         else:  # keys outside the segment must not count; query rows past the block are never stored
             ok = _allowed(col_ok[None, :], tile_mem, offs_m[:, None], offs_n[None, :],
                           mask_bh, smm, smn, offset, left, right, HAS_MASK, HAS_LEFT, HAS_RIGHT)
-        return k, v, s, t, ok
+        return k, s, t, ok
 
     @triton.jit
     def _bias_grad(DB_BH, ds, rows, row_ok, cols, col_ok, exists, tile_mem, sdbm, sdbn,
@@ -303,10 +310,9 @@ if triton is not None:
                   TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
         """One key tile of the online softmax; m_i in score units, p = exp2((s - m) * exp_scale)."""
         offs_n, col_ok, exists, tile_mem = _key_cols(start_n, lo, hi, LK, row_ok, BLOCK_N, BIG, TILE)
-        k, v, s, _, ok = _key_tile(q, offs_m, offs_n, col_ok, exists, tile_mem, k_base, skn, skd, v_base, svn, svd,
-                                   D, DV, mask_bh, smm, smn, bias_bh, sbm, sbn, scale, softcap, offset, left, right,
-                                   HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, TILE,
-                                   BLOCK_D, BLOCK_DV)
+        k, s, _, ok = _key_tile(q, offs_m, offs_n, col_ok, exists, tile_mem, k_base, skn, skd, D,
+                                mask_bh, smm, smn, bias_bh, sbm, sbn, scale, softcap, offset, left, right,
+                                HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, TILE, BLOCK_D)
         if TILE != 0 or HAS_MASK:
             s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -314,7 +320,8 @@ if triton is not None:
         p = tl.exp2(s * exp_scale - m_use[:, None])  # one FMA per score
         alpha = tl.exp2(m_i * exp_scale - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
+        v = _load(v_base, offs_n, exists, svn, svd, DV, BLOCK_DV)
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
         return acc, m_new, l_i
 
     @triton.jit
@@ -384,13 +391,13 @@ if triton is not None:
                  TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
         """One key tile of dQ (and of the bias gradient). lse in log2 units."""
         offs_n, col_ok, exists, tile_mem = _key_cols(start_n, lo, hi, LK, row_ok, BLOCK_N, BIG, TILE)
-        k, v, s, t, ok = _key_tile(q, offs_m, offs_n, col_ok, exists, tile_mem, k_base, skn, skd, v_base, svn, svd,
-                                   D, DV, mask_bh, smm, smn, bias_bh, sbm, sbn, scale, softcap, offset, left, right,
-                                   HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, TILE,
-                                   BLOCK_D, BLOCK_DV)
+        k, s, t, ok = _key_tile(q, offs_m, offs_n, col_ok, exists, tile_mem, k_base, skn, skd, D,
+                                mask_bh, smm, smn, bias_bh, sbm, sbn, scale, softcap, offset, left, right,
+                                HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, TILE, BLOCK_D)
         p = tl.exp2(s * exp_scale - lse[:, None])
         if TILE != 0 or HAS_MASK:
             p = tl.where(ok, p, 0.0)
+        v = _load(v_base, offs_n, exists, svn, svd, DV, BLOCK_DV)
         dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])  # d loss / d logit
         if SOFTCAP:
@@ -398,7 +405,7 @@ if triton is not None:
         if BIAS_GRAD:  # d loss / d bias = ds, summed over the bias's broadcast dims
             _bias_grad(dbias_bh, ds, offs_m, row_ok, offs_n, col_ok, exists, tile_mem, sdbm, sdbn,
                        DB_SUM_M, DB_SUM_N, DB_ATOMIC)
-        return dq + _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
+        return _mma(ds.to(k.dtype), k, dq, PRECISION, UPCAST)
 
     @triton.jit
     def _bwd_dq_kernel(
@@ -512,12 +519,12 @@ if triton is not None:
                     ok = _allowed(row_ok[None, :], tile_mem, offs_m[None, :], offs_n[:, None], mask_bh, smm, smn,
                                   offset, left, right, HAS_MASK, HAS_LEFT, HAS_RIGHT)
                     pt = tl.where(ok, tl.exp2(st * exp_scale - lse[None, :]), 0.0)
-                    dv += _mm(pt.to(do.dtype), do, PRECISION, UPCAST)
+                    dv = _mma(pt.to(do.dtype), do, dv, PRECISION, UPCAST)
                     dpt = _mm(v, tl.trans(do), PRECISION, UPCAST)
                     dst = pt * (dpt - delta[None, :])
                     if SOFTCAP:
                         dst = dst * (1.0 - t * t)
-                    dk += _mm(dst.to(q.dtype), q, PRECISION, UPCAST)
+                    dk = _mma(dst.to(q.dtype), q, dk, PRECISION, UPCAST)
         return dk, dv
 
     @triton.jit

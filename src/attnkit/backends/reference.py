@@ -3,7 +3,9 @@
 Computes in float32, or float64 when the inputs are float64. Deliberately
 simple and independent of the other backends' helpers (its causal/window mask
 is built with tril/triu, not the index predicate the others share), so that a
-bug in shared code shows up as a disagreement.
+bug in shared code shows up as a disagreement. The one exception: cache_seqlens /
+block_table go through `AttentionRequest.densified()` like every other backend; the
+tests check that helper against per-sequence plain calls and explicit masks.
 """
 
 from __future__ import annotations

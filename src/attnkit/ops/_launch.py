@@ -14,9 +14,12 @@ Under the interpreter every call takes Triton's path.
 
 from __future__ import annotations
 
+import contextlib
 import operator
+import os
 from typing import Any
 
+import torch
 from torch import Tensor
 
 try:
@@ -25,7 +28,38 @@ try:
 except ImportError:  # pragma: no cover - triton missing: the kernels report it
     triton = None
 
-__all__ = ["launch"]
+__all__ = ["launch", "INTERPRET", "interpreting", "next_pow2", "block_dim", "cdiv", "on_device"]
+
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Triton decides interpretation when the kernels are defined (import time): so do we.
+INTERPRET = interpreting()
+
+
+def next_pow2(n: int) -> int:
+    """The next power of two >= n, in plain Python (triton.next_power_of_2 and triton.cdiv are
+    JIT functions: ~10 us per call from the host)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def block_dim(d: int) -> int:
+    """The tile width covering a head dim of d (a power of two, at least 16 for tl.dot)."""
+    return max(16, next_pow2(d))
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def on_device(t: Tensor):
+    """Launch on t's GPU (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
 
 _CACHE: dict[tuple, Any] = {}
 _MAX_ENTRIES = 512

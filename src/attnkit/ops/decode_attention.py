@@ -34,9 +34,7 @@ accumulation; float32 in IEEE float32 (no tf32).
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 
 import torch
 from torch import Tensor
@@ -47,7 +45,8 @@ try:
 except ImportError:  # pragma: no cover - triton is a hard dependency on Linux
     triton = tl = None
 
-from ._launch import launch  # cached compiled kernels: Triton's own launch path costs tens of us
+from ._launch import INTERPRET, block_dim as _pow2, cdiv as _cdiv, launch, next_pow2 as _p2, on_device as _on
+from .flash_attention import _mm, _tanh  # the same products and tanh as the flash kernels
 
 __all__ = ["decode_attention", "num_splits_for", "TRITON_ERROR", "MAX_LQ"]
 
@@ -57,23 +56,9 @@ MAX_SPLITS = 128
 MIN_KEYS_PER_SPLIT = 256  # a split reads at least this many keys: its partial costs ~1/256 of its reads
 _LOG2E = 1.4426950408889634
 
-# Triton decides interpretation when the kernels are defined (import time): so do we.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
+_INTERPRET = INTERPRET
 
 if triton is not None:
-
-    @triton.jit
-    def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        # Triton 3.6's CPU interpreter multiplies bfloat16 wrongly: there, multiply the same
-        # bfloat16 values in float32 (what the tensor cores do, with float32 accumulation).
-        if UPCAST:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        return tl.dot(a, b, input_precision=PRECISION)
-
-    @triton.jit
-    def _tanh(x):
-        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
     @triton.jit
     def _decode_split_kernel(
@@ -218,25 +203,6 @@ if triton is not None:
         tl.store(O + b[:, None] * sob + h[:, None] * soh + i[:, None] * som + d[None, :] * sod,
                  out.to(O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < DV))
         tl.store(LSE + row, lse, mask=row_ok)
-
-
-def _p2(n: int) -> int:
-    """The next power of two >= n (plain Python: triton.next_power_of_2 / triton.cdiv are JIT
-    functions, microseconds per call from the host)."""
-    return 1 << max(0, n - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pow2(n: int) -> int:
-    return max(16, _p2(n))
-
-
-def _on(t: Tensor):
-    """Launch on t's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 _SM_COUNT: dict = {}

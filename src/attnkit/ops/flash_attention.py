@@ -35,7 +35,6 @@ float16/bfloat16 multiply in their own type; float32 multiplies in IEEE float32
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -43,6 +42,7 @@ import torch
 from torch import Tensor
 
 from . import _launch
+from ._launch import INTERPRET, block_dim as _pow2, interpreting, on_device as _on
 from ..groups import SegmentLayout, dense_layout
 
 try:
@@ -57,13 +57,7 @@ TRITON_ERROR = None if triton is not None else "triton is not installed"
 _LOG2E = 1.4426950408889634
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# Triton decides interpretation when the kernels are defined (import time): so do we.
-_INTERPRET = interpreting()
+_INTERPRET = INTERPRET
 
 
 # ---------------------------------------------------------------------------
@@ -576,10 +570,6 @@ if triton is not None:
 # ---------------------------------------------------------------------------
 
 
-def _pow2(d: int) -> int:
-    return max(16, 1 << (d - 1).bit_length())  # plain Python: triton's helper is a slow jit call here
-
-
 def _config(d: int, dv: int, interp: bool, f32: bool = False) -> dict:
     """Block sizes and warps. Under the interpreter (numpy) fewer, larger tiles run faster;
     32 still leaves partial tiles in the tests' odd lengths."""
@@ -679,11 +669,6 @@ def _head_major(bias: Tensor | None, B: int) -> bool:
     if _HEAD_MAJOR is not None:
         return _HEAD_MAJOR
     return bias is not None and bias.shape[0] == 1 and B > 1
-
-
-def _on(t: Tensor):
-    """Launch on t's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _big(*ts: Tensor | None) -> bool:

@@ -46,7 +46,6 @@ except ImportError:  # pragma: no cover - triton is a hard dependency on Linux
     triton = tl = None
 
 from ._launch import INTERPRET, block_dim as _pow2, cdiv as _cdiv, launch, next_pow2 as _p2, on_device as _on
-from .flash_attention import _mm, _tanh  # the same products and tanh as the flash kernels
 
 __all__ = ["decode_attention", "num_splits_for", "TRITON_ERROR", "MAX_LQ"]
 
@@ -59,6 +58,7 @@ _LOG2E = 1.4426950408889634
 _INTERPRET = INTERPRET
 
 if triton is not None:
+    from .flash_attention import _mm, _tanh  # the same products and tanh as the flash kernels
 
     @triton.jit
     def _decode_split_kernel(

@@ -72,23 +72,10 @@ import torch.nn.functional as F  # noqa: E402
 
 import harness as H  # noqa: E402
 
-try:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-except ImportError:  # pragma: no cover - torch < 2.3
-    SDPBackend = sdpa_kernel = None
-try:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-except ImportError:  # pragma: no cover - torch < 2.5
-    create_block_mask = flex_attention = None
+from harness import SDPA_KERNELS, SDPBackend, compiled_flex, create_block_mask, sdpa_kernel  # noqa: E402
 
 PEERS = ("attnkit", "attnkit_triton", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flex", "eager")
 MODES = ("fwd", "fwd+bwd")
-SDPA_KERNELS = {
-    "sdpa_cudnn": "CUDNN_ATTENTION",
-    "sdpa_flash": "FLASH_ATTENTION",
-    "sdpa_efficient": "EFFICIENT_ATTENTION",
-    "sdpa_math": "MATH",
-}
 # Correctness bars against the float32 reference (relative L2 error). bf16 rounding of the
 # output alone gives ~2-4e-3; a wrong mask or scale gives > 1e-1.
 FWD_REL_TOL = 2e-2
@@ -243,18 +230,6 @@ def make_state(wl: Workload, device: torch.device, need_grad_ref: bool, use_flex
 
 
 # --------------------------------------------------------------------------- peers
-_COMPILED_FLEX = None
-
-
-def compiled_flex():
-    global _COMPILED_FLEX
-    if _COMPILED_FLEX is None:
-        if flex_attention is None:
-            raise RuntimeError("torch.nn.attention.flex_attention is not available in this torch")
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED_FLEX
-
-
 def configure_dynamo() -> None:
     """Every shape x mask x grad-mode is a recompile of flex_attention (attnkit's compiled flex shares
     the code object): raise the limit well above what this run needs, and make hitting it an error

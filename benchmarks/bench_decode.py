@@ -68,18 +68,9 @@ import torch.nn.functional as F  # noqa: E402
 
 import harness as H  # noqa: E402
 
-try:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-except ImportError:  # pragma: no cover - torch < 2.3
-    SDPBackend = sdpa_kernel = None
-try:
-    from torch.nn.attention.flex_attention import flex_attention
-except ImportError:  # pragma: no cover - torch < 2.5
-    flex_attention = None
+from harness import SDPA_KERNELS, SDPBackend, compiled_flex, flex_attention, sdpa_kernel  # noqa: E402
 
 PEERS = ("attnkit", "attnkit_contiguous", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flex", "eager")
-SDPA_KERNELS = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION",
-                "sdpa_efficient": "EFFICIENT_ATTENTION", "sdpa_math": "MATH"}
 SMALL_TOKENS = 64 * 1024  # sdpa_math and eager only up to this many cached tokens (B * L)
 GOAL_TOKENS = 256 * 1024  # issue 6: >= 1.0 x SDPA-contiguous from here on, >= 0.9 x below
 FWD_REL_TOL = 2e-2
@@ -152,7 +143,6 @@ def make_state(c: Case, device: torch.device, block_size: int) -> State:
 
 
 # --------------------------------------------------------------------------- peers
-_COMPILED_FLEX = None
 
 
 def skip_reason(peer: str, c: Case, device: torch.device) -> str | None:
@@ -181,10 +171,7 @@ def make_call(peer: str, st: State):
                 return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         return sdpa
     if peer == "flex":
-        global _COMPILED_FLEX
-        if _COMPILED_FLEX is None:
-            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-        fn = _COMPILED_FLEX
+        fn = compiled_flex()
         return lambda: fn(q, k, v, enable_gqa=True)
     if peer == "eager":
         G, scale = c.Hq // c.Hkv, 1.0 / math.sqrt(c.D)

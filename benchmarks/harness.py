@@ -36,7 +36,18 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # pragma: no cover - torch < 2.3
+    SDPBackend = sdpa_kernel = None
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - torch < 2.5
+    create_block_mask = flex_attention = None
+
 __all__ = [
+    "SDPA_KERNELS",
+    "compiled_flex",
     "FLOP_CONVENTION",
     "ATTNKIT_PEER",
     "measure_ceilings",
@@ -55,6 +66,26 @@ __all__ = [
     "format_table",
     "write_results",
 ]
+
+# The SDPA peers of every benchmark: peer name -> torch.nn.attention.SDPBackend member.
+SDPA_KERNELS = {
+    "sdpa_cudnn": "CUDNN_ATTENTION",
+    "sdpa_flash": "FLASH_ATTENTION",
+    "sdpa_efficient": "EFFICIENT_ATTENTION",
+    "sdpa_math": "MATH",
+}
+_COMPILED_FLEX = None
+
+
+def compiled_flex():
+    """torch.compile(flex_attention, dynamic=False), built once per process (every benchmark's flex peer)."""
+    global _COMPILED_FLEX
+    if _COMPILED_FLEX is None:
+        if flex_attention is None:
+            raise RuntimeError("torch.nn.attention.flex_attention is not available in this torch")
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
 
 FLOP_CONVENTION = (
     "forward FLOPs = 2*B*Hq*(D + Dv)*pairs = 4*B*Hq*D*pairs for Dv == D, where pairs is the exact "

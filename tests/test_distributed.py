@@ -1,0 +1,500 @@
+"""Context parallelism (attnkit.distributed) on gloo: 2 and 4 CPU processes per group.
+
+Every case runs ring or all-to-all attention on the shards of a random sequence, gathers
+the output, log-sum-exp and the gradients of q, k, v, and compares them with
+`attnkit.attention(..., backend="reference")` over the whole sequence in float64:
+relative error < 1e-5 in float32 (1e-10 for the float64 cases).
+
+Process start-up dominates (importing attnkit costs ~7 s of CPU per process here), so each
+world size starts ONE group of worker processes that runs every case and sends per-case
+results back through a queue; the parametrised tests below only read them. The workers come
+from a forkserver that imported attnkit once (a fresh interpreter per worker, as spawn gives,
+cost ~30 s for the two groups on a 2-core machine; this takes ~10 s). Every group is bounded:
+gloo operations time out after 30 s and the parent kills the workers after GROUP_TIMEOUT_S and
+fails the cases that did not finish, naming the one that hung.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import time
+import traceback
+import zlib
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+
+import attnkit
+import attnkit.distributed as cp
+from attnkit.distributed._validate import CPSettings
+from attnkit.distributed.ring import plan_pair
+
+WORLD_SIZES = (2, 4)
+GROUP_TIMEOUT_S = 150.0
+OP_TIMEOUT_S = 30.0
+RTOL = {"float32": 1e-5, "float64": 1e-10}
+
+
+# --------------------------------------------------------------------------- mods (global positions)
+def doc_causal(b, h, i, j):
+    """Documents of 7 tokens, causal inside each."""
+    return ((i // 7) == (j // 7)) & (j <= i)
+
+
+def head_mod(b, h, i, j):
+    """Even query heads see every key, odd ones only keys at or before them (global head index)."""
+    return ((h % 2) == 0) | (j <= i)
+
+
+def dead_rows(b, h, i, j):
+    """Causal, and every query at a position = 3 (mod 5) sees nothing."""
+    return (j <= i) & ((i % 5) != 3)
+
+
+MODS = {"doc_causal": doc_causal, "head_mod": head_mod, "dead_rows": dead_rows}
+
+
+# --------------------------------------------------------------------------- cases
+@dataclass(frozen=True)
+class DCase:
+    name: str
+    L: int
+    strategy: str = "ring"
+    layout: str = "contiguous"
+    causal: bool = False
+    window: object = None
+    B: int = 2
+    Hq: int = 4
+    Hkv: int = 2
+    D: int = 8
+    mask_mod: str | None = None
+    softcap: float | None = None
+    return_lse: bool = True
+    dtype: str = "float32"
+    subgroups: bool = False  # 4 processes as two groups of 2 (group=), concurrently
+
+    @property
+    def kwargs(self) -> dict:
+        return dict(causal=self.causal, window=self.window, softcap=self.softcap,
+                    mask_mod=MODS[self.mask_mod] if self.mask_mod else None)
+
+
+_BASE = [
+    DCase("dense_gqa", 24),
+    DCase("causal_mqa", 24, causal=True, Hkv=1, D=16),
+    DCase("causal_pad13", 13, causal=True, Hkv=4, B=1),
+    DCase("dense_pad30", 30, Hkv=1),
+    DCase("window5_pad30", 30, window=5),
+    DCase("window_3_2", 24, window=(3, 2), Hkv=1),
+    DCase("doc_mask_mod_pad30", 30, mask_mod="doc_causal"),
+    DCase("head_mask_mod", 24, mask_mod="head_mod"),
+    DCase("dead_rows_pad13", 13, mask_mod="dead_rows"),
+    DCase("softcap_causal_pad13", 13, causal=True, softcap=2.0),
+    DCase("causal_no_lse", 24, causal=True, return_lse=False),
+]
+CASES = [
+    replace(c, name=f"{s}-{lay}-{c.name}", strategy=s, layout=lay)
+    for s in ("ring", "all_to_all") for lay in ("contiguous", "zigzag") for c in _BASE
+] + [
+    DCase("ring-zigzag-causal_f64", 30, layout="zigzag", causal=True, dtype="float64"),
+    DCase("ring-contiguous-window_f64", 24, window=(4, 1), dtype="float64"),
+    DCase("all_to_all-zigzag-causal_f64", 30, strategy="all_to_all", layout="zigzag", causal=True, dtype="float64"),
+]
+SUBGROUP_CASES = [
+    DCase("subgroups-ring-zigzag-causal", 13, layout="zigzag", causal=True, subgroups=True),
+    DCase("subgroups-all_to_all-contiguous", 24, strategy="all_to_all", window=5, subgroups=True),
+]
+ERROR_CASES = ("mismatched_shard_lengths", "one_rank_bad_input", "flags_differ", "heads_not_divisible",
+               "seq_len_too_long", "group_not_a_group")
+SPY_CASES = ("spy-ring-zigzag-causal", "spy-ring-contiguous-causal")
+
+
+def _cases_for(world: int) -> list[DCase]:
+    return CASES + (SUBGROUP_CASES if world == 4 else [])
+
+
+# --------------------------------------------------------------------------- worker side
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    den = b.norm().item()
+    return (a - b).norm().item() / (den if den > 0 else 1.0)
+
+
+def _inputs(c: DCase, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    dt = getattr(torch, c.dtype)
+    shape_q, shape_kv = (c.B, c.Hq, c.L, c.D), (c.B, c.Hkv, c.L, c.D)
+    q, k, v = (torch.randn(s, generator=g, dtype=torch.float64) for s in (shape_q, shape_kv, shape_kv))
+    g_out = torch.randn(shape_q, generator=g, dtype=torch.float64)
+    g_lse = torch.randn(c.B, c.Hq, c.L, generator=g, dtype=torch.float64)
+    return [t.to(dt) for t in (q, k, v)], g_out, g_lse
+
+
+def _loss(out, lse, g_out, g_lse):
+    loss = (out.double() * g_out).sum()
+    if lse is not None:
+        loss = loss + (torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).double() * g_lse).sum()
+    return loss
+
+
+def _run_case(c: DCase, rank: int, world: int, group) -> dict:
+    """Run one case on this rank; return its errors against the float64 reference."""
+    (q, k, v), g_out, g_lse = _inputs(c, seed=zlib.crc32(c.name.encode()) % 1000)
+    ref = [t.double().requires_grad_(True) for t in (q, k, v)]
+    r_out, r_lse = attnkit.attention(*ref, return_lse=True, backend="reference", **c.kwargs)
+    _loss(r_out, r_lse if c.return_lse else None, g_out, g_lse).backward()
+
+    lay = c.layout
+    loc = [cp.shard_sequence(t, rank, world, layout=lay).detach().requires_grad_(True) for t in (q, k, v)]
+    res = cp.context_parallel_attention(*loc, strategy=c.strategy, group=group, layout=lay, seq_len=c.L,
+                                        return_lse=c.return_lse, **c.kwargs)
+    out, lse = res if c.return_lse else (res, None)
+    assert out.dtype == q.dtype and out.shape == loc[0].shape[:3] + (c.D,), (out.dtype, out.shape)
+    shard = lambda t: cp.shard_sequence(t, rank, world, layout=lay)  # noqa: E731
+    _loss(out, lse, shard(g_out), None if lse is None else shard(g_lse)).backward()
+
+    errs = {}
+    # Padding rows of this rank: exactly 0 out, -inf lse, 0 gradient.
+    pos = shard(torch.arange(cp.padded_length(c.L, world, lay)).view(1, 1, -1, 1)).view(-1)
+    pad = pos >= c.L
+    if pad.any():
+        assert torch.all(out[:, :, pad] == 0), "padded query rows must return 0"
+        assert torch.all(loc[0].grad[:, :, pad] == 0), "padded query rows must get zero dq"
+        if lse is not None:
+            assert torch.all(torch.isneginf(lse[:, :, pad])), "padded query rows must have lse -inf"
+    gather = lambda t: cp.unshard_sequence(t.detach(), layout=lay, seq_len=c.L, group=group)  # noqa: E731
+    errs["out"] = _rel(gather(out), r_out)
+    if lse is not None:
+        full = gather(lse)
+        fin = torch.isfinite(r_lse)
+        assert torch.equal(torch.isneginf(full), ~fin), "lse must be -inf exactly where the reference is"
+        errs["lse"] = _rel(full[fin], r_lse[fin])
+    for name, t, r in zip("qkv", loc, ref):
+        errs["d" + name] = _rel(gather(t.grad), r.grad)
+    if c.mask_mod == "dead_rows":  # whole rows with nothing to attend: out 0 (rank-local check above covers pad)
+        dead = (torch.arange(c.L) % 5) == 3
+        assert torch.all(gather(out)[:, :, dead] == 0)
+    return errs
+
+
+def _run_error_case(name: str, rank: int, world: int) -> dict:
+    """Call with bad input; report what this rank raised (the parent checks every rank raised)."""
+    g = torch.Generator().manual_seed(rank)
+    Ls = 4
+    kw: dict = {}
+    fn = cp.ring_attention
+    Hq, Hkv = 4, 2
+    if name == "mismatched_shard_lengths" and rank == 0:
+        Ls = 6
+    if name == "heads_not_divisible":
+        fn, Hq, Hkv = cp.all_to_all_attention, 3, 1
+    if name == "flags_differ":
+        kw["causal"] = rank == 0
+    if name == "seq_len_too_long":
+        kw["seq_len"] = world * Ls + 1
+    if name == "group_not_a_group":
+        kw["group"] = 5
+    q = torch.randn(1, Hq, Ls, 8, generator=g)
+    k, v = torch.randn(1, Hkv, Ls, 8, generator=g), torch.randn(1, Hkv, Ls, 8, generator=g)
+    if name == "one_rank_bad_input" and rank == world - 1:
+        q = q[0]
+    try:
+        fn(q, k, v, **kw)
+    except (ValueError, TypeError) as exc:
+        return {"raised": type(exc).__name__, "message": str(exc)}
+    return {"raised": None, "message": ""}
+
+
+def _run_spy_case(name: str, rank: int, world: int) -> dict:
+    """Record every local attention call and every sent buffer of one ring forward + backward."""
+    import attnkit.distributed.ring as ring_mod
+
+    layout = "zigzag" if "zigzag" in name else "contiguous"
+    B, Hq, Hkv, D, L = 1, 4, 2, 8, 8 * world
+    calls, sent = [], []
+    orig_attention, orig_start = ring_mod.attention, ring_mod._Ring.start
+
+    def spy_attention(q, k, v, **kw):
+        calls.append((q.shape[2], k.shape[2], v.shape[2], sorted(x for x in kw if kw[x] is not None)))
+        return orig_attention(q, k, v, **kw)
+
+    def spy_start(self, send, recv, tag):
+        sent.extend((tuple(t.shape), t.dtype) for t in send)
+        return orig_start(self, send, recv, tag)
+
+    ring_mod.attention, ring_mod._Ring.start = spy_attention, spy_start
+    try:
+        g = torch.Generator().manual_seed(7)
+        full = [torch.randn(B, h, L, D, generator=g) for h in (Hq, Hkv, Hkv)]
+        loc = [cp.shard_sequence(t, rank, world, layout=layout).requires_grad_(True) for t in full]
+        out = cp.ring_attention(*loc, causal=True, layout=layout)
+        n_fwd = len(calls)
+        out.sum().backward()
+    finally:
+        ring_mod.attention, ring_mod._Ring.start = orig_attention, orig_start
+    Ls = L // world
+    assert all(max(a, b, c) <= Ls for a, b, c, _ in calls), f"a local call saw more than one shard: {calls}"
+    assert all(s[1] == Hkv for s, _ in sent), f"only K/V shards and dK/dV of Hkv={Hkv} heads may travel: {sent}"
+    assert all(s[2] == Ls for s, _ in sent), f"a sent buffer is not one shard long ({Ls}): {sent}"
+    fwd = calls[:n_fwd]
+    return {"n_fwd": n_fwd, "fwd_pairs": sum(a * b for a, b, _, _ in fwd), "n_bwd": len(calls) - n_fwd,
+            "n_sent": len(sent), "Ls": Ls}
+
+
+def _worker(rank: int, world: int, init_file: str, results) -> None:
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=OP_TIMEOUT_S))
+        subgroup = None
+        if world == 4:
+            pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+            subgroup = pairs[rank // 2]
+        jobs = [(n, _run_error_case, (n, rank, world)) for n in ERROR_CASES]
+        jobs += [(n, _run_spy_case, (n, rank, world)) for n in SPY_CASES]
+        for c in _cases_for(world):
+            r, w, grp = (rank % 2, 2, subgroup) if c.subgroups else (rank, world, None)
+            jobs.append((c.name, _run_case, (c, r, w, grp)))
+        for name, fn, args in jobs:
+            results.put(("start", rank, name, None))
+            t0 = time.perf_counter()
+            try:
+                out = {"ok": True, **fn(*args)}
+            except Exception as exc:  # noqa: BLE001 - reported to the parent per case
+                out = {"ok": False, "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"}
+            out["s"] = time.perf_counter() - t0
+            results.put(("result", rank, name, out))
+        dist.destroy_process_group()
+    except Exception as exc:  # noqa: BLE001
+        results.put(("fatal", rank, None, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    results.put(("done", rank, None, None))
+
+
+# --------------------------------------------------------------------------- parent side
+def _context():
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "attnkit", "attnkit.distributed"])
+        return ctx
+    return mp.get_context("spawn")
+
+
+def _run_group(world: int, tmpdir: str) -> dict:
+    """Start `world` workers, collect {case: {rank: result}}; a hang fails the unfinished cases."""
+    ctx = _context()
+    results = ctx.Queue()
+    init_file = os.path.join(tmpdir, f"init_{world}")
+    procs = [ctx.Process(target=_worker, args=(r, world, init_file, results), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    out: dict = {"_fatal": [], "_current": {}}
+    done: set[int] = set()
+    deadline = time.monotonic() + GROUP_TIMEOUT_S
+    try:
+        while len(done) < world:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                hung = ", ".join(f"rank {r} in {n!r}" for r, n in sorted(out["_current"].items()))
+                out["_fatal"].append(f"timed out after {GROUP_TIMEOUT_S:.0f} s (a hang?): {hung}")
+                break
+            try:
+                kind, rank, name, payload = results.get(timeout=min(left, 2.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in done]
+                if dead:
+                    out["_fatal"].append(f"worker ranks {dead} died (exit codes "
+                                         f"{[procs[r].exitcode for r in dead]})")
+                    break
+                continue
+            if kind == "start":
+                out["_current"][rank] = name
+            elif kind == "result":
+                out.setdefault(name, {})[rank] = payload
+            elif kind == "fatal":
+                out["_fatal"].append(f"rank {rank}: {payload}")
+            elif kind == "done":
+                done.add(rank)
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+    return out
+
+
+@pytest.fixture(scope="module")
+def groups(tmp_path_factory):
+    cache: dict[int, dict] = {}
+
+    def get(world: int) -> dict:
+        if world not in cache:
+            cache[world] = _run_group(world, str(tmp_path_factory.mktemp(f"cp{world}")))
+        return cache[world]
+
+    return get
+
+
+def _results(groups, world: int, name: str) -> dict:
+    res = groups(world)
+    got = res.get(name, {})
+    if len(got) < world or res["_fatal"]:
+        pytest.fail(f"case {name!r} on {world} ranks: results from ranks {sorted(got)} of {world}; "
+                    f"group problems: {res['_fatal'] or 'none'}")
+    return got
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("case", CASES + SUBGROUP_CASES, ids=lambda c: c.name)
+def test_matches_single_process_attention(groups, world, case):
+    if case.subgroups and world != 4:
+        pytest.skip("subgroups: 4 processes as two groups of 2")
+    got = _results(groups, world, case.name)
+    bad = {r: x["error"] for r, x in got.items() if not x["ok"]}
+    assert not bad, f"{case.name} failed on ranks {sorted(bad)}:\n" + "\n".join(bad.values())
+    tol = RTOL[case.dtype]
+    for rank, x in got.items():
+        errs = {k: v for k, v in x.items() if k not in ("ok", "s")}
+        assert {"out", "dq", "dk", "dv"} <= set(errs), errs
+        assert ("lse" in errs) == case.return_lse
+        worst = max(errs, key=errs.get)
+        assert errs[worst] < tol, f"rank {rank}: relative error of {worst} {errs[worst]:.2e} >= {tol:g} ({errs})"
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("name", ERROR_CASES)
+def test_bad_input_raises_on_every_rank(groups, world, name):
+    got = _results(groups, world, name)
+    for rank, x in sorted(got.items()):
+        assert x["ok"], x.get("error")
+        assert x["raised"] is not None, f"rank {rank} did not raise on {name}"
+    msgs = {r: x["message"] for r, x in got.items()}
+    kinds = {r: x["raised"] for r, x in got.items()}
+    if name == "mismatched_shard_lengths":
+        assert all(k == "ValueError" and "q shape" in m and "rank 0: [1, 4, 6, 8]" in m and "seq_len" in m
+                   for k, m in zip(kinds.values(), msgs.values())), msgs
+    elif name == "one_rank_bad_input":
+        last = world - 1
+        assert kinds[last] == "ValueError" and "4-D" in msgs[last], msgs[last]
+        assert all(kinds[r] == "ValueError" and f"rank {last}" in msgs[r] and "4-D" in msgs[r]
+                   for r in range(last)), msgs
+    elif name == "flags_differ":
+        assert all(k == "ValueError" and "causal" in m for k, m in zip(kinds.values(), msgs.values())), msgs
+    elif name == "heads_not_divisible":
+        assert all(k == "ValueError" and "Hq = 3" in m and f"world size {world}" in m
+                   for k, m in zip(kinds.values(), msgs.values())), msgs
+    elif name == "seq_len_too_long":
+        assert all(k == "ValueError" and "seq_len" in m for k, m in zip(kinds.values(), msgs.values())), msgs
+    elif name == "group_not_a_group":
+        assert all(k == "TypeError" and "ProcessGroup" in m for k, m in zip(kinds.values(), msgs.values())), msgs
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_ring_sends_shards_only_and_skips_masked_pairs(groups, world):
+    """No local call sees more than one shard of K/V; only Hkv-head shards travel; causal work is balanced by zigzag."""
+    zig = _results(groups, world, "spy-ring-zigzag-causal")
+    con = _results(groups, world, "spy-ring-contiguous-causal")
+    for got in (zig, con):
+        for rank, x in got.items():
+            assert x["ok"], x.get("error")
+    Ls = zig[0]["Ls"]
+    c = Ls // 2
+    # zigzag: every rank computes P calls and the same number of pairs (the diagonal 2c x 2c
+    # causal call, then c x 2c or 2c x c half blocks).
+    assert {x["n_fwd"] for x in zig.values()} == {world}
+    assert {x["fwd_pairs"] for x in zig.values()} == {4 * c * c + (world - 1) * 2 * c * c}
+    # contiguous: rank r skips the r+1 .. P-1 key shards (wholly in its future).
+    assert [con[r]["n_fwd"] for r in range(world)] == [r + 1 for r in range(world)]
+    for x in list(zig.values()) + list(con.values()):
+        assert x["n_bwd"] == x["n_fwd"]  # backward recomputes the same pairs, no more
+        # forward: P-1 hops of (K, V); backward: P-1 hops of (K, V) and P hops of (dK, dV)
+        assert x["n_sent"] == 2 * (world - 1) * 2 + 2 * world
+
+
+# --------------------------------------------------------------------------- in this process (no group)
+def test_uninitialised_group_is_a_clear_error():
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    q = torch.randn(1, 2, 4, 8)
+    for fn in (cp.ring_attention, cp.all_to_all_attention):
+        with pytest.raises(ValueError, match="not initialised.*init_process_group"):
+            fn(q, q, q)
+    with pytest.raises(ValueError, match="not initialised"):
+        cp.unshard_sequence(q)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        cp.context_parallel_attention(q, q, q, strategy="ulysses2")
+
+
+@pytest.mark.parametrize("layout", cp.LAYOUTS)
+@pytest.mark.parametrize("world", (1, 2, 3, 4))
+@pytest.mark.parametrize("L", (1, 7, 13, 24, 30))
+def test_shard_unshard_round_trip(layout, world, L):
+    x = torch.randn(2, 3, L, 5)
+    shards = [cp.shard_sequence(x, r, world, layout=layout) for r in range(world)]
+    Lpad = cp.padded_length(L, world, layout)
+    assert Lpad % (world * (2 if layout == "zigzag" else 1)) == 0 and 0 <= Lpad - L < 2 * world
+    assert all(s.shape == (2, 3, Lpad // world, 5) for s in shards)
+    assert torch.equal(cp.unshard_sequence(shards, layout=layout, seq_len=L), x)
+    pos = [cp.shard_sequence(torch.arange(L), r, world, layout=layout, dim=0) for r in range(world)]
+    for r in range(world):  # shard_positions describes what shard_sequence cut
+        segs = cp.shard_positions(r, world, layout, Lpad // world)
+        want = torch.cat([torch.arange(g, g + n) for g, n in segs])
+        real = want < L
+        assert torch.equal(pos[r][real], want[real])
+
+
+def _settings(world, layout, L, causal=False, window=None, mask_mod=None, rank=0) -> CPSettings:
+    Lpad = cp.padded_length(L, world, layout)
+    from attnkit.request import _check_window
+
+    return CPSettings(group=None, rank=rank, world=world, shard_len=Lpad // world, seq_len=L, layout=layout,
+                      causal=causal, window=_check_window(window), scale=1.0, softcap=None, mask_mod=mask_mod,
+                      backend="auto")
+
+
+def test_plan_skips_masked_pairs_and_uses_plain_calls():
+    s = _settings(4, "zigzag", 64, causal=True)  # c = 8, shards of 16
+    for r in range(4):
+        calls = [plan_pair(s, r, t) for t in range(4)]
+        assert calls[r].kind == "diagonal" and calls[r].kwargs == {"causal": True, "window": None}
+        others = [calls[t] for t in range(4) if t != r]
+        assert all(x.kind == "full" and x.pairs() == 8 * 16 for x in others)
+    s = _settings(4, "contiguous", 64, causal=True)
+    for r in range(4):
+        kinds = [None if x is None else x.kind for x in (plan_pair(s, r, t) for t in range(4))]
+        assert kinds == ["full"] * r + ["diagonal"] + [None] * (3 - r)
+    s = _settings(4, "contiguous", 64, window=3)  # only the neighbouring shard's edge is visible
+    assert plan_pair(s, 2, 1).kind == "masked" and plan_pair(s, 2, 0) is None and plan_pair(s, 2, 3) is None
+    assert plan_pair(s, 2, 2).kind == "diagonal"
+    s = _settings(2, "contiguous", 13)  # padding: the last shard's keys are masked, not dense
+    assert plan_pair(s, 0, 1).kind == "masked" and plan_pair(s, 0, 0).kind == "full"
+    s = _settings(2, "contiguous", 64, mask_mod=doc_causal)  # a mask_mod: never "full"
+    assert plan_pair(s, 1, 0).kind == "masked"
+
+
+def test_global_mask_mod_positions():
+    """The wrapper maps local tile indices to global positions (two zigzag segments)."""
+    from attnkit.distributed.ring import global_mask_mod
+
+    seen = []
+
+    def rec(b, h, i, j):
+        seen.append((i.clone(), j.clone()))
+        return torch.ones_like(i + j, dtype=torch.bool)
+
+    fn = global_mask_mod((8, 40), (16,), 4, 42, None, rec)
+    assert fn is global_mask_mod((8, 40), (16,), 4, 42, None, rec)  # cached: FlexAttention's cache hits
+    i = torch.arange(8).view(-1, 1)
+    j = torch.arange(4).view(1, -1)
+    keep = fn(torch.zeros(1), torch.zeros(1), i, j)
+    gi, gj = seen[0]
+    assert gi.view(-1).tolist() == [8, 9, 10, 11, 40, 41, 42, 43] and gj.view(-1).tolist() == [16, 17, 18, 19]
+    assert keep[:6].all() and not keep[6:].any()  # positions 42, 43 are padding (seq_len 42)

@@ -518,3 +518,14 @@ def test_global_mask_mod_runs_under_flex_attention():
     want = attnkit.attention(q, k, v, mask_mod=fn, backend="reference")
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     assert not torch.all(want[:, 0] == want[:, 1])  # head 1 (global 3) sees more than head 0 (global 2)
+
+
+def test_example_script_runs():
+    """examples/ring_attention.py as a user runs it (2 spawned gloo ranks): exit code 0 = both strategies match."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "ring_attention.py")
+    r = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "ok: both strategies" in r.stdout and r.stdout.count("relative error") == 2

@@ -54,18 +54,13 @@ from dataclasses import dataclass  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
-try:
-    import attnkit  # noqa: E402
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
-    import attnkit  # noqa: E402
-
+import harness as H  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+attnkit = H.import_attnkit()
 import attnkit.distributed as cp  # noqa: E402
-import harness as H  # noqa: E402
 
 PEERS = ("ring_contiguous", "ring_zigzag", "all_to_all", "torch_cp", "single", "single_lse")
 CHECK_TOKENS_PER_RANK = 1024

@@ -47,6 +47,7 @@ except ImportError:  # pragma: no cover - torch < 2.5
 
 __all__ = [
     "SDPA_KERNELS",
+    "import_attnkit",
     "compiled_flex",
     "FLOP_CONVENTION",
     "ATTNKIT_PEER",
@@ -97,6 +98,16 @@ FLOP_CONVENTION = (
 # The name of the attnkit row: its ratio is taken against the best *other* peer
 # (rows named attnkit_* are attnkit's own forced backends, not peers).
 ATTNKIT_PEER = "attnkit"
+
+
+def import_attnkit():
+    """attnkit, imported from this checkout's src/ when it is not installed (benchmarks run from a checkout)."""
+    try:
+        import attnkit
+    except ImportError:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
+        import attnkit
+    return attnkit
 
 
 # --------------------------------------------------------------------------- timing

@@ -452,12 +452,14 @@ def test_shard_unshard_round_trip(layout, world, L):
 
 
 def _settings(world, layout, L, causal=False, window=None, mask_mod=None, rank=0) -> CPSettings:
-    Lpad = cp.padded_length(L, world, layout)
-    from attnkit.request import _check_window
+    from attnkit.request import build_request
 
+    Lpad = cp.padded_length(L, world, layout)
+    x = torch.zeros(1, 1, 1, 8)
+    req = build_request(x, x, x, causal=causal, window=window)
     return CPSettings(group=None, rank=rank, world=world, shard_len=Lpad // world, seq_len=L, layout=layout,
-                      causal=causal, window=_check_window(window), scale=1.0, softcap=None, mask_mod=mask_mod,
-                      backend="auto")
+                      causal=causal, window=req.window, scale=1.0, softcap=None, mask_mod=mask_mod,
+                      backend="auto", bounds=req.key_bounds)
 
 
 def test_plan_skips_masked_pairs_and_uses_plain_calls():

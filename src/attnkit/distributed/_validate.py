@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .._checks import backend_name
-from ..request import MaskMod, _check_window, build_request
+from ..request import MaskMod, build_request
 from .sharding import check_layout
 
 __all__ = ["resolve_group", "agree", "CPSettings", "check_call"]
@@ -108,16 +108,9 @@ class CPSettings:
     softcap: float | None
     mask_mod: MaskMod | None
     backend: str
-
-    @property
-    def bounds(self) -> tuple[int | None, int | None] | None:
-        """Causal and window folded into (left, right) key offsets around the query (global positions)."""
-        if self.window is None and not self.causal:
-            return None
-        left, right = self.window if self.window is not None else (None, None)
-        if self.causal:
-            right = 0 if right is None else min(right, 0)
-        return left, right
+    # Causal and window folded into (left, right) key offsets around the query (global positions;
+    # AttentionRequest.key_bounds of the same flags), None when neither is set.
+    bounds: tuple[int | None, int | None] | None
 
 
 def check_call(fn: str, q, k, v, *, group, causal, window, scale, softcap, mask_mod, return_lse, layout,
@@ -164,7 +157,8 @@ def check_call(fn: str, q, k, v, *, group, causal, window, scale, softcap, mask_
     agree(fn, group, world, q, fields, error)
     return CPSettings(
         group=group, rank=rank, world=world, shard_len=Ls, seq_len=seq_len, layout=layout, causal=causal,
-        window=_check_window(window), scale=req.scale, softcap=req.softcap, mask_mod=mask_mod, backend=backend,
+        window=req.window, scale=req.scale, softcap=req.softcap, mask_mod=mask_mod, backend=backend,
+        bounds=req.key_bounds,
     )
 
 

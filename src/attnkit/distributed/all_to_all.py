@@ -53,26 +53,18 @@ def _heads_to_seq(x: Tensor, group, world: int) -> Tensor:
     return y.transpose(0, 1).reshape(B, world * Hp, Ls, D)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """_seq_to_heads (to_heads) or _heads_to_seq; the backward of each is the other."""
+
     @staticmethod
-    def forward(ctx, x, group, world):
-        ctx.group, ctx.world = group, world
-        return _seq_to_heads(x, group, world)
+    def forward(ctx, x, group, world, to_heads: bool):
+        ctx.args = (group, world, to_heads)
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group, world)
 
     @staticmethod
     def backward(ctx, g):
-        return _heads_to_seq(g, ctx.group, ctx.world), None, None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, world):
-        ctx.group, ctx.world = group, world
-        return _heads_to_seq(x, group, world)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _seq_to_heads(g, ctx.group, ctx.world), None, None
+        group, world, to_heads = ctx.args
+        return (_heads_to_seq if to_heads else _seq_to_heads)(g, group, world), None, None, None
 
 
 def _global_order(s: CPSettings, device) -> Tensor | None:
@@ -92,7 +84,7 @@ def all_to_all_forward(s: CPSettings, q: Tensor, k: Tensor, v: Tensor, return_ls
     if Hkv % P:
         rep = P // math.gcd(Hkv, P)
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    qh, kh, vh = (_SeqToHeads.apply(t, group, P) for t in (q, k, v))
+    qh, kh, vh = (_AllToAll.apply(t, group, P, True) for t in (q, k, v))
     order = _global_order(s, q.device)
     if order is not None:
         qh, kh, vh = (t.index_select(2, order) for t in (qh, kh, vh))
@@ -109,7 +101,7 @@ def all_to_all_forward(s: CPSettings, q: Tensor, k: Tensor, v: Tensor, return_ls
         out = out.new_zeros(*full, out.shape[-1]).index_copy(2, order, out)
         if lse is not None:
             lse = lse.new_full(full, float("-inf")).index_copy(2, order, lse)
-    out = _HeadsToSeq.apply(out, group, P)
+    out = _AllToAll.apply(out, group, P, False)
     if lse is not None:
-        lse = _HeadsToSeq.apply(lse.unsqueeze(-1), group, P).squeeze(-1)
+        lse = _AllToAll.apply(lse.unsqueeze(-1), group, P, False).squeeze(-1)
     return out, lse

@@ -40,7 +40,7 @@ from ..masks import bounds_allow
 from ._validate import CPSettings
 from .sharding import shard_positions
 
-__all__ = ["ring_forward_backward", "RingCall", "plan_pairs"]
+__all__ = ["ring_forward_backward", "RingCall", "plan_pair", "GlobalMaskMod", "global_mask_mod", "merge_partial"]
 
 _EMPTY, _FULL, _PARTIAL = 0, 1, 2
 _WRAPPERS: OrderedDict = OrderedDict()
@@ -152,11 +152,6 @@ def plan_pair(s: CPSettings, q_rank: int, k_rank: int) -> RingCall | None:
     fn = global_mask_mod([qsegs[i][0] for i in rows], [ksegs[j][0] for j in cols], c, s.seq_len, s.bounds,
                          s.mask_mod)
     return RingCall(q_lo, q_hi, k_lo, k_hi, {"mask_mod": fn}, "masked")
-
-
-def plan_pairs(s: CPSettings) -> list[list[RingCall | None]]:
-    """plan[q_rank][k_rank]: every pair's call (benchmarks count the attended pairs from it)."""
-    return [[plan_pair(s, r, t) for t in range(s.world)] for r in range(s.world)]
 
 
 # --------------------------------------------------------------------------- communication

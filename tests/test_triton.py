@@ -236,6 +236,35 @@ def test_offsets_past_int32(tdevice):
     assert_close_rel(lse, lref, name="lse")
 
 
+@pytest.mark.parametrize("shared_bias", [False, True], ids=["bias_per_batch", "bias_shared"])
+def test_one_axis_grid_matches_three_axis_grid(shared_bias, tdevice, monkeypatch):
+    """Past 65535 batch rows or heads the kernels fall back to one grid axis (blocks x B x H) and
+    decode it themselves: with the axis limit lowered, that path must give what the 3-D grid gives,
+    in both program orders (head-major when the bias is shared by the batch), forward and backward."""
+    q, k, v = make_qkv(3, 4, 2, 37, 45, 16, seed=12, device=tdevice)
+    g = torch.Generator().manual_seed(13)
+    bias = randn(1 if shared_bias else 3, 4, 37, 45, gen=g, device=tdevice)
+    g_out = randn(3, 4, 37, 16, gen=g, device=tdevice)
+
+    def run():
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, bias)]
+        out = _triton(*leaves[:3], bias=leaves[3], causal=True)
+        return [out, *torch.autograd.grad((out * g_out).sum(), leaves)]
+
+    three = run()
+    monkeypatch.setattr(fa, "_GRID_AXIS_LIMIT", 2)  # B = 3 > 2: one axis
+    assert not fa._grid3(3, 4)
+    one = run()
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dbias"], one, three):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    l64 = [x.double().requires_grad_(True) for x in (q, k, v, bias)]
+    ref = attnkit.attention(*l64[:3], bias=l64[3], causal=True, backend="reference")
+    refg = torch.autograd.grad((ref * g_out.double()).sum(), l64)
+    assert_close_rel(one[0], ref)
+    for n, a, r in zip(["dq", "dk", "dv", "dbias"], one[1:], refg):
+        assert_close_rel(a, r, rtol=5e-5, name=f"grad {n}")
+
+
 def test_segment_layout_normalises_sets():
     """Lists become tuples (the layout is hashed by the kernels' table cache); bad values are named."""
     lay = SegmentLayout(10, 10, [[[(0, 5)], [(0, 5)]], [[[5, 10]], [(0, 10)]]])

@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
@@ -307,6 +307,39 @@ def test_decode_kernel_noncontiguous_views(tdevice):
     with torch.no_grad():
         out, lse = attnkit.attention(q, k, v, cache_seqlens=d.lens, backend="triton", **kw)
     check(out, lse, ref, base, mask, torch.float32)
+
+
+def test_decode_plans_tell_calls_apart(tdevice, monkeypatch):
+    """decode_attention keeps its plan (grid, split count, constexprs, strides) per key of what the
+    plan derives from. Calls differing in one such thing only (bounds, softcap, scale, sinks,
+    q's strides, the table's width and so the split count, the lengths' dtype, paged or not),
+    interleaved twice (the second round runs on kept plans), each match the oracle."""
+    monkeypatch.setattr(da, "_PLANS", {})
+    monkeypatch.setattr(da, "num_splits_for", lambda programs, len_k, device: 1 if len_k <= 64 else 3)
+    d = make_decode(3, 8, 2, 2, 64, [40, 21, 9], 16, device=tdevice, seed=11, sinks=True)  # table 4 wide: 1 split
+    wide = make_decode(3, 8, 2, 2, 64, [70, 21, 9], 16, device=tdevice, seed=12, sinks=True)  # 6 wide: 3 splits
+    nosinks = replace(d, sinks=None)
+    variants = [
+        ("causal", d, dict(causal=True)),
+        ("window", d, dict(causal=True, window=5)),
+        ("plain", d, {}),
+        ("softcap", d, dict(causal=True, softcap=2.0)),
+        ("scale", d, dict(causal=True, scale=0.3)),
+        ("no sinks", nosinks, dict(causal=True)),
+        ("q strides", replace(d, q=d.q.transpose(1, 2).contiguous().transpose(1, 2)), dict(causal=True)),
+        ("wider table", wide, dict(causal=True)),
+        ("int64 lengths", replace(d, lens=d.lens.long()), dict(causal=True)),
+    ]
+    with torch.no_grad():
+        for _ in range(2):
+            for name, dd, kw in variants:
+                ref, base, mask = oracle(dd, kw)
+                for paged in (True, False):
+                    k, v = (dd.kp, dd.vp) if paged else (dd.k, dd.v)
+                    out, lse = attnkit.attention(dd.q, k, v, backend="triton", return_lse=True,
+                                                 **contract_kw(dd, kw, paged))
+                    check(out, lse, ref, base, mask, torch.float32, name=f"{name}, paged={paged}")
+    assert len(da._PLANS) == 2 * (len(variants) - 1)  # int64 lengths: causal's plan (the launch reads dtypes)
 
 
 def test_decode_kernel_plain_decode_without_lengths(tdevice, spy_decode):

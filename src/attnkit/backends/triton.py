@@ -64,12 +64,10 @@ class TritonBackend(Backend):
         return 20.0  # dense/masked: cuDNN and flex are faster; chosen only when forced
 
     def run(self, req: AttentionRequest) -> tuple[Tensor, Tensor | None]:
-        if req.decode_shaped:
-            sinks = req.sinks.detach() if req.sinks is not None else None
-            out, lse = da.decode_attention(req.q.detach(), req.k.detach(), req.v.detach(),
-                                           cache_seqlens=req.cache_seqlens, block_table=req.block_table,
-                                           scale=req.scale, softcap=req.softcap, sinks=sinks,
-                                           bounds=req.key_bounds)
+        if req.decode_shaped:  # no gradient (decode_shaped): no detach needed, the kernels record no autograd
+            out, lse = da.decode_attention(req.q, req.k, req.v, cache_seqlens=req.cache_seqlens,
+                                           block_table=req.block_table, scale=req.scale, softcap=req.softcap,
+                                           sinks=req.sinks, bounds=req.key_bounds)
             return out, (lse if req.return_lse else None)
         req = req.densified()  # cache_seqlens / block_table -> gathered K/V and a mask
         layout = req.mask_mod.layout if isinstance(req.mask_mod, GroupMask) else None

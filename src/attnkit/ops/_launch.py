@@ -10,6 +10,10 @@ so the cached one is launched directly; a new key goes through Triton's normal p
 (which compiles, or finds its own cached kernel). Call sites keep each argument's Python
 type fixed (a float parameter always gets a float), since 1 == 1.0 == True as dict keys.
 Under the interpreter every call takes Triton's path.
+
+`Launch` goes further for a call site that can key the launch itself (decode steps, where
+every call repeats the last one's shapes): grid and non-tensor arguments are fixed when it is
+built, so a launch reads only its tensors' dtypes and alignment.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ try:
 except ImportError:  # pragma: no cover - triton missing: the kernels report it
     triton = None
 
-__all__ = ["launch", "INTERPRET", "interpreting", "next_pow2", "block_dim", "cdiv", "on_device"]
+__all__ = ["launch", "Launch", "INTERPRET", "interpreting", "next_pow2", "block_dim", "cdiv", "on_device"]
 
 
 
@@ -57,8 +61,11 @@ def cdiv(a: int, b: int) -> int:
 
 
 def on_device(t: Tensor):
-    """Launch on t's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Launch on t's GPU (Triton launches on the current device). No guard when t is on the current
+    device already (the usual case: entering and leaving torch.cuda.device costs microseconds)."""
+    if not t.is_cuda or t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 _CACHE: dict[tuple, Any] = {}
@@ -105,9 +112,7 @@ def launch(kernel, grid: tuple, args: tuple, consts: dict, *, num_warps: int, nu
     key = (kernel, device, num_warps, num_stages, tuple(consts.values()), others(args), spec)
     compiled = _CACHE.get(key)
     if compiled is None:
-        compiled = kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
-        if hasattr(compiled, "result"):  # an asynchronous compile
-            compiled = compiled.result()
+        compiled = _compile(kernel, grid, args, consts, num_warps, num_stages)
         if len(_CACHE) >= _MAX_ENTRIES:
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = compiled
@@ -115,3 +120,51 @@ def launch(kernel, grid: tuple, args: tuple, consts: dict, *, num_warps: int, nu
     names = kernel.arg_names[len(args):]  # the constexprs, in the kernel's parameter order
     grid3 = tuple(grid) + (1,) * (3 - len(grid))  # a compiled kernel's runner reads all three axes
     compiled[grid3](*args, *(consts[n] for n in names), stream=driver.active.get_current_stream(device))
+
+
+def _compile(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, num_stages: int):
+    """Launch through Triton's own path (which compiles, or finds its cached kernel); return the
+    compiled kernel it ran."""
+    compiled = kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+    if hasattr(compiled, "result"):  # an asynchronous compile
+        compiled = compiled.result()
+    return compiled
+
+
+class Launch:
+    """One launch of `kernel` with its grid, non-tensor arguments and constexprs fixed: called with
+    the tensors only, as `Launch(...)(*tensors)`.
+
+    For kernels whose parameters are the tensors, then `rest` (ints and floats, in order), then
+    the constexprs named in `consts`. The call site keeps it under a key of everything `rest`,
+    `consts` and grid derive from (shapes, strides, flags); a launch then reads only what
+    Triton also specialises on and the key cannot hold: each tensor's dtype and 16-byte
+    alignment, and the current device. As with `launch`, a new combination takes Triton's
+    path once, and the interpreter always does.
+    """
+
+    __slots__ = ("kernel", "grid", "grid3", "rest", "consts", "tail", "num_warps", "num_stages", "interpret",
+                 "_compiled")
+
+    def __init__(self, kernel, grid: tuple, rest: tuple, consts: dict, *, num_warps: int, num_stages: int,
+                 interpret: bool):
+        self.kernel, self.grid, self.rest, self.consts = kernel, tuple(grid), tuple(rest), consts
+        self.grid3 = self.grid + (1,) * (3 - len(self.grid))  # a compiled kernel's runner reads all three axes
+        names = kernel.arg_names[len(kernel.arg_names) - len(consts):]  # the constexprs, in parameter order
+        self.tail = self.rest + tuple(consts[n] for n in names)
+        self.num_warps, self.num_stages, self.interpret = num_warps, num_stages, interpret
+        self._compiled: dict[tuple, Any] = {}
+
+    def __call__(self, *tensors: Tensor) -> None:
+        if self.interpret:
+            self.kernel[self.grid](*tensors, *self.rest, **self.consts, num_warps=self.num_warps,
+                                   num_stages=self.num_stages)
+            return
+        device = driver.active.get_current_device()
+        spec = (device, *[(t.dtype, not t.data_ptr() & 15) for t in tensors])
+        compiled = self._compiled.get(spec)
+        if compiled is None:
+            self._compiled[spec] = _compile(self.kernel, self.grid, tensors + self.rest, self.consts,
+                                            self.num_warps, self.num_stages)
+            return
+        compiled[self.grid3](*tensors, *self.tail, stream=driver.active.get_current_stream(device))

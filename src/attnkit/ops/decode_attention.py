@@ -45,7 +45,7 @@ try:
 except ImportError:  # pragma: no cover - triton is a hard dependency on Linux
     triton = tl = None
 
-from ._launch import INTERPRET, block_dim as _pow2, cdiv as _cdiv, launch, next_pow2 as _p2, on_device as _on
+from ._launch import INTERPRET, Launch, block_dim as _pow2, cdiv as _cdiv, next_pow2 as _p2, on_device as _on
 
 __all__ = ["decode_attention", "num_splits_for", "TRITON_ERROR", "MAX_LQ"]
 
@@ -242,6 +242,18 @@ def _config(d: int, dv: int, f32: bool, rows: int) -> tuple[int, int, int, int]:
     return block_m, 32, 4, 2
 
 
+class _Plan:
+    """Everything a decode call derives from its key (shapes, strides, dtype, flags): the outputs'
+    layouts and the two launches. Kept per key, so a decode step repeating the last one's shapes
+    only allocates and launches."""
+
+    __slots__ = ("out_size", "out_stride", "lse_size", "op_size", "lsep_size", "split", "merge")
+
+
+_PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 256
+
+
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, cache_seqlens: Tensor | None = None,
                      block_table: Tensor | None = None, scale: float | None = None,
                      softcap: float | None = None, sinks: Tensor | None = None,
@@ -258,10 +270,43 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, cache_seqlens: Tensor |
     """
     if triton is None:
         raise RuntimeError(TRITON_ERROR)
+    paged = block_table is not None
+    device = q.device
+    # What the plan derives from; the heuristic and the interpreter flag too (tests swap them).
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
+           block_table.shape if paged else None, block_table.stride() if paged else None,
+           q.dtype, cache_seqlens is not None, sinks is not None, scale, softcap, bounds, num_splits,
+           num_splits_for, _INTERPRET, device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _plan(q, k, v, block_table, cache_seqlens is not None, scale, softcap, sinks is not None,
+                     bounds, num_splits)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = plan
+
+    out = torch.empty_strided(plan.out_size, plan.out_stride, dtype=q.dtype, device=device)
+    lse = torch.empty(plan.lse_size, device=device, dtype=torch.float32)
+    lens = cache_seqlens if cache_seqlens is not None else q  # any pointer when unused: never read
+    bt = block_table if paged else q
+    sk = sinks if sinks is not None else q
+    with _on(q):
+        if plan.merge is None:  # one split: the split kernel writes the output itself
+            plan.split(q, k, v, lens, bt, sk, out, lse, lse, lse)
+        else:
+            op = torch.empty(plan.op_size, device=device, dtype=torch.float32)
+            lsep = torch.empty(plan.lsep_size, device=device, dtype=torch.float32)
+            plan.split(q, k, v, lens, bt, sk, out, lse, op, lsep)
+            plan.merge(op, lsep, sk, out, lse)
+    return out, lse
+
+
+def _plan(q: Tensor, k: Tensor, v: Tensor, block_table: Tensor | None, has_lens: bool, scale: float | None,
+          softcap: float | None, has_sinks: bool, bounds, num_splits: int | None) -> _Plan:
     B, Hq, Lq, D = q.shape
     Hkv, DV = k.shape[1], v.shape[3]
     paged = block_table is not None
-    if paged and cache_seqlens is None:
+    if paged and not has_lens:
         raise ValueError("decode_attention: block_table needs cache_seqlens")
     if Lq > MAX_LQ:
         raise ValueError(f"decode_attention takes at most {MAX_LQ} queries per sequence, got Lq={Lq}")
@@ -273,43 +318,34 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, cache_seqlens: Tensor |
         scale = 1.0 / math.sqrt(D)
     G = Hq // Hkv
     rows = G * Lq
-    bm, bn, warps, stages = _config(D, DV, q.dtype == torch.float32, rows)
+    f32 = q.dtype == torch.float32
+    bm, bn, warps, stages = _config(D, DV, f32, rows)
     n_mblocks = _cdiv(rows, bm)
     programs = B * Hkv * n_mblocks
     S = num_splits if num_splits is not None else num_splits_for(programs, LK, q.device)
     S = max(1, min(int(S), _cdiv(LK, bn)))
     left, right = bounds if bounds is not None else (None, None)
 
-    # [B, Lq, Hq, Dv] in memory (flash-attn's layout): merging heads afterwards is a free view
-    out = torch.empty(B, Lq, Hq, DV, device=q.device, dtype=q.dtype).transpose(1, 2)
-    lse = torch.empty(B, Hq, Lq, device=q.device, dtype=torch.float32)
-    final = S == 1
-    if final:
-        op, lsep = lse, lse  # unused
-    else:
-        op = torch.empty(B * Hq * Lq, S, DV, device=q.device, dtype=torch.float32)
-        lsep = torch.empty(B * Hq * Lq, S, device=q.device, dtype=torch.float32)
-    bt = block_table if paged else q  # any pointer when unused: never read
+    p = _Plan()
+    # out: [B, Lq, Hq, Dv] in memory (flash-attn's layout), so that merging heads afterwards is a free view
+    p.out_size, p.out_stride = (B, Hq, Lq, DV), (Lq * Hq * DV, DV, Hq * DV, 1)
+    p.lse_size = (B, Hq, Lq)
+    p.op_size, p.lsep_size = (B * Hq * Lq, S, DV), (B * Hq * Lq, S)  # the splits' partials
     bts = block_table.stride() if paged else (0, 0)
-    lens = cache_seqlens if cache_seqlens is not None else q
-    f32 = q.dtype == torch.float32
-    with _on(q):
-        launch(_decode_split_kernel, (programs, S), (
-            q, k, v, lens, bt, sinks if sinks is not None else q, out, lse, op, lsep,
-            *q.stride(), *k.stride(), *v.stride(), *bts, *out.stride(),
-            Hq, Hkv, G, Lq, LK, n_mblocks, S, float(scale), float(softcap or 1.0), left or 0, right or 0), dict(
-            HAS_LENS=cache_seqlens is not None, PAGED=paged, PAGE=page,
-            HAS_LEFT=left is not None, HAS_RIGHT=right is not None, SOFTCAP=softcap is not None,
-            HAS_SINKS=sinks is not None, FINAL=final,
-            PRECISION="ieee" if f32 else "tf32", UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
-            D=D, DV=DV, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV)),
-            num_warps=warps, num_stages=stages, interpret=_INTERPRET)
-        if not final:
-            rows_m = B * Hq * Lq
-            br = 16 if _INTERPRET else 1  # the interpreter pays per program; a GPU wants many programs
-            launch(_decode_merge_kernel, (_cdiv(rows_m, br),), (
-                op, lsep, sinks if sinks is not None else q, out, lse, rows_m, Hq, Lq, S, *out.stride()), dict(
-                HAS_SINKS=sinks is not None, DV=DV, BLOCK_R=br,
-                BLOCK_S=min(16, max(2, _p2(S))), BLOCK_DV=_pow2(DV)),
-                num_warps=1 if _INTERPRET else 4, num_stages=1 if _INTERPRET else 2, interpret=_INTERPRET)
-    return out, lse
+    p.split = Launch(_decode_split_kernel, (programs, S), (
+        *q.stride(), *k.stride(), *v.stride(), *bts, *p.out_stride,
+        Hq, Hkv, G, Lq, LK, n_mblocks, S, float(scale), float(softcap or 1.0), left or 0, right or 0), dict(
+        HAS_LENS=has_lens, PAGED=paged, PAGE=page,
+        HAS_LEFT=left is not None, HAS_RIGHT=right is not None, SOFTCAP=softcap is not None,
+        HAS_SINKS=has_sinks, FINAL=S == 1,
+        PRECISION="ieee" if f32 else "tf32", UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
+        D=D, DV=DV, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV)),
+        num_warps=warps, num_stages=stages, interpret=_INTERPRET)
+    p.merge = None
+    if S > 1:
+        rows_m = B * Hq * Lq
+        br = 16 if _INTERPRET else 1  # the interpreter pays per program; a GPU wants many programs
+        p.merge = Launch(_decode_merge_kernel, (_cdiv(rows_m, br),), (rows_m, Hq, Lq, S, *p.out_stride), dict(
+            HAS_SINKS=has_sinks, DV=DV, BLOCK_R=br, BLOCK_S=min(16, max(2, _p2(S))), BLOCK_DV=_pow2(DV)),
+            num_warps=1 if _INTERPRET else 4, num_stages=1 if _INTERPRET else 2, interpret=_INTERPRET)
+    return p

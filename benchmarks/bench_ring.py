@@ -157,6 +157,11 @@ def make_torch_cp(w: Workload, mode: str, world: int, device, dt):
     mesh = init_device_mesh(device.type, (world,))
     grad = mode != "fwd"
     note = "torch default rotation" + (", head-tail load balancing" if w.causal else "")
+    try:  # torch refuses load balancing without is_causal: balance causal workloads only
+        from torch.distributed.tensor.experimental._attention import _cp_options
+        _cp_options.enable_load_balance = w.causal
+    except (ImportError, AttributeError):
+        pass
     for repeat in (False, True):
         q, k, v = _full(w, w.L, dt, device)
         if repeat:

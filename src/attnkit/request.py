@@ -67,18 +67,24 @@ class AttentionRequest:
     # Derived once in __post_init__ (plain attributes: cheap, and traceable by torch.compile).
     needs_grad: bool = field(init=False)
     _features: frozenset = field(init=False)
+    # At most DECODE_MAX_LQ queries and no feature the split-KV decode kernel lacks (mask, bias,
+    # mods, dropout, gradients): what the triton backend decodes in place.
+    decode_shaped: bool = field(init=False)
     signature: tuple = field(init=False)
 
     def __post_init__(self) -> None:
-        ts = (self.q, self.k, self.v, self.bias, self.sinks)
+        # Runs on every attention call: plain locals, no properties.
+        q, v, bias, sinks = self.q, self.v, self.bias, self.sinks
         self.needs_grad = torch.is_grad_enabled() and (
-            any(t is not None and t.requires_grad for t in ts)
+            q.requires_grad or self.k.requires_grad or v.requires_grad
+            or (bias is not None and bias.requires_grad) or (sinks is not None and sinks.requires_grad)
             or (self.score_mod is not None and _mod_wants_grad(self.score_mod))
         )
-        self._features = self._compute_features()
+        self._features = f = self._compute_features()
+        qs = q.shape
+        self.decode_shaped = qs[2] <= DECODE_MAX_LQ and f.isdisjoint(_NOT_DECODE)
         # Everything backend choice may depend on; the dispatcher caches its choice per signature.
-        self.signature = (self.device.type, self.dtype, self.head_dim, self.head_dim_v, self._features,
-                          self.decode_shaped)
+        self.signature = (q.device.type, q.dtype, qs[3], v.shape[3], f, self.decode_shaped)
 
     # --- shapes -----------------------------------------------------------
     @property
@@ -108,12 +114,6 @@ class AttentionRequest:
     def block_size(self) -> int | None:
         """Tokens per block of a paged k/v pool, None when k/v are contiguous."""
         return self.k.shape[2] if self.block_table is not None else None
-
-    @property
-    def decode_shaped(self) -> bool:
-        """At most DECODE_MAX_LQ queries and no feature the split-KV decode kernel lacks
-        (mask, bias, mods, dropout, gradients): what the triton backend decodes in place."""
-        return self.len_q <= DECODE_MAX_LQ and not (self._features & _NOT_DECODE)
 
     @property
     def head_dim(self) -> int:
@@ -183,9 +183,10 @@ class AttentionRequest:
             f.add("dropout")
         if self.return_lse:
             f.add("return_lse")
-        if self.heads_q != self.heads_kv:
+        qs, ks, vs = self.q.shape, self.k.shape, self.v.shape
+        if qs[1] != ks[1]:
             f.add("gqa")
-        if self.head_dim_v != self.head_dim:
+        if vs[3] != qs[3]:
             f.add("value_head_dim")
         if self.needs_grad:
             f.add("backward")
@@ -328,9 +329,11 @@ def build_request(
     checked only when they live on the CPU: on a GPU reading them would synchronise every
     decode step, so there they are the caller's promise (PagedKVCache builds valid ones).
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    # Runs on every call (every decode step): the common case in few Python operations, the
+    # message built only on failure.
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)):
+        name, t = next((n, t) for n, t in (("q", q), ("k", k), ("v", v)) if not isinstance(t, Tensor))
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     qs, ks, vs = q.shape, k.shape, v.shape
     if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
         bad, t = next((n, t) for n, t in (("q", q), ("k", k), ("v", v)) if t.dim() != 4)
@@ -412,9 +415,10 @@ def build_request(
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < math.inf:
             raise ValueError(f"softcap must be a finite float > 0 or None, got {softcap!r}")
         softcap = float(softcap)
-    for name, fn in (("score_mod", score_mod), ("mask_mod", mask_mod)):
-        if fn is not None and not callable(fn):
-            raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+    if score_mod is not None or mask_mod is not None:
+        for name, fn in (("score_mod", score_mod), ("mask_mod", mask_mod)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
     if sinks is not None:
         if not isinstance(sinks, Tensor) or not sinks.is_floating_point():
             raise TypeError(f"sinks must be a floating tensor of shape [Hq]={[Hq]}, got {sinks!r:.60}")
@@ -422,13 +426,14 @@ def build_request(
             raise ValueError(f"sinks must have shape [Hq] = [{Hq}], got {_shape(sinks)}")
         if sinks.device != device:
             raise ValueError(f"sinks is on {sinks.device} but q is on {device}")
-    dropout_p = probability("dropout_p", dropout_p)
+    if dropout_p.__class__ is not float or dropout_p != 0.0:  # the default passes as it is
+        dropout_p = probability("dropout_p", dropout_p)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     return AttentionRequest(
         q=q, k=k, v=v, mask=mask, bias=bias, causal=causal, window=win, scale=float(scale),
         softcap=softcap, score_mod=score_mod, mask_mod=mask_mod, sinks=sinks,
-        dropout_p=float(dropout_p), return_lse=return_lse, cache_seqlens=cache_seqlens,
+        dropout_p=dropout_p, return_lse=return_lse, cache_seqlens=cache_seqlens,
         block_table=block_table,
     )
 
@@ -493,10 +498,10 @@ def _check_cache_seqlens(cache_seqlens, B: int, Lk: int, device: torch.device) -
         raise TypeError(
             f"cache_seqlens must be an int32/int64 tensor [B] = [{B}] or an int, got {_what(cache_seqlens)}"
         )
-    if tuple(cache_seqlens.shape) != (B,):
+    if cache_seqlens.shape != (B,):
         raise ValueError(f"cache_seqlens must have shape [B] = [{B}], got {_shape(cache_seqlens)}")
     if cache_seqlens.device != device:
         raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {device}")
-    if cache_seqlens.device.type == "cpu":
+    if device.type == "cpu":
         _check_seqlen_values(cache_seqlens, Lk)
     return cache_seqlens

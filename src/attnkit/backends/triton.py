@@ -67,8 +67,8 @@ class TritonBackend(Backend):
         if req.decode_shaped:  # no gradient (decode_shaped): no detach needed, the kernels record no autograd
             out, lse = da.decode_attention(req.q, req.k, req.v, cache_seqlens=req.cache_seqlens,
                                            block_table=req.block_table, scale=req.scale, softcap=req.softcap,
-                                           sinks=req.sinks, bounds=req.key_bounds)
-            return out, (lse if req.return_lse else None)
+                                           sinks=req.sinks, bounds=req.key_bounds, return_lse=req.return_lse)
+            return out, lse
         req = req.densified()  # cache_seqlens / block_table -> gathered K/V and a mask
         layout = req.mask_mod.layout if isinstance(req.mask_mod, GroupMask) else None
         q, k, v = req.q, req.k, req.v

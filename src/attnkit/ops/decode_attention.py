@@ -62,12 +62,12 @@ if triton is not None:
 
     @triton.jit
     def _decode_split_kernel(
-        Q, K, V, LENS, BT, SINKS, O, LSE, OP, LSEP,
+        Q, K, V, LENS, BT, SINKS, O, LSE, W,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbtb, sbtn, sob, soh, som, sod,
-        Hq, Hkv, G, Lq, LK, NUM_MBLOCKS, NUM_SPLITS, scale, softcap, left, right,
+        Hq, Hkv, G, Lq, LK, NUM_MBLOCKS, NUM_SPLITS, W_LSE, scale, softcap, left, right,
         HAS_LENS: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-        FINAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        FINAL: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
@@ -155,17 +155,18 @@ if triton is not None:
         if FINAL:
             tl.store(O + b * sob + h[:, None] * soh + i[:, None] * som + dv[None, :] * sod,
                      out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
-            tl.store(LSE + (b * Hq + h) * Lq + i, lse, mask=row_ok)
-        else:
-            prow = ((b * Hq + h) * Lq + i) * NUM_SPLITS + split  # [B * Hq * Lq, splits] partials
-            tl.store(OP + prow[:, None] * DV + dv[None, :], out, mask=row_ok[:, None] & (dv[None, :] < DV))
-            tl.store(LSEP + prow, lse, mask=row_ok)
+            if STORE_LSE:
+                tl.store(LSE + (b * Hq + h) * Lq + i, lse, mask=row_ok)
+        else:  # the partials of rows x splits: outputs [B * Hq * Lq, splits, DV] at W, their lse at W + W_LSE
+            prow = ((b * Hq + h) * Lq + i) * NUM_SPLITS + split
+            tl.store(W + prow[:, None] * DV + dv[None, :], out, mask=row_ok[:, None] & (dv[None, :] < DV))
+            tl.store(W + W_LSE + prow, lse, mask=row_ok)
 
     @triton.jit
     def _decode_merge_kernel(
-        OP, LSEP, SINKS, O, LSE, ROWS, Hq, Lq, NUM_SPLITS, sob, soh, som, sod,
-        HAS_SINKS: tl.constexpr, DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
-        BLOCK_DV: tl.constexpr,
+        W, SINKS, O, LSE, ROWS, Hq, Lq, NUM_SPLITS, W_LSE, sob, soh, som, sod,
+        HAS_SINKS: tl.constexpr, STORE_LSE: tl.constexpr, DV: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
         """Rows (b, h, i): out = sum_s exp(lse_s - lse) out_s, lse = log(sum_s exp(lse_s) + exp(sink)).
         Splits are read BLOCK_S at a time (all their loads in flight together)."""
@@ -178,7 +179,7 @@ if triton is not None:
         m = tl.full([BLOCK_R], float("-inf"), tl.float32)
         for s0 in range(0, NUM_SPLITS, BLOCK_S):  # the largest partial lse of each row
             ok = row_ok[:, None] & (s0 + s[None, :] < NUM_SPLITS)
-            m = tl.maximum(m, tl.max(tl.load(LSEP + row[:, None] * NUM_SPLITS + s0 + s[None, :], mask=ok,
+            m = tl.maximum(m, tl.max(tl.load(W + W_LSE + row[:, None] * NUM_SPLITS + s0 + s[None, :], mask=ok,
                                              other=float("-inf")), 1))
         if HAS_SINKS:
             sink = tl.load(SINKS + h, mask=row_ok, other=float("-inf")).to(tl.float32)
@@ -190,8 +191,8 @@ if triton is not None:
         for s0 in range(0, NUM_SPLITS, BLOCK_S):
             ok = row_ok[:, None] & (s0 + s[None, :] < NUM_SPLITS)
             prow = row[:, None] * NUM_SPLITS + s0 + s[None, :]  # [BLOCK_R, BLOCK_S]
-            w = tl.exp(tl.load(LSEP + prow, mask=ok, other=float("-inf")) - m_use[:, None])  # 0: empty split
-            o = tl.load(OP + prow[:, :, None] * DV + d[None, None, :],
+            w = tl.exp(tl.load(W + W_LSE + prow, mask=ok, other=float("-inf")) - m_use[:, None])  # 0: empty split
+            o = tl.load(W + prow[:, :, None] * DV + d[None, None, :],
                         mask=ok[:, :, None] & (d[None, None, :] < DV), other=0.0)
             den += tl.sum(w, 1)
             acc += tl.sum(w[:, :, None] * o, 1)
@@ -202,7 +203,8 @@ if triton is not None:
         lse = tl.where(dead, float("-inf"), m_use + tl.log(tl.where(dead, 1.0, den)))
         tl.store(O + b[:, None] * sob + h[:, None] * soh + i[:, None] * som + d[None, :] * sod,
                  out.to(O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < DV))
-        tl.store(LSE + row, lse, mask=row_ok)
+        if STORE_LSE:
+            tl.store(LSE + row, lse, mask=row_ok)
 
 
 _SM_COUNT: dict = {}
@@ -247,7 +249,7 @@ class _Plan:
     layouts and the two launches. Kept per key, so a decode step repeating the last one's shapes
     only allocates and launches."""
 
-    __slots__ = ("out_size", "out_stride", "lse_size", "op_size", "lsep_size", "split", "merge")
+    __slots__ = ("out_size", "out_stride", "lse_size", "w_size", "split", "merge")
 
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -258,7 +260,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, cache_seqlens: Tensor |
                      block_table: Tensor | None = None, scale: float | None = None,
                      softcap: float | None = None, sinks: Tensor | None = None,
                      bounds: tuple[int | None, int | None] | None = None,
-                     num_splits: int | None = None) -> tuple[Tensor, Tensor]:
+                     num_splits: int | None = None, return_lse: bool = True) -> tuple[Tensor, Tensor | None]:
     """Split-KV decode attention (forward only; inputs are assumed checked by the contract).
 
     q [B, Hq, Lq, D] with Lq <= 16; k/v contiguous [B, Hkv, Lk, D|Dv], or a block pool
@@ -266,7 +268,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, cache_seqlens: Tensor |
     cache_seqlens is required). cache_seqlens int32/int64 [B]: valid keys per sequence (None:
     all). bounds: (left, right) key offsets around each sequence's diagonal (None side =
     unbounded; right >= 0). num_splits: override the heuristic (tests).
-    Returns (out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] float32, -inf on empty rows).
+    Returns (out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] float32, -inf on empty rows);
+    lse is None when not return_lse (then it is neither stored nor allocated).
     """
     if triton is None:
         raise RuntimeError(TRITON_ERROR)
@@ -276,33 +279,35 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, cache_seqlens: Tensor |
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
            block_table.shape if paged else None, block_table.stride() if paged else None,
            q.dtype, cache_seqlens is not None, sinks is not None, scale, softcap, bounds, num_splits,
-           num_splits_for, _INTERPRET, device)
+           return_lse, num_splits_for, _INTERPRET, device)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _plan(q, k, v, block_table, cache_seqlens is not None, scale, softcap, sinks is not None,
-                     bounds, num_splits)
+                     bounds, num_splits, return_lse)
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.pop(next(iter(_PLANS)))
         _PLANS[key] = plan
 
+    # Two allocations per step at most (each costs microseconds of host time): out, and the
+    # partials when there are several splits; lse only when asked for.
     out = torch.empty_strided(plan.out_size, plan.out_stride, dtype=q.dtype, device=device)
-    lse = torch.empty(plan.lse_size, device=device, dtype=torch.float32)
+    lse = torch.empty(plan.lse_size, device=device, dtype=torch.float32) if return_lse else None
     lens = cache_seqlens if cache_seqlens is not None else q  # any pointer when unused: never read
     bt = block_table if paged else q
     sk = sinks if sinks is not None else q
+    lse_ = lse if return_lse else out
     with _on(q):
         if plan.merge is None:  # one split: the split kernel writes the output itself
-            plan.split(q, k, v, lens, bt, sk, out, lse, lse, lse)
+            plan.split(q, k, v, lens, bt, sk, out, lse_, out)
         else:
-            op = torch.empty(plan.op_size, device=device, dtype=torch.float32)
-            lsep = torch.empty(plan.lsep_size, device=device, dtype=torch.float32)
-            plan.split(q, k, v, lens, bt, sk, out, lse, op, lsep)
-            plan.merge(op, lsep, sk, out, lse)
+            w = torch.empty(plan.w_size, device=device, dtype=torch.float32)
+            plan.split(q, k, v, lens, bt, sk, out, lse_, w)
+            plan.merge(w, sk, out, lse_)
     return out, lse
 
 
 def _plan(q: Tensor, k: Tensor, v: Tensor, block_table: Tensor | None, has_lens: bool, scale: float | None,
-          softcap: float | None, has_sinks: bool, bounds, num_splits: int | None) -> _Plan:
+          softcap: float | None, has_sinks: bool, bounds, num_splits: int | None, store_lse: bool) -> _Plan:
     B, Hq, Lq, D = q.shape
     Hkv, DV = k.shape[1], v.shape[3]
     paged = block_table is not None
@@ -330,22 +335,25 @@ def _plan(q: Tensor, k: Tensor, v: Tensor, block_table: Tensor | None, has_lens:
     # out: [B, Lq, Hq, Dv] in memory (flash-attn's layout), so that merging heads afterwards is a free view
     p.out_size, p.out_stride = (B, Hq, Lq, DV), (Lq * Hq * DV, DV, Hq * DV, 1)
     p.lse_size = (B, Hq, Lq)
-    p.op_size, p.lsep_size = (B * Hq * Lq, S, DV), (B * Hq * Lq, S)  # the splits' partials
+    # the splits' partials in one float32 buffer: outputs [B * Hq * Lq, S, DV], then (64-byte aligned) their lse
+    rows_m = B * Hq * Lq
+    w_lse = _cdiv(rows_m * S * DV, 16) * 16
+    p.w_size = (w_lse + rows_m * S,)
     bts = block_table.stride() if paged else (0, 0)
     p.split = Launch(_decode_split_kernel, (programs, S), (
         *q.stride(), *k.stride(), *v.stride(), *bts, *p.out_stride,
-        Hq, Hkv, G, Lq, LK, n_mblocks, S, float(scale), float(softcap or 1.0), left or 0, right or 0), dict(
+        Hq, Hkv, G, Lq, LK, n_mblocks, S, w_lse, float(scale), float(softcap or 1.0), left or 0, right or 0), dict(
         HAS_LENS=has_lens, PAGED=paged, PAGE=page,
         HAS_LEFT=left is not None, HAS_RIGHT=right is not None, SOFTCAP=softcap is not None,
-        HAS_SINKS=has_sinks, FINAL=S == 1,
+        HAS_SINKS=has_sinks, FINAL=S == 1, STORE_LSE=store_lse,
         PRECISION="ieee" if f32 else "tf32", UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
         D=D, DV=DV, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV)),
         num_warps=warps, num_stages=stages, interpret=_INTERPRET)
     p.merge = None
     if S > 1:
-        rows_m = B * Hq * Lq
         br = 16 if _INTERPRET else 1  # the interpreter pays per program; a GPU wants many programs
-        p.merge = Launch(_decode_merge_kernel, (_cdiv(rows_m, br),), (rows_m, Hq, Lq, S, *p.out_stride), dict(
-            HAS_SINKS=has_sinks, DV=DV, BLOCK_R=br, BLOCK_S=min(16, max(2, _p2(S))), BLOCK_DV=_pow2(DV)),
+        p.merge = Launch(_decode_merge_kernel, (_cdiv(rows_m, br),), (rows_m, Hq, Lq, S, w_lse, *p.out_stride), dict(
+            HAS_SINKS=has_sinks, STORE_LSE=store_lse, DV=DV, BLOCK_R=br, BLOCK_S=min(16, max(2, _p2(S))),
+            BLOCK_DV=_pow2(DV)),
             num_warps=1 if _INTERPRET else 4, num_stages=1 if _INTERPRET else 2, interpret=_INTERPRET)
     return p

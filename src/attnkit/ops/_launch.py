@@ -167,4 +167,19 @@ class Launch:
             self._compiled[spec] = _compile(self.kernel, self.grid, tensors + self.rest, self.consts,
                                             self.num_warps, self.num_stages)
             return
-        compiled[self.grid3](*tensors, *self.tail, stream=driver.active.get_current_stream(device))
+        stream = driver.active.get_current_stream(device)
+        if _DIRECT and not (knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls):
+            compiled.run(*self.grid3, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                         *tensors, *self.tail)
+        else:
+            compiled[self.grid3](*tensors, *self.tail, stream=stream)
+
+
+# Triton 3.6's `compiled[grid](*args, stream=)` builds a closure and a launch-metadata dict and
+# calls the launch hooks (empty HookChains unless a profiler is attached) around every launch:
+# microseconds per decode step. With no hook registered, Launch calls the kernel's launcher
+# with what that path would pass (triton/compiler/compiler.py, CompiledKernel.__getitem__, 3.6);
+# other Triton versions keep the public path.
+_DIRECT = triton is not None and triton.__version__.startswith("3.6.")
+if _DIRECT:
+    from triton import knobs

@@ -94,10 +94,12 @@ def _getter(idx: list[int]):
 
 
 def launch(kernel, grid: tuple, args: tuple, consts: dict, *, num_warps: int, num_stages: int,
-           interpret: bool) -> None:
+           interpret: bool, maxnreg: int | None = None) -> None:
     """Run `kernel[grid](*args, **consts, num_warps=, num_stages=)`.
 
     args are the kernel's leading parameters, in order; consts name all the rest (its constexprs).
+    maxnreg: a register cap per thread (more programs per multiprocessor), kept only where the
+    compiler fits the kernel under it without spilling to local memory.
     """
     if interpret:
         kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
@@ -109,10 +111,10 @@ def launch(kernel, grid: tuple, args: tuple, consts: dict, *, num_warps: int, nu
     except AttributeError:  # a call site put a tensor where another call had something else
         kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
         return
-    key = (kernel, device, num_warps, num_stages, tuple(consts.values()), others(args), spec)
+    key = (kernel, device, num_warps, num_stages, maxnreg, tuple(consts.values()), others(args), spec)
     compiled = _CACHE.get(key)
     if compiled is None:
-        compiled = _compile(kernel, grid, args, consts, num_warps, num_stages)
+        compiled = _compile(kernel, grid, args, consts, num_warps, num_stages, maxnreg)
         if len(_CACHE) >= _MAX_ENTRIES:
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = compiled
@@ -122,9 +124,22 @@ def launch(kernel, grid: tuple, args: tuple, consts: dict, *, num_warps: int, nu
     compiled[grid3](*args, *(consts[n] for n in names), stream=driver.active.get_current_stream(device))
 
 
-def _compile(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, num_stages: int):
+def _compile(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, num_stages: int,
+             maxnreg: int | None = None):
     """Launch through Triton's own path (which compiles, or finds its cached kernel); return the
-    compiled kernel it ran."""
+    compiled kernel it ran. With maxnreg, the capped build runs if it does not spill."""
+    if maxnreg is not None:
+        capped = kernel.warmup(*args, **consts, grid=grid, num_warps=num_warps, num_stages=num_stages,
+                               maxnreg=maxnreg)
+        if hasattr(capped, "result"):
+            capped = capped.result()
+        capped._init_handles()  # loads the module: n_spills is known from here on
+        if not capped.n_spills:
+            names = kernel.arg_names[len(args):]
+            device = driver.active.get_current_device()
+            capped[tuple(grid) + (1,) * (3 - len(grid))](*args, *(consts[n] for n in names),
+                                                         stream=driver.active.get_current_stream(device))
+            return capped
     compiled = kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
     if hasattr(compiled, "result"):  # an asynchronous compile
         compiled = compiled.result()

@@ -362,6 +362,21 @@ def test_cuda_autotune(monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("cap", [None, 128, 24], ids=["uncapped", "cap128", "cap24_spills"])
+def test_cuda_register_cap(cap, monkeypatch):
+    """The forward's register cap (_maxnreg): a cap that fits gives the uncapped results; one that
+    would spill is dropped by _launch (the uncapped build runs), never a slow or wrong kernel."""
+    from attnkit.ops import _launch
+    monkeypatch.setattr(fa, "_maxnreg", lambda kind, d, dv, cfg: cap if kind == "fwd" else None)
+    monkeypatch.setattr(_launch, "_CACHE", {})
+    run_case("triton", CUDA_FEATURES[0], torch.bfloat16, "cuda")  # the Evoformer MSA case, D = 32
+    fwd = [c for key, c in _launch._CACHE.items() if key[0] is fa._fwd_kernel]
+    assert fwd and all(c.n_spills == 0 for c in fwd)
+    if cap == 24:  # far too few: the capped build spills, so the uncapped one ran
+        assert all(c.n_regs > cap for c in fwd)
+
+
+@pytest.mark.cuda
 def test_cuda_fast_launch_respects_specialisation():
     """ops/_launch.py relaunches a cached compiled kernel when a cheap key matches: calls that
     differ only in what Triton specialises on (16-byte alignment of a pointer, a stride that is

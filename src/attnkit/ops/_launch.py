@@ -147,27 +147,28 @@ def _compile(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, num
 
 
 class Launch:
-    """One launch of `kernel` with its grid, non-tensor arguments and constexprs fixed: called with
-    the tensors only, as `Launch(...)(*tensors)`.
+    """One launch of `kernel` on one device with its grid, non-tensor arguments and constexprs fixed:
+    called with the tensors only, as `Launch(...)(*tensors)`, with `device` current (on_device).
 
     For kernels whose parameters are the tensors, then `rest` (ints and floats, in order), then
     the constexprs named in `consts`. The call site keeps it under a key of everything `rest`,
-    `consts` and grid derive from (shapes, strides, flags); a launch then reads only what
-    Triton also specialises on and the key cannot hold: each tensor's dtype and 16-byte
-    alignment, and the current device. As with `launch`, a new combination takes Triton's
-    path once, and the interpreter always does.
+    `consts` and grid derive from (shapes, strides, flags) and the device; a launch then reads
+    only what Triton also specialises on and the key cannot hold: each tensor's dtype and
+    16-byte alignment. As with `launch`, a new combination takes Triton's path once, and the
+    interpreter always does.
     """
 
     __slots__ = ("kernel", "grid", "grid3", "rest", "consts", "tail", "num_warps", "num_stages", "interpret",
-                 "_compiled")
+                 "device", "_compiled")
 
     def __init__(self, kernel, grid: tuple, rest: tuple, consts: dict, *, num_warps: int, num_stages: int,
-                 interpret: bool):
+                 interpret: bool, device: int | None = None):
         self.kernel, self.grid, self.rest, self.consts = kernel, tuple(grid), tuple(rest), consts
         self.grid3 = self.grid + (1,) * (3 - len(self.grid))  # a compiled kernel's runner reads all three axes
         names = kernel.arg_names[len(kernel.arg_names) - len(consts):]  # the constexprs, in parameter order
         self.tail = self.rest + tuple(consts[n] for n in names)
         self.num_warps, self.num_stages, self.interpret = num_warps, num_stages, interpret
+        self.device = device  # the CUDA device index (None: the interpreter)
         self._compiled: dict[tuple, Any] = {}
 
     def __call__(self, *tensors: Tensor) -> None:
@@ -175,17 +176,18 @@ class Launch:
             self.kernel[self.grid](*tensors, *self.rest, **self.consts, num_warps=self.num_warps,
                                    num_stages=self.num_stages)
             return
-        device = driver.active.get_current_device()
-        spec = (device, *[(t.dtype, not t.data_ptr() & 15) for t in tensors])
+        ptrs = [t.data_ptr() for t in tensors]
+        spec = (*[t.dtype for t in tensors], *[not p & 15 for p in ptrs])
         compiled = self._compiled.get(spec)
         if compiled is None:
             self._compiled[spec] = _compile(self.kernel, self.grid, tensors + self.rest, self.consts,
                                             self.num_warps, self.num_stages)
             return
-        stream = driver.active.get_current_stream(device)
+        stream = driver.active.get_current_stream(self.device)
         if _DIRECT and not (knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls):
+            # pointers as ints: the launcher then neither calls data_ptr() nor queries the driver per tensor
             compiled.run(*self.grid3, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                         *tensors, *self.tail)
+                         *ptrs, *self.tail)
         else:
             compiled[self.grid3](*tensors, *self.tail, stream=stream)
 
@@ -193,8 +195,9 @@ class Launch:
 # Triton 3.6's `compiled[grid](*args, stream=)` builds a closure and a launch-metadata dict and
 # calls the launch hooks (empty HookChains unless a profiler is attached) around every launch:
 # microseconds per decode step. With no hook registered, Launch calls the kernel's launcher
-# with what that path would pass (triton/compiler/compiler.py, CompiledKernel.__getitem__, 3.6);
-# other Triton versions keep the public path.
+# with what that path would pass (triton/compiler/compiler.py, CompiledKernel.__getitem__, 3.6),
+# pointers given as ints (which its getPointer takes as they are); other Triton versions keep
+# the public path.
 _DIRECT = triton is not None and triton.__version__.startswith("3.6.")
 if _DIRECT:
     from triton import knobs

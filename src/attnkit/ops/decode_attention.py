@@ -348,12 +348,13 @@ def _plan(q: Tensor, k: Tensor, v: Tensor, block_table: Tensor | None, has_lens:
         HAS_SINKS=has_sinks, FINAL=S == 1, STORE_LSE=store_lse,
         PRECISION="ieee" if f32 else "tf32", UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
         D=D, DV=DV, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV)),
-        num_warps=warps, num_stages=stages, interpret=_INTERPRET)
+        num_warps=warps, num_stages=stages, interpret=_INTERPRET, device=q.device.index)
     p.merge = None
     if S > 1:
         br = 16 if _INTERPRET else 1  # the interpreter pays per program; a GPU wants many programs
         p.merge = Launch(_decode_merge_kernel, (_cdiv(rows_m, br),), (rows_m, Hq, Lq, S, w_lse, *p.out_stride), dict(
             HAS_SINKS=has_sinks, STORE_LSE=store_lse, DV=DV, BLOCK_R=br, BLOCK_S=min(16, max(2, _p2(S))),
             BLOCK_DV=_pow2(DV)),
-            num_warps=1 if _INTERPRET else 4, num_stages=1 if _INTERPRET else 2, interpret=_INTERPRET)
+            num_warps=1 if _INTERPRET else 4, num_stages=1 if _INTERPRET else 2, interpret=_INTERPRET,
+            device=q.device.index)
     return p

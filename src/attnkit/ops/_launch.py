@@ -178,26 +178,41 @@ class Launch:
             return
         ptrs = [t.data_ptr() for t in tensors]
         spec = (*[t.dtype for t in tensors], *[not p & 15 for p in ptrs])
-        compiled = self._compiled.get(spec)
-        if compiled is None:
-            self._compiled[spec] = _compile(self.kernel, self.grid, tensors + self.rest, self.consts,
-                                            self.num_warps, self.num_stages)
+        hit = self._compiled.get(spec)
+        if hit is None:
+            compiled = _compile(self.kernel, self.grid, tensors + self.rest, self.consts, self.num_warps,
+                                self.num_stages)
+            self._compiled[spec] = (compiled, *_direct(compiled))
             return
+        compiled, fn, lead = hit
         stream = driver.active.get_current_stream(self.device)
-        if _DIRECT and not (knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls):
+        if fn is not None and not (knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls):
             # pointers as ints: the launcher then neither calls data_ptr() nor queries the driver per tensor
-            compiled.run(*self.grid3, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                         *ptrs, *self.tail)
+            fn(*self.grid3, stream, *lead, *ptrs, *self.tail)
         else:
             compiled[self.grid3](*tensors, *self.tail, stream=stream)
+
+
+def _direct(compiled) -> tuple:
+    """(fn, lead): `fn(gx, gy, gz, stream, *lead, *args)` launches `compiled` as its runner
+    (CompiledKernel.__getitem__, Triton 3.6) does with no launch hook: the launcher's C entry point
+    itself when the kernel needs no scratch memory (CudaLauncher.__call__ would only pass None for
+    it), else the launcher. (None, None) off Triton 3.6."""
+    if not _DIRECT:
+        return None, None
+    runner = compiled.run
+    if type(runner).__name__ == "CudaLauncher" and not runner.global_scratch_size and not runner.profile_scratch_size:
+        return runner.launch, (compiled.function, runner.launch_cooperative_grid, runner.launch_pdl, None, None,
+                               compiled.packed_metadata, None, None, None)
+    return runner, (compiled.function, compiled.packed_metadata, None, None, None)
 
 
 # Triton 3.6's `compiled[grid](*args, stream=)` builds a closure and a launch-metadata dict and
 # calls the launch hooks (empty HookChains unless a profiler is attached) around every launch:
 # microseconds per decode step. With no hook registered, Launch calls the kernel's launcher
-# with what that path would pass (triton/compiler/compiler.py, CompiledKernel.__getitem__, 3.6),
-# pointers given as ints (which its getPointer takes as they are); other Triton versions keep
-# the public path.
+# with what that path would pass (triton/compiler/compiler.py CompiledKernel.__getitem__ and
+# backends/nvidia/driver.py CudaLauncher.__call__, 3.6), pointers given as ints (which its
+# getPointer takes as they are); other Triton versions keep the public path.
 _DIRECT = triton is not None and triton.__version__.startswith("3.6.")
 if _DIRECT:
     from triton import knobs

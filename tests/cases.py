@@ -229,12 +229,21 @@ def expected_features(case: Case, with_grad: bool) -> set[str]:
 SPEC_LACKS = {
     "reference": {"cpu": set(), "cuda": set()},
     "chunked": {"cpu": set(), "cuda": set()},
-    "sdpa": {"cpu": {"softcap", "score_mod", "sinks", "return_lse"},
-             "cuda": {"softcap", "score_mod", "sinks", "return_lse"}},
+    "sdpa": {"cpu": {"softcap", "score_mod", "sinks"},
+             "cuda": {"softcap", "score_mod", "sinks"}},
     "flex": {"cpu": {"backward", "bias_grad", "return_lse", "sinks", "dropout"},
              "cuda": {"dropout"}},
     "triton": {d: {"score_mod", "mask_mod", "dropout"}
                for d in ("cpu", "cuda")},
+}
+# Features a backend serves, but not together with others: (feature, {the others}) per device.
+# sdpa returns the lse through SDPA's lse-returning kernels (README): no dropout, bias gradient or
+# Dv != D with them, and on CUDA no mask tensor of any kind.
+_SDPA_LSE_CPU = {"dropout", "bias_grad", "value_head_dim"}
+SPEC_LACKS_TOGETHER = {
+    "sdpa": {"cpu": [("return_lse", _SDPA_LSE_CPU)],
+             "cuda": [("return_lse", _SDPA_LSE_CPU | {"mask", "bias", "window", "mask_mod", "group_mask",
+                                                      "kv_lengths", "paged"})]},
 }
 # Head dims a backend is specified to take (None = any). flex: powers of two 16..256 (README).
 SPEC_HEAD_DIMS = {"flex": {16, 32, 64, 128, 256}}
@@ -242,8 +251,12 @@ SPEC_HEAD_DIMS = {"flex": {16, 32, 64, 128, 256}}
 
 def expected_missing(backend: str, case: Case, device: str, with_grad: bool) -> list[str]:
     """Words the refusal message must contain; empty when the backend should serve the case."""
-    lacks = sorted(expected_features(case, with_grad) & SPEC_LACKS[backend][device])
-    words = [f"'{f}'" for f in lacks]
+    feats = expected_features(case, with_grad)
+    lacks = set(feats & SPEC_LACKS[backend][device])
+    for f, others in SPEC_LACKS_TOGETHER.get(backend, {}).get(device, []):
+        if f in feats and feats & others:
+            lacks |= {f} | (feats & others)
+    words = [f"'{f}'" for f in sorted(lacks)]
     if backend == "triton" and device == "cpu" and not TRITON_INTERPRET:
         words.append("TRITON_INTERPRET=1")
     dims = SPEC_HEAD_DIMS.get(backend)

@@ -655,8 +655,11 @@ def test_cuda_auto_choices():
     """auto on CUDA: never the reference; SDPA for plain calls; a capable backend for the rest."""
     q, k, v = make_qkv(2, 8, 2, 256, 256, 64, dtype=torch.bfloat16, device="cuda")
     assert attnkit.explain(q, k, v, causal=True).backend == "sdpa"
+    # dense / causal with lse: SDPA's lse-returning kernels (cuDNN / flash), ahead of flex
+    assert attnkit.explain(q, k, v, causal=True, return_lse=True).backend == "sdpa"
+    assert attnkit.explain(q, k, v, return_lse=True, for_backward=True).backend == "sdpa"
     for kw in [dict(softcap=30.0), dict(sinks=torch.randn(8, device="cuda", dtype=torch.bfloat16)),
-               dict(return_lse=True), dict(score_mod=lambda s, b, h, i, j: s)]:
+               dict(return_lse=True, window=64), dict(score_mod=lambda s, b, h, i, j: s)]:
         plan = attnkit.explain(q, k, v, **kw)
         assert plan.backend not in ("reference", "sdpa"), (kw, str(plan))
         assert "cannot serve" in plan.passed_over["sdpa"]

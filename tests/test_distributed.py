@@ -210,23 +210,28 @@ def _run_error_case(name: str, rank: int, world: int) -> dict:
 
 
 def _run_spy_case(name: str, rank: int, world: int) -> dict:
-    """Record every local attention call and every sent buffer of one ring forward + backward."""
+    """Record every local attention call (forward, and backward from statistics) and every sent
+    buffer of one ring forward + backward."""
     import attnkit.distributed.ring as ring_mod
 
     layout = "zigzag" if "zigzag" in name else "contiguous"
     B, Hq, Hkv, D, L = 1, 4, 2, 8, 8 * world
-    calls, sent = [], []
-    orig_attention, orig_start = ring_mod.attention, ring_mod._Ring.start
+    calls, bwd_calls, sent = [], [], []
+    orig_attention, orig_backward, orig_start = ring_mod.attention, ring_mod.attention_backward, ring_mod._Ring.start
 
     def spy_attention(q, k, v, **kw):
         calls.append((q.shape[2], k.shape[2], v.shape[2], sorted(x for x in kw if kw[x] is not None)))
         return orig_attention(q, k, v, **kw)
 
+    def spy_backward(do, q, k, v, out, lse, **kw):
+        bwd_calls.append((q.shape[2], k.shape[2], v.shape[2], kw.get("dlse") is not None))
+        return orig_backward(do, q, k, v, out, lse, **kw)
+
     def spy_start(self, send, recv, tag):
         sent.extend((tuple(t.shape), t.dtype) for t in send)
         return orig_start(self, send, recv, tag)
 
-    ring_mod.attention, ring_mod._Ring.start = spy_attention, spy_start
+    ring_mod.attention, ring_mod.attention_backward, ring_mod._Ring.start = spy_attention, spy_backward, spy_start
     try:
         g = torch.Generator().manual_seed(7)
         full = [torch.randn(B, h, L, D, generator=g) for h in (Hq, Hkv, Hkv)]
@@ -235,14 +240,16 @@ def _run_spy_case(name: str, rank: int, world: int) -> dict:
         n_fwd = len(calls)
         out.sum().backward()
     finally:
-        ring_mod.attention, ring_mod._Ring.start = orig_attention, orig_start
+        ring_mod.attention, ring_mod.attention_backward, ring_mod._Ring.start = orig_attention, orig_backward, orig_start
     Ls = L // world
-    assert all(max(a, b, c) <= Ls for a, b, c, _ in calls), f"a local call saw more than one shard: {calls}"
+    assert all(max(a, b, c) <= Ls for a, b, c, _ in calls + bwd_calls), f"a local call saw more than one shard: {calls}"
     assert all(s[1] == Hkv for s, _ in sent), f"only K/V shards and dK/dV of Hkv={Hkv} heads may travel: {sent}"
     assert all(s[2] == Ls for s, _ in sent), f"a sent buffer is not one shard long ({Ls}): {sent}"
+    assert not any(x[3] for x in bwd_calls), "the ring's lse was not used: no dlse may reach the pairs"
     fwd = calls[:n_fwd]
-    return {"n_fwd": n_fwd, "fwd_pairs": sum(a * b for a, b, _, _ in fwd), "n_bwd": len(calls) - n_fwd,
-            "n_sent": len(sent), "Ls": Ls}
+    return {"n_fwd": n_fwd, "fwd_pairs": sum(a * b for a, b, _, _ in fwd), "n_bwd": len(bwd_calls),
+            "n_bwd_forward": len(calls) - n_fwd, "bwd_shapes": [c[:3] for c in bwd_calls],
+            "fwd_shapes": [c[:3] for c in fwd], "n_sent": len(sent), "Ls": Ls}
 
 
 def _worker(rank: int, world: int, init_file: str, results) -> None:
@@ -413,7 +420,9 @@ def test_ring_sends_shards_only_and_skips_masked_pairs(groups, world):
     # contiguous: rank r skips the r+1 .. P-1 key shards (wholly in its future).
     assert [con[r]["n_fwd"] for r in range(world)] == [r + 1 for r in range(world)]
     for x in list(zig.values()) + list(con.values()):
-        assert x["n_bwd"] == x["n_fwd"]  # backward recomputes the same pairs, no more
+        # backward: one call of the backward from statistics per computed pair, no forward recomputed
+        assert x["n_bwd"] == x["n_fwd"] and sorted(x["bwd_shapes"]) == sorted(x["fwd_shapes"])
+        assert x["n_bwd_forward"] == 0, "the ring's backward must not call the forward contract"
         # forward: P-1 hops of (K, V); backward: P-1 hops of (K, V) and P hops of (dK, dV)
         assert x["n_sent"] == 2 * (world - 1) * 2 + 2 * world
 

@@ -15,7 +15,7 @@ from conftest import Case, attention_fn, case_kwargs, case_tensors, check_agains
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-SDPA_LACKS = {"softcap", "sinks", "return_lse", "score_mod"}
+SDPA_LACKS = {"softcap", "sinks", "score_mod"}
 
 
 def _side():
@@ -84,9 +84,20 @@ def calls(draw):
 
 def _features(case: Case) -> set[str]:
     f = {n for n in ("softcap", "return_lse") if case.kw.get(n)}
-    if "sinks" in case.extras(case.B, case.Hq, case.Lq, case.Lk, torch.Generator().manual_seed(0)):
+    extras = case.extras(case.B, case.Hq, case.Lq, case.Lk, torch.Generator().manual_seed(0))
+    if "sinks" in extras:
         f.add("sinks")
+    if "bias" in extras:  # every float input gets a gradient in check_against_oracle
+        f.add("bias_grad")
     return f
+
+
+def _sdpa_lacks(case: Case) -> set[str]:
+    f = _features(case)
+    lacks = f & SDPA_LACKS
+    if {"return_lse", "bias_grad"} <= f:  # SDPA's lse-returning kernels give no bias gradient
+        lacks |= {"return_lse", "bias_grad"}
+    return lacks
 
 
 @SETTINGS
@@ -95,10 +106,12 @@ def test_chunked_and_sdpa_match_reference(call):
     case, (bq, bk) = call
     check_against_oracle(attention_fn(ChunkedBackend(block_q=bq, block_k=bk)), case, torch.float32, "cpu")
     t = case_tensors(case, torch.float32, "cpu")
-    q = t["q"].requires_grad_(True)
-    req = build_request(q, t["k"], t["v"], **case_kwargs(case, t))
+    for x in t.values():
+        if x.is_floating_point():
+            x.requires_grad_(True)
+    req = build_request(t["q"], t["k"], t["v"], **case_kwargs(case, t))
     why = attnkit.get_backend("sdpa").unsupported(req)
-    lacks = _features(case) & SDPA_LACKS
+    lacks = _sdpa_lacks(case)
     if lacks:
         assert why is not None and all(f"'{f}'" in why for f in lacks), why
     else:

@@ -244,9 +244,9 @@ FORCED = [
     # backend, kwargs, words in the message
     ("sdpa", dict(softcap=2.0), ["'softcap'"]),
     ("sdpa", dict(sinks=torch.randn(HQ)), ["'sinks'"]),
-    ("sdpa", dict(return_lse=True), ["'return_lse'"]),
+    ("sdpa", dict(return_lse=True, dropout_p=0.1), ["'return_lse'", "'dropout'"]),
     ("sdpa", dict(score_mod=lambda s, b, h, i, j: s), ["'score_mod'"]),
-    ("sdpa", dict(softcap=2.0, return_lse=True), ["'softcap'", "'return_lse'"]),
+    ("sdpa", dict(softcap=2.0, return_lse=True, dropout_p=0.1), ["'softcap'", "'return_lse'", "'dropout'"]),
     ("flex", dict(), ["head dim 8"]),  # D=8 < 16
 ]
 

@@ -2,7 +2,7 @@
 
 from .backends import BACKENDS, Backend, Capabilities, get_backend, register_backend
 from .dispatch import Plan
-from .functional import attention, explain
+from .functional import attention, attention_backward, explain
 from .groups import GroupMask, SegmentLayout
 from .request import AttentionRequest
 from .caches import DecodeCache, KVCache, PagedKVCache
@@ -19,7 +19,7 @@ from .modules import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "attention", "explain", "varlen_attention", "Plan", "AttentionRequest", "Backend", "Capabilities",
+    "attention", "attention_backward", "explain", "varlen_attention", "Plan", "AttentionRequest", "Backend", "Capabilities",
     "BACKENDS", "get_backend", "register_backend", "__version__", "GroupMask", "SegmentLayout",
     "DecodeCache", "KVCache", "PagedKVCache", "ATTENTION_REGISTRY", "AttentionConfig", "AttentionRegistry", "BaseAttention",
     "FlashAttention", "GatedAttention", "LinearAttention", "LiteAttention", "MultiHeadAttention",

@@ -7,12 +7,13 @@ additive; causal is bottom-right aligned when Lq != Lk.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from .dispatch import Plan, choose, plan
-from .request import MaskMod, ScoreMod, build_request
+from .dispatch import Plan, choose, plan, prepare, prepared
+from .request import MaskMod, ScoreMod, build_request, check_cache_values, replay_key, check_stats
 
-__all__ = ["attention", "explain"]
+__all__ = ["attention", "attention_backward", "explain"]
 
 
 def attention(
@@ -74,13 +75,88 @@ def attention(
     Returns:
         out [B, Hq, Lq, Dv] in q's dtype, or (out, lse) when return_lse.
     """
+    # A decode step repeats the previous step's call but for the tensors' data: once a call with
+    # the same replay_key has passed the checks (those of the values of CPU tensors are rerun),
+    # it runs as the backend prepared it, without a request (the host time of a step is the
+    # bound on small caches).
+    key = None
+    if cache_seqlens is not None and mask is None and bias is None and score_mod is None and mask_mod is None:
+        key = replay_key(q, k, v, causal, window, scale, softcap, sinks, dropout_p, return_lse, cache_seqlens,
+                         block_table)
+        hit = prepared(key, backend) if key is not None else None
+        if hit is not None:
+            run, on_cpu = hit
+            if on_cpu:
+                check_cache_values(k, cache_seqlens, block_table)
+            out, lse = run(q, k, v, cache_seqlens, block_table, sinks)
+            return (out, lse) if return_lse else out
     req = build_request(
         q, k, v, mask=mask, bias=bias, causal=causal, window=window, scale=scale,
         softcap=softcap, score_mod=score_mod, mask_mod=mask_mod, sinks=sinks,
         dropout_p=dropout_p, return_lse=return_lse, cache_seqlens=cache_seqlens, block_table=block_table,
     )
-    out, lse = choose(req, backend).run(req)
+    chosen = choose(req, backend)
+    out, lse = chosen.run(req)
+    if key is not None:
+        prepare(key, backend, chosen, req)
     return (out, lse) if return_lse else out
+
+
+def attention_backward(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    *,
+    dlse: Tensor | None = None,
+    mask: Tensor | None = None,
+    bias: Tensor | None = None,
+    causal: bool = False,
+    window: int | tuple[int | None, int | None] | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    score_mod: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of `attention(q, k, v, **same)` at `do` (and `dlse`), from the GIVEN out and lse.
+
+    The backward pass of a fused attention kernel, exposed: with S the masked logits of the call
+    (same keyword meanings as `attention`),
+
+        P = exp(S - lse),  delta = rowsum(do * out) - dlse,  dS = P * (do v^T - delta),
+        dq = dS k * scale, dk = dS^T q * scale, dv = P^T do   (through softcap / score_mod as usual)
+
+    with out and lse taken as given, never recomputed. With the call's own (out, lse) these are
+    the gradients autograd gives. With a row's GLOBAL statistics, where the keys of k/v are only
+    a part of the keys the row attends to (the rest elsewhere, merged by log-sum-exp), they are
+    exactly this part's share of the full gradient: ring attention sums them over the parts.
+
+    Args:
+        do: [B, Hq, Lq, Dv], the gradient of out. q, k, v: as in `attention` (no gradient flows).
+        out: [B, Hq, Lq, Dv], the (merged) output. lse: [B, Hq, Lq] float log-sum-exp of each row
+            (-inf for a row that attends nothing: its gradients are 0). A call with `sinks` passes
+            its lse as it is (the sink only enters through lse).
+        dlse: [B, Hq, Lq], the gradient of lse, or None (lse not used downstream).
+        mask, bias, causal, window, scale, softcap, score_mod, mask_mod: as in `attention`; bias is
+            a constant here (its gradient, like those of tensors a score_mod reads, is not returned).
+        backend: as in `attention`: `auto` picks what `attention(..., return_lse=True)` with gradients
+            would run on. sdpa (the lse-returning SDPA kernels' own backward), triton and chunked read
+            the statistics directly; flex and reference recompute their forward once (exact).
+
+    Returns:
+        (dq [B, Hq, Lq, D], dk [B, Hkv, Lk, D], dv [B, Hkv, Lk, Dv]) in q's dtype, not differentiable.
+    """
+    req = build_request(
+        q, k, v, mask=mask, bias=bias, causal=causal, window=window, scale=scale, softcap=softcap,
+        score_mod=score_mod, mask_mod=mask_mod, return_lse=True, for_backward=True,
+    )
+    do, out, lse, dlse = check_stats(req, do, out, lse, dlse)
+    chosen = choose(req, backend)
+    with torch.no_grad():
+        return chosen.backward_from_stats(req, do, out, lse, dlse)
 
 
 def explain(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto", **kwargs) -> Plan:

@@ -17,7 +17,7 @@ from torch import Tensor
 from ._checks import probability
 from .groups import GroupMask
 
-__all__ = ["AttentionRequest", "build_request", "SUPPORTED_DTYPES", "DECODE_MAX_LQ"]
+__all__ = ["AttentionRequest", "build_request", "replay_key", "check_cache_values", "check_stats", "SUPPORTED_DTYPES", "DECODE_MAX_LQ"]
 
 # float64 is accepted so that the reference (and gradcheck) can run in double.
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -64,6 +64,9 @@ class AttentionRequest:
     return_lse: bool
     cache_seqlens: Tensor | None = None  # int32/int64 [B] on q's device: valid keys per sequence
     block_table: Tensor | None = None  # int32 [B, max_blocks]: k/v are then a block pool
+    # A call of `attention_backward`: gradients of q, k, v are wanted whatever requires_grad says
+    # (feature 'backward'); a bias is a constant there (no 'bias_grad': its gradient is not returned).
+    for_backward: bool = False
     # Derived once in __post_init__ (plain attributes: cheap, and traceable by torch.compile).
     needs_grad: bool = field(init=False)
     _features: frozenset = field(init=False)
@@ -75,7 +78,7 @@ class AttentionRequest:
     def __post_init__(self) -> None:
         # Runs on every attention call: plain locals, no properties.
         q, v, bias, sinks = self.q, self.v, self.bias, self.sinks
-        self.needs_grad = torch.is_grad_enabled() and (
+        self.needs_grad = self.for_backward or torch.is_grad_enabled() and (
             q.requires_grad or self.k.requires_grad or v.requires_grad
             or (bias is not None and bias.requires_grad) or (sinks is not None and sinks.requires_grad)
             or (self.score_mod is not None and _mod_wants_grad(self.score_mod))
@@ -164,7 +167,7 @@ class AttentionRequest:
             f.add("mask")
         if self.bias is not None:
             f.add("bias")
-            if self.needs_grad and self.bias.requires_grad:
+            if self.needs_grad and self.bias.requires_grad and not self.for_backward:
                 f.add("bias_grad")
         if self.causal:
             f.add("causal")
@@ -239,7 +242,7 @@ class AttentionRequest:
         return AttentionRequest(
             q=self.q, k=k, v=v, mask=mask, bias=self.bias, causal=False, window=None, scale=self.scale,
             softcap=self.softcap, score_mod=self.score_mod, mask_mod=self.mask_mod, sinks=self.sinks,
-            dropout_p=self.dropout_p, return_lse=self.return_lse,
+            dropout_p=self.dropout_p, return_lse=self.return_lse, for_backward=self.for_backward,
         )
 
 
@@ -321,8 +324,11 @@ def build_request(
     return_lse: bool = False,
     cache_seqlens: Tensor | int | None = None,
     block_table: Tensor | None = None,
+    for_backward: bool = False,
 ) -> AttentionRequest:
     """Check every argument of the contract and return the normalised request.
+
+    for_backward=True builds the request of an `attention_backward` call (see AttentionRequest).
 
     Shapes, dtypes and devices are always checked. The *values* of cache_seqlens and
     block_table (lengths within the logical key length, block ids within the pool) are
@@ -380,8 +386,8 @@ def build_request(
     if paged:
         Lk = _check_block_table(block_table, cache_seqlens, k, B, device)
     cache_seqlens = _check_cache_seqlens(cache_seqlens, B, Lk, device)
-    if paged and device.type == "cpu":  # values: only where reading them costs no device sync
-        _check_block_ids(block_table, cache_seqlens, k.shape[0], k.shape[2])
+    if cache_seqlens is not None and device.type == "cpu":  # values: only where reading them costs no device sync
+        check_cache_values(k, cache_seqlens, block_table)
     target = (B, Hq, Lq, Lk)
 
     if mask is not None:
@@ -434,8 +440,39 @@ def build_request(
         q=q, k=k, v=v, mask=mask, bias=bias, causal=causal, window=win, scale=float(scale),
         softcap=softcap, score_mod=score_mod, mask_mod=mask_mod, sinks=sinks,
         dropout_p=dropout_p, return_lse=return_lse, cache_seqlens=cache_seqlens,
-        block_table=block_table,
+        block_table=block_table, for_backward=for_backward,
     )
+
+
+def check_stats(
+    req: AttentionRequest, do: Tensor, out: Tensor, lse: Tensor, dlse: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Check the saved statistics of an `attention_backward` call against its request.
+
+    do, out: [B, Hq, Lq, Dv], any floating dtype, on q's device (backends cast them as their kernels
+    need). lse, dlse: [B, Hq, Lq]; returned contiguous in the float32 compute dtype (float64 for
+    float64 inputs), the layout every backend's kernel reads.
+    """
+    B, Hq, Lq = req.batch, req.heads_q, req.len_q
+    want = {"do": (B, Hq, Lq, req.head_dim_v), "out": (B, Hq, Lq, req.head_dim_v), "lse": (B, Hq, Lq),
+            "dlse": (B, Hq, Lq)}
+    names = {"do": "[B, Hq, Lq, Dv] (the output's shape)", "out": "[B, Hq, Lq, Dv] (the output's shape)",
+             "lse": "[B, Hq, Lq]", "dlse": "[B, Hq, Lq] (lse's shape)"}
+    for name, t in (("do", do), ("out", out), ("lse", lse), ("dlse", dlse)):
+        if t is None and name == "dlse":
+            continue
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating torch.Tensor of shape {names[name]} = "
+                            f"{list(want[name])}, got {_what(t)}")
+        if tuple(t.shape) != want[name]:
+            raise ValueError(f"{name} must have shape {names[name]} = {list(want[name])}, got {_shape(t)} "
+                             f"(q {_shape(req.q)}, v {_shape(req.v)})")
+        if t.device != req.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {req.device}")
+    ct = torch.float64 if req.dtype == torch.float64 else torch.float32
+    lse = lse.to(ct).contiguous()
+    dlse = dlse.to(ct).contiguous() if dlse is not None else None
+    return do, out, lse, dlse
 
 
 def _what(t) -> str:
@@ -502,6 +539,48 @@ def _check_cache_seqlens(cache_seqlens, B: int, Lk: int, device: torch.device) -
         raise ValueError(f"cache_seqlens must have shape [B] = [{B}], got {_shape(cache_seqlens)}")
     if cache_seqlens.device != device:
         raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {device}")
-    if device.type == "cpu":
-        _check_seqlen_values(cache_seqlens, Lk)
     return cache_seqlens
+
+
+def check_cache_values(k: Tensor, cache_seqlens: Tensor, block_table: Tensor | None) -> None:
+    """The values of a CPU call's cache_seqlens (within the logical key length) and block table (every
+    entry a sequence reads is a block of the pool k); their shapes are checked already."""
+    bs = k.shape[2]
+    _check_seqlen_values(cache_seqlens, bs if block_table is None else block_table.shape[1] * bs)
+    if block_table is not None:
+        _check_block_ids(block_table, cache_seqlens, k.shape[0], bs)
+
+
+_OPT_NUM = (type(None), int, float)  # exact classes: bool, numpy scalars and the like are not keyed
+_OPT_INT = (type(None), int)
+
+
+def replay_key(q, k, v, causal, window, scale, softcap, sinks, dropout_p, return_lse, cache_seqlens,
+               block_table) -> tuple | None:
+    """For a call against a cache with no mask, bias, score_mod or mask_mod (the caller checks those;
+    a decode step), a key of everything build_request reads to check and normalise it: each
+    tensor's class, shape, dtype and device, the scalars by value and exact class. Two calls with
+    equal keys pass or fail its checks alike and normalise alike, the values of CPU tensors aside
+    (check_cache_values), and run alike but for the tensors' data and strides. None for a call with
+    anything the key would not capture exactly (a tensor subclass, an int cache_seqlens, a list
+    window, a numpy scalar or a bool where a number belongs, a gradient to record): it takes the
+    full path."""
+    T = Tensor
+    if not (q.__class__ is T and k.__class__ is T and v.__class__ is T and cache_seqlens.__class__ is T
+            and (block_table is None or block_table.__class__ is T) and (sinks is None or sinks.__class__ is T)
+            and causal.__class__ is bool and return_lse.__class__ is bool
+            and scale.__class__ in _OPT_NUM and softcap.__class__ in _OPT_NUM
+            and dropout_p.__class__ in _OPT_NUM and dropout_p == 0):
+        return None
+    if window is not None and window.__class__ is not int and not (
+            window.__class__ is tuple and len(window) == 2
+            and window[0].__class__ in _OPT_INT and window[1].__class__ in _OPT_INT):
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                    or (sinks is not None and sinks.requires_grad)):
+        return None
+    return (q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device,
+            cache_seqlens.shape, cache_seqlens.dtype, cache_seqlens.device,
+            None if block_table is None else (block_table.shape, block_table.dtype, block_table.device),
+            None if sinks is None else (sinks.shape, sinks.dtype, sinks.device),
+            causal, window, scale, softcap, return_lse)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -9,7 +10,7 @@ from torch import Tensor
 
 from ..request import AttentionRequest
 
-__all__ = ["Capabilities", "Backend", "ALL_FEATURES"]
+__all__ = ["Capabilities", "Backend", "ALL_FEATURES", "recompute_backward"]
 
 # Every feature name a request can need (AttentionRequest.features()).
 ALL_FEATURES = frozenset(
@@ -27,7 +28,9 @@ class Capabilities:
     """A backend's static promise: where it runs and which features it honours exactly.
 
     `features_by_device` narrows `features` on a device (e.g. FlexAttention has
-    no backward on the CPU). `notes` is free text shown by `explain`.
+    no backward on the CPU). `exclusive_by_device` names, per device, features that are served
+    but not together with some others (feature -> those others; e.g. sdpa's return_lse with
+    dropout). `notes` is free text shown by `explain`.
     """
 
     devices: frozenset[str]
@@ -37,12 +40,16 @@ class Capabilities:
     max_head_dim: int | None = None
     head_dims: frozenset[int] | None = None  # an explicit allow-list, when only some dims compile
     features_by_device: dict[str, frozenset[str]] = field(default_factory=dict)
+    exclusive_by_device: dict[str, dict[str, frozenset[str]]] = field(default_factory=dict)
     notes: str = ""
 
     def __post_init__(self) -> None:
         unknown = set(self.features) - ALL_FEATURES
         for feats in self.features_by_device.values():
             unknown |= set(feats) - ALL_FEATURES
+        for rules in self.exclusive_by_device.values():
+            for feat, others in rules.items():
+                unknown |= ({feat} | set(others)) - ALL_FEATURES
         if unknown:
             raise ValueError(f"unknown feature names {sorted(unknown)}; known: {sorted(ALL_FEATURES)}")
 
@@ -63,9 +70,14 @@ class Capabilities:
                 out.append(f"{name} {d} (supports {self.min_head_dim}..{self.max_head_dim or 'any'})")
             elif self.head_dims is not None and d not in self.head_dims:
                 out.append(f"{name} {d} (supports {sorted(self.head_dims)})")
-        lacking = sorted(req.features() - self.features_on(dev))
+        feats = req.features()
+        lacking = sorted(feats - self.features_on(dev))
         if lacking:
             out.append("feature " + ", ".join(f"'{f}'" for f in lacking) + f" on {dev}")
+        for feat, others in self.exclusive_by_device.get(dev, {}).items():
+            clash = sorted(feats & others)
+            if feat in feats and clash:
+                out.append(f"feature '{feat}' together with " + ", ".join(f"'{f}'" for f in clash) + f" on {dev}")
         return out
 
 
@@ -99,5 +111,55 @@ class Backend:
         """Compute (out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] float32 or None)."""
         raise NotImplementedError
 
+    def prepare(self, req: AttentionRequest):
+        """For a call against a cache (`request.replay_key`), a function that runs it and every later
+        call with its key from their tensors alone, as run(req) would: `fn(q, k, v, cache_seqlens,
+        block_table, sinks) -> (out, lse or None)`; the dispatcher keeps it. None (the default):
+        such calls are built into requests and run."""
+        return None
+
+    def backward_from_stats(
+        self, req: AttentionRequest, do: Tensor, out: Tensor, lse: Tensor, dlse: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(dq, dk, dv) of req's attention at (do, dlse), from the GIVEN out and lse (`attention_backward`).
+
+        P = exp(S - lse), delta = rowsum(do * out) - dlse, dS = P * (do v^T - delta): no forward
+        is recomputed where a kernel reads saved statistics. req is a `for_backward` request
+        (`check_stats` has checked do/out [B, Hq, Lq, Dv] and made lse/dlse contiguous float32).
+        Runs under no_grad. Default: `recompute_backward` (exact on every backend that can run
+        req with gradients, at the cost of one forward); backends with such a kernel override it.
+        """
+        return recompute_backward(self, req, do, out, lse, dlse)
+
     def __repr__(self) -> str:
         return f"<attnkit backend {self.name!r}>"
+
+
+def recompute_backward(
+    backend: Backend, req: AttentionRequest, do: Tensor, out: Tensor, lse: Tensor, dlse: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The generic `backward_from_stats`: recompute the call's own (out_s, lse_s) on `backend` and
+    differentiate them with
+
+        g_out = w * do,   g_lse = w * (rowsum(do * out_s) - delta),   w = exp(lse_s - lse)
+
+    (delta = rowsum(do * out) - dlse; w = 0 where lse or lse_s is -inf). The backend's own score
+    gradient P_s * (g_out v^T - rowsum(g_out * out_s)) + g_lse * P_s then equals
+    exp(S - lse) * (do v^T - delta), the gradient from the given statistics (docs/distributed.md).
+    """
+    ct = lse.dtype
+    with torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_(True) for t in (req.q, req.k, req.v))
+        bias = req.bias.detach() if req.bias is not None else None
+        sub = dataclasses.replace(req, q=q, k=k, v=v, bias=bias, return_lse=True, for_backward=False)
+        o_s, l_s = backend.run(sub)
+    lse_safe = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+    w = torch.exp(l_s.detach().to(ct) - lse_safe)
+    do_c = do.to(ct)
+    delta = (do_c * out.to(ct)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse
+    g_out = (w.unsqueeze(-1) * do_c).to(o_s.dtype)
+    g_lse = (w * ((do_c * o_s.detach().to(ct)).sum(-1) - delta)).to(l_s.dtype)
+    grads = torch.autograd.grad((o_s, l_s), (q, k, v), (g_out, g_lse), allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, (q, k, v)))

@@ -124,69 +124,76 @@ class _ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        req, tiling, seed = ctx.req, ctx.tiling, ctx.seed
         q, k, v, bias, sinks, out, lse = ctx.saved_tensors
-        captured = ctx.captured
-        ct = _compute_dtype(q.dtype)
-        B, Hq, Lq, D = q.shape
-        Hkv, Dv = k.shape[1], v.shape[3]
         need_bias = bias is not None and ctx.needs_input_grad[5]
-        dq = torch.zeros(q.shape, dtype=ct, device=q.device)
-        dk = torch.zeros(k.shape, dtype=ct, device=q.device)
-        dv = torch.zeros(v.shape, dtype=ct, device=q.device)
-        dbias = torch.zeros(bias.shape, dtype=ct, device=q.device) if need_bias else None
-        dcap = [torch.zeros_like(c) for c in captured]
-        d_out_c = torch.zeros_like(out) if d_out is None else d_out.to(ct)
-        delta = (d_out_c * out).sum(dim=-1)  # rowsum(dO * O) [B, Hq, Lq]
-        if d_lse is not None:
-            delta = delta - d_lse.to(ct)  # d lse / d s_j = p_j folds into the same term
-        # exp(s - lse) must be 0 on rows with nothing to attend (lse = -inf).
-        lse_safe = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).to(ct)
-
-        for qi, ki, qs, qe, ks, ke in tiling.tiles(req):
-            with torch.enable_grad():
-                q_t = q[:, :, qs:qe].to(ct).detach().requires_grad_()
-                k_t = k[:, :, ks:ke].to(ct).detach().requires_grad_()
-                bias_t = None
-                if bias is not None:
-                    bias_t = slice_4d(bias, qs, qe, ks, ke).to(ct).detach().requires_grad_(need_bias)
-                s = _tile_logits(req, q_t, k_t, bias_t, qs, ks)
-            p = torch.exp(s.detach() - lse_safe[:, :, qs:qe, None])
-            v_t = v[:, :, ks:ke].to(ct)
-            do_t = d_out_c[:, :, qs:qe]
-            if req.dropout_p > 0:
-                keep = _dropout_keep(req, seed, qi, ki, p.shape).to(ct) / (1.0 - req.dropout_p)
-                pd = p * keep
-            else:
-                keep, pd = None, p
-            bq, bk = qe - qs, ke - ks
-            # dV = P^T dO, summed over the query heads of each kv head.
-            dv[:, :, ks:ke] += torch.matmul(_grouped(pd, Hkv).transpose(-1, -2), _grouped(do_t, Hkv))
-            dp = torch.matmul(_grouped(do_t, Hkv), v_t.transpose(-1, -2)).view(B, Hq, bq, bk)
-            if keep is not None:
-                dp = dp * keep
-            ds = p * (dp - delta[:, :, qs:qe, None])
-            wrt = [q_t, k_t] + ([bias_t] if need_bias else []) + list(captured)
-            # retain_graph: a captured non-leaf tensor's own graph is shared by every tile.
-            grads = torch.autograd.grad(s, wrt, ds, allow_unused=True, retain_graph=bool(captured))
-            dq[:, :, qs:qe] += grads[0]
-            dk[:, :, ks:ke] += grads[1]
-            rest = grads[2:]
-            if need_bias:
-                gb = rest[0]
-                slice_4d(dbias, qs, qe, ks, ke).add_(gb)  # a view: accumulates in place
-                rest = rest[1:]
-            for acc, gcap in zip(dcap, rest):
-                if gcap is not None:
-                    acc += gcap
+        dq, dk, dv, dbias, dcap, delta, lse_safe = _tiles_backward(
+            ctx.req, ctx.tiling, ctx.seed, q, k, v, bias, out, lse, d_out, d_lse, ctx.captured, need_bias)
         dsinks = None
         if sinks is not None and ctx.needs_input_grad[6]:
-            p_sink = torch.exp(sinks.to(ct).view(1, Hq, 1) - lse_safe)
+            p_sink = torch.exp(sinks.to(lse_safe.dtype).view(1, -1, 1) - lse_safe)
             dsinks = (-(p_sink * delta)).sum(dim=(0, 2)).to(sinks.dtype)
         return (
             None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
             dbias.to(bias.dtype) if dbias is not None else None, dsinks, *dcap,
         )
+
+
+def _tiles_backward(req, tiling, seed, q, k, v, bias, out, lse, d_out, d_lse, captured, need_bias):
+    """dq, dk, dv (float32 / float64), dbias, the captured tensors' gradients, delta and the
+    +inf-for-dead-rows lse, tile by tile from out and lse (the Function's saved ones, or the given
+    statistics of `backward_from_stats`): P = exp(S - lse), dS = P * (dP - rowsum(dO * O) + dlse)."""
+    ct = _compute_dtype(q.dtype)
+    B, Hq, Lq, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[3]
+    dq = torch.zeros(q.shape, dtype=ct, device=q.device)
+    dk = torch.zeros(k.shape, dtype=ct, device=q.device)
+    dv = torch.zeros(v.shape, dtype=ct, device=q.device)
+    dbias = torch.zeros(bias.shape, dtype=ct, device=q.device) if need_bias else None
+    dcap = [torch.zeros_like(c) for c in captured]
+    d_out_c = torch.zeros_like(out) if d_out is None else d_out.to(ct)
+    delta = (d_out_c * out).sum(dim=-1)  # rowsum(dO * O) [B, Hq, Lq]
+    if d_lse is not None:
+        delta = delta - d_lse.to(ct)  # d lse / d s_j = p_j folds into the same term
+    # exp(s - lse) must be 0 on rows with nothing to attend (lse = -inf).
+    lse_safe = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).to(ct)
+
+    for qi, ki, qs, qe, ks, ke in tiling.tiles(req):
+        with torch.enable_grad():
+            q_t = q[:, :, qs:qe].to(ct).detach().requires_grad_()
+            k_t = k[:, :, ks:ke].to(ct).detach().requires_grad_()
+            bias_t = None
+            if bias is not None:
+                bias_t = slice_4d(bias, qs, qe, ks, ke).to(ct).detach().requires_grad_(need_bias)
+            s = _tile_logits(req, q_t, k_t, bias_t, qs, ks)
+        p = torch.exp(s.detach() - lse_safe[:, :, qs:qe, None])
+        v_t = v[:, :, ks:ke].to(ct)
+        do_t = d_out_c[:, :, qs:qe]
+        if req.dropout_p > 0:
+            keep = _dropout_keep(req, seed, qi, ki, p.shape).to(ct) / (1.0 - req.dropout_p)
+            pd = p * keep
+        else:
+            keep, pd = None, p
+        bq, bk = qe - qs, ke - ks
+        # dV = P^T dO, summed over the query heads of each kv head.
+        dv[:, :, ks:ke] += torch.matmul(_grouped(pd, Hkv).transpose(-1, -2), _grouped(do_t, Hkv))
+        dp = torch.matmul(_grouped(do_t, Hkv), v_t.transpose(-1, -2)).view(B, Hq, bq, bk)
+        if keep is not None:
+            dp = dp * keep
+        ds = p * (dp - delta[:, :, qs:qe, None])
+        wrt = [q_t, k_t] + ([bias_t] if need_bias else []) + list(captured)
+        # retain_graph: a captured non-leaf tensor's own graph is shared by every tile.
+        grads = torch.autograd.grad(s, wrt, ds, allow_unused=True, retain_graph=bool(captured))
+        dq[:, :, qs:qe] += grads[0]
+        dk[:, :, ks:ke] += grads[1]
+        rest = grads[2:]
+        if need_bias:
+            gb = rest[0]
+            slice_4d(dbias, qs, qe, ks, ke).add_(gb)  # a view: accumulates in place
+            rest = rest[1:]
+        for acc, gcap in zip(dcap, rest):
+            if gcap is not None:
+                acc += gcap
+    return dq, dk, dv, dbias, dcap, delta, lse_safe
 
 
 class ChunkedBackend(Backend):
@@ -197,7 +204,7 @@ class ChunkedBackend(Backend):
         devices=frozenset({"cpu", "cuda"}),
         dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64}),
         features=ALL_FEATURES,
-        notes="pure PyTorch, O(L) memory, recomputing backward; float32 accumulation",
+        notes="pure PyTorch, O(L) memory, recomputing backward (from saved out/lse); float32 accumulation",
     )
 
     def __init__(self, block_q: int | None = None, block_k: int | None = None):
@@ -220,3 +227,13 @@ class ChunkedBackend(Backend):
             req, tiling, req.q, req.k, req.v, req.bias, req.sinks, *captured
         )
         return out, (lse if req.return_lse else None)
+
+    def backward_from_stats(self, req, do, out, lse, dlse):
+        """The tiled backward of `_ChunkedAttention` on the given statistics (no forward recomputed)."""
+        req = req.densified()
+        q, k, v = req.q.detach(), req.k.detach(), req.v.detach()
+        bias = req.bias.detach() if req.bias is not None else None
+        ct = _compute_dtype(q.dtype)
+        dq, dk, dv, *_ = _tiles_backward(req, _Tiling(req, self.block_q, self.block_k), 0, q, k, v, bias,
+                                         out.to(ct), lse, do, dlse, (), False)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -10,17 +10,37 @@ Translation rules (SDPA's own semantics differ from the contract in three places
   call and their output is set to 0 afterwards, so gradients stay finite too.
 On CUDA the kernel priority is cuDNN > flash > memory-efficient > math; torch
 skips a kernel that cannot take the inputs.
+
+return_lse (and `backward_from_stats`, the backward from given statistics) runs SDPA's private
+kernels that also return the log-sum-exp, through torch's own aten ops:
+- CPU: `_scaled_dot_product_flash_attention_for_cpu` (+ `_backward`): every dtype, GQA, an additive
+  float mask (masks, bias, windows, mask_mod, bottom-right causal folded into it as above);
+- CUDA: the first of cuDNN > flash > memory-efficient that torch's `can_use_*` accepts for the
+  call (`_scaled_dot_product_{cudnn,flash,efficient}_attention` + `_backward`): no mask, bias,
+  window or mask_mod there (those go to flex / triton / chunked); GQA where the kernel takes it.
+  A kernel that raises is recorded and the next one is tried (with a warning).
+Causal calls are cut into square top-left causal and plain pieces (Lq > Lk: the last Lk rows;
+Lq < Lk: the first Lk - Lq keys plain, the rest square causal, merged by lse), so the kernels'
+own `is_causal` only ever sees square blocks. lse is natural-log float32 [B, Hq, Lq] (float64 for
+float64 on the CPU) whatever layout the kernel keeps (cuDNN [B, H, Lq, 1], efficient padded to a
+multiple of 32), -inf on rows that attend nothing; the backward hands the kernels +inf there
+(P = exp(S - lse) = 0). A gradient through lse (dlse) is folded into the kernels' delta =
+rowsum(dO * O) by two extra value columns (`_with_dlse`). No dropout, no bias gradient and
+Dv == D with return_lse.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..masks import tile_allowed
+from ..merge import merge_partial
 from ..request import AttentionRequest
 from .base import Backend, Capabilities
 
@@ -32,8 +52,14 @@ except ImportError:  # pragma: no cover - torch < 2.3 is below our floor
 
 _FEATURES = frozenset(
     {"mask", "bias", "bias_grad", "causal", "window", "mask_mod", "group_mask", "dropout", "gqa",
-     "value_head_dim", "backward", "kv_lengths", "paged"}
+     "value_head_dim", "backward", "kv_lengths", "paged", "return_lse"}
 )
+# What SDPA's lse-returning kernels cannot combine with return_lse, per device (CUDA: no mask tensor).
+_LSE_CPU = frozenset({"dropout", "bias_grad", "value_head_dim"})
+_LSE_EXCLUSIVE = {
+    "cpu": {"return_lse": _LSE_CPU},
+    "cuda": {"return_lse": _LSE_CPU | {"mask", "bias", "window", "mask_mod", "group_mask", "kv_lengths", "paged"}},
+}
 CUDA_PRIORITY = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 
@@ -83,8 +109,16 @@ class SdpaBackend(Backend):
         devices=frozenset({"cpu", "cuda"}),
         dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64}),
         features=_FEATURES,
-        notes="torch SDPA (cuDNN > flash > efficient > math on CUDA); windows/mask_mod materialise a mask",
+        exclusive_by_device=_LSE_EXCLUSIVE,
+        notes="torch SDPA (cuDNN > flash > efficient > math on CUDA); windows/mask_mod materialise a mask; "
+              "return_lse through SDPA's lse-returning kernels (CPU: with masks; CUDA: dense/causal only)",
     )
+
+    def unsupported(self, req: AttentionRequest) -> str | None:
+        why = super().unsupported(req)
+        if why is None and req.return_lse and req.device.type == "cuda":
+            why = _cuda_lse_unsupported(req)
+        return why
 
     def speed(self, req: AttentionRequest) -> float:
         dense_mask = req.mask is not None or req.bias is not None or req.mask_mod is not None
@@ -95,13 +129,14 @@ class SdpaBackend(Backend):
 
     def run(self, req: AttentionRequest) -> tuple[Tensor, Tensor | None]:
         req = req.densified()  # cache_seqlens / block_table -> gathered K/V and a mask
+        if req.return_lse:
+            plan = _lse_plan(req)
+            if req.needs_grad:
+                return _SdpaLse.apply(plan, req.q, req.k, req.v)
+            return plan.forward(req.q, req.k, req.v)
         kw = dict(dropout_p=req.dropout_p, scale=req.scale, enable_gqa=req.heads_q != req.heads_kv)
-        explicit = (
-            req.mask is not None or req.bias is not None or req.mask_mod is not None
-            or req.window is not None
-        )
         with _kernel_context(req.device.type):
-            if not explicit:
+            if not _explicit(req):
                 return self._plain(req, **kw), None
             return self._masked(req, **kw), None
 
@@ -120,22 +155,294 @@ class SdpaBackend(Backend):
         return torch.cat([head, tail], dim=2)
 
     def _masked(self, req: AttentionRequest, **kw) -> Tensor:
-        allowed = tile_allowed(req, 0, req.len_q, 0, req.len_k)
-        bias = req.bias
-        valid = allowed
-        if bias is not None:
-            finite = bias > float("-inf")
-            valid = finite if valid is None else valid & finite
-        rows_ok = valid.any(dim=-1, keepdim=True)
-        # Unmask dead rows inside the call (no NaN, no NaN gradient); zero them after.
-        if allowed is not None:
-            allowed = allowed | ~rows_ok
-        if bias is not None:
-            bias = torch.where(rows_ok, bias, torch.zeros((), dtype=bias.dtype, device=bias.device))
-            attn_mask = bias.to(req.dtype)
-            if allowed is not None:
-                attn_mask = attn_mask.masked_fill(~allowed, float("-inf"))
-        else:
-            attn_mask = allowed
+        attn_mask, rows_ok = _dense_mask(req)
         out = F.scaled_dot_product_attention(req.q, req.k, req.v, attn_mask=attn_mask, **kw)
         return out.masked_fill(~rows_ok, 0.0)
+
+    def backward_from_stats(self, req, do, out, lse, dlse):
+        """The lse-returning kernels' own backward with the given statistics (no forward recomputed)."""
+        req = req.densified()
+        return _lse_plan(req).backward(do, req.q, req.k, req.v, out, lse, dlse)
+
+
+def _explicit(req: AttentionRequest) -> bool:
+    """The call needs an attention mask tensor (mask, bias, window, mask_mod)."""
+    return req.mask is not None or req.bias is not None or req.mask_mod is not None or req.window is not None
+
+
+def _dense_mask(req: AttentionRequest, float_mask: bool = False) -> tuple[Tensor, Tensor]:
+    """(SDPA attn_mask, rows_ok [.., Lq, 1]): every pair rule of req as one bool (or additive float
+    in req's dtype) mask broadcastable to [B, Hq, Lq, Lk]. Rows with nothing to attend are unmasked
+    inside it (no NaN, no NaN gradient): the caller zeroes them after."""
+    allowed = tile_allowed(req, 0, req.len_q, 0, req.len_k)
+    bias = req.bias
+    valid = allowed
+    if bias is not None:
+        finite = bias > float("-inf")
+        valid = finite if valid is None else valid & finite
+    rows_ok = valid.any(dim=-1, keepdim=True)
+    if allowed is not None:
+        allowed = allowed | ~rows_ok
+    if bias is None and not float_mask:
+        return allowed, rows_ok
+    if bias is not None:
+        bias = torch.where(rows_ok, bias, torch.zeros((), dtype=bias.dtype, device=bias.device))
+        attn_mask = bias.to(req.dtype)
+    else:
+        attn_mask = torch.zeros(allowed.shape, dtype=req.dtype, device=req.device)
+    if allowed is not None:
+        attn_mask = attn_mask.masked_fill(~allowed, float("-inf"))
+    return attn_mask, rows_ok
+
+
+# --------------------------------------------------------------------------- return_lse
+_ATEN = torch.ops.aten
+CUDNN, FLASH, EFFICIENT = "cudnn", "flash", "efficient"
+_CUDA_LSE_KERNELS = (CUDNN, FLASH, EFFICIENT)  # the order `_CudaPriority` gives SDPA
+_BROKEN: set[tuple[str, str]] = set()  # (kernel, "forward" | "backward") that raised in this process
+_PROBES: dict[tuple, tuple[str, ...]] = {}
+
+
+def _can_use(kernel: str):
+    cuda = torch.backends.cuda
+    return {CUDNN: cuda.can_use_cudnn_attention, FLASH: cuda.can_use_flash_attention,
+            EFFICIENT: cuda.can_use_efficient_attention}[kernel]
+
+
+def lse_kernels(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, direction: str = "forward") -> tuple[str, ...]:
+    """The lse-returning SDPA kernels that can run this (unmasked) call, in the order they are tried.
+
+    "cpu" on the CPU; on CUDA the names of cuDNN / flash / efficient that torch's `can_use_*`
+    accepts for a training call on these shapes (the user's `sdpa_kernel` settings included),
+    minus those that raised here before.
+    """
+    if q.device.type != "cuda":
+        return ("cpu",)
+    if torch.backends.cuda.SDPAParams is None:  # pragma: no cover - torch < 2.3
+        return ()
+    gqa = q.shape[1] != k.shape[1]
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))  # ask for kernels that train
+    params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, causal, gqa)
+    return tuple(n for n in _CUDA_LSE_KERNELS if (n, direction) not in _BROKEN and _can_use(n)(params))
+
+
+def _cuda_lse_unsupported(req: AttentionRequest) -> str | None:
+    """Why no lse-returning SDPA kernel takes req's dtype / head dim / GQA on this GPU, or None.
+
+    Probed once per (device, dtype, head dim, GQA) on tiny tensors: the dispatcher caches its
+    choice per signature, and these are the signature's parts the kernels' rules depend on.
+    """
+    gqa = "gqa" in req.features()
+    key = (str(req.device), req.dtype, req.head_dim, gqa)
+    if key not in _PROBES:
+        z = [torch.zeros(1, h, 128, req.head_dim, dtype=req.dtype, device=req.device) for h in (2 if gqa else 1, 1, 1)]
+        _PROBES[key] = lse_kernels(*z)
+    if _PROBES[key]:
+        return None
+    dt = str(req.dtype).replace("torch.", "")
+    return (f"missing feature 'return_lse' on cuda for {dt}, head dim {req.head_dim}{' with GQA' if gqa else ''}: "
+            "no lse-returning SDPA kernel (cuDNN / flash / efficient) takes it")
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One kernel call: query rows [q0, q1) against keys [k0, k1), square top-left causal or plain."""
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    causal: bool
+
+
+@dataclass(frozen=True)
+class _LsePlan:
+    """How one return_lse call runs: pieces, and (CPU) the additive mask with its dead rows."""
+
+    pieces: tuple[_Piece, ...]
+    scale: float
+    mask: Tensor | None = None  # additive float [.., Lq, Lk] in q's dtype, dead rows unmasked
+    dead: Tensor | None = None  # bool [.., Lq]: rows with nothing to attend (with a mask)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """(out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] float32, float64 for float64)."""
+        B, H, Lq = q.shape[:3]
+        ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+        whole = _Piece(0, Lq, 0, k.shape[2], self.pieces[0].causal)
+        if self.pieces == (whole,):
+            out, lse = _kernel_forward(q, k, v, self.mask, whole.causal, self.scale)
+            lse = lse.to(ct)
+        else:  # merged in float32 by lse; rows no piece covers stay 0 / -inf
+            out = torch.zeros(B, H, Lq, v.shape[3], dtype=ct, device=q.device)
+            lse = torch.full((B, H, Lq), float("-inf"), dtype=ct, device=q.device)
+            for p in self.pieces:
+                o, l_ = _kernel_forward(q[:, :, p.q0:p.q1], k[:, :, p.k0:p.k1], v[:, :, p.k0:p.k1], None, p.causal,
+                                        self.scale)
+                merge_partial(out[:, :, p.q0:p.q1], lse[:, :, p.q0:p.q1], o, l_)
+            out = out.to(q.dtype)
+        if self.dead is not None:
+            out = out.masked_fill(self.dead.unsqueeze(-1), 0.0)
+            lse = lse.masked_fill(self.dead, float("-inf"))
+        return out, lse
+
+    def backward(self, do, q, k, v, out, lse, dlse) -> tuple[Tensor, Tensor, Tensor]:
+        """(dq, dk, dv) in q's dtype from the given out / lse [B, Hq, Lq] (and dlse)."""
+        D, Dv = q.shape[3], v.shape[3]
+        do, out = do.to(q.dtype), out.to(q.dtype)
+        lse_k = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)  # P = 0 there
+        if self.dead is not None:
+            lse_k = lse_k.masked_fill(self.dead, float("inf"))
+        if dlse is not None:
+            q, k, v, do, out = _with_dlse(q, k, v, do, out, dlse)
+        Lq, Lk = q.shape[2], k.shape[2]
+        if len(self.pieces) == 1 and self.pieces[0] == _Piece(0, Lq, 0, Lk, self.pieces[0].causal):
+            dq, dk, dv = _kernel_backward(do, q, k, v, out, lse_k, self.mask, self.pieces[0].causal, self.scale)
+        else:
+            dq = torch.zeros(q.shape, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype, device=q.device)
+            dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+            for p in self.pieces:
+                r = slice(p.q0, p.q1)
+                gq, gk, gv = _kernel_backward(do[:, :, r], q[:, :, r], k[:, :, p.k0:p.k1], v[:, :, p.k0:p.k1],
+                                              out[:, :, r], lse_k[:, :, r], None, p.causal, self.scale)
+                dq[:, :, r] += gq
+                dk[:, :, p.k0:p.k1] = gk  # pieces never share keys
+                dv[:, :, p.k0:p.k1] = gv
+            dq = dq.to(q.dtype)
+        return dq[..., :D], dk[..., :D], dv[..., :Dv]
+
+
+def _lse_plan(req: AttentionRequest) -> _LsePlan:
+    Lq, Lk = req.len_q, req.len_k
+    if _explicit(req):
+        mask, rows_ok = _dense_mask(req, float_mask=True)
+        dead = None if bool(rows_ok.all()) else ~rows_ok.squeeze(-1)
+        return _LsePlan((_Piece(0, Lq, 0, Lk, False),), req.scale, mask, dead)
+    if not req.causal or Lq == Lk:
+        pieces = (_Piece(0, Lq, 0, Lk, req.causal),)
+    elif Lq > Lk:  # the first Lq - Lk rows see no key
+        pieces = (_Piece(Lq - Lk, Lq, 0, Lk, True),)
+    else:  # every query sees the first Lk - Lq keys; the last Lq keys are a square causal block
+        pieces = (_Piece(0, Lq, 0, Lk - Lq, False), _Piece(0, Lq, Lk - Lq, Lk, True))
+    return _LsePlan(pieces, req.scale)
+
+
+class _SdpaLse(torch.autograd.Function):
+    """(out, lse) of an lse-returning SDPA plan; its backward is the plan's, with dlse."""
+
+    @staticmethod
+    def forward(ctx, plan: _LsePlan, q, k, v):
+        out, lse = plan.forward(q, k, v)
+        ctx.set_materialize_grads(False)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if do is None:  # only lse was used
+            do = torch.zeros_like(out)
+        dq, dk, dv = ctx.plan.backward(do, q, k, v, out, lse, dlse)
+        return None, dq, dk, dv
+
+
+def _with_dlse(q, k, v, do, out, dlse):
+    """Inputs whose kernel backward computes delta = rowsum(do * out) - dlse (kernels take no dlse).
+
+    Two extra value columns (then zeros up to a multiple of 8, the kernels' alignment): v gets 0
+    there, out gets -dlse split in two parts of q's dtype (hi + lo: dlse to ~16 bits in bfloat16),
+    do gets 1, so rowsum(do' * out') = rowsum(do * out) - dlse while do' v'^T = do v^T; q and k get
+    zeros (SDPA kernels want one head dim; the scale is passed explicitly). The extra columns of the
+    gradients are dropped by the caller.
+    """
+    D = q.shape[3]
+    pad = (D + 2 + 7) // 8 * 8 - D
+    hi = dlse.to(q.dtype)
+    lo = (dlse - hi.to(dlse.dtype)).to(q.dtype)
+    rest = pad - 2
+    out = torch.cat([out, -hi.unsqueeze(-1), -lo.unsqueeze(-1), out.new_zeros(*out.shape[:3], rest)], dim=-1)
+    do = torch.cat([do, do.new_ones(*do.shape[:3], 2), do.new_zeros(*do.shape[:3], rest)], dim=-1)
+    q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+    return q, k, v, do, out
+
+
+def _pad8(t: Tensor) -> Tensor:
+    """t with its last dim zero-padded to a multiple of 8 (flash's alignment; as torch's SDPA does)."""
+    pad = -t.shape[-1] % 8
+    return F.pad(t, (0, pad)) if pad else t
+
+
+def _lse_out(raw: Tensor, B: int, H: int, Lq: int) -> Tensor:
+    """A kernel's lse ([B, H, Lq], cuDNN's [B, H, Lq, 1], efficient's [B, H, 32k]) as [B, H, Lq]; -inf where dead."""
+    lse = raw.reshape(B, H, -1)[:, :, :Lq]
+    return torch.where(lse == float("inf"), torch.full_like(lse, float("-inf")), lse)  # flash: +inf on dead rows
+
+
+def _try_kernels(q, k, v, causal: bool, direction: str, run):
+    """run(kernel) on the first kernel of `lse_kernels` that does not raise (a raising one is skipped from now on)."""
+    kernels = lse_kernels(q, k, v, causal, direction)
+    err = None
+    for name in kernels:
+        try:
+            return run(name)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:
+            if name == "cpu":
+                raise
+            _BROKEN.add((name, direction))
+            warnings.warn(f"attnkit sdpa: the {name} kernel's {direction} with log-sum-exp raised ({exc}); "
+                          "trying the next SDPA kernel from now on", RuntimeWarning, stacklevel=3)
+            err = exc
+    raise ValueError(
+        f"backend 'sdpa' cannot run this return_lse call's {direction}: no lse-returning SDPA kernel "
+        f"(cuDNN / flash / efficient) takes q {list(q.shape)} k {list(k.shape)} {q.dtype} on {q.device} "
+        f"(tried {list(kernels)}; last error: {err}); pass backend='flex' or 'chunked'"
+    )
+
+
+def _kernel_forward(q, k, v, mask, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """(out, lse [B, H, Lq] natural log, -inf on dead rows) of one unpieced kernel call."""
+    B, H, Lq = q.shape[:3]
+
+    def run(kernel: str):
+        if kernel == "cpu":
+            return _ATEN._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+        if kernel == CUDNN:
+            return _ATEN._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
+        if kernel == FLASH:
+            res = _ATEN._scaled_dot_product_flash_attention(_pad8(q), _pad8(k), _pad8(v), 0.0, causal, False,
+                                                            scale=scale)
+            return res[0][..., :v.shape[3]], res[1]
+        return _ATEN._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+
+    out, raw = _try_kernels(q, k, v, causal, "forward", run)
+    return out, _lse_out(raw, B, H, Lq)
+
+
+def _kernel_backward(do, q, k, v, out, lse, mask, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of one unpieced kernel call from out and lse ([B, H, Lq], +inf on dead rows)."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    lse = lse.contiguous()
+    no_rng = torch.zeros((), dtype=torch.int64, device=q.device)  # dropout 0: the kernels read no seed
+
+    def run(kernel: str):
+        if kernel == "cpu":
+            return _ATEN._scaled_dot_product_flash_attention_for_cpu_backward(
+                do, q, k, v, out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32),
+                0.0, causal, attn_mask=mask, scale=scale)
+        if kernel == CUDNN:
+            t = [x.contiguous() for x in (do, q, k, v, out)]
+            return _ATEN._scaled_dot_product_cudnn_attention_backward(
+                *t, lse.float().unsqueeze(-1), no_rng, no_rng, None, None, None, Lq, Lk, 0.0, causal, scale=scale)
+        if kernel == FLASH:
+            D = v.shape[3]
+            g = _ATEN._scaled_dot_product_flash_attention_backward(
+                _pad8(do), _pad8(q), _pad8(k), _pad8(v), _pad8(out), lse.float(), None, None, Lq, Lk, 0.0, causal,
+                no_rng, no_rng, scale=scale)
+            return g[0][..., :q.shape[3]], g[1][..., :k.shape[3]], g[2][..., :D]
+        lse_p = F.pad(lse.float(), (0, -Lq % 32))  # efficient keeps lse padded to a multiple of 32 rows
+        return _ATEN._scaled_dot_product_efficient_attention_backward(
+            do, q, k, v, None, out, lse_p, no_rng, no_rng, 0.0, [True, True, True, False], causal, scale=scale)[:3]
+
+    return _try_kernels(q, k, v, causal, "backward", run)

@@ -63,12 +63,22 @@ class TritonBackend(Backend):
             return 80.0  # one launch over the allowed tiles only; ahead of flex's block mask (issue 4 bench)
         return 20.0  # dense/masked: cuDNN and flex are faster; chosen only when forced
 
+    def prepare(self, req: AttentionRequest):
+        """Decode-shaped calls: the decode kernel's call with req's scalars (it keeps its own plan per
+        shapes and strides)."""
+        if not req.decode_shaped:
+            return None
+        scale, softcap, bounds, return_lse = req.scale, req.softcap, req.key_bounds, req.return_lse
+
+        def run(q, k, v, cache_seqlens, block_table, sinks):
+            # no detach: a decode-shaped call records no gradient, and the kernels no autograd
+            return da.decode_attention(q, k, v, cache_seqlens=cache_seqlens, block_table=block_table, scale=scale,
+                                       softcap=softcap, sinks=sinks, bounds=bounds, return_lse=return_lse)
+        return run
+
     def run(self, req: AttentionRequest) -> tuple[Tensor, Tensor | None]:
-        if req.decode_shaped:  # no gradient (decode_shaped): no detach needed, the kernels record no autograd
-            out, lse = da.decode_attention(req.q, req.k, req.v, cache_seqlens=req.cache_seqlens,
-                                           block_table=req.block_table, scale=req.scale, softcap=req.softcap,
-                                           sinks=req.sinks, bounds=req.key_bounds, return_lse=req.return_lse)
-            return out, lse
+        if req.decode_shaped:
+            return self.prepare(req)(req.q, req.k, req.v, req.cache_seqlens, req.block_table, req.sinks)
         req = req.densified()  # cache_seqlens / block_table -> gathered K/V and a mask
         layout = req.mask_mod.layout if isinstance(req.mask_mod, GroupMask) else None
         q, k, v = req.q, req.k, req.v
@@ -81,3 +91,13 @@ class TritonBackend(Backend):
         out, lse = fa.flash_attention(q, k, v, mask=req.mask, bias=bias, layout=layout, scale=req.scale,
                                       softcap=req.softcap, sinks=sinks, bounds=req.key_bounds)
         return out, (lse if req.return_lse else None)
+
+    def backward_from_stats(self, req, do, out, lse, dlse):
+        """The flash kernels' own backward (`flash_attention._backward`) on the given statistics."""
+        req = req.densified()
+        layout = req.mask_mod.layout if isinstance(req.mask_mod, GroupMask) else fa.dense_layout(req.len_q, req.len_k)
+        q, k, v = req.q.detach(), req.k.detach(), req.v.detach()
+        bias = req.bias.detach() if req.bias is not None else None
+        dq, dk, dv, _, _ = fa._backward(do.to(q.dtype), q, k, v, out.to(q.dtype), lse, dlse, req.mask, bias, False,
+                                        None, False, layout, req.scale, req.softcap, req.key_bounds)
+        return dq, dk, dv

@@ -9,22 +9,21 @@ backend), then merges that partial (out_s, lse_s) into its running result:
 (a row that has seen nothing stays at out 0, lse -inf; never NaN).
 
 Which local call a (query shard, key shard) pair needs is decided from global positions
-(`_Plan`): pairs with nothing visible are skipped; pairs wholly visible run with no mask;
+(`plan_pair`): pairs with nothing visible are skipped; pairs wholly visible run with no mask;
 the diagonal pair runs `causal`/`window` as the contract's own arguments where local and
 global positions agree; every other pair (window edges, padding, mask_mod) runs with a
 mask_mod that maps local indices to global positions (FlexAttention keeps its block
 sparsity; wrappers are cached so its BlockMask cache hits).
 
-Backward (`_RingAttention.backward`): K/V travel the same ring again, with float32 dK/dV
-accumulators that travel with them and reach their owner after P hops. Per pair, the local
-attention is recomputed on detached copies of its inputs and differentiated with
-`torch.autograd.grad`. With the global O and lse of a row and the pair's partial (O_s, lse_s),
-w_s = exp(lse_s - lse):
-    dL/dO_s   = w_s * dO
-    dL/dlse_s = w_s * (rowsum(dO * (O_s - O)) + dlse)
-which is exact: the pair's score gradient becomes P_global * (dP - rowsum(dO * O) + dlse),
-the same as differentiating the whole row at once. Nothing of size L x L and no K/V beyond
-two shards (plus their gradients) live on a rank.
+Backward (`RingAttentionFunction.backward`): K/V travel the same ring again, with float32 dK/dV
+accumulators that travel with them and reach their owner after P hops. Per pair, the
+contract's backward from saved statistics (`attnkit.attention_backward`) runs with the
+GLOBAL merged output O and log-sum-exp of the rows (and the incoming dlse only when the ring's
+lse output was used): P_pair = exp(S_pair - lse) are the pair's entries of the global softmax
+and delta = rowsum(dO * O) - dlse is the global row's, so the call returns exactly the pair's
+share of dq, dk, dv; no pair's forward is recomputed where the backend reads the statistics
+directly (sdpa's kernels, triton, chunked). Nothing of size L x L and no K/V beyond two
+shards (plus their gradients) live on a rank.
 """
 
 from __future__ import annotations
@@ -35,8 +34,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..functional import attention
+from ..functional import attention, attention_backward
 from ..masks import bounds_allow
+from ..merge import merge_partial
 from ._validate import CPSettings
 from .sharding import shard_positions
 
@@ -195,16 +195,6 @@ def _local(s: CPSettings, call: RingCall, q: Tensor, k: Tensor, v: Tensor) -> tu
     )
 
 
-def merge_partial(out: Tensor, lse: Tensor, part_out: Tensor, part_lse: Tensor) -> None:
-    """out, lse (float, in place) <- the log-sum-exp merge with a partial result of the same rows."""
-    part_lse = part_lse.to(lse.dtype)
-    new = torch.logaddexp(lse, part_lse)
-    safe = torch.where(torch.isneginf(new), torch.zeros_like(new), new)
-    w_old, w_new = torch.exp(lse - safe), torch.exp(part_lse - safe)
-    out.mul_(w_old.unsqueeze(-1)).add_(part_out.to(out.dtype) * w_new.unsqueeze(-1))
-    lse.copy_(new)
-
-
 def ring_forward(s: CPSettings, plan: list[RingCall | None], q: Tensor, k: Tensor, v: Tensor):
     """(out in q's dtype, lse float32/64) of q against every rank's K/V; plan[src] is the call per source rank."""
     ct = acc_dtype(q.dtype)
@@ -228,14 +218,13 @@ def ring_forward(s: CPSettings, plan: list[RingCall | None], q: Tensor, k: Tenso
 
 
 def ring_backward(s: CPSettings, plan: list[RingCall | None], q, k, v, out, lse, dout, dlse):
-    """(dq, dk, dv) of the ring forward; dK/dV accumulators travel with the K/V shards."""
+    """(dq, dk, dv) of the ring forward; dK/dV accumulators travel with the K/V shards.
+
+    out, lse: the merged (global) forward results of this rank's rows; dlse None unless the
+    ring's lse output was used downstream.
+    """
     ct = acc_dtype(q.dtype)
-    dout = torch.zeros_like(out, dtype=ct) if dout is None else dout.to(ct)
-    # dL/dlse_s = w_s * (rowsum(dO * O_s) - delta) with delta = rowsum(dO * O) - dlse.
-    delta = (dout * out.to(ct)).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.to(ct)
-    lse_safe = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)  # w_s = 0 on dead rows
+    dout = torch.zeros_like(out) if dout is None else dout.to(out.dtype)
     dq = torch.zeros(q.shape, dtype=ct, device=q.device)
     ring = _Ring(s) if s.world > 1 else None
     cur = [k.contiguous(), v.contiguous()]
@@ -250,7 +239,7 @@ def ring_backward(s: CPSettings, plan: list[RingCall | None], q, k, v, out, lse,
         call = plan[src]
         grads = None
         if call is not None:
-            grads = _pair_grads(s, call, q, cur[0], cur[1], dout, delta, lse_safe, dq)
+            grads = _pair_grads(s, call, q, cur[0], cur[1], out, lse, dout, dlse, dq)
         _wait(dkv_works)  # the accumulator of this shard, from rank - 1 (step > 0)
         acc = _pair(dkv, step)
         if grads is not None:
@@ -266,20 +255,14 @@ def ring_backward(s: CPSettings, plan: list[RingCall | None], q, k, v, out, lse,
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _pair_grads(s: CPSettings, call: RingCall, q, k, v, dout, delta, lse_safe, dq) -> tuple[Tensor, Tensor]:
-    """Recompute one pair through the contract and differentiate it; dq accumulates in place."""
-    rows = slice(call.q_lo, call.q_hi)
-    with torch.enable_grad():
-        qr = q[:, :, rows].detach().requires_grad_(True)
-        kr = k[:, :, call.k_lo:call.k_hi].detach().requires_grad_(True)
-        vr = v[:, :, call.k_lo:call.k_hi].detach().requires_grad_(True)
-        o, l = attention(qr, kr, vr, scale=s.scale, softcap=s.softcap, return_lse=True, backend=s.backend,
-                         **call.kwargs)
-    ct = dq.dtype
-    w = torch.exp(l.detach().to(ct) - lse_safe[:, :, rows])
-    g_out = (w.unsqueeze(-1) * dout[:, :, rows]).to(o.dtype)
-    g_lse = (w * ((dout[:, :, rows] * o.detach().to(ct)).sum(-1) - delta[:, :, rows])).to(l.dtype)
-    gq, gk, gv = torch.autograd.grad((o, l), (qr, kr, vr), (g_out, g_lse))
+def _pair_grads(s: CPSettings, call: RingCall, q, k, v, out, lse, dout, dlse, dq) -> tuple[Tensor, Tensor]:
+    """One pair's share of the gradients from the global statistics; dq accumulates in place."""
+    rows, cols = slice(call.q_lo, call.q_hi), slice(call.k_lo, call.k_hi)
+    gq, gk, gv = attention_backward(
+        dout[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols], out[:, :, rows], lse[:, :, rows],
+        dlse=None if dlse is None else dlse[:, :, rows], scale=s.scale, softcap=s.softcap, backend=s.backend,
+        **call.kwargs,
+    )
     dq[:, :, rows] += gq
     return gk, gv
 
@@ -290,6 +273,7 @@ class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, s: CPSettings, plan: list):
         out, lse = ring_forward(s, plan, q, k, v)
+        ctx.set_materialize_grads(False)  # an unused lse gets dlse None: no dlse work in the backward
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.settings, ctx.plan = s, plan
         return out, lse

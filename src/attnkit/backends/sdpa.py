@@ -218,11 +218,12 @@ def lse_kernels(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, direction
     """
     if q.device.type != "cuda":
         return ("cpu",)
-    if torch.backends.cuda.SDPAParams is None:  # pragma: no cover - torch < 2.3
+    sdpa_params = getattr(torch.backends.cuda, "SDPAParams", None)
+    if sdpa_params is None:  # pragma: no cover - torch < 2.3 is below our floor
         return ()
     gqa = q.shape[1] != k.shape[1]
     q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))  # ask for kernels that train
-    params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, causal, gqa)
+    params = sdpa_params(q, k, v, None, 0.0, causal, gqa)
     return tuple(n for n in _CUDA_LSE_KERNELS if (n, direction) not in _BROKEN and _can_use(n)(params))
 
 

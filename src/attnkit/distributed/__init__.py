@@ -102,8 +102,10 @@ ring_attention.__doc__ = (
     Each step posts the asynchronous send/receive of the next K/V shard (only the Hkv heads
     travel), then runs this rank's queries against the shard it holds through the contract
     with return_lse=True, and merges the partial result by log-sum-exp. Pairs of shards with
-    nothing visible are skipped. The backward pass is its own autograd Function: the local
-    attention is recomputed per pair and dK/dV accumulate while travelling around the ring.
+    nothing visible are skipped. The backward pass is its own autograd Function: per pair one
+    `attnkit.attention_backward` with the rows' global output and lse (the pair's share of the
+    gradient, no forward recomputed on sdpa / triton / chunked); dK/dV accumulate while
+    travelling around the ring.
 """ + _DOC_ARGS)
 all_to_all_attention.__doc__ = (
     """Attention over a sequence sharded across ranks, by all-to-all head parallelism (Ulysses).

@@ -29,8 +29,9 @@ import pytest
 import torch
 
 import attnkit
+from attnkit import dispatch, functional
 from attnkit.ops import decode_attention as da
-from attnkit.request import build_request
+from attnkit.request import build_request, replay_key
 from cases import TRITON_INTERPRET
 from conftest import LOWP, assert_close_rel, assert_close_tol, assert_lse_close, naive_attention, randn, rel_err
 
@@ -342,6 +343,55 @@ def test_decode_plans_tell_calls_apart(tdevice, monkeypatch):
     assert len(da._PLANS) == 2 * (len(variants) - 1)  # int64 lengths: causal's plan (the launch reads dtypes)
 
 
+@pytest.fixture
+def count_requests(monkeypatch):
+    """Counts the requests attnkit.attention builds for calls against a cache (a replayed call builds
+    none), from a clean slate."""
+    calls = []
+    orig = functional.build_request
+
+    def wrapped(*a, **kw):
+        if kw.get("cache_seqlens") is not None:
+            calls.append(1)
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(functional, "build_request", wrapped)
+    dispatch.clear_cache()
+    yield calls
+    dispatch.clear_cache()
+
+
+def test_decode_steps_replay_without_a_request(tdevice, count_requests):
+    """The first call of a structure builds its request; later steps with new queries and lengths
+    (written in place, as a cache does) replay it and match the oracle. Variants differing in one
+    scalar each get their own replay (a key without it would replay the wrong call)."""
+    d = make_decode(3, 8, 2, 2, 64, [40, 21, 9], 16, device=tdevice, seed=13, sinks=True)
+    nosinks = replace(d, sinks=None)
+    variants = [(nosinks, dict(causal=True)), (nosinks, dict(causal=True, window=5)),
+                (nosinks, dict(causal=True, window=(6, 0))), (nosinks, dict(causal=True, softcap=2.0)),
+                (nosinks, dict(causal=True, scale=0.3)), (d, dict(causal=True)), (nosinks, {}),
+                (nosinks, dict(causal=True, return_lse=True))]
+    g = torch.Generator().manual_seed(14)
+    with torch.no_grad():
+        for step in range(3):
+            for i, (dd, kw) in enumerate(variants):
+                dd.q.copy_(randn(*dd.q.shape, gen=g, device=tdevice))
+                dd.lens.copy_(torch.tensor([40 - step, 21 + step, 9 - 3 * step], dtype=torch.int32))
+                ref, base, mask = oracle(dd, kw)
+                res = attnkit.attention(dd.q, dd.kp, dd.vp, backend="triton", **contract_kw(dd, kw, True))
+                out, lse = res if kw.get("return_lse") else (res, None)
+                check(out, lse, ref, base, mask, torch.float32, name=f"step {step}, {kw}")
+                assert len(count_requests) == (len(variants) if step else i + 1), "a repeated step built a request"
+        q = d.q.clone().requires_grad_(True)  # a gradient to record: the full path (the flash kernel)
+        with torch.enable_grad():
+            attnkit.attention(q, d.kp, d.vp, backend="triton", **contract_kw(nosinks, {}, True))
+        assert len(count_requests) == len(variants) + 1
+    dispatch.clear_cache()  # what registering a backend does: the next call builds its request again
+    with torch.no_grad():
+        attnkit.attention(d.q, d.kp, d.vp, backend="triton", **contract_kw(nosinks, {}, True))
+    assert len(count_requests) == len(variants) + 2
+
+
 def test_decode_kernel_plain_decode_without_lengths(tdevice, spy_decode):
     """A decode-shaped call without cache_seqlens (every key valid) also runs the decode kernel,
     bottom-right causal included (Lq > Lk: the first rows see nothing)."""
@@ -581,6 +631,48 @@ def test_bad_cache_arguments(mutate, exc, words):
             fn(a["q"], a["k"], a["v"], **a["kw"])
         for w in words:
             assert re.search(w, str(ei.value)), f"{w!r} not in message: {ei.value}"
+
+
+def test_replay_key_covers_what_the_checks_read():
+    """replay_key declines what it cannot key exactly, and keys apart what the checks tell apart."""
+    q, kp, vp, table, lens = _paged_inputs()
+    base = dict(causal=True, window=None, scale=None, softcap=None, sinks=None, dropout_p=0.0, return_lse=False,
+                cache_seqlens=lens, block_table=table)
+    key = replay_key(q, kp, vp, **base)
+    assert key is not None
+    declined = dict(causal=1, window=[3, 0], scale=True, softcap=torch.tensor(2.0), return_lse=0,
+                    dropout_p=0.1, cache_seqlens=5)
+    for name, value in declined.items():
+        assert replay_key(q, kp, vp, **dict(base, **{name: value})) is None, name
+    assert replay_key(torch.nn.Parameter(q), kp, vp, **base) is None  # a subclass
+    with torch.enable_grad():
+        assert replay_key(q.clone().requires_grad_(True), kp, vp, **base) is None
+    others = [dict(window=3), dict(window=(3, None)), dict(scale=0.5), dict(softcap=2.0), dict(return_lse=True),
+              dict(causal=False), dict(cache_seqlens=lens.long()), dict(block_table=table[:, :2]), dict(block_table=None),
+              dict(sinks=torch.zeros(HQ))]
+    keys = {key} | {replay_key(q, kp, vp, **dict(base, **o)) for o in others}
+    keys |= {replay_key(q.double(), kp, vp, **base), replay_key(q[:, :2], kp, vp, **base),
+             replay_key(q, kp.to("meta"), vp, **base)}
+    assert len(keys) == len(others) + 4
+
+
+@pytest.mark.parametrize("mutate,exc,words", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_cache_arguments_after_replayed_steps(mutate, exc, words, count_requests):
+    """Every check still fires once a valid call of the same structure is being replayed (in-place
+    changes of the lengths' or the table's values included: CPU values are checked per call)."""
+    if not TRITON_INTERPRET:
+        pytest.skip("replays run on the triton backend: on the CPU under TRITON_INTERPRET=1")
+    q, kp, vp, table, lens = _paged_inputs()
+    a = {"q": q, "k": kp, "v": vp, "kw": dict(cache_seqlens=lens, block_table=table)}
+    with torch.no_grad():
+        for _ in range(2):
+            attnkit.attention(q, kp, vp, backend="triton", **a["kw"])
+        assert len(count_requests) == 1
+        mutate(a)
+        with pytest.raises(exc) as ei:
+            attnkit.attention(a["q"], a["k"], a["v"], backend="triton", **a["kw"])
+    for w in words:
+        assert re.search(w, str(ei.value)), f"{w!r} not in message: {ei.value}"
 
 
 def test_padding_entries_are_never_checked_or_read():

@@ -8,11 +8,16 @@ when nothing else can serve.
 Backends decide from `AttentionRequest.signature` alone (device, dtype, head
 dims, features), so the choice is cached per signature: a call pays one dict
 lookup, not a walk over every backend's capability table.
+
+Calls against a cache (decode steps) go further: the run a backend prepared for a call
+(`Backend.prepare`) is kept under the call's `request.replay_key`, and `attention` replays it
+for later calls with that key without building their request.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -20,9 +25,11 @@ from . import backends as _backends
 from .backends import Backend, get_backend
 from .request import AttentionRequest
 
-__all__ = ["Plan", "plan", "choose", "clear_cache"]
+__all__ = ["Plan", "plan", "choose", "clear_cache", "prepare", "prepared"]
 
 _CHOICE_CACHE: dict[tuple, Backend] = {}
+_PREPARED: dict[tuple, tuple[Callable, bool]] = {}
+_MAX_PREPARED = 256
 
 
 @dataclass(frozen=True)
@@ -42,8 +49,27 @@ class Plan:
 
 
 def clear_cache() -> None:
-    """Forget cached choices (called when the backend registry changes)."""
+    """Forget cached choices and prepared runs (called when the backend registry changes)."""
     _CHOICE_CACHE.clear()
+    _PREPARED.clear()
+
+
+def prepared(key: tuple, backend: str) -> tuple[Callable, bool] | None:
+    """(run, on_cpu) kept by `prepare` for a replay key and backend name, or None."""
+    if backend.__class__ is not str or torch.compiler.is_compiling():  # traced code: no global dict
+        return None
+    return _PREPARED.get((backend, key))
+
+
+def prepare(key: tuple, backend: str, chosen: Backend, req: AttentionRequest) -> None:
+    """Keep chosen's prepared run for req (a call that passed the checks) under its replay key."""
+    if backend.__class__ is not str or torch.compiler.is_compiling():
+        return
+    run = chosen.prepare(req)
+    if run is not None:
+        if len(_PREPARED) >= _MAX_PREPARED:
+            _PREPARED.pop(next(iter(_PREPARED)))
+        _PREPARED[(backend, key)] = (run, req.device.type == "cpu")
 
 
 def choose(req: AttentionRequest, backend: str = "auto") -> Backend:

@@ -17,7 +17,7 @@ from torch import Tensor
 from ._checks import probability
 from .groups import GroupMask
 
-__all__ = ["AttentionRequest", "build_request", "check_stats", "SUPPORTED_DTYPES", "DECODE_MAX_LQ"]
+__all__ = ["AttentionRequest", "build_request", "replay_key", "check_cache_values", "check_stats", "SUPPORTED_DTYPES", "DECODE_MAX_LQ"]
 
 # float64 is accepted so that the reference (and gradcheck) can run in double.
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -386,8 +386,8 @@ def build_request(
     if paged:
         Lk = _check_block_table(block_table, cache_seqlens, k, B, device)
     cache_seqlens = _check_cache_seqlens(cache_seqlens, B, Lk, device)
-    if paged and device.type == "cpu":  # values: only where reading them costs no device sync
-        _check_block_ids(block_table, cache_seqlens, k.shape[0], k.shape[2])
+    if cache_seqlens is not None and device.type == "cpu":  # values: only where reading them costs no device sync
+        check_cache_values(k, cache_seqlens, block_table)
     target = (B, Hq, Lq, Lk)
 
     if mask is not None:
@@ -539,6 +539,48 @@ def _check_cache_seqlens(cache_seqlens, B: int, Lk: int, device: torch.device) -
         raise ValueError(f"cache_seqlens must have shape [B] = [{B}], got {_shape(cache_seqlens)}")
     if cache_seqlens.device != device:
         raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {device}")
-    if device.type == "cpu":
-        _check_seqlen_values(cache_seqlens, Lk)
     return cache_seqlens
+
+
+def check_cache_values(k: Tensor, cache_seqlens: Tensor, block_table: Tensor | None) -> None:
+    """The values of a CPU call's cache_seqlens (within the logical key length) and block table (every
+    entry a sequence reads is a block of the pool k); their shapes are checked already."""
+    bs = k.shape[2]
+    _check_seqlen_values(cache_seqlens, bs if block_table is None else block_table.shape[1] * bs)
+    if block_table is not None:
+        _check_block_ids(block_table, cache_seqlens, k.shape[0], bs)
+
+
+_OPT_NUM = (type(None), int, float)  # exact classes: bool, numpy scalars and the like are not keyed
+_OPT_INT = (type(None), int)
+
+
+def replay_key(q, k, v, causal, window, scale, softcap, sinks, dropout_p, return_lse, cache_seqlens,
+               block_table) -> tuple | None:
+    """For a call against a cache with no mask, bias, score_mod or mask_mod (the caller checks those;
+    a decode step), a key of everything build_request reads to check and normalise it: each
+    tensor's class, shape, dtype and device, the scalars by value and exact class. Two calls with
+    equal keys pass or fail its checks alike and normalise alike, the values of CPU tensors aside
+    (check_cache_values), and run alike but for the tensors' data and strides. None for a call with
+    anything the key would not capture exactly (a tensor subclass, an int cache_seqlens, a list
+    window, a numpy scalar or a bool where a number belongs, a gradient to record): it takes the
+    full path."""
+    T = Tensor
+    if not (q.__class__ is T and k.__class__ is T and v.__class__ is T and cache_seqlens.__class__ is T
+            and (block_table is None or block_table.__class__ is T) and (sinks is None or sinks.__class__ is T)
+            and causal.__class__ is bool and return_lse.__class__ is bool
+            and scale.__class__ in _OPT_NUM and softcap.__class__ in _OPT_NUM
+            and dropout_p.__class__ in _OPT_NUM and dropout_p == 0):
+        return None
+    if window is not None and window.__class__ is not int and not (
+            window.__class__ is tuple and len(window) == 2
+            and window[0].__class__ in _OPT_INT and window[1].__class__ in _OPT_INT):
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                    or (sinks is not None and sinks.requires_grad)):
+        return None
+    return (q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device,
+            cache_seqlens.shape, cache_seqlens.dtype, cache_seqlens.device,
+            None if block_table is None else (block_table.shape, block_table.dtype, block_table.device),
+            None if sinks is None else (sinks.shape, sinks.dtype, sinks.device),
+            causal, window, scale, softcap, return_lse)

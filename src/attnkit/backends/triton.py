@@ -63,12 +63,22 @@ class TritonBackend(Backend):
             return 80.0  # one launch over the allowed tiles only; ahead of flex's block mask (issue 4 bench)
         return 20.0  # dense/masked: cuDNN and flex are faster; chosen only when forced
 
+    def prepare(self, req: AttentionRequest):
+        """Decode-shaped calls: the decode kernel's call with req's scalars (it keeps its own plan per
+        shapes and strides)."""
+        if not req.decode_shaped:
+            return None
+        scale, softcap, bounds, return_lse = req.scale, req.softcap, req.key_bounds, req.return_lse
+
+        def run(q, k, v, cache_seqlens, block_table, sinks):
+            # no detach: a decode-shaped call records no gradient, and the kernels no autograd
+            return da.decode_attention(q, k, v, cache_seqlens=cache_seqlens, block_table=block_table, scale=scale,
+                                       softcap=softcap, sinks=sinks, bounds=bounds, return_lse=return_lse)
+        return run
+
     def run(self, req: AttentionRequest) -> tuple[Tensor, Tensor | None]:
-        if req.decode_shaped:  # no gradient (decode_shaped): no detach needed, the kernels record no autograd
-            out, lse = da.decode_attention(req.q, req.k, req.v, cache_seqlens=req.cache_seqlens,
-                                           block_table=req.block_table, scale=req.scale, softcap=req.softcap,
-                                           sinks=req.sinks, bounds=req.key_bounds, return_lse=req.return_lse)
-            return out, lse
+        if req.decode_shaped:
+            return self.prepare(req)(req.q, req.k, req.v, req.cache_seqlens, req.block_table, req.sinks)
         req = req.densified()  # cache_seqlens / block_table -> gathered K/V and a mask
         layout = req.mask_mod.layout if isinstance(req.mask_mod, GroupMask) else None
         q, k, v = req.q, req.k, req.v

@@ -160,7 +160,14 @@ class SdpaBackend(Backend):
         return out.masked_fill(~rows_ok, 0.0)
 
     def backward_from_stats(self, req, do, out, lse, dlse):
-        """The lse-returning kernels' own backward with the given statistics (no forward recomputed)."""
+        """The lse-returning kernels' own backward with the given statistics (no forward recomputed).
+
+        A dlse on CUDA goes to the chunked backend's tiled backward instead: the extra value columns
+        that fold dlse into the kernels' delta gave wrong dq / dk there (H100, torch 2.11,
+        2026-11-23; right on the CPU kernel)."""
+        if dlse is not None and req.device.type == "cuda":
+            from .chunked import ChunkedBackend
+            return ChunkedBackend().backward_from_stats(req, do, out, lse, dlse)
         req = req.densified()
         return _lse_plan(req).backward(do, req.q, req.k, req.v, out, lse, dlse)
 
@@ -198,7 +205,9 @@ def _dense_mask(req: AttentionRequest, float_mask: bool = False) -> tuple[Tensor
 # --------------------------------------------------------------------------- return_lse
 _ATEN = torch.ops.aten
 CUDNN, FLASH, EFFICIENT = "cudnn", "flash", "efficient"
-_CUDA_LSE_KERNELS = (CUDNN, FLASH, EFFICIENT)  # the order `_CudaPriority` gives SDPA
+# The order `_CudaPriority` gives SDPA. The memory-efficient kernel is left out: on an H100
+# (torch 2.11, 2026-11-23) its lse path hit an illegal memory access on a causal Lq < Lk piece.
+_CUDA_LSE_KERNELS = (CUDNN, FLASH)
 _BROKEN: set[tuple[str, str]] = set()  # (kernel, "forward" | "backward") that raised in this process
 _PROBES: dict[tuple, tuple[str, ...]] = {}
 
@@ -233,6 +242,10 @@ def _cuda_lse_unsupported(req: AttentionRequest) -> str | None:
     Probed once per (device, dtype, head dim, GQA) on tiny tensors: the dispatcher caches its
     choice per signature, and these are the signature's parts the kernels' rules depend on.
     """
+    if req.needs_grad and not req.for_backward:
+        # a differentiable lse needs the dlse path, wrong on CUDA (see backward_from_stats); the
+        # no-grad forward (what ring attention's steps run) and attention_backward stay on SDPA
+        return "missing feature 'return_lse' with gradients on cuda (the lse kernels' dlse path is not exact there)"
     gqa = "gqa" in req.features()
     key = (str(req.device), req.dtype, req.head_dim, gqa)
     if key not in _PROBES:

@@ -648,8 +648,8 @@ def test_replay_key_covers_what_the_checks_read():
     with torch.enable_grad():
         assert replay_key(q.clone().requires_grad_(True), kp, vp, **base) is None
     others = [dict(window=3), dict(window=(3, None)), dict(scale=0.5), dict(softcap=2.0), dict(return_lse=True),
-              dict(causal=False), dict(cache_seqlens=lens.long()), dict(block_table=table[:, :2]), dict(block_table=None),
-              dict(sinks=torch.zeros(HQ))]
+              dict(causal=False), dict(cache_seqlens=lens.long()), dict(block_table=table[:, :2]),
+              dict(block_table=None), dict(sinks=torch.zeros(HQ))]
     keys = {key} | {replay_key(q, kp, vp, **dict(base, **o)) for o in others}
     keys |= {replay_key(q.double(), kp, vp, **base), replay_key(q[:, :2], kp, vp, **base),
              replay_key(q, kp.to("meta"), vp, **base)}

@@ -17,7 +17,8 @@ from torch import Tensor
 from ._checks import probability
 from .groups import GroupMask
 
-__all__ = ["AttentionRequest", "build_request", "replay_key", "check_cache_values", "check_stats", "SUPPORTED_DTYPES", "DECODE_MAX_LQ"]
+__all__ = ["AttentionRequest", "build_request", "replay_key", "check_cache_values", "check_stats",
+           "SUPPORTED_DTYPES", "DECODE_MAX_LQ"]
 
 # float64 is accepted so that the reference (and gradcheck) can run in double.
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -129,12 +129,15 @@ def _compile(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, num
     """Launch through Triton's own path (which compiles, or finds its cached kernel); return the
     compiled kernel it ran. With maxnreg, the capped build runs if it does not spill."""
     if maxnreg is not None:
-        capped = kernel.warmup(*args, **consts, grid=grid, num_warps=num_warps, num_stages=num_stages,
-                               maxnreg=maxnreg)
-        if hasattr(capped, "result"):
-            capped = capped.result()
-        capped._init_handles()  # loads the module: n_spills is known from here on
-        if not capped.n_spills:
+        try:
+            capped = kernel.warmup(*args, **consts, grid=grid, num_warps=num_warps, num_stages=num_stages,
+                                   maxnreg=maxnreg)
+            if hasattr(capped, "result"):
+                capped = capped.result()
+            capped._init_handles()  # loads the module: n_spills is known from here on
+        except Exception:  # noqa: BLE001 - a cap too tight to build at all (Triton raises): run uncapped
+            capped = None
+        if capped is not None and not capped.n_spills:
             names = kernel.arg_names[len(args):]
             device = driver.active.get_current_device()
             capped[tuple(grid) + (1,) * (3 - len(grid))](*args, *(consts[n] for n in names),

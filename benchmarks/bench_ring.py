@@ -144,9 +144,11 @@ def make_call(peer: str, w: Workload, mode: str, rank: int, world: int, device, 
     _, fn = _cp_fn(peer, w, backend)
     q = _rand((w.B, w.Hq, Ls, w.D), dt, device, 100 + rank).requires_grad_(grad)
     k, v = (_rand((w.B, w.Hkv, Ls, w.D), dt, device, 200 + 10 * rank + i).requires_grad_(grad) for i in range(2))
-    # the ring merges its local steps by lse; all-to-all makes one plain call over the whole sequence
-    plan = attnkit.explain(q[:, :, :64], k[:, :, :64], v[:, :, :64], causal=w.causal, return_lse=peer != "all_to_all",
-                           backend=backend).backend
+    # the ring merges its local steps by lse (computed without autograd inside its own Function);
+    # all-to-all makes one plain call over the whole sequence
+    with torch.no_grad():
+        plan = attnkit.explain(q[:, :, :64], k[:, :, :64], v[:, :, :64], causal=w.causal,
+                               return_lse=peer != "all_to_all", backend=backend).backend
     g = torch.randn_like(q) if grad else None
     return (lambda: _step(fn, (q, k, v), mode, g)), f"local steps on {plan}"
 

@@ -61,16 +61,12 @@ from dataclasses import dataclass, field
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
-try:
-    import attnkit  # noqa: E402
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
-    import attnkit  # noqa: E402
-
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import harness as H  # noqa: E402
+
+attnkit = H.import_attnkit()
 
 from harness import SDPA_KERNELS, SDPBackend, compiled_flex, create_block_mask, sdpa_kernel  # noqa: E402
 

@@ -433,6 +433,17 @@ def test_cached_choice_follows_grad_mode():
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
+def test_backward_requests_have_their_own_signature():
+    """attention_backward's request and a differentiated forward both carry 'backward', but a backend
+    may take one and not the other (sdpa's lse on CUDA): the cached choice must not cross over."""
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 16, seed=5)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    fwd = build_request(*leaves, return_lse=True)
+    bwd = build_request(q, k, v, return_lse=True, for_backward=True)
+    assert "backward" in fwd.features() and "backward" in bwd.features()
+    assert fwd.signature != bwd.signature
+
+
 @pytest.mark.parametrize("make", [
     lambda: attnkit.StandardAttention(2, 8, backend="nope"),
     lambda: attnkit.FlashAttention(2, 8, backend="nope"),

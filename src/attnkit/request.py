@@ -88,7 +88,9 @@ class AttentionRequest:
         qs = q.shape
         self.decode_shaped = qs[2] <= DECODE_MAX_LQ and f.isdisjoint(_NOT_DECODE)
         # Everything backend choice may depend on; the dispatcher caches its choice per signature.
-        self.signature = (q.device.type, q.dtype, qs[3], v.shape[3], f, self.decode_shaped)
+        # for_backward too: a backend may take attention_backward's request but not a forward whose
+        # outputs (lse included) are differentiated (sdpa's lse on CUDA), and both carry 'backward'.
+        self.signature = (q.device.type, q.dtype, qs[3], v.shape[3], f, self.decode_shaped, self.for_backward)
 
     # --- shapes -----------------------------------------------------------
     @property

@@ -307,6 +307,8 @@ class _LsePlan:
         if self.dead is not None:
             lse_k = lse_k.masked_fill(self.dead, float("inf"))
         if dlse is not None:
+            if q.is_cuda:  # unreachable through dispatch (see _cuda_lse_unsupported): never return wrong grads
+                raise RuntimeError("sdpa: a gradient through lse is not supported on CUDA (its dlse fold is wrong there)")
             q, k, v, do, out = _with_dlse(q, k, v, do, out, dlse)
         Lq, Lk = q.shape[2], k.shape[2]
         if len(self.pieces) == 1 and self.pieces[0] == _Piece(0, Lq, 0, Lk, self.pieces[0].causal):

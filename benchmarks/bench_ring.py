@@ -27,7 +27,7 @@ harness's convention: 4 * B * Hq * D * pairs, fwd+bwd = 3.5 x) / P / time, time 
 rank's median; efficiency = per-GPU TFLOP/s / the single row's TFLOP/s (1.0 = the kernel rate
 of one GPU, communication hidden and work balanced); zigzag gain = ring_zigzag TFLOP/s /
 ring_contiguous TFLOP/s (causal). Timing: harness.time_fn_stats with fixed call counts (all ranks
-must make the same calls): 1 untimed + 3 estimate + 1 warm-up + --reps timed calls, median.
+must make the same calls): 1 untimed + --reps timed calls, median.
 Before timing, each distributed peer is checked at a small size (1024 tokens per rank) against
 `attnkit.attention` over the gathered sequence in float32: output and (fwd+bwd) dq/dk/dv relative
 L2 error <= 2e-2, else the row is BAD.
@@ -278,7 +278,7 @@ def worker(rank: int, world: int, init_file: str, args) -> None:
     meta = H.collect_meta(
         device, title="attnkit context-parallel benchmark (issue 7)" + (" (smoke)" if args.smoke else ""),
         smoke=args.smoke, world_size=world, command=args.command,
-        timing=(f"harness.time_fn_stats with fixed counts (1 untimed + 3 + 1 warm-up + {args.reps} timed calls, "
+        timing=(f"harness.time_fn_stats with fixed counts (1 untimed + {args.reps} timed calls, "
                 "median), slowest rank"),
         notes=("per-GPU TFLOP/s: unmasked pairs of the whole attention / P; single: one GPU, q shard [L/P] vs "
                "K/V [L], no communication; efficiency: per-GPU TFLOP/s / single's; zigzag gain: ring_zigzag / "

@@ -141,7 +141,8 @@ def time_fn_stats(
     ``warmup/estimate`` untimed calls and ``rep/estimate`` timed ones (at least
     min_rep), each timed alone: CUDA events on a GPU, time.perf_counter after a
     synchronize on the CPU. No L2 flushing between calls (not needed at the
-    sizes benchmarked here).
+    sizes benchmarked here). With warmup <= 0 and rep <= 0 the counts are fixed:
+    the untimed call, then min_rep timed calls (no estimate, no warm-up).
 
     Returns {"median_ms", "min_ms", "p20_ms", "p80_ms", "n_rep"}.
     """
@@ -151,9 +152,14 @@ def time_fn_stats(
     if first_call:
         fn()
         sync(device)
-    # Estimate the time of one call.
-    n_est = 3
-    if cuda:
+    if warmup <= 0 and rep <= 0:
+        # Fixed counts (multi-rank runs, where every rank must make the same
+        # calls): the first call warmed up, so time min_rep calls and nothing else.
+        n_est = 0
+        est = 1.0
+    else:
+        n_est = 3
+    if n_est and cuda:
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
         for _ in range(n_est):
@@ -161,13 +167,13 @@ def time_fn_stats(
         e.record()
         torch.cuda.synchronize()
         est = s.elapsed_time(e) / n_est
-    else:
+    elif n_est:
         t0 = time.perf_counter()
         for _ in range(n_est):
             fn()
         est = (time.perf_counter() - t0) * 1e3 / n_est
     est = max(est, 1e-3)
-    n_warm = max(1, min(int(warmup / est), max_rep))
+    n_warm = max(1 if n_est else 0, min(int(warmup / est), max_rep))
     n_rep = max(min_rep, min(int(rep / est), max_rep))
     for _ in range(n_warm):
         fn()

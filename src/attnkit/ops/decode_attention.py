@@ -228,9 +228,15 @@ def num_splits_for(programs: int, len_k: int, device: torch.device) -> int:
     return max(1, min(want, _cdiv(len_k, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
 
 
-def _config(d: int, dv: int, f32: bool, rows: int) -> tuple[int, int, int, int]:
+def _config(d: int, dv: int, f32: bool, rows: int, paged: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). Memory-bound: large key tiles, several stages in
-    flight; the rows (query heads of a group x queries) fill one M tile of 16 to 64."""
+    flight; the rows (query heads of a group x queries) fill one M tile of 16 to 64.
+
+    Paged tiles need more stages for the same bytes in flight: their K/V addresses come from a
+    block-table load, which the pipeliner schedules stages ahead of them, so at 3 stages K and V had
+    one buffer each (39 KB of shared memory against the contiguous kernel's 72 KB). At 5 they have
+    two (H100, bf16, D = 128, page 16, kernel-only, 2026-11-23: B8 x 32k 2153 -> 2722 GB/s, B8 x 128k
+    2819 -> 2950, B1 x 128k 2366 -> 2466; B32 / B128 x 8k-32k within -1%)."""
     block_m = min(64, max(16, _p2(rows)))
     if _INTERPRET:
         return block_m, 16, 1, 1  # small key tiles: the tests' short caches still span several
@@ -240,7 +246,7 @@ def _config(d: int, dv: int, f32: bool, rows: int) -> tuple[int, int, int, int]:
     if dmax <= 64:
         return block_m, 128, 4, 3
     if dmax <= 128:
-        return block_m, 64, 4, 3
+        return block_m, 64, 4, 5 if paged else 3
     return block_m, 32, 4, 2
 
 
@@ -324,7 +330,7 @@ def _plan(q: Tensor, k: Tensor, v: Tensor, block_table: Tensor | None, has_lens:
     G = Hq // Hkv
     rows = G * Lq
     f32 = q.dtype == torch.float32
-    bm, bn, warps, stages = _config(D, DV, f32, rows)
+    bm, bn, warps, stages = _config(D, DV, f32, rows, paged)
     n_mblocks = _cdiv(rows, bm)
     programs = B * Hkv * n_mblocks
     S = num_splits if num_splits is not None else num_splits_for(programs, LK, q.device)

@@ -553,7 +553,9 @@ def test_explain_and_auto_on_cpu():
 
 def test_num_splits_heuristic():
     cpu = torch.device("cpu")  # 2 "SMs" in the heuristic: few programs in the interpreter
-    assert da.num_splits_for(1, 100_000, cpu) == 8
+    slots = da.PROGRAMS_PER_SM * 2
+    assert da.num_splits_for(1, 100_000, cpu) == slots  # one full wave
+    assert da.num_splits_for(4, 100_000, cpu) * 4 % slots == 0  # whole waves
     assert da.num_splits_for(1, 300, cpu) == 2  # at least MIN_KEYS_PER_SPLIT keys per split
     assert da.num_splits_for(64, 100_000, cpu) == 1
     assert da.num_splits_for(1, 10**9, cpu) <= da.MAX_SPLITS

@@ -220,12 +220,32 @@ def _sm_count(device: torch.device) -> int:
     return n
 
 
+# Split programs resident per SM: the D <= 128 bf16 configs take 164-168 registers (paged) or 72 KB
+# of shared memory (contiguous), so 3 fit on an H100 SM. The wave rule below is tuned to it.
+PROGRAMS_PER_SM = 3
+
+
 def num_splits_for(programs: int, len_k: int, device: torch.device) -> int:
-    """Splits per sequence: enough programs for ~4 per SM (so that loads keep the memory busy),
-    each split reading at least MIN_KEYS_PER_SPLIT keys of the logical length, at most MAX_SPLITS.
-    Depends on shapes only (never on the lengths' values: no device sync)."""
-    want = _cdiv(4 * _sm_count(device), max(programs, 1))
-    return max(1, min(want, _cdiv(len_k, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
+    """Splits per sequence, so that the split programs fill whole waves of PROGRAMS_PER_SM per SM:
+    the fewest splits whose programs fill >= 95% of their last wave, else the best-filled count.
+    A last wave that is partly filled leaves SMs idle while it runs: B1 x 128k had 8 programs x 66
+    splits = 1.33 waves. Each split reads at least MIN_KEYS_PER_SPLIT keys of the logical length,
+    and at most MAX_SPLITS splits; with two full waves or more, one split. Depends on shapes only
+    (never on the lengths' values: no device sync)."""
+    slots = PROGRAMS_PER_SM * _sm_count(device)
+    programs = max(programs, 1)
+    s_max = max(1, min(_cdiv(len_k, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
+    if programs >= 2 * slots:
+        return 1
+    best, best_fill = 1, 0.0
+    for s in range(1, s_max + 1):
+        waves = s * programs / slots
+        fill = waves / math.ceil(waves)  # busy fraction of the slots over the waves
+        if fill >= 0.95:
+            return s
+        if fill > best_fill:
+            best, best_fill = s, fill
+    return best
 
 
 def _config(d: int, dv: int, f32: bool, rows: int, paged: bool = False) -> tuple[int, int, int, int]:

@@ -212,6 +212,23 @@ if triton is not None:
         return tl.load(BIAS_BH + qi * sbm + kj * sbn, mask=in_mem, other=0.0).to(tl.float32)
 
     @triton.jit
+    def _logits(q, k, offs_m, offs_n, tile_mem, bias_bh, sbm, sbn, scale, softcap,
+                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """[queries, keys] scores in *score units*: q k^T alone when there is neither bias nor
+        softcap (the scale then folds into the exp's FMA), else the logits q k^T * scale + bias,
+        softcapped; and their tanh (for the softcap's gradient)."""
+        s = _mm(q, tl.trans(k), PRECISION, UPCAST)
+        if HAS_BIAS:
+            s = s * scale + _bias(bias_bh, offs_m[:, None], offs_n[None, :], tile_mem, sbm, sbn)
+        elif SOFTCAP:
+            s = s * scale
+        t = s
+        if SOFTCAP:
+            t = _tanh(s / softcap)
+            s = t * softcap
+        return s, t
+
+    @triton.jit
     def _key_cols(start_n, lo, hi, LK, row_ok, BLOCK_N: tl.constexpr, BIG: tl.constexpr, TILE: tl.constexpr):
         """Key offsets of the tile at start_n (on the BLOCK_N grid), which of them the segment
         [lo, hi) holds, which exist (< LK), and the memory guard of a [rows, keys] bias/mask tile.
@@ -233,21 +250,12 @@ if triton is not None:
                   HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
                   HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, TILE: tl.constexpr,
                   BLOCK_D: tl.constexpr):
-        """The K tile of keys offs_n; the scores of the query block against it, in *score
-        units* (q k^T alone when there is neither bias nor softcap: the scale then folds into the
-        exp's FMA; else the logits q k^T * scale + bias, softcapped); their tanh (for the softcap's
-        gradient); and which pairs are allowed (TILE 0, interior: only the bool mask applies).
+        """The K tile of keys offs_n; the scores of the query block against it and their tanh
+        (_logits); and which pairs are allowed (TILE 0, interior: only the bool mask applies).
         Callers load the V tile where they use it (fewer live registers meanwhile)."""
         k = _load(k_base, offs_n, exists, skn, skd, D, BLOCK_D)
-        s = _mm(q, tl.trans(k), PRECISION, UPCAST)
-        if HAS_BIAS:
-            s = s * scale + _bias(bias_bh, offs_m[:, None], offs_n[None, :], tile_mem, sbm, sbn)
-        elif SOFTCAP:
-            s = s * scale
-        t = s
-        if SOFTCAP:
-            t = _tanh(s / softcap)
-            s = t * softcap
+        s, t = _logits(q, k, offs_m, offs_n, tile_mem, bias_bh, sbm, sbn, scale, softcap,
+                       HAS_BIAS, SOFTCAP, PRECISION, UPCAST)
         if TILE == 0:  # wholly inside the segment and the bounds
             ok = tile_mem
             if HAS_MASK:
@@ -546,15 +554,8 @@ if triton is not None:
         do = _load(do_base, offs_m, row_ok, sdom, sdod, DV, BLOCK_DV)
         lse = _lse_log2(LSE_BH, offs_m, row_ok)
         delta = tl.load(DELTA_BH + offs_m, mask=row_ok, other=0.0)
-        s = _mm(q, tl.trans(k), PRECISION, UPCAST)  # [BLOCK_M, BLOCK_N], score units
-        if HAS_BIAS:
-            s = s * scale + _bias(bias_bh, offs_m[:, None], offs_n[None, :], tile_mem, sbm, sbn)
-        elif SOFTCAP:
-            s = s * scale
-        t = s
-        if SOFTCAP:
-            t = _tanh(s / softcap)
-            s = t * softcap
+        s, t = _logits(q, k, offs_m, offs_n, tile_mem, bias_bh, sbm, sbn, scale, softcap,
+                       HAS_BIAS, SOFTCAP, PRECISION, UPCAST)
         p = tl.exp2(s * exp_scale - lse[:, None])
         # rows past hi have lse = +inf, so p = 0 there; key columns past the block are never stored
         if ROW_EDGE or HAS_MASK or HAS_LEFT or HAS_RIGHT:

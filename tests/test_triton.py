@@ -270,7 +270,7 @@ def test_paired_dq_programs_match_single(tdevice, monkeypatch):
     adds their ds before one atomic: that path (GQA, causal, a per-row key-padding mask, odd
     lengths) must give what one row per program gives, and match the float64 reference. (Without
     a mask it runs in every shared-bias gradient test, e.g. group_pair_bias.)"""
-    B, Hq, Hkv, Lq, Lk, D = 4, 4, 2, 37, 45, 16
+    B, Hq, Hkv, Lq, Lk, D = 2, 4, 2, 37, 45, 16  # one pair of rows per program
     q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, D, seed=21, device=tdevice)
     g = torch.Generator().manual_seed(22)
     bias = randn(1, Hq, Lq, Lk, gen=g, device=tdevice)

@@ -298,6 +298,49 @@ def test_paired_dq_programs_match_single(tdevice, monkeypatch):
         assert_close_rel(a, r, rtol=5e-5, name=f"grad {n}")
 
 
+def test_loop_flags_follow_the_layout():
+    """The tables say whether any key tile can be an edge tile (a segment bound off the BLOCK_N
+    grid, other than Lk) and whether Lk ends in a partial tile; without them the kernels compile
+    their interior loop only."""
+    dense = fa._tables(fa.dense_layout(64, 64), 32, 32, torch.device("cpu"))
+    assert not dense["edges"] and not dense["tail"]
+    odd = fa._tables(fa.dense_layout(64, 45), 32, 32, torch.device("cpu"))
+    assert not odd["edges"] and odd["tail"]  # the segment ends at Lk: its last tile is the tail
+    groups = fa._tables(SegmentLayout(64, 64, ((((0, 64),), ((0, 40),)),)), 32, 32, torch.device("cpu"))
+    assert groups["edges"] and not groups["tail"]
+
+
+@pytest.mark.parametrize("lk", [64, 45], ids=["aligned", "tail"])
+def test_skipped_loops_change_nothing(lk, tdevice, monkeypatch):
+    """With the edge loops (and the tail loop) compiled out, forward and backward must equal the
+    kernels that compile every loop (there the skipped loops run zero times), bit for bit."""
+    B, H, Lq, D = 2, 2, 40, 16
+    q, k, v = make_qkv(B, H, H, Lq, lk, D, seed=31, device=tdevice)
+    g = torch.Generator().manual_seed(32)
+    bias = randn(1, H, Lq, lk, gen=g, device=tdevice)
+    g_out = randn(B, H, Lq, D, gen=g, device=tdevice)
+
+    def run():
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, bias)]
+        out = _triton(*leaves[:3], bias=leaves[3])
+        return [out, *torch.autograd.grad((out * g_out).sum(), leaves)]
+
+    bn = fa._config(D, D, fa._INTERPRET)["fwd"][1]
+    assert not fa._tables(fa.dense_layout(Lq, lk), 32, bn, torch.device(tdevice))["edges"]
+    lean = run()
+    real = fa._tables
+
+    def every_loop(*a, **kw):
+        return dict(real(*a, **kw), edges=True, tail=True)
+
+    monkeypatch.setattr(fa, "_tables", every_loop)
+    full = run()
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dbias"], lean, full):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    ref = attnkit.attention(*(x.double() for x in (q, k, v)), bias=bias.double(), backend="reference")
+    assert_close_rel(lean[0], ref)
+
+
 def test_segment_layout_normalises_sets():
     """Lists become tuples (the layout is hashed by the kernels' table cache); bad values are named."""
     lay = SegmentLayout(10, 10, [[[(0, 5)], [(0, 5)]], [[[5, 10]], [(0, 10)]]])

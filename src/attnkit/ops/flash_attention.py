@@ -96,11 +96,17 @@ def _tables(layout: SegmentLayout, block_m: int, block_n: int, device: torch.dev
     while kalign > 1 and any(s % kalign for s, _, _ in kb):
         kalign //= 2
 
+    # whether a segment may leave a partial key tile before Lk's last tile (if not, the kernels
+    # compile their interior and tail loops only: fewer registers), and whether Lk ends in one
+    edges = any(x % block_n and x != layout.len_k for _, ksegs in layout.sets for s, e in ksegs if e > s
+                for x in (s, e))
+
     def t(xs):
         return torch.tensor(xs if xs else [0], dtype=torch.int32, device=device)
 
     hit = {"qtab": t(qtab), "n_qblocks": len(qb), "segptr": t(segptr), "segs": t(segs),
-           "ktab": t(ktab), "n_kblocks": len(kb), "runptr": t(runptr), "runs": t(runs), "kalign": kalign}
+           "ktab": t(ktab), "n_kblocks": len(kb), "runptr": t(runptr), "runs": t(runs), "kalign": kalign,
+           "edges": edges, "tail": layout.len_k % block_n != 0}
     if len(_TABLES) > 64:
         _TABLES.pop(next(iter(_TABLES)))
     _TABLES[key] = hit
@@ -345,7 +351,7 @@ if triton is not None:
         smb, smh, smm, smn, sbb, sbh, sbm, sbn,
         H, GROUP, BATCH, Lq, LK, D, DV, scale, softcap, exp_scale, offset, left, right,
         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, EDGES: tl.constexpr, TAIL: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr, HEAD_MAJOR: tl.constexpr, GRID3: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
@@ -365,30 +371,33 @@ if triton is not None:
         for si in range(tl.load(SEGPTR + qset), tl.load(SEGPTR + qset + 1)):
             lo, hi, t0, i0, i1, below, t_end = _key_range(SEGS, si, q_start, q_end, offset, left, right, LK,
                                                           HAS_LEFT, HAS_RIGHT, BLOCK_N)
-            for t in range(t0, i0):  # edge tiles before the interior
-                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, offs_m, row_ok, t * BLOCK_N, lo, hi, LK,
-                                          k_base, skn, skd, v_base, svn, svd, D, DV, mask_bh, smm, smn,
-                                          bias_bh, sbm, sbn, scale, softcap, exp_scale, offset, left, right,
-                                          HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
-                                          1, BLOCK_N, BLOCK_D, BLOCK_DV)
+            if EDGES:
+                for t in range(t0, i0):  # edge tiles before the interior
+                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, offs_m, row_ok, t * BLOCK_N, lo, hi, LK,
+                                              k_base, skn, skd, v_base, svn, svd, D, DV, mask_bh, smm, smn,
+                                              bias_bh, sbm, sbn, scale, softcap, exp_scale, offset, left, right,
+                                              HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
+                                              1, BLOCK_N, BLOCK_D, BLOCK_DV)
             for t in range(i0, i1):  # interior tiles: no per-pair test
                 acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, offs_m, row_ok, t * BLOCK_N, lo, hi, LK,
                                           k_base, skn, skd, v_base, svn, svd, D, DV, mask_bh, smm, smn,
                                           bias_bh, sbm, sbn, scale, softcap, exp_scale, offset, left, right,
                                           HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
                                           0, BLOCK_N, BLOCK_D, BLOCK_DV)
-            for t in range(i1, below):  # edge tiles after it
-                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, offs_m, row_ok, t * BLOCK_N, lo, hi, LK,
-                                          k_base, skn, skd, v_base, svn, svd, D, DV, mask_bh, smm, smn,
-                                          bias_bh, sbm, sbn, scale, softcap, exp_scale, offset, left, right,
-                                          HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
-                                          1, BLOCK_N, BLOCK_D, BLOCK_DV)
-            for t in range(tl.maximum(t0, LK // BLOCK_N), t_end):  # the tile across LK, if any
-                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, offs_m, row_ok, t * BLOCK_N, lo, hi, LK,
-                                          k_base, skn, skd, v_base, svn, svd, D, DV, mask_bh, smm, smn,
-                                          bias_bh, sbm, sbn, scale, softcap, exp_scale, offset, left, right,
-                                          HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
-                                          2, BLOCK_N, BLOCK_D, BLOCK_DV)
+            if EDGES:
+                for t in range(i1, below):  # edge tiles after it
+                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, offs_m, row_ok, t * BLOCK_N, lo, hi, LK,
+                                              k_base, skn, skd, v_base, svn, svd, D, DV, mask_bh, smm, smn,
+                                              bias_bh, sbm, sbn, scale, softcap, exp_scale, offset, left, right,
+                                              HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
+                                              1, BLOCK_N, BLOCK_D, BLOCK_DV)
+            if TAIL:
+                for t in range(tl.maximum(t0, LK // BLOCK_N), t_end):  # the tile across LK, if any
+                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, offs_m, row_ok, t * BLOCK_N, lo, hi, LK,
+                                              k_base, skn, skd, v_base, svn, svd, D, DV, mask_bh, smm, smn,
+                                              bias_bh, sbm, sbn, scale, softcap, exp_scale, offset, left, right,
+                                              HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
+                                              2, BLOCK_N, BLOCK_D, BLOCK_DV)
         dead = l_i == 0.0
         out = acc / tl.where(dead, 1.0, l_i)[:, None]
         lse = tl.where(dead, float("-inf"), (m_i * exp_scale + tl.log2(tl.where(dead, 1.0, l_i))) / 1.4426950408889634)
@@ -451,7 +460,7 @@ if triton is not None:
         sdqb, sdqh, sdqm, sdqd, smb, smh, smm, smn, sbb, sbh, sbm, sbn, sdbb, sdbh, sdbm, sdbn,
         H, GROUP, BATCH, Lq, LK, D, DV, scale, softcap, exp_scale, offset, left, right,
         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, EDGES: tl.constexpr, TAIL: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr, HEAD_MAJOR: tl.constexpr, GRID3: tl.constexpr,
         BIAS_GRAD: tl.constexpr, DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr, DB_ATOMIC: tl.constexpr,
         PAIR: tl.constexpr,
@@ -490,13 +499,14 @@ if triton is not None:
         for si in range(tl.load(SEGPTR + qset), tl.load(SEGPTR + qset + 1)):
             lo, hi, t0, i0, i1, below, t_end = _key_range(SEGS, si, q_start, q_end, offset, left, right, LK,
                                                           HAS_LEFT, HAS_RIGHT, BLOCK_N)
-            for t in range(t0, i0):  # edge tiles before the interior
-                dq, dq2 = _dq_step(dq, dq2, q, do, lse, delta, q2, do2, lse2, delta2, offs_m, row_ok, t * BLOCK_N,
-                                   lo, hi, LK, k_base, v_base, mask_bh, k_base2, v_base2, mask_bh2, skn, skd, svn, svd,
-                                   D, DV, smm, smn, bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, scale, softcap, exp_scale,
-                                   offset, left, right, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION,
-                                   UPCAST, BIG, BIAS_GRAD, DB_SUM_M, DB_SUM_N, DB_ATOMIC, PAIR,
-                                   1, BLOCK_N, BLOCK_D, BLOCK_DV)
+            if EDGES:
+                for t in range(t0, i0):  # edge tiles before the interior
+                    dq, dq2 = _dq_step(
+                        dq, dq2, q, do, lse, delta, q2, do2, lse2, delta2, offs_m, row_ok, t * BLOCK_N, lo, hi, LK,
+                        k_base, v_base, mask_bh, k_base2, v_base2, mask_bh2, skn, skd, svn, svd, D, DV, smm, smn,
+                        bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, scale, softcap, exp_scale, offset, left, right,
+                        HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG, BIAS_GRAD, DB_SUM_M,
+                        DB_SUM_N, DB_ATOMIC, PAIR, 1, BLOCK_N, BLOCK_D, BLOCK_DV)
             for t in range(i0, i1):  # interior tiles: no per-pair test
                 dq, dq2 = _dq_step(dq, dq2, q, do, lse, delta, q2, do2, lse2, delta2, offs_m, row_ok, t * BLOCK_N,
                                    lo, hi, LK, k_base, v_base, mask_bh, k_base2, v_base2, mask_bh2, skn, skd, svn, svd,
@@ -504,20 +514,22 @@ if triton is not None:
                                    offset, left, right, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION,
                                    UPCAST, BIG, BIAS_GRAD, DB_SUM_M, DB_SUM_N, DB_ATOMIC, PAIR,
                                    0, BLOCK_N, BLOCK_D, BLOCK_DV)
-            for t in range(i1, below):  # edge tiles after it
-                dq, dq2 = _dq_step(dq, dq2, q, do, lse, delta, q2, do2, lse2, delta2, offs_m, row_ok, t * BLOCK_N,
-                                   lo, hi, LK, k_base, v_base, mask_bh, k_base2, v_base2, mask_bh2, skn, skd, svn, svd,
-                                   D, DV, smm, smn, bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, scale, softcap, exp_scale,
-                                   offset, left, right, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION,
-                                   UPCAST, BIG, BIAS_GRAD, DB_SUM_M, DB_SUM_N, DB_ATOMIC, PAIR,
-                                   1, BLOCK_N, BLOCK_D, BLOCK_DV)
-            for t in range(tl.maximum(t0, LK // BLOCK_N), t_end):  # the tile across LK, if any
-                dq, dq2 = _dq_step(dq, dq2, q, do, lse, delta, q2, do2, lse2, delta2, offs_m, row_ok, t * BLOCK_N,
-                                   lo, hi, LK, k_base, v_base, mask_bh, k_base2, v_base2, mask_bh2, skn, skd, svn, svd,
-                                   D, DV, smm, smn, bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, scale, softcap, exp_scale,
-                                   offset, left, right, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION,
-                                   UPCAST, BIG, BIAS_GRAD, DB_SUM_M, DB_SUM_N, DB_ATOMIC, PAIR,
-                                   2, BLOCK_N, BLOCK_D, BLOCK_DV)
+            if EDGES:
+                for t in range(i1, below):  # edge tiles after it
+                    dq, dq2 = _dq_step(
+                        dq, dq2, q, do, lse, delta, q2, do2, lse2, delta2, offs_m, row_ok, t * BLOCK_N, lo, hi, LK,
+                        k_base, v_base, mask_bh, k_base2, v_base2, mask_bh2, skn, skd, svn, svd, D, DV, smm, smn,
+                        bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, scale, softcap, exp_scale, offset, left, right,
+                        HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG, BIAS_GRAD, DB_SUM_M,
+                        DB_SUM_N, DB_ATOMIC, PAIR, 1, BLOCK_N, BLOCK_D, BLOCK_DV)
+            if TAIL:
+                for t in range(tl.maximum(t0, LK // BLOCK_N), t_end):  # the tile across LK, if any
+                    dq, dq2 = _dq_step(
+                        dq, dq2, q, do, lse, delta, q2, do2, lse2, delta2, offs_m, row_ok, t * BLOCK_N, lo, hi, LK,
+                        k_base, v_base, mask_bh, k_base2, v_base2, mask_bh2, skn, skd, svn, svd, D, DV, smm, smn,
+                        bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, scale, softcap, exp_scale, offset, left, right,
+                        HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG, BIAS_GRAD, DB_SUM_M,
+                        DB_SUM_N, DB_ATOMIC, PAIR, 2, BLOCK_N, BLOCK_D, BLOCK_DV)
         _store(DQ + b * sdqb + h * sdqh, offs_m, row_ok, sdqm, sdqd, D, dq * scale, BLOCK_D)
         if PAIR:
             _store(DQ + (b + 1) * sdqb + h * sdqh, offs_m, row_ok, sdqm, sdqd, D, dq2 * scale, BLOCK_D)
@@ -852,6 +864,7 @@ def _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds):
                 left, right), dict(
                 HAS_MASK=mask is not None, HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
                 HAS_SINKS=sinks is not None, HAS_LEFT=has_l, HAS_RIGHT=has_r,
+                EDGES=tab["edges"] or has_l or has_r, TAIL=tab["tail"],
                 **_precision(q.dtype, interp), BIG=_big(q, k, v, o, mask, bias), HEAD_MAJOR=head_major,
                 GRID3=_grid3(B, H),
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV)),
@@ -910,6 +923,7 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms, *bs, *dbs,
                 H, H // Hkv, nb, Lq, Lk, D, DV, *scalars), dict(
                 **flags, HEAD_MAJOR=dq_major, GRID3=_grid3(nb, H), PAIR=pair,
+                EDGES=tab["edges"] or has_l or has_r, TAIL=tab["tail"],
                 BIAS_GRAD=bias_grad, DB_SUM_M=bias_grad and bias.shape[2] == 1 and Lq > 1,
                 DB_SUM_N=bias_grad and bias.shape[3] == 1 and Lk > 1,
                 DB_ATOMIC=bias_grad and ((bias.shape[0] == 1 and B > 1) or (bias.shape[1] == 1 and H > 1)),

@@ -556,7 +556,8 @@ def test_num_splits_heuristic():
     slots = da.PROGRAMS_PER_SM * 2
     assert da.num_splits_for(1, 100_000, cpu) == slots  # one full wave
     assert da.num_splits_for(4, 100_000, cpu) * 4 % slots == 0  # whole waves
-    assert da.num_splits_for(1, 300, cpu) == 2  # at least MIN_KEYS_PER_SPLIT keys per split
+    assert da.num_splits_for(1, 3 * da.MIN_KEYS_PER_SPLIT - 1, cpu) == 3  # at least MIN_KEYS_PER_SPLIT keys
+    assert da.num_splits_for(1, da.MIN_KEYS_PER_SPLIT, cpu) == 1
     assert da.num_splits_for(64, 100_000, cpu) == 1
     assert da.num_splits_for(1, 10**9, cpu) <= da.MAX_SPLITS
 

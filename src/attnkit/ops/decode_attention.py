@@ -52,7 +52,9 @@ __all__ = ["decode_attention", "num_splits_for", "TRITON_ERROR", "MAX_LQ"]
 TRITON_ERROR = None if triton is not None else "triton is not installed"
 MAX_LQ = 16  # queries per sequence the kernel takes (request.DECODE_MAX_LQ)
 MAX_SPLITS = 128
-MIN_KEYS_PER_SPLIT = 256  # a split reads at least this many keys: its partial costs ~1/256 of its reads
+# A split reads at least this many keys: below it the second launch and the partials cost more
+# than the parallelism gains (H100, bf16, 2026-11-23: B8 x 1k paged, 1 split 1244 GB/s, 4 splits 749).
+MIN_KEYS_PER_SPLIT = 1024
 _LOG2E = 1.4426950408889634
 
 _INTERPRET = INTERPRET
@@ -220,9 +222,12 @@ def _sm_count(device: torch.device) -> int:
     return n
 
 
-# Split programs resident per SM: the D <= 128 bf16 configs take 164-168 registers (paged) or 72 KB
-# of shared memory (contiguous), so 3 fit on an H100 SM. The wave rule below is tuned to it.
-PROGRAMS_PER_SM = 3
+# Split programs the wave rule below counts per SM: two, which keep the memory busy (the paged
+# D <= 128 bf16 config takes 191 registers, so two fit; the contiguous one fits three), while fewer
+# splits mean longer runs and fewer partials (H100, bf16, paged, kernel-only, 2026-11-23: B32 x 8k, 256 programs:
+# 1 split 2934-2951 GB/s, 3 splits 2857-2888; B8 x 32k-128k: 4 splits 2889-3021, 6 splits 2687-2988;
+# B1 x 128k: 33 splits 2748-2750, 48 splits 2508-2686).
+PROGRAMS_PER_SM = 2
 
 
 def num_splits_for(programs: int, len_k: int, device: torch.device) -> int:
@@ -254,9 +259,10 @@ def _config(d: int, dv: int, f32: bool, rows: int, paged: bool = False) -> tuple
 
     Paged tiles need more stages for the same bytes in flight: their K/V addresses come from a
     block-table load, which the pipeliner schedules stages ahead of them, so at 3 stages K and V had
-    one buffer each (39 KB of shared memory against the contiguous kernel's 72 KB). At 5 they have
-    two (H100, bf16, D = 128, page 16, kernel-only, 2026-11-23: B8 x 32k 2153 -> 2722 GB/s, B8 x 128k
-    2819 -> 2950, B1 x 128k 2366 -> 2466; B32 / B128 x 8k-32k within -1%)."""
+    one buffer each (39 KB of shared memory against the contiguous kernel's 72 KB). 64-key tiles at
+    5 stages gave them two (H100, bf16, D = 128, page 16, kernel-only, 2026-11-23: B8 x 32k 2153 ->
+    2722 GB/s); 128-key tiles at 4 stages (74 KB) are as fast or up to 3% faster with the split rule
+    of PROGRAMS_PER_SM = 2 (B128 x 8k 2946 -> 3031; B1 x 128k 2750 -> 2748; B1 x 8k 754 -> 734)."""
     block_m = min(64, max(16, _p2(rows)))
     if _INTERPRET:
         return block_m, 16, 1, 1  # small key tiles: the tests' short caches still span several
@@ -266,7 +272,7 @@ def _config(d: int, dv: int, f32: bool, rows: int, paged: bool = False) -> tuple
     if dmax <= 64:
         return block_m, 128, 4, 3
     if dmax <= 128:
-        return block_m, 64, 4, 5 if paged else 3
+        return (block_m, 128, 4, 4) if paged else (block_m, 64, 4, 3)
     return block_m, 32, 4, 2
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -59,7 +58,8 @@ def peers(q, k, v, cu, lens, causal):
         outs = []
         for a, b in zip(offs, offs[1:]):
             qi, ki, vi = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
-            outs.append(F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, enable_gqa=True)[0].transpose(0, 1))
+            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, enable_gqa=True)
+            outs.append(o[0].transpose(0, 1))
         return torch.cat(outs)
 
     B, Lmax = len(lens), max(lens)
@@ -96,10 +96,11 @@ def run(out_dir: str | None, smoke: bool) -> None:
     do = torch.randn(total, HQ, D, device=device, dtype=dtype, generator=g)
     ceil = H.measure_ceilings(device) if device.type == "cuda" else {}
     meta = H.collect_meta(device)
+    ceiling = f"- bf16 matmul ceiling: {ceil['matmul_tflops']:.1f} TFLOP/s" if ceil else "- CPU smoke run"
     lines = ["# attnkit varlen benchmark (issue 6)", "",
-             f"- device: **{meta.get('device_name', device)}**, date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
+             f"- device: **{meta.get('device_name', device)}**, date: {meta['date_utc']}",
              f"- torch {torch.__version__}, triton {meta.get('triton')}, attnkit ({meta.get('attnkit_commit')})",
-             f"- bf16 matmul ceiling: {ceil.get('matmul_tflops', float('nan')):.1f} TFLOP/s" if ceil else "- CPU smoke run",
+             ceiling,
              f"- {n} sequences, lengths {lens} ({total} tokens), Hq {HQ}, Hkv {HKV}, D {D}, {dtype}", ""]
     for causal in (False, True):
         pairs = sum(H.attended_pairs(L, L, causal=causal) for L in lens)
@@ -130,7 +131,8 @@ def run(out_dir: str | None, smoke: bool) -> None:
             best = max((r[2] for r in ok), default=None)
             first = len(lines)
             lines += [f"## {'causal' if causal else 'dense'} — {mode} ({flops / 1e9:.1f} GFLOP)", "",
-                      "| peer | ms | TFLOP/s | ratio | ceil | check | note |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+                      "| peer | ms | TFLOP/s | ratio | ceil | check | note |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
             for name, ms, tf, err, note in rows:
                 if ms is None:
                     lines.append(f"| {name} | - | - | - | - | - | error: {note} |")

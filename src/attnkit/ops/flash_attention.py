@@ -22,7 +22,10 @@ Any head dim (padded to a power of two in registers), Lq != Lk, Dv != D.
 
 Key tiles sit on the BLOCK_N grid and come in three kinds: interior (every pair
 allowed by the segment and the bounds: no per-pair test), edge, and the one tile
-across Lk (the only one whose keys need a memory guard). Tile starts are
+across Lk (the only one whose keys need a memory guard); a layout with no edge
+tile (every segment bound on the grid or at Lk, no window) compiles without the
+edge loops, and one whose Lk is a multiple of BLOCK_N without the tail loop (fewer
+registers: EDGES / TAIL). Tile starts are
 computed as t * BLOCK_N so that the compiler knows them aligned: bias and mask
 rows then load as 16-byte vectors (a per-key guard, or an unknown alignment,
 makes them scalar loads, ~10x slower). Scores stay in "score units" (q k^T

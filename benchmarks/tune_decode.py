@@ -30,7 +30,8 @@ HQ, HKV, D = 32, 8, 128
 
 
 def bench(fn, n: int = 20, rounds: int = 5) -> float:
-    """Median ms per call over `rounds` timings of `n` back-to-back calls."""
+    """Median ms per call over `rounds` timings of `n` back-to-back calls. Not harness.time_fn, which
+    times each call alone: decode steps run back to back, so their launch gaps overlap the kernels."""
     fn()
     torch.cuda.synchronize()
     ts = []

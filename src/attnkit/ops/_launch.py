@@ -112,16 +112,16 @@ def launch(kernel, grid: tuple, args: tuple, consts: dict, *, num_warps: int, nu
         kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
         return
     key = (kernel, device, num_warps, num_stages, maxnreg, tuple(consts.values()), others(args), spec)
-    compiled = _CACHE.get(key)
-    if compiled is None:
+    hit = _CACHE.get(key)
+    if hit is None:
         compiled = _compile(kernel, grid, args, consts, num_warps, num_stages, maxnreg)
         if len(_CACHE) >= _MAX_ENTRIES:
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = compiled
+        _CACHE[key] = (compiled, *_direct(compiled))
         return
     names = kernel.arg_names[len(args):]  # the constexprs, in the kernel's parameter order
     grid3 = tuple(grid) + (1,) * (3 - len(grid))  # a compiled kernel's runner reads all three axes
-    compiled[grid3](*args, *(consts[n] for n in names), stream=driver.active.get_current_stream(device))
+    _run(hit, grid3, driver.active.get_current_stream(device), args + tuple(consts[n] for n in names))
 
 
 def _compile(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, num_stages: int,
@@ -187,13 +187,20 @@ class Launch:
                                 self.num_stages)
             self._compiled[spec] = (compiled, *_direct(compiled))
             return
-        compiled, fn, lead = hit
-        stream = driver.active.get_current_stream(self.device)
-        if fn is not None and not (knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls):
-            # pointers as ints: the launcher then neither calls data_ptr() nor queries the driver per tensor
-            fn(*self.grid3, stream, *lead, *ptrs, *self.tail)
-        else:
-            compiled[self.grid3](*tensors, *self.tail, stream=stream)
+        # pointers as ints for the launcher: it then neither calls data_ptr() nor queries the driver per tensor
+        _run(hit, self.grid3, driver.active.get_current_stream(self.device), (*tensors, *self.tail),
+             direct_args=(*ptrs, *self.tail))
+
+
+def _run(hit: tuple, grid3: tuple, stream, args: tuple, direct_args: tuple | None = None) -> None:
+    """Launch a cached (compiled, fn, lead) entry (see _direct) with all its arguments, constexprs
+    included: through the launcher directly (with direct_args, if given) when no launch hook (a
+    profiler) is registered, else through the compiled kernel's runner."""
+    compiled, fn, lead = hit
+    if fn is not None and not (knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls):
+        fn(*grid3, stream, *lead, *(args if direct_args is None else direct_args))
+    else:
+        compiled[grid3](*args, stream=stream)
 
 
 def _direct(compiled) -> tuple:
@@ -212,10 +219,11 @@ def _direct(compiled) -> tuple:
 
 # Triton 3.6's `compiled[grid](*args, stream=)` builds a closure and a launch-metadata dict and
 # calls the launch hooks (empty HookChains unless a profiler is attached) around every launch:
-# microseconds per decode step. With no hook registered, Launch calls the kernel's launcher
-# with what that path would pass (triton/compiler/compiler.py CompiledKernel.__getitem__ and
-# backends/nvidia/driver.py CudaLauncher.__call__, 3.6), pointers given as ints (which its
-# getPointer takes as they are); other Triton versions keep the public path.
+# microseconds per launch (a decode step; the four launches of a training step's attention).
+# With no hook registered, _run calls the kernel's launcher with what that path would pass
+# (triton/compiler/compiler.py CompiledKernel.__getitem__ and backends/nvidia/driver.py
+# CudaLauncher.__call__, 3.6); Launch gives pointers as ints (which its getPointer takes as they
+# are), launch the tensors. Other Triton versions keep the public path.
 _DIRECT = triton is not None and triton.__version__.startswith("3.6.")
 if _DIRECT:
     from triton import knobs

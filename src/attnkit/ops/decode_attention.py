@@ -26,9 +26,10 @@ Each split writes a float32 partial output (already normalised) and its log-sum-
 second small kernel merges the splits by log-sum-exp and adds the sinks to the denominator.
 With one split the first kernel finishes its rows itself (no second launch).
 
-A paged tile may span several pages (block_size < BLOCK_N) or lie inside one: each key's
-block id is read from the table (masked past the sequence's length, so padding entries such
-as -1 are never dereferenced). float16/bfloat16 multiply in their own type with float32
+A paged tile may span several pages (block_size < BLOCK_N): then each key's block id is read
+from the table, masked past the sequence's length, so that padding entries such as -1 are never
+dereferenced. Or it lies inside one page (block_size >= BLOCK_N): then one id per tile, and
+the rows' offsets are affine as in a contiguous cache. float16/bfloat16 multiply in their own type with float32
 accumulation; float32 in IEEE float32 (no tf32).
 """
 
@@ -123,7 +124,12 @@ if triton is not None:
         for t in range(t_start, t_end):
             offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
             key_ok = offs_n < seqlen
-            if PAGED:  # each key's block from the table; entries past the length are never read
+            if PAGED and PAGE >= BLOCK_N:  # the tile lies in one page: one block id, rows as in a contiguous cache
+                blk = tl.load(bt_row + (t * BLOCK_N // PAGE) * sbtn).to(tl.int64)  # t * BLOCK_N < seqlen
+                slot = (t * BLOCK_N) % PAGE + tl.arange(0, BLOCK_N)
+                k_rows = blk * skb + slot * skn
+                v_rows = blk * svb + slot * svn
+            elif PAGED:  # each key's block from the table; entries past the length are never read
                 blk = tl.load(bt_row + (offs_n // PAGE) * sbtn, mask=key_ok, other=0).to(tl.int64)
                 k_rows = blk * skb + (offs_n % PAGE) * skn
                 v_rows = blk * svb + (offs_n % PAGE) * svn

@@ -22,7 +22,10 @@ Peers, in one process, on the same cached tokens:
   picks its decoding kernel for short query lengths); CUDA only (on the CPU it compiles per
   shape and is slow);
 - eager: softmax(q k^T * scale) v in bf16 with each GQA group folded into rows (no K/V repeat),
-  where B * L <= 64k tokens.
+  where B * L <= 64k tokens;
+- flashinfer: FlashInfer's BatchDecodeWithPagedKVCacheWrapper over the same paged pool and
+  tables (layout "HND"; plan() before timing, run() timed), where the package imports (it is
+  not a dependency: skipped with the reason otherwise).
 
 Metric: K/V bytes read per second. bytes = B * L * Hkv * (D + Dv) * 2: every cached K and V
 element read once (q and the output are under 0.1% of that) -> GB/s (1e9 B/s). ratio = GB/s
@@ -66,7 +69,13 @@ attnkit = H.import_attnkit()
 
 from harness import SDPA_KERNELS, SDPBackend, compiled_flex, flex_attention, sdpa_kernel  # noqa: E402
 
-PEERS = ("attnkit", "attnkit_contiguous", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flex", "eager")
+PEERS = ("attnkit", "attnkit_contiguous", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flex", "eager",
+         "flashinfer")
+try:  # optional peer: not a dependency of attnkit (docs/benchmarks.md says how it was carried to the GPU)
+    import flashinfer
+except Exception:  # noqa: BLE001 - absent, or present but unusable here: the peer is skipped with the reason
+    flashinfer = None
+FLASHINFER_WORKSPACE_BYTES = 128 * 2**20
 SMALL_TOKENS = 64 * 1024  # sdpa_math and eager only up to this many cached tokens (B * L)
 GOAL_TOKENS = 256 * 1024  # issue 6: >= 1.0 x SDPA-contiguous from here on, >= 0.9 x below
 FWD_REL_TOL = 2e-2
@@ -148,6 +157,8 @@ def skip_reason(peer: str, c: Case, device: torch.device) -> str | None:
         return "torch.nn.attention.sdpa_kernel missing"
     if peer == "flex" and (flex_attention is None or device.type != "cuda"):
         return "FlexAttention: CUDA only here"
+    if peer == "flashinfer" and (flashinfer is None or device.type != "cuda"):
+        return "FlashInfer: not installed here" if flashinfer is None else "FlashInfer: CUDA only"
     return None
 
 
@@ -169,6 +180,18 @@ def make_call(peer: str, st: State):
     if peer == "flex":
         fn = compiled_flex()
         return lambda: fn(q, k, v, enable_gqa=True)
+    if peer == "flashinfer":
+        # its paged decode over the same pool: separate K and V in the "HND" layout, [pages, Hkv, page, D];
+        # plan() once, as a serving step plans once for all layers; run() alone is timed
+        bs, nb = st.kp.shape[2], st.table.shape[1]
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            torch.empty(FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device=q.device), kv_layout="HND")
+        indptr = torch.arange(c.B + 1, dtype=torch.int32, device=q.device) * nb
+        last = torch.full((c.B,), c.L - (nb - 1) * bs, dtype=torch.int32, device=q.device)
+        wrapper.plan(indptr, st.table.reshape(-1).contiguous(), last, c.Hq, c.Hkv, c.D, bs,
+                     pos_encoding_mode="NONE", data_type=q.dtype, q_data_type=q.dtype)
+        q3 = q[:, :, 0]  # [B, Hq, D]
+        return lambda: wrapper.run(q3, (st.kp, st.vp)).unsqueeze(2)
     if peer == "eager":
         G, scale = c.Hq // c.Hkv, 1.0 / math.sqrt(c.D)
 

@@ -29,8 +29,10 @@ With one split the first kernel finishes its rows itself (no second launch).
 A paged tile may span several pages (block_size < BLOCK_N): then each key's block id is read
 from the table, masked past the sequence's length, so that padding entries such as -1 are never
 dereferenced. Or it lies inside one page (block_size >= BLOCK_N): then one id per tile, and
-the rows' offsets are affine as in a contiguous cache. float16/bfloat16 multiply in their own type with float32
-accumulation; float32 in IEEE float32 (no tf32).
+the rows' offsets are affine as in a contiguous cache.
+
+float16/bfloat16 multiply in their own type with float32 accumulation; float32 in IEEE
+float32 (no tf32).
 """
 
 from __future__ import annotations

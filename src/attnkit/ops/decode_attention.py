@@ -270,7 +270,9 @@ def _config(d: int, dv: int, f32: bool, rows: int, paged: bool = False) -> tuple
     one buffer each (39 KB of shared memory against the contiguous kernel's 72 KB). 64-key tiles at
     5 stages gave them two (H100, bf16, D = 128, page 16, kernel-only, 2026-11-23: B8 x 32k 2153 ->
     2722 GB/s); 128-key tiles at 4 stages (74 KB) are as fast or up to 3% faster with the split rule
-    of PROGRAMS_PER_SM = 2 (B128 x 8k 2946 -> 3031; B1 x 128k 2750 -> 2748; B1 x 8k 754 -> 734)."""
+    of PROGRAMS_PER_SM = 2 (B128 x 8k 2946 -> 3031; B1 x 128k 2750 -> 2748; B1 x 8k 754 -> 734).
+    Those numbers are for pages smaller than the tile. With 128-token pages (one block id per tile),
+    3 and 4 stages measured within 1% (docs/results/tune_decode_page128_h100_2026-11-23.txt)."""
     block_m = min(64, max(16, _p2(rows)))
     if _INTERPRET:
         return block_m, 16, 1, 1  # small key tiles: the tests' short caches still span several

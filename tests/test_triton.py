@@ -427,6 +427,18 @@ def test_cuda_features(case, dtype):
     run_case("triton", case, dtype, "cuda")
 
 
+def compiled_kernels(kernel) -> list:
+    """The compiled kernels of `kernel` launched so far, through _launch.launch (the tuner's path) or
+    through a kept plan's Launch."""
+    from attnkit.ops import _launch
+    found = [hit[0] for key, hit in _launch._CACHE.items() if key[0] is kernel]  # (compiled, fn, lead)
+    for plan in fa._PLANS.values():
+        for launch, _ in (plan if isinstance(plan[0], tuple) else (plan,)):  # backward plans hold three
+            if launch.kernel is kernel:
+                found += [hit[0] for hit in launch._compiled.values()]
+    return found
+
+
 @pytest.mark.cuda
 def test_cuda_autotune(monkeypatch):
     """ATTNKIT_TRITON_AUTOTUNE=1: every candidate runs once, the winner's outputs stand (the bias
@@ -445,8 +457,9 @@ def test_cuda_register_cap(cap, monkeypatch):
     from attnkit.ops import _launch
     monkeypatch.setattr(fa, "_maxnreg", lambda kind, d, dv, cfg: cap if kind == "fwd" else None)
     monkeypatch.setattr(_launch, "_CACHE", {})
+    monkeypatch.setattr(fa, "_PLANS", {})
     run_case("triton", CUDA_FEATURES[0], torch.bfloat16, "cuda")  # the Evoformer MSA case, D = 32
-    fwd = [hit[0] for key, hit in _launch._CACHE.items() if key[0] is fa._fwd_kernel]  # (compiled, ...)
+    fwd = compiled_kernels(fa._fwd_kernel)
     assert fwd and all(c.n_spills == 0 for c in fwd)
     if cap == 24:  # far too few: the capped build spills, so the uncapped one ran
         assert all(c.n_regs > cap for c in fwd)
@@ -466,14 +479,14 @@ def test_cuda_fast_launch_respects_specialisation():
         "misaligned": lambda t: t[..., 1:33],                   # data pointer 2 bytes past 16
         "one_row": lambda t: t[:1, :, :1, :32],                 # sizes of 1
     }
-    before = len(_launch._CACHE)
+    before = len(compiled_kernels(fa._fwd_kernel))
     for name, view in variants.items():
         for _ in range(2):  # the second call takes the cached kernel
             q, k, v = view(base), view(base.flip(2)), view(base.roll(3, dims=2))
             out = attnkit.attention(q, k, v, causal=True, backend="triton")
             ref = attnkit.attention(q.double(), k.double(), v.double(), causal=True, backend="reference")
             assert_close_rel(out, ref, rel_err(naive_attention(q, k, v, causal=True), ref), name=name)
-    assert len(_launch._CACHE) - before >= 3  # distinct specialisations, distinct kernels
+    assert len(compiled_kernels(fa._fwd_kernel)) - before >= 3  # distinct specialisations, distinct kernels
 
 
 @pytest.mark.cuda

@@ -161,16 +161,16 @@ class Launch:
     interpreter always does.
     """
 
-    __slots__ = ("kernel", "grid", "grid3", "rest", "consts", "tail", "num_warps", "num_stages", "interpret",
-                 "device", "_compiled")
+    __slots__ = ("kernel", "grid", "grid3", "rest", "consts", "tail", "num_warps", "num_stages", "maxnreg",
+                 "interpret", "device", "_compiled")
 
     def __init__(self, kernel, grid: tuple, rest: tuple, consts: dict, *, num_warps: int, num_stages: int,
-                 interpret: bool, device: int | None = None):
+                 interpret: bool, device: int | None = None, maxnreg: int | None = None):
         self.kernel, self.grid, self.rest, self.consts = kernel, tuple(grid), tuple(rest), consts
         self.grid3 = self.grid + (1,) * (3 - len(self.grid))  # a compiled kernel's runner reads all three axes
         names = kernel.arg_names[len(kernel.arg_names) - len(consts):]  # the constexprs, in parameter order
         self.tail = self.rest + tuple(consts[n] for n in names)
-        self.num_warps, self.num_stages, self.interpret = num_warps, num_stages, interpret
+        self.num_warps, self.num_stages, self.maxnreg, self.interpret = num_warps, num_stages, maxnreg, interpret
         self.device = device  # the CUDA device index (None: the interpreter)
         self._compiled: dict[tuple, Any] = {}
 
@@ -184,7 +184,7 @@ class Launch:
         hit = self._compiled.get(spec)
         if hit is None:
             compiled = _compile(self.kernel, self.grid, tensors + self.rest, self.consts, self.num_warps,
-                                self.num_stages)
+                                self.num_stages, self.maxnreg)
             self._compiled[spec] = (compiled, *_direct(compiled))
             return
         # pointers as ints for the launcher: it then neither calls data_ptr() nor queries the driver per tensor

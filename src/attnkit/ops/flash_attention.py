@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from . import _launch
-from ._launch import INTERPRET, block_dim as _pow2, interpreting, on_device as _on
+from ._launch import INTERPRET, Launch, block_dim as _pow2, cdiv as _cdiv, interpreting, on_device as _on
 from ..groups import SegmentLayout, dense_layout
 
 try:
@@ -824,12 +824,19 @@ def _precision(dtype: torch.dtype, interp: bool) -> dict:
     return dict(PRECISION="ieee" if dtype == torch.float32 else "tf32", UPCAST=interp and dtype == torch.bfloat16)
 
 
-def _bcast_args(mask: Tensor | None, q: Tensor) -> tuple:
-    """A 4-D mask / bias (or its gradient buffer) and its strides, 0 along broadcast dims."""
+def _bits(mask: Tensor | None, dummy: Tensor) -> Tensor:
+    """A bool mask as the kernels read it (bytes); dummy (any pointer, never read) when there is none."""
     if mask is None:
-        return q, (0, 0, 0, 0)  # any pointer: never read
-    m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    return m, tuple(0 if m.shape[i] == 1 else m.stride(i) for i in range(4))
+        return dummy
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+def _bcast_strides(t: Tensor | None) -> tuple[int, int, int, int]:
+    """A 4-D mask / bias (or its gradient buffer)'s strides, 0 along broadcast dims (all 0 for None:
+    the kernel never reads it)."""
+    if t is None:
+        return (0, 0, 0, 0)
+    return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(4))
 
 
 def _bounds(bounds) -> tuple[int, int, bool, bool]:
@@ -843,114 +850,203 @@ def _exp_scale(bias, softcap, scale: float) -> float:
     return _LOG2E if bias is not None or softcap is not None else scale * _LOG2E
 
 
-def _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds):
+def _out_stride(B: int, H: int, Lq: int, DV: int) -> tuple[int, int, int, int]:
+    """Strides of an output [B, H, Lq, Dv] laid out [B, Lq, H, Dv] in memory (flash-attn's layout:
+    merging heads afterwards is a free view)."""
+    return (Lq * H * DV, DV, H * DV, 1)
+
+
+def _fwd_call(q, k, v, o, mask, bias, sinks, layout, scale, softcap, bounds, cfg) -> tuple:
+    """The forward kernel's launch for config cfg = (BLOCK_M, BLOCK_N, warps, stages), as
+    (table tensors, grid, non-tensor arguments, constexprs, options). Its tensor arguments are
+    (q, k, v, o, lse, mask bits, bias, sinks, *tables)."""
     B, H, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
-    interp = _INTERPRET
-    # [B, Lq, H, Dv] in memory (flash-attn's layout): merging heads afterwards is a free view
-    o = torch.empty(B, Lq, H, DV, device=q.device, dtype=q.dtype).transpose(1, 2)
-    lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
-    m, ms = _bcast_args(mask, q)
-    bt, bs = _bcast_args(bias, q)
+    bm, bn, warps, stages = cfg
+    tab = _tables(layout, bm, bn, q.device)
     left, right, has_l, has_r = _bounds(bounds)
     head_major = _head_major(bias, B)
+    rest = (tab["n_qblocks"], *q.stride(), *k.stride(), *v.stride(), *o.stride(), *_bcast_strides(mask),
+            *_bcast_strides(bias), H, H // Hkv, B, Lq, Lk, D, DV, scale, softcap or 1.0,
+            _exp_scale(bias, softcap, scale), Lk - Lq, left, right)
+    consts = dict(
+        HAS_MASK=mask is not None, HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
+        HAS_SINKS=sinks is not None, HAS_LEFT=has_l, HAS_RIGHT=has_r,
+        EDGES=tab["edges"] or has_l or has_r, TAIL=tab["tail"],
+        **_precision(q.dtype, _INTERPRET), BIG=_big(q, k, v, o, mask, bias), HEAD_MAJOR=head_major,
+        GRID3=_grid3(B, H), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV))
+    opts = dict(num_warps=warps, num_stages=stages, maxnreg=_maxnreg("fwd", D, DV, cfg))
+    return (tab["qtab"], tab["segptr"], tab["segs"]), _grid(tab["n_qblocks"], B, H, head_major), rest, consts, opts
+
+
+def _delta_call(o, do, has_dlse: bool) -> tuple:
+    """The delta kernel's launch (see _fwd_call); tensors (o, do, dlse or delta, delta)."""
+    B, H, Lq, DV = o.shape
+    rest = (H, Lq, DV, *o.stride(), *do.stride())
+    consts = dict(HAS_DLSE=has_dlse, BIG=_big(o, do), BLOCK_M=64, BLOCK_DV=_pow2(DV))
+    return (), (_cdiv(Lq, 64) * B * H,), rest, consts, dict(num_warps=4, num_stages=2, maxnreg=None)
+
+
+def _bwd_flags(q, k, v, do, dq, dk, dv, mask, bias, dbias, softcap, bounds) -> tuple[dict, tuple]:
+    """The constexprs and trailing scalars the dQ and dK/dV kernels share."""
+    left, right, has_l, has_r = _bounds(bounds)
+    flags = dict(HAS_MASK=mask is not None, HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
+                 HAS_LEFT=has_l, HAS_RIGHT=has_r, BIG=_big(q, k, v, do, dq, dk, dv, mask, bias, dbias),
+                 **_precision(q.dtype, _INTERPRET), BLOCK_D=_pow2(q.shape[3]), BLOCK_DV=_pow2(v.shape[3]))
+    return flags, (left, right)
+
+
+def _dq_call(q, k, v, do, dq, dk, dv, mask, bias, dbias, layout, scale, softcap, bounds, cfg) -> tuple:
+    """The dQ kernel's launch (see _fwd_call); tensors (q, k, v, do, dq, lse, delta, mask bits, bias,
+    dbias, *tables). dbias: the float32 gradient buffer (None: no bias gradient)."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
+    bm, bn, warps, stages = cfg
+    bias_grad = dbias is not None
+    tab = _tables(layout, bm, bn, q.device)
+    flags, (left, right) = _bwd_flags(q, k, v, do, dq, dk, dv, mask, bias, dbias, softcap, bounds)
+    pair = _pair_rows(bias, bias_grad, B)
+    nb = B // 2 if pair else B  # the dQ grid's batch extent
+    dq_major = _head_major(bias, B) and bias_grad
+    rest = (tab["n_qblocks"], *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            *_bcast_strides(mask), *_bcast_strides(bias), *_bcast_strides(dbias),
+            H, H // Hkv, nb, Lq, Lk, D, DV, scale, softcap or 1.0, _exp_scale(bias, softcap, scale), Lk - Lq,
+            left, right)
+    consts = dict(
+        **flags, HEAD_MAJOR=dq_major, GRID3=_grid3(nb, H), PAIR=pair,
+        EDGES=tab["edges"] or flags["HAS_LEFT"] or flags["HAS_RIGHT"], TAIL=tab["tail"],
+        BIAS_GRAD=bias_grad, DB_SUM_M=bias_grad and bias.shape[2] == 1 and Lq > 1,
+        DB_SUM_N=bias_grad and bias.shape[3] == 1 and Lk > 1,
+        DB_ATOMIC=bias_grad and ((bias.shape[0] == 1 and B > 1) or (bias.shape[1] == 1 and H > 1)),
+        BLOCK_M=bm, BLOCK_N=bn)
+    return ((tab["qtab"], tab["segptr"], tab["segs"]), _grid(tab["n_qblocks"], nb, H, dq_major), rest, consts,
+            dict(num_warps=warps, num_stages=stages, maxnreg=None))
+
+
+def _dkdv_call(q, k, v, do, dq, dk, dv, mask, bias, dbias, layout, scale, softcap, bounds, cfg) -> tuple:
+    """The dK/dV kernel's launch (see _fwd_call); tensors (q, k, v, do, dk, dv, lse, delta, mask bits,
+    bias, *tables)."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
+    bm, bn, warps, stages = cfg
+    tab = _tables(layout, bm, bn, q.device)
+    flags, (left, right) = _bwd_flags(q, k, v, do, dq, dk, dv, mask, bias, dbias, softcap, bounds)
+    head_major = _head_major(bias, B)
+    rest = (tab["n_kblocks"], *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+            *_bcast_strides(mask), *_bcast_strides(bias),
+            H, Hkv, H // Hkv, B, Lq, D, DV, scale, softcap or 1.0, _exp_scale(bias, softcap, scale), Lk - Lq,
+            left, right)
+    consts = dict(**flags, HEAD_MAJOR=head_major, GRID3=_grid3(B, Hkv), KALIGN=tab["kalign"], BLOCK_M=bm,
+                  BLOCK_N=bn)
+    return ((tab["ktab"], tab["runptr"], tab["runs"]), _grid(tab["n_kblocks"], B, Hkv, head_major), rest, consts,
+            dict(num_warps=warps, num_stages=stages, maxnreg=None))
+
+
+def _run_call(kernel, call: tuple, tensors: tuple, device: Tensor) -> None:
+    """Launch a (tables, grid, rest, consts, options) call through _launch.launch (the tuner's path)."""
+    tabs, grid, rest, consts, opts = call
+    with _on(device):
+        _launch.launch(kernel, grid, tensors + tabs + rest, consts, interpret=_INTERPRET, **opts)
+
+
+def _planned(kernel, call: tuple, device: torch.device) -> tuple:
+    """(Launch, table tensors) of a call: relaunched later with the tensors only."""
+    tabs, grid, rest, consts, opts = call
+    return Launch(kernel, grid, rest, consts, interpret=_INTERPRET,
+                  device=device.index if device.type == "cuda" else None, **opts), tabs
+
+
+# A forward's or backward's launches, kept per key: shapes, strides, dtype, flags, scalars, and the
+# module knobs that tests and sweeps set. Calls repeating a key (every step of a training loop)
+# skip the argument building and launch with the tensors only: at Evoformer L = 256 the host, not
+# the GPU, bounds a step. Used unless the tuner is active (_tuning), which picks configs per call.
+_PLANS: dict[tuple, tuple] = {}
+_MAX_PLANS = 256
+
+
+def _plan_key(*parts) -> tuple:
+    return (*parts, _config, _maxnreg, _tables, _HEAD_MAJOR, _PAIR, _GRID_AXIS_LIMIT, _INTERPRET)
+
+
+def _keep(key: tuple, plan: tuple) -> tuple:
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[key] = plan
+    return plan
+
+
+def _meta(t: Tensor | None) -> tuple | None:
+    return None if t is None else (t.shape, t.stride(), t.dtype)
+
+
+def _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds):
+    B, H, Lq, D = q.shape
+    DV = v.shape[3]
+    o = torch.empty_strided((B, H, Lq, DV), _out_stride(B, H, Lq, DV), device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
+    tensors = (q, k, v, o, lse, _bits(mask, q), bias if bias is not None else q, sinks if sinks is not None else q)
+    default = _config(D, DV, _INTERPRET, q.dtype == torch.float32)["fwd"]
+    if _INTERPRET or q.dtype == torch.float32 or not _tuning():
+        key = _plan_key("fwd", q.shape, q.stride(), q.dtype, k.shape, k.stride(), v.shape, v.stride(), _meta(mask),
+                        _meta(bias), sinks is not None, layout, scale, softcap, bounds, q.device)
+        plan = _PLANS.get(key)
+        if plan is None:
+            plan = _keep(key, _planned(_fwd_kernel, _fwd_call(q, k, v, o, mask, bias, sinks, layout, scale, softcap,
+                                                                 bounds, default), q.device))
+        fwd, tabs = plan
+        with _on(q):
+            fwd(*tensors, *tabs)
+        return o, lse
 
     def launch(cfg):
-        bm, bn, warps, stages = cfg
-        tab = _tables(layout, bm, bn, q.device)
-        with _on(q):
-            _launch.launch(_fwd_kernel, _grid(tab["n_qblocks"], B, H, head_major), (
-                q, k, v, o, lse, m, bt, sinks if sinks is not None else q,
-                tab["qtab"], tab["segptr"], tab["segs"], tab["n_qblocks"],
-                *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms, *bs,
-                H, H // Hkv, B, Lq, Lk, D, DV, scale, softcap or 1.0, _exp_scale(bias, softcap, scale), Lk - Lq,
-                left, right), dict(
-                HAS_MASK=mask is not None, HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
-                HAS_SINKS=sinks is not None, HAS_LEFT=has_l, HAS_RIGHT=has_r,
-                EDGES=tab["edges"] or has_l or has_r, TAIL=tab["tail"],
-                **_precision(q.dtype, interp), BIG=_big(q, k, v, o, mask, bias), HEAD_MAJOR=head_major,
-                GRID3=_grid3(B, H),
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV)),
-                num_warps=warps, num_stages=stages, interpret=interp, maxnreg=_maxnreg("fwd", D, DV, cfg))
+        _run_call(_fwd_kernel, _fwd_call(q, k, v, o, mask, bias, sinks, layout, scale, softcap, bounds, cfg),
+                  tensors, q)
 
-    f32 = q.dtype == torch.float32
-    default = _config(D, DV, interp, f32)["fwd"]
-    if interp or f32 or not _tuning():
-        launch(default)
-    else:
-        with _on(q):  # the tuner's CUDA events on q's device
-            _pick("fwd", _tune_key(q, k, v, mask, bias, softcap, bounds, layout) + (sinks is not None,),
-                  default, launch)
+    with _on(q):  # the tuner's CUDA events on q's device
+        _pick("fwd", _tune_key(q, k, v, mask, bias, softcap, bounds, layout) + (sinks is not None,), default, launch)
     return o, lse
 
 
 def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sinks_grad: bool,
               layout, scale, softcap, bounds):
     B, H, Lq, D = q.shape
-    Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
-    interp = _INTERPRET
+    DV = v.shape[3]
     f32 = q.dtype == torch.float32
-    cfg = _config(D, DV, interp, f32)
     delta = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
     dlse = dlse.float().contiguous() if dlse is not None else None
-    with _on(q):
-        _launch.launch(_delta_kernel, ((Lq + 63) // 64 * B * H,),
-               (o, do, dlse if dlse is not None else delta, delta, H, Lq, DV, *o.stride(), *do.stride()),
-               dict(HAS_DLSE=dlse is not None, BIG=_big(o, do), BLOCK_M=64, BLOCK_DV=_pow2(DV)),
-               num_warps=4, num_stages=2, interpret=interp)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    m, ms = _bcast_args(mask, q)
-    bt, bs = _bcast_args(bias, q)
     # float32, the bias's own (4-D) shape: the sum over its broadcast dims happens in the dQ kernel
     dbias = torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if bias_grad else None
-    db, dbs = _bcast_args(dbias, q)
-    left, right, has_l, has_r = _bounds(bounds)
-    flags = dict(HAS_MASK=mask is not None, HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
-                 HAS_LEFT=has_l, HAS_RIGHT=has_r, BIG=_big(q, k, v, do, dq, dk, dv, mask, bias, dbias),
-                 **_precision(q.dtype, interp), BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV))
-    scalars = (scale, softcap or 1.0, _exp_scale(bias, softcap, scale), Lk - Lq, left, right)
-    head_major = _head_major(bias, B)
-    dq_major = head_major and bias_grad
-
-    pair = _pair_rows(bias, bias_grad, B)
-    nb = B // 2 if pair else B  # the dQ grid's batch extent
-
-    def launch_dq(c):
-        bm, bn, warps, stages = c
-        tab = _tables(layout, bm, bn, q.device)
+    m = _bits(mask, q)
+    bt = bias if bias is not None else q
+    delta_in = (o, do, dlse if dlse is not None else delta, delta)
+    dq_in = (q, k, v, do, dq, lse, delta, m, bt, dbias if dbias is not None else q)
+    dkdv_in = (q, k, v, do, dk, dv, lse, delta, m, bt)
+    cfg = _config(D, DV, _INTERPRET, f32)
+    args = (q, k, v, do, dq, dk, dv, mask, bias, dbias, layout, scale, softcap, bounds)
+    if _INTERPRET or f32 or not _tuning():
+        key = _plan_key("bwd", q.shape, q.stride(), q.dtype, k.shape, k.stride(), v.shape, v.stride(), do.stride(),
+                        o.stride(), _meta(mask), _meta(bias), bias_grad, dlse is not None, layout, scale, softcap,
+                        bounds, q.device)
+        plan = _PLANS.get(key)
+        if plan is None:
+            plan = _keep(key, (_planned(_delta_kernel, _delta_call(o, do, dlse is not None), q.device),
+                               _planned(_bwd_dq_kernel, _dq_call(*args, cfg["dq"]), q.device),
+                               _planned(_bwd_dkdv_kernel, _dkdv_call(*args, cfg["dkdv"]), q.device)))
+        (delta_k, _), (dq_k, dq_tabs), (dkdv_k, dkdv_tabs) = plan
         with _on(q):
-            _launch.launch(_bwd_dq_kernel, _grid(tab["n_qblocks"], nb, H, dq_major), (
-                q, k, v, do, dq, lse, delta, m, bt, db, tab["qtab"], tab["segptr"], tab["segs"], tab["n_qblocks"],
-                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms, *bs, *dbs,
-                H, H // Hkv, nb, Lq, Lk, D, DV, *scalars), dict(
-                **flags, HEAD_MAJOR=dq_major, GRID3=_grid3(nb, H), PAIR=pair,
-                EDGES=tab["edges"] or has_l or has_r, TAIL=tab["tail"],
-                BIAS_GRAD=bias_grad, DB_SUM_M=bias_grad and bias.shape[2] == 1 and Lq > 1,
-                DB_SUM_N=bias_grad and bias.shape[3] == 1 and Lk > 1,
-                DB_ATOMIC=bias_grad and ((bias.shape[0] == 1 and B > 1) or (bias.shape[1] == 1 and H > 1)),
-                BLOCK_M=bm, BLOCK_N=bn), num_warps=warps, num_stages=stages, interpret=interp)
-
-    def launch_dkdv(c):
-        bm, bn, warps, stages = c
-        tab = _tables(layout, bm, bn, q.device)
-        with _on(q):
-            _launch.launch(_bwd_dkdv_kernel, _grid(tab["n_kblocks"], B, Hkv, head_major), (
-                q, k, v, do, dk, dv, lse, delta, m, bt, tab["ktab"], tab["runptr"], tab["runs"], tab["n_kblocks"],
-                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *ms, *bs,
-                H, Hkv, H // Hkv, B, Lq, D, DV, *scalars), dict(
-                **flags, HEAD_MAJOR=head_major, GRID3=_grid3(B, Hkv), KALIGN=tab["kalign"], BLOCK_M=bm, BLOCK_N=bn),
-                num_warps=warps, num_stages=stages, interpret=interp)
-
-    if interp or f32 or not _tuning():
-        launch_dq(cfg["dq"])
-        launch_dkdv(cfg["dkdv"])
+            delta_k(*delta_in)
+            dq_k(*dq_in, *dq_tabs)
+            dkdv_k(*dkdv_in, *dkdv_tabs)
     else:
+        _run_call(_delta_kernel, _delta_call(o, do, dlse is not None), delta_in, q)
         key = _tune_key(q, k, v, mask, bias, softcap, bounds, layout) + (bias_grad,)
         with _on(q):  # the tuner's CUDA events on q's device
-            _pick("dq", key, cfg["dq"], launch_dq, reset=dbias.zero_ if dbias is not None else None)
-            _pick("dkdv", key, cfg["dkdv"], launch_dkdv)
+            _pick("dq", key, cfg["dq"], lambda c: _run_call(_bwd_dq_kernel, _dq_call(*args, c), dq_in, q),
+                  reset=dbias.zero_ if dbias is not None else None)
+            _pick("dkdv", key, cfg["dkdv"], lambda c: _run_call(_bwd_dkdv_kernel, _dkdv_call(*args, c), dkdv_in, q))
     dsinks = None
     if sinks_grad:  # d lse / d sink = p_sink: the sink's share of every row's softmax
         # a row whose lse is -inf (no key, sink -inf) has p_sink 0, not exp(-inf - -inf) = NaN

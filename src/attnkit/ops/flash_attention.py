@@ -942,10 +942,11 @@ def _dkdv_call(q, k, v, do, dq, dk, dv, mask, bias, dbias, layout, scale, softca
             dict(num_warps=warps, num_stages=stages, maxnreg=None))
 
 
-def _run_call(kernel, call: tuple, tensors: tuple, device: Tensor) -> None:
-    """Launch a (tables, grid, rest, consts, options) call through _launch.launch (the tuner's path)."""
+def _run_call(kernel, call: tuple, tensors: tuple, q: Tensor) -> None:
+    """Launch a (tables, grid, rest, consts, options) call through _launch.launch (the tuner's path),
+    on q's device."""
     tabs, grid, rest, consts, opts = call
-    with _on(device):
+    with _on(q):
         _launch.launch(kernel, grid, tensors + tabs + rest, consts, interpret=_INTERPRET, **opts)
 
 

@@ -433,8 +433,9 @@ def compiled_kernels(kernel) -> list:
     from attnkit.ops import _launch
     found = [hit[0] for key, hit in _launch._CACHE.items() if key[0] is kernel]  # (compiled, fn, lead)
     for plan in fa._PLANS.values():
-        for launch, _ in (plan if isinstance(plan[0], tuple) else (plan,)):  # backward plans hold three
-            if launch.kernel is kernel:
+        for part in (plan if isinstance(plan[0], tuple) else (plan,)):  # backward plans hold three
+            launch = part[0] if part is not None else None  # (Launch, tables); None: not planned yet
+            if launch is not None and launch.kernel is kernel:
                 found += [hit[0] for hit in launch._compiled.values()]
     return found
 
@@ -463,6 +464,33 @@ def test_cuda_register_cap(cap, monkeypatch):
     assert fwd and all(c.n_spills == 0 for c in fwd)
     if cap == 24:  # far too few: the capped build spills, so the uncapped one ran
         assert all(c.n_regs > cap for c in fwd)
+
+
+@pytest.mark.cuda
+def test_cuda_backward_peak_holds_one_bias_gradient():
+    """The backward frees the float32 bias-gradient buffer (after casting it to the bias's dtype)
+    before it allocates dk and dv, so that its peak holds dq, dk, dv, delta and one bias-sized
+    gradient; with the float32 buffer alive alongside, the peak was larger by 4 bytes per bias element."""
+    B, H, L, D = 8, 4, 256, 32
+    g = torch.Generator(device="cuda").manual_seed(11)
+    q, k, v = (torch.randn(B, H, L, D, device="cuda", generator=g).to(torch.bfloat16).requires_grad_(True)
+               for _ in range(3))
+    bias = torch.randn(1, H, L, L, device="cuda", generator=g).to(torch.bfloat16).requires_grad_(True)
+    do = torch.randn(B, H, L, D, device="cuda", generator=g).to(torch.bfloat16)
+    out = attnkit.attention(q, k, v, bias=bias, backend="triton")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    grads = torch.autograd.grad(out, (q, k, v, bias), do)
+    peak = torch.cuda.max_memory_allocated() - base
+    qkv, nb, delta = q.numel() * 2, bias.numel(), B * H * L * 4
+    expected = max(qkv + delta + nb * (4 + 2),  # the cast: dq, delta, the float32 buffer and its copy
+                   3 * qkv + delta + nb * 2)    # dK/dV: dq, dk, dv, delta and the bias's gradient
+    assert peak <= expected + 128 * 1024, (peak, expected)
+    ref = attnkit.attention(*(x.detach().double() for x in (q, k, v)), bias=bias.detach().double(),
+                            backend="reference")
+    assert_close_rel(out, ref)
+    assert all(torch.isfinite(x).all() for x in grads)
 
 
 @pytest.mark.cuda

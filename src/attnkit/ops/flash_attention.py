@@ -887,16 +887,17 @@ def _delta_call(o, do, has_dlse: bool) -> tuple:
     return (), (_cdiv(Lq, 64) * B * H,), rest, consts, dict(num_warps=4, num_stages=2, maxnreg=None)
 
 
-def _bwd_flags(q, k, v, do, dq, dk, dv, mask, bias, dbias, softcap, bounds) -> tuple[dict, tuple]:
-    """The constexprs and trailing scalars the dQ and dK/dV kernels share."""
+def _bwd_flags(q, v, mask, bias, softcap, bounds, big: bool) -> tuple[dict, tuple]:
+    """The constexprs and trailing scalars the dQ and dK/dV kernels share; big: _big of the kernel's
+    tensors."""
     left, right, has_l, has_r = _bounds(bounds)
     flags = dict(HAS_MASK=mask is not None, HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
-                 HAS_LEFT=has_l, HAS_RIGHT=has_r, BIG=_big(q, k, v, do, dq, dk, dv, mask, bias, dbias),
+                 HAS_LEFT=has_l, HAS_RIGHT=has_r, BIG=big,
                  **_precision(q.dtype, _INTERPRET), BLOCK_D=_pow2(q.shape[3]), BLOCK_DV=_pow2(v.shape[3]))
     return flags, (left, right)
 
 
-def _dq_call(q, k, v, do, dq, dk, dv, mask, bias, dbias, layout, scale, softcap, bounds, cfg) -> tuple:
+def _dq_call(q, k, v, do, dq, mask, bias, dbias, layout, scale, softcap, bounds, cfg) -> tuple:
     """The dQ kernel's launch (see _fwd_call); tensors (q, k, v, do, dq, lse, delta, mask bits, bias,
     dbias, *tables). dbias: the float32 gradient buffer (None: no bias gradient)."""
     B, H, Lq, D = q.shape
@@ -904,7 +905,7 @@ def _dq_call(q, k, v, do, dq, dk, dv, mask, bias, dbias, layout, scale, softcap,
     bm, bn, warps, stages = cfg
     bias_grad = dbias is not None
     tab = _tables(layout, bm, bn, q.device)
-    flags, (left, right) = _bwd_flags(q, k, v, do, dq, dk, dv, mask, bias, dbias, softcap, bounds)
+    flags, (left, right) = _bwd_flags(q, v, mask, bias, softcap, bounds, _big(q, k, v, do, dq, mask, bias, dbias))
     pair = _pair_rows(bias, bias_grad, B)
     nb = B // 2 if pair else B  # the dQ grid's batch extent
     dq_major = _head_major(bias, B) and bias_grad
@@ -923,14 +924,14 @@ def _dq_call(q, k, v, do, dq, dk, dv, mask, bias, dbias, layout, scale, softcap,
             dict(num_warps=warps, num_stages=stages, maxnreg=None))
 
 
-def _dkdv_call(q, k, v, do, dq, dk, dv, mask, bias, dbias, layout, scale, softcap, bounds, cfg) -> tuple:
+def _dkdv_call(q, k, v, do, dk, dv, mask, bias, layout, scale, softcap, bounds, cfg) -> tuple:
     """The dK/dV kernel's launch (see _fwd_call); tensors (q, k, v, do, dk, dv, lse, delta, mask bits,
     bias, *tables)."""
     B, H, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
     bm, bn, warps, stages = cfg
     tab = _tables(layout, bm, bn, q.device)
-    flags, (left, right) = _bwd_flags(q, k, v, do, dq, dk, dv, mask, bias, dbias, softcap, bounds)
+    flags, (left, right) = _bwd_flags(q, v, mask, bias, softcap, bounds, _big(q, k, v, do, dk, dv, mask, bias))
     head_major = _head_major(bias, B)
     rest = (tab["n_kblocks"], *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             *_bcast_strides(mask), *_bcast_strides(bias),
@@ -1016,44 +1017,58 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
     delta = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
     dlse = dlse.float().contiguous() if dlse is not None else None
     dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
     # float32, the bias's own (4-D) shape: the sum over its broadcast dims happens in the dQ kernel
     dbias = torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if bias_grad else None
     m = _bits(mask, q)
     bt = bias if bias is not None else q
     delta_in = (o, do, dlse if dlse is not None else delta, delta)
     dq_in = (q, k, v, do, dq, lse, delta, m, bt, dbias if dbias is not None else q)
-    dkdv_in = (q, k, v, do, dk, dv, lse, delta, m, bt)
     cfg = _config(D, DV, _INTERPRET, f32)
-    args = (q, k, v, do, dq, dk, dv, mask, bias, dbias, layout, scale, softcap, bounds)
-    if _INTERPRET or f32 or not _tuning():
+    planned = _INTERPRET or f32 or not _tuning()
+    if planned:
         key = _plan_key("bwd", q.shape, q.stride(), q.dtype, k.shape, k.stride(), v.shape, v.stride(), do.stride(),
                         o.stride(), _meta(mask), _meta(bias), bias_grad, dlse is not None, layout, scale, softcap,
                         bounds, q.device)
         plan = _PLANS.get(key)
-        if plan is None:
-            plan = _keep(key, (_planned(_delta_kernel, _delta_call(o, do, dlse is not None), q.device),
-                               _planned(_bwd_dq_kernel, _dq_call(*args, cfg["dq"]), q.device),
-                               _planned(_bwd_dkdv_kernel, _dkdv_call(*args, cfg["dkdv"]), q.device)))
-        (delta_k, _), (dq_k, dq_tabs), (dkdv_k, dkdv_tabs) = plan
+        if plan is None:  # [delta, dQ, dK/dV]; the last is planned once dk and dv exist
+            plan = _keep(key, [_planned(_delta_kernel, _delta_call(o, do, dlse is not None), q.device),
+                               _planned(_bwd_dq_kernel, _dq_call(q, k, v, do, dq, mask, bias, dbias, layout, scale,
+                                                                 softcap, bounds, cfg["dq"]), q.device), None])
+        (delta_k, _), (dq_k, dq_tabs) = plan[0], plan[1]
         with _on(q):
             delta_k(*delta_in)
             dq_k(*dq_in, *dq_tabs)
-            dkdv_k(*dkdv_in, *dkdv_tabs)
     else:
         _run_call(_delta_kernel, _delta_call(o, do, dlse is not None), delta_in, q)
         key = _tune_key(q, k, v, mask, bias, softcap, bounds, layout) + (bias_grad,)
         with _on(q):  # the tuner's CUDA events on q's device
-            _pick("dq", key, cfg["dq"], lambda c: _run_call(_bwd_dq_kernel, _dq_call(*args, c), dq_in, q),
-                  reset=dbias.zero_ if dbias is not None else None)
-            _pick("dkdv", key, cfg["dkdv"], lambda c: _run_call(_bwd_dkdv_kernel, _dkdv_call(*args, c), dkdv_in, q))
+            _pick("dq", key, cfg["dq"], lambda c: _run_call(_bwd_dq_kernel, _dq_call(
+                q, k, v, do, dq, mask, bias, dbias, layout, scale, softcap, bounds, c), dq_in, q),
+                reset=dbias.zero_ if dbias is not None else None)
+    # The bias gradient in the bias's dtype now, so that its float32 buffer is freed before dk and dv
+    # exist: the backward's peak memory holds one copy of it, not two.
+    del dq_in
+    dbias = dbias.to(bias.dtype) if dbias is not None else None
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dkdv_in = (q, k, v, do, dk, dv, lse, delta, m, bt)
+    if planned:
+        if plan[2] is None:
+            plan[2] = _planned(_bwd_dkdv_kernel, _dkdv_call(q, k, v, do, dk, dv, mask, bias, layout, scale, softcap,
+                                                            bounds, cfg["dkdv"]), q.device)
+        dkdv_k, dkdv_tabs = plan[2]
+        with _on(q):
+            dkdv_k(*dkdv_in, *dkdv_tabs)
+    else:
+        with _on(q):
+            _pick("dkdv", key, cfg["dkdv"], lambda c: _run_call(_bwd_dkdv_kernel, _dkdv_call(
+                q, k, v, do, dk, dv, mask, bias, layout, scale, softcap, bounds, c), dkdv_in, q))
     dsinks = None
     if sinks_grad:  # d lse / d sink = p_sink: the sink's share of every row's softmax
         # a row whose lse is -inf (no key, sink -inf) has p_sink 0, not exp(-inf - -inf) = NaN
         p_sink = torch.where(torch.isneginf(lse), 0.0, torch.exp(sinks.float().view(1, H, 1) - lse))
         dsinks = (-(p_sink * delta).sum(dim=(0, 2))).to(sinks.dtype)
-    return dq, dk, dv, (dbias.to(bias.dtype) if dbias is not None else None), dsinks
+    return dq, dk, dv, dbias, dsinks
 
 
 class _FlashAttention(torch.autograd.Function):

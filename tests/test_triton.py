@@ -466,6 +466,37 @@ def test_cuda_register_cap(cap, monkeypatch):
         assert all(c.n_regs > cap for c in fwd)
 
 
+def test_backward_frees_float32_bias_gradient_before_dk_dv(tdevice, monkeypatch):
+    """The backward's float32 bias-gradient buffer is gone (cast to the bias's dtype and dropped)
+    by the time dk and dv are allocated, so the peak memory holds one copy of the bias gradient.
+    The buffer is followed through a weak reference; the CUDA test below measures the peak."""
+    import weakref
+    B, H, L, D = 2, 2, 24, 16
+    q, k, v = (x.requires_grad_(True) for x in make_qkv(B, H, H, L, L, D, dtype=torch.bfloat16, device=tdevice))
+    bias = torch.randn(1, H, L, L, device=tdevice).to(torch.bfloat16).requires_grad_(True)
+    out = attnkit.attention(q, k, v, bias=bias, backend="triton")
+    buffers, alive_at_alloc = [], []
+    zeros, empty_like = torch.zeros, torch.empty_like
+
+    def spy_zeros(*a, **kw):
+        t = zeros(*a, **kw)
+        if t.dtype == torch.float32 and tuple(t.shape) == tuple(bias.shape):
+            buffers.append(weakref.ref(t))
+        return t
+
+    def spy_empty_like(t, *a, **kw):
+        if buffers:  # after the buffer: the allocations of dk and dv
+            alive_at_alloc.append(any(r() is not None for r in buffers))
+        return empty_like(t, *a, **kw)
+
+    monkeypatch.setattr(torch, "zeros", spy_zeros)
+    monkeypatch.setattr(torch, "empty_like", spy_empty_like)
+    grads = torch.autograd.grad(out, (q, k, v, bias), torch.randn_like(out))
+    monkeypatch.undo()
+    assert len(buffers) == 1 and alive_at_alloc == [False, False], (len(buffers), alive_at_alloc)
+    assert grads[3].dtype == bias.dtype and grads[3].shape == bias.shape
+
+
 @pytest.mark.cuda
 def test_cuda_backward_peak_holds_one_bias_gradient():
     """The backward frees the float32 bias-gradient buffer (after casting it to the bias's dtype)

@@ -2,7 +2,8 @@
 """attnkit decode benchmark (issue 6): one new token per sequence against a long KV cache.
 
     python benchmarks/bench_decode.py --out DIR [--smoke] [--only NAME ...] [--peers P ...]
-                                      [--block-size 16] [--budget-s S] [--list]
+                                      [--block-size 16] [--block-order shuffled|allocated]
+                                      [--budget-s S] [--list]
 
 Grid (issue 6): bf16, GQA 32 query / 8 KV heads, D = 128, one query per sequence, every
 sequence holding the same number of cached tokens: batch 1, 8, 32, 128 x cached 1k, 8k, 32k,
@@ -13,7 +14,10 @@ Peers, in one process, on the same cached tokens:
 - attnkit: `attnkit.attention(q, pool_k, pool_v, cache_seqlens=, block_table=, causal=True)`,
   backend auto (the row names what `explain` picked: the split-KV decode kernel of the triton
   backend on CUDA), over a PagedKVCache-layout pool [num_blocks, 8, block_size, 128] whose
-  blocks are handed out in a shuffled order (no table is contiguous);
+  blocks are handed out in a shuffled order (no table is contiguous: a pool after much
+  allocating and freeing), or with `--block-order allocated` as a fresh PagedKVCache hands them
+  out when the batch is prefilled into it (sequence b holds blocks b * n .. b * n + n - 1;
+  tests/test_paged_kv_cache.py checks that this is the cache's order);
 - attnkit_contiguous: the same call over a contiguous [B, 8, L, 128] cache with cache_seqlens;
 - sdpa_cudnn / sdpa_flash / sdpa_efficient / sdpa_math: torch SDPA forced to one kernel over
   the contiguous cache (every sequence holds exactly L keys, so no mask: the issue's bar),
@@ -124,7 +128,7 @@ class State:
     backend: str = "auto"  # for the attnkit rows
 
 
-def make_state(c: Case, device: torch.device, block_size: int) -> State:
+def make_state(c: Case, device: torch.device, block_size: int, block_order: str = "shuffled") -> State:
     g = torch.Generator(device=device).manual_seed(0)
     dt = torch.bfloat16
     q = torch.randn(c.B, c.Hq, 1, c.D, device=device, dtype=dt, generator=g)
@@ -132,7 +136,10 @@ def make_state(c: Case, device: torch.device, block_size: int) -> State:
     v = torch.randn(c.B, c.Hkv, c.L, c.D, device=device, dtype=dt, generator=g)
     nb = -(-c.L // block_size)
     num_blocks = c.B * nb
-    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(1)).to(torch.int32)
+    if block_order == "shuffled":
+        order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(1)).to(torch.int32)
+    else:  # "allocated": a fresh PagedKVCache's order after prefilling the batch
+        order = torch.arange(num_blocks, dtype=torch.int32)
     table = order.view(c.B, nb).to(device)
     kp = torch.zeros(num_blocks, c.Hkv, block_size, c.D, device=device, dtype=dt)
     vp = torch.zeros_like(kp)
@@ -361,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", metavar="NAME", help="cases whose name contains NAME")
     ap.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
     ap.add_argument("--block-size", type=int, default=16, help="paged pool block size (16 to 256, power of two)")
+    ap.add_argument("--block-order", choices=("shuffled", "allocated"), default="shuffled",
+                    help="pool blocks in shuffled order (default), or in a fresh PagedKVCache's order")
     ap.add_argument("--backend", default="auto",
                     help="backend of the attnkit rows (default auto; `--smoke --backend triton` under "
                          "TRITON_INTERPRET=1 runs the decode kernel on the CPU)")
@@ -410,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.warmup_ms:g} ms / rep {args.rep_ms:g} ms budgets, {args.rounds} rounds in alternating order, "
                 "ms = mean of the rounds' medians, no L2 flush, no_grad; first call not timed"),
         notes=(f"GB/s = K/V bytes (B * L * Hkv * (D + Dv) * 2) / time; paged pool block size {args.block_size}, "
-               "blocks in shuffled order; rel err vs float32 reference on the first 2 sequences, BAD > "
+               f"blocks in {'shuffled' if args.block_order == 'shuffled' else 'allocation (fresh cache)'} order; "
+               "rel err vs float32 reference on the first 2 sequences, BAD > "
                f"{FWD_REL_TOL:g}"),
     )
 
@@ -434,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
                                       error=f"does not fit: needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"))
             print(f"[{time.perf_counter() - T0:6.1f}s] {c.name}: skipped (needs ~{need / 2**30:.1f} GiB)", flush=True)
             continue
-        st, err, _ = H.run_guarded(lambda: make_state(c, device, args.block_size))  # noqa: B023
+        st, err, _ = H.run_guarded(lambda: make_state(c, device, args.block_size, args.block_order))  # noqa: B023
         if st is not None:
             st.backend = args.backend
         if err is not None:

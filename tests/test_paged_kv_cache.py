@@ -73,6 +73,17 @@ def test_shapes_tables_and_interface():
         c.block_table([a], width=1)
 
 
+def test_fresh_cache_prefill_hands_out_blocks_in_order():
+    """A batch prefilled into a fresh cache gets consecutive blocks per sequence, in batch order:
+    benchmarks/bench_decode.py --block-order allocated builds its tables on this."""
+    B, L, bs = 3, 40, 16
+    c = PagedKVCache(B * 3, 2, 4, bs, dtype=torch.float64)
+    ids = [c.add_sequence() for _ in range(B)]
+    g = _gen(2)
+    c.write(ids, randn(B, 2, L, 4, gen=g), randn(B, 2, L, 4, gen=g))
+    assert c.block_table(ids).tolist() == torch.arange(B * 3).view(B, 3).tolist()
+
+
 @pytest.mark.parametrize("kw,words", [
     (dict(block_size=8), ["block_size", "8"]),
     (dict(block_size=512), ["block_size", "512"]),

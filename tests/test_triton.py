@@ -514,9 +514,9 @@ def test_cuda_backward_peak_holds_one_bias_gradient():
     base = torch.cuda.memory_allocated()
     grads = torch.autograd.grad(out, (q, k, v, bias), do)
     peak = torch.cuda.max_memory_allocated() - base
-    qkv, nb, delta = q.numel() * 2, bias.numel(), B * H * L * 4
-    expected = max(qkv + delta + nb * (4 + 2),  # the cast: dq, delta, the float32 buffer and its copy
-                   3 * qkv + delta + nb * 2)    # dK/dV: dq, dk, dv, delta and the bias's gradient
+    one, nb, delta = q.numel() * 2, bias.numel(), B * H * L * 4  # bytes of dq (= dk = dv), bias elements, delta
+    expected = max(one + delta + nb * (4 + 2),  # the cast: dq, delta, the float32 buffer and its copy
+                   3 * one + delta + nb * 2)    # dK/dV: dq, dk, dv, delta and the bias's gradient
     assert peak <= expected + 128 * 1024, (peak, expected)
     ref = attnkit.attention(*(x.detach().double() for x in (q, k, v)), bias=bias.detach().double(),
                             backend="reference")

@@ -222,8 +222,8 @@ def _direct(compiled) -> tuple:
 # microseconds per launch (a decode step; the four launches of a training step's attention).
 # With no hook registered, _run calls the kernel's launcher with what that path would pass
 # (triton/compiler/compiler.py CompiledKernel.__getitem__ and backends/nvidia/driver.py
-# CudaLauncher.__call__, 3.6); Launch gives pointers as ints (which its getPointer takes as they
-# are), launch the tensors. Other Triton versions keep the public path.
+# CudaLauncher.__call__, 3.6). Launch passes pointers as ints (which its getPointer takes as they
+# are), `launch` the tensors themselves. Other Triton versions keep the public path.
 _DIRECT = triton is not None and triton.__version__.startswith("3.6.")
 if _DIRECT:
     from triton import knobs

@@ -987,14 +987,15 @@ def _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds):
     o = torch.empty_strided((B, H, Lq, DV), _out_stride(B, H, Lq, DV), device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
     tensors = (q, k, v, o, lse, _bits(mask, q), bias if bias is not None else q, sinks if sinks is not None else q)
-    default = _config(D, DV, _INTERPRET, q.dtype == torch.float32)["fwd"]
-    if _INTERPRET or q.dtype == torch.float32 or not _tuning():
+    f32 = q.dtype == torch.float32
+    if _INTERPRET or f32 or not _tuning():
         key = _plan_key("fwd", q.shape, q.stride(), q.dtype, k.shape, k.stride(), v.shape, v.stride(), _meta(mask),
                         _meta(bias), sinks is not None, layout, scale, softcap, bounds, q.device)
         plan = _PLANS.get(key)
         if plan is None:
+            cfg = _config(D, DV, _INTERPRET, f32)["fwd"]
             plan = _keep(key, _planned(_fwd_kernel, _fwd_call(q, k, v, o, mask, bias, sinks, layout, scale, softcap,
-                                                                 bounds, default), q.device))
+                                                                 bounds, cfg), q.device))
         fwd, tabs = plan
         with _on(q):
             fwd(*tensors, *tabs)
@@ -1005,7 +1006,8 @@ def _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds):
                   tensors, q)
 
     with _on(q):  # the tuner's CUDA events on q's device
-        _pick("fwd", _tune_key(q, k, v, mask, bias, softcap, bounds, layout) + (sinks is not None,), default, launch)
+        _pick("fwd", _tune_key(q, k, v, mask, bias, softcap, bounds, layout) + (sinks is not None,),
+              _config(D, DV, _INTERPRET, f32)["fwd"], launch)
     return o, lse
 
 
@@ -1023,14 +1025,15 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
     bt = bias if bias is not None else q
     delta_in = (o, do, dlse if dlse is not None else delta, delta)
     dq_in = (q, k, v, do, dq, lse, delta, m, bt, dbias if dbias is not None else q)
-    cfg = _config(D, DV, _INTERPRET, f32)
     planned = _INTERPRET or f32 or not _tuning()
+    cfg = None if planned else _config(D, DV, _INTERPRET, f32)  # a plan holds its configs
     if planned:
         key = _plan_key("bwd", q.shape, q.stride(), q.dtype, k.shape, k.stride(), v.shape, v.stride(), do.stride(),
                         o.stride(), _meta(mask), _meta(bias), bias_grad, dlse is not None, layout, scale, softcap,
                         bounds, q.device)
         plan = _PLANS.get(key)
         if plan is None:  # [delta, dQ, dK/dV]; the last is planned once dk and dv exist
+            cfg = _config(D, DV, _INTERPRET, f32)
             plan = _keep(key, [_planned(_delta_kernel, _delta_call(o, do, dlse is not None), q.device),
                                _planned(_bwd_dq_kernel, _dq_call(q, k, v, do, dq, mask, bias, dbias, layout, scale,
                                                                  softcap, bounds, cfg["dq"]), q.device), None])
@@ -1054,6 +1057,7 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
     dkdv_in = (q, k, v, do, dk, dv, lse, delta, m, bt)
     if planned:
         if plan[2] is None:
+            cfg = _config(D, DV, _INTERPRET, f32)
             plan[2] = _planned(_bwd_dkdv_kernel, _dkdv_call(q, k, v, do, dk, dv, mask, bias, layout, scale, softcap,
                                                             bounds, cfg["dkdv"]), q.device)
         dkdv_k, dkdv_tabs = plan[2]

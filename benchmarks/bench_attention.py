@@ -20,6 +20,9 @@ create_block_mask for causal / window, a score_mod reading the bias), and eager 
 (softmax(q k^T * scale + bias / mask) v in bf16). SDPA peers use is_causal=True for causal
 (Lq == Lk, so its top-left alignment is the contract's bottom-right) and a materialised bool
 mask for the window. sdpa_math and eager are skipped at L >= 16k (O(L^2) memory).
+ds4sci: DeepSpeed's DS4Sci_EvoformerAttention kernels on the biased workloads, built from
+DeepSpeed's sources where they are set up (benchmarks/ds4sci.py says how), given its own
+[1, N, L, H, D] layout (converted before timing) and reported as unavailable elsewhere.
 
 Before it is timed, each peer's forward output (and for fwd+bwd its gradients, through a
 grad that is non-zero on the checked rows only) is compared with attnkit's float32
@@ -64,13 +67,15 @@ if HERE not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import ds4sci  # noqa: E402
 import harness as H  # noqa: E402
 
 attnkit = H.import_attnkit()
 
 from harness import SDPA_KERNELS, SDPBackend, compiled_flex, create_block_mask, sdpa_kernel  # noqa: E402
 
-PEERS = ("attnkit", "attnkit_triton", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flex", "eager")
+PEERS = ("attnkit", "attnkit_triton", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flex", "eager",
+         "ds4sci")
 MODES = ("fwd", "fwd+bwd")
 # Correctness bars against the float32 reference (relative L2 error). bf16 rounding of the
 # output alone gives ~2-4e-3; a wrong mask or scale gives > 1e-1.
@@ -249,6 +254,13 @@ def skip_reason(peer: str, wl: Workload, mode: str, device: torch.device) -> str
         return "FlexAttention on the CPU is inference-only"
     if peer.startswith("sdpa_") and sdpa_kernel is None:
         return "torch.nn.attention.sdpa_kernel missing"
+    if peer == "ds4sci":
+        if not wl.bias or wl.causal or wl.window is not None or wl.D > 64:
+            return "DS4Sci_EvoformerAttention: biased, unmasked workloads with D <= 64 only"
+        if device.type != "cuda":
+            return "DS4Sci_EvoformerAttention: CUDA only"
+        if ds4sci.load() is None:
+            return f"DS4Sci_EvoformerAttention: {ds4sci.why()}"
     return None
 
 
@@ -279,6 +291,8 @@ def make_call(peer: str, st: State, q, k, v, bias):
             return score + bias[0, h, q_idx, kv_idx]
         score_mod = bias_mod if bias is not None else None
         return lambda: fn(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale)
+    if peer == "ds4sci":  # q, k, v, bias in its own layout (prepare_peer)
+        return lambda: ds4sci.attention(q, k, v, bias)
     if peer == "eager":
         excluded = st.eager_excluded
 
@@ -363,6 +377,17 @@ def prepare_peer(peer: str, st: State, mode: str, args, t_start: float):
         q, k, v = (t.detach().requires_grad_() for t in (st.q, st.k, st.v))
         bias = st.bias.detach().requires_grad_() if st.bias is not None else None
         inputs = [q, k, v] + ([bias] if bias is not None else [])
+    # a peer with its own layout gets its inputs converted here, outside the timed calls, and its
+    # outputs and gradients converted back (as views) for the checks only
+    native = peer == "ds4sci"
+    to_common = ds4sci.to_common if native else (lambda t, kind: t)
+    grad_out, grad_check = st.grad_out, st.grad_check
+    if native:
+        q, k, v = (ds4sci.to_native(t, "qkv").requires_grad_(mode != "fwd") for t in (st.q, st.k, st.v))
+        bias = ds4sci.to_native(st.bias, "bias").requires_grad_(mode != "fwd")
+        inputs = None if mode == "fwd" else [q, k, v, bias]
+        grad_out = ds4sci.to_native(grad_out, "qkv")
+        grad_check = None if grad_check is None else ds4sci.to_native(grad_check, "qkv")
 
     if peer == "attnkit":
         with torch.set_grad_enabled(mode != "fwd"):
@@ -381,10 +406,10 @@ def prepare_peer(peer: str, st: State, mode: str, args, t_start: float):
         t0 = time.perf_counter()
         with torch.set_grad_enabled(mode != "fwd"):
             out = call()
-            res = check_forward(st, out)
+            res = check_forward(st, to_common(out, "qkv"))
             if inputs is not None:
-                grads = torch.autograd.grad(out, inputs, st.grad_check)
-                res.update(check_grads(st, grads))
+                grads = torch.autograd.grad(out, inputs, grad_check)
+                res.update(check_grads(st, [to_common(g, kind) for g, kind in zip(grads, ("qkv",) * 3 + ("bias",))]))
                 del grads
         del out
         H.sync(device)
@@ -408,7 +433,7 @@ def prepare_peer(peer: str, st: State, mode: str, args, t_start: float):
             with torch.no_grad():
                 return call()
     else:
-        gout = st.grad_out
+        gout = grad_out
 
         def timed():
             return torch.autograd.grad(call(), inputs, gout)

@@ -219,7 +219,7 @@ def _direct(compiled) -> tuple:
 
 # Triton 3.6's `compiled[grid](*args, stream=)` builds a closure and a launch-metadata dict and
 # calls the launch hooks (empty HookChains unless a profiler is attached) around every launch:
-# microseconds per launch (a decode step; the four launches of a training step's attention).
+# microseconds per launch (a decode step; the three launches of a training step's attention).
 # With no hook registered, _run calls the kernel's launcher with what that path would pass
 # (triton/compiler/compiler.py CompiledKernel.__getitem__ and backends/nvidia/driver.py
 # CudaLauncher.__call__, 3.6). Launch passes pointers as ints (which its getPointer takes as they

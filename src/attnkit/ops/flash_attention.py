@@ -408,6 +408,17 @@ if triton is not None:
         tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
 
     @triton.jit
+    def _row_delta(o_base, do, DLSE, DELTA, bh, Lq, offs_m, row_ok, som, sod, DV, HAS_DLSE: tl.constexpr,
+                   BLOCK_DV: tl.constexpr):
+        """delta = rowsum(dO * O) (- dlse) of a query block's rows in float32, stored for the dK/dV kernel."""
+        o = _load(o_base, offs_m, row_ok, som, sod, DV, BLOCK_DV).to(tl.float32)
+        delta = tl.sum(o * do.to(tl.float32), 1)
+        if HAS_DLSE:  # d lse / d s = p: folds into the softmax backward as -dlse
+            delta -= tl.load(DLSE + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
+        tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, delta, mask=row_ok)
+        return delta
+
+    @triton.jit
     def _dq_tile(dq, q, do, lse, delta, offs_m, row_ok, start_n, lo, hi, LK, k_base, skn, skd, v_base, svn, svd,
                  D, DV, mask_bh, smm, smn, bias_bh, sbm, sbn, scale, softcap, exp_scale, offset, left, right,
                  HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
@@ -458,20 +469,21 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dq_kernel(
-        Q, K, V, DO, DQ, LSE, DELTA, MASK, BIAS, DBIAS, QTAB, SEGPTR, SEGS, NBLOCKS,
+        Q, K, V, DO, DQ, LSE, DELTA, MASK, BIAS, DBIAS, O, DLSE, QTAB, SEGPTR, SEGS, NBLOCKS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
-        sdqb, sdqh, sdqm, sdqd, smb, smh, smm, smn, sbb, sbh, sbm, sbn, sdbb, sdbh, sdbm, sdbn,
+        sdqb, sdqh, sdqm, sdqd, sob, soh, som, sod, smb, smh, smm, smn, sbb, sbh, sbm, sbn, sdbb, sdbh, sdbm, sdbn,
         H, GROUP, BATCH, Lq, LK, D, DV, scale, softcap, exp_scale, offset, left, right,
         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, EDGES: tl.constexpr, TAIL: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr, HEAD_MAJOR: tl.constexpr, GRID3: tl.constexpr,
         BIAS_GRAD: tl.constexpr, DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr, DB_ATOMIC: tl.constexpr,
-        PAIR: tl.constexpr,
+        PAIR: tl.constexpr, HAS_DLSE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
         """dQ of one query block of batch row b; PAIR: of rows b and b + 1 (BATCH counts pairs),
         which then share one bias-gradient atomic per tile: half the atomic traffic of a bias
-        broadcast over the batch, the cost that bounds this kernel there."""
+        broadcast over the batch, the cost that bounds this kernel there. It also writes the rows'
+        delta for the dK/dV kernel (the query blocks cover every row)."""
         blk, bh, b, h, hk = _program(NBLOCKS, H, GROUP, BATCH, HEAD_MAJOR, GRID3, BIG)
         if PAIR:
             b = 2 * b
@@ -482,7 +494,8 @@ if triton is not None:
         q = _load(Q + b * sqb + h * sqh, offs_m, row_ok, sqm, sqd, D, BLOCK_D)
         do = _load(DO + b * sdob + h * sdoh, offs_m, row_ok, sdom, sdod, DV, BLOCK_DV)
         lse = _lse_log2(LSE + bh.to(tl.int64) * Lq, offs_m, row_ok)
-        delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
+        delta = _row_delta(O + b * sob + h * soh, do, DLSE, DELTA, bh, Lq, offs_m, row_ok, som, sod, DV,
+                           HAS_DLSE, BLOCK_DV)
         k_base = K + b * skb + hk * skh
         v_base = V + b * svb + hk * svh
         mask_bh = MASK + b * smb + h * smh
@@ -492,7 +505,8 @@ if triton is not None:
             q2 = _load(Q + (b + 1) * sqb + h * sqh, offs_m, row_ok, sqm, sqd, D, BLOCK_D)
             do2 = _load(DO + (b + 1) * sdob + h * sdoh, offs_m, row_ok, sdom, sdod, DV, BLOCK_DV)
             lse2 = _lse_log2(LSE + bh2.to(tl.int64) * Lq, offs_m, row_ok)
-            delta2 = tl.load(DELTA + bh2.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
+            delta2 = _row_delta(O + (b + 1) * sob + h * soh, do2, DLSE, DELTA, bh2, Lq, offs_m, row_ok, som, sod,
+                                DV, HAS_DLSE, BLOCK_DV)
             k_base2 = k_base + skb
             v_base2 = v_base + svb
             mask_bh2 = mask_bh + smb
@@ -536,19 +550,6 @@ if triton is not None:
         _store(DQ + b * sdqb + h * sdqh, offs_m, row_ok, sdqm, sdqd, D, dq * scale, BLOCK_D)
         if PAIR:
             _store(DQ + (b + 1) * sdqb + h * sdqh, offs_m, row_ok, sdqm, sdqd, D, dq2 * scale, BLOCK_D)
-
-    @triton.jit
-    def _delta_kernel(O, DO, DLSE, DELTA, H, Lq, DV, sob, soh, som, sod, sdob, sdoh, sdom, sdod,
-                      HAS_DLSE: tl.constexpr, BIG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-        """delta = rowsum(dO * O) (- dlse), float32, without float32 copies of O and dO."""
-        blk, bh, b, h, _ = _program(tl.cdiv(Lq, BLOCK_M), H, 1, 1, False, False, BIG)
-        rows, ok = _rows(blk * BLOCK_M, Lq, BLOCK_M, BIG)
-        o = _load(O + b * sob + h * soh, rows, ok, som, sod, DV, BLOCK_DV).to(tl.float32)
-        do = _load(DO + b * sdob + h * sdoh, rows, ok, sdom, sdod, DV, BLOCK_DV).to(tl.float32)
-        delta = tl.sum(o * do, 1)
-        if HAS_DLSE:  # d lse / d s = p: folds into the softmax backward as -dlse
-            delta -= tl.load(DLSE + bh.to(tl.int64) * Lq + rows, mask=ok, other=0.0)
-        tl.store(DELTA + bh.to(tl.int64) * Lq + rows, delta, mask=ok)
 
     @triton.jit
     def _dkdv_tile(dk, dv, k, v, offs_n, col_ok, start_m, hi, q_base, do_base, LSE_BH, DELTA_BH, mask_bh, bias_bh,
@@ -879,14 +880,6 @@ def _fwd_call(q, k, v, o, mask, bias, sinks, layout, scale, softcap, bounds, cfg
     return (tab["qtab"], tab["segptr"], tab["segs"]), _grid(tab["n_qblocks"], B, H, head_major), rest, consts, opts
 
 
-def _delta_call(o, do, has_dlse: bool) -> tuple:
-    """The delta kernel's launch (see _fwd_call); tensors (o, do, dlse or delta, delta)."""
-    B, H, Lq, DV = o.shape
-    rest = (H, Lq, DV, *o.stride(), *do.stride())
-    consts = dict(HAS_DLSE=has_dlse, BIG=_big(o, do), BLOCK_M=64, BLOCK_DV=_pow2(DV))
-    return (), (_cdiv(Lq, 64) * B * H,), rest, consts, dict(num_warps=4, num_stages=2, maxnreg=None)
-
-
 def _bwd_flags(q, v, mask, bias, softcap, bounds, big: bool) -> tuple[dict, tuple]:
     """The constexprs and trailing scalars the dQ and dK/dV kernels share; big: _big of the kernel's
     tensors."""
@@ -897,24 +890,26 @@ def _bwd_flags(q, v, mask, bias, softcap, bounds, big: bool) -> tuple[dict, tupl
     return flags, (left, right)
 
 
-def _dq_call(q, k, v, do, dq, mask, bias, dbias, layout, scale, softcap, bounds, cfg) -> tuple:
+def _dq_call(q, k, v, do, dq, o, has_dlse: bool, mask, bias, dbias, layout, scale, softcap, bounds, cfg) -> tuple:
     """The dQ kernel's launch (see _fwd_call); tensors (q, k, v, do, dq, lse, delta, mask bits, bias,
-    dbias, *tables). dbias: the float32 gradient buffer (None: no bias gradient)."""
+    dbias, o, dlse, *tables). dbias: the float32 gradient buffer (None: no bias gradient); delta is
+    written by the kernel."""
     B, H, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
     bm, bn, warps, stages = cfg
     bias_grad = dbias is not None
     tab = _tables(layout, bm, bn, q.device)
-    flags, (left, right) = _bwd_flags(q, v, mask, bias, softcap, bounds, _big(q, k, v, do, dq, mask, bias, dbias))
+    flags, (left, right) = _bwd_flags(q, v, mask, bias, softcap, bounds,
+                                      _big(q, k, v, do, dq, o, mask, bias, dbias))
     pair = _pair_rows(bias, bias_grad, B)
     nb = B // 2 if pair else B  # the dQ grid's batch extent
     dq_major = _head_major(bias, B) and bias_grad
-    rest = (tab["n_qblocks"], *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+    rest = (tab["n_qblocks"], *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *o.stride(),
             *_bcast_strides(mask), *_bcast_strides(bias), *_bcast_strides(dbias),
             H, H // Hkv, nb, Lq, Lk, D, DV, scale, softcap or 1.0, _exp_scale(bias, softcap, scale), Lk - Lq,
             left, right)
     consts = dict(
-        **flags, HEAD_MAJOR=dq_major, GRID3=_grid3(nb, H), PAIR=pair,
+        **flags, HEAD_MAJOR=dq_major, GRID3=_grid3(nb, H), PAIR=pair, HAS_DLSE=has_dlse,
         EDGES=tab["edges"] or flags["HAS_LEFT"] or flags["HAS_RIGHT"], TAIL=tab["tail"],
         BIAS_GRAD=bias_grad, DB_SUM_M=bias_grad and bias.shape[2] == 1 and Lq > 1,
         DB_SUM_N=bias_grad and bias.shape[3] == 1 and Lk > 1,
@@ -1023,8 +1018,8 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
     dbias = torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if bias_grad else None
     m = _bits(mask, q)
     bt = bias if bias is not None else q
-    delta_in = (o, do, dlse if dlse is not None else delta, delta)
-    dq_in = (q, k, v, do, dq, lse, delta, m, bt, dbias if dbias is not None else q)
+    dq_in = (q, k, v, do, dq, lse, delta, m, bt, dbias if dbias is not None else q, o,
+             dlse if dlse is not None else delta)
     planned = _INTERPRET or f32 or not _tuning()
     cfg = None if planned else _config(D, DV, _INTERPRET, f32)  # a plan holds its configs
     if planned:
@@ -1032,21 +1027,19 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
                         o.stride(), _meta(mask), _meta(bias), bias_grad, dlse is not None, layout, scale, softcap,
                         bounds, q.device)
         plan = _PLANS.get(key)
-        if plan is None:  # [delta, dQ, dK/dV]; the last is planned once dk and dv exist
+        if plan is None:  # [dQ (and delta), dK/dV]; the second is planned once dk and dv exist
             cfg = _config(D, DV, _INTERPRET, f32)
-            plan = _keep(key, [_planned(_delta_kernel, _delta_call(o, do, dlse is not None), q.device),
-                               _planned(_bwd_dq_kernel, _dq_call(q, k, v, do, dq, mask, bias, dbias, layout, scale,
-                                                                 softcap, bounds, cfg["dq"]), q.device), None])
-        (delta_k, _), (dq_k, dq_tabs) = plan[0], plan[1]
+            plan = _keep(key, [_planned(_bwd_dq_kernel, _dq_call(q, k, v, do, dq, o, dlse is not None, mask, bias,
+                                                                 dbias, layout, scale, softcap, bounds, cfg["dq"]),
+                                        q.device), None])
+        dq_k, dq_tabs = plan[0]
         with _on(q):
-            delta_k(*delta_in)
             dq_k(*dq_in, *dq_tabs)
     else:
-        _run_call(_delta_kernel, _delta_call(o, do, dlse is not None), delta_in, q)
-        key = _tune_key(q, k, v, mask, bias, softcap, bounds, layout) + (bias_grad,)
+        key = _tune_key(q, k, v, mask, bias, softcap, bounds, layout) + (bias_grad, dlse is not None)
         with _on(q):  # the tuner's CUDA events on q's device
             _pick("dq", key, cfg["dq"], lambda c: _run_call(_bwd_dq_kernel, _dq_call(
-                q, k, v, do, dq, mask, bias, dbias, layout, scale, softcap, bounds, c), dq_in, q),
+                q, k, v, do, dq, o, dlse is not None, mask, bias, dbias, layout, scale, softcap, bounds, c), dq_in, q),
                 reset=dbias.zero_ if dbias is not None else None)
     # The bias gradient in the bias's dtype now, so that its float32 buffer is freed before dk and dv
     # exist: the backward's peak memory holds one copy of it, not two.
@@ -1056,11 +1049,11 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
     dv = torch.empty_like(v)
     dkdv_in = (q, k, v, do, dk, dv, lse, delta, m, bt)
     if planned:
-        if plan[2] is None:
+        if plan[1] is None:
             cfg = _config(D, DV, _INTERPRET, f32)
-            plan[2] = _planned(_bwd_dkdv_kernel, _dkdv_call(q, k, v, do, dk, dv, mask, bias, layout, scale, softcap,
+            plan[1] = _planned(_bwd_dkdv_kernel, _dkdv_call(q, k, v, do, dk, dv, mask, bias, layout, scale, softcap,
                                                             bounds, cfg["dkdv"]), q.device)
-        dkdv_k, dkdv_tabs = plan[2]
+        dkdv_k, dkdv_tabs = plan[1]
         with _on(q):
             dkdv_k(*dkdv_in, *dkdv_tabs)
     else:

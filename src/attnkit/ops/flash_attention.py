@@ -685,8 +685,8 @@ def _config(d: int, dv: int, interp: bool, f32: bool = False) -> dict:
     # backward sweeps of docs/results/tune_triton_h100_2026-11-22.txt and tune_triton_bias_h100_2026-11-22.txt
     # (H100, bf16): the best or within ~3% of it on dense, causal, group and biased (Evoformer) workloads.
     dmax = max(d, dv)
-    if dmax <= 32:
-        return dict(fwd=(128, 32, 4, 3), dq=(64, 32, 4, 3), dkdv=(64, 128, 4, 2))
+    if dmax <= 32:  # fwd 64 x 64 since 2026-11-23 (Evoformer: x1.06 at MSA L1024, x1.27 triangle L256, 0.97 MSA L256)
+        return dict(fwd=(64, 64, 4, 3), dq=(64, 32, 4, 3), dkdv=(64, 128, 4, 2))
     if dmax <= 64:
         return dict(fwd=(128, 64, 4, 3), dq=(64, 64, 4, 3), dkdv=(64, 64, 4, 2))
     if dmax <= 128:  # dkdv: 64 x 64 since the [queries, keys] orientation (2026-11-23: 2.07 vs 2.69 ms at 32 x 64)
@@ -698,7 +698,8 @@ def _config(d: int, dv: int, interp: bool, f32: bool = False) -> dict:
 def _maxnreg(kind: str, d: int, dv: int, cfg: tuple) -> int | None:
     """A register cap where one was measured to pay (H100, bf16, Evoformer shapes, 2026-11-23): the
     D <= 32 forward with 128x32 tiles needs 158 registers, 3 programs per multiprocessor; under 128
-    (no spills) 4 fit: 8-10% faster at L=512, 1% at L=1024. _launch drops a cap that would spill."""
+    (no spills) 4 fit: 8-10% faster at L=512, 1% at L=1024. That tile is the tuner's candidate now; the
+    64 x 64 default gained nothing from caps of 96 or 128. _launch drops a cap that would spill."""
     if kind == "fwd" and max(d, dv) <= 32 and cfg == (128, 32, 4, 3):
         return 128
     return None

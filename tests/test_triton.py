@@ -466,6 +466,30 @@ def test_cuda_register_cap(cap, monkeypatch):
         assert all(c.n_regs > cap for c in fwd)
 
 
+def test_misaligned_masks_and_biases_are_copied_into_padded_rows():
+    """A mask or bias whose rows do not start on 16-element boundaries is copied once, in its own
+    shape, into rows padded with zeros (Triton vectorises and pipelines the loads only then); an
+    aligned one is read in place. The kernels read into the padding (_guard_len) only where the
+    storage reaches that far."""
+    aligned = torch.randn(2, 3, 5, 32)
+    assert fa._aligned(aligned) is aligned and fa._guard_len(32, aligned) == 32
+    column = torch.randn(2, 3, 5, 1)  # broadcast along the keys: nothing is vectorised there
+    assert fa._aligned(column) is column
+    for t in (torch.randn(2, 3, 5, 37), torch.randn(2, 1, 1, 37), torch.rand(2, 1, 5, 37) > 0.5,
+              torch.randn(2, 3, 37, 5).transpose(-1, -2)[..., :3]):
+        c = fa._aligned(t)
+        assert c is not t and c.dtype == t.dtype and torch.equal(c, t), t.shape
+        assert c.stride(-1) == 1 and all(st % 16 == 0 for n, st in zip(c.shape[:-1], c.stride()) if n > 1)
+        n = t.shape[-1]
+        assert fa._guard_len(n, c) == -(-n // 16) * 16
+        assert not c._base[..., n:].any()  # the padding the kernels may read: zeros
+    tight = torch.randn(2, 3, 5, 37)  # its last row ends where the storage does
+    assert fa._guard_len(37, tight) == 37 and fa._guard_len(37, fa._aligned(tight), tight) == 37
+    roomy = torch.randn(5, 48)[:, :37]  # aligned rows with room past Lk: read in place, guard rounded up
+    assert fa._aligned(roomy) is roomy and fa._guard_len(37, roomy) == 48
+    assert fa._guard_len(37, torch.randn(4 * 48 + 37).as_strided((5, 37), (48, 1))) == 37  # storage ends at Lk
+
+
 def test_backward_frees_float32_bias_gradient_before_dk_dv(tdevice, monkeypatch):
     """The backward's float32 bias-gradient buffer is gone (cast to the bias's dtype and dropped)
     by the time dk and dv are allocated, so the peak memory holds one copy of the bias gradient.
@@ -480,7 +504,8 @@ def test_backward_frees_float32_bias_gradient_before_dk_dv(tdevice, monkeypatch)
 
     def spy_zeros(*a, **kw):
         t = zeros(*a, **kw)
-        if t.dtype == torch.float32 and tuple(t.shape) == tuple(bias.shape):
+        shape = tuple(t.shape)  # the buffer's rows may be padded (flash_attention._padded)
+        if t.dtype == torch.float32 and shape[:-1] == tuple(bias.shape[:-1]) and shape[-1] >= bias.shape[-1]:
             buffers.append(weakref.ref(t))
         return t
 

@@ -849,12 +849,18 @@ def _aligned(t: Tensor | None) -> Tensor | None:
     base), else a copy of it (its own shape, never expanded) that does. Triton specialises integer
     arguments on divisibility by 16; without it the loads of a bias or mask tile are scalar and are
     not pipelined, and the forward ran ~8x slower per pair (H100, Lk = 300 or 1000 against 320 or
-    1024, 2026-11-23). Autograd sees the copy, so a bias gradient still reaches t."""
+    1024, 2026-11-23). Called where autograd does not record it (_FlashAttention.forward): the
+    bias gradient comes back in t's shape."""
     if t is None or t.shape[-1] == 1:  # nothing is vectorised along a broadcast key dim
         return t
     ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(
         t.stride(i) % 16 == 0 for i in range(t.dim() - 1) if t.shape[i] > 1)
-    return t if ok else _padded(t.shape, t.dtype, t.device).copy_(t)
+    if ok:
+        return t
+    n = t.shape[-1]
+    if n % 16 == 0:
+        return t.clone(memory_format=torch.contiguous_format)
+    return torch.nn.functional.pad(t.contiguous(), (0, -n % 16))[..., :n]  # one launch: copy and zero padding
 
 
 def _guard_len(lk: int, *ts: Tensor | None) -> int:
@@ -1115,6 +1121,7 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, sinks, mask, layout, scale, softcap, bounds):
         ctx.set_materialize_grads(False)  # an unused lse gets no gradient: no zeros to read back
+        bias = _aligned(bias)  # here, not recorded by autograd: no extra nodes in the backward
         o, lse = _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds)
         ctx.save_for_backward(q, k, v, o, lse, bias, sinks)
         ctx.mask, ctx.layout, ctx.scale, ctx.softcap, ctx.bounds = mask, layout, scale, softcap, bounds
@@ -1168,7 +1175,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = No
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0, got {softcap!r}")
     softcap = None if softcap is None else float(softcap)
-    mask, bias = _aligned(mask), _aligned(bias)
+    mask = _aligned(mask)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (q, k, v, bias, sinks)):
-        return _forward(q, k, v, mask, bias, sinks, layout, float(scale), softcap, bounds)  # no autograd node
+        return _forward(q, k, v, mask, _aligned(bias), sinks, layout, float(scale), softcap, bounds)  # no autograd node
     return _FlashAttention.apply(q, k, v, bias, sinks, mask, layout, float(scale), softcap, bounds)

@@ -490,6 +490,27 @@ def test_misaligned_masks_and_biases_are_copied_into_padded_rows():
     assert fa._guard_len(37, torch.randn(4 * 48 + 37).as_strided((5, 37), (48, 1))) == 37  # storage ends at Lk
 
 
+def test_offline_build_of_an_off_grid_length_does_not_spill():
+    """benchmarks/offline_build.py builds the three kernels for sm_90a on this (GPU-less) machine. At
+    L = 300 (a bias row stride off the 16-element grid) the forward built before _aligned and
+    _guard_len needed 255 registers and spilled 280 bytes with 13 layout conversions; now it builds
+    as at L = 304 (142 registers, no spills)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "offline_build.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, script, "--L", "300", "--D", "32", "--bias", "pair"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = {m[0]: (int(m[1]), int(m[2]), int(m[3])) for m in re.findall(
+        r"(fwd|dq|dkdv)\s+\([^)]*\)\s+registers\s+(\d+)\s+spill stores\s+(\d+) B\s+layout conversions (\d+)", r.stdout)}
+    assert set(rows) == {"fwd", "dq", "dkdv"}, r.stdout
+    regs, spills, conversions = rows["fwd"]
+    assert spills == 0 and regs < 200 and conversions <= 7, r.stdout
+
+
 def test_backward_frees_float32_bias_gradient_before_dk_dv(tdevice, monkeypatch):
     """The backward's float32 bias-gradient buffer is gone (cast to the bias's dtype and dropped)
     by the time dk and dv are allocated, so the peak memory holds one copy of the bias gradient.

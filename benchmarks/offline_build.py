@@ -57,7 +57,8 @@ def ptxas_stats(ptx: str) -> tuple[int, int]:
         r = subprocess.run([exe, "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.o")],
                            capture_output=True, text=True, check=True)
     out = r.stdout + r.stderr
-    return int(re.search(r"Used (\d+) registers", out).group(1)), int(re.search(r"(\d+) bytes spill stores", out).group(1))
+    regs = re.search(r"Used (\d+) registers", out).group(1)
+    return int(regs), int(re.search(r"(\d+) bytes spill stores", out).group(1))
 
 
 def main() -> int:

@@ -17,8 +17,9 @@ tokens in no set get zero output and lse -inf; key tokens in no segment get zero
 dK/dV. On top of the table: a bool mask and an additive bias read in place
 through their strides (broadcast dims have stride 0; the bias gradient is summed
 over them inside the dQ kernel; one whose rows do not start on 16-element
-boundaries, Lk = 300 say, is first copied once into padded rows: _aligned), softcap, sink logits, and bottom-right causal /
-window bounds (tiles outside them are skipped). GQA reads kv head h // (Hq // Hkv).
+boundaries, Lk = 300 say, is first copied once into padded rows: _aligned),
+softcap, sink logits, and bottom-right causal / window bounds (tiles outside
+them are skipped). GQA reads kv head h // (Hq // Hkv).
 Any head dim (padded to a power of two in registers), Lq != Lk, Dv != D.
 
 Key tiles sit on the BLOCK_N grid and come in three kinds: interior (every pair
@@ -529,7 +530,8 @@ if triton is not None:
                         DB_SUM_N, DB_ATOMIC, PAIR, 1, BLOCK_N, BLOCK_D, BLOCK_DV)
             for t in range(i0, i1):  # interior tiles: no per-pair test
                 dq, dq2 = _dq_step(dq, dq2, q, do, lse, delta, q2, do2, lse2, delta2, offs_m, row_ok, t * BLOCK_N,
-                                   lo, hi, LK, LKP, k_base, v_base, mask_bh, k_base2, v_base2, mask_bh2, skn, skd, svn, svd,
+                                   lo, hi, LK, LKP, k_base, v_base, mask_bh, k_base2, v_base2, mask_bh2,
+                                   skn, skd, svn, svd,
                                    D, DV, smm, smn, bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, scale, softcap, exp_scale,
                                    offset, left, right, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION,
                                    UPCAST, BIG, BIAS_GRAD, DB_SUM_M, DB_SUM_N, DB_ATOMIC, PAIR,
@@ -954,8 +956,8 @@ def _dq_call(q, k, v, do, dq, o, has_dlse: bool, mask, bias, dbias, layout, scal
     dq_major = _head_major(bias, B) and bias_grad
     rest = (tab["n_qblocks"], *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *o.stride(),
             *_bcast_strides(mask), *_bcast_strides(bias), *_bcast_strides(dbias),
-            H, H // Hkv, nb, Lq, Lk, _guard_len(Lk, mask, bias), D, DV, scale, softcap or 1.0, _exp_scale(bias, softcap, scale), Lk - Lq,
-            left, right)
+            H, H // Hkv, nb, Lq, Lk, _guard_len(Lk, mask, bias), D, DV, scale, softcap or 1.0,
+            _exp_scale(bias, softcap, scale), Lk - Lq, left, right)
     consts = dict(
         **flags, HEAD_MAJOR=dq_major, GRID3=_grid3(nb, H), PAIR=pair, HAS_DLSE=has_dlse,
         EDGES=tab["edges"] or flags["HAS_LEFT"] or flags["HAS_RIGHT"], TAIL=tab["tail"],
@@ -978,8 +980,8 @@ def _dkdv_call(q, k, v, do, dk, dv, mask, bias, layout, scale, softcap, bounds, 
     head_major = _head_major(bias, B)
     rest = (tab["n_kblocks"], *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             *_bcast_strides(mask), *_bcast_strides(bias),
-            H, Hkv, H // Hkv, B, Lq, _guard_len(Lk, mask, bias), D, DV, scale, softcap or 1.0, _exp_scale(bias, softcap, scale), Lk - Lq,
-            left, right)
+            H, Hkv, H // Hkv, B, Lq, _guard_len(Lk, mask, bias), D, DV, scale, softcap or 1.0,
+            _exp_scale(bias, softcap, scale), Lk - Lq, left, right)
     consts = dict(**flags, HEAD_MAJOR=head_major, GRID3=_grid3(B, Hkv), KALIGN=tab["kalign"], BLOCK_M=bm,
                   BLOCK_N=bn)
     return ((tab["ktab"], tab["runptr"], tab["runs"]), _grid(tab["n_kblocks"], B, Hkv, head_major), rest, consts,
@@ -1064,7 +1066,7 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
     dlse = dlse.float().contiguous() if dlse is not None else None
     dq = torch.empty_like(q)
     # float32, the bias's own (4-D) shape: the sum over its broadcast dims happens in the dQ kernel
-    dbias = _padded(bias.shape, torch.float32, q.device).zero_() if bias_grad else None
+    dbias = _padded(bias.shape, torch.float32, q.device) if bias_grad else None  # zeros
     m = _bits(mask, q)
     bt = bias if bias is not None else q
     dq_in = (q, k, v, do, dq, lse, delta, m, bt, dbias if dbias is not None else q, o,

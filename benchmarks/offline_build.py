@@ -72,6 +72,9 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=None, help="left window (keys before the diagonal)")
     ap.add_argument("--cfg", type=int, nargs=4, default=None, metavar=("BM", "BN", "WARPS", "STAGES"),
                     help="one config for all three kernels (default: each kernel's _config)")
+    ap.add_argument("--maxnreg", type=int, default=None,
+                    help="register cap for all three kernels (default: each kernel's _maxnreg caps, tried in "
+                         "order as _launch does: the first without spills is kept)")
     args = ap.parse_args()
 
     driver.set_active(_Hopper())
@@ -104,12 +107,24 @@ def main() -> int:
     }
     print(f"L={L} D={D} bias={args.bias} mask={args.mask} bounds={bounds} (sm_90a, triton {triton.__version__})")
     for name, (kernel, (tabs, grid, rest, consts, opts), tensors) in kernels.items():
-        built = kernel.warmup(*tensors, *tabs, *rest, **consts, grid=grid, num_warps=opts["num_warps"],
-                              num_stages=opts["num_stages"])
-        regs, spills = ptxas_stats(built.asm["ptx"])
+        caps = (args.maxnreg,) if args.maxnreg is not None else opts["maxnreg"]
+        caps = (caps,) if isinstance(caps, int) else caps or ()
+        note = ""
+        for cap in caps:  # as _launch does: the first cap whose build does not spill, else none
+            built = kernel.warmup(*tensors, *tabs, *rest, **consts, grid=grid, num_warps=opts["num_warps"],
+                                  num_stages=opts["num_stages"], maxnreg=cap)
+            regs, spills = ptxas_stats(built.asm["ptx"])
+            note += f"  (cap {cap}{': spills, dropped' if spills else ''})"
+            if not spills or args.maxnreg is not None:
+                break
+        else:
+            built = kernel.warmup(*tensors, *tabs, *rest, **consts, grid=grid, num_warps=opts["num_warps"],
+                                  num_stages=opts["num_stages"])
+            regs, spills = ptxas_stats(built.asm["ptx"])
         conv = built.asm["ttgir"].count("ttg.convert_layout")
         cfg = (consts["BLOCK_M"], consts["BLOCK_N"], opts["num_warps"], opts["num_stages"])
-        print(f"  {name:5s} {str(cfg):18s} registers {regs:3d}  spill stores {spills:5d} B  layout conversions {conv}")
+        print(f"  {name:5s} {str(cfg):18s} registers {regs:3d}  spill stores {spills:5d} B  layout conversions {conv}"
+              + note)
     return 0
 
 

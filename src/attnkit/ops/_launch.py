@@ -94,12 +94,13 @@ def _getter(idx: list[int]):
 
 
 def launch(kernel, grid: tuple, args: tuple, consts: dict, *, num_warps: int, num_stages: int,
-           interpret: bool, maxnreg: int | None = None) -> None:
+           interpret: bool, maxnreg: int | tuple[int, ...] | None = None) -> None:
     """Run `kernel[grid](*args, **consts, num_warps=, num_stages=)`.
 
     args are the kernel's leading parameters, in order; consts name all the rest (its constexprs).
-    maxnreg: a register cap per thread (more programs per multiprocessor), kept only where the
-    compiler fits the kernel under it without spilling to local memory.
+    maxnreg: a register cap per thread (more programs per multiprocessor), or caps to try in order:
+    the first under which the compiler fits the kernel without spilling to local memory is kept
+    (none: the uncapped build).
     """
     if interpret:
         kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
@@ -125,17 +126,18 @@ def launch(kernel, grid: tuple, args: tuple, consts: dict, *, num_warps: int, nu
 
 
 def _compile(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, num_stages: int,
-             maxnreg: int | None = None):
+             maxnreg: int | tuple[int, ...] | None = None):
     """Launch through Triton's own path (which compiles, or finds its cached kernel); return the
-    compiled kernel it ran. With maxnreg, the capped build runs if it does not spill."""
-    if maxnreg is not None:
+    compiled kernel it ran. With maxnreg (a cap, or caps in order), the first capped build that does
+    not spill runs."""
+    for cap in (maxnreg,) if isinstance(maxnreg, int) else maxnreg or ():
         try:
             capped = kernel.warmup(*args, **consts, grid=grid, num_warps=num_warps, num_stages=num_stages,
-                                   maxnreg=maxnreg)
+                                   maxnreg=cap)
             if hasattr(capped, "result"):
                 capped = capped.result()
             capped._init_handles()  # loads the module: n_spills is known from here on
-        except Exception:  # noqa: BLE001 - a cap too tight to build at all (Triton raises): run uncapped
+        except Exception:  # noqa: BLE001 - a cap too tight to build at all (Triton raises): try the next
             capped = None
         if capped is not None and not capped.n_spills:
             names = kernel.arg_names[len(args):]
@@ -165,7 +167,7 @@ class Launch:
                  "interpret", "device", "_compiled")
 
     def __init__(self, kernel, grid: tuple, rest: tuple, consts: dict, *, num_warps: int, num_stages: int,
-                 interpret: bool, device: int | None = None, maxnreg: int | None = None):
+                 interpret: bool, device: int | None = None, maxnreg: int | tuple[int, ...] | None = None):
         self.kernel, self.grid, self.rest, self.consts = kernel, tuple(grid), tuple(rest), consts
         self.grid3 = self.grid + (1,) * (3 - len(self.grid))  # a compiled kernel's runner reads all three axes
         names = kernel.arg_names[len(kernel.arg_names) - len(consts):]  # the constexprs, in parameter order

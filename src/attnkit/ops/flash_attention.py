@@ -63,6 +63,7 @@ _LOG2E = 1.4426950408889634
 
 
 _INTERPRET = INTERPRET
+_ASM = tl.constexpr(not INTERPRET) if tl is not None else None  # inline PTX: compiled kernels only
 
 
 # ---------------------------------------------------------------------------
@@ -185,6 +186,13 @@ if triton is not None:
         return q_start, q_end, tl.load(QTAB + 3 * blk + 2), offs_m, row_ok
 
     @triton.jit
+    def _load_rows(offs_m, q_end):
+        """The rows a query block reads its bias and mask tiles at: rows past the block (never
+        stored; p = 0 there in the backward) read its last row, so that the loads in the key loops
+        need no row guard (blocks are never empty)."""
+        return tl.minimum(offs_m, q_end - 1)
+
+    @triton.jit
     def _load(base, rows, ok, s_row, s_col, COLS, BLOCK_COLS: tl.constexpr):
         """A [rows, BLOCK_COLS] tile, zero outside (ok, col < COLS)."""
         cols = tl.arange(0, BLOCK_COLS)
@@ -218,9 +226,22 @@ if triton is not None:
         return ok
 
     @triton.jit
+    def _widen(x):
+        """float32 of a bfloat16 tile (exact). On the GPU one integer op per element, by hand: ptxas
+        widens the upper half of each packed pair with two (PRMT, IMAD), 48 ops per 32 elements in
+        the forward's inner loop, which issued ~12.5 ops per score."""
+        if _ASM:
+            return tl.inline_asm_elementwise("shl.b32 $0, $2, 16;\n\tand.b32 $1, $2, 0xffff0000;", "=r,=r,r",
+                                             [x], dtype=tl.float32, is_pure=True, pack=2)
+        return x.to(tl.float32)
+
+    @triton.jit
     def _bias(BIAS_BH, qi, kj, in_mem, sbm, sbn):
         """The additive bias of pairs (qi, kj), read in place (broadcast dims: stride 0)."""
-        return tl.load(BIAS_BH + qi * sbm + kj * sbn, mask=in_mem, other=0.0).to(tl.float32)
+        b = tl.load(BIAS_BH + qi * sbm + kj * sbn, mask=in_mem, other=0.0)
+        if b.dtype == tl.bfloat16:
+            return _widen(b)
+        return b.to(tl.float32)
 
     @triton.jit
     def _logits(q, k, offs_m, offs_n, tile_mem, bias_bh, sbm, sbn, scale, softcap,
@@ -240,21 +261,23 @@ if triton is not None:
         return s, t
 
     @triton.jit
-    def _key_cols(start_n, lo, hi, LK, LKP, row_ok, BLOCK_N: tl.constexpr, BIG: tl.constexpr, TILE: tl.constexpr):
+    def _key_cols(start_n, lo, hi, LK, LKP, BLOCK_N: tl.constexpr, BIG: tl.constexpr, TILE: tl.constexpr):
         """Key offsets of the tile at start_n (on the BLOCK_N grid), which of them the segment
-        [lo, hi) holds, which exist (< LK), and the memory guard of a [rows, keys] bias/mask tile.
-        Below LK's last full tile that guard is the rows only: constant along the keys, so that
-        bias and mask rows load as wide vectors (a per-key guard forces scalar loads). Across LK it
-        is keys < LKP: LK, or LK rounded up to 16 where the host knows the rows' memory reaches
-        that far (_guard_len), so that those loads stay vectors too."""
+        [lo, hi) holds, which exist (< LK), and the memory guard [1, keys] of a bias/mask tile
+        (its rows are in memory: callers clamp them, see _load_rows). Tiles wholly below LK need
+        no guard: a constant one, which the compiler drops with its per-vector selects. Across LK
+        the guard is keys < LKP: LK, or LK rounded up to 16 where the host knows the rows' memory
+        reaches that far (_guard_len), so that those loads stay wide vectors (a guard at LK
+        itself would force scalar loads)."""
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if BIG:
             offs_n = offs_n.to(tl.int64)
-        exists = offs_n < LK
         if TILE == 2:
-            tile_mem = row_ok[:, None] & (offs_n < LKP)[None, :]
+            exists = offs_n < LK
+            tile_mem = (offs_n < LKP)[None, :]
         else:
-            tile_mem = row_ok[:, None]
+            exists = tl.full([BLOCK_N], 1, tl.int1)
+            tile_mem = tl.full([1, BLOCK_N], 1, tl.int1)
         return offs_n, (offs_n >= lo) & (offs_n < hi), exists, tile_mem
 
     @triton.jit
@@ -293,7 +316,8 @@ if triton is not None:
         elif SUM_N:
             tl.atomic_add(DB_BH + rows * sdbm, tl.sum(ds, 1), mask=row_ok, sem="relaxed")
         elif ATOMIC:
-            tl.atomic_add(DB_BH + rows[:, None] * sdbm + cols[None, :] * sdbn, ds, mask=tile_mem, sem="relaxed")
+            tl.atomic_add(DB_BH + rows[:, None] * sdbm + cols[None, :] * sdbn, ds, mask=row_ok[:, None] & tile_mem,
+                          sem="relaxed")
         else:
             tl.store(DB_BH + rows[:, None] * sdbm + cols[None, :] * sdbn, ds, mask=row_ok[:, None] & col_ok[None, :])
 
@@ -330,14 +354,15 @@ if triton is not None:
         return tl.where(lse == float("-inf"), float("inf"), lse)
 
     @triton.jit
-    def _fwd_tile(acc, m_i, l_i, q, offs_m, row_ok, start_n, lo, hi, LK, LKP, k_base, skn, skd, v_base, svn, svd, D, DV,
+    def _fwd_tile(acc, m_i, l_i, q, ld_rows, start_n, lo, hi, LK, LKP, k_base, skn, skd, v_base, svn, svd, D, DV,
                   mask_bh, smm, smn, bias_bh, sbm, sbn, scale, softcap, exp_scale, offset, left, right,
                   HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
                   HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
                   TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-        """One key tile of the online softmax; m_i in score units, p = exp2((s - m) * exp_scale)."""
-        offs_n, col_ok, exists, tile_mem = _key_cols(start_n, lo, hi, LK, LKP, row_ok, BLOCK_N, BIG, TILE)
-        k, s, _, ok = _key_tile(q, offs_m, offs_n, col_ok, exists, tile_mem, k_base, skn, skd, D,
+        """One key tile of the online softmax; m_i in score units, p = exp2((s - m) * exp_scale).
+        ld_rows: the query rows, clamped to the block (_load_rows)."""
+        offs_n, col_ok, exists, tile_mem = _key_cols(start_n, lo, hi, LK, LKP, BLOCK_N, BIG, TILE)
+        k, s, _, ok = _key_tile(q, ld_rows, offs_n, col_ok, exists, tile_mem, k_base, skn, skd, D,
                                 mask_bh, smm, smn, bias_bh, sbm, sbn, scale, softcap, offset, left, right,
                                 HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, TILE, BLOCK_D)
         if TILE != 0 or HAS_MASK:
@@ -365,6 +390,7 @@ if triton is not None:
         blk, bh, b, h, hk = _program(NBLOCKS, H, GROUP, BATCH, HEAD_MAJOR, GRID3, BIG)
         q_start, q_end, qset, offs_m, row_ok = _query_block(QTAB, blk, BLOCK_M, BIG)
         q = _load(Q + b * sqb + h * sqh, offs_m, row_ok, sqm, sqd, D, BLOCK_D)
+        ld_rows = _load_rows(offs_m, q_end)
         k_base = K + b * skb + hk * skh
         v_base = V + b * svb + hk * svh
         mask_bh = MASK + b * smb + h * smh
@@ -380,27 +406,27 @@ if triton is not None:
                                                           HAS_LEFT, HAS_RIGHT, BLOCK_N)
             if EDGES:
                 for t in range(t0, i0):  # edge tiles before the interior
-                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, offs_m, row_ok, t * BLOCK_N, lo, hi, LK, LKP,
+                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, ld_rows, t * BLOCK_N, lo, hi, LK, LKP,
                                               k_base, skn, skd, v_base, svn, svd, D, DV, mask_bh, smm, smn,
                                               bias_bh, sbm, sbn, scale, softcap, exp_scale, offset, left, right,
                                               HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
                                               1, BLOCK_N, BLOCK_D, BLOCK_DV)
             for t in range(i0, i1):  # interior tiles: no per-pair test
-                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, offs_m, row_ok, t * BLOCK_N, lo, hi, LK, LKP,
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, ld_rows, t * BLOCK_N, lo, hi, LK, LKP,
                                           k_base, skn, skd, v_base, svn, svd, D, DV, mask_bh, smm, smn,
                                           bias_bh, sbm, sbn, scale, softcap, exp_scale, offset, left, right,
                                           HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
                                           0, BLOCK_N, BLOCK_D, BLOCK_DV)
             if EDGES:
                 for t in range(i1, below):  # edge tiles after it
-                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, offs_m, row_ok, t * BLOCK_N, lo, hi, LK, LKP,
+                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, ld_rows, t * BLOCK_N, lo, hi, LK, LKP,
                                               k_base, skn, skd, v_base, svn, svd, D, DV, mask_bh, smm, smn,
                                               bias_bh, sbm, sbn, scale, softcap, exp_scale, offset, left, right,
                                               HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
                                               1, BLOCK_N, BLOCK_D, BLOCK_DV)
             if TAIL:
                 for t in range(tl.maximum(t0, LK // BLOCK_N), t_end):  # the tile across LK, if any
-                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, offs_m, row_ok, t * BLOCK_N, lo, hi, LK, LKP,
+                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, ld_rows, t * BLOCK_N, lo, hi, LK, LKP,
                                               k_base, skn, skd, v_base, svn, svd, D, DV, mask_bh, smm, smn,
                                               bias_bh, sbm, sbn, scale, softcap, exp_scale, offset, left, right,
                                               HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
@@ -423,14 +449,15 @@ if triton is not None:
         return delta
 
     @triton.jit
-    def _dq_tile(dq, q, do, lse, delta, offs_m, row_ok, start_n, lo, hi, LK, LKP, k_base, skn, skd, v_base, svn, svd,
+    def _dq_tile(dq, q, do, lse, delta, ld_rows, start_n, lo, hi, LK, LKP, k_base, skn, skd, v_base, svn, svd,
                  D, DV, mask_bh, smm, smn, bias_bh, sbm, sbn, scale, softcap, exp_scale, offset, left, right,
                  HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
                  HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
                  TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-        """One key tile of dQ, and its ds (d loss / d logit) for the bias gradient. lse in log2 units."""
-        offs_n, col_ok, exists, tile_mem = _key_cols(start_n, lo, hi, LK, LKP, row_ok, BLOCK_N, BIG, TILE)
-        k, s, t, ok = _key_tile(q, offs_m, offs_n, col_ok, exists, tile_mem, k_base, skn, skd, D,
+        """One key tile of dQ, and its ds (d loss / d logit) for the bias gradient. lse in log2 units;
+        ld_rows: the query rows, clamped to the block (_load_rows)."""
+        offs_n, col_ok, exists, tile_mem = _key_cols(start_n, lo, hi, LK, LKP, BLOCK_N, BIG, TILE)
+        k, s, t, ok = _key_tile(q, ld_rows, offs_n, col_ok, exists, tile_mem, k_base, skn, skd, D,
                                 mask_bh, smm, smn, bias_bh, sbm, sbn, scale, softcap, offset, left, right,
                                 HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, TILE, BLOCK_D)
         p = tl.exp2(s * exp_scale - lse[:, None])
@@ -444,7 +471,7 @@ if triton is not None:
         return _mma(ds.to(k.dtype), k, dq, PRECISION, UPCAST), ds
 
     @triton.jit
-    def _dq_step(dq, dq2, q, do, lse, delta, q2, do2, lse2, delta2, offs_m, row_ok, start_n, lo, hi, LK, LKP,
+    def _dq_step(dq, dq2, q, do, lse, delta, q2, do2, lse2, delta2, offs_m, row_ok, ld_rows, start_n, lo, hi, LK, LKP,
                  k_base, v_base, mask_bh, k_base2, v_base2, mask_bh2, skn, skd, svn, svd,
                  D, DV, smm, smn, bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, scale, softcap, exp_scale,
                  offset, left, right,
@@ -455,18 +482,18 @@ if triton is not None:
                  BLOCK_DV: tl.constexpr):
         """One key tile of dQ for batch row b (and b + 1 when PAIR), then the bias gradient: the
         pair's ds add up before the one atomic add (a bias shared by the batch)."""
-        dq, ds = _dq_tile(dq, q, do, lse, delta, offs_m, row_ok, start_n, lo, hi, LK, LKP, k_base, skn, skd,
+        dq, ds = _dq_tile(dq, q, do, lse, delta, ld_rows, start_n, lo, hi, LK, LKP, k_base, skn, skd,
                           v_base, svn, svd, D, DV, mask_bh, smm, smn, bias_bh, sbm, sbn, scale, softcap, exp_scale,
                           offset, left, right, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST,
                           BIG, TILE, BLOCK_N, BLOCK_D, BLOCK_DV)
         if PAIR:
-            dq2, ds2 = _dq_tile(dq2, q2, do2, lse2, delta2, offs_m, row_ok, start_n, lo, hi, LK, LKP, k_base2, skn, skd,
+            dq2, ds2 = _dq_tile(dq2, q2, do2, lse2, delta2, ld_rows, start_n, lo, hi, LK, LKP, k_base2, skn, skd,
                                 v_base2, svn, svd, D, DV, mask_bh2, smm, smn, bias_bh, sbm, sbn, scale, softcap,
                                 exp_scale, offset, left, right, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT,
                                 PRECISION, UPCAST, BIG, TILE, BLOCK_N, BLOCK_D, BLOCK_DV)
             ds += ds2
         if BIAS_GRAD:  # d loss / d bias = ds, summed over the bias's broadcast dims
-            offs_n, col_ok, exists, tile_mem = _key_cols(start_n, lo, hi, LK, LKP, row_ok, BLOCK_N, BIG, TILE)
+            offs_n, col_ok, exists, tile_mem = _key_cols(start_n, lo, hi, LK, LKP, BLOCK_N, BIG, TILE)
             _bias_grad(dbias_bh, ds, offs_m, row_ok, offs_n, col_ok, exists, tile_mem, sdbm, sdbn,
                        DB_SUM_M, DB_SUM_N, DB_ATOMIC)
         return dq, dq2
@@ -496,6 +523,7 @@ if triton is not None:
         dbias_bh = DBIAS + b * sdbb + h * sdbh
         bias_bh = BIAS + b * sbb + h * sbh
         q = _load(Q + b * sqb + h * sqh, offs_m, row_ok, sqm, sqd, D, BLOCK_D)
+        ld_rows = _load_rows(offs_m, q_end)
         do = _load(DO + b * sdob + h * sdoh, offs_m, row_ok, sdom, sdod, DV, BLOCK_DV)
         lse = _lse_log2(LSE + bh.to(tl.int64) * Lq, offs_m, row_ok)
         delta = _row_delta(O + b * sob + h * soh, do, DLSE, DELTA, bh, Lq, offs_m, row_ok, som, sod, DV,
@@ -523,13 +551,13 @@ if triton is not None:
             if EDGES:
                 for t in range(t0, i0):  # edge tiles before the interior
                     dq, dq2 = _dq_step(
-                        dq, dq2, q, do, lse, delta, q2, do2, lse2, delta2, offs_m, row_ok, t * BLOCK_N, lo, hi, LK, LKP,
+                        dq, dq2, q, do, lse, delta, q2, do2, lse2, delta2, offs_m, row_ok, ld_rows, t * BLOCK_N, lo, hi, LK, LKP,
                         k_base, v_base, mask_bh, k_base2, v_base2, mask_bh2, skn, skd, svn, svd, D, DV, smm, smn,
                         bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, scale, softcap, exp_scale, offset, left, right,
                         HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG, BIAS_GRAD, DB_SUM_M,
                         DB_SUM_N, DB_ATOMIC, PAIR, 1, BLOCK_N, BLOCK_D, BLOCK_DV)
             for t in range(i0, i1):  # interior tiles: no per-pair test
-                dq, dq2 = _dq_step(dq, dq2, q, do, lse, delta, q2, do2, lse2, delta2, offs_m, row_ok, t * BLOCK_N,
+                dq, dq2 = _dq_step(dq, dq2, q, do, lse, delta, q2, do2, lse2, delta2, offs_m, row_ok, ld_rows, t * BLOCK_N,
                                    lo, hi, LK, LKP, k_base, v_base, mask_bh, k_base2, v_base2, mask_bh2,
                                    skn, skd, svn, svd,
                                    D, DV, smm, smn, bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, scale, softcap, exp_scale,
@@ -539,7 +567,7 @@ if triton is not None:
             if EDGES:
                 for t in range(i1, below):  # edge tiles after it
                     dq, dq2 = _dq_step(
-                        dq, dq2, q, do, lse, delta, q2, do2, lse2, delta2, offs_m, row_ok, t * BLOCK_N, lo, hi, LK, LKP,
+                        dq, dq2, q, do, lse, delta, q2, do2, lse2, delta2, offs_m, row_ok, ld_rows, t * BLOCK_N, lo, hi, LK, LKP,
                         k_base, v_base, mask_bh, k_base2, v_base2, mask_bh2, skn, skd, svn, svd, D, DV, smm, smn,
                         bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, scale, softcap, exp_scale, offset, left, right,
                         HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG, BIAS_GRAD, DB_SUM_M,
@@ -547,7 +575,7 @@ if triton is not None:
             if TAIL:
                 for t in range(tl.maximum(t0, LK // BLOCK_N), t_end):  # the tile across LK, if any
                     dq, dq2 = _dq_step(
-                        dq, dq2, q, do, lse, delta, q2, do2, lse2, delta2, offs_m, row_ok, t * BLOCK_N, lo, hi, LK, LKP,
+                        dq, dq2, q, do, lse, delta, q2, do2, lse2, delta2, offs_m, row_ok, ld_rows, t * BLOCK_N, lo, hi, LK, LKP,
                         k_base, v_base, mask_bh, k_base2, v_base2, mask_bh2, skn, skd, svn, svd, D, DV, smm, smn,
                         bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, scale, softcap, exp_scale, offset, left, right,
                         HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG, BIAS_GRAD, DB_SUM_M,
@@ -567,6 +595,8 @@ if triton is not None:
         Scores in the [queries, keys] orientation: bias and mask rows load as wide vectors and lse /
         delta are per-row values; P^T and dS^T go to the MMAs through shared memory."""
         offs_m, row_ok = _rows(start_m, hi, BLOCK_M, BIG)
+        if not ROW_EDGE:  # every row is below hi: a constant guard, which the loads drop
+            row_ok = tl.full([BLOCK_M], 1, tl.int1)
         if KEY_EDGE:  # keys < LKP: see _key_cols
             tile_mem = row_ok[:, None] & (offs_n < LKP)[None, :]
         else:
@@ -700,13 +730,16 @@ def _config(d: int, dv: int, interp: bool, f32: bool = False) -> dict:
     return dict(fwd=(64, 32, 4, 2), dq=(32, 32, 4, 2), dkdv=(32, 32, 4, 2))
 
 
-def _maxnreg(kind: str, d: int, dv: int, cfg: tuple) -> int | None:
-    """A register cap where one was measured to pay (H100, bf16, Evoformer shapes, 2026-11-23): the
-    D <= 32 forward with 128x32 tiles needs 158 registers, 3 programs per multiprocessor; under 128
-    (no spills) 4 fit: 8-10% faster at L=512, 1% at L=1024. That tile is the tuner's candidate now; the
-    64 x 64 default gained nothing from caps of 96 or 128. _launch drops a cap that would spill."""
-    if kind == "fwd" and max(d, dv) <= 32 and cfg == (128, 32, 4, 3):
-        return 128
+def _maxnreg(kind: str, d: int, dv: int, cfg: tuple) -> int | tuple[int, ...] | None:
+    """Register caps where one was measured to pay (H100, bf16, Evoformer shapes, 2026-11-23); _launch
+    keeps the first that builds without spills, else none. The D <= 32 forward with 128x32 tiles needs
+    158 registers, 3 programs per multiprocessor; under 128 (no spills) 4 fit: 8-10% faster at L=512,
+    1% at L=1024 (that tile is the tuner's candidate now). The 64 x 64 default builds to 128 registers
+    (4 programs, as many as shared memory holds at 3 stages): under 112 it ran 1-4% faster (MSA
+    L=512/1024, triangle L=512; no change at L=256). With the tile across Lk (Lk off the 64 grid) it
+    needs 144 (3 programs) and spills under 112, so 128 follows."""
+    if kind == "fwd" and max(d, dv) <= 32:
+        return {(128, 32, 4, 3): 128, (64, 64, 4, 3): (112, 128)}.get(cfg)
     return None
 
 

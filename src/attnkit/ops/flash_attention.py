@@ -999,7 +999,7 @@ def _dq_call(q, k, v, do, dq, o, has_dlse: bool, mask, bias, dbias, layout, scal
         DB_ATOMIC=bias_grad and ((bias.shape[0] == 1 and B > 1) or (bias.shape[1] == 1 and H > 1)),
         BLOCK_M=bm, BLOCK_N=bn)
     return ((tab["qtab"], tab["segptr"], tab["segs"]), _grid(tab["n_qblocks"], nb, H, dq_major), rest, consts,
-            dict(num_warps=warps, num_stages=stages, maxnreg=None))
+            dict(num_warps=warps, num_stages=stages, maxnreg=_maxnreg("dq", D, DV, cfg)))
 
 
 def _dkdv_call(q, k, v, do, dk, dv, mask, bias, layout, scale, softcap, bounds, cfg) -> tuple:
@@ -1018,7 +1018,7 @@ def _dkdv_call(q, k, v, do, dk, dv, mask, bias, layout, scale, softcap, bounds, 
     consts = dict(**flags, HEAD_MAJOR=head_major, GRID3=_grid3(B, Hkv), KALIGN=tab["kalign"], BLOCK_M=bm,
                   BLOCK_N=bn)
     return ((tab["ktab"], tab["runptr"], tab["runs"]), _grid(tab["n_kblocks"], B, Hkv, head_major), rest, consts,
-            dict(num_warps=warps, num_stages=stages, maxnreg=None))
+            dict(num_warps=warps, num_stages=stages, maxnreg=_maxnreg("dkdv", D, DV, cfg)))
 
 
 def _run_call(kernel, call: tuple, tensors: tuple, q: Tensor) -> None:

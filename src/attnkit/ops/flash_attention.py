@@ -215,13 +215,16 @@ if triton is not None:
                  HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
         """Pairs (query qi, key kj; broadcast tiles in either orientation) that `keep` (a vector:
         no full-tile op when nothing else applies), the bounds and the mask allow. `in_mem`
-        guards the mask read (the compiler drops it when there is no mask)."""
+        guards the mask read (the compiler drops it when there is no mask). HAS_MASK 2: a key mask
+        (_mask_kind), read as one row of keys kj [1, keys] (in_mem: a guard of that shape)."""
         ok = keep
         if HAS_LEFT:
             ok = ok & (kj >= qi + offset - left)
         if HAS_RIGHT:
             ok = ok & (kj <= qi + offset + right)
-        if HAS_MASK:
+        if HAS_MASK == 2:
+            ok = ok & (tl.load(MASK_BH + kj * smn, mask=in_mem, other=0) != 0)
+        elif HAS_MASK:
             ok = ok & (tl.load(MASK_BH + qi * smm + kj * smn, mask=in_mem, other=0) != 0)
         return ok
 
@@ -294,7 +297,9 @@ if triton is not None:
                        HAS_BIAS, SOFTCAP, PRECISION, UPCAST)
         if TILE == 0:  # wholly inside the segment and the bounds
             ok = tile_mem
-            if HAS_MASK:
+            if HAS_MASK == 2:  # a key mask: one row of keys for the whole tile
+                ok = tl.load(mask_bh + offs_n[None, :] * smn) != 0
+            elif HAS_MASK:
                 ok = tl.load(mask_bh + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=tile_mem, other=0) != 0
         else:  # keys outside the segment must not count; query rows past the block are never stored
             ok = _allowed(col_ok[None, :], tile_mem, offs_m[:, None], offs_n[None, :],
@@ -598,8 +603,10 @@ if triton is not None:
         if not ROW_EDGE:  # every row is below hi: a constant guard, which the loads drop
             row_ok = tl.full([BLOCK_M], 1, tl.int1)
         if KEY_EDGE:  # keys < LKP: see _key_cols
-            tile_mem = row_ok[:, None] & (offs_n < LKP)[None, :]
+            key_mem = (offs_n < LKP)[None, :]
+            tile_mem = row_ok[:, None] & key_mem
         else:
+            key_mem = tl.full([1, offs_n.shape[0]], 1, tl.int1)
             tile_mem = row_ok[:, None]
         q = _load(q_base, offs_m, row_ok, sqm, sqd, D, BLOCK_D)
         do = _load(do_base, offs_m, row_ok, sdom, sdod, DV, BLOCK_DV)
@@ -610,8 +617,8 @@ if triton is not None:
         p = tl.exp2(s * exp_scale - lse[:, None])
         # rows past hi have lse = +inf, so p = 0 there; key columns past the block are never stored
         if ROW_EDGE or HAS_MASK or HAS_LEFT or HAS_RIGHT:
-            ok = _allowed(row_ok[:, None], tile_mem, offs_m[:, None], offs_n[None, :], mask_bh, smm, smn,
-                          offset, left, right, HAS_MASK, HAS_LEFT, HAS_RIGHT)
+            ok = _allowed(row_ok[:, None], key_mem if HAS_MASK == 2 else tile_mem, offs_m[:, None], offs_n[None, :],
+                          mask_bh, smm, smn, offset, left, right, HAS_MASK, HAS_LEFT, HAS_RIGHT)
             p = tl.where(ok, p, 0.0)
         dv = _mma(tl.trans(p.to(do.dtype)), do, dv, PRECISION, UPCAST)
         dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
@@ -915,6 +922,15 @@ def _guard_len(lk: int, *ts: Tensor | None) -> int:
     return lkp
 
 
+def _mask_kind(mask: Tensor | None) -> int:
+    """HAS_MASK of the kernels: 0 no mask; 2 a key mask [B|1, H|1, 1, Lk] (one row per tile, broadcast
+    over the queries: the Evoformer modules' masks; a [64, 64] byte tile cost the forward's loop ~200
+    more instructions); 1 any other mask, read as [queries, keys] tiles."""
+    if mask is None:
+        return 0
+    return 2 if mask.shape[2] == 1 else 1
+
+
 def _bcast_strides(t: Tensor | None) -> tuple[int, int, int, int]:
     """A 4-D mask / bias (or its gradient buffer)'s strides, 0 along broadcast dims (all 0 for None:
     the kernel never reads it)."""
@@ -954,7 +970,7 @@ def _fwd_call(q, k, v, o, mask, bias, sinks, layout, scale, softcap, bounds, cfg
             *_bcast_strides(bias), H, H // Hkv, B, Lq, Lk, _guard_len(Lk, mask, bias), D, DV, scale, softcap or 1.0,
             _exp_scale(bias, softcap, scale), Lk - Lq, left, right)
     consts = dict(
-        HAS_MASK=mask is not None, HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
+        HAS_MASK=_mask_kind(mask), HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
         HAS_SINKS=sinks is not None, HAS_LEFT=has_l, HAS_RIGHT=has_r,
         EDGES=tab["edges"] or has_l or has_r, TAIL=tab["tail"],
         **_precision(q.dtype, _INTERPRET), BIG=_big(q, k, v, o, mask, bias), HEAD_MAJOR=head_major,
@@ -967,7 +983,7 @@ def _bwd_flags(q, v, mask, bias, softcap, bounds, big: bool) -> tuple[dict, tupl
     """The constexprs and trailing scalars the dQ and dK/dV kernels share; big: _big of the kernel's
     tensors."""
     left, right, has_l, has_r = _bounds(bounds)
-    flags = dict(HAS_MASK=mask is not None, HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
+    flags = dict(HAS_MASK=_mask_kind(mask), HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
                  HAS_LEFT=has_l, HAS_RIGHT=has_r, BIG=big,
                  **_precision(q.dtype, _INTERPRET), BLOCK_D=_pow2(q.shape[3]), BLOCK_DV=_pow2(v.shape[3]))
     return flags, (left, right)

@@ -53,7 +53,6 @@ from ..groups import SegmentLayout, dense_layout
 try:
     import triton
     import triton.language as tl
-    from triton.language.target_info import is_cuda as _is_cuda
 except ImportError:  # pragma: no cover - triton is a hard dependency on Linux
     triton = tl = None
 
@@ -64,7 +63,8 @@ _LOG2E = 1.4426950408889634
 
 
 _INTERPRET = INTERPRET
-_ASM = tl.constexpr(not INTERPRET) if tl is not None else None  # inline PTX: compiled (CUDA) kernels only
+# inline PTX: compiled kernels of a CUDA build only (not the interpreter, not ROCm)
+_ASM = tl.constexpr(not INTERPRET and torch.version.hip is None) if tl is not None else None
 
 
 # ---------------------------------------------------------------------------
@@ -234,7 +234,7 @@ if triton is not None:
         """float32 of a bfloat16 tile (exact). On the GPU one integer op per element, by hand: ptxas
         widens the upper half of each packed pair with two (PRMT, IMAD), 48 ops per 32 elements in
         the forward's inner loop, which issued ~12.5 ops per score."""
-        if _ASM and _is_cuda():
+        if _ASM:
             return tl.inline_asm_elementwise("shl.b32 $0, $2, 16;\n\tand.b32 $1, $2, 0xffff0000;", "=r,=r,r",
                                              [x], dtype=tl.float32, is_pure=True, pack=2)
         return x.to(tl.float32)

@@ -135,17 +135,14 @@ def main() -> int:
         caps = (args.maxnreg,) if args.maxnreg is not None else opts["maxnreg"]
         caps = (caps,) if isinstance(caps, int) else caps or ()
         note = ""
-        for cap in caps:  # as _launch does: the first cap whose build does not spill, else none
+        for cap in (*caps, None):  # as _launch does: the first cap whose build does not spill, else none
             built = kernel.warmup(*tensors, *tabs, *rest, **consts, grid=grid, num_warps=opts["num_warps"],
-                                  num_stages=opts["num_stages"], maxnreg=cap)
+                                  num_stages=opts["num_stages"], **({"maxnreg": cap} if cap else {}))
             regs, spills = ptxas_stats(built.asm["ptx"])
-            note += f"  (cap {cap}{': spills, dropped' if spills else ''})"
-            if not spills or args.maxnreg is not None:
+            if cap is None or not spills or args.maxnreg is not None:  # a cap given on the command line stays
+                note += f"  (cap {cap})" if cap else ""
                 break
-        else:
-            built = kernel.warmup(*tensors, *tabs, *rest, **consts, grid=grid, num_warps=opts["num_warps"],
-                                  num_stages=opts["num_stages"])
-            regs, spills = ptxas_stats(built.asm["ptx"])
+            note += f"  (cap {cap}: spills, dropped)"
         conv = built.asm["ttgir"].count("ttg.convert_layout")
         cfg = (consts["BLOCK_M"], consts["BLOCK_N"], opts["num_warps"], opts["num_stages"])
         per = cfg[0] * cfg[1] / (32 * cfg[2])  # tile elements per thread

@@ -99,7 +99,7 @@ def main() -> int:
                     help="one config for all three kernels (default: each kernel's _config)")
     ap.add_argument("--maxnreg", type=int, default=None,
                     help="register cap for all three kernels (default: each kernel's _maxnreg caps, tried in "
-                         "order as _launch does: the first without spills is kept)")
+                         "order as _launch does: the first that spills within its allowance is kept)")
     args = ap.parse_args()
 
     driver.set_active(_Hopper())
@@ -133,16 +133,17 @@ def main() -> int:
     print(f"L={L} D={D} bias={args.bias} mask={args.mask} bounds={bounds} (sm_90a, triton {triton.__version__})")
     for name, (kernel, (tabs, grid, rest, consts, opts), tensors) in kernels.items():
         caps = (args.maxnreg,) if args.maxnreg is not None else opts["maxnreg"]
-        caps = (caps,) if isinstance(caps, int) else caps or ()
+        caps = (caps,) if isinstance(caps, (int, fa._launch.Cap)) else caps or ()
         note = ""
-        for cap in (*caps, None):  # as _launch does: the first cap whose build does not spill, else none
+        for cap in (*caps, None):  # as _launch does: the first cap whose build spills within its allowance
+            cap_regs, allowed = fa._launch.Cap(cap) if isinstance(cap, int) else cap or (None, 0)
             built = kernel.warmup(*tensors, *tabs, *rest, **consts, grid=grid, num_warps=opts["num_warps"],
-                                  num_stages=opts["num_stages"], **({"maxnreg": cap} if cap else {}))
+                                  num_stages=opts["num_stages"], **({"maxnreg": cap_regs} if cap_regs else {}))
             regs, spills = ptxas_stats(built.asm["ptx"])
-            if cap is None or not spills or args.maxnreg is not None:  # a cap given on the command line stays
-                note += f"  (cap {cap})" if cap else ""
+            if cap is None or spills <= 4 * allowed or args.maxnreg is not None:  # a command-line cap stays
+                note += f"  (cap {cap_regs}{f', {4 * allowed} B of spills allowed' if allowed else ''})" if cap else ""
                 break
-            note += f"  (cap {cap}: spills, dropped)"
+            note += f"  (cap {cap_regs}: spills, dropped)"
         conv = built.asm["ttgir"].count("ttg.convert_layout")
         cfg = (consts["BLOCK_M"], consts["BLOCK_N"], opts["num_warps"], opts["num_stages"])
         per = cfg[0] * cfg[1] / (32 * cfg[2])  # tile elements per thread

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -32,7 +32,7 @@ try:
 except ImportError:  # pragma: no cover - triton missing: the kernels report it
     triton = None
 
-__all__ = ["launch", "Launch", "INTERPRET", "interpreting", "next_pow2", "block_dim", "cdiv", "on_device"]
+__all__ = ["launch", "Launch", "Cap", "INTERPRET", "interpreting", "next_pow2", "block_dim", "cdiv", "on_device"]
 
 
 
@@ -68,6 +68,16 @@ def on_device(t: Tensor):
     return torch.cuda.device(t.device)
 
 
+class Cap(NamedTuple):
+    """A register cap per thread, and the local memory (Triton's n_spills: 32-bit words) that a build
+    under it may spill and still be kept. A plain int cap allows none."""
+
+    regs: int
+    spills: int = 0
+
+
+Caps = int | Cap | tuple[int | Cap, ...] | None
+
 _CACHE: dict[tuple, Any] = {}
 _MAX_ENTRIES = 512
 _LAYOUTS: dict[tuple, tuple] = {}
@@ -94,13 +104,13 @@ def _getter(idx: list[int]):
 
 
 def launch(kernel, grid: tuple, args: tuple, consts: dict, *, num_warps: int, num_stages: int,
-           interpret: bool, maxnreg: int | tuple[int, ...] | None = None) -> None:
+           interpret: bool, maxnreg: Caps = None) -> None:
     """Run `kernel[grid](*args, **consts, num_warps=, num_stages=)`.
 
     args are the kernel's leading parameters, in order; consts name all the rest (its constexprs).
     maxnreg: a register cap per thread (more programs per multiprocessor), or caps to try in order:
-    the first under which the compiler fits the kernel without spilling to local memory is kept
-    (none: the uncapped build).
+    the first under which the compiler fits the kernel without spilling to local memory (or within
+    a Cap's allowance) is kept (none: the uncapped build).
     """
     if interpret:
         kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
@@ -126,20 +136,21 @@ def launch(kernel, grid: tuple, args: tuple, consts: dict, *, num_warps: int, nu
 
 
 def _compile(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, num_stages: int,
-             maxnreg: int | tuple[int, ...] | None = None):
+             maxnreg: Caps = None):
     """Launch through Triton's own path (which compiles, or finds its cached kernel); return the
     compiled kernel it ran. With maxnreg (a cap, or caps in order), the first capped build that does
-    not spill runs."""
-    for cap in (maxnreg,) if isinstance(maxnreg, int) else maxnreg or ():
+    not spill (or spills within its Cap's allowance) runs."""
+    for cap in (maxnreg,) if isinstance(maxnreg, (int, Cap)) else maxnreg or ():
+        regs, allowed = (cap, 0) if isinstance(cap, int) else cap
         try:
             capped = kernel.warmup(*args, **consts, grid=grid, num_warps=num_warps, num_stages=num_stages,
-                                   maxnreg=cap)
+                                   maxnreg=regs)
             if hasattr(capped, "result"):
                 capped = capped.result()
             capped._init_handles()  # loads the module: n_spills is known from here on
         except Exception:  # noqa: BLE001 - a cap too tight to build at all (Triton raises): try the next
             capped = None
-        if capped is not None and not capped.n_spills:
+        if capped is not None and capped.n_spills <= allowed:
             names = kernel.arg_names[len(args):]
             device = driver.active.get_current_device()
             capped[tuple(grid) + (1,) * (3 - len(grid))](*args, *(consts[n] for n in names),
@@ -167,7 +178,7 @@ class Launch:
                  "interpret", "device", "_compiled")
 
     def __init__(self, kernel, grid: tuple, rest: tuple, consts: dict, *, num_warps: int, num_stages: int,
-                 interpret: bool, device: int | None = None, maxnreg: int | tuple[int, ...] | None = None):
+                 interpret: bool, device: int | None = None, maxnreg: Caps = None):
         self.kernel, self.grid, self.rest, self.consts = kernel, tuple(grid), tuple(rest), consts
         self.grid3 = self.grid + (1,) * (3 - len(self.grid))  # a compiled kernel's runner reads all three axes
         names = kernel.arg_names[len(kernel.arg_names) - len(consts):]  # the constexprs, in parameter order

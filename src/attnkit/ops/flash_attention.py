@@ -728,8 +728,9 @@ def _config(d: int, dv: int, interp: bool, f32: bool = False) -> dict:
     # backward sweeps of docs/results/tune_triton_h100_2026-11-22.txt and tune_triton_bias_h100_2026-11-22.txt
     # (H100, bf16): the best or within ~3% of it on dense, causal, group and biased (Evoformer) workloads.
     dmax = max(d, dv)
-    if dmax <= 32:  # fwd 64 x 64 since 2026-11-23 (Evoformer: x1.06 at MSA L1024, x1.27 triangle L256, 0.97 MSA L256)
-        return dict(fwd=(64, 64, 4, 3), dq=(64, 32, 4, 3), dkdv=(64, 128, 4, 2))
+    if dmax <= 32:  # fwd 64 x 64 since 2026-11-23 (Evoformer: x1.06 at MSA L1024, x1.27 triangle L256, 0.97 MSA L256);
+        # dK/dV 64 x 64 x 3 stages under _maxnreg's cap since 2026-11-23 (Evoformer backward x1.02-1.11)
+        return dict(fwd=(64, 64, 4, 3), dq=(64, 32, 4, 3), dkdv=(64, 64, 4, 3))
     if dmax <= 64:
         return dict(fwd=(128, 64, 4, 3), dq=(64, 64, 4, 3), dkdv=(64, 64, 4, 2))
     if dmax <= 128:  # dkdv: 64 x 64 since the [queries, keys] orientation (2026-11-23: 2.07 vs 2.69 ms at 32 x 64)
@@ -738,16 +739,23 @@ def _config(d: int, dv: int, interp: bool, f32: bool = False) -> dict:
     return dict(fwd=(64, 32, 4, 2), dq=(32, 32, 4, 2), dkdv=(32, 32, 4, 2))
 
 
-def _maxnreg(kind: str, d: int, dv: int, cfg: tuple) -> int | tuple[int, ...] | None:
+def _maxnreg(kind: str, d: int, dv: int, cfg: tuple) -> _launch.Caps:
     """Register caps where one was measured to pay (H100, bf16, Evoformer shapes, 2026-11-23); _launch
-    keeps the first that builds without spills, else none. The D <= 32 forward with 128x32 tiles needs
-    158 registers, 3 programs per multiprocessor; under 128 (no spills) 4 fit: 8-10% faster at L=512,
-    1% at L=1024 (that tile is the tuner's candidate now). The 64 x 64 default builds to 128 registers
-    (4 programs, as many as shared memory holds at 3 stages): under 112 it ran 1-4% faster (MSA
-    L=512/1024, triangle L=512; no change at L=256). With the tile across Lk (Lk off the 64 grid) it
-    needs 144 (3 programs) and spills under 112, so 128 follows."""
+    keeps the first that builds without spills (or within a Cap's allowance), else none.
+
+    - Forward, D <= 32, 128 x 32 tiles: 158 registers, 3 programs per multiprocessor; under 128 (no
+      spills) 4 fit: 8-10% faster at L=512, 1% at L=1024 (that tile is the tuner's candidate now).
+    - Forward, D <= 32, the 64 x 64 default: 128 registers (4 programs, as many as shared memory holds at
+      3 stages); under 112 it ran 1-4% faster (MSA L=512/1024, triangle L=512; no change at L=256). With
+      the tile across Lk (Lk off the 64 grid) it needs 144 (3 programs) and spills under 112, so 128 follows.
+    - dK/dV, D <= 32, 64 x 64 x 3 stages: under 168, 3 programs fit (2 uncapped); ptxas then spills
+      52-144 B outside the innermost loops (bias, masks, bounds; none without a bias), where the 64 x 128
+      default it replaced spilled 164 B inside them. The allowance, 48 words (192 B), holds every such
+      build; the whole backward ran x1.02-1.11 (docs/results/dkdv_cap_ab_h100_2026-11-23.txt)."""
     if kind == "fwd" and max(d, dv) <= 32:
         return {(128, 32, 4, 3): 128, (64, 64, 4, 3): (112, 128)}.get(cfg)
+    if kind == "dkdv" and max(d, dv) <= 32 and cfg == (64, 64, 4, 3):
+        return _launch.Cap(168, spills=48)
     return None
 
 

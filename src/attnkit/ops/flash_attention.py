@@ -750,8 +750,10 @@ def _maxnreg(kind: str, d: int, dv: int, cfg: tuple) -> _launch.Caps:
       the tile across Lk (Lk off the 64 grid) it needs 144 (3 programs) and spills under 112, so 128 follows.
     - dK/dV, D <= 32, 64 x 64 x 3 stages: under 168, 3 programs fit (2 uncapped); ptxas then spills
       52-144 B outside the innermost loops (bias, masks, bounds; none without a bias), where the 64 x 128
-      default it replaced spilled 164 B inside them. The allowance, 48 words (192 B), holds every such
-      build; the whole backward ran x1.02-1.11 (docs/results/dkdv_cap_ab_h100_2026-11-23.txt)."""
+      default it replaced spilled 164 B inside them. The allowance, 48 words (192 B), holds those
+      builds; the whole backward ran x1.02-1.11 (docs/results/dkdv_cap_ab_h100_2026-11-23.txt). A bias
+      with a mask and causal / window bounds spills 224-240 B under the cap (offline builds) and runs
+      uncapped: 222-250 registers, no spills, 2 programs per SM (not timed)."""
     if kind == "fwd" and max(d, dv) <= 32:
         return {(128, 32, 4, 3): 128, (64, 64, 4, 3): (112, 128)}.get(cfg)
     if kind == "dkdv" and max(d, dv) <= 32 and cfg == (64, 64, 4, 3):

@@ -476,6 +476,51 @@ def test_cuda_register_cap(cap, monkeypatch):
         assert all(24 < c.n_regs <= 128 for c in fwd)
 
 
+def test_launch_keeps_the_first_cap_that_builds_within_its_allowance(monkeypatch):
+    """_launch._compile's choice among register caps, without a GPU (a stand-in kernel whose builds
+    report their spills): caps are tried in order; a plain int cap is kept only without spills, a
+    Cap up to its allowance (Triton's n_spills, 32-bit words); a cap too tight to build is skipped;
+    with none kept, the uncapped build runs."""
+    from attnkit.ops import _launch
+
+    class Built:
+        def __init__(self, regs, spills):
+            self.n_regs, self.n_spills = regs, spills
+
+        def _init_handles(self):
+            pass
+
+        def __getitem__(self, grid):
+            return lambda *args, stream=None: ran.append(self.n_regs)
+
+    class Kernel:
+        arg_names = ["x", "BLOCK"]
+        spills = {96: 40, 128: 12, 168: 0}
+
+        def warmup(self, *args, grid, num_warps, num_stages, maxnreg, **consts):
+            if maxnreg < 64:
+                raise RuntimeError("ptxas: insufficient registers")
+            return Built(maxnreg, self.spills[maxnreg])
+
+        def __getitem__(self, grid):  # the uncapped build, through Triton's own path
+            return lambda *args, **kw: ran.append(None) or Built(None, 0)
+
+    class Driver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return None
+
+    monkeypatch.setattr(_launch, "driver", type("D", (), {"active": Driver()}), raising=False)  # none without triton
+    kernel, Cap = Kernel(), _launch.Cap
+    for caps, regs in [(None, None), (168, 168), (128, None), ((32, 96, 128, 168), 168), (Cap(128, 12), 128),
+                       (Cap(128, 11), None), ((Cap(96, 39), Cap(128, 16), 168), 128), ((32, Cap(96, 40)), 96)]:
+        ran = []
+        built = _launch._compile(kernel, (1,), (0,), {"BLOCK": 16}, 4, 3, caps)
+        assert ran == [regs] and built.n_regs == regs, (caps, ran)
+
+
 def test_misaligned_masks_and_biases_are_copied_into_padded_rows():
     """A mask or bias whose rows do not start on 16-element boundaries is copied once, in its own
     shape, into rows padded with zeros (Triton vectorises and pipelines the loads only then); an

@@ -7,8 +7,9 @@ bias gradient is summed over the bias's broadcast dims inside the dQ kernel, wit
 float32 atomics where programs share elements); causal/window tiles outside the
 bounds are skipped; softcap and sink logits (with their gradient). float32 inputs
 multiply in IEEE float32 (no tf32). On CUDA `auto` picks it for token groups and for
-half-precision biased calls with head dims up to 32 (Evoformer: at or above FlexAttention there, docs/benchmarks.md,
-issue 5); FlexAttention keeps biased calls with larger heads (not measured against it).
+half-precision biased calls with head dims up to 32 (Evoformer: forward at FlexAttention's level or
+above, forward+backward above it; docs/benchmarks.md, issue 5); FlexAttention keeps biased calls
+with larger heads (not measured against it).
 On the CPU it runs only under Triton's interpreter (TRITON_INTERPRET=1), for tests.
 
 Decode-shaped calls (at most 16 queries per sequence, no gradient, no mask / bias / mods /
@@ -65,8 +66,8 @@ class TritonBackend(Backend):
         if (req.bias is not None and max(req.head_dim, req.head_dim_v) <= 32
                 and req.dtype in (torch.float16, torch.bfloat16)):
             # Evoformer-sized heads with a bias, in half precision (float32 multiplies on the FMA units
-            # here): ahead of flex's 70 (issue 5 bench, H100, bf16, 2026-11-23: fwd+bwd 1.02-1.59x flex
-            # on every row, fwd 0.93-2.3x; no compile per new length)
+            # here): ahead of flex's 70 (issue 5 bench, H100, bf16, 2026-11-23 20:25 UTC: fwd+bwd 1.07-1.72x
+            # flex on every row, fwd 0.96-1.63x; no compile per new length)
             return 75.0
         return 20.0  # dense/masked: cuDNN and flex are faster; chosen only when forced
 

@@ -90,7 +90,7 @@ def generate_paged(model: TinyDecoder, prompts: list[list[int]], steps: int, blo
     for ids in seqs:
         for c, s in zip(caches, ids):
             c.free(s)
-    return torch.cat(out, dim=1).tolist()
+    return torch.cat(out, dim=1)[:, :steps].tolist()  # steps = 0: the prefill's token is not kept
 
 
 def main() -> int:
@@ -99,6 +99,8 @@ def main() -> int:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    if args.steps < 0:
+        ap.error(f"--steps must be >= 0, got {args.steps}")
     torch.manual_seed(0)
     model = TinyDecoder().to(device=args.device, dtype=torch.float64).eval()
     g = torch.Generator().manual_seed(1)

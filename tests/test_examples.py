@@ -31,6 +31,8 @@ def test_paged_generation_equals_recompute(block_size):
     full = gen.generate_recompute(model, prompts, steps=10)
     assert paged == full
     assert len({t for seq in full for t in seq}) > 3  # a non-degenerate continuation
+    for steps in (0, 1):  # the prefill's token is the first generated one, or none
+        assert gen.generate_paged(model, prompts, steps, block_size) == gen.generate_recompute(model, prompts, steps)
 
 
 def test_generate_script_runs():

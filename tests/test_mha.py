@@ -9,6 +9,7 @@ the RoPE cases below use a float32-level bound, every other float64 case 1e-10.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -141,11 +142,12 @@ def ref_mha(P, cfg: AttentionConfig, x, *, attn_bias=None, mask=None, causal=Fal
         s = s + torch.cat([torch.zeros(*attn_bias.shape[:-1], S, dtype=s.dtype), attn_bias.to(s.dtype)], -1)
     i = torch.arange(L).view(L, 1)
     j = torch.arange(S + L).view(1, S + L)
-    if score_mod is not None:
-        s = score_mod(s, torch.arange(B).view(B, 1, 1, 1), torch.arange(H).view(1, H, 1, 1),
-                      i.view(1, 1, L, 1), j.view(1, 1, 1, S + L))
     tok = j - S  # token index of each key; negative for sinks
     is_sink = tok < 0
+    if score_mod is not None:  # on token positions; the sink slots keep their scores
+        modded = score_mod(s, torch.arange(B).view(B, 1, 1, 1), torch.arange(H).view(1, H, 1, 1),
+                           i.view(1, 1, L, 1), tok.clamp(min=0).view(1, 1, 1, S + L))
+        s = torch.where(is_sink.view(1, 1, 1, S + L), s, modded)
     allowed = torch.ones(L, S + L, dtype=torch.bool)
     if causal or cfg.window is not None:
         allowed &= (tok <= i) | is_sink
@@ -215,6 +217,9 @@ BAD_CONFIGS = [
     ("attention_fn", dict(d_model=32, n_heads=4, attention_fn=42), TypeError, "attention_fn"),
     ("score_mod", dict(d_model=32, n_heads=4, score_mod="tanh"), TypeError, "score_mod"),
     ("backend_type", dict(d_model=32, n_heads=4, backend=None), TypeError, "backend"),
+    ("rope_base_type", dict(d_model=32, n_heads=4, use_rope=True, rope_base=None), TypeError, "rope_base"),
+    ("rope_scaling_factor_type", dict(d_model=32, n_heads=4, use_rope=True,
+                                      rope_scaling={"kind": "linear", "factor": "2"}), TypeError, "factor"),
 ]
 
 
@@ -581,6 +586,56 @@ def test_kv_cache_append_and_overflow_direct():
     assert cache.lengths.tolist() == [0, 0] and cache.host_lengths == [0, 0]
 
 
+@pytest.mark.parametrize("call,exc,words", [
+    (lambda c, k: c.append(k[:, :, :, 0], k[:, :, :, 0]), ValueError, "k_new must be [B, Hkv, L, D] = [2, 2, L, 4]"),
+    (lambda c, k: c.append(k, k[0]), ValueError, "v_new must be"),
+    (lambda c, k: c.append(k.tolist(), k), TypeError, "k_new must be a Tensor"),
+    (lambda c, k: c.append(k.to("meta"), k.to("meta")), ValueError, "meta"),
+    (lambda c, k: c.append(k, k, num_new=[3, 1]), ValueError, "num_new must lie in"),
+    (lambda c, k: c.append(k, k, num_new=torch.tensor([1.0, 1.0])), ValueError, "num_new"),
+], ids=["rank", "v_shape", "not_tensor", "device", "num_new_range", "num_new_float"])
+def test_kv_cache_rejects_bad_append_and_writes_nothing(call, exc, words):
+    cache = KVCache(2, 2, 6, 4, dtype=torch.float32)
+    k = randn(2, 2, 2, 4, dtype=torch.float32, gen=_gen(64))
+    cache.append(k, k)
+    state = (cache.k.clone(), cache.lengths.clone(), list(cache.host_lengths))
+    with pytest.raises(exc, match=re.escape(words) if "[" in words else words):
+        call(cache, k)
+    assert torch.equal(cache.k, state[0]) and torch.equal(cache.lengths, state[1]) and cache.host_lengths == state[2]
+    with pytest.raises(TypeError, match="dtype"):
+        KVCache(1, 1, 4, 4, dtype=torch.int32)
+
+
+def test_kv_cache_rollback_undoes_the_last_append():
+    cache = KVCache(2, 2, 8, 4, dtype=torch.float32)
+    k = randn(2, 2, 3, 4, dtype=torch.float32, gen=_gen(65))
+    cache.append(k, k, num_new=[3, 1])
+    cache.append(k, k)
+    assert cache.lengths.tolist() == [6, 4] and cache.host_lengths == [6, 4]
+    cache.rollback()
+    assert cache.lengths.tolist() == [3, 1] and cache.host_lengths == [3, 1]
+    with pytest.raises(RuntimeError, match="rollback"):  # one append, one rollback
+        cache.rollback()
+    cache.append(k, k)
+    cache.reset()
+    with pytest.raises(RuntimeError, match="rollback"):
+        cache.rollback()
+
+
+@pytest.mark.slow
+def test_kv_cache_overflow_under_compile_fails_and_stays_in_bounds():
+    """Under torch.compile the host check is off: an append past max_len fails a device assertion
+    (on the CPU: at once) and its positions are clamped into the buffers."""
+    cache = KVCache(1, 1, 3, 4, dtype=torch.float32)
+    step = torch.compile(lambda k, v: cache.append(k, v)[3].clone(), fullgraph=True, backend="eager")
+    k = randn(1, 1, 1, 4, dtype=torch.float32, gen=_gen(66))
+    for n in range(3):
+        assert step(k + n, k).tolist() == [n + 1]
+    with pytest.raises(RuntimeError, match="overflow"):
+        step(k + 7, k)
+    assert torch.equal(cache.k[0, 0, :, 0], (k[0, 0, 0, 0] + torch.arange(3.0)))  # nothing overwritten
+
+
 # ---------------------------------------------------------------------------
 # backend choice, attention_fn, score_mod
 # ---------------------------------------------------------------------------
@@ -673,6 +728,70 @@ def test_score_mod_from_config_is_applied(use_flash, causal):
     # and the mod matters
     plain = ref_mha(ref_params(mod), mod.config, x, causal=causal)
     assert rel_err(out, plain) > 1e-3
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("cfg", [{}, dict(use_attention_sinks=True, num_attention_sinks=2)], ids=["plain", "sinks"])
+def test_score_mod_sees_positions_when_decoding(paged, cfg):
+    """A position-dependent score_mod (ALiBi) decodes as it computes the whole sequence: the
+    module hands it each query's position in the sequence and each key token's, not the
+    contract's indices into the new queries (from 0) or into the keys (sink slots first)."""
+    slopes = torch.tensor([0.1, 0.25, 0.5, 1.0], dtype=torch.float64)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx).abs()
+
+    mod = make_mha(seed=17, d_model=32, n_heads=4, use_gqa=True, gqa_groups=2, score_mod=alibi, **cfg)
+    B, T, pre = 2, 9, 4
+    x = randn(B, T, 32, gen=_gen(75))
+    ref = ref_mha(ref_params(mod), mod.config, x, causal=True, score_mod=alibi)
+    with torch.no_grad():
+        assert_close(mod(x, causal=True), ref, 1e-10)
+        if paged:
+            cache = mod.new_paged_kv_cache(8, 16)
+            cache.bind([cache.add_sequence() for _ in range(B)])
+        else:
+            cache = mod.new_kv_cache(B, T)
+        outs = [mod(x[:, :pre], kv_cache=cache)]
+        outs += [mod(x[:, t:t + 1], kv_cache=cache) for t in range(pre, T)]
+    assert_close(torch.cat(outs, 1), ref, 1e-10)
+    plain = ref_mha(ref_params(mod), mod.config, x, causal=True)
+    assert rel_err(ref, plain) > 1e-3  # the mod matters
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("case", ["backend", "mask_shape", "mask_dtype", "bias_shape"])
+def test_failing_call_leaves_cache_unchanged(paged, case):
+    """The cache is written before the attention call; when that call raises, the write is undone."""
+    cfg = dict(score_mod=lambda s, b, h, qi, ki: s) if case == "backend" else {}
+    mod = make_mha(seed=18, d_model=32, n_heads=4, **cfg)
+    if case == "backend":  # sdpa cannot serve a score_mod: the dispatcher raises after the write
+        mod._backend = "sdpa"
+    x = randn(1, 4, 32, gen=_gen(76))
+    if paged:
+        cache = mod.new_paged_kv_cache(4, 16)
+        cache.bind([cache.add_sequence()])
+        state = lambda: (cache.lengths().tolist(), cache.block_table().tolist(), cache.free_blocks(),
+                         cache.ref_counts())
+    else:
+        cache = mod.new_kv_cache(1, 16)
+        state = lambda: (cache.lengths.tolist(), list(cache.host_lengths))
+    with torch.no_grad():
+        if case != "backend":
+            mod(x[:, :3], kv_cache=cache)
+        before = state()
+        kw, exc, words = {
+            "backend": ({}, ValueError, "score_mod"),
+            "mask_shape": (dict(mask=torch.ones(1, 1, 1, 7, dtype=torch.bool)), ValueError, "mask"),
+            "mask_dtype": (dict(mask=torch.ones(1, 1, 1, 4)), TypeError, "mask must be a bool"),
+            "bias_shape": (dict(attn_bias=torch.zeros(1, 1, 1, 3, dtype=torch.float64)), ValueError, "bias"),
+        }[case]
+        with pytest.raises(exc, match=words):
+            mod(x[:, 3:4], kv_cache=cache, **kw)
+        assert state() == before
+        mod._backend = "auto"
+        mod(x[:, 3:4], kv_cache=cache)  # and the cache still works
+    assert state() != before
 
 
 # ---------------------------------------------------------------------------

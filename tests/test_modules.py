@@ -303,6 +303,20 @@ def test_linear_attention_favor_approximates_softmax():
     assert errs[4096] < 0.1, errs
 
 
+def test_linear_attention_favor_features_are_unbiased():
+    """Performer's positive features estimate exp(x . y) without bias when the projection's columns
+    are Gaussian in law: mean_m exp(w_m . (x + y) - (|x|^2 + |y|^2) / 2) -> exp(x . y). Orthogonal
+    blocks from a QR keep that only with R's signs folded in."""
+    D, M = 8, 65536
+    ws = [LinearAttention(1, D, feature_map="favor+", num_features=M, seed=s).projection.double() for s in range(3)]
+    for pair in range(3):
+        g = _gen(15 + pair)
+        x, y = randn(D, gen=g, std=0.3).double(), randn(D, gen=g, std=0.3).double()
+        est = sum(torch.exp((x + y) @ w - (x @ x + y @ y) / 2).mean() for w in ws) / len(ws)
+        # measured: within 0.4% of the target; 2-12% off with the bare QR
+        assert abs(est / torch.exp(x @ y) - 1) < 0.02, (pair, est.item(), torch.exp(x @ y).item())
+
+
 def test_linear_attention_favor_projection_redraw():
     D, M = 8, 20
     a = LinearAttention(2, D, feature_map="favor+", num_features=M, seed=5)

@@ -369,6 +369,58 @@ def test_errors_leave_cache_unchanged(name):
     assert_unchanged(c, snap)
 
 
+@pytest.mark.parametrize("cow", [False, True], ids=["new_blocks", "copy_on_write"])
+def test_a_write_that_fails_midway_leaves_cache_unchanged(cow):
+    """The pool's V tensor refuses in-place writes (an inference tensor, outside inference mode),
+    so a write fails after its K writes: the bookkeeping must not have moved, and the K it wrote
+    must lie where nothing reads it."""
+    c, s = _populated()
+    if not cow:
+        c.bind([s["a"]])
+    kn, vn = s["kv"](len(c.batch), 14)  # fits: ch copies its shared block
+    snap = snapshot(c)
+    before = c.gather(c.batch)
+    with torch.inference_mode():
+        c.v = c.v.clone()
+    with pytest.raises(RuntimeError, match="[Ii]nference"):
+        c.append(kn, vn)
+    assert snapshot(c)[:6] == snap[:6]
+    after = c.gather(c.batch)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    with pytest.raises(RuntimeError, match="rollback"):  # a failed write is not a write to undo
+        c.rollback()
+
+
+def test_rollback_restores_blocks_tables_and_free_order():
+    c, s = _populated()
+    snap = snapshot(c)
+    c.append(*s["kv"](2, 14))  # a: one new block; ch: a copy of b's shared block and one new block
+    assert c.num_free_blocks == 0 and c.ref_counts() == [1] * 5
+    c.rollback()
+    assert snapshot(c)[:6] == snap[:6]
+    k, v = c.append(*s["kv"](2, 14))[:2]  # the same blocks again, in the same order
+    assert c.num_free_blocks == 0
+    for call in (lambda: c.fork(s["a"]), lambda: c.free(s["b"]), lambda: c.add_sequence()):
+        c.append(*s["kv"](2, 0))
+        call()
+        with pytest.raises(RuntimeError, match="rollback"):  # only right after a write
+            c.rollback()
+
+
+def test_blocks_needed_and_allocation_order_checks():
+    c, s = _populated()
+    ids = [s["a"], s["ch"]]
+    for bad in ([-1, 2], [1], [1, 2, 3], [2.7, 1], 5):
+        with pytest.raises(ValueError, match="num_new"):
+            c.blocks_needed(ids, bad)
+    assert c.blocks_needed(ids, torch.tensor([15, 15])) == c.blocks_needed(ids, [15, 15]) == 3
+    np = pytest.importorskip("numpy")
+    order = np.random.default_rng(0).permutation(6)
+    assert PagedKVCache(6, 1, 4, 16, allocation_order=order).free_blocks() == order.tolist()
+    with pytest.raises(ValueError, match="permutation"):
+        PagedKVCache(6, 1, 4, 16, allocation_order=np.arange(5))
+
+
 def test_an_exactly_fitting_append_succeeds():
     c, s = _populated()
     c.append(*s["kv"](2, 14))  # a: 18 + 14 = 32 (2 blocks); ch: copy + 7 + 14 = 21 (2 blocks): 2 new
@@ -441,6 +493,15 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert_unchanged(c, snap)
             return
         free_before = c.num_free_blocks
+        if data.draw(st.booleans(), label="undo"):  # a write, then its rollback: the bookkeeping as before
+            event("rollback")
+            snap = snapshot(c)
+            c.write(ids, kn, vn, counts)
+            c.rollback()
+            assert snapshot(c)[:6] == snap[:6]
+            with pytest.raises(RuntimeError, match="rollback"):
+                c.rollback()
+            return
         c.write(ids, kn, vn, torch.tensor(counts))
         assert c.num_free_blocks == free_before - need
         for i, (s, n) in enumerate(zip(ids, counts)):

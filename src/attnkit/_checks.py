@@ -10,6 +10,14 @@ def positive_int(name: str, value) -> int:
     return value
 
 
+def real(name: str, value) -> float:
+    """value as a float (an int or float, not a bool), else TypeError naming the argument; range
+    checks stay with the caller."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
 def probability(name: str, value) -> float:
     """value as a float in [0, 1), else ValueError naming the argument (dropout rates)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:

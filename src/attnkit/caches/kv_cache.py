@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .._checks import positive_int
-from .base import DecodeCache, decode_key_mask
+from .base import DecodeCache, check_dtype, check_new_kv, check_num_new, decode_key_mask
 
 __all__ = ["KVCache"]
 
@@ -32,10 +32,12 @@ class KVCache(DecodeCache):
                           ("max_len", max_len), ("head_dim", head_dim)):
             positive_int(name, val)
         dv = head_dim if head_dim_v is None else positive_int("head_dim_v", head_dim_v)
+        check_dtype(dtype)
         self.k = torch.zeros(batch_size, num_kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(batch_size, num_kv_heads, max_len, dv, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.host_lengths = [0] * batch_size
+        self._undo: tuple[Tensor, list[int]] | None = None  # (lengths, host_lengths) before the last append
 
     @property
     def max_len(self) -> int:
@@ -52,36 +54,35 @@ class KVCache(DecodeCache):
     def reset(self) -> None:
         self.lengths.zero_()
         self.host_lengths = [0] * self.batch_size
+        self._undo = None
 
     def advance(self, n: int) -> None:
         """Move the host copy of the lengths by n (after a captured graph appended n tokens)."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"advance takes a token count >= 0, got {n!r}")
         self.host_lengths = [x + n for x in self.host_lengths]
+        self._undo = None
 
-    def append(self, k_new: Tensor, v_new: Tensor, num_new: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def append(self, k_new: Tensor, v_new: Tensor, num_new: Tensor | list[int] | None = None
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Write k_new/v_new [B, Hkv, L_new, D] after each sequence's tokens.
 
         num_new: optional int [B], how many of the L_new tokens of each sequence
         are real (right-padded prefill); default all. Returns (k, v, old_lengths,
         new_lengths), k/v being the full buffers.
+
+        Under torch.compile the host-side check is off (it would make the graph depend on the
+        lengths' values): there an append past max_len fails a device assertion instead
+        (torch._assert_async: the error surfaces asynchronously, at the next synchronisation),
+        positions past max_len are clamped into the buffer, so nothing outside it is touched,
+        and `host_lengths` does not move (use `advance`).
         """
-        B, H, Ln = k_new.shape[:3]
-        if k_new.shape[0] != self.batch_size or k_new.shape[1] != self.k.shape[1] or k_new.shape[3] != self.k.shape[3]:
-            raise ValueError(f"k_new must be [B, Hkv, L, D] = [{self.batch_size}, {self.k.shape[1]}, L, {self.k.shape[3]}], got {list(k_new.shape)}")
-        if v_new.shape[:3] != k_new.shape[:3] or v_new.shape[3] != self.v.shape[3]:
-            raise ValueError(f"v_new must be [B, Hkv, L, Dv] matching k_new, got {list(v_new.shape)}")
-        if k_new.dtype != self.k.dtype or v_new.dtype != self.v.dtype:
-            raise TypeError(f"cache holds {self.k.dtype}, got k {k_new.dtype}, v {v_new.dtype}")
-        counts = [Ln] * B
-        if num_new is not None:
-            if not isinstance(num_new, Tensor) or num_new.dtype.is_floating_point or num_new.dtype == torch.bool \
-                    or tuple(num_new.shape) != (B,):
-                raise ValueError(f"num_new must be an integer tensor of shape [B] = [{B}], got {num_new!r:.80}")
-            counts = [int(c) for c in num_new.tolist()]  # host sync: padded prefill only
-            if any(c < 0 or c > Ln for c in counts):
-                raise ValueError(f"num_new must lie in [0, L_new={Ln}], got {counts}")
-        if not torch.compiler.is_compiling():
+        B = self.batch_size
+        Ln = check_new_kv(k_new, v_new, B, self.k, self.v)
+        H = self.k.shape[1]
+        counts = check_num_new(num_new, B, Ln)  # reads a tensor num_new on the host: padded prefill only
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
             over = [i for i, n in enumerate(self.host_lengths) if n + Ln > self.max_len]
             if over:
                 raise ValueError(
@@ -89,15 +90,31 @@ class KVCache(DecodeCache):
                     f"tokens; appending {Ln} exceeds max_len {self.max_len}; nothing was written"
                 )
         old = self.lengths.clone()
+        if compiling:
+            torch._assert_async((old <= self.max_len - Ln).all(), "KV cache overflow: an append ran past max_len")
         pos = (old.view(B, 1).long() + torch.arange(Ln, device=old.device)).clamp_max(self.max_len - 1)
         idx = pos.view(B, 1, Ln, 1)
         self.k.scatter_(2, idx.expand(B, H, Ln, self.k.shape[3]), k_new)
         self.v.scatter_(2, idx.expand(B, H, Ln, self.v.shape[3]), v_new)
-        added = torch.full_like(old, Ln) if num_new is None else num_new.to(old.dtype)
-        self.lengths.add_(added)
-        if not torch.compiler.is_compiling():
+        if num_new is None:
+            self.lengths.add_(Ln)
+        elif isinstance(num_new, Tensor):
+            self.lengths.add_(num_new.to(device=old.device, dtype=old.dtype))
+        else:
+            self.lengths.add_(torch.tensor(counts, device=old.device, dtype=old.dtype))
+        if not compiling:
+            self._undo = (old, self.host_lengths)
             self.host_lengths = [a + b for a, b in zip(self.host_lengths, counts)]
         return self.k, self.v, old, self.lengths
+
+    def rollback(self) -> None:
+        """Undo the last append (see DecodeCache): the lengths and host_lengths before it."""
+        if self._undo is None:
+            raise RuntimeError("KVCache.rollback: no append to undo (one rollback per append, not after reset)")
+        old, host = self._undo
+        self.lengths.copy_(old)
+        self.host_lengths = host
+        self._undo = None
 
     def append_for_attention(self, k_new: Tensor, v_new: Tensor) -> dict[str, Tensor]:
         """append(), then the contract's keyword arguments over the buffers in place: k, v and

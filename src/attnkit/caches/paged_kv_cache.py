@@ -3,6 +3,7 @@ per-sequence block tables (vLLM's PagedAttention layout; FlashInfer's "HND" page
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from typing import Iterable, Sequence
 
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .._checks import positive_int
-from .base import DecodeCache, decode_key_mask
+from .base import DecodeCache, all_ints, check_dtype, check_new_kv, check_num_new, decode_key_mask, short
 
 __all__ = ["PagedKVCache"]
 
@@ -73,20 +74,19 @@ class PagedKVCache(DecodeCache):
             raise ValueError(f"block_size must be a power of two in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}], "
                              f"got {block_size}")
         dv = head_dim if head_dim_v is None else positive_int("head_dim_v", head_dim_v)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        check_dtype(dtype)
         if allocation_order is None:
             order = list(range(num_blocks))
         else:
             if isinstance(allocation_order, Tensor):
                 allocation_order = allocation_order.tolist()
-            order = [int(b) for b in allocation_order] if _all_ints(allocation_order) else None
+            order = [int(b) for b in allocation_order] if all_ints(allocation_order) else None
             if order is None or sorted(order) != list(range(num_blocks)):
                 bad = [] if order is None else [b for b in order if not 0 <= b < num_blocks]
                 raise ValueError(
                     f"allocation_order must be a permutation of the block ids 0..{num_blocks - 1} "
-                    f"(num_blocks={num_blocks}), got {_short(allocation_order)}"
-                    + (f"; out of range: {_short(bad)}" if bad else ""))
+                    f"(num_blocks={num_blocks}), got {short(allocation_order)}"
+                    + (f"; out of range: {short(bad)}" if bad else ""))
         self.block_size = block_size
         self.k = torch.zeros(num_blocks, num_kv_heads, block_size, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(num_blocks, num_kv_heads, block_size, dv, dtype=dtype, device=device)
@@ -96,6 +96,7 @@ class PagedKVCache(DecodeCache):
         self._lengths: dict[int, int] = {}
         self._next_id = 0
         self._batch: tuple[int, ...] = ()
+        self._undo: tuple | None = None  # what rollback() needs to undo the last write
 
     # ------------------------------------------------------------------ state
 
@@ -132,7 +133,7 @@ class PagedKVCache(DecodeCache):
     def blocks_needed(self, seq_ids: Sequence[int], num_new: Sequence[int]) -> int:
         """Free blocks that appending num_new[i] tokens to seq_ids[i] takes (copy-on-write included)."""
         ids = self._check_ids(seq_ids, "seq_ids")
-        return self._plan(ids, [int(c) for c in num_new])[0]
+        return self._plan(ids, check_num_new(num_new, len(ids), None))[0]
 
     # ------------------------------------------------------------------ allocator
 
@@ -140,6 +141,7 @@ class PagedKVCache(DecodeCache):
         """A new empty sequence; returns its id (blocks come with its first write)."""
         sid = self._next_id
         self._next_id += 1
+        self._undo = None
         self._tables[sid] = []
         self._lengths[sid] = 0
         return sid
@@ -147,7 +149,7 @@ class PagedKVCache(DecodeCache):
     def fork(self, seq_id: int) -> int:
         """A new sequence sharing seq_id's tokens (its blocks, reference counts + 1); returns its id."""
         self._check_id(seq_id, "seq_id")
-        child = self.add_sequence()
+        child = self.add_sequence()  # (drops the undo record)
         self._tables[child] = list(self._tables[seq_id])
         self._lengths[child] = self._lengths[seq_id]
         for b in self._tables[child]:
@@ -157,6 +159,7 @@ class PagedKVCache(DecodeCache):
     def free(self, seq_id: int) -> None:
         """Drop seq_id; blocks no other table holds return to the free list (in table order)."""
         self._check_id(seq_id, "seq_id")
+        self._undo = None
         for b in self._tables.pop(seq_id):
             self._refs[b] -= 1
             if self._refs[b] == 0:
@@ -177,8 +180,8 @@ class PagedKVCache(DecodeCache):
         """
         ids = self._check_ids(seq_ids, "seq_ids")
         B = len(ids)
-        L = self._check_kv(k_new, v_new, B)
-        counts = self._check_num_new(num_new, B, L)
+        L = check_new_kv(k_new, v_new, B, self.k, self.v)
+        counts = check_num_new(num_new, B, L)
         need, cow = self._plan(ids, counts)
         if need > len(self._free):
             raise ValueError(
@@ -186,29 +189,29 @@ class PagedKVCache(DecodeCache):
                 f"{need} free blocks (copy-on-write included), the pool has {len(self._free)} free of "
                 f"{self.num_blocks}; nothing was written")
         old = [self._lengths[s] for s in ids]
-        # from here on nothing can fail on a valid state: allocate, copy shared blocks, write
-        bs = self.block_size
-        for s, shared_idx in cow:
-            table = self._tables[s]
-            src, dst = table[shared_idx], self._free.popleft()
+        # The new state, computed aside: fresh blocks in the order the free list hands them out,
+        # copy-on-write copies first, then each sequence's growth.
+        bs, fresh = self.block_size, list(itertools.islice(self._free, need))
+        taken = iter(fresh)
+        tables = {s: list(self._tables[s]) for s in ids}
+        copies = []  # (seq, table index, shared block, its copy)
+        for s, i in cow:
+            copies.append((s, i, tables[s][i], next(taken)))
+            tables[s][i] = copies[-1][3]
+        blk, off, rows, cols = [], [], [], []
+        for r, (s, c) in enumerate(zip(ids, counts)):
+            table, n = tables[s], self._lengths[s]
+            while len(table) * bs < n + c:
+                table.append(next(taken))
+            blk.extend(table[t // bs] for t in range(n, n + c))
+            off.extend(t % bs for t in range(n, n + c))
+            rows.extend([r] * c)
+            cols.extend(range(c))
+        # The tensors first: until the bookkeeping below changes, what they write lies in free
+        # blocks or past the lengths, where nothing reads it, so a write that raises changes nothing.
+        for _, _, src, dst in copies:
             self.k[dst].copy_(self.k[src])
             self.v[dst].copy_(self.v[src])
-            self._refs[src] -= 1
-            self._refs[dst] = 1
-            table[shared_idx] = dst
-        blk, off, rows, cols = [], [], [], []
-        for i, (s, c) in enumerate(zip(ids, counts)):
-            table, n = self._tables[s], self._lengths[s]
-            while len(table) * bs < n + c:
-                b = self._free.popleft()
-                self._refs[b] = 1
-                table.append(b)
-            for t in range(n, n + c):
-                blk.append(table[t // bs])
-                off.append(t % bs)
-            rows.extend([i] * c)
-            cols.extend(range(c))
-            self._lengths[s] = n + c
         if blk:
             dev = self.k.device
             blk_t, off_t = torch.tensor(blk, device=dev), torch.tensor(off, device=dev)
@@ -216,8 +219,36 @@ class PagedKVCache(DecodeCache):
             # k_new[rows, :, cols] is [N, Hkv, D]: one token per row, as self.k[blk, :, off]
             self.k[blk_t, :, off_t] = k_new[rows_t, :, cols_t]
             self.v[blk_t, :, off_t] = v_new[rows_t, :, cols_t]
-        new = [self._lengths[s] for s in ids]
-        return self._int32(old), self._int32(new)
+        # Then the bookkeeping (nothing here can raise).
+        for _ in fresh:
+            self._free.popleft()
+        for b in fresh:
+            self._refs[b] = 1
+        for _, _, src, _ in copies:
+            self._refs[src] -= 1
+        self._undo = (ids, old, [len(self._tables[s]) for s in ids], copies, fresh)
+        for s, c in zip(ids, counts):
+            self._tables[s] = tables[s]
+            self._lengths[s] += c
+        return self._int32(old), self._int32([self._lengths[s] for s in ids])
+
+    def rollback(self) -> None:
+        """Undo the last write (append, append_for_attention): lengths, tables, reference counts and
+        the free list as before it, provided no add_sequence / fork / free / write came after."""
+        if self._undo is None:
+            raise RuntimeError("PagedKVCache.rollback: no write to undo (one rollback per write, and not "
+                               "after add_sequence / fork / free)")
+        ids, old, table_lens, copies, fresh = self._undo
+        for s, i, src, _ in copies:
+            self._tables[s][i] = src
+            self._refs[src] += 1
+        for s, n, t in zip(ids, old, table_lens):
+            del self._tables[s][t:]
+            self._lengths[s] = n
+        for b in fresh:
+            self._refs[b] = 0
+        self._free.extendleft(reversed(fresh))
+        self._undo = None
 
     # ------------------------------------------------------------------ reads
 
@@ -314,8 +345,8 @@ class PagedKVCache(DecodeCache):
             raise TypeError(f"{name} must be an int sequence id, got {type(seq_id).__name__} {seq_id!r}")
         if seq_id not in self._tables:
             if 0 <= seq_id < self._next_id:
-                raise ValueError(f"{name}: sequence {seq_id} was freed (live sequences: {_short(self.seq_ids)})")
-            raise ValueError(f"{name}: unknown sequence id {seq_id} (live sequences: {_short(self.seq_ids)})")
+                raise ValueError(f"{name}: sequence {seq_id} was freed (live sequences: {short(self.seq_ids)})")
+            raise ValueError(f"{name}: unknown sequence id {seq_id} (live sequences: {short(self.seq_ids)})")
         return seq_id
 
     def _check_ids(self, seq_ids, name: str) -> tuple[int, ...]:
@@ -333,38 +364,6 @@ class PagedKVCache(DecodeCache):
         if not self._batch:
             raise ValueError("no batch bound: call bind(seq_ids) before append/key_mask/next_positions")
         return self._check_ids(self._batch, "bound batch (bind a new one)")
-
-    def _check_kv(self, k_new: Tensor, v_new: Tensor, B: int) -> int:
-        for name, t in (("k_new", k_new), ("v_new", v_new)):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-        Hkv, D, Dv = self.k.shape[1], self.k.shape[3], self.v.shape[3]
-        if k_new.dim() != 4 or k_new.shape[0] != B or k_new.shape[1] != Hkv or k_new.shape[3] != D:
-            raise ValueError(f"k_new must be [B, Hkv, L, D] = [{B}, {Hkv}, L, {D}], got {list(k_new.shape)}")
-        L = k_new.shape[2]
-        if v_new.dim() != 4 or tuple(v_new.shape) != (B, Hkv, L, Dv):
-            raise ValueError(f"v_new must be [B, Hkv, L, Dv] = [{B}, {Hkv}, {L}, {Dv}], got {list(v_new.shape)}")
-        if k_new.dtype != self.k.dtype or v_new.dtype != self.v.dtype:
-            raise TypeError(f"cache holds {self.k.dtype}, got k_new {k_new.dtype}, v_new {v_new.dtype}")
-        if k_new.device != self.k.device or v_new.device != self.k.device:
-            raise ValueError(f"cache is on {self.k.device}, got k_new on {k_new.device}, v_new on {v_new.device}")
-        return L
-
-    @staticmethod
-    def _check_num_new(num_new, B: int, L: int) -> list[int]:
-        if num_new is None:
-            return [L] * B
-        if isinstance(num_new, Tensor):
-            if num_new.dtype.is_floating_point or num_new.dtype == torch.bool or tuple(num_new.shape) != (B,):
-                raise ValueError(f"num_new must be an integer tensor of shape [B] = [{B}], got {num_new!r:.80}")
-            counts = [int(c) for c in num_new.tolist()]
-        elif _all_ints(num_new) and len(num_new) == B:
-            counts = [int(c) for c in num_new]
-        else:
-            raise ValueError(f"num_new must be B = {B} ints, got {_short(num_new)}")
-        if any(c < 0 or c > L for c in counts):
-            raise ValueError(f"num_new must lie in [0, L_new={L}], got {counts}")
-        return counts
 
     def _plan(self, ids: tuple[int, ...], counts: list[int]) -> tuple[int, list[tuple[int, int]]]:
         """(free blocks the write takes, [(seq, table index)] of shared last blocks to copy first).
@@ -388,17 +387,3 @@ class PagedKVCache(DecodeCache):
             need += -(-(n + c) // bs) - len(table)
         return need, cow
 
-
-def _all_ints(xs) -> bool:
-    try:
-        return all(not isinstance(x, bool) and isinstance(x, int) for x in xs)
-    except TypeError:
-        return False
-
-
-def _short(xs, n: int = 16) -> str:
-    try:
-        xs = list(xs)
-    except TypeError:
-        return repr(xs)
-    return repr(xs) if len(xs) <= n else repr(xs[:n])[:-1] + f", ... ({len(xs)} in all)]"

@@ -132,8 +132,10 @@ class LinearAttention(_SplitHeadsModule):
         d, m = self._head_dim, self.num_features
         blocks = []
         for _ in range(math.ceil(m / d)):
-            qm, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
-            blocks.append(qm)
+            qm, r = torch.linalg.qr(torch.randn(d, d, generator=g))
+            # signs from R's diagonal: Q is then Haar-uniform, which the estimator's unbiasedness needs
+            # (the bare QR fixes R's diagonal positive, biasing Q's columns)
+            blocks.append(qm * torch.sign(torch.diagonal(r)))
         w = torch.cat(blocks, dim=1)[:, :m]
         norms = torch.randn(d, m, generator=g).norm(dim=0)
         return w * norms

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .._checks import backend_name, positive_int, probability
+from .._checks import backend_name, positive_int, probability, real
 from ..caches.base import DecodeCache
 from ..caches.kv_cache import KVCache
 from ..caches.paged_kv_cache import PagedKVCache
@@ -36,7 +36,9 @@ class AttentionConfig:
     window: causal sliding window in tokens (None = off).
     qkv_bias: bias in the q/k/v projections.
     backend: backend name for attnkit.attention when use_flash (default "auto").
-    score_mod: FlexAttention-style score_mod passed to every call.
+    score_mod: FlexAttention-style score_mod passed to every call, on positions in the sequence:
+        q_idx is the query's position (also when decoding with a cache), kv_idx the key token's;
+        the learnable sink slots do not pass through it.
     attention_fn: a callable with attnkit.attention's signature that replaces it.
     """
 
@@ -64,7 +66,7 @@ class AttentionConfig:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.use_rope and (self.d_model // self.n_heads) % 2:
             raise ValueError(f"use_rope needs an even head dim, got d_model / n_heads = {self.d_model // self.n_heads}")
-        if not self.rope_base > 1.0:
+        if not real("rope_base", self.rope_base) > 1.0:
             raise ValueError(f"rope_base must be > 1, got {self.rope_base!r}")
         self.rope_scaling = RopeScaling.parse(self.rope_scaling)
         if self.use_attention_sinks and not (isinstance(self.num_attention_sinks, int) and self.num_attention_sinks > 0):
@@ -155,16 +157,19 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"x must be [B, L, d_model={self.config.d_model}], got {list(x.shape)}")
         if kv_cache is not None and not isinstance(kv_cache, DecodeCache):
             raise TypeError(f"kv_cache must be a KVCache or PagedKVCache (a DecodeCache), got {type(kv_cache).__name__}")
+        if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool):
+            raise TypeError(f"mask must be a bool tensor (True = attend), got {_what(mask)}")
         B, L, _ = x.shape
         q = self._split(self.q_proj(x), self.num_heads)
         k = self._split(self.k_proj(x), self.num_kv_heads)
         v = self._split(self.v_proj(x), self.num_kv_heads)
         window = self.config.window
-        old = None
+        start = None  # with a cache: each sequence's position of the first new token, int64 [B]
         if kv_cache is not None:
             nxt = kv_cache.next_positions(L)
             if nxt.shape[0] != B:  # before RoPE, whose broadcast error would not name the cache
                 raise ValueError(f"kv_cache holds a batch of {nxt.shape[0]} sequences, x has B = {B}")
+            start = nxt[:, 0]
             if positions is None:
                 positions = nxt
         if self.rope is not None:
@@ -172,44 +177,58 @@ class MultiHeadAttention(nn.Module):
 
         kw: dict = dict(scale=self.scale, dropout_p=self.config.dropout if self.training else 0.0,
                         backend=self._backend)
+        num_sinks = self.sinks.shape[0] if self.sinks is not None else 0
         if self.config.score_mod is not None:
-            kw["score_mod"] = self.config.score_mod
+            kw["score_mod"] = _positional_score_mod(self.config.score_mod, start, num_sinks)
         cached = None
         if kv_cache is not None and self.sinks is None and mask is None and attn_bias is None \
                 and kv_cache.k.dtype == k.dtype:
             # decode path: attend over the cache in place (cache_seqlens, block_table); every
             # sequence appends the same L tokens, so query i sits at length_b - L + i
             cached = kv_cache.append_for_attention(k, v)
-        if cached is not None:
-            k, v = cached.pop("k"), cached.pop("v")
-            kw.update(cached)
-            causal_arg, window_arg = True, window
-        elif kv_cache is not None:  # general path: gathered K/V and a key mask
-            k, v, old, _ = kv_cache.append(k.to(kv_cache.k.dtype), v.to(kv_cache.v.dtype))
-            k, v = k.to(q.dtype), v.to(q.dtype)
-            keep = kv_cache.key_mask(old, L, causal=True, window=window)
-            mask = keep if mask is None else mask & keep
-            causal_arg, window_arg = False, None
-        else:
-            causal_arg, window_arg = causal or window is not None, window
+        wrote = cached is not None
+        try:  # once the cache is written, a call that raises undoes the write
+            if cached is not None:
+                k, v = cached.pop("k"), cached.pop("v")
+                kw.update(cached)
+                causal_arg, window_arg = True, window
+            elif kv_cache is not None:  # general path: gathered K/V and a key mask
+                k, v, old, _ = kv_cache.append(k.to(kv_cache.k.dtype), v.to(kv_cache.v.dtype))
+                wrote = True
+                k, v = k.to(q.dtype), v.to(q.dtype)
+                keep = kv_cache.key_mask(old, L, causal=True, window=window)
+                if mask is not None:
+                    try:
+                        torch.broadcast_shapes(mask.shape, keep.shape)
+                    except RuntimeError:
+                        raise ValueError(f"mask must broadcast to [B, H, L, L_keys] = [{B}, {self.num_heads}, {L}, "
+                                         f"{keep.shape[-1]}] (L_keys: the cached tokens), got "
+                                         f"{list(mask.shape)}") from None
+                mask = keep if mask is None else mask & keep
+                causal_arg, window_arg = False, None
+            else:
+                causal_arg, window_arg = causal or window is not None, window
 
-        if self.sinks is not None:
-            S = self.sinks.shape[0]
-            sk, sv = self._sink_kv(B)
-            k = torch.cat([sk.to(k.dtype), k], dim=2)
-            v = torch.cat([sv.to(v.dtype), v], dim=2)
-            pad = (S, 0)
-            if attn_bias is not None:
-                attn_bias = nn.functional.pad(attn_bias, pad, value=0.0)
-            if mask is not None:
-                mask = nn.functional.pad(mask, pad, value=True)
-            if window_arg is not None:
-                # Bottom-right alignment already lets every causal query see the sinks;
-                # a window would hide them, so the window moves into a mask_mod.
-                off = k.shape[2] - L
-                kw["mask_mod"] = _sink_window_mod(S, off, window_arg)
-                window_arg = None
-        out = self._attend(q, k, v, mask=mask, bias=attn_bias, causal=causal_arg, window=window_arg, **kw)
+            if self.sinks is not None:
+                sk, sv = self._sink_kv(B)
+                k = torch.cat([sk.to(k.dtype), k], dim=2)
+                v = torch.cat([sv.to(v.dtype), v], dim=2)
+                pad = (num_sinks, 0)
+                if attn_bias is not None:
+                    attn_bias = nn.functional.pad(attn_bias, pad, value=0.0)
+                if mask is not None:
+                    mask = nn.functional.pad(mask, pad, value=True)
+                if window_arg is not None:
+                    # Bottom-right alignment already lets every causal query see the sinks;
+                    # a window would hide them, so the window moves into a mask_mod.
+                    off = k.shape[2] - L
+                    kw["mask_mod"] = _sink_window_mod(num_sinks, off, window_arg)
+                    window_arg = None
+            out = self._attend(q, k, v, mask=mask, bias=attn_bias, causal=causal_arg, window=window_arg, **kw)
+        except BaseException:
+            if wrote:
+                kv_cache.rollback()
+            raise
         out = out.transpose(1, 2).reshape(B, L, self.config.d_model)
         return self.o_proj(out)
 
@@ -225,6 +244,28 @@ class MultiHeadAttention(nn.Module):
         p = self.q_proj.weight
         return PagedKVCache(num_blocks, self.num_kv_heads, self.head_dim, block_size,
                             dtype=dtype or p.dtype, device=device or p.device, allocation_order=allocation_order)
+
+
+def _what(t) -> str:
+    return f"{t.dtype} tensor" if isinstance(t, Tensor) else type(t).__name__
+
+
+def _positional_score_mod(user: Callable, start: Tensor | None, num_sinks: int) -> Callable:
+    """The config's score_mod on positions in the sequence: q_idx is the query's position
+    (+ start[b] when decoding with a cache, whose new queries the contract numbers from 0) and
+    kv_idx the key token's (- num_sinks: the sink slots come first; their scores are left as they
+    are). So a position-dependent mod (ALiBi) gives the same scores cached as recomputed."""
+    if start is None and not num_sinks:
+        return user
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        qi = q_idx if start is None else q_idx + start[b]
+        if not num_sinks:
+            return user(score, b, h, qi, kv_idx)
+        token = user(score, b, h, qi, torch.clamp(kv_idx - num_sinks, min=0))
+        return torch.where(kv_idx < num_sinks, score, token)
+
+    return score_mod
 
 
 @functools.lru_cache(maxsize=64)

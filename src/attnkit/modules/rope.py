@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .._checks import positive_int, real
+
 __all__ = ["RopeScaling", "RotaryEmbedding"]
 
 _KINDS = ("none", "linear", "ntk", "yarn")
@@ -33,11 +35,10 @@ class RopeScaling:
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise ValueError(f"rope_scaling kind must be one of {_KINDS}, got {self.kind!r}")
-        if not self.factor >= 1.0:
+        if not real("rope scaling factor", self.factor) >= 1.0:
             raise ValueError(f"rope scaling factor must be >= 1.0, got {self.factor!r}")
-        if self.original_max_positions < 1:
-            raise ValueError(f"original_max_positions must be >= 1, got {self.original_max_positions}")
-        if not self.beta_fast > self.beta_slow > 0:
+        positive_int("original_max_positions", self.original_max_positions)
+        if not real("beta_fast", self.beta_fast) > real("beta_slow", self.beta_slow) > 0:
             raise ValueError(f"need beta_fast > beta_slow > 0, got {self.beta_fast}, {self.beta_slow}")
 
     @classmethod
@@ -72,7 +73,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim >= 2, got {head_dim!r}")
-        if not base > 1.0:
+        if not real("rope base", base) > 1.0:
             raise ValueError(f"rope base must be > 1, got {base!r}")
         self.head_dim, self.base = head_dim, float(base)
         self.scaling = RopeScaling.parse(scaling)

@@ -258,6 +258,16 @@ def test_fully_masked_rows_lse(kind, backend, device):
     assert torch.all(out_s[dead] == 0)
     sink_b = sinks.view(1, -1, 1).expand_as(lse_s)
     assert torch.allclose(lse_s[dead], sink_b[dead], rtol=0, atol=1e-6)
+    # the finite lse differentiated (a z-loss, a merge), with a head whose sink is -inf (none): no NaN
+    sinks[0] = float("-inf")
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, sinks)]
+    lkw = {n: (x.detach().clone().requires_grad_(True) if n == "bias" else x) for n, x in kw.items()}
+    out_s, lse_s = fn(*leaves[:3], return_lse=True, sinks=leaves[3], **lkw)
+    assert torch.all(out_s[dead] == 0) and not torch.isnan(lse_s).any()
+    loss = out_s.sum() + torch.where(torch.isfinite(lse_s), lse_s, torch.zeros_like(lse_s)).sum()
+    grads = torch.autograd.grad(loss, leaves + ([lkw["bias"]] if "bias" in lkw else []))
+    for name, gr in zip(["q", "k", "v", "sinks", "bias"], grads):
+        assert torch.isfinite(gr).all(), f"non-finite grad of {name}"
 
 
 def test_dead_rows_with_sinks_gradients():
@@ -334,6 +344,50 @@ def test_gradient_through_lse_only(backend, device):
         assert_close_rel(a, r, rtol=5e-5, name=f"grad {n}")
 
 
+LAST_DIM_LAYOUTS = {  # views whose last dim is not unit-stride, as the lse kernels get them
+    "q_d_major": lambda q, k, v: (q.mT.contiguous().mT, k, v),
+    "k_d_major": lambda q, k, v: (q, k.mT.contiguous().mT, v),
+    "v_strided": lambda q, k, v: (q, k, torch.stack([v, v], -1).flatten(-2)[..., ::2]),
+    "v_expanded_over_d": lambda q, k, v: (q, k, v[..., :1].expand_as(v)),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAST_DIM_LAYOUTS))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_sdpa_lse_path_reads_any_last_dim_stride(layout, causal, device):
+    """sdpa's return_lse path calls torch's private kernels, which read rows as contiguous: inputs
+    with a non-unit last-dim stride must reach them as copies (out, lse and grads as the reference)."""
+    q, k, v = LAST_DIM_LAYOUTS[layout](*make_qkv(1, 2, 2, 16, 20, 8, seed=34, device=device))
+    assert any(t.stride(-1) != 1 for t in (q, k, v))
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]  # same strides as the views
+    out, lse = attnkit.attention(*leaves, causal=causal, return_lse=True, backend="sdpa")
+    w = torch.linspace(-1, 2, lse.numel(), device=device).view_as(lse)
+    grads = torch.autograd.grad(out.sum() + (lse * w).sum(), leaves)
+    l64 = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
+    ref, ref_lse = attnkit.attention(*l64, causal=causal, return_lse=True, backend="reference")
+    refg = torch.autograd.grad(ref.sum() + (ref_lse * w.double()).sum(), l64)
+    assert_close_rel(out, ref)
+    assert_close_rel(lse, ref_lse, name="lse")
+    for n, a, r in zip("qkv", grads, refg):
+        assert_close_rel(a, r, rtol=5e-5, name=f"grad {n}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "sdpa", "triton"])
+def test_windows_wider_than_the_keys_are_unbounded(backend, device):
+    """A window side of Lq + Lk keys or more excludes nothing: any int (2**31, 2**63 - 1 included)
+    gives the unbounded result, with no int32 / int64 overflow on the way."""
+    if backend == "triton" and device == "cpu" and not TRITON_INTERPRET:
+        pytest.skip("the triton backend runs on the CPU only with TRITON_INTERPRET=1")
+    q, k, v = make_qkv(1, 2, 2, 9, 14, 16, seed=35, device=device)
+    causal = attnkit.attention(q, k, v, causal=True, backend="reference")
+    dense = attnkit.attention(q, k, v, backend="reference")
+    for w in (22, 23, 2**31 - 1, 2**31, 2**40, 2**63 - 1):
+        assert_close_rel(attnkit.attention(q, k, v, window=w, backend=backend), causal)
+        assert_close_rel(attnkit.attention(q, k, v, window=(w, w), backend=backend), dense)
+    assert build_request(q, k, v, window=(23, 0)).window == (None, 0)  # Lq + Lk = 23
+    assert build_request(q, k, v, window=(22, 0)).window == (22, 0)
+
+
 def test_lse_value_by_hand():
     """lse of a tiny case computed with torch.logsumexp, sinks included."""
     q, k, v = make_qkv(1, 2, 2, 3, 5, 4, seed=41)
@@ -371,7 +425,10 @@ class _Holder:
     pass
 
 
-def _hidden_mod():
+_GLOBAL_TABLE: dict = {}  # a mod's tensor reached through a module global: nothing can find it
+
+
+def _attribute_mod():
     """A score_mod whose learnable tensor sits on an object attribute (not a closure cell)."""
     holder = _Holder()
     holder.t = torch.tensor([0.3, -0.2], requires_grad=True)
@@ -382,18 +439,39 @@ def _hidden_mod():
     return mod, holder.t
 
 
+def _global_mod():
+    t = _GLOBAL_TABLE["t"] = torch.tensor([0.3, -0.2], requires_grad=True)
+
+    def mod(s, b, h, i, j):
+        return s + _GLOBAL_TABLE["t"][h] * (i - j).to(s.dtype)
+
+    return mod, t
+
+
+def test_score_mod_tensor_on_an_attribute_gets_its_gradient_on_chunked():
+    q, k, v = make_qkv(1, 2, 2, 5, 6, 8, seed=54)
+    q.requires_grad_(True)
+    mod, t = _attribute_mod()
+    outs = [attnkit.attention(q, k, v, score_mod=mod, backend=b) for b in ("chunked", "reference")]
+    grads = [torch.autograd.grad(o.pow(2).sum(), [q, t]) for o in outs]
+    assert grads[1][1].abs().sum() > 0
+    for a, r in zip(*grads):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
+
+
 def test_score_mod_hidden_tensor_is_refused_by_chunked():
     """A mod whose tensor requiring grad the chunked backend cannot find must not drop the gradient silently."""
     q, k, v = make_qkv(1, 2, 2, 5, 6, 8, seed=54)
     q.requires_grad_(True)
-    mod, _ = _hidden_mod()
+    mod, _ = _global_mod()
     with pytest.raises(TypeError, match="score_mod"):
         attnkit.attention(q, k, v, score_mod=mod, backend="chunked")
 
 
-def test_score_mod_hidden_tensor_only_grad_is_not_silently_dropped():
+@pytest.mark.parametrize("make", [_attribute_mod, _global_mod], ids=["attribute", "global"])
+def test_score_mod_hidden_tensor_only_grad_is_not_silently_dropped(make):
     q, k, v = make_qkv(1, 2, 2, 5, 6, 8, seed=55)  # no input requires grad, only the mod's tensor
-    mod, t = _hidden_mod()
+    mod, t = make()
     ref = attnkit.attention(q, k, v, score_mod=mod, backend="reference")
     (g_ref,) = torch.autograd.grad((ref * v.mean()).sum() + ref.pow(2).sum(), [t])
     assert g_ref.abs().sum() > 0
@@ -564,6 +642,32 @@ def checker_and_dead(b, h, i, j):
 def test_flex_cpu_forward(case):
     res = run_case("flex", case, torch.float32, "cpu", backward=False)
     assert res is not None, "flex must serve forward-only calls on the CPU"
+
+
+class _DocMask:
+    """A mask_mod object whose state (a tensor changed in place, an int set anew) lives in attributes."""
+
+    def __init__(self, doc, limit):
+        self.doc, self.limit = doc, limit
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        return (self.doc[q_idx] == self.doc[kv_idx]) & (kv_idx < self.limit)
+
+
+@pytest.mark.slow
+def test_flex_block_mask_follows_a_mask_mod_objects_state():
+    """flex caches BlockMasks per mask_mod and its state: a changed attribute builds a new one."""
+    L = 256
+    q, k, v = make_qkv(1, 2, 2, L, L, 16, seed=96)
+    doc = torch.zeros(L, dtype=torch.long)
+    mod = _DocMask(doc, L)
+    steps = [lambda: None, lambda: doc[128:].fill_(1), lambda: setattr(mod, "limit", 100),
+             lambda: setattr(mod, "doc", torch.arange(L) // 64)]
+    for change in steps:
+        change()
+        out = attnkit.attention(q, k, v, mask_mod=mod, backend="flex")
+        ref = attnkit.attention(q.double(), k.double(), v.double(), mask_mod=mod, backend="reference")
+        assert_close_rel(out, ref)
 
 
 def test_flex_cpu_refuses_backward_lse_sinks_without_compiling():

@@ -102,6 +102,8 @@ CASES = [
 ] + [
     DCase("ring-zigzag-causal_f64", 30, layout="zigzag", causal=True, dtype="float64"),
     DCase("ring-contiguous-window_f64", 24, window=(4, 1), dtype="float64"),
+    # a window wider than a shard pair (2 x 8 or 2 x 15 keys) but not than the sequence: its bound is global
+    DCase("ring-zigzag-window20_pad30", 30, layout="zigzag", window=20),
     DCase("all_to_all-zigzag-causal_f64", 30, strategy="all_to_all", layout="zigzag", causal=True, dtype="float64"),
 ]
 SUBGROUP_CASES = [
@@ -465,7 +467,7 @@ def _settings(world, layout, L, causal=False, window=None, mask_mod=None, rank=0
 
     Lpad = cp.padded_length(L, world, layout)
     x = torch.zeros(1, 1, 1, 8)
-    req = build_request(x, x, x, causal=causal, window=window)
+    req = build_request(x, x, x, causal=causal, window=window, global_len=Lpad)  # as check_call
     return CPSettings(group=None, rank=rank, world=world, shard_len=Lpad // world, seq_len=L, layout=layout,
                       causal=causal, window=req.window, scale=1.0, softcap=None, mask_mod=mask_mod,
                       backend="auto", bounds=req.key_bounds)

@@ -130,6 +130,11 @@ def test_segment_layout_is_checked():
     q, k, v = make_qkv(1, 2, 2, 8, 8, 16)
     with pytest.raises(ValueError, match="layout is for Lq=20, Lk=20; q/k have Lq=8, Lk=8"):
         flash_attention(q, k, v, layout=SegmentLayout(20, 20, ()))
+    for n in (4, 20):  # a GroupMask for other lengths, through the contract on any backend
+        gm = GroupMask(SegmentLayout(n, n, ((((0, 2),), ((0, n),)),)))
+        for backend in ("auto", "reference", "chunked", "sdpa"):
+            with pytest.raises(ValueError, match=f"GroupMask for Lq={n}, Lk={n}; q/k have Lq=8, Lk=8"):
+                attnkit.attention(q, k, v, mask_mod=gm, backend=backend)
 
 
 def test_group_tables_skip_disallowed_tiles():
@@ -170,6 +175,35 @@ def test_sink_neg_inf_on_dead_rows_triton(tdevice):
     case = Case("sink_neg_inf_dead_rows", B=1, Hq=2, Hkv=1, Lq=40, Lk=20, D=16, kw=dict(causal=True),
                 extras=lambda B, H, Lq, Lk, g: {"sinks": torch.tensor([float("-inf"), 0.5])}, build=default_build)
     run_case("triton", case, torch.float32, tdevice)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_finfo_min_bias_rows_triton(dtype, tdevice):
+    """An HF-style additive mask (finfo.min where excluded): scores * log2(e) overflow to -inf. Rows
+    with some kept key match the reference; rows with none end empty (output 0, lse -inf: the
+    documented difference from the reference's uniform average); nothing is NaN."""
+    B, H, L, D = 1, 2, 24, 16
+    q, k, v = make_qkv(B, H, H, L, L, D, seed=12, device=tdevice, dtype=dtype)
+    g = torch.Generator().manual_seed(13)
+    keep = torch.rand(1, H, L, L, generator=g) > 0.3
+    keep[:, :, 5] = False  # row 5: every key excluded
+    bias = torch.zeros(1, H, L, L, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min).to(tdevice)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, bias)]
+    out, lse = _triton(*leaves[:3], bias=leaves[3], return_lse=True)
+    g_out = randn(*out.shape, gen=g, device=tdevice, dtype=dtype)
+    g_out[:, :, 5] = 0  # as a loss over the unpadded rows: the empty row's output does not count
+    grads = torch.autograd.grad((out.float() * g_out.float()).sum(), leaves)
+    assert torch.isfinite(out).all() and all(torch.isfinite(x).all() for x in grads)
+    assert torch.all(out[:, :, 5] == 0) and torch.isneginf(lse[:, :, 5]).all()
+    l64 = [x.detach().double().requires_grad_(True) for x in leaves]
+    ref, ref_lse = attnkit.attention(*l64[:3], bias=l64[3], return_lse=True, backend="reference")
+    refg = torch.autograd.grad((ref * g_out.double()).sum(), l64)
+    rows = [i for i in range(L) if i != 5]
+    rtol = 5e-5 if dtype == torch.float32 else 3e-2  # bf16: a loose bound; the accuracy rule is test_backends'
+    assert_close_rel(out[:, :, rows], ref[:, :, rows], rtol=rtol)
+    assert_close_rel(lse[:, :, rows], ref_lse[:, :, rows], rtol=rtol, name="lse")
+    for n, a, r in zip(["q", "k", "v", "bias"], grads, refg):
+        assert_close_rel(a, r, rtol=rtol, name=f"grad {n}")
 
 
 def test_noncontiguous_triton(tdevice):

@@ -9,6 +9,7 @@ element-wise, which FlexAttention requires too.
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,7 @@ __all__ = [
     "apply_score_mod",
     "slice_4d",
     "closure_tensors",
+    "closure_scalars",
     "check_mod_grads",
 ]
 
@@ -111,12 +113,24 @@ def apply_score_mod(req: AttentionRequest, s: Tensor, q_start: int, k_start: int
 
 def closure_tensors(fn, *, requires_grad: bool = False) -> list[Tensor]:
     """Tensors a mod closes over: closure cells, functools.partial args, module parameters and
-    buffers, bound-method owners, lists/tuples/dicts of those (3 levels deep).
+    buffers, bound-method owners, the attributes of callable objects and other plain objects,
+    lists/tuples/dicts of those (3 levels deep).
 
     With requires_grad=True only those that require grad (the chunked backend routes their
     gradients); otherwise all of them (FlexAttention's BlockMask cache keys on their versions).
     """
+    return _closure(fn, requires_grad)[0]
+
+
+def closure_scalars(fn) -> tuple:
+    """The ints, floats, strings and bools a mod closes over, found where closure_tensors looks:
+    with the tensors' versions, what FlexAttention's BlockMask cache keys a mask_mod's state on."""
+    return tuple(_closure(fn, False)[1])
+
+
+def _closure(fn, requires_grad: bool) -> tuple[list[Tensor], list]:
     found: list[Tensor] = []
+    scalars: list = []
 
     def visit(obj, depth: int) -> None:
         if depth > 3 or obj is None:
@@ -124,6 +138,9 @@ def closure_tensors(fn, *, requires_grad: bool = False) -> list[Tensor]:
         if isinstance(obj, Tensor):
             if (obj.requires_grad or not requires_grad) and not any(obj is t for t in found):
                 found.append(obj)
+        elif isinstance(obj, (bool, int, float, str)):
+            if depth:
+                scalars.append(obj)
         elif isinstance(obj, nn.Module):
             for t in (*obj.parameters(), *obj.buffers()):
                 visit(t, depth + 1)
@@ -137,16 +154,18 @@ def closure_tensors(fn, *, requires_grad: bool = False) -> list[Tensor]:
         elif isinstance(obj, dict):
             for a in obj.values():
                 visit(a, depth + 1)
-        elif callable(obj):
+        elif isinstance(obj, (types.FunctionType, types.MethodType)):
             for cell in getattr(obj, "__closure__", None) or ():
                 try:
                     visit(cell.cell_contents, depth + 1)
                 except ValueError:  # empty cell
                     pass
             visit(getattr(obj, "__self__", None), depth + 1)
+        elif not isinstance(obj, (type, types.ModuleType, types.BuiltinFunctionType)):
+            visit(getattr(obj, "__dict__", None), depth + 1)  # a callable object's (or an owner's) state
 
     visit(fn, 0)
-    return found
+    return found, scalars
 
 
 def check_mod_grads(req: AttentionRequest, captured: list[Tensor]) -> None:
@@ -171,7 +190,8 @@ def check_mod_grads(req: AttentionRequest, captured: list[Tensor]) -> None:
         if var is not None and id(var) not in leaves:
             raise TypeError(
                 "score_mod uses a tensor that requires grad but holds it where the chunked backend "
-                "cannot find it (it looks in closure cells, functools.partial arguments and module "
-                "parameters); capture it in a closure, or use backend='reference'"
+                "cannot find it (it looks in closure cells, functools.partial arguments, module "
+                "parameters and the attributes of callable objects); capture it in a closure, or use "
+                "backend='reference'"
             )
         todo.extend(fn for fn, _ in node.next_functions)

@@ -283,7 +283,10 @@ def _as_4d(name: str, t: Tensor, target: tuple[int, int, int, int]) -> Tensor:
     return t4
 
 
-def _check_window(window) -> tuple[int | None, int | None] | None:
+def _check_window(window, reach: int) -> tuple[int | None, int | None] | None:
+    """(left, right) from an int W or a pair; a side of at least reach = Lq + Lk keys excludes
+    nothing, so it becomes None (unbounded): the kernels' int32 and int64 index arithmetic never
+    sees offsets larger than the lengths."""
     if window is None:
         return None
     if isinstance(window, bool):
@@ -291,14 +294,14 @@ def _check_window(window) -> tuple[int | None, int | None] | None:
     if isinstance(window, int):
         if window < 1:
             raise ValueError(f"window must be >= 1 (the query itself counts), got {window}")
-        return (window - 1, 0)
+        return (window - 1 if window - 1 < reach else None, 0)
     if isinstance(window, (tuple, list)) and len(window) == 2:
         out = []
         for side, w in zip(("left", "right"), window):
             if w is None or (isinstance(w, int) and not isinstance(w, bool) and w == -1):
                 out.append(None)  # flash-attn writes an unbounded side as -1
             elif isinstance(w, int) and not isinstance(w, bool) and w >= 0:
-                out.append(w)
+                out.append(w if w < reach else None)
             else:
                 raise ValueError(
                     f"window {side} must be an int >= 0, or -1/None for unbounded, got {w!r}"
@@ -328,10 +331,14 @@ def build_request(
     cache_seqlens: Tensor | int | None = None,
     block_table: Tensor | None = None,
     for_backward: bool = False,
+    global_len: int | None = None,
 ) -> AttentionRequest:
     """Check every argument of the contract and return the normalised request.
 
     for_backward=True builds the request of an `attention_backward` call (see AttentionRequest).
+    A window side of Lq + Lk keys or more excludes nothing and becomes None. global_len: context
+    parallelism's call, q/k/v being shards of a sequence of global_len tokens on which windows and
+    mask_mods act: windows are normalised on it, and a GroupMask's lengths are not the shards'.
 
     Shapes, dtypes and devices are always checked. The *values* of cache_seqlens and
     block_table (lengths within the logical key length, block ids within the pool) are
@@ -413,7 +420,7 @@ def build_request(
         bias = _as_4d("bias", bias, target)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    win = _check_window(window)
+    win = _check_window(window, Lq + Lk if global_len is None else 2 * global_len)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -428,6 +435,10 @@ def build_request(
         for name, fn in (("score_mod", score_mod), ("mask_mod", mask_mod)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+        lay = mask_mod.layout if isinstance(mask_mod, GroupMask) else None
+        if lay is not None and global_len is None and (lay.len_q, lay.len_k) != (Lq, Lk):
+            raise ValueError(f"mask_mod is a GroupMask for Lq={lay.len_q}, Lk={lay.len_k}; q/k have Lq={Lq}, "
+                             f"Lk={Lk}")
     if sinks is not None:
         if not isinstance(sinks, Tensor) or not sinks.is_floating_point():
             raise TypeError(f"sinks must be a floating tensor of shape [Hq]={[Hq]}, got {sinks!r:.60}")

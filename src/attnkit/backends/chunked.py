@@ -107,8 +107,9 @@ class _ChunkedAttention(torch.autograd.Function):
         if sinks is not None:
             sk = sinks.to(ct).view(1, Hq, 1, 1)
             m_new = torch.maximum(m, sk)
-            alpha = torch.exp(m - m_new)
-            den = den * alpha + torch.exp(sk - m_new)
+            m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))  # dead row, no sink
+            alpha = torch.exp(m - m_safe)
+            den = den * alpha + torch.exp(sk - m_safe)
             acc = acc * alpha
             m = m_new
         m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))

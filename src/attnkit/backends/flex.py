@@ -22,7 +22,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from ..masks import bounds_allow, closure_tensors
+from ..masks import bounds_allow, closure_scalars, closure_tensors
 from ..request import AttentionRequest
 from .base import Backend, Capabilities
 
@@ -88,13 +88,17 @@ def _tensor_id(t: Tensor) -> tuple:
 def _mask_key(req: AttentionRequest) -> tuple[tuple, list[Tensor]]:
     """Cache key of req's BlockMask, and the tensors it depends on (kept alive with the entry).
 
-    The user's mask_mod is keyed by identity AND by the contents of every tensor it
-    closes over, so a document-id tensor changed in place builds a new mask.
+    The user's mask_mod is keyed by identity AND by its state: the contents of every tensor and
+    the value of every int / float / str it closes over (closure cells, a callable object's
+    attributes: masks.closure_tensors), so a document-id tensor changed in place, or a length
+    attribute set anew, builds a new mask. (Globals it reads are not tracked.)
     """
     deps = [req.mask] if req.mask is not None else []
+    state = ()
     if req.mask_mod is not None:
         deps += closure_tensors(req.mask_mod)
-    return (req.key_bounds, req.offset, req.mask_mod, tuple(_tensor_id(t) for t in deps)), deps
+        state = closure_scalars(req.mask_mod)
+    return (req.key_bounds, req.offset, req.mask_mod, tuple(_tensor_id(t) for t in deps), state), deps
 
 
 class FlexBackend(Backend):

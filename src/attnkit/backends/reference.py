@@ -95,8 +95,10 @@ class ReferenceBackend(Backend):
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         e = torch.exp(s - m)
         den = e.sum(dim=-1, keepdim=True)
-        p = e / torch.where(den == 0, torch.ones_like(den), den)
-        lse = (torch.log(den) + m).squeeze(-1)
+        dead = den == 0
+        p = e / torch.where(dead, torch.ones_like(den), den)
+        # log of 1, not 0, on dead rows: their -inf comes from the where, so no inf * 0 = NaN flows back
+        lse = torch.where(dead, float("-inf"), torch.log(torch.where(dead, torch.ones_like(den), den)) + m).squeeze(-1)
         p = p[..., :Lk]
         if req.dropout_p > 0:
             p = F.dropout(p, req.dropout_p, training=True)

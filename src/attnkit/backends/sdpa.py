@@ -388,6 +388,12 @@ def _pad8(t: Tensor) -> Tensor:
     return F.pad(t, (0, pad)) if pad else t
 
 
+def _unit_last(*ts: Tensor) -> tuple[Tensor, ...]:
+    """Each tensor with a unit stride in its last dim (a copy where not): the private kernels below
+    read rows as contiguous, unlike the public SDPA, which copies such inputs itself."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in ts)
+
+
 def _lse_out(raw: Tensor, B: int, H: int, Lq: int) -> Tensor:
     """A kernel's lse ([B, H, Lq], cuDNN's [B, H, Lq, 1], efficient's [B, H, 32k]) as [B, H, Lq]; -inf where dead."""
     lse = raw.reshape(B, H, -1)[:, :, :Lq]
@@ -420,6 +426,7 @@ def _try_kernels(q, k, v, causal: bool, direction: str, run):
 def _kernel_forward(q, k, v, mask, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """(out, lse [B, H, Lq] natural log, -inf on dead rows) of one unpieced kernel call."""
     B, H, Lq = q.shape[:3]
+    q, k, v = _unit_last(q, k, v)
 
     def run(kernel: str):
         if kernel == "cpu":
@@ -440,6 +447,7 @@ def _kernel_backward(do, q, k, v, out, lse, mask, causal: bool, scale: float) ->
     """(dq, dk, dv) of one unpieced kernel call from out and lse ([B, H, Lq], +inf on dead rows)."""
     Lq, Lk = q.shape[2], k.shape[2]
     lse = lse.contiguous()
+    do, q, k, v, out = _unit_last(do, q, k, v, out)
     no_rng = torch.zeros((), dtype=torch.int64, device=q.device)  # dropout 0: the kernels read no seed
 
     def run(kernel: str):

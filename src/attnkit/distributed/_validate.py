@@ -119,8 +119,9 @@ def check_call(fn: str, q, k, v, *, group, causal, window, scale, softcap, mask_
     group, rank, world = resolve_group(group, fn)
     error: BaseException | None = None
     try:
+        padded = world * q.shape[2] if isinstance(q, Tensor) and q.dim() == 4 else None
         req = build_request(q, k, v, causal=causal, window=window, scale=scale, softcap=softcap,
-                            mask_mod=mask_mod, return_lse=return_lse)
+                            mask_mod=mask_mod, return_lse=return_lse, global_len=padded)
         check_layout(layout)
         backend_name(backend)
         Ls = q.shape[2]

@@ -374,7 +374,10 @@ if triton is not None:
         if TILE != 0 or HAS_MASK:
             s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new) * exp_scale  # rows with no key yet: 0
+        # 0 on rows with no key yet, and on rows whose logits all lie below -FLT_MAX / exp_scale (HF's
+        # finfo.min masks), where s * exp_scale is -inf too: their p is 0 (not NaN) and the row ends empty
+        m_use = m_new * exp_scale
+        m_use = tl.where(m_use == float("-inf"), 0.0, m_use)
         p = tl.exp2(s * exp_scale - m_use[:, None])  # one FMA per score
         alpha = tl.exp2(m_i * exp_scale - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)

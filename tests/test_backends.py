@@ -82,7 +82,7 @@ def test_cpu_float32(case, backend):
     run_case(backend, case, torch.float32, "cpu")
 
 
-# A few small cases in bfloat16 on the CPU (flex excluded: it compiles, see test_flex_cpu_forward).
+# A few small cases in bfloat16 on the CPU (flex: float32 only, see test_flex_cpu_forward).
 BF16_CPU_CASES = ["dense", "gqa_2", "causal_lq_gt_lk", "bias_h_lq_lk", "mask_dead_rows", "sinks", "combo_llm",
                   "score_mod_learnable", "lk_1"]
 
@@ -674,6 +674,26 @@ def test_flex_block_mask_follows_a_mask_mod_objects_state():
         out = attnkit.attention(q, k, v, mask_mod=mod, backend="flex")
         ref = attnkit.attention(q.double(), k.double(), v.double(), mask_mod=mod, backend="reference")
         assert_close_rel(out, ref)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "bshd_view"])
+def test_flex_cpu_small_shapes(layout):
+    """torch 2.13's compiled CPU flex gave NaN at B2 x H2 x L8, D = 16 (and wrong values on
+    [B, L, H, D] views): the backend runs it uncompiled on the CPU."""
+    g = torch.Generator().manual_seed(97)
+    shape = (2, 8, 2, 16) if layout == "bshd_view" else (2, 2, 8, 16)
+    q, k, v = (randn(*shape, gen=g) for _ in range(3))
+    if layout == "bshd_view":
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    for kw in ({}, {"causal": True}):
+        out = attnkit.attention(q, k, v, backend="flex", **kw)
+        ref = attnkit.attention(q.double(), k.double(), v.double(), backend="reference", **kw)
+        assert_close_rel(out, ref)
+    cu = torch.tensor([0, 5, 8])  # varlen hands flex [1, H, total, D] views of packed rows
+    qp, kp, vp = (x[0].transpose(0, 1) for x in (q, k, v))
+    out = attnkit.varlen_attention(qp, kp, vp, cu, cu, causal=True, backend="flex")
+    ref = attnkit.varlen_attention(qp.double(), kp.double(), vp.double(), cu, cu, causal=True, backend="reference")
+    assert_close_rel(out, ref)
 
 
 def test_flex_cpu_refuses_backward_lse_sinks_without_compiling():

@@ -48,21 +48,25 @@ BACKENDS = ["reference", "chunked", "sdpa", "auto"] + (["triton"] if TRITON_INTE
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("lens,causal", [(SAME, False), (SAME, True), (DIFF, False), (DIFF, True)],
-                         ids=["same", "same_causal", "diff", "diff_causal"])
-def test_varlen_matches_per_sequence_loop(lens, causal, backend):
+@pytest.mark.parametrize("lens,causal,window", [
+    (SAME, False, None), (SAME, True, None), (DIFF, False, None), (DIFF, True, None),
+    (SAME, True, 4), (DIFF, False, (3, 2)), (DIFF, True, 5), (SAME, False, (2, -1)),
+], ids=["same", "same_causal", "diff", "diff_causal", "same_causal_w4", "diff_w3_2", "diff_causal_w5",
+        "same_w2_inf"])
+def test_varlen_matches_per_sequence_loop(lens, causal, window, backend):
     lq, lk = lens
-    if backend == "triton" and causal and lq != lk:
-        pytest.skip("per-sequence bottom-right causal is a generic mask_mod: not a triton feature")
+    if backend == "triton" and (causal or window is not None) and lq != lk:
+        pytest.skip("per-sequence bottom-right bounds are a generic mask_mod: not a triton feature")
     dtype = torch.float32 if backend == "triton" else torch.float64
     q, k, v = _packed(lq, lk, dtype=dtype)
     for t in (q, k, v):
         t.requires_grad_(True)
     want_lse = backend != "sdpa"  # SDPA returns no lse
-    res = attnkit.varlen_attention(q, k, v, _cu(lq), _cu(lk), causal=causal, return_lse=want_lse, backend=backend)
+    res = attnkit.varlen_attention(q, k, v, _cu(lq), _cu(lk), max(lq), max(lk), causal=causal, window=window,
+                                   return_lse=want_lse, backend=backend)
     out, lse = res if want_lse else (res, None)
     qr, kr, vr = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    ref, ref_lse = _loop(qr, kr, vr, lq, lk, causal=causal)
+    ref, ref_lse = _loop(qr, kr, vr, lq, lk, causal=causal, window=window)
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     assert out.shape == ref.shape and torch.allclose(out.double(), ref, atol=tol, rtol=tol)
     if want_lse:
@@ -98,6 +102,9 @@ def test_varlen_mask_kinds(monkeypatch):
     (dict(cu_seqlens_k=torch.tensor([0, 3, 2, 6], dtype=torch.int32)), ValueError, "cu_seqlens_k must start at 0"),
     (dict(cu_seqlens_k=torch.tensor([0, 6], dtype=torch.int32)), ValueError, "describe as many sequences"),
     (dict(q=torch.randn(1, 6, 4, 8)), ValueError, "q must be packed"),
+    (dict(max_seqlen_q=3), ValueError, r"max_seqlen_q must be an int >= the longest sequence \(4\)"),
+    (dict(max_seqlen_k=5.0), ValueError, "max_seqlen_k must be an int"),
+    (dict(window=0), ValueError, "window"),
 ])
 def test_varlen_bad_input(kw, err, match):
     args = dict(q=torch.randn(6, 4, 8), k=torch.randn(6, 2, 8), v=torch.randn(6, 2, 8),
@@ -106,6 +113,17 @@ def test_varlen_bad_input(kw, err, match):
     args.update(kw)
     with pytest.raises(err, match=match):
         attnkit.varlen_attention(**args)
+
+
+def test_varlen_empty_packings():
+    """No queries, or no keys at all: an empty output, or zeros with lse -inf (as empty sequences)."""
+    cu0, cu3 = torch.tensor([0, 0, 0]), torch.tensor([0, 1, 3])
+    out, lse = attnkit.varlen_attention(torch.randn(0, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 6), cu0, cu3,
+                                        return_lse=True)
+    assert out.shape == (0, 4, 6) and lse.shape == (4, 0)
+    out, lse = attnkit.varlen_attention(torch.randn(3, 4, 8), torch.randn(0, 2, 8), torch.randn(0, 2, 6), cu3, cu0,
+                                        causal=True, return_lse=True)
+    assert torch.equal(out, torch.zeros(3, 4, 6)) and torch.isneginf(lse).all()
 
 
 # ---------------------------------------------------------------------------

@@ -76,13 +76,10 @@ def _timed(fn, device, reps: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def run_demo(device: str | None = None, full: bool = False) -> list[dict]:
+def run_demo(device: str | None = None) -> list[dict]:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     L = 1024 if dev.type == "cuda" else 256
-    # FlexAttention compiles per shape and mod (~8 s each on a CPU): on the CPU
-    # the default demo shows it on two feature sets; --full runs all.
-    flex_cpu_cases = {"dense", "causal"}
     rows = []
     print(f"attnkit demo on {dev.type} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}), "
           f"{str(dtype).replace('torch.', '')}, torch {torch.__version__}")
@@ -94,9 +91,6 @@ def run_demo(device: str | None = None, full: bool = False) -> list[dict]:
         ref_out, ref_grads = _run("reference", *leaves64, kw64, grad_out.double())
         chosen = explain(q, k, v, **kw).backend
         for bname, backend in BACKENDS.items():
-            if bname == "flex" and dev.type == "cpu" and not full and name not in flex_cpu_cases:
-                rows.append(dict(case=name, backend=bname, note="skipped on CPU (compile per shape); --full"))
-                continue
             ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
             kwl = {a: (b.detach().requires_grad_() if isinstance(b, torch.Tensor) and b.is_floating_point() else b)
                    for a, b in kw.items()}
@@ -150,8 +144,7 @@ def _print(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m attnkit demo", description=__doc__)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--full", action="store_true", help="also compile FlexAttention for every case on the CPU")
     args = p.parse_args(argv)
-    rows = run_demo(args.device, args.full)
+    rows = run_demo(args.device)
     bad = [r for r in rows if "note" in r and r["note"].startswith("ERROR")]
     return 1 if bad else 0

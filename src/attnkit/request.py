@@ -283,7 +283,7 @@ def _as_4d(name: str, t: Tensor, target: tuple[int, int, int, int]) -> Tensor:
     return t4
 
 
-def _check_window(window, reach: int) -> tuple[int | None, int | None] | None:
+def check_window(window, reach: int) -> tuple[int | None, int | None] | None:
     """(left, right) from an int W or a pair; a side of at least reach = Lq + Lk keys excludes
     nothing, so it becomes None (unbounded): the kernels' int32 and int64 index arithmetic never
     sees offsets larger than the lengths."""
@@ -420,7 +420,7 @@ def build_request(
         bias = _as_4d("bias", bias, target)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    win = _check_window(window, Lq + Lk if global_len is None else 2 * global_len)
+    win = check_window(window, Lq + Lk if global_len is None else 2 * global_len)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):

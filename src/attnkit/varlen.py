@@ -8,9 +8,9 @@ own sequence. The call becomes ONE contract call on a batch of 1 with a document
 - a `GroupMask` (one set per sequence) when the mask is block-diagonal, which the
   `triton` backend runs in one launch over the diagonal tiles only, and FlexAttention /
   chunked / reference take as a mask_mod;
-- causal attention is bottom-right aligned per sequence (flash-attn's rule). When every
-  sequence has as many queries as keys that is the global diagonal (so the GroupMask plus
-  `causal=True`); otherwise a per-sequence mask_mod.
+- causal attention and windows are bottom-right aligned per sequence (flash-attn's rule). When
+  every sequence has as many queries as keys that is the global diagonal (so the GroupMask plus
+  `causal` / `window`); otherwise a per-sequence mask_mod.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .functional import attention
 from .groups import GroupMask, SegmentLayout
+from .request import check_window
 
 __all__ = ["varlen_attention"]
 
@@ -54,9 +55,11 @@ def _group_mask(cu_q: tuple[int, ...], cu_k: tuple[int, ...], device: torch.devi
     return hit
 
 
-def _causal_per_sequence(cu_q: tuple[int, ...], cu_k: tuple[int, ...], device: torch.device):
-    """mask_mod: same sequence, and key j <= query i + (Lk_d - Lq_d) in local positions, i.e.
-    j <= i + cu_k[d+1] - cu_q[d+1] in packed positions."""
+def _bounds_per_sequence(cu_q: tuple[int, ...], cu_k: tuple[int, ...], left: int | None, right: int | None,
+                         device: torch.device):
+    """mask_mod: same sequence, and key j in [diag - left, diag + right] around the query's own
+    bottom-right diagonal, diag = i + Lk_d - Lq_d in local positions, i.e. i + cu_k[d+1] - cu_q[d+1]
+    in packed positions (a None side unbounded)."""
     lens_q = torch.tensor([b - a for a, b in zip(cu_q, cu_q[1:])], device=device)
     lens_k = torch.tensor([b - a for a, b in zip(cu_k, cu_k[1:])], device=device)
     ids = torch.arange(len(lens_q), device=device)
@@ -66,14 +69,22 @@ def _causal_per_sequence(cu_q: tuple[int, ...], cu_k: tuple[int, ...], device: t
 
     def mask_mod(b, h, q_idx, kv_idx):
         sq = seq_q[q_idx]
-        return (sq == seq_k[kv_idx]) & (kv_idx <= q_idx + shift[sq])
+        diag = q_idx + shift[sq]
+        keep = sq == seq_k[kv_idx]
+        if left is not None:
+            keep = keep & (kv_idx >= diag - left)
+        if right is not None:
+            keep = keep & (kv_idx <= diag + right)
+        return keep
 
     return mask_mod
 
 
-def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, *,
-                     causal: bool = False, scale: float | None = None, softcap: float | None = None,
-                     return_lse: bool = False, backend: str = "auto") -> Tensor | tuple[Tensor, Tensor]:
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, *,
+                     causal: bool = False, window: int | tuple[int | None, int | None] | None = None,
+                     scale: float | None = None, softcap: float | None = None, return_lse: bool = False,
+                     backend: str = "auto") -> Tensor | tuple[Tensor, Tensor]:
     """Attention over packed sequences of different lengths, in one contract call.
 
     Args:
@@ -81,7 +92,11 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         cu_seqlens_q, cu_seqlens_k: int32/int64 [num_seqs + 1], 0 = cu[0] <= cu[1] <= ... = total;
             sequence d owns query rows cu_seqlens_q[d]:cu_seqlens_q[d+1] and the matching key rows.
             Empty sequences are allowed. Read on the host (one sync per call).
+        max_seqlen_q, max_seqlen_k: flash-attn's arguments, in its positions; not needed (the
+            lengths are read from cu_seqlens), but when given they must bound every sequence.
         causal: per sequence, bottom-right aligned (local key j <= local query i + Lk_d - Lq_d).
+        window: as in `attnkit.attention` (W, or (left, right) with -1/None unbounded; flash-attn's
+            window_size), around each sequence's own bottom-right diagonal.
         scale, softcap, backend: as in `attnkit.attention`.
         return_lse: also return the float32 log-sum-exp [Hq, total_q] (flash-attn's layout).
 
@@ -97,11 +112,21 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     if len(cu_q) != len(cu_k):
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe as many sequences, got "
                          f"{len(cu_q) - 1} and {len(cu_k) - 1}")
+    for name, bound, cu in (("max_seqlen_q", max_seqlen_q, cu_q), ("max_seqlen_k", max_seqlen_k, cu_k)):
+        longest = max(b - a for a, b in zip(cu, cu[1:]))
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int) or bound < longest):
+            raise ValueError(f"{name} must be an int >= the longest sequence ({longest}), got {bound!r}")
+    if q.shape[0] == 0 or k.shape[0] == 0:  # nothing to attend (the contract takes no empty tensor)
+        out = q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
+        return (out, torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)) if return_lse else out
     same = all(b - a == d - c for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]))
-    if causal and not same:
-        kw = dict(mask_mod=_causal_per_sequence(cu_q, cu_k, q.device))
+    if (causal or window is not None) and not same:
+        left, right = check_window(window, q.shape[0] + k.shape[0]) or (None, None)
+        if causal:
+            right = 0 if right is None else min(right, 0)
+        kw = dict(mask_mod=_bounds_per_sequence(cu_q, cu_k, left, right, q.device))
     else:  # block-diagonal; with equal lengths per sequence the global diagonal is each sequence's
-        kw = dict(mask_mod=_group_mask(cu_q, cu_k, q.device), causal=causal)
+        kw = dict(mask_mod=_group_mask(cu_q, cu_k, q.device), causal=causal, window=window)
     res = attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
                     scale=scale, softcap=softcap, return_lse=return_lse, backend=backend, **kw)
     out, lse = res if return_lse else (res, None)

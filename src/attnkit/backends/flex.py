@@ -17,6 +17,8 @@ On the CPU, compiled FlexAttention is inference-only and returns no lse.
 
 from __future__ import annotations
 
+import warnings
+
 from collections import OrderedDict
 
 import torch
@@ -41,6 +43,13 @@ _CPU_FEATURES = frozenset(
 )
 _BLOCK_MASK_CACHE_SIZE = 32
 _compiled = None
+
+
+def _eager_flex(*args, **kwargs):
+    """flex_attention uncompiled (the CPU path), without torch's warning that it is unfused."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(*args, **kwargs)
 
 
 def _compiled_flex():
@@ -111,7 +120,7 @@ class FlexBackend(Backend):
         # Seen on an H100 (torch 2.11): D=40 finds no kernel config and D=72's
         # backward exceeds shared memory; powers of two compile.
         head_dims=frozenset({16, 32, 64, 128, 256}),
-        notes="compiled FlexAttention; block masks cached; CPU: inference only, no lse/sinks",
+        notes="compiled FlexAttention; block masks cached; CPU: uncompiled, inference only, no lse/sinks",
     )
 
     def __init__(self) -> None:
@@ -122,7 +131,7 @@ class FlexBackend(Backend):
 
     def speed(self, req: AttentionRequest) -> float:
         if req.device.type != "cuda":
-            return 8.0  # compiles per shape; forward only
+            return 8.0  # uncompiled (materialises the scores); forward only
         if req.window is not None or req.mask_mod is not None or req.bias is not None:
             return 70.0  # block sparsity / bias read in place: ahead of SDPA's dense masks
         if req.mask is not None or req.cache_seqlens is not None:
@@ -180,7 +189,13 @@ class FlexBackend(Backend):
     def run(self, req: AttentionRequest) -> tuple[Tensor, Tensor | None]:
         req = req.densified()  # cache_seqlens / block_table -> gathered K/V and a mask
         want_lse = req.return_lse or req.sinks is not None
-        fn = _compiled_flex()
+        # On the CPU flex runs uncompiled: torch 2.13's compiled CPU kernel returns wrong values or NaN
+        # on small shapes (B2 x H2 x L8, D = 16 gave NaN), and the CPU path is a reference here anyway.
+        # (Inside the caller's torch.compile, flex_attention is compiled with the caller's graph.)
+        if torch.compiler.is_compiling():
+            fn = flex_attention
+        else:
+            fn = _compiled_flex() if req.device.type == "cuda" else _eager_flex
         q, k, v = req.q, req.k, req.v
         if not req.needs_grad:  # flex refuses inputs that merely carry requires_grad on the CPU
             q, k, v = q.detach(), k.detach(), v.detach()

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def describe(value) -> str:
+    """A value as error messages show it: a tensor's dtype, shape and device, else its type and repr."""
+    if hasattr(value, "dtype") and hasattr(value, "shape") and hasattr(value, "device"):
+        return f"{str(value.dtype).replace('torch.', '')} tensor of shape {list(value.shape)} on {value.device}"
+    return f"{type(value).__name__} {value!r:.60}"
+
+
 def positive_int(name: str, value) -> int:
     """value as an int >= 1, else ValueError naming the argument."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._checks import probability
+from ._checks import describe as _what, probability
 from .groups import GroupMask
 
 __all__ = ["AttentionRequest", "build_request", "replay_key", "check_cache_values", "check_stats",
@@ -487,12 +487,6 @@ def check_stats(
     lse = lse.to(ct).contiguous()
     dlse = dlse.to(ct).contiguous() if dlse is not None else None
     return do, out, lse, dlse
-
-
-def _what(t) -> str:
-    if isinstance(t, Tensor):
-        return f"{str(t.dtype).replace('torch.', '')} tensor of shape {_shape(t)} on {t.device}"
-    return f"{type(t).__name__} {t!r:.60}"
 
 
 def _check_block_table(block_table, cache_seqlens, k: Tensor, B: int, device: torch.device) -> int:

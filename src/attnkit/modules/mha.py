@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .._checks import backend_name, positive_int, probability, real
+from .._checks import backend_name, describe, positive_int, probability, real
 from ..caches.base import DecodeCache
 from ..caches.kv_cache import KVCache
 from ..caches.paged_kv_cache import PagedKVCache
@@ -158,7 +158,7 @@ class MultiHeadAttention(nn.Module):
         if kv_cache is not None and not isinstance(kv_cache, DecodeCache):
             raise TypeError(f"kv_cache must be a KVCache or PagedKVCache (a DecodeCache), got {type(kv_cache).__name__}")
         if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool):
-            raise TypeError(f"mask must be a bool tensor (True = attend), got {_what(mask)}")
+            raise TypeError(f"mask must be a bool tensor (True = attend), got {describe(mask)}")
         B, L, _ = x.shape
         q = self._split(self.q_proj(x), self.num_heads)
         k = self._split(self.k_proj(x), self.num_kv_heads)
@@ -226,7 +226,7 @@ class MultiHeadAttention(nn.Module):
                     window_arg = None
             out = self._attend(q, k, v, mask=mask, bias=attn_bias, causal=causal_arg, window=window_arg, **kw)
         except BaseException:
-            if wrote:
+            if wrote and not torch.compiler.is_compiling():  # (compiled appends keep no undo record)
                 kv_cache.rollback()
             raise
         out = out.transpose(1, 2).reshape(B, L, self.config.d_model)
@@ -244,10 +244,6 @@ class MultiHeadAttention(nn.Module):
         p = self.q_proj.weight
         return PagedKVCache(num_blocks, self.num_kv_heads, self.head_dim, block_size,
                             dtype=dtype or p.dtype, device=device or p.device, allocation_order=allocation_order)
-
-
-def _what(t) -> str:
-    return f"{t.dtype} tensor" if isinstance(t, Tensor) else type(t).__name__
 
 
 def _positional_score_mod(user: Callable, start: Tensor | None, num_sinks: int) -> Callable:

@@ -153,12 +153,7 @@ class AttentionRequest:
         Query i may see key j iff i + offset - left <= j <= i + offset + right
         (a None side is unbounded). None when neither causal nor window is set.
         """
-        if self.window is None and not self.causal:
-            return None
-        left, right = self.window if self.window is not None else (None, None)
-        if self.causal:
-            right = 0 if right is None else min(right, 0)
-        return left, right
+        return combined_bounds(self.causal, self.window)
 
     def features(self) -> frozenset[str]:
         """Names of the capabilities this call needs (matched against Capabilities.features)."""
@@ -281,6 +276,18 @@ def _as_4d(name: str, t: Tensor, target: tuple[int, int, int, int]) -> Tensor:
                 f"{name} of shape {_shape(t)} does not broadcast to [B, Hq, Lq, Lk] = {list(target)}"
             )
     return t4
+
+
+def combined_bounds(causal: bool, window: tuple[int | None, int | None] | None
+                    ) -> tuple[int | None, int | None] | None:
+    """causal and a normalised window (check_window) as one (left, right) key range around the
+    aligned diagonal (a None side unbounded); None when neither is set."""
+    if window is None and not causal:
+        return None
+    left, right = window if window is not None else (None, None)
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    return left, right
 
 
 def check_window(window, reach: int) -> tuple[int | None, int | None] | None:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .functional import attention
 from .groups import GroupMask, SegmentLayout
-from .request import check_window
+from .request import check_window, combined_bounds
 
 __all__ = ["varlen_attention"]
 
@@ -121,9 +121,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         return (out, torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)) if return_lse else out
     same = all(b - a == d - c for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]))
     if (causal or window is not None) and not same:
-        left, right = check_window(window, q.shape[0] + k.shape[0]) or (None, None)
-        if causal:
-            right = 0 if right is None else min(right, 0)
+        left, right = combined_bounds(causal, check_window(window, q.shape[0] + k.shape[0]))
         kw = dict(mask_mod=_bounds_per_sequence(cu_q, cu_k, left, right, q.device))
     else:  # block-diagonal; with equal lengths per sequence the global diagonal is each sequence's
         kw = dict(mask_mod=_group_mask(cu_q, cu_k, q.device), causal=causal, window=window)

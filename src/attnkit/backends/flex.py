@@ -18,7 +18,6 @@ On the CPU, compiled FlexAttention is inference-only and returns no lse.
 from __future__ import annotations
 
 import warnings
-
 from collections import OrderedDict
 
 import torch

@@ -133,35 +133,36 @@ def test_varlen_empty_packings():
 CUDA_LENS = [100, 1, 257, 64, 0, 513]  # off every tile size, an empty and a 1-token sequence
 
 
-def _loop_plain(q, k, v, lens, causal):
+def _loop_plain(q, k, v, lens, causal, window=None):
     """Per-sequence attention written plainly in q's dtype: the low-precision baseline."""
     outs, a = [], 0
     for n in lens:
         if n:
             qi, ki, vi = (t[a:a + n].transpose(0, 1)[None] for t in (q, k, v))
-            outs.append(naive_attention(qi, ki, vi, causal=causal)[0].transpose(0, 1))
+            outs.append(naive_attention(qi, ki, vi, causal=causal, window=window)[0].transpose(0, 1))
         a += n
     return torch.cat(outs)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["triton", "flex", "auto"])
-@pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
-def test_cuda_varlen_bf16(backend, causal):
+@pytest.mark.parametrize("causal,window", [(False, None), (True, None), (True, 100)],
+                         ids=["dense", "causal", "causal_w100"])
+def test_cuda_varlen_bf16(backend, causal, window):
     """Packed bf16 sequences on the GPU, forward and backward, against float64 per-sequence calls,
     within DESIGN's low-precision rule (3x plain bf16 math over the same sequences)."""
     lens = CUDA_LENS
     q, k, v = (t.cuda() for t in _packed(lens, lens, Hq=8, Hkv=2, D=64, Dv=64, dtype=torch.bfloat16, seed=7))
     cu = _cu(lens).cuda()
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    out = attnkit.varlen_attention(*leaves, cu, cu, causal=causal, backend=backend)
+    out = attnkit.varlen_attention(*leaves, cu, cu, causal=causal, window=window, backend=backend)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(8)).to(out)
     grads = torch.autograd.grad(out, leaves, g)
     r64 = [t.double().requires_grad_(True) for t in (q, k, v)]
-    ref, _ = _loop(*r64, lens, lens, causal=causal)
+    ref, _ = _loop(*r64, lens, lens, causal=causal, window=window)
     refg = torch.autograd.grad(ref, r64, g.double())
     lp = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    base = _loop_plain(*lp, lens, causal)
+    base = _loop_plain(*lp, lens, causal, window)
     baseg = torch.autograd.grad(base, lp, g)
     assert_close_rel(out, ref, rel_err(base, ref), name="out")
     for n, a, r, b in zip("qkv", grads, refg, baseg):

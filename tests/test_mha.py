@@ -73,9 +73,15 @@ def ref_inv_freq(D: int, base: float, scaling: RopeScaling) -> tuple[torch.Tenso
     if scaling.kind == "linear":
         inv = inv / f  # position interpolation: positions / factor
     elif scaling.kind == "yarn":
-        turns = scaling.original_max_positions * inv / (2 * math.pi)
-        ramp = ((turns - scaling.beta_slow) / (scaling.beta_fast - scaling.beta_slow)).clamp(0.0, 1.0)
-        inv = ramp * inv + (1.0 - ramp) * inv / f
+        # HF transformers' _compute_yarn_parameters (truncate=True), which checkpoints follow:
+        # correction dims floor / ceil, a ramp linear in the pair index between them.
+        def correction_dim(turns):
+            return D * math.log(scaling.original_max_positions / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(math.floor(correction_dim(scaling.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(scaling.beta_slow)), D - 1)
+        extrapolation = 1.0 - ((i - low) / (high - low if high != low else 0.001)).clamp(0.0, 1.0)
+        inv = (inv / f) * (1.0 - extrapolation) + inv * extrapolation
         mscale = 1.0 + 0.1 * math.log(f)
     return inv, mscale
 
@@ -417,6 +423,32 @@ def test_rope_matches_reference(scaling):
     if RopeScaling.parse(scaling).kind != "none":
         inv0, _ = ref_inv_freq(D, 1000.0, RopeScaling())
         assert rel_err(rope(q, k, 13)[0], ref_rotate(q, torch.arange(9) + 13, inv0, 1.0)) > 1e-2
+
+
+def test_rope_yarn_ramps_over_pairs_like_hf():
+    """The Llama-3-style YaRN case (D = 128, factor 4, 4096 trained positions): pairs 0-19 keep their
+    frequency, pairs from 46 on are interpolated, and the ramp between them is linear in the index
+    (a ramp linear in the turns, the paper's formula, differs by up to 42% at pair 34)."""
+    rope = RotaryEmbedding(128, base=10000.0, scaling={"kind": "yarn", "factor": 4.0, "original_max_positions": 4096})
+    inv0 = 1.0 / 10000.0 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128)
+    ratio = rope.inv_freq / inv0  # 1 = kept, 1/4 = interpolated
+    assert torch.allclose(ratio[:21], torch.ones(21, dtype=torch.float64))
+    assert torch.allclose(ratio[46:], torch.full((18,), 0.25, dtype=torch.float64))
+    ramp = (1 - ratio[20:47]) / 0.75
+    assert torch.allclose(ramp, torch.arange(27, dtype=torch.float64) / 26)
+
+
+def test_rope_argument_checks():
+    for kw, exc in ((dict(max_positions=-5), ValueError), (dict(max_positions=2.5), ValueError),
+                    (dict(base=float("inf")), ValueError), (dict(scaling={"kind": "none", "factor": 4.0}), ValueError),
+                    (dict(scaling={"kind": "linear", "factor": float("inf")}), ValueError)):
+        with pytest.raises(exc, match="max_positions|base|factor"):
+            RotaryEmbedding(8, **kw)
+    rope = RotaryEmbedding(8)
+    with pytest.raises(TypeError, match="positions"):
+        rope(randn(1, 1, 3, 8), randn(1, 1, 3, 8), positions=True)
+    with pytest.raises(ValueError, match="one length"):
+        rope(randn(1, 1, 3, 8), randn(1, 1, 5, 8))
 
 
 def test_rope_odd_head_dim_raises():

@@ -29,6 +29,7 @@ from attnkit import (
     SwappableMixin,
     swap,
 )
+from attnkit.ops import feature_map, linear_attention
 from conftest import assert_close_tol as assert_close, rel_norm as rel_err
 
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")]
@@ -36,8 +37,8 @@ DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id=
 # relative (norm-wise) error bounds vs a float64 reference
 FWD_TOL = {torch.float32: 2e-5, torch.float64: 1e-10}
 GRAD_TOL = {torch.float32: 5e-5, torch.float64: 1e-10}
-# linear attention is documented to compute in float32 ("Computed in float32."), and
-# LiteAttention upcasts its logits with .float(): float32-level bounds for both dtypes.
+# float32-level bounds for both dtypes: kept from when linear attention computed float64 inputs in
+# float32 (it now keeps float64), and LiteAttention upcasts its logits to at least float32.
 F32_FWD, F32_GRAD = 2e-5, 5e-5
 
 
@@ -290,6 +291,56 @@ def test_linear_attention_favor_matches_quadratic_formula(causal):
     assert_close(mod(q, k, v), ref, 1e-4)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_linear_attention_favor_at_a_real_head_dim(causal):
+    """D = M = 128 on unit-normal inputs: the shifted denominators reach ~1e-8, where an absolute
+    epsilon (the old 1e-6) dominated them (errors up to 3.2). Reference: FAVOR+'s own weights
+    exp(log phi(q) + log phi(k)) summed over features in log space, in float64."""
+    B, H, L, D = 1, 2, 96, 128
+    g = _gen(21 + causal)
+    mod = LinearAttention(H, D, feature_map="favor+", causal=causal)
+    q, k, v = (randn(B, H, L, D, gen=g) for _ in range(3))
+    out = mod(q, k, v)
+    w = mod.projection.double()
+
+    def log_phi(x):
+        x = x.double() * D ** -0.25
+        return x @ w - 0.5 * (x * x).sum(-1, keepdim=True)
+
+    logits = torch.logsumexp(log_phi(q)[..., :, None, :] + log_phi(k)[..., None, :, :], dim=-1)
+    if causal:
+        logits = logits.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+    assert_close(out, logits.softmax(-1) @ v.double(), F32_FWD)
+
+
+def test_linear_attention_favor_feature_map_of_keys():
+    """feature_map(k, is_query=False) shares one shift over the keys: the quadratic form built from
+    the public feature maps equals linear_attention."""
+    B, H, L, D = 2, 2, 20, 16
+    g = _gen(23)
+    mod = LinearAttention(H, D, feature_map="favor+")
+    q, k, v = (randn(B, H, L, D, gen=g) for _ in range(3))
+    a = feature_map(q, "favor+", mod.projection) @ feature_map(k, "favor+", mod.projection, is_query=False).mT
+    assert_close(mod(q, k, v), (a / a.sum(-1, keepdim=True)) @ v, 1e-5)
+
+
+def test_linear_attention_float64_gradcheck_and_dtype_checks():
+    g = _gen(24)
+    mod = LinearAttention(1, 6, feature_map="favor+", num_features=8, causal=True).double()
+    q, k, v = (randn(1, 1, 5, 6, gen=g).double().requires_grad_() for _ in range(3))
+    assert mod(q, k, v).dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda a, b, c: mod(a, b, c), (q, k, v))
+    with pytest.raises(TypeError, match="one floating dtype"):
+        linear_attention(q.detach(), k.detach().float(), v.detach())
+    # a 1-D key mask [Lk] broadcasts over the batch; a bad shape names the argument
+    qf, kf, vf = (randn(3, 1, 4, 6, gen=g) for _ in range(3))
+    keep = torch.tensor([True, True, False, True])
+    assert torch.equal(linear_attention(qf, kf, vf, key_mask=keep),
+                       linear_attention(qf, kf, vf, key_mask=keep.expand(3, 4)))
+    with pytest.raises(ValueError, match="mask"):
+        linear_attention(qf, kf, vf, key_mask=torch.ones(2, 4, dtype=torch.bool))
+
+
 def test_linear_attention_favor_approximates_softmax():
     B, H, L, D = 2, 2, 12, 8
     g = _gen(14)
@@ -379,6 +430,21 @@ def test_linear_attention_key_padding_mask(kind, dtype):
     assert torch.all(out[2] == 0)
     with pytest.raises(TypeError, match="bool"):
         mod(q, k, v, mask=mask4.float())
+
+
+def test_linear_and_gated_argument_checks():
+    for kw, exc, what in ((dict(causal="no"), TypeError, "causal"), (dict(seed="x"), TypeError, "seed"),
+                          (dict(seed=True), TypeError, "seed")):
+        with pytest.raises(exc, match=what):
+            LinearAttention(2, 4, **kw)
+    with pytest.raises(TypeError, match="gate_init_bias"):
+        GatedAttention(2, 4, gate_init_bias="a")
+    with pytest.raises(ValueError, match="gate_init_bias"):
+        GatedAttention(2, 4, gate_init_bias=float("nan"))
+    g = _gen(25)
+    q = randn(2, 2, 3, 4, gen=g)
+    with pytest.raises(ValueError, match="mask"):
+        LiteAttention(2, 4)(q, q, q, mask=torch.ones(3, 3, dtype=torch.bool))
 
 
 def test_linear_attention_refuses_bias_and_bad_feature_map():

@@ -39,3 +39,23 @@ def backend_name(name) -> str:
 
         get_backend(name)
     return name
+
+
+def key_padding_mask(name: str, mask, batch: int, length: int):
+    """A key padding mask as bool [batch, length] (a view where possible): [B, L], or any shape
+    that broadcasts to [B, 1, 1, L]; True = real key. TypeError / ValueError naming the argument."""
+    import torch
+
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = real key), got {describe(mask)}")
+    if mask.dim() == 2 and mask.shape[0] in (1, batch) and mask.shape[1] == length:  # [B, L]
+        return mask.expand(batch, length)
+    target = (batch, 1, 1, length)
+    try:
+        ok = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, target) == target
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a key padding mask [B, L] = [{batch}, {length}] or broadcastable to "
+                         f"[B, 1, 1, L] = {list(target)}, got shape {list(mask.shape)}")
+    return mask.expand(target).reshape(batch, length)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .._checks import backend_name, positive_int, probability
+from .._checks import backend_name, key_padding_mask, positive_int, probability, real
 from ..functional import attention
 from ..ops.linear_attention import FEATURE_MAPS, linear_attention
 from .base import ATTENTION_REGISTRY, BaseAttention
@@ -93,7 +93,9 @@ class GatedAttention(_SoftmaxAttention):
     def __init__(self, num_heads: int, head_dim: int, dropout: float = 0.0, gate_init_bias: float = 1.0,
                  backend: str | None = None):
         super().__init__(num_heads, head_dim, dropout, backend)
-        self.gate_init_bias = float(gate_init_bias)
+        self.gate_init_bias = real("gate_init_bias", gate_init_bias)
+        if not math.isfinite(self.gate_init_bias):
+            raise ValueError(f"gate_init_bias must be finite, got {gate_init_bias!r}")
         self.gate = nn.Linear(head_dim, head_dim)
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, self.gate_init_bias)
@@ -110,8 +112,9 @@ class LinearAttention(_SplitHeadsModule):
     "favor+" uses `num_features` positive orthogonal random features (Performer),
     drawn from `seed` and kept in a buffer; `redraw_projection()` draws anew.
     `causal=True` uses prefix sums (Lq == Lk). `mask` is a key padding mask
-    ([B, Lk] or [B, 1, 1, Lk], True = real key); linear attention has no
-    logits, so `bias` is refused. Shapes: q [B, H, Lq, D], k, v [B, H, Lk, D].
+    ([B, Lk] or broadcastable to [B, 1, 1, Lk], True = real key); linear attention has no
+    logits, so `bias` is refused. `dropout` applies to the output (there is no matrix of
+    probabilities to drop from). Shapes: q [B, H, Lq, D], k, v [B, H, Lk, D].
     """
 
     def __init__(self, num_heads: int, head_dim: int, feature_map: str = "elu", causal: bool = False,
@@ -121,7 +124,11 @@ class LinearAttention(_SplitHeadsModule):
             raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
         if num_features is not None:
             positive_int("num_features", num_features)
-        self.feature_map, self.causal, self.seed = feature_map, bool(causal), int(seed)
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+        self.feature_map, self.causal, self.seed = feature_map, causal, seed
         self.num_features = head_dim if num_features is None else num_features
         proj = self._draw(self.seed) if feature_map == "favor+" else torch.empty(0)
         self.register_buffer("projection", proj)
@@ -165,7 +172,7 @@ class LiteAttention(_SplitHeadsModule):
 
     a_i = w . (q_i * k_i) + b (a Linear(head_dim, 1) over the Hadamard product),
     p = softmax over positions i of a, out_i = p_i * v_i. Needs Lq == Lk.
-    `mask` is a key padding mask ([B, L] or [B, 1, 1, L]); masked positions get
+    `mask` is a key padding mask ([B, L] or broadcastable to [B, 1, 1, L]); masked positions get
     p = 0 (attnax multiplies after the softmax; we exclude them from it, so the
     weights still sum to 1). Shapes: q, k, v [B, H, L, D] -> [B, H, L, D].
     """
@@ -183,12 +190,8 @@ class LiteAttention(_SplitHeadsModule):
         logits = self.gate_proj(q * k)  # [B, H, L, 1]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if mask is not None:
-            if mask.dtype != torch.bool:
-                raise TypeError(f"mask must be bool (True = real token), got {mask.dtype}")
             B, L = q.shape[0], q.shape[2]
-            if mask.numel() not in (L, B * L) or mask.shape[-1] != L:
-                raise ValueError(f"LiteAttention takes a padding mask [B, L] = [{B}, {L}], got {list(mask.shape)}")
-            keep = mask.reshape(-1, 1, L, 1)
+            keep = key_padding_mask("mask", mask, B, L).view(B, 1, L, 1)
             logits = logits.masked_fill(~keep, float("-inf"))
         m = logits.amax(dim=2, keepdim=True)
         e = torch.exp(logits - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))

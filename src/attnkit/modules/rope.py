@@ -19,11 +19,12 @@ _KINDS = ("none", "linear", "ntk", "yarn")
 class RopeScaling:
     """How to stretch RoPE beyond the trained context.
 
-    kind: "none"; "linear" (positions / factor, position interpolation);
+    kind: "none" (factor 1); "linear" (positions / factor, position interpolation);
     "ntk" (NTK-aware: base * factor ** (D / (D - 2))); "yarn" (per-frequency
-    blend of interpolated and original frequencies between beta_slow and
-    beta_fast rotations over original_max_positions, and cos/sin scaled by
-    0.1 * ln(factor) + 1).
+    blend of interpolated and original frequencies, ramped linearly over the
+    dimension pairs between those that turn beta_fast and beta_slow times over
+    original_max_positions, as HF transformers' and vLLM's YaRN; cos/sin scaled
+    by 0.1 * ln(factor) + 1).
     """
 
     kind: str = "none"
@@ -35,8 +36,11 @@ class RopeScaling:
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise ValueError(f"rope_scaling kind must be one of {_KINDS}, got {self.kind!r}")
-        if not real("rope scaling factor", self.factor) >= 1.0:
-            raise ValueError(f"rope scaling factor must be >= 1.0, got {self.factor!r}")
+        if not 1.0 <= real("rope scaling factor", self.factor) < math.inf:
+            raise ValueError(f"rope scaling factor must be finite and >= 1.0, got {self.factor!r}")
+        if self.kind == "none" and self.factor != 1.0:
+            raise ValueError(f"rope scaling kind 'none' takes factor 1.0, got {self.factor!r}; "
+                             f"name the kind of scaling ('linear', 'ntk', 'yarn')")
         positive_int("original_max_positions", self.original_max_positions)
         if not real("beta_fast", self.beta_fast) > real("beta_slow", self.beta_slow) > 0:
             raise ValueError(f"need beta_fast > beta_slow > 0, got {self.beta_fast}, {self.beta_slow}")
@@ -73,8 +77,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim >= 2, got {head_dim!r}")
-        if not real("rope base", base) > 1.0:
-            raise ValueError(f"rope base must be > 1, got {base!r}")
+        if not 1.0 < real("rope base", base) < math.inf:
+            raise ValueError(f"rope base must be finite and > 1, got {base!r}")
+        positive_int("max_positions", max_positions)
         self.head_dim, self.base = head_dim, float(base)
         self.scaling = RopeScaling.parse(scaling)
         # Frequencies and tables are plain float64 attributes, not buffers: model.to(bf16)
@@ -96,9 +101,17 @@ class RotaryEmbedding(nn.Module):
         if s.kind == "linear":
             inv = inv / s.factor
         elif s.kind == "yarn":
-            rotations = s.original_max_positions * inv / (2 * math.pi)  # turns over the trained context
-            ramp = ((rotations - s.beta_slow) / (s.beta_fast - s.beta_slow)).clamp(0, 1)
-            inv = (1 - ramp) * inv / s.factor + ramp * inv  # slow dims interpolate, fast ones keep
+            # As HF transformers and vLLM compute it (checkpoints are trained with theirs): the
+            # dimension pairs that turn beta_fast / beta_slow times over the trained context, rounded
+            # out to whole pairs, bound a ramp that is linear in the pair index. Pairs below it keep
+            # their frequency, pairs above it are interpolated.
+            def pair_at(turns: float) -> float:
+                return d * math.log(s.original_max_positions / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+            low = max(math.floor(pair_at(s.beta_fast)), 0)
+            high = min(math.ceil(pair_at(s.beta_slow)), d - 1)
+            ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+            inv = ramp * inv / s.factor + (1 - ramp) * inv
             mscale = 0.1 * math.log(s.factor) + 1.0
         return inv, mscale  # float64: tables are built in double, sliced into the input's precision
 
@@ -140,6 +153,8 @@ class RotaryEmbedding(nn.Module):
 
     def cos_sin(self, length: int, positions=None, device=None) -> tuple[Tensor, Tensor]:
         """cos, sin [L, D/2] or [B, L, D/2] (float64) for the given positions."""
+        if isinstance(positions, bool):
+            raise TypeError(f"positions must be None, an int or an integer tensor, got {positions!r}")
         if positions is None or isinstance(positions, int):
             start = 0 if positions is None else positions
             if start < 0:
@@ -168,5 +183,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, q: Tensor, k: Tensor, positions=None) -> tuple[Tensor, Tensor]:
         if q.shape[-1] != self.head_dim or k.shape[-1] != self.head_dim:
             raise ValueError(f"RoPE built for head_dim {self.head_dim}, got q {list(q.shape)}, k {list(k.shape)}")
+        if q.dim() != 4 or k.dim() != 4 or k.shape[2] != q.shape[2]:
+            raise ValueError(f"RoPE rotates q [B, Hq, L, D] and k [B, Hkv, L, D] of one length L (same positions), "
+                             f"got q {list(q.shape)}, k {list(k.shape)}")
         cos, sin = self.cos_sin(q.shape[2], positions, q.device)
         return self.rotate(q, cos, sin), self.rotate(k, cos, sin)

@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._checks import key_padding_mask
+
 __all__ = ["FEATURE_MAPS", "feature_map", "linear_attention"]
 
 FEATURE_MAPS = ("elu", "relu", "favor+")
-_EPS = 1e-6
 
 
 def _favor_log_features(x: Tensor, projection: Tensor | None) -> Tensor:
@@ -29,17 +30,27 @@ def _favor_log_features(x: Tensor, projection: Tensor | None) -> Tensor:
     return x @ projection.to(x.dtype) - 0.5 * (x * x).sum(dim=-1, keepdim=True)
 
 
-def feature_map(x: Tensor, kind: str, projection: Tensor | None = None) -> Tensor:
-    """phi(x) for x [B, H, L, D]; "favor+" needs projection [D, M] and returns [B, H, L, M]."""
+def _favor_exp(log_phi: Tensor, dims) -> Tensor:
+    """exp(log_phi - shift) / sqrt(M), the shift a detached max over dims (-inf where all are -inf:
+    masked keys only, whose features are then 0). Any shift shared by the keys cancels in num / den."""
+    stab = log_phi.amax(dim=dims, keepdim=True).detach()
+    stab = torch.where(torch.isfinite(stab), stab, torch.zeros_like(stab))
+    return torch.exp(log_phi - stab) / math.sqrt(log_phi.shape[-1])
+
+
+def feature_map(x: Tensor, kind: str, projection: Tensor | None = None, *, is_query: bool = True) -> Tensor:
+    """phi(x) for x [B, H, L, D]; "favor+" needs projection [D, M] and returns [B, H, L, M].
+
+    FAVOR+ features carry a shift for float32 range, as in Performer: one per row for queries
+    (is_query=True: it cancels in each query's num / den), one per (batch, head) over all positions
+    and features for keys (is_query=False). Keys must share theirs: a shift per key would weight
+    the keys differently."""
     if kind == "elu":
         return F.elu(x) + 1.0
     if kind == "relu":
         return F.relu(x)
     if kind == "favor+":
-        log_phi = _favor_log_features(x, projection)
-        # A shift keeps exp finite and cancels in a query's own num / den ratio.
-        stab = log_phi.amax(dim=-1, keepdim=True).detach()
-        return torch.exp(log_phi - stab) / math.sqrt(projection.shape[-1])
+        return _favor_exp(_favor_log_features(x, projection), -1 if is_query else (-2, -1))
     raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {kind!r}")
 
 
@@ -56,7 +67,14 @@ def linear_attention(
     """Linear attention. q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv] -> [B, H, Lq, Dv].
 
     key_mask: bool [B, Lk] or anything broadcastable to [B, 1, 1, Lk], True = real key;
-    masked keys contribute nothing. causal requires Lq == Lk. Computed in float32.
+    masked keys contribute nothing, and a query with no real key (or, for "relu", phi(q) . z = 0)
+    gets 0. causal requires Lq == Lk. Half-precision inputs compute in float32, float64 in float64.
+
+    The output is a convex combination of the values (the features are nonnegative), so no epsilon
+    is added to the denominator: one would dominate FAVOR+'s shifted denominators, which can be
+    ~1e-8 at head dim 128. Causal FAVOR+ shares the keys' shift over all positions, as Performer
+    does: exact in real arithmetic; in float32 a key whose log-features lie more than ~87 below
+    the largest of its (batch, head) contributes 0.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D [B, H, L, D], got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
@@ -65,34 +83,27 @@ def linear_attention(
             f"linear attention needs q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv]; "
             f"got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}"
         )
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise TypeError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"causal linear attention needs Lq == Lk, got {q.shape[2]} and {k.shape[2]}")
     dtype = q.dtype
-    qf = feature_map(q.float(), feature_map_kind, projection)
-    vf = v.float()
+    ct = torch.promote_types(dtype, torch.float32)
+    qf = feature_map(q.to(ct), feature_map_kind, projection)
+    vf = v.to(ct)
     keep = None
     if key_mask is not None:
-        if key_mask.dtype != torch.bool:
-            raise TypeError(f"mask must be bool (True = real key), got {key_mask.dtype}")
         B, Lk = k.shape[0], k.shape[2]
-        km = key_mask.reshape(key_mask.shape[0], -1) if key_mask.dim() != 2 else key_mask
-        if km.shape[-1] != Lk or km.shape[0] not in (1, B) or km.numel() != km.shape[0] * Lk:
-            raise ValueError(
-                f"linear attention takes a key padding mask [B, Lk] = [{B}, {Lk}] "
-                f"(or [B, 1, 1, Lk]), got shape {list(key_mask.shape)}"
-            )
-        keep = km.view(km.shape[0], 1, Lk, 1)
+        keep = key_padding_mask("mask", key_mask, B, Lk).view(B, 1, Lk, 1)
     if feature_map_kind == "favor+":
-        # Keys share ONE shift per (batch, head), taken over real keys only, so that it
-        # cancels in num / den and a huge padded key cannot underflow the real ones.
-        log_k = _favor_log_features(k.float(), projection)
+        # One shift for the keys of a (batch, head), over real keys only, so that a huge padded
+        # key cannot underflow the real ones.
+        log_k = _favor_log_features(k.to(ct), projection)
         if keep is not None:
             log_k = log_k.masked_fill(~keep, float("-inf"))
-        stab = log_k.amax(dim=(-2, -1), keepdim=True).detach()
-        stab = torch.where(torch.isfinite(stab), stab, torch.zeros_like(stab))
-        kf = torch.exp(log_k - stab) / math.sqrt(projection.shape[-1])
+        kf = _favor_exp(log_k, (-2, -1))
     else:
-        kf = feature_map(k.float(), feature_map_kind, projection)
+        kf = feature_map(k.to(ct), feature_map_kind, projection)
         if keep is not None:
             kf = kf * keep.to(kf.dtype)
     if not causal:
@@ -106,4 +117,5 @@ def linear_attention(
         z = kf.cumsum(dim=2)
         num = torch.einsum("bhqm,bhqme->bhqe", qf, s)
         den = torch.einsum("bhqm,bhqm->bhq", qf, z)
-    return (num / (den.unsqueeze(-1) + _EPS)).to(dtype)
+    # den = 0 only where every weight is 0; num is 0 there too
+    return (num / torch.where(den > 0, den, torch.ones_like(den)).unsqueeze(-1)).to(dtype)

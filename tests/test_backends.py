@@ -676,6 +676,29 @@ def test_flex_block_mask_follows_a_mask_mod_objects_state():
         assert_close_rel(out, ref)
 
 
+def test_flex_block_mask_key_follows_default_arguments():
+    """A mask_mod holding its tensor as a default argument (def mod(b, h, i, j, doc=doc)): the
+    BlockMask cache key must see the tensor's contents, or a compiled flex call reuses the
+    block sparsity of stale contents (on the CPU flex evaluates every element, so only the key
+    shows it)."""
+    from attnkit.backends.flex import _mask_key
+    from attnkit.request import build_request
+
+    doc = torch.zeros(64, dtype=torch.long)
+
+    def mod(b, h, q_idx, kv_idx, doc=doc, *, limit=40):
+        return (doc[q_idx] == doc[kv_idx]) & (kv_idx < limit)
+
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 16, seed=98)
+    req = build_request(q, k, v, mask_mod=mod)
+    key, deps = _mask_key(req)
+    assert any(t is doc for t in deps) and 40 in key[-1]
+    doc[32:] = 1
+    assert _mask_key(req)[0] != key
+    mod.__kwdefaults__["limit"] = 30
+    assert 30 in _mask_key(req)[0][-1]
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "bshd_view"])
 def test_flex_cpu_small_shapes(layout):
     """torch 2.13's compiled CPU flex gave NaN at B2 x H2 x L8, D = 16 (and wrong values on

@@ -691,7 +691,9 @@ BAD_INPUTS = {
                               ["'sq'", "patterns 0 and 2"]),
     "query_twice_in_one_pattern": (lambda: _call(pats=[AttentionPattern(["sa", "sq", "sa"], ["sa"]),
                                                        REF_PATS[1]]),
-                                   ["'sa'", "patterns 0 and 0"]),
+                                   ["'sa'", "more than once"]),
+    "key_twice_in_one_pattern": (lambda: _call(pats=[AttentionPattern(["sa", "sq"], ["sa", "sa"]), REF_PATS[1]]),
+                                 ["key_value_tokens", "'sa'", "more than once"]),
     "unknown_query": (lambda: _call(pats=[*REF_PATS, AttentionPattern(["zz"], ["sa"])]),
                       ["'zz'", "not in token_specs"]),
     "unknown_key": (lambda: _call(pats=[REF_PATS[0], AttentionPattern(["va", "vq"], ["va", "nope"])]),
@@ -784,15 +786,42 @@ def test_config_valid_edge_values():
     (lambda: TokenSpec("a", True), ["'a'", "size"]),
     (lambda: AttentionPattern([], ["a"]), ["query_tokens"]),
     (lambda: AttentionPattern(["a"], []), ["key_value_tokens"]),
-    (lambda: AttentionPattern("a", ["a"]), ["query_tokens"]),
     (lambda: AttentionPattern(["a"], ["a", 3]), ["key_value_tokens"]),
-], ids=["empty_name", "neg_size", "float_size", "bool_size", "no_queries", "no_keys", "str_queries",
-        "non_str_key"])
+], ids=["empty_name", "neg_size", "float_size", "bool_size", "no_queries", "no_keys", "non_str_key"])
 def test_spec_and_pattern_validation(make, words):
     with pytest.raises(ValueError) as ei:
         make()
     for w in words:
         assert w in str(ei.value), str(ei.value)
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda: AttentionPattern("a", ["a"]), ["query_tokens", "str"]),
+    (lambda: AttentionPattern(["a"], None), ["key_value_tokens", "NoneType"]),
+    (lambda: MixedAttentionConfig(dim=32, num_heads=4, bias="False"), ["bias", "str"]),
+    (lambda: MixedAttentionConfig(dim=32, num_heads=4, parallel="no"), ["parallel"]),
+    (lambda: MixedAttentionConfig(dim=32, num_heads=4, use_rope=1), ["use_rope"]),
+    (lambda: MixedAttentionConfig(dim=32, num_heads=4, qk_norm=None), ["qk_norm"]),
+    (lambda: _call(specs=[("sa", 10), *REF_SPECS[1:]]), ["token_specs", "TokenSpec", "tuple"]),
+    (lambda: _call(pats=[["sa", "sq"], REF_PATS[1]]), ["attention_patterns", "AttentionPattern", "list"]),
+    (lambda: _call(specs=(s for s in REF_SPECS)), ["token_specs", "generator"]),
+], ids=["str_queries", "none_keys", "bias_str", "parallel_str", "use_rope_int", "qk_norm_none", "spec_tuple",
+        "pattern_list", "specs_generator"])
+def test_type_errors_name_the_argument(make, words):
+    with pytest.raises(TypeError) as ei:
+        make()
+    for w in words:
+        assert w in str(ei.value), str(ei.value)
+
+
+def test_layout_memo_is_bounded():
+    """What calls derive from a layout lives on it, so it is evicted with it: inputs of ever new
+    lengths (point clouds) keep at most 16 layouts."""
+    m = make_module(16, 2, "loop")
+    for n in range(1, 40):
+        specs = [TokenSpec("a", n), TokenSpec("b", 1)]
+        m(rand_x(1, n + 1, 16, n), specs, [AttentionPattern(["a", "b"], ["a"])])
+    assert len(m._layouts) == 16
 
 
 # ---------------------------------------------------------------------------

@@ -32,6 +32,10 @@ class SegmentLayout:
     sets: tuple
 
     def __post_init__(self) -> None:
+        for name in ("len_q", "len_k"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+                raise ValueError(f"SegmentLayout {name} must be an int >= 0, got {val!r}")
         object.__setattr__(self, "sets", _as_sets(self.sets))  # nested tuples of ints: hashable, cached by value
         seen = []
         for si, (qruns, ksegs) in enumerate(self.sets):

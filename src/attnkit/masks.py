@@ -112,8 +112,8 @@ def apply_score_mod(req: AttentionRequest, s: Tensor, q_start: int, k_start: int
 
 
 def closure_tensors(fn, *, requires_grad: bool = False) -> list[Tensor]:
-    """Tensors a mod closes over: closure cells, functools.partial args, module parameters and
-    buffers, bound-method owners, the attributes of callable objects and other plain objects,
+    """Tensors a mod closes over: closure cells, default arguments, functools.partial args, module
+    parameters and buffers, bound-method owners, the attributes of callable objects and other plain objects,
     lists/tuples/dicts of those (3 levels deep).
 
     With requires_grad=True only those that require grad (the chunked backend routes their
@@ -160,6 +160,8 @@ def _closure(fn, requires_grad: bool) -> tuple[list[Tensor], list]:
                     visit(cell.cell_contents, depth + 1)
                 except ValueError:  # empty cell
                     pass
+            visit(getattr(obj, "__defaults__", None), depth + 1)  # def mod(b, h, i, j, doc=doc)
+            visit(getattr(obj, "__kwdefaults__", None), depth + 1)
             visit(getattr(obj, "__self__", None), depth + 1)
         elif not isinstance(obj, (type, types.ModuleType, types.BuiltinFunctionType)):
             visit(getattr(obj, "__dict__", None), depth + 1)  # a callable object's (or an owner's) state
@@ -190,7 +192,7 @@ def check_mod_grads(req: AttentionRequest, captured: list[Tensor]) -> None:
         if var is not None and id(var) not in leaves:
             raise TypeError(
                 "score_mod uses a tensor that requires grad but holds it where the chunked backend "
-                "cannot find it (it looks in closure cells, functools.partial arguments, module "
+                "cannot find it (it looks in closure cells, default arguments, functools.partial arguments, module "
                 "parameters and the attributes of callable objects); capture it in a closure, or use "
                 "backend='reference'"
             )

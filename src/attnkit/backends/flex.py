@@ -97,8 +97,8 @@ def _mask_key(req: AttentionRequest) -> tuple[tuple, list[Tensor]]:
     """Cache key of req's BlockMask, and the tensors it depends on (kept alive with the entry).
 
     The user's mask_mod is keyed by identity AND by its state: the contents of every tensor and
-    the value of every int / float / str it closes over (closure cells, a callable object's
-    attributes: masks.closure_tensors), so a document-id tensor changed in place, or a length
+    the value of every int / float / str it closes over (closure cells, default arguments, a
+    callable object's attributes: masks.closure_tensors), so a document-id tensor changed in place, or a length
     attribute set anew, builds a new mask. (Globals it reads are not tracked.)
     """
     deps = [req.mask] if req.mask is not None else []

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .._checks import backend_name, positive_int, probability
+from .._checks import backend_name, describe, positive_int, probability
 from ..functional import attention
 from ..groups import GroupMask, SegmentLayout
 from .rope import RotaryEmbedding
@@ -59,10 +59,15 @@ class AttentionPattern:
     def __post_init__(self) -> None:
         for name in ("query_tokens", "key_value_tokens"):
             val = getattr(self, name)
-            if isinstance(val, str) or not all(isinstance(t, str) for t in val) or len(val) == 0:
+            if not isinstance(val, (list, tuple)):
+                raise TypeError(f"AttentionPattern.{name} must be a list or tuple of group names, "
+                                f"got {type(val).__name__} {val!r:.60}")
+            if not all(isinstance(t, str) for t in val) or len(val) == 0:
                 raise ValueError(f"AttentionPattern.{name} must be a non-empty list of group names, got {val!r}")
-        object.__setattr__(self, "query_tokens", tuple(self.query_tokens))
-        object.__setattr__(self, "key_value_tokens", tuple(self.key_value_tokens))
+            twice = sorted({t for t in val if val.count(t) > 1})
+            if twice:  # a key group listed twice would enter the softmax twice
+                raise ValueError(f"AttentionPattern.{name} lists {twice} more than once: {val!r}")
+            object.__setattr__(self, name, tuple(val))
 
 
 @dataclass
@@ -92,6 +97,9 @@ class MixedAttentionConfig:
         if self.init_weights not in _INITS:
             raise ValueError(f"init_weights must be one of {_INITS}, got {self.init_weights!r}")
         probability("dropout", self.dropout)
+        for name in ("use_rope", "bias", "parallel", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {describe(getattr(self, name))}")
         if not isinstance(self.backend, str):
             raise TypeError(f"backend must be a str, got {type(self.backend).__name__}")
         backend_name(self.backend)
@@ -106,17 +114,26 @@ class _Layout:
     kv_sets: tuple  # ((kv names...), (query names...)), patterns merged by identical kv set
     patterns: tuple  # ((kv names...), (query names...)), one per pattern as written
     n_tokens: int
+    memo: dict = field(default_factory=dict)  # what calls derive from the layout (evicted with it)
 
     @property
     def uses_cache(self) -> bool:
         return any(n in self.cached for kv, _ in self.kv_sets for n in kv)
 
 
+def _check_types(token_specs, patterns) -> None:
+    for name, seq, cls in (("token_specs", token_specs, TokenSpec), ("attention_patterns", patterns, AttentionPattern)):
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{name} must be a list or tuple of {cls.__name__}, got {describe(seq)}")
+        for item in seq:
+            if not isinstance(item, cls):
+                raise TypeError(f"{name} must hold {cls.__name__} objects, got {describe(item)}")
+
+
 def _check_layout(token_specs: Sequence[TokenSpec], patterns: Sequence[AttentionPattern], n: int) -> _Layout:
+    _check_types(token_specs, patterns)
     names = [s.name for s in token_specs]
     for s in token_specs:
-        if not isinstance(s, TokenSpec):
-            raise TypeError(f"token_specs must hold TokenSpec objects, got {type(s).__name__}")
         if names.count(s.name) > 1:
             raise ValueError(f"token group {s.name!r} appears {names.count(s.name)} times in token_specs")
     spans, start = {}, 0
@@ -132,8 +149,6 @@ def _check_layout(token_specs: Sequence[TokenSpec], patterns: Sequence[Attention
     merged: "OrderedDict[tuple, list]" = OrderedDict()
     written = []
     for pi, p in enumerate(patterns):
-        if not isinstance(p, AttentionPattern):
-            raise TypeError(f"attention_patterns must hold AttentionPattern objects, got {type(p).__name__}")
         for g in (*p.query_tokens, *p.key_value_tokens):
             if g not in names:
                 raise ValueError(f"pattern {pi} names token group {g!r}, which is not in token_specs {names}")
@@ -168,7 +183,8 @@ class MixedAttention(nn.Module):
       key_padding_mask: bool [B, N], True = real token; padded tokens are never
         attended to; cached tokens are always valid. Rows with no valid key give 0.
       freqs: RoPE for the input tokens: angles [N, D/2] or [B, N, D/2], or a
-        (cos, sin) pair of that shape (e.g. RotaryEmbedding.cos_sin(N)).
+        (cos, sin) pair of that shape (e.g. RotaryEmbedding.cos_sin(N)); ignored
+        when use_rope=False (as in emmi's anchor attention).
       kv_cache: {group: {"k": [B, H, size, D], "v": [B, H, size, D]}} for the size=None groups.
     Returns new_kv_cache = {group: {"k", "v"}} for every input group used as keys/values
     (post-RoPE, post-qk-norm), or None when this call read cached groups.
@@ -203,6 +219,8 @@ class MixedAttention(nn.Module):
 
     # ------------------------------------------------------------------ helpers
     def _layout(self, token_specs, patterns, n: int) -> _Layout:
+        """The checked layout, kept for the last 16 (specs, patterns, length) keys."""
+        _check_types(token_specs, patterns)  # before hashing them into the key
         key = (tuple(token_specs), tuple(patterns), n)
         hit = self._layouts.get(key)
         if hit is None:
@@ -338,10 +356,10 @@ class MixedAttention(nn.Module):
     # ------------------------------------------------------------------ fused form
     def _fused_decision(self, lay: _Layout, x: Tensor) -> bool:
         """`_fused_pays`, remembered per (layout, device type): it is on every call's path."""
-        key = ("fused?", lay, x.device.type)
-        hit = self._layouts.get(key)
+        key = ("fused?", x.device.type)
+        hit = lay.memo.get(key)
         if hit is None:
-            hit = self._layouts[key] = bool(self._fused_pays(lay, x))
+            hit = lay.memo[key] = bool(self._fused_pays(lay, x))
         return hit
 
     def _fused_pays(self, lay: _Layout, x: Tensor) -> bool:
@@ -369,11 +387,11 @@ class MixedAttention(nn.Module):
 
     def _group_mask_mod(self, lay: _Layout, device) -> GroupMask:
         """The layout as one GroupMask over the whole sequence (query set i -> its key groups)."""
-        key = ("mod", lay, str(device))
-        hit = self._layouts.get(key)
+        key = ("mod", str(device))
+        hit = lay.memo.get(key)
         if hit is None:
             sets = tuple((tuple(self._runs(lay, qs)), tuple(self._runs(lay, kv))) for kv, qs in lay.kv_sets)
-            hit = self._layouts[key] = GroupMask(SegmentLayout(lay.n_tokens, lay.n_tokens, sets), device)
+            hit = lay.memo[key] = GroupMask(SegmentLayout(lay.n_tokens, lay.n_tokens, sets), device)
         return hit
 
     def extra_repr(self) -> str:

@@ -377,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         world = 2
         args.reps = min(args.reps, 2)
+    elif args.list and not torch.cuda.is_available():
+        world = args.gpus or 8  # the shapes an 8-GPU host would run
     else:
         if not torch.cuda.is_available():
             ap.error("no CUDA device: use --smoke on the CPU")

@@ -170,6 +170,11 @@ def _setup(sdist: str, cutlass_wheel: str, dest: str) -> None:
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) != 4:
-        raise SystemExit("usage: python benchmarks/ds4sci.py DEEPSPEED_SDIST NVIDIA_CUTLASS_WHEEL DEST")
-    _setup(*sys.argv[1:])
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("deepspeed_sdist", help="deepspeed-0.19.8.tar.gz")
+    ap.add_argument("cutlass_wheel", help="nvidia_cutlass-4.2.0.0-py3-none-any.whl")
+    ap.add_argument("dest", help="where the trimmed sources (evo/) and CUTLASS headers (cutlass/) go")
+    args = ap.parse_args()
+    _setup(args.deepspeed_sdist, args.cutlass_wheel, args.dest)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import attnkit
-from attnkit import AttentionConfig, DecodeCache, KVCache, MultiHeadAttention, PagedKVCache
+from attnkit import DecodeCache, KVCache, PagedKVCache
 from conftest import assert_close_tol as assert_close
 from test_mha import _gen, make_mha, randn  # the decoding tests' own helpers, shared
 

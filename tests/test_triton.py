@@ -17,7 +17,7 @@ from attnkit.ops import flash_attention as fa
 from attnkit.ops.flash_attention import flash_attention
 from attnkit.request import build_request
 from cases import TRITON_INTERPRET
-from conftest import (Case, allowed_pairs, assert_close_rel, check_against_oracle, default_build, make_qkv,
+from conftest import (Case, allowed_pairs, assert_close_rel, default_build, make_qkv,
                       naive_attention, randn, rel_err)
 import test_backends  # its test functions are reused below (imported by name, pytest would collect them twice)
 from test_backends import run_case
@@ -239,6 +239,75 @@ def test_gradient_through_lse_triton(tdevice):
     ref = torch.autograd.grad((lse64 * w.double()).sum() + out64.sum(), l64)
     for n, a, r in zip("qkv", grads, ref):
         assert_close_rel(a, r, rtol=5e-5, name=f"grad {n}")
+
+
+def test_softcap_with_a_bias_view_over_nan_padding(tdevice):
+    """A bias sliced from a wider buffer whose unused columns hold NaN is read in place, its tail
+    tile up to Lk rounded to 16: with a softcap, 0 * NaN of those columns reached dq."""
+    B, H, Lq, Lk, D = 1, 2, 19, 37, 16
+    g = torch.Generator().manual_seed(41)
+    q, k, v = randn(B, H, Lq, D, gen=g, device=tdevice), randn(B, H, Lk, D, gen=g, device=tdevice), \
+        randn(B, H, Lk, D, gen=g, device=tdevice)
+    wide = torch.full((H, Lq, 48), float("nan"), device=tdevice)
+    wide[..., :Lk] = randn(H, Lq, Lk, gen=g, device=tdevice)
+    bias = wide[..., :Lk].requires_grad_(False)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    out = _triton(*leaves, bias=bias, softcap=2.0)
+    grads = torch.autograd.grad(out.sum(), leaves)
+    l64 = [x.double().requires_grad_(True) for x in (q, k, v)]
+    ref = attnkit.attention(*l64, bias=bias.double(), softcap=2.0, backend="reference")
+    refg = torch.autograd.grad(ref.sum(), l64)
+    assert_close_rel(out, ref)
+    for n, a, r in zip("qkv", grads, refg):
+        assert_close_rel(a, r, rtol=5e-5, name=f"grad {n}")
+
+
+def test_bias_only_gradient_skips_dkdv(tdevice, monkeypatch):
+    """When only the bias needs a gradient, the dK/dV kernel is not launched."""
+    launched = []
+    real = fa._bwd_dkdv_kernel
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+        def warmup(self, *a, **kw):
+            launched.append("warmup")
+            return real.warmup(*a, **kw)
+
+    monkeypatch.setattr(fa, "_bwd_dkdv_kernel", Spy())
+    fa._PLANS.clear()
+    q, k, v = make_qkv(1, 2, 2, 20, 20, 16, seed=42, device=tdevice)
+    bias = randn(2, 20, 20, gen=torch.Generator().manual_seed(43), device=tdevice).requires_grad_(True)
+    out = _triton(q, k, v, bias=bias)
+    (gb,) = torch.autograd.grad(out.sum(), bias)
+    b64 = bias.detach().double().requires_grad_(True)
+    ref = attnkit.attention(q.double(), k.double(), v.double(), bias=b64, backend="reference")
+    assert_close_rel(gb, torch.autograd.grad(ref.sum(), b64)[0], rtol=5e-5, name="grad bias")
+    assert launched == []
+    leaves = [x.clone().requires_grad_(True) for x in (q, k)]
+    _triton(leaves[0], leaves[1], v, bias=bias).sum().backward()
+    assert launched, "the spy must see the dK/dV kernel when k needs a gradient"
+
+
+@pytest.mark.parametrize("backend", ["triton", "chunked"])
+def test_second_order_gradients_raise(backend):
+    """A gradient penalty through a fused backward must not silently drop the second order."""
+    if backend == "triton" and not TRITON_INTERPRET:
+        pytest.skip("the triton backend runs on the CPU only with TRITON_INTERPRET=1")
+    q, k, v = (x.requires_grad_(True) for x in make_qkv(1, 2, 2, 8, 8, 16, seed=44))
+    out = attnkit.attention(q, k, v, backend=backend)
+    (gq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second-order gradient"):
+        (gq ** 2).sum().backward()
+    out = attnkit.attention(q, k, v, backend="reference")  # the reference backend differentiates twice
+    (gq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    (gq ** 2).sum().backward()
+    assert q.grad.abs().sum() > 0
 
 
 def test_triton_refuses_what_it_lacks():
@@ -683,7 +752,6 @@ def test_cuda_fast_launch_respects_specialisation():
     """ops/_launch.py relaunches a cached compiled kernel when a cheap key matches: calls that
     differ only in what Triton specialises on (16-byte alignment of a pointer, a stride that is
     or is not a multiple of 16, a size of 1) must get their own kernels and stay exact."""
-    from attnkit.ops import _launch
     g = torch.Generator().manual_seed(5)
     base = randn(2, 4, 64, 33, gen=g, device="cuda").to(torch.bfloat16)
     variants = {

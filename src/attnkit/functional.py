@@ -73,7 +73,10 @@ def attention(
     pairs to -inf. A row with nothing to attend to returns 0 and gets zero gradient.
 
     Returns:
-        out [B, Hq, Lq, Dv] in q's dtype, or (out, lse) when return_lse.
+        out [B, Hq, Lq, Dv] in q's dtype, or (out, lse) when return_lse. out may be a strided view:
+        SDPA's flash kernel and ours lay it out [B, Lq, Hq, Dv] in memory (as flash-attn does), so
+        that merging the heads afterwards is free; use .reshape, not .view, on it. Gradients are
+        first order: differentiating them again raises, except on the reference backend.
     """
     # A decode step repeats the previous step's call but for the tensors' data: once a call with
     # the same replay_key has passed the checks (those of the values of CPU tensors are rerun),

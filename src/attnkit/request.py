@@ -508,7 +508,7 @@ def _check_block_table(block_table, cache_seqlens, k: Tensor, B: int, device: to
         raise ValueError(f"block_table must have at least one column, got shape {_shape(block_table)}")
     if block_table.device != device:
         raise ValueError(f"block_table is on {block_table.device} but q is on {device}")
-    num_blocks, bs = k.shape[0], k.shape[2]
+    bs = k.shape[2]
     if bs & (bs - 1):
         raise ValueError(
             f"paged k/v must have a power-of-two block size (dim 2 of [num_blocks, Hkv, block_size, D]), "

@@ -118,13 +118,6 @@ class Backend:
         such calls are built into requests and run."""
         return None
 
-    def prepare(self, req: AttentionRequest):
-        """For a call against a cache (`request.replay_key`), a function that runs it and every later
-        call with its key from their tensors alone, as run(req) would: `fn(q, k, v, cache_seqlens,
-        block_table, sinks) -> (out, lse or None)`; the dispatcher keeps it. None (the default):
-        such calls are built into requests and run."""
-        return None
-
     def backward_from_stats(
         self, req: AttentionRequest, do: Tensor, out: Tensor, lse: Tensor, dlse: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:

@@ -11,8 +11,9 @@ Runs on every device torch runs on.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from .._autograd import first_order_only
 from ..masks import apply_score_mod, check_mod_grads, closure_tensors, slice_4d, tile_allowed, tile_fully_outside
 from ..request import AttentionRequest
 from .base import ALL_FEATURES, Backend, Capabilities
@@ -124,6 +125,7 @@ class _ChunkedAttention(torch.autograd.Function):
         return out_c.to(q.dtype), lse
 
     @staticmethod
+    @first_order_only("the chunked backend")
     def backward(ctx, d_out, d_lse):
         q, k, v, bias, sinks, out, lse = ctx.saved_tensors
         need_bias = bias is not None and ctx.needs_input_grad[5]
@@ -145,7 +147,7 @@ def _tiles_backward(req, tiling, seed, q, k, v, bias, out, lse, d_out, d_lse, ca
     statistics of `backward_from_stats`): P = exp(S - lse), dS = P * (dP - rowsum(dO * O) + dlse)."""
     ct = _compute_dtype(q.dtype)
     B, Hq, Lq, D = q.shape
-    Hkv, Dv = k.shape[1], v.shape[3]
+    Hkv = k.shape[1]
     dq = torch.zeros(q.shape, dtype=ct, device=q.device)
     dk = torch.zeros(k.shape, dtype=ct, device=q.device)
     dv = torch.zeros(v.shape, dtype=ct, device=q.device)

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._autograd import first_order_only
 from ..masks import tile_allowed
 from ..merge import merge_partial
 from ..request import AttentionRequest
@@ -354,6 +355,7 @@ class _SdpaLse(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @first_order_only("sdpa with return_lse")
     def backward(ctx, do, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         if do is None:  # only lse was used

@@ -48,6 +48,8 @@ class TritonBackend(Backend):
     )
 
     def available(self) -> str | None:
+        if fa.TRITON_ERROR is None and not fa._INTERPRET and not torch.cuda.is_available():
+            return "no CUDA device, and Triton's CPU interpreter is off (TRITON_INTERPRET=1)"
         return fa.TRITON_ERROR
 
     def unsupported(self, req: AttentionRequest) -> str | None:
@@ -89,11 +91,9 @@ class TritonBackend(Backend):
             return self.prepare(req)(req.q, req.k, req.v, req.cache_seqlens, req.block_table, req.sinks)
         req = req.densified()  # cache_seqlens / block_table -> gathered K/V and a mask
         layout = req.mask_mod.layout if isinstance(req.mask_mod, GroupMask) else None
-        q, k, v = req.q, req.k, req.v
+        q, k, v, bias, sinks = req.q, req.k, req.v, req.bias, req.sinks
         if not req.needs_grad:
             q, k, v = q.detach(), k.detach(), v.detach()
-        bias, sinks = req.bias, req.sinks
-        if not req.needs_grad:
             bias = bias.detach() if bias is not None else None
             sinks = sinks.detach() if sinks is not None else None
         out, lse = fa.flash_attention(q, k, v, mask=req.mask, bias=bias, layout=layout, scale=req.scale,

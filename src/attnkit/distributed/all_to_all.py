@@ -64,7 +64,8 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         group, world, to_heads = ctx.args
-        return (_heads_to_seq if to_heads else _seq_to_heads)(g, group, world), None, None, None
+        # the inverse exchange, through this Function again, so that it is differentiable in turn
+        return _AllToAll.apply(g, group, world, not to_heads), None, None, None
 
 
 def _global_order(s: CPSettings, device) -> Tensor | None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .._autograd import first_order_only
 from ..functional import attention, attention_backward
 from ..masks import bounds_allow
 from ..merge import merge_partial
@@ -279,6 +280,7 @@ class RingAttentionFunction(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @first_order_only("ring attention")
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ring_backward(ctx.settings, ctx.plan, q, k, v, out, lse, dout, dlse)

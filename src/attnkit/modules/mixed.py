@@ -16,7 +16,6 @@ Two forms compute the same function:
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence

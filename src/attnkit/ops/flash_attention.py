@@ -47,7 +47,8 @@ import torch
 from torch import Tensor
 
 from . import _launch
-from ._launch import INTERPRET, Launch, block_dim as _pow2, cdiv as _cdiv, interpreting, on_device as _on
+from ._launch import INTERPRET, Launch, block_dim as _pow2, next_pow2 as _p2, on_device as _on
+from .._autograd import first_order_only
 from ..groups import SegmentLayout, dense_layout
 
 try:
@@ -56,7 +57,7 @@ try:
 except ImportError:  # pragma: no cover - triton is a hard dependency on Linux
     triton = tl = None
 
-__all__ = ["SegmentLayout", "dense_layout", "flash_attention", "interpreting", "TRITON_ERROR"]
+__all__ = ["SegmentLayout", "dense_layout", "flash_attention", "TRITON_ERROR"]
 
 TRITON_ERROR = None if triton is not None else "triton is not installed"
 _LOG2E = 1.4426950408889634
@@ -477,6 +478,8 @@ if triton is not None:
         ds = p * (dp - delta[:, None])  # d loss / d logit
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
+            if TILE == 2:  # bias columns past LK (read up to LKP) may hold NaN: 0 * NaN must not reach dq
+                ds = tl.where(ok, ds, 0.0)
         return _mma(ds.to(k.dtype), k, dq, PRECISION, UPCAST), ds
 
     @triton.jit
@@ -824,13 +827,11 @@ def _pick(kind: str, key: tuple, default: tuple, launch, reset=None) -> None:
 
 def _tune_key(q, k, v, mask, bias, softcap, bounds, layout) -> tuple:
     """What the best config depends on: dims, dtype, features, and the problem size (rounded)."""
-    def p2(n):
-        return 1 << max(0, (n - 1).bit_length())
     return (str(q.device), q.shape[3], v.shape[3], q.dtype, q.shape[1] // k.shape[1],
             None if mask is None else tuple(n == 1 for n in mask.shape),
             None if bias is None else tuple(n == 1 for n in bias.shape),
             softcap is not None, bounds, layout.sets == ((((0, q.shape[2]),), ((0, k.shape[2]),)),),
-            p2(q.shape[0] * q.shape[1]), p2(q.shape[2]), p2(k.shape[2]))
+            _p2(q.shape[0] * q.shape[1]), _p2(q.shape[2]), _p2(k.shape[2]))
 
 
 # Kernel sweeps may force the program order (None: the rule of _head_major).
@@ -1121,7 +1122,9 @@ def _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds):
 
 
 def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sinks_grad: bool,
-              layout, scale, softcap, bounds):
+              layout, scale, softcap, bounds, kv_grad: bool = True):
+    """(dq, dk, dv, dbias, dsinks). The dQ kernel always runs (it also sums the bias gradient);
+    the dK/dV kernel only with kv_grad (else dk, dv are None)."""
     B, H, Lq, D = q.shape
     DV = v.shape[3]
     f32 = q.dtype == torch.float32
@@ -1159,21 +1162,23 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
     # exist: the backward's peak memory holds one copy of it, not two.
     del dq_in
     dbias = dbias.to(bias.dtype) if dbias is not None else None
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    dkdv_in = (q, k, v, do, dk, dv, lse, delta, m, bt)
-    if planned:
-        if plan[1] is None:
-            cfg = _config(D, DV, _INTERPRET, f32)
-            plan[1] = _planned(_bwd_dkdv_kernel, _dkdv_call(q, k, v, do, dk, dv, mask, bias, layout, scale, softcap,
-                                                            bounds, cfg["dkdv"]), q.device)
-        dkdv_k, dkdv_tabs = plan[1]
-        with _on(q):
-            dkdv_k(*dkdv_in, *dkdv_tabs)
-    else:
-        with _on(q):
-            _pick("dkdv", key, cfg["dkdv"], lambda c: _run_call(_bwd_dkdv_kernel, _dkdv_call(
-                q, k, v, do, dk, dv, mask, bias, layout, scale, softcap, bounds, c), dkdv_in, q))
+    dk = dv = None
+    if kv_grad:
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        dkdv_in = (q, k, v, do, dk, dv, lse, delta, m, bt)
+        if planned:
+            if plan[1] is None:
+                cfg = _config(D, DV, _INTERPRET, f32)
+                plan[1] = _planned(_bwd_dkdv_kernel, _dkdv_call(q, k, v, do, dk, dv, mask, bias, layout, scale,
+                                                                softcap, bounds, cfg["dkdv"]), q.device)
+            dkdv_k, dkdv_tabs = plan[1]
+            with _on(q):
+                dkdv_k(*dkdv_in, *dkdv_tabs)
+        else:
+            with _on(q):
+                _pick("dkdv", key, cfg["dkdv"], lambda c: _run_call(_bwd_dkdv_kernel, _dkdv_call(
+                    q, k, v, do, dk, dv, mask, bias, layout, scale, softcap, bounds, c), dkdv_in, q))
     dsinks = None
     if sinks_grad:  # d lse / d sink = p_sink: the sink's share of every row's softmax
         # a row whose lse is -inf (no key, sink -inf) has p_sink 0, not exp(-inf - -inf) = NaN
@@ -1193,6 +1198,7 @@ class _FlashAttention(torch.autograd.Function):
         return o, lse
 
     @staticmethod
+    @first_order_only("the triton backend")
     def backward(ctx, do, dlse):
         q, k, v, o, lse, bias, sinks = ctx.saved_tensors
         if do is None:  # only lse was used
@@ -1200,7 +1206,8 @@ class _FlashAttention(torch.autograd.Function):
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         sinks_grad = sinks is not None and ctx.needs_input_grad[4]
         dq, dk, dv, dbias, dsinks = _backward(do, q, k, v, o, lse, dlse, ctx.mask, bias, bias_grad,  # do: any strides
-                                              sinks, sinks_grad, ctx.layout, ctx.scale, ctx.softcap, ctx.bounds)
+                                              sinks, sinks_grad, ctx.layout, ctx.scale, ctx.softcap, ctx.bounds,
+                                              kv_grad=ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
         return dq, dk, dv, dbias, dsinks, None, None, None, None, None
 
 

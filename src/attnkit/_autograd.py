@@ -1,0 +1,34 @@
+"""The custom autograd Functions' shared rule for second-order gradients."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch._C import _functions  # DelayedError: what once_differentiable uses
+
+
+def first_order_only(what: str):
+    """Decorate a Function's backward whose computation autograd cannot follow (fused kernels, tiled
+    loops): under create_graph=True its gradients carry a node that raises when differentiated.
+
+    torch's once_differentiable adds that node only when the incoming gradients require grad;
+    a gradient penalty on dq (autograd.grad(out.sum(), q, create_graph=True)) passes ones, so it
+    silently got a second order of 0 through the saved q, k, v."""
+    message = (f"attnkit: {what} has no second-order gradient; use backend='reference' to differentiate "
+               f"attention twice").encode()
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad():
+                outs = backward(ctx, *grads)
+            if not torch.is_grad_enabled():
+                return outs
+            err = _functions.DelayedError(message, len(outs))
+            fake = [o.detach().requires_grad_() if isinstance(o, torch.Tensor) else o for o in outs]
+            return err(*fake)
+
+        return wrapper
+
+    return decorate

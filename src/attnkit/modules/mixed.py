@@ -130,7 +130,7 @@ def _check_types(token_specs, patterns) -> None:
 
 
 def _check_layout(token_specs: Sequence[TokenSpec], patterns: Sequence[AttentionPattern], n: int) -> _Layout:
-    _check_types(token_specs, patterns)
+    """The layout of specs and patterns whose types the caller checked (_check_types)."""
     names = [s.name for s in token_specs]
     for s in token_specs:
         if names.count(s.name) > 1:

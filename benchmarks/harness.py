@@ -316,7 +316,8 @@ def attended_pairs(Lq: int, Lk: int, *, causal: bool = False, window=None, mask:
     if mask is not None:
         if causal or window is not None:
             raise ValueError("attended_pairs: pass either a mask or causal/window geometry, not both")
-        m = mask.reshape(-1, mask.shape[-2], mask.shape[-1]).expand(-1, Lq, Lk)
+        lead = tuple(mask.shape[:-2])  # a [Lk] or [Lq, Lk] mask has no batch/head dims
+        m = torch.broadcast_to(mask, (*lead, Lq, Lk)).reshape(-1, Lq, Lk)
         return int(round(m.sum().item() / m.shape[0]))
     bounds = _window_bounds(causal, window)
     if bounds is None:
@@ -659,6 +660,7 @@ if __name__ == "__main__":  # quick self-check of the FLOP geometry
     assert attended_pairs(4, 4, causal=True) == 10
     assert attended_pairs(2, 4, causal=True) == 3 + 4  # bottom-right: rows see 3 and 4 keys
     assert attended_pairs(4, 2, causal=True) == 0 + 0 + 1 + 2
+    assert attended_pairs(3, 4, mask=torch.tensor([True, False, True, True])) == 9  # a [Lk] key mask
     L, W = 16384, 1024
     assert attended_pairs(L, L, window=W) == W * (W + 1) // 2 + (L - W) * W
     assert attended_pairs(L, L, causal=True, window=W) == attended_pairs(L, L, window=W)

@@ -1,8 +1,10 @@
 """`python -m attnkit demo`: every available backend on a few feature sets, against the reference.
 
-Prints one row per (feature set, backend): the max abs error of the output and
-of the gradients against a float64 reference, the forward time, or why the
-backend cannot serve that call.
+Prints one row per (feature set, backend): the max abs error of the output (and
+lse) and of the gradients against a float64 reference, the forward time, or why
+the backend cannot serve that call. A row whose error exceeds 4x the `reference`
+backend's error in the same dtype (the same math, unfused) is marked BAD, and the
+demo then exits with status 1, as it does when a backend raises.
 """
 
 from __future__ import annotations
@@ -53,17 +55,32 @@ def _cases(device: torch.device, dtype: torch.dtype, long: int):
     yield "decode Lq=1", (rnd(B, Hq, 1, D), rnd(B, Hkv, L, D), rnd(B, Hkv, L, D)), dict(causal=True)
 
 
-def _run(backend, q, k, v, kw, grad_out):
-    """Forward (+ backward when asked) -> (out, grads)."""
+def _run(backend, q, k, v, kw, grad_outs):
+    """Forward (+ backward when grad_outs are given) -> (outputs, grads); outputs: (out,) or (out, lse)."""
     res = attention(q, k, v, backend=backend, **kw)
-    out = res[0] if isinstance(res, tuple) else res
-    if grad_out is None:
-        return out, None
+    outs = res if isinstance(res, tuple) else (res,)
+    if grad_outs is None:
+        return outs, None
     leaves = [q, k, v] + [t for t in (kw.get("bias"), kw.get("sinks")) if t is not None]
-    return out, torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+    return outs, torch.autograd.grad(outs, leaves, [g.to(o.dtype) for g, o in zip(grad_outs, outs)])
+
+
+def _err(outs, refs) -> float:
+    """Max abs error of out (and lse) against the float64 reference; an lse that is -inf where the
+    reference's is not (or the other way round) is an infinite error."""
+    err = 0.0
+    for a, b in zip(outs, refs):
+        a = a.double()
+        fin = torch.isfinite(b)
+        if not torch.equal(torch.isfinite(a), fin):
+            return float("inf")
+        err = max(err, (a[fin] - b[fin]).abs().max().item() if fin.any() else 0.0)
+    return err
 
 
 def _timed(fn, device, reps: int) -> float:
+    """Median wall time of reps calls after one warm-up call (first calls compile and allocate)."""
+    fn()
     times = []
     for _ in range(reps):
         if device.type == "cuda":
@@ -76,20 +93,26 @@ def _timed(fn, device, reps: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def run_demo(device: str | None = None) -> list[dict]:
+def run_demo(device: str | None = None, length: int | None = None) -> list[dict]:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    L = 1024 if dev.type == "cuda" else 256
+    L = length or (1024 if dev.type == "cuda" else 256)
     rows = []
     print(f"attnkit demo on {dev.type} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}), "
           f"{str(dtype).replace('torch.', '')}, torch {torch.__version__}")
+    g = torch.Generator(device="cpu").manual_seed(1)
     for name, (q, k, v), kw in _cases(dev, dtype, L):
-        grad_out = torch.randn(q.shape[0], q.shape[1], q.shape[2], v.shape[3], device=dev)
+        # incoming gradients in the working dtype; the reference gets the same (rounded) values
+        grad_outs = [torch.randn(q.shape[0], q.shape[1], q.shape[2], v.shape[3], generator=g).to(dev, dtype)]
+        if kw.get("return_lse"):
+            grad_outs.append(torch.randn(q.shape[0], q.shape[1], q.shape[2], generator=g).to(dev, torch.float32))
         leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
         kw64 = {a: (b.detach().double().requires_grad_() if isinstance(b, torch.Tensor) and b.is_floating_point() else b)
                 for a, b in kw.items()}
-        ref_out, ref_grads = _run("reference", *leaves64, kw64, grad_out.double())
+        ref_outs, ref_grads = _run("reference", *leaves64, kw64, [t.double() for t in grad_outs])
+        ref_outs = [t.detach() for t in ref_outs]
         chosen = explain(q, k, v, **kw).backend
+        case_rows = []
         for bname, backend in BACKENDS.items():
             ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
             kwl = {a: (b.detach().requires_grad_() if isinstance(b, torch.Tensor) and b.is_floating_point() else b)
@@ -102,26 +125,39 @@ def run_demo(device: str | None = None) -> list[dict]:
                 with torch.no_grad():
                     why = backend.unsupported(build_request(ql, kl, vl, **kwl))
             if why is not None:
-                rows.append(dict(case=name, backend=bname, note=why.replace("missing ", "cannot: ")))
+                case_rows.append(dict(case=name, backend=bname, note=why.replace("missing ", "cannot: ")))
                 continue
             try:
                 if with_grad:
-                    out, grads = _run(bname, ql, kl, vl, kwl, grad_out)
+                    outs, grads = _run(bname, ql, kl, vl, kwl, grad_outs)
+                    err = _err(outs, ref_outs)
                 else:
-                    with torch.no_grad():
-                        out, grads = _run(bname, ql, kl, vl, kwl, None)
-                err = (out.double() - ref_out).abs().max().item()
+                    err, grads = 0.0, None
+                with torch.no_grad():  # the call inference makes (and the one timed): e.g. the decode kernel
+                    err = max(err, _err(_run(bname, ql, kl, vl, kwl, None)[0], ref_outs))
+                    ms = _timed(lambda: attention(ql, kl, vl, backend=bname, **kwl), dev, 5)
                 gerr = None
                 if grads is not None:
                     gerr = max((a.double() - b).abs().max().item() for a, b in zip(grads, ref_grads))
-                with torch.no_grad():
-                    ms = _timed(lambda: attention(ql, kl, vl, backend=bname, **kwl), dev, 3)
-                rows.append(dict(case=name, backend=bname, err=err, grad_err=gerr, ms=ms,
-                                 auto=(bname == chosen)))
+                case_rows.append(dict(case=name, backend=bname, err=err, grad_err=gerr, ms=ms,
+                                      auto=(bname == chosen)))
             except Exception as e:  # a demo reports, it does not stop
-                rows.append(dict(case=name, backend=bname, note=f"ERROR {type(e).__name__}: {e}"[:90]))
+                case_rows.append(dict(case=name, backend=bname, note=f"ERROR {type(e).__name__}: {e}"))
+        _judge(case_rows, dtype)
+        rows += case_rows
     _print(rows)
     return rows
+
+
+def _judge(rows: list[dict], dtype: torch.dtype) -> None:
+    """Mark rows (one case) whose error exceeds 4x the reference backend's in the same dtype."""
+    ref = next((r for r in rows if r["backend"] == "reference" and "err" in r), None)
+    floor = 4 * torch.finfo(dtype).eps  # an exact reference (e.g. an error of 0) still leaves rounding room
+    for r in rows:
+        if "err" not in r or ref is None:
+            continue
+        r["bad"] = r["err"] > 4 * ref["err"] + floor or (
+            r["grad_err"] is not None and ref["grad_err"] is not None and r["grad_err"] > 4 * ref["grad_err"] + floor)
 
 
 def _print(rows: list[dict]) -> None:
@@ -132,19 +168,26 @@ def _print(rows: list[dict]) -> None:
         case = r["case"] if r["case"] != last else ""
         last = r["case"]
         if "note" in r:
-            print(f"{case:<16} {r['backend']:<10} {'':>9} {'':>9} {'':>8}  {r['note'][:70]}")
+            print(f"{case:<16} {r['backend']:<10} {'':>9} {'':>9} {'':>8}  {r['note']}")
             continue
         g = f"{r['grad_err']:.1e}" if r["grad_err"] is not None else "fwd only"
-        mark = "<- auto" if r["auto"] else ""
+        mark = ("BAD (over 4x the reference backend's error)  " if r.get("bad") else "") + ("<- auto" if r["auto"] else "")
         print(f"{case:<16} {r['backend']:<10} {r['err']:>9.1e} {g:>9} {r['ms']:>8.2f}  {mark}")
-    print("\nerrors: max |out - float64 reference| (and of dq, dk, dv, dbias, dsinks); "
-          "'<- auto' marks the backend the dispatcher picks.")
+    print("\nerrors: max |out - float64 reference| (and of lse; forward with and without gradients), and of dq, dk, "
+          "dv, dbias, dsinks; BAD: over 4x the reference backend's error in the same dtype. fwd ms: median of 5 "
+          "calls after a warm-up (wall time). '<- auto' marks the backend the dispatcher picks.")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m attnkit demo", description=__doc__)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
+    p.add_argument("--length", type=int, default=None,
+                   help="sequence length of every case, at least 16 (default: 1024 on CUDA, 256 on the CPU)")
     args = p.parse_args(argv)
-    rows = run_demo(args.device)
-    bad = [r for r in rows if "note" in r and r["note"].startswith("ERROR")]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available on this machine")
+    if args.length is not None and args.length < 16:
+        p.error(f"--length: expected an integer >= 16, got {args.length}")
+    rows = run_demo(args.device, args.length)
+    bad = [r for r in rows if r.get("bad") or ("note" in r and r["note"].startswith("ERROR"))]
     return 1 if bad else 0

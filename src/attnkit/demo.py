@@ -142,7 +142,7 @@ def run_demo(device: str | None = None, length: int | None = None) -> list[dict]
                 case_rows.append(dict(case=name, backend=bname, err=err, grad_err=gerr, ms=ms,
                                       auto=(bname == chosen)))
             except Exception as e:  # a demo reports, it does not stop
-                case_rows.append(dict(case=name, backend=bname, note=f"ERROR {type(e).__name__}: {e}"))
+                case_rows.append(dict(case=name, backend=bname, note=f"ERROR {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]))
         _judge(case_rows, dtype)
         rows += case_rows
     _print(rows)

@@ -200,6 +200,7 @@ def build(args) -> None:
 
 def run() -> None:
     import harness as hn
+    import attnkit
     from attnkit.ops import flash_attention as fa
 
     dev = torch.device("cuda")
@@ -217,8 +218,8 @@ def run() -> None:
         bias = torch.randn(1, H, L, L, device=dev, dtype=torch.bfloat16, generator=g)
         scale, flops = D ** -0.5, 4.0 * B * H * D * L * L
         r = slice(0, 4)  # float64 reference on 4 rows; bf16 math's error there for the 2-3x rule
-        s64 = (q[r].double() @ k[r].double().transpose(-1, -2)) * scale + bias.double()
-        o64, lse64 = torch.softmax(s64, -1) @ v[r].double(), torch.logsumexp(s64, -1)
+        o64, lse64 = attnkit.attention(q[r].double(), k[r].double(), v[r].double(), bias=bias.double(), scale=scale,
+                                       backend="reference", return_lse=True)
         sb = (q[r] @ k[r].transpose(-1, -2)) * scale + bias
         errs = [f"bf16 math {rel(torch.softmax(sb.float(), -1).to(torch.bfloat16) @ v[r], o64):.2e}"]
         layout, bias_al = fa.dense_layout(L, L), fa._aligned(bias)

@@ -648,6 +648,18 @@ def test_misaligned_masks_and_biases_are_copied_into_padded_rows():
     assert fa._guard_len(37, torch.randn(4 * 48 + 37).as_strided((5, 37), (48, 1))) == 37  # storage ends at Lk
 
 
+def _offline_script(name: str, *args: str):
+    """Run benchmarks/<name> (a build for sm_90a on this GPU-less machine: compiled, not interpreted)."""
+    import os
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", name)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
 def test_offline_build_of_an_off_grid_length_does_not_spill():
     """benchmarks/offline_build.py builds the three kernels for sm_90a on this (GPU-less) machine. At
     L = 300 (a bias row stride off the 16-element grid) the forward built before _aligned and
@@ -657,16 +669,9 @@ def test_offline_build_of_an_off_grid_length_does_not_spill():
     (11.3 after), and 17.6 with a key mask read as byte tiles (14.1 as one row of keys per tile). The
     dK/dV kernel builds under its register cap although it spills a little (52 B, 144 B with the key
     mask): _launch keeps it within the cap's allowance."""
-    import os
     import re
-    import subprocess
-    import sys
-    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "offline_build.py")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     for mask, per_score in (("none", 11.6), ("key", 14.5)):
-        r = subprocess.run([sys.executable, script, "--L", "300", "--D", "32", "--bias", "pair", "--mask", mask],
-                           capture_output=True, text=True, timeout=600, env=env)
-        assert r.returncode == 0, r.stdout + r.stderr
+        r = _offline_script("offline_build.py", "--L", "300", "--D", "32", "--bias", "pair", "--mask", mask)
         rows = {m[0]: (int(m[1]), int(m[2]), int(m[3])) for m in re.findall(
             r"(fwd|dq|dkdv)\s+\([^)]*\)\s+registers\s+(\d+)\s+spill stores\s+(\d+) B\s+layout conversions (\d+)",
             r.stdout)}
@@ -687,15 +692,8 @@ def test_gluon_probe_builds_offline():
     shared memory, no spills) and 8.8 instructions per score in its inner loop against the Triton
     forward's 11.2 when it was timed (docs/benchmarks.md, 2026-11-24); a Triton upgrade that loses
     that shows here."""
-    import os
     import re
-    import subprocess
-    import sys
-    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "probe_gluon_fwd.py")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, script, "--build", "--no-overlap"], capture_output=True, text=True,
-                       timeout=600, env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = _offline_script("probe_gluon_fwd.py", "--build", "--no-overlap")
     m = re.search(r"registers (\d+), spill stores (\d+) B, shared memory (\d+) B; innermost MMA loop: \d+ "
                   r"\(([\d.]+) per score\)", r.stdout)
     assert m, r.stdout

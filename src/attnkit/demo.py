@@ -79,8 +79,8 @@ def _err(outs, refs) -> float:
 
 
 def _timed(fn, device, reps: int) -> float:
-    """Median wall time of reps calls after one warm-up call (first calls compile and allocate)."""
-    fn()
+    """Median wall time of reps calls; the caller has made one call already (first calls compile and
+    allocate)."""
     times = []
     for _ in range(reps):
         if device.type == "cuda":
@@ -133,7 +133,7 @@ def run_demo(device: str | None = None, length: int | None = None) -> list[dict]
                     err = _err(outs, ref_outs)
                 else:
                     err, grads = 0.0, None
-                with torch.no_grad():  # the call inference makes (and the one timed): e.g. the decode kernel
+                with torch.no_grad():  # the call inference makes (and the one timed, warmed up by this check)
                     err = max(err, _err(_run(bname, ql, kl, vl, kwl, None)[0], ref_outs))
                     ms = _timed(lambda: attention(ql, kl, vl, backend=bname, **kwl), dev, 5)
                 gerr = None

@@ -31,6 +31,15 @@ Peers, in one process, on the same cached tokens:
   tables (layout "HND"; plan() before timing, run() timed), where the package imports (it is
   not a dependency: skipped with the reason otherwise).
 
+Read ceilings (instruments, not peers: no attention, never "best", no error check): read_paged
+and read_contiguous read the same K/V as attnkit and attnkit_contiguous in the same order (the
+paged pool through the same block table; (B x 8 kv heads, splits) programs as the decode kernel's
+split rule gives, 128-key tiles, 4 warps) and only multiply each tile by a constant (two small
+dots, so that the loads stay pipelined as in the decode kernel); CUDA with Triton only, L a
+multiple of 128. They tell what reading the cache in that order costs on this device: the
+scattered blocks of a small page size read slower than a contiguous cache whatever the kernel
+does with them. The summary gives attnkit paged as a fraction of read_paged.
+
 Metric: K/V bytes read per second. bytes = B * L * Hkv * (D + Dv) * 2: every cached K and V
 element read once (q and the output are under 0.1% of that) -> GB/s (1e9 B/s). ratio = GB/s
 over the best non-attnkit peer (attnkit rows) or over the best row (the others). copy = GB/s
@@ -74,7 +83,8 @@ attnkit = H.import_attnkit()
 from harness import SDPA_KERNELS, SDPBackend, compiled_flex, flex_attention, sdpa_kernel  # noqa: E402
 
 PEERS = ("attnkit", "attnkit_contiguous", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flex", "eager",
-         "flashinfer")
+         "flashinfer", "read_paged", "read_contiguous")
+READS = ("read_paged", "read_contiguous")  # instruments: read ceilings of the two access orders
 try:  # optional peer: not a dependency of attnkit (docs/benchmarks.md says how it was carried to the GPU)
     import flashinfer
 except Exception:  # noqa: BLE001 - absent, or present but unusable here: the peer is skipped with the reason
@@ -84,6 +94,72 @@ SMALL_TOKENS = 64 * 1024  # sdpa_math and eager only up to this many cached toke
 GOAL_TOKENS = 256 * 1024  # issue 6: >= 1.0 x SDPA-contiguous from here on, >= 0.9 x below
 FWD_REL_TOL = 2e-2
 CHECK_SEQS = 2
+READ_BLOCK_N = 128
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the read instruments are skipped with the reason
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _read_kv_kernel(K, V, BT, OUT, skb, skh, skn, svb, svh, svn, sbtb, Hkv, L, NUM_SPLITS,
+                        PAGED: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+        """Reads the K/V tiles the decode kernel's program (b, kv head, split) reads, in the same
+        order, and reduces them to one number (the dots keep the loads pipelined as there)."""
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        hk = (pid % Hkv).to(tl.int64)
+        b = (pid // Hkv).to(tl.int64)
+        per = tl.cdiv(L // BLOCK_N, NUM_SPLITS)
+        t_start = split * per
+        t_end = tl.minimum(t_start + per, L // BLOCK_N)
+        d = tl.arange(0, D)
+        ones_q = tl.full([16, D], 1.0, K.dtype.element_ty)
+        ones_p = tl.full([16, BLOCK_N], 1.0, V.dtype.element_ty)
+        acc_k = tl.zeros([16, BLOCK_N], tl.float32)
+        acc_v = tl.zeros([16, D], tl.float32)
+        k_base = K + hk * skh
+        v_base = V + hk * svh
+        if not PAGED:
+            k_base += b * skb
+            v_base += b * svb
+        for t in range(t_start, t_end):
+            offs = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            if PAGED and PAGE >= BLOCK_N:
+                blk = tl.load(BT + b * sbtb + (t * BLOCK_N) // PAGE).to(tl.int64)
+                slot = (t * BLOCK_N) % PAGE + tl.arange(0, BLOCK_N)
+                k_rows, v_rows = blk * skb + slot * skn, blk * svb + slot * svn
+            elif PAGED:
+                blk = tl.load(BT + b * sbtb + offs // PAGE).to(tl.int64)
+                k_rows, v_rows = blk * skb + (offs % PAGE) * skn, blk * svb + (offs % PAGE) * svn
+            else:
+                k_rows, v_rows = offs.to(tl.int64) * skn, offs.to(tl.int64) * svn
+            acc_k += tl.dot(ones_q, tl.trans(tl.load(k_base + k_rows[:, None] + d[None, :])))
+            acc_v += tl.dot(ones_p, tl.load(v_base + v_rows[:, None] + d[None, :]))
+        tl.store(OUT + pid * NUM_SPLITS + split, tl.sum(tl.sum(acc_k, 1), 0) + tl.sum(tl.sum(acc_v, 1), 0))
+
+
+def read_call(st: State, paged: bool):
+    """The read instrument over the pool (paged) or the contiguous cache: a no-argument callable that
+    launches it and returns its per-program sums."""
+    from attnkit.ops.decode_attention import num_splits_for  # the decode kernel's split rule
+
+    c = st.case
+    k, v = (st.kp, st.vp) if paged else (st.k, st.v)
+    splits = num_splits_for(c.B * c.Hkv, c.L, st.q.device)
+    out = torch.empty(c.B * c.Hkv * splits, device=st.q.device, dtype=torch.float32)
+    page = st.kp.shape[2] if paged else 1
+    grid = (c.B * c.Hkv, splits)
+    args = (k, v, st.table, out, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            st.table.stride(0), c.Hkv, c.L, splits)
+    meta = dict(PAGED=paged, PAGE=page, BLOCK_N=READ_BLOCK_N, D=c.D, num_warps=4, num_stages=4 if paged else 3)
+
+    def run():
+        _read_kv_kernel[grid](*args, **meta)
+        return out  # per program: 16 x (the sum of its K tiles + the sum of its V tiles)
+    return run
 
 
 @dataclass
@@ -166,6 +242,11 @@ def skip_reason(peer: str, c: Case, device: torch.device) -> str | None:
         return "FlexAttention: CUDA only here"
     if peer == "flashinfer" and (flashinfer is None or device.type != "cuda"):
         return "FlashInfer: not installed here" if flashinfer is None else "FlashInfer: CUDA only"
+    if peer in READS:
+        if triton is None or device.type != "cuda":
+            return "read ceiling: CUDA with Triton only"
+        if c.L % READ_BLOCK_N:
+            return f"read ceiling: L must be a multiple of {READ_BLOCK_N}"
     return None
 
 
@@ -177,6 +258,8 @@ def make_call(peer: str, st: State):
                                          backend=be)
     if peer == "attnkit_contiguous":
         return lambda: attnkit.attention(q, k, v, cache_seqlens=st.lens, causal=True, backend=be)
+    if peer in READS:
+        return read_call(st, paged=peer == "read_paged")
     if peer in SDPA_KERNELS:
         backend = getattr(SDPBackend, SDPA_KERNELS[peer])
 
@@ -229,7 +312,8 @@ def record(c: Case, peer: str, **kw) -> dict:
 
 
 def fill_ratios(rows: list[dict], ceilings: dict | None) -> None:
-    ok = [r for r in rows if r["status"] == "ok" and r["gbps"] and r.get("correct", True) is not False]
+    ok = [r for r in rows if r["status"] == "ok" and r["gbps"] and r.get("correct", True) is not False
+          and r["peer"] not in READS]
     best_all = max(ok, key=lambda r: r["gbps"], default=None)
     best_other = max((r for r in ok if not r["peer"].startswith("attnkit")), key=lambda r: r["gbps"], default=None)
     copy = (ceilings or {}).get("copy_gbps")
@@ -264,7 +348,10 @@ def bench_case(st: State, args, device, t_start: float, log) -> list[dict]:
             plan, err, _ = H.run_guarded(lambda: attnkit.explain(st.q, k, v, **kw))  # noqa: B023
             extra["backend"] = plan.backend if plan is not None else f"explain failed: {err}"
         call, err, _ = H.run_guarded(lambda: make_call(peer, st))  # noqa: B023
-        if err is None:
+        if err is None and peer in READS:  # an instrument: no attention output to check; compiled here, untimed
+            _, err, _ = H.run_guarded(call)
+            chk = {"instrument": True}
+        elif err is None:
             with torch.no_grad():
                 chk, err, _ = H.run_guarded(lambda: check(st, call()))  # noqa: B023
         if err is not None:
@@ -309,21 +396,25 @@ def _f(v, spec):
 
 def summary(records: list[dict]) -> list[str]:
     """issue 6's goal per case: attnkit (paged) over the best SDPA kernel on the contiguous cache."""
-    lines = ["| case | tokens | attnkit paged GB/s | contiguous GB/s | best SDPA (contiguous) GB/s | paged / SDPA | goal | met |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| case | tokens | attnkit paged GB/s | contiguous GB/s | best SDPA (contiguous) GB/s | paged / SDPA | goal | met "
+             "| read ceiling, paged order GB/s | paged / read ceiling |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
     for name in dict.fromkeys(r["workload"] for r in records):
         rows = [r for r in records if r["workload"] == name]
-        mine = next((r for r in rows if r["peer"] == "attnkit" and r["status"] == "ok"), None)
-        cont = next((r for r in rows if r["peer"] == "attnkit_contiguous" and r["status"] == "ok"), None)
+        ok = {r["peer"]: r for r in rows if r["status"] == "ok"}
+        mine, cont, read = ok.get("attnkit"), ok.get("attnkit_contiguous"), ok.get("read_paged")
         sdpa = [r for r in rows if r["peer"].startswith("sdpa_") and r["status"] == "ok" and r.get("correct", True)]
         best = max(sdpa, key=lambda r: r["gbps"], default=None)
         tokens = rows[0]["tokens"]
         goal = 1.0 if tokens >= GOAL_TOKENS else 0.9
         ratio = mine["gbps"] / best["gbps"] if mine and best else None
         met = "-" if ratio is None else ("yes" if ratio >= goal else "**no**")
+        if mine and mine.get("correct") is False:
+            met = "**no (BAD result)**"
         lines.append(f"| {name} | {tokens} | {_f(mine and mine['gbps'], '.4g')} | {_f(cont and cont['gbps'], '.4g')} | "
                      f"{_f(best and best['gbps'], '.4g')}" + (f" ({best['peer']})" if best else "") +
-                     f" | {_f(ratio, '.2f')} | {goal:g} | {met} |")
+                     f" | {_f(ratio, '.3f')} | {goal:g} | {met} | {_f(read and read['gbps'], '.4g')} | "
+                     f"{_f(mine and read and mine['gbps'] / read['gbps'], '.3f')} |")
     return lines
 
 
@@ -347,6 +438,8 @@ def write(args, meta: dict, ceilings: dict | None, records: list[dict]) -> str:
             note = []
             if r.get("backend"):
                 note.append(f"chose {r['backend']}")
+            if r.get("instrument"):
+                note.append("read ceiling: an instrument, not a peer")
             if r["status"] != "ok":
                 note.append(f"{r['status']}: {H._short(H.error_summary(r.get('error')), 200)}")
             if r.get("correct") is False:
@@ -427,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     def log(r):
         if r["status"] == "ok":
             desc = f"{r['ms']:.4g} ms {r['gbps']:.4g} GB/s ratio {_f(r['ratio_to_best'], '.2f')}"
-            desc += f" err {r.get('rel_err', 0):.1e}" + (" BAD" if r.get("correct") is False else "")
+            if "rel_err" in r:
+                desc += f" err {r['rel_err']:.1e}" + (" BAD" if r.get("correct") is False else "")
         else:
             desc = f"{r['status']}: {H._short(H.error_summary(r.get('error')), 110)}"
         if r.get("backend"):

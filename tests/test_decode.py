@@ -310,6 +310,40 @@ def test_decode_kernel_noncontiguous_views(tdevice):
     check(out, lse, ref, base, mask, torch.float32)
 
 
+def test_decode_kernel_strided_and_expanded_lengths_and_sinks(tdevice):
+    """cache_seqlens and sinks as strided views (a column of a 2-D tensor) and as expanded views
+    (stride 0: torch.tensor([n]).expand(B)) give what their contiguous copies give; the kernels read
+    them at b and h, which misread these views (errors of 0.1-0.8, reads past the storage)."""
+    d = make_decode(3, 4, 2, 1, 64, [5, 40, 33], 16, device=tdevice, seed=11)
+    g = torch.Generator().manual_seed(12)
+    lens2 = torch.stack([d.lens, torch.zeros_like(d.lens)], 1)  # [B, 2]: lengths in column 0
+    sinks2 = (3 * torch.randn(4, 2, generator=g)).to(tdevice)
+    one = torch.tensor([5], dtype=torch.int32, device=tdevice)  # every sequence holds 5 tokens at least
+    cases = [(lens2[:, 0], None), (d.lens, sinks2[:, 0]), (one.expand(3), None),
+             (d.lens, sinks2[:1, 0].expand(4))]
+    with torch.no_grad():
+        for lens, sinks in cases:
+            assert not lens.is_contiguous() or not sinks.is_contiguous()
+            for kv in ((d.k, d.v, None), (d.kp, d.vp, d.table)):
+                got = attnkit.attention(d.q, kv[0], kv[1], cache_seqlens=lens, block_table=kv[2], sinks=sinks,
+                                        backend="triton")
+                want = attnkit.attention(d.q.double(), d.k.double(), d.v.double(), cache_seqlens=lens.contiguous(),
+                                         sinks=None if sinks is None else sinks.double(), backend="reference")
+                assert_close_rel(got, want)
+
+
+def test_flash_kernel_strided_sinks(tdevice):
+    """The prefill kernel reads sinks[h] too: a strided view of them gives the reference's output."""
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(1, 4, 20, 16, generator=g).to(tdevice) for _ in range(3))
+    sinks = (3 * torch.randn(4, 2, generator=g)).to(tdevice)[:, 1]
+    with torch.no_grad():
+        got = attnkit.attention(q, k, v, sinks=sinks, causal=True, backend="triton")
+    want = attnkit.attention(q.double(), k.double(), v.double(), sinks=sinks.double(), causal=True,
+                             backend="reference")
+    assert_close_rel(got, want)
+
+
 def test_decode_plans_tell_calls_apart(tdevice, monkeypatch):
     """decode_attention keeps its plan (grid, split count, constexprs, strides) per key of what the
     plan derives from. Calls differing in one such thing only (bounds, softcap, scale, sinks,

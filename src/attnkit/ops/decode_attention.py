@@ -315,6 +315,12 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, cache_seqlens: Tensor |
     """
     if triton is None:
         raise RuntimeError(TRITON_ERROR)
+    # The kernels read lens[b] and sinks[h] at b and h: a strided or expanded view (stride 0) would be
+    # misread, or read past its storage. contiguous() is free for the usual contiguous tensors.
+    if cache_seqlens is not None:
+        cache_seqlens = cache_seqlens.contiguous()
+    if sinks is not None:
+        sinks = sinks.contiguous()
     paged = block_table is not None
     device = q.device
     # What the plan derives from; the heuristic and the interpreter flag too (tests swap them).

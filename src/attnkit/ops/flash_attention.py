@@ -1248,6 +1248,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = No
         raise ValueError(f"softcap must be > 0, got {softcap!r}")
     softcap = None if softcap is None else float(softcap)
     mask = _aligned(mask)
+    if sinks is not None:
+        sinks = sinks.contiguous()  # the kernels read sinks[h] at h (a strided or expanded view would be misread)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (q, k, v, bias, sinks)):
         return _forward(q, k, v, mask, _aligned(bias), sinks, layout, float(scale), softcap, bounds)  # no autograd node
     return _FlashAttention.apply(q, k, v, bias, sinks, mask, layout, float(scale), softcap, bounds)

@@ -465,26 +465,36 @@ def test_score_mod_tensor_on_an_attribute_gets_its_gradient_on_chunked():
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
 
 
-def test_score_mod_hidden_tensor_is_refused_by_chunked():
-    """A mod whose tensor requiring grad the chunked backend cannot find must not drop the gradient silently."""
+def test_score_mod_hidden_tensor_is_refused_by_chunked_and_auto_takes_reference():
+    """A mod whose tensor requiring grad the chunked backend cannot find must not drop the gradient
+    silently: forced chunked refuses the call, naming why; auto runs it where the gradient arrives."""
     q, k, v = make_qkv(1, 2, 2, 5, 6, 8, seed=54)
     q.requires_grad_(True)
-    mod, _ = _global_mod()
-    with pytest.raises(TypeError, match="score_mod"):
+    mod, t = _global_mod()
+    with pytest.raises(ValueError, match="score_mod_grad_elsewhere"):
         attnkit.attention(q, k, v, score_mod=mod, backend="chunked")
+    assert attnkit.explain(q, k, v, score_mod=mod).backend == "reference"
+    outs = [attnkit.attention(q, k, v, score_mod=mod, backend=b) for b in ("auto", "reference")]
+    grads = [torch.autograd.grad(o.pow(2).sum(), [q, t]) for o in outs]
+    assert grads[1][1].abs().sum() > 0
+    for a, r in zip(*grads):
+        torch.testing.assert_close(a, r, rtol=0, atol=0)
+    with torch.no_grad():  # no gradient wanted: chunked serves it again
+        assert attnkit.explain(q, k, v, score_mod=mod, backend="chunked").backend == "chunked"
 
 
 @pytest.mark.parametrize("make", [_attribute_mod, _global_mod], ids=["attribute", "global"])
-def test_score_mod_hidden_tensor_only_grad_is_not_silently_dropped(make):
+@pytest.mark.parametrize("backend", ["chunked", "auto"])
+def test_score_mod_hidden_tensor_only_grad_is_not_silently_dropped(make, backend):
     q, k, v = make_qkv(1, 2, 2, 5, 6, 8, seed=55)  # no input requires grad, only the mod's tensor
     mod, t = make()
     ref = attnkit.attention(q, k, v, score_mod=mod, backend="reference")
     (g_ref,) = torch.autograd.grad((ref * v.mean()).sum() + ref.pow(2).sum(), [t])
     assert g_ref.abs().sum() > 0
     try:
-        out = attnkit.attention(q, k, v, score_mod=mod, backend="chunked")
-    except TypeError as e:  # refusing is fine too
-        assert "score_mod" in str(e)
+        out = attnkit.attention(q, k, v, score_mod=mod, backend=backend)
+    except ValueError as e:  # refusing is fine for a forced backend, never for auto
+        assert backend != "auto" and "score_mod_grad_elsewhere" in str(e)
         return
     assert out.requires_grad, "the score_mod's tensor requires grad but the output has no grad_fn"
     (g,) = torch.autograd.grad((out * v.mean()).sum() + out.pow(2).sum(), [t])

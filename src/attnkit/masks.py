@@ -25,7 +25,7 @@ __all__ = [
     "slice_4d",
     "closure_tensors",
     "closure_scalars",
-    "check_mod_grads",
+    "grad_outside_closure",
 ]
 
 
@@ -170,16 +170,20 @@ def _closure(fn, requires_grad: bool) -> tuple[list[Tensor], list]:
     return found, scalars
 
 
-def check_mod_grads(req: AttentionRequest, captured: list[Tensor]) -> None:
-    """Raise if req.score_mod's output depends on a tensor requiring grad that is not in captured.
+def grad_outside_closure(req: AttentionRequest, captured: list[Tensor]) -> bool:
+    """True when req.score_mod's output depends on a tensor requiring grad that is not in captured
+    (e.g. one read from a module global): a backend that routes the gradients of captured tensors
+    only (chunked, flex) would drop its gradient, so requests say so (feature
+    'score_mod_grad_elsewhere') and the dispatcher takes a backend that differentiates the mod with
+    plain autograd (reference).
 
-    Runs the mod on a [B, Hq, 1, 1] probe and walks its autograd graph, stopping at the
-    captured tensors; any other leaf that requires grad would lose its gradient.
+    Runs the mod on a [B, Hq, 1, 1] probe and walks its autograd graph, stopping at the captured
+    tensors.
     """
     with torch.enable_grad():
         probe = apply_score_mod(req, req.q.new_zeros(req.batch, req.heads_q, 1, 1, dtype=torch.float32), 0, 0)
     if probe.grad_fn is None:
-        return
+        return False
     stop = {id(t.grad_fn) for t in captured if t.grad_fn is not None}
     leaves = {id(t) for t in captured}
     todo, seen = [probe.grad_fn], set()
@@ -190,10 +194,6 @@ def check_mod_grads(req: AttentionRequest, captured: list[Tensor]) -> None:
         seen.add(id(node))
         var = getattr(node, "variable", None)  # AccumulateGrad holds its leaf
         if var is not None and id(var) not in leaves:
-            raise TypeError(
-                "score_mod uses a tensor that requires grad but holds it where the chunked backend "
-                "cannot find it (it looks in closure cells, default arguments, functools.partial arguments, module "
-                "parameters and the attributes of callable objects); capture it in a closure, or use "
-                "backend='reference'"
-            )
+            return True
         todo.extend(fn for fn, _ in node.next_functions)
+    return False

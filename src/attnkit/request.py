@@ -70,6 +70,9 @@ class AttentionRequest:
     for_backward: bool = False
     # Derived once in __post_init__ (plain attributes: cheap, and traceable by torch.compile).
     needs_grad: bool = field(init=False)
+    # score_mod reads a tensor requiring grad from where masks.closure_tensors cannot find it (a global):
+    # only backends that differentiate the mod with plain autograd can give it its gradient.
+    mod_grad_elsewhere: bool = field(init=False)
     _features: frozenset = field(init=False)
     # At most DECODE_MAX_LQ queries and no feature the split-KV decode kernel lacks (mask, bias,
     # mods, dropout, gradients): what the triton backend decodes in place.
@@ -78,11 +81,13 @@ class AttentionRequest:
 
     def __post_init__(self) -> None:
         # Runs on every attention call: plain locals, no properties.
-        q, v, bias, sinks = self.q, self.v, self.bias, self.sinks
+        q, v, bias, sinks, mod = self.q, self.v, self.bias, self.sinks, self.score_mod
+        self.mod_grad_elsewhere = (mod is not None and not self.for_backward and torch.is_grad_enabled()
+                                   and _mod_grad_elsewhere(self))
         self.needs_grad = self.for_backward or torch.is_grad_enabled() and (
             q.requires_grad or self.k.requires_grad or v.requires_grad
             or (bias is not None and bias.requires_grad) or (sinks is not None and sinks.requires_grad)
-            or (self.score_mod is not None and _mod_wants_grad(self.score_mod))
+            or (mod is not None and _mod_wants_grad(mod)) or self.mod_grad_elsewhere
         )
         self._features = f = self._compute_features()
         qs = q.shape
@@ -175,6 +180,8 @@ class AttentionRequest:
             f.add("softcap")
         if self.score_mod is not None:
             f.add("score_mod")
+            if self.mod_grad_elsewhere:
+                f.add("score_mod_grad_elsewhere")
         if self.mask_mod is not None:
             # A GroupMask is a mask_mod whose structure a kernel can read (see groups.py).
             f.add("group_mask" if isinstance(self.mask_mod, GroupMask) else "mask_mod")
@@ -256,6 +263,12 @@ def _mod_wants_grad(fn) -> bool:
     from .masks import closure_tensors  # masks imports this module
 
     return bool(closure_tensors(fn, requires_grad=True))
+
+
+def _mod_grad_elsewhere(req: "AttentionRequest") -> bool:
+    from .masks import closure_tensors, grad_outside_closure
+
+    return grad_outside_closure(req, closure_tensors(req.score_mod, requires_grad=True))
 
 
 def _shape(t: Tensor) -> str:

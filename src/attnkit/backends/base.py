@@ -19,6 +19,8 @@ ALL_FEATURES = frozenset(
         "sinks", "dropout", "return_lse", "gqa", "value_head_dim", "backward",
         "kv_lengths",  # cache_seqlens given: per-sequence key lengths, per-sequence causal/window alignment
         "paged",  # block_table given: k/v are a block pool read through the table
+        # score_mod reads a tensor requiring grad from where the closure scan cannot find it (a global)
+        "score_mod_grad_elsewhere",
     }
 )
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .._autograd import first_order_only
-from ..masks import apply_score_mod, check_mod_grads, closure_tensors, slice_4d, tile_allowed, tile_fully_outside
+from ..masks import apply_score_mod, closure_tensors, slice_4d, tile_allowed, tile_fully_outside
 from ..request import AttentionRequest
 from .base import ALL_FEATURES, Backend, Capabilities
 
@@ -206,7 +206,7 @@ class ChunkedBackend(Backend):
     capabilities = Capabilities(
         devices=frozenset({"cpu", "cuda"}),
         dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64}),
-        features=ALL_FEATURES,
+        features=ALL_FEATURES - {"score_mod_grad_elsewhere"},
         notes="pure PyTorch, O(L) memory, recomputing backward (from saved out/lse); float32 accumulation",
     )
 
@@ -221,11 +221,9 @@ class ChunkedBackend(Backend):
         tiling = _Tiling(req, self.block_q, self.block_k)
         captured = []
         if req.score_mod is not None:
+            # Their gradients are routed through the autograd Function below; a mod reading a tensor
+            # that requires grad from anywhere else never gets here (feature 'score_mod_grad_elsewhere').
             captured = closure_tensors(req.score_mod, requires_grad=True)
-            if torch.is_grad_enabled():
-                # Tensors a mod reads from elsewhere (globals, attributes) would lose their
-                # gradient silently in this custom autograd Function: refuse them.
-                check_mod_grads(req, captured)
         out, lse = _ChunkedAttention.apply(
             req, tiling, req.q, req.k, req.v, req.bias, req.sinks, *captured
         )

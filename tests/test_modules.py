@@ -9,6 +9,7 @@ compared with exact math and a float64 module with float64 math.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import zlib
 
@@ -267,6 +268,20 @@ def test_linear_attention_matches_quadratic_formula(kind, causal, dtype):
     if causal:
         # the first query sees only the first key: its output is v_0 exactly
         assert_close(out[:, :, 0], v[:, :, 0].detach(), 1e-5, name="out[0]")
+
+
+def test_ops_modules_are_not_shadowed_by_their_functions():
+    """attnkit.ops.linear_attention is the function; its module is attnkit.ops.linear (a module named
+    like the function it exports was unreachable as a module: `import attnkit.ops.linear_attention`
+    bound the function)."""
+    import importlib
+
+    mod = importlib.import_module("attnkit.ops.linear")
+    assert mod.linear_attention is linear_attention and callable(linear_attention)
+    import attnkit.ops as ops
+
+    for name in ops.__all__:
+        assert not inspect.ismodule(getattr(ops, name)), name
 
 
 def test_linear_attention_cross_lengths():

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .._checks import backend_name, key_padding_mask, positive_int, probability, real
 from ..functional import attention
-from ..ops.linear_attention import FEATURE_MAPS, linear_attention
+from ..ops.linear import FEATURE_MAPS, linear_attention
 from .base import ATTENTION_REGISTRY, BaseAttention
 
 __all__ = ["StandardAttention", "FlashAttention", "GatedAttention", "LinearAttention", "LiteAttention"]

@@ -270,6 +270,33 @@ def test_linear_attention_matches_quadratic_formula(kind, causal, dtype):
         assert_close(out[:, :, 0], v[:, :, 0].detach(), 1e-5, name="out[0]")
 
 
+@pytest.mark.parametrize("Hkv", [2, 1], ids=["gqa", "mqa"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("kind", ["elu", "favor+"])
+def test_linear_attention_gqa_matches_repeated_kv(kind, causal, Hkv):
+    """k, v with fewer heads: query head h reads kv head h // (Hq / Hkv), as the quadratic formula
+    over K/V repeated per group gives; gradients reach the shared k, v (summed over the group).
+    A key padding mask too (full case)."""
+    B, Hq, L, D = 2, 4, 11, 8
+    g = _gen(31 + causal)
+    mod = LinearAttention(Hq, D, feature_map=kind, causal=causal, num_features=12)
+    q, k, v = leaf(randn(B, Hq, L, D, gen=g)), leaf(randn(B, Hkv, L, D, gen=g)), leaf(randn(B, Hkv, L, D, gen=g))
+    mask = None if causal else torch.arange(L).view(1, L) < torch.tensor([[L], [L - 4]])
+    g_out = randn(B, Hq, L, D, gen=g)
+    out = mod(q, k, v, mask=mask)
+    got = grads_of((out * g_out).sum(), {"q": q, "k": k, "v": v})
+    r = {n: leaf(t, torch.float64) for n, t in (("q", q), ("k", k), ("v", v))}
+    G = Hq // Hkv
+    proj = mod.projection.double() if kind == "favor+" else None
+    ref = ref_linear_attention(r["q"], r["k"].repeat_interleave(G, 1), r["v"].repeat_interleave(G, 1), kind, proj,
+                               causal, None if mask is None else mask.view(B, 1, 1, L))
+    want = grads_of((ref * g_out.double()).sum(), r)
+    assert_close(out, ref, F32_FWD)
+    compare_grads(got, want, F32_GRAD)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        linear_attention(q, randn(B, 3, L, D, gen=g), randn(B, 3, L, D, gen=g))
+
+
 def test_ops_modules_are_not_shadowed_by_their_functions():
     """attnkit.ops.linear_attention is the function; its module is attnkit.ops.linear (a module named
     like the function it exports was unreachable as a module: `import attnkit.ops.linear_attention`

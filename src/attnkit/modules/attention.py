@@ -114,7 +114,8 @@ class LinearAttention(_SplitHeadsModule):
     `causal=True` uses prefix sums (Lq == Lk). `mask` is a key padding mask
     ([B, Lk] or broadcastable to [B, 1, 1, Lk], True = real key); linear attention has no
     logits, so `bias` is refused. `dropout` applies to the output (there is no matrix of
-    probabilities to drop from). Shapes: q [B, H, Lq, D], k, v [B, H, Lk, D].
+    probabilities to drop from). Shapes: q [B, H, Lq, D], k, v [B, Hkv, Lk, D] with H a multiple
+    of Hkv (GQA / MQA: each kv head's state serves its group of query heads).
     """
 
     def __init__(self, num_heads: int, head_dim: int, feature_map: str = "elu", causal: bool = False,

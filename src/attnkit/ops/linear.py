@@ -64,7 +64,10 @@ def linear_attention(
     causal: bool = False,
     key_mask: Tensor | None = None,
 ) -> Tensor:
-    """Linear attention. q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv] -> [B, H, Lq, Dv].
+    """Linear attention. q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] -> [B, Hq, Lq, Dv].
+
+    GQA / MQA: Hq a multiple of Hkv; query head h reads kv head h // (Hq / Hkv), as torch's
+    enable_gqa does. The key-value state is built once per kv head and shared by its group.
 
     key_mask: bool [B, Lk] or anything broadcastable to [B, 1, 1, Lk], True = real key;
     masked keys contribute nothing, and a query with no real key (or, for "relu", phi(q) . z = 0)
@@ -78,18 +81,22 @@ def linear_attention(
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D [B, H, L, D], got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
-    if k.shape[:3] != v.shape[:3] or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+    if (k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]
+            or q.shape[1] % k.shape[1]):
         raise ValueError(
-            f"linear attention needs q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv]; "
-            f"got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}"
+            f"linear attention needs q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] with Hq a "
+            f"multiple of Hkv; got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}"
         )
     if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
         raise TypeError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"causal linear attention needs Lq == Lk, got {q.shape[2]} and {k.shape[2]}")
     dtype = q.dtype
+    B, Hq, Lq = q.shape[:3]
+    Hkv = k.shape[1]
     ct = torch.promote_types(dtype, torch.float32)
     qf = feature_map(q.to(ct), feature_map_kind, projection)
+    qf = qf.view(B, Hkv, Hq // Hkv, Lq, qf.shape[-1])  # [B, Hkv, G, Lq, M]: a kv head's query group
     vf = v.to(ct)
     keep = None
     if key_mask is not None:
@@ -109,13 +116,14 @@ def linear_attention(
     if not causal:
         s = torch.einsum("bhkm,bhke->bhme", kf, vf)
         z = kf.sum(dim=2)
-        num = torch.einsum("bhqm,bhme->bhqe", qf, s)
-        den = torch.einsum("bhqm,bhm->bhq", qf, z)
+        num = torch.einsum("bhgqm,bhme->bhgqe", qf, s)
+        den = torch.einsum("bhgqm,bhm->bhgq", qf, z)
     else:
         # Prefix sums over positions: S_i = sum_{j<=i} phi(k_j) v_j^T.
         s = torch.einsum("bhkm,bhke->bhkme", kf, vf).cumsum(dim=2)
         z = kf.cumsum(dim=2)
-        num = torch.einsum("bhqm,bhqme->bhqe", qf, s)
-        den = torch.einsum("bhqm,bhqm->bhq", qf, z)
+        num = torch.einsum("bhgqm,bhqme->bhgqe", qf, s)
+        den = torch.einsum("bhgqm,bhqm->bhgq", qf, z)
     # den = 0 only where every weight is 0; num is 0 there too
-    return (num / torch.where(den > 0, den, torch.ones_like(den)).unsqueeze(-1)).to(dtype)
+    out = num / torch.where(den > 0, den, torch.ones_like(den)).unsqueeze(-1)
+    return out.reshape(B, Hq, Lq, out.shape[-1]).to(dtype)

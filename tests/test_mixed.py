@@ -573,10 +573,13 @@ def _roundtrip_case(kind):
     raise AssertionError(kind)
 
 
+@pytest.mark.parametrize("pad_anchors", [False, True], ids=["real_anchors", "padded_anchors"])
 @pytest.mark.parametrize("feat", ["plain", "rope_qknorm"])
 @pytest.mark.parametrize("kind", ["anchors", "mixed_kv"])
 @pytest.mark.parametrize("mode", MODES)
-def test_kv_cache_round_trip(mode, kind, feat):
+def test_kv_cache_round_trip(mode, kind, feat, pad_anchors):
+    """A call on the cache gives the queries what the full call gave them. Padded anchors: the cache
+    carries their mask, so they stay unattended (they were attended before the cache had one)."""
     dim, heads, B = 32, 4, 2
     D = dim // heads
     cfg = {"use_rope": True, "qk_norm": True} if feat == "rope_qknorm" else {}
@@ -585,16 +588,17 @@ def test_kv_cache_round_trip(mode, kind, feat):
     m = make_module(dim, heads, mode, seed=51, **cfg)
     x = rand_x(B, N, dim, 52)
     freqs = RotaryEmbedding(D).cos_sin(N) if cfg else None
-    # padding on query tokens only (anchors of a cache are always valid)
+    # padding on query tokens, and on the anchors too with pad_anchors
     kpm = torch.ones(B, N, dtype=torch.bool)
     kpm_q = rand_kpm(B, N, 53, p=0.3)
-    for g in qgroups:
+    for g in spans if pad_anchors else qgroups:
         s, e = spans[g]
         kpm[:, s:e] = kpm_q[:, s:e]
     out, cache = m(x, full, fpat, key_padding_mask=kpm, freqs=freqs)
     assert cache is not None
     used = {g for p in fpat for g in p.key_value_tokens}
     assert set(cache) == used
+    assert all(torch.equal(cache[g]["mask"], kpm[:, slice(*spans[g])]) for g in used)
 
     idx = torch.cat([torch.arange(*spans[g]) for g in qgroups])
     xq = x[:, idx]
@@ -647,6 +651,8 @@ CACHE_BREAKERS = {
     "three_dims": lambda c: {**c, "va": {"k": c["va"]["k"][0], "v": c["va"]["v"][0]}},
     "missing_group": lambda c: {"sa": c["sa"]},
     "missing_v": lambda c: {**c, "va": {"k": c["va"]["k"]}},
+    "mask_not_bool": lambda c: {**c, "va": {**c["va"], "mask": torch.ones(2, c["va"]["k"].shape[2])}},
+    "mask_wrong_size": lambda c: {**c, "va": {**c["va"], "mask": torch.ones(2, 3, dtype=torch.bool)}},
 }
 
 

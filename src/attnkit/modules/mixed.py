@@ -180,13 +180,17 @@ class MixedAttention(nn.Module):
       attention_patterns: exhaustive and non-overlapping: every input group is the
         query of exactly one pattern; cached groups may only be keys/values.
       key_padding_mask: bool [B, N], True = real token; padded tokens are never
-        attended to; cached tokens are always valid. Rows with no valid key give 0.
+        attended to. Cached tokens are valid unless their entry carries a "mask".
+        Rows with no valid key give 0.
       freqs: RoPE for the input tokens: angles [N, D/2] or [B, N, D/2], or a
         (cos, sin) pair of that shape (e.g. RotaryEmbedding.cos_sin(N)); ignored
         when use_rope=False (as in emmi's anchor attention).
-      kv_cache: {group: {"k": [B, H, size, D], "v": [B, H, size, D]}} for the size=None groups.
+      kv_cache: {group: {"k": [B, H, size, D], "v": [B, H, size, D]}} for the size=None groups,
+        optionally with "mask": bool [B, size], True = real token.
     Returns new_kv_cache = {group: {"k", "v"}} for every input group used as keys/values
-    (post-RoPE, post-qk-norm), or None when this call read cached groups.
+    (post-RoPE, post-qk-norm), with "mask" (that group's slice of key_padding_mask) when a
+    key_padding_mask was given, so that padded anchors stay unattended when the cache is read;
+    or None when this call read cached groups.
     """
 
     def __init__(self, config: MixedAttentionConfig):
@@ -278,6 +282,10 @@ class MixedAttention(nn.Module):
             return out, None
         used = {g for kv, _ in lay.kv_sets for g in kv}
         new_cache = {g: {"k": k[:, :, s:e], "v": v[:, :, s:e]} for g, (s, e) in lay.spans.items() if g in used}
+        if key_padding_mask is not None:
+            for g, entry in new_cache.items():
+                s, e = lay.spans[g]
+                entry["mask"] = key_padding_mask[:, s:e]
         return out, new_cache
 
     def _check_cache(self, lay: _Layout, kv_cache, B: int, x: Tensor) -> KVCacheDict:
@@ -295,6 +303,11 @@ class MixedAttention(nn.Module):
                     or vv.shape != kk.shape:
                 raise ValueError(f"kv_cache[{g!r}] k/v must be [B, H, size, D] = [{B}, {self.num_heads}, size, "
                                  f"{self.head_dim}], got {list(kk.shape)} / {list(vv.shape)}")
+            m = entry.get("mask")
+            if m is not None and (not isinstance(m, Tensor) or m.dtype != torch.bool
+                                  or tuple(m.shape) != (B, kk.shape[2])):
+                seen = f"{m.dtype} {list(m.shape)}" if isinstance(m, Tensor) else type(m).__name__
+                raise ValueError(f"kv_cache[{g!r}]['mask'] must be bool [B, size] = [{B}, {kk.shape[2]}], got {seen}")
         return {g: kv_cache[g] for g in needed}
 
     # The sequential form, and the parallel form's "one call per distinct key/value set".
@@ -305,22 +318,23 @@ class MixedAttention(nn.Module):
             qi = self._gather(q, lay, q_names)
             if qi.shape[2] == 0:
                 continue  # empty query groups
-            ks, vs, ms = [], [], []
+            ks, vs, ms = [], [], []  # ms: each group's key padding mask [B, size], None = all real
             for g in kv_names:
                 if g in lay.cached:
                     ks.append(cache[g]["k"].to(k.dtype))
                     vs.append(cache[g]["v"].to(v.dtype))
-                    ms.append(torch.ones(q.shape[0], cache[g]["k"].shape[2], dtype=torch.bool, device=q.device))
+                    ms.append(cache[g].get("mask"))
                 else:
                     s, e = lay.spans[g]
                     ks.append(k[:, :, s:e])
                     vs.append(v[:, :, s:e])
-                    if kpm is not None:
-                        ms.append(kpm[:, s:e])
+                    ms.append(kpm[:, s:e] if kpm is not None else None)
             kk = ks[0] if len(ks) == 1 else torch.cat(ks, dim=2)
             vv = vs[0] if len(vs) == 1 else torch.cat(vs, dim=2)
             mask = None
-            if kpm is not None:
+            if any(m is not None for m in ms):
+                ms = [m.to(q.device) if m is not None else torch.ones(q.shape[0], t.shape[2], dtype=torch.bool,
+                                                                      device=q.device) for m, t in zip(ms, ks)]
                 mask = (ms[0] if len(ms) == 1 else torch.cat(ms, dim=1))[:, None, None, :]
             if kk.shape[2] == 0:
                 o = torch.zeros_like(qi)  # no key at all: rows with nothing to attend give 0

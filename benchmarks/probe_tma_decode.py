@@ -18,12 +18,14 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 from attnkit.ops import decode_attention as da
+from tune_decode import bench  # median ms of rounds of back-to-back calls
 
 HQ, HKV, D = 32, 8, 128
 
@@ -102,19 +104,6 @@ def _read_tma(XD, N_ROWS, ROWS_PER, OUT, BLOCK: tl.constexpr, D: tl.constexpr):
         x = XD.load([r0 + t * BLOCK, 0])
         acc += tl.dot(q, tl.trans(x))
     tl.store(OUT + pid * 16 * BLOCK + tl.arange(0, 16)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :], acc)
-
-
-def bench(fn, n=20, rounds=5):
-    fn(); torch.cuda.synchronize()
-    ts = []
-    for _ in range(rounds):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(n):
-            fn()
-        e.record(); e.synchronize()
-        ts.append(s.elapsed_time(e) / n)
-    return sorted(ts)[len(ts) // 2]
 
 
 def ceilings():

@@ -6,8 +6,11 @@
 1. MHA forward and forward+backward, d_model 2048, 16 heads, GQA 4 KV heads, RoPE,
    causal, L = 4096, B = 2, bf16. Peers, same weights and inputs, one process:
    attnkit (`MultiHeadAttention`, backend auto) and `HandSdpaMHA` (the same math
-   written directly: Linear projections, rotate-half RoPE, F.scaled_dot_product_attention
-   with is_causal and enable_gqa). Goal (issue 3): attnkit within 1.1x.
+   written directly: Linear projections, rotate-half RoPE with angles in float64 as
+   attnkit's, F.scaled_dot_product_attention with is_causal and enable_gqa). Goal
+   (issue 3): attnkit within 1.1x. TFLOP/s count the attention (causal pairs, the
+   harness's convention: fwd+bwd = 3.5x forward) plus the four projections
+   (2 FLOPs per weight per token forward, fwd+bwd = 3x forward).
 2. One decode step (batch 16, 8k cached tokens, same layer) with the contiguous KVCache,
    eager and captured in a CUDA graph; tokens/s = batch / step time.
 Timing: harness.time_fn (CUDA events, median). Writes DIR/modules.json and DIR/modules.md.
@@ -41,15 +44,24 @@ class HandSdpaMHA(nn.Module):
         super().__init__()
         self.h, self.hkv, self.d = ref.num_heads, ref.num_kv_heads, ref.head_dim
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = ref.q_proj, ref.k_proj, ref.v_proj, ref.o_proj
-        self.register_buffer("inv_freq", ref.rope.inv_freq.float())
+        # float64 frequencies in a plain attribute, as attnkit's RotaryEmbedding keeps them: a buffer
+        # would be rounded by .to(bf16) (angles off by whole radians at position 4000).
+        self.inv_freq = ref.rope.inv_freq
+        self._cos_sin: dict = {}  # (L, device) -> float32 cos, sin [L, D/2], built once like attnkit's tables
+
+    def cos_sin(self, L: int, device):
+        key = (L, str(device))
+        if key not in self._cos_sin:
+            ang = torch.outer(torch.arange(L, dtype=torch.float64), self.inv_freq)
+            self._cos_sin[key] = (ang.cos().float().to(device), ang.sin().float().to(device))
+        return self._cos_sin[key]
 
     def forward(self, x):
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.h, self.d).transpose(1, 2)
         k = self.k_proj(x).view(B, L, self.hkv, self.d).transpose(1, 2)
         v = self.v_proj(x).view(B, L, self.hkv, self.d).transpose(1, 2)
-        ang = torch.outer(torch.arange(L, device=x.device, dtype=torch.float32), self.inv_freq)
-        cos, sin = ang.cos(), ang.sin()
+        cos, sin = self.cos_sin(L, x.device)
 
         def rot(t):
             t1, t2 = t.float().chunk(2, dim=-1)
@@ -62,6 +74,14 @@ class HandSdpaMHA(nn.Module):
                           SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self.o_proj(o.transpose(1, 2).reshape(B, L, -1))
+
+
+def mha_flops(B: int, L: int, d_model: int, heads: int, kv_heads: int, mode: str) -> float:
+    """FLOPs of one causal MultiHeadAttention call: the attention (harness.attention_flops: causal
+    pairs, fwd+bwd = 3.5x) plus the four projections (fwd+bwd = 3x: one matmul forward, two backward)."""
+    hd = d_model // heads
+    proj = 2 * B * L * d_model * (2 * d_model + 2 * kv_heads * hd)
+    return H.attention_flops(B, heads, L, L, hd, causal=True, mode=mode) + proj * (3 if mode == "fwd+bwd" else 1)
 
 
 def main() -> int:
@@ -83,16 +103,12 @@ def main() -> int:
     err = (mha(x, causal=True).float() - hand(x).float()).abs().max().item()
     print(f"max |attnkit - hand| forward: {err:.3e}")
     rec = []
-    hd = d_model // heads
-    # Attention FLOPs only (causal pairs), plus the four projections.
-    attn_flops = H.attention_flops(B, heads, L, L, hd, causal=True)
-    proj_flops = 2 * B * L * d_model * (2 * d_model + 2 * groups * hd)
-    flops = attn_flops + proj_flops
+    flops = {mode: mha_flops(B, L, d_model, heads, groups, mode) for mode in ("fwd", "fwd+bwd")}
     budget = dict(warmup=10, rep=50) if dev.type == "cuda" else dict(warmup=1, rep=5)
     for name, mod in (("attnkit", mha), ("hand_sdpa", hand)):
         with torch.no_grad():
             ms = H.time_fn(lambda: mod(x, causal=True) if mod is mha else mod(x), **budget)
-        rec.append(H.make_record("mha_L%d" % L, "fwd", name, flops=flops, ms=ms))
+        rec.append(H.make_record("mha_L%d" % L, "fwd", name, flops=flops["fwd"], ms=ms))
         xg = x.detach().requires_grad_()
         params = [xg] + list(mha.parameters())
 
@@ -101,7 +117,7 @@ def main() -> int:
             torch.autograd.grad(out, params, g, allow_unused=True)
 
         ms = H.time_fn(step, **budget)
-        rec.append(H.make_record("mha_L%d" % L, "fwd+bwd", name, flops=3 * flops, ms=ms))
+        rec.append(H.make_record("mha_L%d" % L, "fwd+bwd", name, flops=flops["fwd+bwd"], ms=ms))
     for r in rec:
         base = next(x for x in rec if x["peer"] == "hand_sdpa" and x["mode"] == r["mode"])
         r["ratio_vs_hand"] = base["ms"] / r["ms"]
@@ -151,7 +167,8 @@ def main() -> int:
                                      ms=ms_graph, tokens_per_s=dec_B / (ms_graph * 1e-3), graph_vs_eager_err=gerr))
     meta = H.collect_meta(dev)
     lines = [f"# MultiHeadAttention benchmark ({meta.get('device_name', dev)}, {meta.get('date_utc', '')})", "",
-             f"torch {torch.__version__}; d_model {d_model}, {heads} heads, {groups} KV heads, RoPE, causal, L={L}, B={B}, {dt}",
+             f"torch {torch.__version__}; d_model {d_model}, {heads} heads, {groups} KV heads, RoPE, causal, L={L}, B={B}, {dt}; "
+             "TFLOP/s: attention (causal pairs, fwd+bwd 3.5x) + projections (fwd+bwd 3x)",
              "", "| workload | mode | peer | ms | TFLOP/s | vs hand (x) | tokens/s |", "|---|---|---|---:|---:|---:|---:|"]
     for r in rec:
         tf = f"{r['tflops']:.1f}" if r.get("tflops") else "-"

@@ -24,13 +24,17 @@ tokens, causal and non-causal, forward and forward+backward. Peers, per workload
 
 Metrics: per-GPU TFLOP/s = (FLOPs of the whole attention counting only unmasked pairs, the
 harness's convention: 4 * B * Hq * D * pairs, fwd+bwd = 3.5 x) / P / time, time = the slowest
-rank's median; efficiency = per-GPU TFLOP/s / the single row's TFLOP/s (1.0 = the kernel rate
-of one GPU, communication hidden and work balanced); zigzag gain = ring_zigzag TFLOP/s /
-ring_contiguous TFLOP/s (causal). Timing: harness.time_fn_stats with fixed call counts (all ranks
-must make the same calls): 1 untimed + --reps timed calls, median.
-Before timing, each distributed peer is checked at a small size (1024 tokens per rank) against
-`attnkit.attention` over the gathered sequence in float32: output and (fwd+bwd) dq/dk/dv relative
-L2 error <= 2e-2, else the row is BAD.
+rank's median; ratio = per-GPU TFLOP/s / the best distributed peer's (harness.fill_ratios over
+the distributed rows: BAD rows are never best; the single rows are the efficiency reference, not
+peers); ceil = per-GPU TFLOP/s / rank 0's measured bf16 matmul ceiling; efficiency = per-GPU
+TFLOP/s / the single row's TFLOP/s (1.0 = the kernel rate of one GPU, communication hidden and
+work balanced); zigzag gain = ring_zigzag TFLOP/s / ring_contiguous TFLOP/s (causal). Timing:
+harness.time_fn_stats with fixed call counts (all ranks must make the same calls): 1 untimed +
+--reps timed calls, median.
+Before timing, each distributed peer (torch_cp included: its output and gradients are gathered back
+into sequence order with torch's context_parallel_unshard) is checked at a small size (1024 tokens
+per rank) against `attnkit.attention` over the gathered sequence in float32: output and (fwd+bwd)
+dq/dk/dv relative L2 error <= 2e-2, else the row is BAD.
 
 Output: DIR/ring.json and DIR/ring.md (rewritten after every workload), a table on stdout.
 `--smoke`: 2 processes on the CPU with gloo and tiny shapes (checks the script end to end; torch_cp
@@ -88,8 +92,10 @@ class Workload:
 
 
 def workloads(args) -> list[Workload]:
+    """The grid, less the workloads --only leaves out."""
     dims = dict(Hq=4, Hkv=2, D=16) if args.smoke else {}
-    return [Workload(L, c, m, **dims) for L in args.lengths for c in (False, True) for m in args.modes]
+    grid = [Workload(L, c, m, **dims) for L in args.lengths for c in (False, True) for m in args.modes]
+    return [w for w in grid if not args.only or any(o in w.name for o in args.only)]
 
 
 def peers_for(w: Workload, peers) -> list[str]:
@@ -153,8 +159,13 @@ def make_call(peer: str, w: Workload, mode: str, rank: int, world: int, device, 
     return (lambda: _step(fn, (q, k, v), mode, g)), f"local steps on {plan}"
 
 
-def make_torch_cp(w: Workload, mode: str, world: int, device, dt):
-    """torch's context_parallel around SDPA; returns (callable, note). Raises where it cannot run."""
+def make_torch_cp(w: Workload, mode: str, world: int, device, dt, full=None):
+    """torch's context_parallel around SDPA; returns (callable, note). Raises where it cannot run.
+
+    full: the full-sequence q, k, v and (fwd+bwd) gradient of the output, the same on every rank
+    (default: random, w.L tokens); they are sharded by torch. The callable carries .ctx (the open
+    context: the caller closes it), .mesh, and .fn, .inputs, .g (this rank's shards) for the check.
+    """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.experimental import context_parallel
 
@@ -167,13 +178,17 @@ def make_torch_cp(w: Workload, mode: str, world: int, device, dt):
     except (ImportError, AttributeError):
         pass
     for repeat in (False, True):
-        q, k, v = _full(w, w.L, dt, device)
+        if full is None:
+            bufs = _full(w, w.L, dt, device) + [_rand((w.B, w.Hq, w.L, w.D), dt, device, 7)]
+        else:
+            bufs = [t.clone() for t in full]  # sharded in place below: keep the caller's for the retry
+        bufs = bufs[:4 if grad else 3]
         if repeat:
-            k, v = (t.repeat_interleave(w.Hq // w.Hkv, dim=1) for t in (k, v))
-        ctx = context_parallel(mesh, buffers=[q, k, v], buffer_seq_dims=[2, 2, 2], no_restore_buffers={q, k, v})
-        ctx.__enter__()  # shards q, k, v in place; left open while this peer is timed (closed by the caller)
-        ts = [t.detach().requires_grad_(grad) for t in (q, k, v)]
-        g = torch.randn_like(ts[0]) if grad else None
+            bufs[1:3] = [t.repeat_interleave(w.Hq // w.Hkv, dim=1) for t in bufs[1:3]]
+        ctx = context_parallel(mesh, buffers=bufs, buffer_seq_dims=[2] * len(bufs), no_restore_buffers=set(bufs))
+        ctx.__enter__()  # shards the buffers in place; left open while this peer is timed (closed by the caller)
+        ts = [t.detach().requires_grad_(grad) for t in bufs[:3]]
+        g = bufs[3] if grad else None  # sharded like q, so like the output
 
         def fn(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, is_causal=w.causal, enable_gqa=not repeat)
@@ -185,7 +200,7 @@ def make_torch_cp(w: Workload, mode: str, world: int, device, dt):
                 raise
             continue
         call = (lambda: _step(fn, ts, mode, g))  # noqa: E731
-        call.ctx = ctx  # type: ignore[attr-defined]
+        call.ctx, call.mesh, call.fn, call.inputs, call.g = ctx, mesh, fn, ts, g  # type: ignore[attr-defined]
         return call, note + ("; K/V repeated to Hq heads (enable_gqa failed)" if repeat else "")
     raise AssertionError("unreachable")
 
@@ -194,25 +209,49 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
+def _torch_cp_outputs(w: Workload, mode: str, world: int, device, dt, full) -> list[torch.Tensor]:
+    """torch_cp's output (and, fwd+bwd, dq, dk, dv) for full = [q, k, v, grad of the output],
+    gathered back into sequence order (torch's context_parallel_unshard undoes its load balancing)."""
+    try:
+        from torch.distributed.tensor.experimental import context_parallel_unshard
+    except ImportError:
+        from torch.distributed.tensor.experimental._attention import context_parallel_unshard
+    call, _ = make_torch_cp(w, mode, world, device, dt, full=[t.to(dt) for t in full])
+    try:
+        out = call.fn(*call.inputs)
+        got = [out.detach()]
+        if mode != "fwd":
+            got += torch.autograd.grad(out, call.inputs, call.g)
+        got = context_parallel_unshard(call.mesh, got, [2] * len(got))
+    finally:
+        call.ctx.__exit__(None, None, None)
+    if mode != "fwd" and got[2].shape[1] != w.Hkv:  # K/V were repeated to Hq heads: sum each group's grads
+        got[2:] = [t.unflatten(1, (w.Hkv, -1)).sum(2) for t in got[2:]]
+    return got
+
+
 def check_peer(peer: str, w: Workload, mode: str, rank: int, world: int, device, backend: str) -> float | None:
     """Worst relative error of a distributed peer vs full-sequence float32 attention at a small size."""
-    if peer in ("single", "single_lse", "torch_cp"):
+    if peer in ("single", "single_lse"):
         return None
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     L = CHECK_TOKENS_PER_RANK * world if device.type == "cuda" else 64 * world
-    layout, fn = _cp_fn(peer, w, backend)
     full = _full(w, L, torch.float32, device)
     ref = [t.clone().requires_grad_(True) for t in full]
     r_out = attnkit.attention(*ref, causal=w.causal)
     g = _rand(r_out.shape, torch.float32, device, 7)
-    loc = [cp.shard_sequence(t.to(dt), rank, world, layout=layout).requires_grad_(True) for t in full]
-    out = fn(*loc)
-    errs = [_rel(cp.unshard_sequence(out.detach(), layout=layout), r_out)]
-    if mode != "fwd":
-        grads = torch.autograd.grad(out, loc, cp.shard_sequence(g.to(dt), rank, world, layout=layout))
-        r_grads = torch.autograd.grad(r_out, ref, g)
-        errs += [_rel(cp.unshard_sequence(a, layout=layout), b) for a, b in zip(grads, r_grads)]
-    return max(errs)
+    want = [r_out.detach()] + (list(torch.autograd.grad(r_out, ref, g)) if mode != "fwd" else [])
+    if peer == "torch_cp":
+        got = _torch_cp_outputs(w, mode, world, device, dt, full + [g])
+    else:
+        layout, fn = _cp_fn(peer, w, backend)
+        loc = [cp.shard_sequence(t.to(dt), rank, world, layout=layout).requires_grad_(True) for t in full]
+        out = fn(*loc)
+        got = [out.detach()]
+        if mode != "fwd":
+            got += torch.autograd.grad(out, loc, cp.shard_sequence(g.to(dt), rank, world, layout=layout))
+        got = [cp.unshard_sequence(t, layout=layout) for t in got]
+    return max(_rel(a, b) for a, b in zip(got, want))
 
 
 # --------------------------------------------------------------------------- worker
@@ -281,14 +320,14 @@ def worker(rank: int, world: int, init_file: str, args) -> None:
         timing=(f"harness.time_fn_stats with fixed counts (1 untimed + {args.reps} timed calls, "
                 "median), slowest rank"),
         notes=("per-GPU TFLOP/s: unmasked pairs of the whole attention / P; single: one GPU, q shard [L/P] vs "
-               "K/V [L], no communication; efficiency: per-GPU TFLOP/s / single's; zigzag gain: ring_zigzag / "
+               "K/V [L], no communication; ratio: per-GPU TFLOP/s / the best distributed peer's (BAD rows and "
+               "the single rows never best); ceil: fraction of rank 0's bf16 matmul ceiling; "
+               "efficiency: per-GPU TFLOP/s / single's; zigzag gain: ring_zigzag / "
                f"ring_contiguous (causal); rel err: small-size check vs float32 full attention (BAD > "
                f"{CHECK_REL_TOL:g})"),
     )
     records: list[dict] = []
     for w in workloads(args):
-        if args.only and not any(o in w.name for o in args.only):
-            continue
         rows = []
         for peer in peers_for(w, args.peers):
             rec = run_peer(peer, w, w.mode, rank, world, device, args)
@@ -299,7 +338,7 @@ def worker(rank: int, world: int, init_file: str, args) -> None:
                 chk = f", rel err {rec['rel_err']:.1e}" if rec.get("rel_err") is not None else ""
                 print(f"[{time.perf_counter() - T0:7.1f}s] {w.name} {w.mode} {peer}: {state}{chk} ({rec['note']})",
                       flush=True)
-        fill(rows)
+        fill(rows, ceilings)
         records += rows
         if rank == 0:
             meta["wall_s"] = round(time.perf_counter() - T0, 1)
@@ -312,12 +351,18 @@ def worker(rank: int, world: int, init_file: str, args) -> None:
 
 
 # --------------------------------------------------------------------------- report
-def fill(rows: list[dict]) -> None:
-    """efficiency vs the single row; zigzag gain on the ring_zigzag row."""
+def fill(rows: list[dict], ceilings: dict | None) -> None:
+    """Ratio to the best distributed peer and fraction of the matmul ceiling (harness.fill_ratios: BAD
+    rows are never best; the single rows are the efficiency reference, not peers, so they take no
+    ratio); efficiency vs the single row; zigzag gain on the ring_zigzag row."""
+    H.fill_ratios([r for r in rows if not r["peer"].startswith("single")], ceilings)
+    peak = (ceilings or {}).get("matmul_tflops")
     by = {r["peer"]: r for r in rows if r["status"] == "ok" and r["tflops"]}
     for r in rows:
         if r["status"] != "ok" or not r["tflops"]:
             continue
+        if peak:
+            r["frac_matmul_ceiling"] = r["tflops"] / peak
         if "single" in by and not r["peer"].startswith("single"):
             r["efficiency"] = r["tflops"] / by["single"]["tflops"]
         if r["peer"] == "ring_zigzag" and "ring_contiguous" in by:
@@ -325,14 +370,16 @@ def fill(rows: list[dict]) -> None:
 
 
 def table(records: list[dict]) -> list[str]:
-    lines = ["| workload | mode | peer | ms | TFLOP/s per GPU | efficiency | zigzag gain | rel err | note |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| workload | mode | peer | ms | TFLOP/s per GPU | ratio | ceil | efficiency | zigzag gain | rel err | note |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in records:
         note = r.get("note") or ""
         if r["status"] != "ok":
             note = f"{r['status']}: {H._short(r.get('error'), 200)}"
         bad = " **BAD**" if r.get("correct") is False else ""
+        ceil = None if r["frac_matmul_ceiling"] is None else 100 * r["frac_matmul_ceiling"]
         lines.append(f"| {r['workload']} | {r['mode']} | {r['peer']} | {H._fmt(r['ms'], '.4g')} | {H._fmt(r['tflops'], '.4g')} | "
+                     f"{H._fmt(r['ratio_to_best'], '.2f')} | {H._fmt(ceil, '.1f')}{'%' if ceil is not None else ''} | "
                      f"{H._fmt(r.get('efficiency'), '.2f')} | {H._fmt(r.get('zigzag_gain'), '.2f')} | "
                      f"{H._fmt(r.get('rel_err'), '.1e')}{bad} | {note.replace('|', '/')} |")
     return lines
@@ -368,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5, help="timed calls per peer (fixed: every rank makes the same calls)")
     ap.add_argument("--timeout-s", type=float, default=900.0, help="process-group timeout (a hang fails after it)")
     ap.add_argument("--no-ceilings", action="store_true")
-    ap.add_argument("--list", action="store_true", help="print the workloads, then exit")
+    ap.add_argument("--list", action="store_true", help="print the workloads (those --only selects), then exit")
     args = ap.parse_args(argv)
     if args.lengths is None:
         args.lengths = [128, 256] if args.smoke else [128 * 1024, 512 * 1024]

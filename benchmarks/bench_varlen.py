@@ -17,7 +17,8 @@ forward+backward (grads of q, k, v). Peers, in one process on the same inputs:
 
 TFLOP/s count the pairs each sequence attends (4 * Hq * D per pair forward; fwd+bwd = 3.5x),
 never the padding. ratio: over the best non-attnkit peer. check: relative L2 error of the
-output against sdpa_loop (BAD > 2e-2).
+output against sdpa_loop (BAD > 2e-2). Writes DIR/varlen.json (harness.write_report: every row)
+and DIR/varlen.md.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def peers(q, k, v, cu, lens, causal):
 
 
 def run(out_dir: str | None, smoke: bool) -> None:
-    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     n, lo, hi, D = (16, 64, 4096, 128) if not smoke else (4, 3, 40, 16)
     lens = lengths(n, lo, hi)
@@ -94,7 +95,12 @@ def run(out_dir: str | None, smoke: bool) -> None:
     k = torch.randn(total, HKV, D, device=device, dtype=dtype, generator=g)
     v = torch.randn(total, HKV, D, device=device, dtype=dtype, generator=g)
     do = torch.randn(total, HQ, D, device=device, dtype=dtype, generator=g)
-    ceil = H.measure_ceilings(device) if device.type == "cuda" else {}
+    if device.type != "cuda":
+        ceil = {}
+    elif smoke:  # smaller ceilings, as bench_attention's smoke
+        ceil = H.measure_ceilings(device, matmul_n=2048, copy_bytes=256 << 20, rep=50.0)
+    else:
+        ceil = H.measure_ceilings(device)
     meta = H.collect_meta(device)
     ceiling = f"- bf16 matmul ceiling: {ceil['matmul_tflops']:.1f} TFLOP/s" if ceil else "- CPU smoke run"
     lines = ["# attnkit varlen benchmark (issue 6)", "",
@@ -102,6 +108,7 @@ def run(out_dir: str | None, smoke: bool) -> None:
              f"- torch {torch.__version__}, triton {meta.get('triton')}, attnkit ({meta.get('attnkit_commit')})",
              ceiling,
              f"- {n} sequences, lengths {lens} ({total} tokens), Hq {HQ}, Hkv {HKV}, D {D}, {dtype}", ""]
+    records = []
     for causal in (False, True):
         pairs = sum(H.attended_pairs(L, L, causal=causal) for L in lens)
         fwd_flops = 4.0 * HQ * D * pairs
@@ -118,35 +125,40 @@ def run(out_dir: str | None, smoke: bool) -> None:
                             return fn(q, k, v)
                     leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
                     return torch.autograd.grad(fn(*leaves), leaves, do)
+                wl = "causal" if causal else "dense"
                 try:
                     with torch.no_grad():
                         got = fn(q, k, v).float()
                     err = ((got - want).norm() / want.norm()).item()
                     ms = H.time_fn(call, warmup=10, rep=50)
-                    rows.append((name, ms, flops / ms / 1e9, err, None))
+                    rows.append(H.make_record(wl, mode, name, flops=flops, ms=ms, rel_err=err, correct=err < 2e-2))
                 except Exception as e:  # noqa: BLE001 - a peer that cannot run is recorded
-                    rows.append((name, None, None, None, H.error_summary(H.error_text(e))))
+                    rows.append(H.make_record(wl, mode, name, flops=flops, status="error",
+                                              error=H.error_summary(H.error_text(e))))
                 H.free_memory()
-            ok = [r for r in rows if r[1] is not None and r[3] < 2e-2 and not r[0].startswith("attnkit")]
-            best = max((r[2] for r in ok), default=None)
+            ok = [r for r in rows if r["status"] == "ok" and r["correct"] and not r["peer"].startswith("attnkit")]
+            best = max(ok, key=lambda r: r["tflops"], default=None)
             first = len(lines)
             lines += [f"## {'causal' if causal else 'dense'} — {mode} ({flops / 1e9:.1f} GFLOP)", "",
                       "| peer | ms | TFLOP/s | ratio | ceil | check | note |",
                       "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-            for name, ms, tf, err, note in rows:
-                if ms is None:
-                    lines.append(f"| {name} | - | - | - | - | - | error: {note} |")
+            for r in rows:
+                if r["status"] != "ok":
+                    lines.append(f"| {r['peer']} | - | - | - | - | - | error: {r['error']} |")
                     continue
-                ratio = f"{tf / best:.2f}" if best else "-"
-                frac = f"{100 * tf / ceil['matmul_tflops']:.1f}%" if ceil else "-"
-                bad = " BAD" if err >= 2e-2 else ""
-                lines.append(f"| {name} | {ms:.4f} | {tf:.1f} | {ratio} | {frac} | {err:.1e}{bad} | |")
+                if best:
+                    r["ratio_to_best"], r["ratio_baseline"] = r["tflops"] / best["tflops"], best["peer"]
+                if ceil:
+                    r["frac_matmul_ceiling"] = r["tflops"] / ceil["matmul_tflops"]
+                ratio = f"{r['ratio_to_best']:.2f}" if best else "-"
+                frac = f"{100 * r['frac_matmul_ceiling']:.1f}%" if ceil else "-"
+                bad = "" if r["correct"] else " BAD"
+                lines.append(f"| {r['peer']} | {r['ms']:.4f} | {r['tflops']:.1f} | {ratio} | {frac} | {r['rel_err']:.1e}{bad} | |")
             lines.append("")
+            records += rows
             print("\n".join(lines[first:]), flush=True)
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "varlen.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+        H.write_report(out_dir, "varlen", meta, records, lines, ceilings=ceil, lengths=lens)
 
 
 def main() -> None:

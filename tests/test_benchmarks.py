@@ -57,3 +57,112 @@ def test_decode_read_instrument_reads_every_cached_key_once(block_size, order):
     for paged in (True, False):
         got = bench_decode.read_call(st, paged)().double().view(c.B * c.Hkv, -1).sum(1)  # over the splits
         assert ((got - want).abs() <= tol).all(), (paged, got.tolist(), want.tolist())
+
+
+# --------------------------------------------------------------------------- bench_modules, bench_ring,
+# bench_mixed, bench_varlen (CPU)
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_modules_hand_peer_computes_what_attnkit_computes(dtype):
+    """The hand-written SDPA peer rotates by float64 angles as attnkit does, even after .to(bf16):
+    it matches MultiHeadAttention within 3x of the dtype's own error against float64."""
+    import attnkit
+    import bench_modules
+
+    torch.manual_seed(0)
+    cfg = attnkit.AttentionConfig(d_model=128, n_heads=4, use_rope=True, use_gqa=True, gqa_groups=2)
+    mha = attnkit.MultiHeadAttention(cfg).to(dtype)
+    hand = bench_modules.HandSdpaMHA(mha).to("cpu", dtype)
+    m64 = attnkit.MultiHeadAttention(cfg).double()
+    m64.load_state_dict(mha.state_dict())
+    # x 4: logits large enough for the rotation to matter. The old peer (float32 angles; in bf16, bf16
+    # frequencies: off by radians at position 2047) was ~13x attnkit's own error against float64 here.
+    x = (4 * torch.randn(1, 2048, 128)).to(dtype)
+    with torch.no_grad():
+        ours, theirs, exact = mha(x, causal=True), hand(x), m64(x.double(), causal=True)
+    assert _rel(theirs, ours) <= 3 * _rel(ours, exact)
+
+
+def test_modules_fwd_bwd_flops_count_attention_at_3_5x():
+    import bench_modules
+    import harness
+
+    attn = harness.attention_flops(2, 4, 64, 64, 32, causal=True)
+    proj = 2 * 2 * 64 * 128 * (2 * 128 + 2 * 2 * 32)
+    assert bench_modules.mha_flops(2, 64, 128, 4, 2, "fwd") == attn + proj
+    assert bench_modules.mha_flops(2, 64, 128, 4, 2, "fwd+bwd") == 3.5 * attn + 3 * proj
+
+
+def test_ring_list_prints_only_the_workloads_only_selects(capsys):
+    import bench_ring
+
+    assert bench_ring.main(["--list", "--only", "L128k_causal"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines] == [["L128k_causal", "fwd"], ["L128k_causal", "fwd+bwd"]]
+    assert bench_ring.main(["--list", "--smoke", "--only", "L256", "--modes", "fwd"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["L256_dense", "L256_causal"]
+
+
+def test_ring_ratio_skips_bad_and_single_rows():
+    import bench_ring
+    import harness
+
+    def row(peer, ms, **kw):
+        return harness.make_record("L128k_causal", "fwd", peer, flops=1e12, ms=ms, **kw)
+
+    rows = [row("ring_contiguous", 10, correct=True), row("ring_zigzag", 8, correct=True),
+            row("torch_cp", 5, correct=False, rel_err=0.5), row("single", 4)]
+    bench_ring.fill(rows, {"matmul_tflops": 1000.0})
+    assert [r["ratio_baseline"] for r in rows] == ["ring_zigzag", "ring_zigzag", "ring_zigzag", None]
+    assert rows[0]["ratio_to_best"] == pytest.approx(0.8)
+    assert rows[3]["frac_matmul_ceiling"] == pytest.approx(0.25) and rows[0]["efficiency"] == pytest.approx(0.4)
+    assert "| 0.80 | 10.0% |" in bench_ring.table(rows)[2]
+
+
+def test_mixed_bad_row_is_never_best():
+    import bench_mixed
+    import harness
+
+    ref = torch.randn(2, 16, 8)
+    assert bench_mixed.check(ref + 1e-4 * torch.randn_like(ref), ref)["correct"]
+    wrong = bench_mixed.check(1.1 * ref, ref)
+    assert not wrong["correct"] and wrong["rel_err"] == pytest.approx(0.1, rel=1e-4)
+
+    def row(peer, ms, chk):
+        return harness.make_record("b_8x512_d192", "fwd", peer, flops=1e9, ms=ms, **chk)
+
+    ok = {"correct": True}
+    rows = [row("attnkit", 2.0, ok), row("loop_sdpa", 3.0, ok), row("fused_flex", 1.0, wrong),
+            row("fused_triton", 1.5, ok), row("fused_sdpa_dense", 2.5, ok)]
+    bench_mixed.fill_ratios(rows)
+    by = {r["peer"]: r for r in rows}
+    # attnkit: against the fastest correct peer that is not ours (not fused_flex: BAD; not fused_triton: ours)
+    assert by["attnkit"]["ratio_baseline"] == "fused_sdpa_dense" and by["attnkit"]["ratio_to_best"] == 1.25
+    assert by["loop_sdpa"]["ratio_baseline"] == "fused_triton" and by["fused_flex"]["ratio_baseline"] == "fused_triton"
+
+
+def test_mixed_flops_count_each_pattern_and_the_projections():
+    import bench_mixed
+    from attnkit import AttentionPattern as P, TokenSpec as T
+
+    specs, pats = [T("a", 3), T("b", 5)], [P(["a"], ["a"]), P(["b"], ["a", "b"])]
+    attn, proj = 4 * 2 * 8 * (3 * 3 + 5 * 8), 2 * 2 * 8 * 8 * 4 * 8  # B 2, dim 8 (2 heads of 4), N 8
+    assert bench_mixed.module_flops(specs, pats, 2, 8, 2, "fwd") == attn + proj
+    assert bench_mixed.module_flops(specs, pats, 2, 8, 2, "fwd+bwd") == 3.5 * attn + 3 * proj
+
+
+def test_varlen_smoke_writes_its_json(tmp_path, monkeypatch):
+    import json
+
+    import bench_varlen
+
+    every = bench_varlen.peers  # the SDPA peers only: attnkit's Triton rows crawl in the interpreter
+    monkeypatch.setattr(bench_varlen, "peers", lambda *a: {k: f for k, f in every(*a).items() if k.startswith("sdpa")})
+    bench_varlen.run(str(tmp_path), smoke=True)
+    recs = json.loads((tmp_path / "varlen.json").read_text())["records"]
+    assert len(recs) == 2 * 2 * 2 and (tmp_path / "varlen.md").exists()
+    loop = [r for r in recs if r["peer"] == "sdpa_loop"]
+    assert all(r["status"] == "ok" and r["correct"] and r["tflops"] > 0 for r in loop)

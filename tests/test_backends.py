@@ -483,6 +483,19 @@ def test_score_mod_hidden_tensor_is_refused_by_chunked_and_auto_takes_reference(
         assert attnkit.explain(q, k, v, score_mod=mod, backend="chunked").backend == "chunked"
 
 
+def test_score_mod_global_tensor_under_torch_compile():
+    """torch.compile(fullgraph=True) traces a call whose mod reads a global tensor requiring grad (the
+    request's gradient probe, which walks autograd nodes, stays out of the trace), and the gradient arrives."""
+    q, k, v = make_qkv(1, 2, 2, 5, 6, 8, seed=59)
+    mod, t = _global_mod()
+    f = torch.compile(lambda q, k, v: attnkit.attention(q, k, v, score_mod=mod, backend="reference"),
+                      backend="eager", fullgraph=True)
+    (g,) = torch.autograd.grad(f(q, k, v).pow(2).sum(), [t])
+    (want,) = torch.autograd.grad(attnkit.attention(q, k, v, score_mod=mod, backend="reference").pow(2).sum(), [t])
+    torch.testing.assert_close(g, want)
+    assert want.abs().sum() > 0
+
+
 @pytest.mark.parametrize("make", [_attribute_mod, _global_mod], ids=["attribute", "global"])
 @pytest.mark.parametrize("backend", ["chunked", "auto"])
 def test_score_mod_hidden_tensor_only_grad_is_not_silently_dropped(make, backend):

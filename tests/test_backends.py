@@ -497,6 +497,21 @@ def test_score_mod_global_tensor_under_torch_compile():
 
 
 @pytest.mark.parametrize("make", [_attribute_mod, _global_mod], ids=["attribute", "global"])
+def test_score_mod_tensor_gradient_under_torch_compile_on_auto(make):
+    """auto under torch.compile (graph breaks allowed): the mod's tensor gets its gradient (chunked's Function
+    lost it there, silently), and q's gradient is right."""
+    q, k, v = make_qkv(1, 2, 2, 5, 6, 8, seed=60)
+    q.requires_grad_(True)
+    mod, t = make()
+    f = torch.compile(lambda q, k, v: attnkit.attention(q, k, v, score_mod=mod), backend="eager")
+    got = torch.autograd.grad(f(q, k, v).pow(2).sum(), [q, t])
+    want = torch.autograd.grad(attnkit.attention(q, k, v, score_mod=mod, backend="reference").pow(2).sum(), [q, t])
+    assert want[1].abs().sum() > 0
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("make", [_attribute_mod, _global_mod], ids=["attribute", "global"])
 @pytest.mark.parametrize("backend", ["chunked", "auto"])
 def test_score_mod_hidden_tensor_only_grad_is_not_silently_dropped(make, backend):
     q, k, v = make_qkv(1, 2, 2, 5, 6, 8, seed=55)  # no input requires grad, only the mod's tensor

@@ -295,6 +295,10 @@ def test_linear_attention_gqa_matches_repeated_kv(kind, causal, Hkv):
     compare_grads(got, want, F32_GRAD)
     with pytest.raises(ValueError, match="multiple of Hkv"):
         linear_attention(q, randn(B, 3, L, D, gen=g), randn(B, 3, L, D, gen=g))
+    empty = torch.empty(B, 0, L, D)
+    assert linear_attention(empty, empty, empty).shape == (B, 0, L, D)  # no heads at all: an empty result
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        linear_attention(q, empty, empty)
 
 
 def test_ops_modules_are_not_shadowed_by_their_functions():

@@ -82,10 +82,10 @@ class AttentionRequest:
     def __post_init__(self) -> None:
         # Runs on every attention call: plain locals, no properties.
         q, v, bias, sinks, mod = self.q, self.v, self.bias, self.sinks, self.score_mod
-        # (not while torch.compile traces: the probe walks autograd nodes, which dynamo cannot trace, and
-        # there the mod's globals are lifted into the graph as inputs anyway)
+        # While torch.compile traces, the probe cannot run (it walks autograd nodes) and the chunked
+        # backend's Function loses the mod's captured gradients: every such call counts as one (reference).
         self.mod_grad_elsewhere = (mod is not None and not self.for_backward and torch.is_grad_enabled()
-                                   and not torch.compiler.is_compiling() and _mod_grad_elsewhere(self))
+                                   and (torch.compiler.is_compiling() or _mod_grad_elsewhere(self)))
         self.needs_grad = self.for_backward or torch.is_grad_enabled() and (
             q.requires_grad or self.k.requires_grad or v.requires_grad
             or (bias is not None and bias.requires_grad) or (sinks is not None and sinks.requires_grad)

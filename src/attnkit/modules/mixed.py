@@ -285,7 +285,7 @@ class MixedAttention(nn.Module):
         if key_padding_mask is not None:
             for g, entry in new_cache.items():
                 s, e = lay.spans[g]
-                entry["mask"] = key_padding_mask[:, s:e]
+                entry["mask"] = key_padding_mask[:, s:e].clone()  # the caller's buffer may be reused
         return out, new_cache
 
     def _check_cache(self, lay: _Layout, kv_cache, B: int, x: Tensor) -> KVCacheDict:

@@ -82,7 +82,7 @@ def linear_attention(
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D [B, H, L, D], got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
     if (k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]
-            or q.shape[1] % k.shape[1]):
+            or (q.shape[1] % k.shape[1] if k.shape[1] else q.shape[1])):
         raise ValueError(
             f"linear attention needs q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] with Hq a "
             f"multiple of Hkv; got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}"
@@ -96,7 +96,7 @@ def linear_attention(
     Hkv = k.shape[1]
     ct = torch.promote_types(dtype, torch.float32)
     qf = feature_map(q.to(ct), feature_map_kind, projection)
-    qf = qf.view(B, Hkv, Hq // Hkv, Lq, qf.shape[-1])  # [B, Hkv, G, Lq, M]: a kv head's query group
+    qf = qf.view(B, Hkv, Hq // max(Hkv, 1), Lq, qf.shape[-1])  # [B, Hkv, G, Lq, M]: a kv head's query group
     vf = v.to(ct)
     keep = None
     if key_mask is not None:

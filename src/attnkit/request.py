@@ -82,15 +82,20 @@ class AttentionRequest:
     def __post_init__(self) -> None:
         # Runs on every attention call: plain locals, no properties.
         q, v, bias, sinks, mod = self.q, self.v, self.bias, self.sinks, self.score_mod
-        # While torch.compile traces, the probe cannot run (it walks autograd nodes) and the chunked
-        # backend's Function loses the mod's captured gradients: every such call counts as one (reference).
-        self.mod_grad_elsewhere = (mod is not None and not self.for_backward and torch.is_grad_enabled()
-                                   and (torch.compiler.is_compiling() or _mod_grad_elsewhere(self)))
-        self.needs_grad = self.for_backward or torch.is_grad_enabled() and (
-            q.requires_grad or self.k.requires_grad or v.requires_grad
-            or (bias is not None and bias.requires_grad) or (sinks is not None and sinks.requires_grad)
-            or (mod is not None and _mod_wants_grad(mod)) or self.mod_grad_elsewhere
-        )
+        grad_on = torch.is_grad_enabled()
+        inputs_grad = (q.requires_grad or self.k.requires_grad or v.requires_grad
+                       or (bias is not None and bias.requires_grad) or (sinks is not None and sinks.requires_grad))
+        captured = elsewhere = False
+        if mod is not None and grad_on and not self.for_backward:
+            if torch.compiler.is_compiling():
+                # In a trace neither the closure scan nor the probe can run (dynamo fails on both), and
+                # the chunked backend's Function loses a mod's captured gradients there: count it.
+                elsewhere = True
+            else:
+                tensors = _mod_grad_tensors(mod)
+                captured, elsewhere = bool(tensors), _mod_grad_elsewhere(self, tensors)
+        self.mod_grad_elsewhere = elsewhere
+        self.needs_grad = self.for_backward or grad_on and (inputs_grad or captured or elsewhere)
         self._features = f = self._compute_features()
         qs = q.shape
         self.decode_shaped = qs[2] <= DECODE_MAX_LQ and f.isdisjoint(_NOT_DECODE)
@@ -261,16 +266,17 @@ def _gather_pages(pool: Tensor, block_table: Tensor) -> Tensor:
     return pool[idx].permute(0, 2, 1, 3, 4).reshape(B, H, nb * bs, D)
 
 
-def _mod_wants_grad(fn) -> bool:
+def _mod_grad_tensors(fn) -> list[Tensor]:
+    """The tensors requiring grad that a mod closes over (masks.closure_tensors)."""
     from .masks import closure_tensors  # masks imports this module
 
-    return bool(closure_tensors(fn, requires_grad=True))
+    return closure_tensors(fn, requires_grad=True)
 
 
-def _mod_grad_elsewhere(req: "AttentionRequest") -> bool:
-    from .masks import closure_tensors, grad_outside_closure
+def _mod_grad_elsewhere(req: "AttentionRequest", captured: list[Tensor]) -> bool:
+    from .masks import grad_outside_closure
 
-    return grad_outside_closure(req, closure_tensors(req.score_mod, requires_grad=True))
+    return grad_outside_closure(req, captured)
 
 
 def _shape(t: Tensor) -> str:

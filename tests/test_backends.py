@@ -483,6 +483,26 @@ def test_score_mod_hidden_tensor_is_refused_by_chunked_and_auto_takes_reference(
         assert attnkit.explain(q, k, v, score_mod=mod, backend="chunked").backend == "chunked"
 
 
+_SHARED: dict = {}  # the other output of a node whose first output a mod captures
+
+
+def test_score_mod_hidden_output_of_a_captured_node_gets_its_gradient():
+    """a, b = x.unbind(0): the mod captures a in its closure and reads b from a global. Both are outputs of
+    one autograd node; the gradient through b must not be lost (chunked routes a's only: auto takes reference)."""
+    q, k, v = make_qkv(1, 2, 2, 5, 6, 8, seed=61)
+    x = torch.tensor([[0.3, -0.2], [0.1, 0.4]], requires_grad=True)
+    a, _SHARED["b"] = x.unbind(0)
+
+    def mod(s, b_, h, i, j):
+        return s + (a[h] + _SHARED["b"][h]) * (i - j).to(s.dtype)
+
+    assert attnkit.explain(q, k, v, score_mod=mod).backend == "reference"
+    (g,) = torch.autograd.grad(attnkit.attention(q, k, v, score_mod=mod).pow(2).sum(), [x])
+    (want,) = torch.autograd.grad(attnkit.attention(q, k, v, score_mod=mod, backend="reference").pow(2).sum(), [x])
+    assert want[1].abs().sum() > 0
+    torch.testing.assert_close(g, want)
+
+
 def test_score_mod_global_tensor_under_torch_compile():
     """torch.compile(fullgraph=True) traces a call whose mod reads a global tensor requiring grad (the
     request's gradient probe, which walks autograd nodes, stays out of the trace), and the gradient arrives."""

@@ -178,22 +178,23 @@ def grad_outside_closure(req: AttentionRequest, captured: list[Tensor]) -> bool:
     plain autograd (reference).
 
     Runs the mod on a [B, Hq, 1, 1] probe and walks its autograd graph, stopping at the captured
-    tensors.
+    tensors: at their edges (node, output), not at their whole nodes, since a node's other outputs
+    (`a, b = x.unbind(0)` with only a captured) may carry a gradient the capture does not route.
     """
     with torch.enable_grad():
         probe = apply_score_mod(req, req.q.new_zeros(req.batch, req.heads_q, 1, 1, dtype=torch.float32), 0, 0)
     if probe.grad_fn is None:
         return False
-    stop = {id(t.grad_fn) for t in captured if t.grad_fn is not None}
+    stop = {(id(t.grad_fn), t.output_nr) for t in captured if t.grad_fn is not None}
     leaves = {id(t) for t in captured}
-    todo, seen = [probe.grad_fn], set()
+    todo, seen = [(probe.grad_fn, probe.output_nr)], set()
     while todo:
-        node = todo.pop()
-        if node is None or id(node) in seen or id(node) in stop:
+        node, out = todo.pop()
+        if node is None or id(node) in seen or (id(node), out) in stop:
             continue
         seen.add(id(node))
         var = getattr(node, "variable", None)  # AccumulateGrad holds its leaf
         if var is not None and id(var) not in leaves:
             return True
-        todo.extend(fn for fn, _ in node.next_functions)
+        todo.extend(node.next_functions)  # (node, output index) of each input
     return False

@@ -73,6 +73,9 @@ class AttentionRequest:
     # score_mod reads a tensor requiring grad from where masks.closure_tensors cannot find it (a global):
     # only backends that differentiate the mod with plain autograd can give it its gradient.
     mod_grad_elsewhere: bool = field(init=False)
+    # The tensors requiring grad the score_mod closes over (masks.closure_tensors), when the request
+    # scanned them (a grad-enabled forward outside torch.compile); None otherwise.
+    mod_grad_tensors: list | None = field(init=False)
     _features: frozenset = field(init=False)
     # At most DECODE_MAX_LQ queries and no feature the split-KV decode kernel lacks (mask, bias,
     # mods, dropout, gradients): what the triton backend decodes in place.
@@ -85,17 +88,19 @@ class AttentionRequest:
         grad_on = torch.is_grad_enabled()
         inputs_grad = (q.requires_grad or self.k.requires_grad or v.requires_grad
                        or (bias is not None and bias.requires_grad) or (sinks is not None and sinks.requires_grad))
-        captured = elsewhere = False
+        tensors, elsewhere = None, False
         if mod is not None and grad_on and not self.for_backward:
             if torch.compiler.is_compiling():
                 # In a trace neither the closure scan nor the probe can run (dynamo fails on both), and
                 # the chunked backend's Function loses a mod's captured gradients there: count it.
                 elsewhere = True
             else:
-                tensors = _mod_grad_tensors(mod)
-                captured, elsewhere = bool(tensors), _mod_grad_elsewhere(self, tensors)
-        self.mod_grad_elsewhere = elsewhere
-        self.needs_grad = self.for_backward or grad_on and (inputs_grad or captured or elsewhere)
+                from .masks import closure_tensors, grad_outside_closure  # masks imports this module
+
+                tensors = closure_tensors(mod, requires_grad=True)
+                elsewhere = grad_outside_closure(self, tensors)
+        self.mod_grad_tensors, self.mod_grad_elsewhere = tensors, elsewhere
+        self.needs_grad = self.for_backward or grad_on and (inputs_grad or bool(tensors) or elsewhere)
         self._features = f = self._compute_features()
         qs = q.shape
         self.decode_shaped = qs[2] <= DECODE_MAX_LQ and f.isdisjoint(_NOT_DECODE)
@@ -264,19 +269,6 @@ def _gather_pages(pool: Tensor, block_table: Tensor) -> Tensor:
     _, H, bs, D = pool.shape
     idx = block_table.long().clamp(0, pool.shape[0] - 1)  # unused entries (-1 padding): any block, masked
     return pool[idx].permute(0, 2, 1, 3, 4).reshape(B, H, nb * bs, D)
-
-
-def _mod_grad_tensors(fn) -> list[Tensor]:
-    """The tensors requiring grad that a mod closes over (masks.closure_tensors)."""
-    from .masks import closure_tensors  # masks imports this module
-
-    return closure_tensors(fn, requires_grad=True)
-
-
-def _mod_grad_elsewhere(req: "AttentionRequest", captured: list[Tensor]) -> bool:
-    from .masks import grad_outside_closure
-
-    return grad_outside_closure(req, captured)
 
 
 def _shape(t: Tensor) -> str:

@@ -223,7 +223,9 @@ class ChunkedBackend(Backend):
         if req.score_mod is not None:
             # Their gradients are routed through the autograd Function below; a mod reading a tensor
             # that requires grad from anywhere else never gets here (feature 'score_mod_grad_elsewhere').
-            captured = closure_tensors(req.score_mod, requires_grad=True)
+            captured = req.mod_grad_tensors
+            if captured is None:  # not scanned by the request (no grad, attention_backward)
+                captured = closure_tensors(req.score_mod, requires_grad=True)
         out, lse = _ChunkedAttention.apply(
             req, tiling, req.q, req.k, req.v, req.bias, req.sinks, *captured
         )

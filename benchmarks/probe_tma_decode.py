@@ -6,7 +6,9 @@
 A copy of the decode kernel's split program whose K/V tiles come through host-side tensor descriptors
 (Hopper's TMA engine) instead of pointer loads: contiguous caches and pages of >= BLOCK_N tokens only
 (one block id per tile), full tiles only (the grid's lengths are multiples of 128), no masks, windows,
-softcap or sinks; the splits are merged by the library's own merge launch. Per case it prints K/V GB/s
+softcap or sinks; the splits are merged by the library's merge launch of that day (the tree of b5ea606:
+the merge has since moved into the split kernel, so this probe runs on that tree only, e.g. in
+`git worktree add /tmp/probe b5ea606`). Per case it prints K/V GB/s
 and the ratio to cuDNN over a contiguous cache for the library's kernels and for the TMA kernel over
 five (BLOCK_N, warps, stages) configs and three split counts, with the max |difference| to the
 library's output. --ceilings first measures a 4 GiB streaming read with pointer and TMA loads (1-4
@@ -26,6 +28,10 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 from attnkit.ops import decode_attention as da
 from tune_decode import bench  # median ms of rounds of back-to-back calls
+
+if not hasattr(da, "_decode_merge_kernel"):
+    raise SystemExit("probe_tma_decode.py needs the decode module of b5ea606 (its separate merge launch); "
+                     "run it in a worktree of that commit")
 
 HQ, HKV, D = 32, 8, 128
 

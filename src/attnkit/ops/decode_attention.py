@@ -22,9 +22,12 @@ split with no tile writes an empty partial. num_splits comes from B * Hkv and th
 key length only, never from the lengths' values (no device sync: a decode step stays
 capturable in a CUDA graph), so that small batches with long caches fill the GPU.
 
-Each split writes a float32 partial output (already normalised) and its log-sum-exp; a
-second small kernel merges the splits by log-sum-exp and adds the sinks to the denominator.
-With one split the first kernel finishes its rows itself (no second launch).
+Each split writes a float32 partial output (already normalised) and its log-sum-exp, then
+counts itself in its row block's arrival counter; the split that arrives last merges the block's
+partials by log-sum-exp and adds the sinks to the denominator, so a decode call is one launch.
+(A separate merge kernel, its launch and ramp, cost the H100's split rows 0.1-4% of a call:
+docs/benchmarks.md, "The merge inside the split kernel".) The counters live per (device, stream) and each launch leaves them at zero.
+With one split the program finishes its rows itself.
 
 A paged tile may span several pages (block_size < BLOCK_N): then each key's block id is read
 from the table, masked past the sequence's length, so that padding entries such as -1 are never
@@ -45,8 +48,9 @@ from torch import Tensor
 try:
     import triton
     import triton.language as tl
+    from triton.runtime import driver
 except ImportError:  # pragma: no cover - triton is a hard dependency on Linux
-    triton = tl = None
+    triton = tl = driver = None
 
 from ._launch import INTERPRET, Launch, block_dim as _pow2, cdiv as _cdiv, next_pow2 as _p2, on_device as _on
 
@@ -55,7 +59,7 @@ __all__ = ["decode_attention", "num_splits_for", "TRITON_ERROR", "MAX_LQ"]
 TRITON_ERROR = None if triton is not None else "triton is not installed"
 MAX_LQ = 16  # queries per sequence the kernel takes (request.DECODE_MAX_LQ)
 MAX_SPLITS = 128
-# A split reads at least this many keys: below it the second launch and the partials cost more
+# A split reads at least this many keys: below it the merge and the partials cost more
 # than the parallelism gains (H100, bf16, 2026-11-23: B8 x 1k paged, 1 split 1244 GB/s, 4 splits 749).
 MIN_KEYS_PER_SPLIT = 1024
 _LOG2E = 1.4426950408889634
@@ -67,14 +71,14 @@ if triton is not None:
 
     @triton.jit
     def _decode_split_kernel(
-        Q, K, V, LENS, BT, SINKS, O, LSE, W,
+        Q, K, V, LENS, BT, SINKS, O, LSE, W, CNT,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbtb, sbtn, sob, soh, som, sod,
         Hq, Hkv, G, Lq, LK, NUM_MBLOCKS, NUM_SPLITS, W_LSE, scale, softcap, left, right,
         HAS_LENS: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
         FINAL: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -171,47 +175,54 @@ if triton is not None:
             prow = ((b * Hq + h) * Lq + i) * NUM_SPLITS + split
             tl.store(W + prow[:, None] * DV + dv[None, :], out, mask=row_ok[:, None] & (dv[None, :] < DV))
             tl.store(W + W_LSE + prow, lse, mask=row_ok)
+            # The last split of this row block to finish merges them all: no second launch. The barrier
+            # orders every thread's stores before the release; the acquire orders the reads after the others'.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(CNT + pid, 1, sem="acq_rel", scope="gpu")
+            if arrived == NUM_SPLITS - 1:
+                tl.store(CNT + pid, 0)  # back to zero for the next launch on this stream
+                _merge_splits(W, SINKS, O, LSE, b, hk, mblk, Hq, G, Lq, NUM_SPLITS, W_LSE, sob, soh, som, sod,
+                              HAS_SINKS, STORE_LSE, DV, BLOCK_M, BLOCK_R, BLOCK_S, BLOCK_DV)
 
     @triton.jit
-    def _decode_merge_kernel(
-        W, SINKS, O, LSE, ROWS, Hq, Lq, NUM_SPLITS, W_LSE, sob, soh, som, sod,
-        HAS_SINKS: tl.constexpr, STORE_LSE: tl.constexpr, DV: tl.constexpr, BLOCK_R: tl.constexpr,
-        BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
-    ):
-        """Rows (b, h, i): out = sum_s exp(lse_s - lse) out_s, lse = log(sum_s exp(lse_s) + exp(sink)).
-        Splits are read BLOCK_S at a time (all their loads in flight together)."""
-        row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = row < ROWS
-        i = row % Lq
-        h = (row // Lq) % Hq
-        b = row // (Lq * Hq)
+    def _merge_splits(W, SINKS, O, LSE, b, hk, mblk, Hq, G, Lq, NUM_SPLITS, W_LSE, sob, soh, som, sod,
+                      HAS_SINKS: tl.constexpr, STORE_LSE: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
+        """The rows of row block mblk of (b, kv head hk) from all splits' partials, merged online by
+        log-sum-exp: out = sum_s exp(lse_s - lse) out_s, lse = log(sum_s exp(lse_s) + exp(sink)).
+        BLOCK_R covers the block's rows that can exist (the split loop pads them to 16 for tl.dot);
+        BLOCK_S splits are read at a time, their loads in flight together. The partials come from
+        other programs: read past L1 (.cg)."""
+        r = mblk * BLOCK_M + tl.arange(0, BLOCK_R)
+        row_ok = r < G * Lq
+        i = r % Lq
+        h = hk * G + r // Lq
+        row = (b * Hq + h) * Lq + i
         s = tl.arange(0, BLOCK_S)
-        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        for s0 in range(0, NUM_SPLITS, BLOCK_S):  # the largest partial lse of each row
-            ok = row_ok[:, None] & (s0 + s[None, :] < NUM_SPLITS)
-            m = tl.maximum(m, tl.max(tl.load(W + W_LSE + row[:, None] * NUM_SPLITS + s0 + s[None, :], mask=ok,
-                                             other=float("-inf")), 1))
-        if HAS_SINKS:
-            sink = tl.load(SINKS + h, mask=row_ok, other=float("-inf")).to(tl.float32)
-            m = tl.maximum(m, sink)
-        m_use = tl.where(m == float("-inf"), 0.0, m)
         d = tl.arange(0, BLOCK_DV)
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
         den = tl.zeros([BLOCK_R], tl.float32)
+        if HAS_SINKS:  # the sink opens the denominator with no value
+            m = tl.load(SINKS + h, mask=row_ok, other=float("-inf")).to(tl.float32)
+            den = tl.where(m == float("-inf"), 0.0, 1.0)
         acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
         for s0 in range(0, NUM_SPLITS, BLOCK_S):
             ok = row_ok[:, None] & (s0 + s[None, :] < NUM_SPLITS)
             prow = row[:, None] * NUM_SPLITS + s0 + s[None, :]  # [BLOCK_R, BLOCK_S]
-            w = tl.exp(tl.load(W + W_LSE + prow, mask=ok, other=float("-inf")) - m_use[:, None])  # 0: empty split
-            o = tl.load(W + prow[:, :, None] * DV + d[None, None, :],
-                        mask=ok[:, :, None] & (d[None, None, :] < DV), other=0.0)
-            den += tl.sum(w, 1)
-            acc += tl.sum(w[:, :, None] * o, 1)
-        if HAS_SINKS:
-            den += tl.exp(sink - m_use)
+            ls = tl.load(W + W_LSE + prow, mask=ok, other=float("-inf"), cache_modifier=".cg")  # -inf: empty split
+            o = tl.load(W + prow[:, :, None] * DV + d[None, None, :], mask=ok[:, :, None] & (d[None, None, :] < DV),
+                        other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m, tl.max(ls, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_use)
+            w = tl.exp(ls - m_use[:, None])
+            den = den * alpha + tl.sum(w, 1)
+            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 1)
+            m = m_new
         dead = den == 0.0
         out = acc / tl.where(dead, 1.0, den)[:, None]
-        lse = tl.where(dead, float("-inf"), m_use + tl.log(tl.where(dead, 1.0, den)))
-        tl.store(O + b[:, None] * sob + h[:, None] * soh + i[:, None] * som + d[None, :] * sod,
+        lse = tl.where(dead, float("-inf"), m + tl.log(tl.where(dead, 1.0, den)))
+        tl.store(O + b * sob + h[:, None] * soh + i[:, None] * som + d[None, :] * sod,
                  out.to(O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < DV))
         if STORE_LSE:
             tl.store(LSE + row, lse, mask=row_ok)
@@ -291,7 +302,7 @@ class _Plan:
     layouts and the two launches. Kept per key, so a decode step repeating the last one's shapes
     only allocates and launches."""
 
-    __slots__ = ("out_size", "out_stride", "lse_size", "w_size", "split", "merge")
+    __slots__ = ("out_size", "out_stride", "lse_size", "w_size", "split", "programs")
 
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -345,13 +356,34 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, cache_seqlens: Tensor |
     sk = sinks if sinks is not None else q
     lse_ = lse if return_lse else out
     with _on(q):
-        if plan.merge is None:  # one split: the split kernel writes the output itself
-            plan.split(q, k, v, lens, bt, sk, out, lse_, out)
+        if not plan.programs:  # one split: the split kernel writes the output itself
+            plan.split(q, k, v, lens, bt, sk, out, lse_, out, out)
         else:
             w = torch.empty(plan.w_size, device=device, dtype=torch.float32)
-            plan.split(q, k, v, lens, bt, sk, out, lse_, w)
-            plan.merge(w, sk, out, lse_)
+            plan.split(q, k, v, lens, bt, sk, out, lse_, w, _counters(device, plan.programs))
     return out, lse
+
+
+_COUNTERS: dict[tuple, Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> Tensor:
+    """n zeroed int32 arrival counters for the split programs (one per row block). Every launch leaves
+    them at zero (the last split of a row block resets its counter), so the launches of one stream,
+    which run in order, share one set: one per (device, stream), never a fill per call. While a CUDA
+    graph is being captured, a fresh set per call instead (its zero fill is captured with it, and the
+    graph's memory pool holds it as it holds the partials), so graphs replayed on other streams
+    never share counters with each other or with eager calls."""
+    if device.type != "cuda":  # the interpreter runs programs one at a time, on the host
+        key = (device.type, None, None)
+    elif torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, device=device, dtype=torch.int32)
+    else:
+        key = ("cuda", device.index, driver.active.get_current_stream(device.index))
+    c = _COUNTERS.get(key)
+    if c is None or c.numel() < n:  # a smaller set goes back to its stream's pool, in stream order
+        c = _COUNTERS[key] = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
+    return c
 
 
 def _plan(q: Tensor, k: Tensor, v: Tensor, block_table: Tensor | None, has_lens: bool, scale: float | None,
@@ -374,6 +406,7 @@ def _plan(q: Tensor, k: Tensor, v: Tensor, block_table: Tensor | None, has_lens:
     f32 = q.dtype == torch.float32
     bm, bn, warps, stages = _config(D, DV, f32, rows, paged)
     n_mblocks = _cdiv(rows, bm)
+    br = min(bm, _p2(rows))  # rows of a block that can exist (bm pads them to 16 for tl.dot)
     programs = B * Hkv * n_mblocks
     S = num_splits if num_splits is not None else num_splits_for(programs, LK, q.device)
     S = max(1, min(int(S), _cdiv(LK, bn)))
@@ -395,14 +428,9 @@ def _plan(q: Tensor, k: Tensor, v: Tensor, block_table: Tensor | None, has_lens:
         HAS_LEFT=left is not None, HAS_RIGHT=right is not None, SOFTCAP=softcap is not None,
         HAS_SINKS=has_sinks, FINAL=S == 1, STORE_LSE=store_lse,
         PRECISION="ieee" if f32 else "tf32", UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
-        D=D, DV=DV, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV)),
+        D=D, DV=DV, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV),
+        # the merge's tiles: [rows, splits, Dv] of at most 4096 elements (32 registers a thread at 4 warps)
+        BLOCK_R=br, BLOCK_S=max(1, min(_p2(S), 4096 // (br * _pow2(DV))))),
         num_warps=warps, num_stages=stages, interpret=_INTERPRET, device=q.device.index)
-    p.merge = None
-    if S > 1:
-        br = 16 if _INTERPRET else 1  # the interpreter pays per program; a GPU wants many programs
-        p.merge = Launch(_decode_merge_kernel, (_cdiv(rows_m, br),), (rows_m, Hq, Lq, S, w_lse, *p.out_stride), dict(
-            HAS_SINKS=has_sinks, STORE_LSE=store_lse, DV=DV, BLOCK_R=br, BLOCK_S=min(16, max(2, _p2(S))),
-            BLOCK_DV=_pow2(DV)),
-            num_warps=1 if _INTERPRET else 4, num_stages=1 if _INTERPRET else 2, interpret=_INTERPRET,
-            device=q.device.index)
+    p.programs = programs if S > 1 else 0
     return p

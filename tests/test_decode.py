@@ -263,12 +263,16 @@ def test_decode_kernel_any_split_count(splits, tdevice):
     check(out, lse, ref, base, mask, torch.float32, name=f"{splits} splits")
 
 
-def test_decode_split_counters_return_to_zero(tdevice):
+def test_decode_split_counters_return_to_zero(tdevice, monkeypatch):
     """The split that arrives last merges its row block and resets the block's arrival counter, so
     every launch leaves the counters at zero and the next launch on the stream starts clean: repeated
     calls give the same result, which matches the reference. 16 query heads per kv head x 8 queries
-    = 128 rows: two row blocks per (sequence, kv head), each with its own counter."""
-    d = make_decode(2, 16, 1, 8, 32, [50, 37], 16, device=tdevice, seed=8, sinks=True)
+    = 128 rows: two row blocks per (sequence, kv head), each with its own counter, and at D = 128 each
+    merged 16 rows at a time (the merge's row loop)."""
+    used = []
+    orig = da._counters
+    monkeypatch.setattr(da, "_counters", lambda device, n: used.append(orig(device, n)) or used[-1])
+    d = make_decode(2, 16, 1, 8, 128, [50, 37], 16, device=tdevice, seed=8, sinks=True)
     kw = dict(causal=True)
     ref, base, mask = oracle(d, kw)
     req = build_request(d.q, d.kp, d.vp, **contract_kw(d, kw, True))
@@ -277,10 +281,38 @@ def test_decode_split_counters_return_to_zero(tdevice):
     check(*runs[0], ref, base, mask, torch.float32, name="3 splits, 2 row blocks")
     for out, lse in runs[1:]:
         assert torch.equal(out, runs[0][0]) and torch.equal(lse, runs[0][1])
-    if tdevice == "cuda":
-        torch.cuda.synchronize()
-    counters = [c for c in da._COUNTERS.values() if c.device.type == torch.device(tdevice).type]
-    assert counters and all(int(c.abs().sum()) == 0 for c in counters)
+    assert len(used) == 3 and all(int(c.abs().sum()) == 0 for c in used)
+
+
+@pytest.mark.skipif(not TRITON_INTERPRET, reason="reorders the Triton interpreter's programs")
+def test_decode_splits_merge_in_any_program_order(monkeypatch):
+    """On a GPU the split programs finish in any order, and whichever arrives last in its row block
+    merges it. The interpreter runs them in grid order (each block's last split last); here they run
+    in a random order, over several row blocks and sequences: one counter per row block, the merge
+    reads every split, and a block's merger may run before other blocks' splits (a counter shared by
+    the blocks fails this; the tests in grid order do not see it)."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    set_dim, set_idx = builder.set_grid_dim, builder.set_grid_idx
+    order = []
+
+    def shuffled_dim(x, y, z):
+        order[:] = [(i, j, k) for i in range(x) for j in range(y) for k in range(z)]
+        random.Random(x * 131 + y).shuffle(order)
+        return set_dim(x, y, z)
+
+    monkeypatch.setattr(builder, "set_grid_dim", shuffled_dim)
+    monkeypatch.setattr(builder, "set_grid_idx", lambda x, y, z: set_idx(*order.pop()))
+    for B, Hq, Hkv, Lq, lens, splits in [(2, 4, 2, 1, [100, 60], 4), (2, 20, 1, 4, [70, 33], 5),
+                                         (3, 8, 2, 2, [90, 0, 40], 3)]:
+        d = make_decode(B, Hq, Hkv, Lq, 16, lens, 16, device="cpu", seed=B * Hq + splits, sinks=True)
+        kw = dict(causal=True)
+        ref, base, mask = oracle(d, kw)
+        req = build_request(d.q, d.kp, d.vp, **contract_kw(d, kw, True))
+        out, lse = da.decode_attention(d.q, d.kp, d.vp, cache_seqlens=d.lens, block_table=d.table, scale=req.scale,
+                                       sinks=d.sinks, bounds=req.key_bounds, num_splits=splits)
+        check(out, lse, ref, base, mask, torch.float32, name=f"B{B} Hq{Hq} Lq{Lq} {splits} splits, shuffled")
 
 
 @pytest.mark.parametrize("Lq", [1, 3])
@@ -929,45 +961,51 @@ def test_cuda_graph_decode_loop():
 
 @pytest.mark.cuda
 def test_cuda_split_decode_in_graphs_and_on_streams():
-    """Split decoding on several streams at once: a captured graph replayed on a side stream while
-    eager calls run on two others. Each stream has its own arrival counters and the graph its own
-    (made during capture), so no launch sees another's counts: every result equals its value when
-    run alone, bit for bit (the merge reads the splits in a fixed order)."""
+    """Split decoding on several streams at once: two captured graphs (torch captures both on one
+    shared capture stream) replayed at the same time on two streams, while eager calls run on two
+    others. Each stream has its own arrival counters and each graph its own (made during capture),
+    so no launch sees another's counts: every result equals its value when run alone, bit for bit
+    (the merge reads the splits in a fixed order)."""
     torch.manual_seed(35)
     B, Hq, Hkv, D, L = 2, 32, 8, 128, 8192
     dt = torch.bfloat16
     k = torch.randn(B, Hkv, L, D, device="cuda", dtype=dt)
     v = torch.randn(B, Hkv, L, D, device="cuda", dtype=dt)
-    qs = [torch.randn(B, Hq, 1, D, device="cuda", dtype=dt) for _ in range(3)]
+    qs = [torch.randn(B, Hq, 1, D, device="cuda", dtype=dt) for _ in range(4)]
     lens = torch.tensor([8000, 3001], dtype=torch.int32, device="cuda")
 
     def call(q):
         return da.decode_attention(q, k, v, cache_seqlens=lens, num_splits=4)
 
     alone = [call(q) for q in qs]
-    streams = [torch.cuda.Stream() for _ in range(3)]
+    streams = [torch.cuda.Stream() for _ in range(4)]
     main = torch.cuda.current_stream()
+    graphed = (0, 3)
     with torch.no_grad():
         streams[0].wait_stream(main)
         with torch.cuda.stream(streams[0]):
             call(qs[0])
         main.wait_stream(streams[0])
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static = call(qs[0])
+        graphs, static = {}, {}
+        for i in graphed:
+            graphs[i] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graphs[i]):
+                static[i] = call(qs[i])
         for _ in range(10):
             results = {}
             for s in streams:
                 s.wait_stream(main)
-            with torch.cuda.stream(streams[0]):
-                graph.replay()
+            for i in graphed:
+                with torch.cuda.stream(streams[i]):
+                    graphs[i].replay()
             for i in (1, 2):
                 with torch.cuda.stream(streams[i]):
                     results[i] = [call(qs[i]) for _ in range(3)]
             for s in streams:
                 main.wait_stream(s)
             torch.cuda.synchronize()
-            assert torch.equal(static[0], alone[0][0]) and torch.equal(static[1], alone[0][1])
+            for i in graphed:
+                assert torch.equal(static[i][0], alone[i][0]) and torch.equal(static[i][1], alone[i][1])
             for i in (1, 2):
                 for out, lse in results[i]:
                     assert torch.equal(out, alone[i][0]) and torch.equal(lse, alone[i][1])

@@ -78,7 +78,8 @@ if triton is not None:
         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
         FINAL: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MERGE_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_S: tl.constexpr,
     ):
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -181,19 +182,24 @@ if triton is not None:
             arrived = tl.atomic_add(CNT + pid, 1, sem="acq_rel", scope="gpu")
             if arrived == NUM_SPLITS - 1:
                 tl.store(CNT + pid, 0)  # back to zero for the next launch on this stream
-                _merge_splits(W, SINKS, O, LSE, b, hk, mblk, Hq, G, Lq, NUM_SPLITS, W_LSE, sob, soh, som, sod,
-                              HAS_SINKS, STORE_LSE, DV, BLOCK_M, BLOCK_R, BLOCK_S, BLOCK_DV)
+                if MERGE_ROWS == BLOCK_R:  # the usual case (a few rows): one pass, no loop
+                    _merge_splits(W, SINKS, O, LSE, b, hk, mblk * BLOCK_M, Hq, G, Lq, NUM_SPLITS, W_LSE,
+                                  sob, soh, som, sod, HAS_SINKS, STORE_LSE, DV, BLOCK_R, BLOCK_S, BLOCK_DV)
+                else:  # BLOCK_R rows at a time: unrolled, the passes' registers would add up
+                    for r0 in range(0, MERGE_ROWS, BLOCK_R):
+                        _merge_splits(W, SINKS, O, LSE, b, hk, mblk * BLOCK_M + r0, Hq, G, Lq, NUM_SPLITS, W_LSE,
+                                      sob, soh, som, sod, HAS_SINKS, STORE_LSE, DV, BLOCK_R, BLOCK_S, BLOCK_DV)
 
     @triton.jit
-    def _merge_splits(W, SINKS, O, LSE, b, hk, mblk, Hq, G, Lq, NUM_SPLITS, W_LSE, sob, soh, som, sod,
-                      HAS_SINKS: tl.constexpr, STORE_LSE: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
-        """The rows of row block mblk of (b, kv head hk) from all splits' partials, merged online by
-        log-sum-exp: out = sum_s exp(lse_s - lse) out_s, lse = log(sum_s exp(lse_s) + exp(sink)).
-        BLOCK_R covers the block's rows that can exist (the split loop pads them to 16 for tl.dot);
-        BLOCK_S splits are read at a time, their loads in flight together. The partials come from
-        other programs: read past L1 (.cg)."""
-        r = mblk * BLOCK_M + tl.arange(0, BLOCK_R)
+    def _merge_splits(W, SINKS, O, LSE, b, hk, first, Hq, G, Lq, NUM_SPLITS, W_LSE, sob, soh, som, sod,
+                      HAS_SINKS: tl.constexpr, STORE_LSE: tl.constexpr, DV: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
+        """Rows first .. first + BLOCK_R of kv head hk's group (of sequence b) from all splits' partials,
+        merged online by log-sum-exp: out = sum_s exp(lse_s - lse) out_s, lse = log(sum_s exp(lse_s) +
+        exp(sink)). BLOCK_S splits at a time, their loads in flight together; BLOCK_R and BLOCK_S are
+        small enough that the merge needs no more registers than the key loop before it. The partials
+        come from other programs: read past L1 (.cg)."""
+        r = first + tl.arange(0, BLOCK_R)
         row_ok = r < G * Lq
         i = r % Lq
         h = hk * G + r // Lq
@@ -299,7 +305,7 @@ def _config(d: int, dv: int, f32: bool, rows: int, paged: bool = False) -> tuple
 
 class _Plan:
     """Everything a decode call derives from its key (shapes, strides, dtype, flags): the outputs'
-    layouts and the two launches. Kept per key, so a decode step repeating the last one's shapes
+    layouts and the launch. Kept per key, so a decode step repeating the last one's shapes
     only allocates and launches."""
 
     __slots__ = ("out_size", "out_stride", "lse_size", "w_size", "split", "programs")
@@ -374,12 +380,13 @@ def _counters(device: torch.device, n: int) -> Tensor:
     graph is being captured, a fresh set per call instead (its zero fill is captured with it, and the
     graph's memory pool holds it as it holds the partials), so graphs replayed on other streams
     never share counters with each other or with eager calls."""
-    if device.type != "cuda":  # the interpreter runs programs one at a time, on the host
-        key = (device.type, None, None)
-    elif torch.cuda.is_current_stream_capturing():
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        # The interpreter: a launch stopped part-way (an exception, Ctrl-C) would leave counts behind
+        # for every later call, where on a GPU it ends the context; zeros cost nothing next to it.
         return torch.zeros(n, device=device, dtype=torch.int32)
-    else:
-        key = ("cuda", device.index, driver.active.get_current_stream(device.index))
+    # Streams by their raw handle: one that is destroyed while its work still runs and whose handle
+    # comes back (an ExternalStream) would share a set; torch's own streams are pooled, never destroyed.
+    key = (device.index, driver.active.get_current_stream(device.index))
     c = _COUNTERS.get(key)
     if c is None or c.numel() < n:  # a smaller set goes back to its stream's pool, in stream order
         c = _COUNTERS[key] = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
@@ -406,7 +413,7 @@ def _plan(q: Tensor, k: Tensor, v: Tensor, block_table: Tensor | None, has_lens:
     f32 = q.dtype == torch.float32
     bm, bn, warps, stages = _config(D, DV, f32, rows, paged)
     n_mblocks = _cdiv(rows, bm)
-    br = min(bm, _p2(rows))  # rows of a block that can exist (bm pads them to 16 for tl.dot)
+    br = min(bm, _p2(rows), max(1, 2048 // _pow2(DV)))  # rows the merge takes at a time (see BLOCK_S)
     programs = B * Hkv * n_mblocks
     S = num_splits if num_splits is not None else num_splits_for(programs, LK, q.device)
     S = max(1, min(int(S), _cdiv(LK, bn)))
@@ -429,8 +436,10 @@ def _plan(q: Tensor, k: Tensor, v: Tensor, block_table: Tensor | None, has_lens:
         HAS_SINKS=has_sinks, FINAL=S == 1, STORE_LSE=store_lse,
         PRECISION="ieee" if f32 else "tf32", UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
         D=D, DV=DV, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV),
-        # the merge's tiles: [rows, splits, Dv] of at most 4096 elements (32 registers a thread at 4 warps)
-        BLOCK_R=br, BLOCK_S=max(1, min(_p2(S), 4096 // (br * _pow2(DV))))),
+        # the merge's tiles: [rows, Dv] of at most 2048 elements, [rows, splits, Dv] of at most 4096 (16 and
+        # 32 registers a thread at 4 warps: 64 rows at once spilled at D = 128 and 256); MERGE_ROWS: the
+        # rows of a block that can exist (the key loop pads them to 16 for tl.dot)
+        MERGE_ROWS=min(bm, _p2(rows)), BLOCK_R=br, BLOCK_S=max(1, min(_p2(S), 4096 // (br * _pow2(DV))))),
         num_warps=warps, num_stages=stages, interpret=_INTERPRET, device=q.device.index)
     p.programs = programs if S > 1 else 0
     return p

@@ -24,10 +24,11 @@ capturable in a CUDA graph), so that small batches with long caches fill the GPU
 
 Each split writes a float32 partial output (already normalised) and its log-sum-exp, then
 counts itself in its row block's arrival counter; the split that arrives last merges the block's
-partials by log-sum-exp and adds the sinks to the denominator, so a decode call is one launch.
-(A separate merge kernel, its launch and ramp, cost the H100's split rows 0.1-4% of a call:
-docs/benchmarks.md, "The merge inside the split kernel".) The counters live per (device, stream) and each launch leaves them at zero.
-With one split the program finishes its rows itself.
+partials by log-sum-exp and adds the sinks to the denominator, so a decode call is one launch
+(a separate merge kernel, its launch and ramp, cost the H100's split rows 0.1-4% of a call:
+docs/benchmarks.md, "The merge inside the split kernel"). On a GPU the counters live per
+(device, stream), and each launch leaves them at zero. With one split the program finishes its
+rows itself.
 
 A paged tile may span several pages (block_size < BLOCK_N): then each key's block id is read
 from the table, masked past the sequence's length, so that padding entries such as -1 are never
@@ -185,7 +186,7 @@ if triton is not None:
                 if MERGE_ROWS == BLOCK_R:  # the usual case (a few rows): one pass, no loop
                     _merge_splits(W, SINKS, O, LSE, b, hk, mblk * BLOCK_M, Hq, G, Lq, NUM_SPLITS, W_LSE,
                                   sob, soh, som, sod, HAS_SINKS, STORE_LSE, DV, BLOCK_R, BLOCK_S, BLOCK_DV)
-                else:  # BLOCK_R rows at a time: unrolled, the passes' registers would add up
+                else:  # BLOCK_R rows at a time, in a loop (unrolled, the passes' registers would add up)
                     for r0 in range(0, MERGE_ROWS, BLOCK_R):
                         _merge_splits(W, SINKS, O, LSE, b, hk, mblk * BLOCK_M + r0, Hq, G, Lq, NUM_SPLITS, W_LSE,
                                       sob, soh, som, sod, HAS_SINKS, STORE_LSE, DV, BLOCK_R, BLOCK_S, BLOCK_DV)

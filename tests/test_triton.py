@@ -368,36 +368,39 @@ def test_one_axis_grid_matches_three_axis_grid(shared_bias, tdevice, monkeypatch
         assert_close_rel(a, r, rtol=5e-5, name=f"grad {n}")
 
 
-def test_paired_dq_programs_match_single(tdevice, monkeypatch):
-    """With a bias shared by the batch and its gradient, each dQ program takes two batch rows and
+@pytest.mark.parametrize("rows", [2, 4])
+def test_grouped_dq_programs_match_single(tdevice, monkeypatch, rows):
+    """With a bias shared by the batch and its gradient, each dQ program takes `rows` batch rows and
     adds their ds before one atomic: that path (GQA, causal, a per-row key-padding mask, odd
     lengths) must give what one row per program gives, and match the float64 reference. (Without
     a mask it runs in every shared-bias gradient test, e.g. group_pair_bias.)"""
-    B, Hq, Hkv, Lq, Lk, D = 2, 4, 2, 37, 45, 16  # one pair of rows per program
+    B, Hq, Hkv, Lq, Lk, D = 4, 4, 2, 37, 45, 16
     q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, D, seed=21, device=tdevice)
     g = torch.Generator().manual_seed(22)
     bias = randn(1, Hq, Lq, Lk, gen=g, device=tdevice)
     g_out = randn(B, Hq, Lq, D, gen=g, device=tdevice)
-    mask = _keypad(B, Hq, Lq, Lk, g)["mask"].to(tdevice)  # differs per row: the second row's mask pointer
+    mask = _keypad(B, Hq, Lq, Lk, g)["mask"].to(tdevice)  # differs per row: each row's own mask pointer
 
     def run():
         leaves = [x.clone().requires_grad_(True) for x in (q, k, v, bias)]
         out = _triton(*leaves[:3], bias=leaves[3], mask=mask, causal=True)
         return [out, *torch.autograd.grad((out * g_out).sum(), leaves)]
 
-    assert fa._pair_rows(bias, True, B) and not fa._pair_rows(bias, True, 3)
-    assert not fa._pair_rows(bias, False, B) and not fa._pair_rows(bias.expand(B, -1, -1, -1), True, B)
-    paired = run()
-    monkeypatch.setattr(fa, "_PAIR", False)
-    assert not fa._pair_rows(bias, True, B)
+    monkeypatch.setattr(fa, "_ROWS", rows)
+    assert fa._batch_rows(bias, True, B) == rows and fa._batch_rows(bias, True, 6) == 2
+    assert fa._batch_rows(bias, True, 3) == 1 and fa._batch_rows(bias, False, B) == 1
+    assert fa._batch_rows(bias.expand(B, -1, -1, -1), True, B) == 1
+    grouped = run()
+    monkeypatch.setattr(fa, "_ROWS", 1)
+    assert fa._batch_rows(bias, True, B) == 1
     single = run()
-    for name, a, b in zip(["out", "dq", "dk", "dv", "dbias"], paired, single):
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dbias"], grouped, single):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     l64 = [x.double().requires_grad_(True) for x in (q, k, v, bias)]
     ref = attnkit.attention(*l64[:3], bias=l64[3], mask=mask, causal=True, backend="reference")
     refg = torch.autograd.grad((ref * g_out.double()).sum(), l64)
-    assert_close_rel(paired[0], ref)
-    for n, a, r in zip(["dq", "dk", "dv", "dbias"], paired[1:], refg):
+    assert_close_rel(grouped[0], ref)
+    for n, a, r in zip(["dq", "dk", "dv", "dbias"], grouped[1:], refg):
         assert_close_rel(a, r, rtol=5e-5, name=f"grad {n}")
 
 

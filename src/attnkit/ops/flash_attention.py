@@ -483,32 +483,35 @@ if triton is not None:
         return _mma(ds.to(k.dtype), k, dq, PRECISION, UPCAST), ds
 
     @triton.jit
-    def _dq_step(dq, dq2, q, do, lse, delta, q2, do2, lse2, delta2, offs_m, row_ok, ld_rows, start_n, lo, hi, LK, LKP,
-                 k_base, v_base, mask_bh, k_base2, v_base2, mask_bh2, skn, skd, svn, svd,
+    def _dq_step(dqs, qs, dos, lses, deltas, offs_m, row_ok, ld_rows, start_n, lo, hi, LK, LKP,
+                 k_base, v_base, mask_bh, skb, svb, smb, skn, skd, svn, svd,
                  D, DV, smm, smn, bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, scale, softcap, exp_scale,
                  offset, left, right,
                  HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
                  HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
                  BIAS_GRAD: tl.constexpr, DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr, DB_ATOMIC: tl.constexpr,
-                 PAIR: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 ROWS: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_DV: tl.constexpr):
-        """One key tile of dQ for batch row b (and b + 1 when PAIR), then the bias gradient: the
-        pair's ds add up before the one atomic add (a bias shared by the batch)."""
-        dq, ds = _dq_tile(dq, q, do, lse, delta, ld_rows, start_n, lo, hi, LK, LKP, k_base, skn, skd,
-                          v_base, svn, svd, D, DV, mask_bh, smm, smn, bias_bh, sbm, sbn, scale, softcap, exp_scale,
-                          offset, left, right, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST,
-                          BIG, TILE, BLOCK_N, BLOCK_D, BLOCK_DV)
-        if PAIR:
-            dq2, ds2 = _dq_tile(dq2, q2, do2, lse2, delta2, ld_rows, start_n, lo, hi, LK, LKP, k_base2, skn, skd,
-                                v_base2, svn, svd, D, DV, mask_bh2, smm, smn, bias_bh, sbm, sbn, scale, softcap,
-                                exp_scale, offset, left, right, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT,
-                                PRECISION, UPCAST, BIG, TILE, BLOCK_N, BLOCK_D, BLOCK_DV)
-            ds += ds2
+        """One key tile of dQ for the program's ROWS batch rows (tuples of their operands), then the
+        bias gradient: the rows' ds add up before the one atomic add (a bias shared by the batch)."""
+        dq0, ds = _dq_tile(dqs[0], qs[0], dos[0], lses[0], deltas[0], ld_rows, start_n, lo, hi, LK, LKP, k_base,
+                           skn, skd, v_base, svn, svd, D, DV, mask_bh, smm, smn, bias_bh, sbm, sbn, scale, softcap,
+                           exp_scale, offset, left, right, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT,
+                           PRECISION, UPCAST, BIG, TILE, BLOCK_N, BLOCK_D, BLOCK_DV)
+        out = (dq0,)
+        for r in tl.static_range(1, ROWS):  # the next rows share the bias tile (bias_bh)
+            dq_r, ds_r = _dq_tile(dqs[r], qs[r], dos[r], lses[r], deltas[r], ld_rows, start_n, lo, hi, LK, LKP,
+                                  k_base + r * skb, skn, skd, v_base + r * svb, svn, svd, D, DV, mask_bh + r * smb,
+                                  smm, smn, bias_bh, sbm, sbn, scale, softcap, exp_scale, offset, left, right,
+                                  HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG, TILE,
+                                  BLOCK_N, BLOCK_D, BLOCK_DV)
+            out = out + (dq_r,)
+            ds += ds_r
         if BIAS_GRAD:  # d loss / d bias = ds, summed over the bias's broadcast dims
             offs_n, col_ok, exists, tile_mem = _key_cols(start_n, lo, hi, LK, LKP, BLOCK_N, BIG, TILE)
             _bias_grad(dbias_bh, ds, offs_m, row_ok, offs_n, col_ok, exists, tile_mem, sdbm, sdbn,
                        DB_SUM_M, DB_SUM_N, DB_ATOMIC)
-        return dq, dq2
+        return out
 
     @triton.jit
     def _bwd_dq_kernel(
@@ -520,81 +523,73 @@ if triton is not None:
         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, EDGES: tl.constexpr, TAIL: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr, HEAD_MAJOR: tl.constexpr, GRID3: tl.constexpr,
         BIAS_GRAD: tl.constexpr, DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr, DB_ATOMIC: tl.constexpr,
-        PAIR: tl.constexpr, HAS_DLSE: tl.constexpr,
+        ROWS: tl.constexpr, HAS_DLSE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
-        """dQ of one query block of batch row b; PAIR: of rows b and b + 1 (BATCH counts pairs),
-        which then share one bias-gradient atomic per tile: half the atomic traffic of a bias
-        broadcast over the batch, the cost that bounds this kernel there. It also writes the rows'
-        delta for the dK/dV kernel (the query blocks cover every row)."""
+        """dQ of one query block of batch rows b .. b + ROWS - 1 (BATCH counts groups of ROWS), which
+        share one bias-gradient atomic per tile: 1 / ROWS of the atomic traffic of a bias broadcast
+        over the batch, the cost that bounds this kernel there. It also writes the rows' delta for
+        the dK/dV kernel (the query blocks cover every row)."""
         blk, bh, b, h, hk = _program(NBLOCKS, H, GROUP, BATCH, HEAD_MAJOR, GRID3, BIG)
-        if PAIR:
-            b = 2 * b
-            bh = b * H + h
+        b = ROWS * b
+        bh = b * H + h
         q_start, q_end, qset, offs_m, row_ok = _query_block(QTAB, blk, BLOCK_M, BIG)
         dbias_bh = DBIAS + b * sdbb + h * sdbh
-        bias_bh = BIAS + b * sbb + h * sbh
-        q = _load(Q + b * sqb + h * sqh, offs_m, row_ok, sqm, sqd, D, BLOCK_D)
+        bias_bh = BIAS + b * sbb + h * sbh  # ROWS > 1 needs a bias broadcast over the batch: shared
         ld_rows = _load_rows(offs_m, q_end)
-        do = _load(DO + b * sdob + h * sdoh, offs_m, row_ok, sdom, sdod, DV, BLOCK_DV)
-        lse = _lse_log2(LSE + bh.to(tl.int64) * Lq, offs_m, row_ok)
-        delta = _row_delta(O + b * sob + h * soh, do, DLSE, DELTA, bh, Lq, offs_m, row_ok, som, sod, DV,
-                           HAS_DLSE, BLOCK_DV)
+        qs = ()
+        dos = ()
+        lses = ()
+        deltas = ()
+        dqs = ()
+        for r in tl.static_range(ROWS):
+            q = _load(Q + (b + r) * sqb + h * sqh, offs_m, row_ok, sqm, sqd, D, BLOCK_D)
+            do = _load(DO + (b + r) * sdob + h * sdoh, offs_m, row_ok, sdom, sdod, DV, BLOCK_DV)
+            qs = qs + (q,)
+            dos = dos + (do,)
+            lses = lses + (_lse_log2(LSE + (bh + r * H).to(tl.int64) * Lq, offs_m, row_ok),)
+            deltas = deltas + (_row_delta(O + (b + r) * sob + h * soh, do, DLSE, DELTA, bh + r * H, Lq, offs_m,
+                                          row_ok, som, sod, DV, HAS_DLSE, BLOCK_DV),)
+            dqs = dqs + (tl.zeros([BLOCK_M, BLOCK_D], tl.float32),)
         k_base = K + b * skb + hk * skh
         v_base = V + b * svb + hk * svh
         mask_bh = MASK + b * smb + h * smh
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        if PAIR:  # the second row's operands (bias_bh is shared: PAIR needs a bias broadcast over the batch)
-            bh2 = bh + H
-            q2 = _load(Q + (b + 1) * sqb + h * sqh, offs_m, row_ok, sqm, sqd, D, BLOCK_D)
-            do2 = _load(DO + (b + 1) * sdob + h * sdoh, offs_m, row_ok, sdom, sdod, DV, BLOCK_DV)
-            lse2 = _lse_log2(LSE + bh2.to(tl.int64) * Lq, offs_m, row_ok)
-            delta2 = _row_delta(O + (b + 1) * sob + h * soh, do2, DLSE, DELTA, bh2, Lq, offs_m, row_ok, som, sod,
-                                DV, HAS_DLSE, BLOCK_DV)
-            k_base2 = k_base + skb
-            v_base2 = v_base + svb
-            mask_bh2 = mask_bh + smb
-            dq2 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        else:  # placeholders: never read
-            q2, do2, lse2, delta2, k_base2, v_base2, mask_bh2, dq2 = q, do, lse, delta, k_base, v_base, mask_bh, dq
         for si in range(tl.load(SEGPTR + qset), tl.load(SEGPTR + qset + 1)):
             lo, hi, t0, i0, i1, below, t_end = _key_range(SEGS, si, q_start, q_end, offset, left, right, LK,
                                                           HAS_LEFT, HAS_RIGHT, BLOCK_N)
             if EDGES:
                 for t in range(t0, i0):  # edge tiles before the interior
-                    dq, dq2 = _dq_step(
-                        dq, dq2, q, do, lse, delta, q2, do2, lse2, delta2, offs_m, row_ok, ld_rows, t * BLOCK_N, lo, hi, LK, LKP,
-                        k_base, v_base, mask_bh, k_base2, v_base2, mask_bh2, skn, skd, svn, svd, D, DV, smm, smn,
+                    dqs = _dq_step(
+                        dqs, qs, dos, lses, deltas, offs_m, row_ok, ld_rows, t * BLOCK_N, lo, hi, LK, LKP,
+                        k_base, v_base, mask_bh, skb, svb, smb, skn, skd, svn, svd, D, DV, smm, smn,
                         bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, scale, softcap, exp_scale, offset, left, right,
                         HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG, BIAS_GRAD, DB_SUM_M,
-                        DB_SUM_N, DB_ATOMIC, PAIR, 1, BLOCK_N, BLOCK_D, BLOCK_DV)
+                        DB_SUM_N, DB_ATOMIC, ROWS, 1, BLOCK_N, BLOCK_D, BLOCK_DV)
             for t in range(i0, i1):  # interior tiles: no per-pair test
-                dq, dq2 = _dq_step(dq, dq2, q, do, lse, delta, q2, do2, lse2, delta2, offs_m, row_ok, ld_rows, t * BLOCK_N,
-                                   lo, hi, LK, LKP, k_base, v_base, mask_bh, k_base2, v_base2, mask_bh2,
-                                   skn, skd, svn, svd,
-                                   D, DV, smm, smn, bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, scale, softcap, exp_scale,
-                                   offset, left, right, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION,
-                                   UPCAST, BIG, BIAS_GRAD, DB_SUM_M, DB_SUM_N, DB_ATOMIC, PAIR,
-                                   0, BLOCK_N, BLOCK_D, BLOCK_DV)
+                dqs = _dq_step(
+                    dqs, qs, dos, lses, deltas, offs_m, row_ok, ld_rows, t * BLOCK_N, lo, hi, LK, LKP,
+                    k_base, v_base, mask_bh, skb, svb, smb, skn, skd, svn, svd, D, DV, smm, smn,
+                    bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, scale, softcap, exp_scale, offset, left, right,
+                    HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG, BIAS_GRAD, DB_SUM_M,
+                    DB_SUM_N, DB_ATOMIC, ROWS, 0, BLOCK_N, BLOCK_D, BLOCK_DV)
             if EDGES:
                 for t in range(i1, below):  # edge tiles after it
-                    dq, dq2 = _dq_step(
-                        dq, dq2, q, do, lse, delta, q2, do2, lse2, delta2, offs_m, row_ok, ld_rows, t * BLOCK_N, lo, hi, LK, LKP,
-                        k_base, v_base, mask_bh, k_base2, v_base2, mask_bh2, skn, skd, svn, svd, D, DV, smm, smn,
+                    dqs = _dq_step(
+                        dqs, qs, dos, lses, deltas, offs_m, row_ok, ld_rows, t * BLOCK_N, lo, hi, LK, LKP,
+                        k_base, v_base, mask_bh, skb, svb, smb, skn, skd, svn, svd, D, DV, smm, smn,
                         bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, scale, softcap, exp_scale, offset, left, right,
                         HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG, BIAS_GRAD, DB_SUM_M,
-                        DB_SUM_N, DB_ATOMIC, PAIR, 1, BLOCK_N, BLOCK_D, BLOCK_DV)
+                        DB_SUM_N, DB_ATOMIC, ROWS, 1, BLOCK_N, BLOCK_D, BLOCK_DV)
             if TAIL:
                 for t in range(tl.maximum(t0, LK // BLOCK_N), t_end):  # the tile across LK, if any
-                    dq, dq2 = _dq_step(
-                        dq, dq2, q, do, lse, delta, q2, do2, lse2, delta2, offs_m, row_ok, ld_rows, t * BLOCK_N, lo, hi, LK, LKP,
-                        k_base, v_base, mask_bh, k_base2, v_base2, mask_bh2, skn, skd, svn, svd, D, DV, smm, smn,
+                    dqs = _dq_step(
+                        dqs, qs, dos, lses, deltas, offs_m, row_ok, ld_rows, t * BLOCK_N, lo, hi, LK, LKP,
+                        k_base, v_base, mask_bh, skb, svb, smb, skn, skd, svn, svd, D, DV, smm, smn,
                         bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, scale, softcap, exp_scale, offset, left, right,
                         HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG, BIAS_GRAD, DB_SUM_M,
-                        DB_SUM_N, DB_ATOMIC, PAIR, 2, BLOCK_N, BLOCK_D, BLOCK_DV)
-        _store(DQ + b * sdqb + h * sdqh, offs_m, row_ok, sdqm, sdqd, D, dq * scale, BLOCK_D)
-        if PAIR:
-            _store(DQ + (b + 1) * sdqb + h * sdqh, offs_m, row_ok, sdqm, sdqd, D, dq2 * scale, BLOCK_D)
+                        DB_SUM_N, DB_ATOMIC, ROWS, 2, BLOCK_N, BLOCK_D, BLOCK_DV)
+        for r in tl.static_range(ROWS):
+            _store(DQ + (b + r) * sdqb + h * sdqh, offs_m, row_ok, sdqm, sdqd, D, dqs[r] * scale, BLOCK_D)
 
     @triton.jit
     def _dkdv_tile(dk, dv, k, v, offs_n, col_ok, start_m, hi, q_base, do_base, LSE_BH, DELTA_BH, mask_bh, bias_bh,
@@ -845,16 +840,19 @@ def _head_major(bias: Tensor | None, B: int) -> bool:
     return bias is not None and bias.shape[0] == 1 and B > 1
 
 
-# Kernel sweeps may force pairing in the dQ kernel (None: the rule of _pair_rows).
-_PAIR: bool | None = None
+# Kernel sweeps may set the dQ kernel's batch rows per program (None: the rule of _batch_rows).
+_ROWS: int | None = None
 
 
-def _pair_rows(bias: Tensor | None, bias_grad: bool, B: int) -> bool:
-    """Whether each dQ program takes two batch rows: when the bias gradient is summed over the
-    batch, which halves its atomic adds (they bound the dQ kernel at Evoformer shapes)."""
-    if not (bias_grad and bias is not None and bias.shape[0] == 1 and B % 2 == 0):
-        return False
-    return True if _PAIR is None else _PAIR
+def _batch_rows(bias: Tensor | None, bias_grad: bool, B: int) -> int:
+    """How many batch rows each dQ program takes (1, 2 or 4): more than one when the bias gradient is
+    summed over the batch, whose atomic adds then fall to 1 / rows. Two, the rule: four rows (sweeps
+    only) need 216-255 registers (2 programs per SM) and ran the whole backward x0.97-1.01 at best on the
+    Evoformer shapes at L >= 512, x0.39-0.73 at L <= 300 (docs/results/dq_rows_h100_2026-11-24.txt)."""
+    if not (bias_grad and bias is not None and bias.shape[0] == 1):
+        return 1
+    want = 2 if _ROWS is None else _ROWS
+    return next(r for r in (4, 2, 1) if r <= want and B % r == 0)
 
 
 _GRID_AXIS_LIMIT = 65535  # CUDA's limit on grid axes 1 and 2 (tests lower it to reach the 1-D grid)
@@ -1015,15 +1013,15 @@ def _dq_call(q, k, v, do, dq, o, has_dlse: bool, mask, bias, dbias, layout, scal
     tab = _tables(layout, bm, bn, q.device)
     flags, (left, right) = _bwd_flags(q, v, mask, bias, softcap, bounds,
                                       _big(q, k, v, do, dq, o, mask, bias, dbias))
-    pair = _pair_rows(bias, bias_grad, B)
-    nb = B // 2 if pair else B  # the dQ grid's batch extent
+    rows = _batch_rows(bias, bias_grad, B)
+    nb = B // rows  # the dQ grid's batch extent
     dq_major = _head_major(bias, B) and bias_grad
     rest = (tab["n_qblocks"], *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *o.stride(),
             *_bcast_strides(mask), *_bcast_strides(bias), *_bcast_strides(dbias),
             H, H // Hkv, nb, Lq, Lk, _guard_len(Lk, mask, bias), D, DV, scale, softcap or 1.0,
             _exp_scale(bias, softcap, scale), Lk - Lq, left, right)
     consts = dict(
-        **flags, HEAD_MAJOR=dq_major, GRID3=_grid3(nb, H), PAIR=pair, HAS_DLSE=has_dlse,
+        **flags, HEAD_MAJOR=dq_major, GRID3=_grid3(nb, H), ROWS=rows, HAS_DLSE=has_dlse,
         EDGES=tab["edges"] or flags["HAS_LEFT"] or flags["HAS_RIGHT"], TAIL=tab["tail"],
         BIAS_GRAD=bias_grad, DB_SUM_M=bias_grad and bias.shape[2] == 1 and Lq > 1,
         DB_SUM_N=bias_grad and bias.shape[3] == 1 and Lk > 1,
@@ -1076,7 +1074,7 @@ _MAX_PLANS = 256
 
 
 def _plan_key(*parts) -> tuple:
-    return (*parts, _config, _maxnreg, _tables, _HEAD_MAJOR, _PAIR, _GRID_AXIS_LIMIT, _INTERPRET)
+    return (*parts, _config, _maxnreg, _tables, _HEAD_MAJOR, _ROWS, _GRID_AXIS_LIMIT, _INTERPRET)
 
 
 def _keep(key: tuple, plan: tuple) -> tuple:

@@ -14,9 +14,10 @@ tile @ I + (q * scale) @ K^T, as in probe_gluon_fwd.py). Variants:
 
 Restrictions: Lq, Lk multiples of 64, D a multiple of 16, bias [1, H, Lq, Lk] contiguous, no mask.
 
-    python benchmarks/probe_gluon_ws_fwd.py     # CPU: offline sm_90a builds (registers, smem, loop size)
-                                                # CUDA: error vs float64, then our Triton forward, compiled
-                                                # FlexAttention and the variants on issue 5's shapes
+    python benchmarks/probe_gluon_ws_fwd.py --build   # offline sm_90a builds (registers, smem, loop size);
+                                                      # the default without a GPU
+    python benchmarks/probe_gluon_ws_fwd.py           # CUDA: error vs float64, then our Triton forward,
+                                                      # compiled FlexAttention and the variants on issue 5's shapes
 Results (H100, 2026-11-24): docs/benchmarks.md, "A warp-specialised Gluon forward".
 """
 
@@ -544,7 +545,7 @@ def ws_persist(q, k, v, bias, scale, BM=64, BN=64, nbuf=2, overlap=False, load_r
 
 
 if __name__ == "__main__":
-    if torch.cuda.is_available():
-        run()
-    else:
+    if "--build" in sys.argv[1:] or not torch.cuda.is_available():
         build()
+    else:
+        run()

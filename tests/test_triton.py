@@ -704,6 +704,19 @@ def test_gluon_probe_builds_offline():
     assert regs <= 128 and spills == 0 and smem <= 57 * 1024 and per_score <= 9.2, r.stdout
 
 
+def test_gluon_warp_specialized_probe_builds_offline():
+    """benchmarks/probe_gluon_ws_fwd.py (issue 5's warp-specialised Gluon forward) builds for sm_90a on
+    this GPU-less machine. Its best variant held 4 CTAs per multiprocessor under maxnreg 64 (the consumer
+    warpgroup gets 104 registers after setmaxnreg), no spills, 41 KB of shared memory and 245 instructions
+    per 64 x 64 tile when it was timed (docs/benchmarks.md, 2026-11-24)."""
+    import re
+    r = _offline_script("probe_gluon_ws_fwd.py", "--build")
+    m = re.search(r"ws_r64 registers (\d+), spills (\d+) B, shared (\d+) B, loops (\d+)", r.stdout)
+    assert m, r.stdout
+    regs, spills, smem, loop = (int(x) for x in m.groups())
+    assert regs == 64 and spills == 0 and smem <= 45 * 1024 and loop <= 260, r.stdout
+
+
 def test_backward_frees_float32_bias_gradient_before_dk_dv(tdevice, monkeypatch):
     """The backward's float32 bias-gradient buffer is gone (cast to the bias's dtype and dropped)
     by the time dk and dv are allocated, so the peak memory holds one copy of the bias gradient.

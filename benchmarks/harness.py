@@ -245,6 +245,19 @@ def time_fn(fn: Callable[[], Any], warmup: float = 25.0, rep: float = 100.0, **k
     return time_fn_stats(fn, warmup=warmup, rep=rep, **kw)["median_ms"]
 
 
+def best_of_rounds(fns: dict[str, Callable[[], Any]], rounds: int = 3, warmup: float = 10.0,
+                   rep: float = 40.0) -> dict[str, float]:
+    """The least of each function's per-round medians (ms): every round times all of them (time_fn),
+    in alternating order, so that drift between rounds hits them alike (the kernel A/B scheme of the
+    probes)."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            times[n].append(time_fn(fns[n], warmup=warmup, rep=rep))
+    return {n: min(t) for n, t in times.items()}
+
+
 # --------------------------------------------------------------------------- ceilings
 def measure_ceilings(
     device,

@@ -241,11 +241,7 @@ def run() -> None:
         errs.append(f"triton {rel(ot[r], o64):.2e} (lse {rel(lt[r], lse64):.1e})")
         print(f"{name}: error vs float64, out (lse): " + ", ".join(errs), flush=True)
         names = list(fns)
-        times = {n: [] for n in names}
-        for rnd in range(3):
-            for n in (names if rnd % 2 == 0 else names[::-1]):
-                times[n].append(hn.time_fn(fns[n], warmup=10, rep=40))
-        best = {n: min(t) for n, t in times.items()}
+        best = hn.best_of_rounds(fns)
         print("  ms (TFLOP/s): " + ", ".join(f"{n} {best[n]:.4f} ({flops / best[n] / 1e9:.0f})" for n in names), flush=True)
         print("  triton / gluon: " + ", ".join(f"{n} {best['triton'] / best[n]:.3f}" for n in VARIANTS)
               + ";  flex / gluon: " + ", ".join(f"{n} {best['flex'] / best[n]:.3f}" for n in VARIANTS), flush=True)

@@ -39,6 +39,15 @@ from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: E402
     tma, mbarrier, fence_async_shared, warpgroup_mma, warpgroup_mma_wait)
 
 @gluon.jit
+def _softmax_step(s, m_i, l_i):
+    """Online softmax of one tile of logits (scale and bias already in s): (p, alpha, m_i, l_i)."""
+    m_new = gl.maximum(m_i, gl.max(s, 1))
+    alpha = gl.exp2((m_i - m_new) * 1.4426950408889634)
+    p = gl.exp2(gl.fma(s, 1.4426950408889634, -(m_new * 1.4426950408889634)[:, None]))  # one FMA per score
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
 def _load_part(descs, bars, bufs, krow, brow, n_tiles):
     k_desc, v_desc, b_desc = descs
     ready, empty = bars
@@ -75,11 +84,7 @@ def _compute_part(bars, bufs, eye, qa, n_tiles, BM: gl.constexpr, BN: gl.constex
         for j in range(n_tiles):
             cur = j % NBUF
             nxt = (j + 1) % NBUF
-            m_new = gl.maximum(m_i, gl.max(s, 1))
-            alpha = gl.exp2((m_i - m_new) * 1.4426950408889634)
-            p = gl.exp2(gl.fma(s, 1.4426950408889634, -(m_new * 1.4426950408889634)[:, None]))
-            l_i = l_i * alpha + gl.sum(p, 1)
-            m_i = m_new
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
             more = j + 1 < n_tiles
             mbarrier.wait(ready.index(nxt), ((j + 1) // NBUF) & 1, pred=more)
             tok = warpgroup_mma(b_bufs.index(nxt), eye, zero_s, use_acc=False, is_async=True)
@@ -97,11 +102,7 @@ def _compute_part(bars, bufs, eye, qa, n_tiles, BM: gl.constexpr, BN: gl.constex
             tok = warpgroup_mma(b_bufs.index(cur), eye, zero_s, use_acc=False, is_async=True)
             tok = warpgroup_mma(qa, k_bufs.index(cur).permute((1, 0)), tok, is_async=True)
             s = warpgroup_mma_wait(0, deps=(tok,))
-            m_new = gl.maximum(m_i, gl.max(s, 1))
-            alpha = gl.exp2((m_i - m_new) * 1.4426950408889634)
-            p = gl.exp2(gl.fma(s, 1.4426950408889634, -(m_new * 1.4426950408889634)[:, None]))
-            l_i = l_i * alpha + gl.sum(p, 1)
-            m_i = m_new
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
             o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
             pb = gl.convert_layout(p.to(dtype), p_layout)
             o = warpgroup_mma(pb, v_bufs.index(cur), o)
@@ -110,25 +111,32 @@ def _compute_part(bars, bufs, eye, qa, n_tiles, BM: gl.constexpr, BN: gl.constex
 
 
 @gluon.jit
-def _load_part2(descs, bars, bufs, krow, brow, n_tiles):
-    """K and bias tiles in one ring, V tiles in another: S_j frees its K/bias slot, PV_j its V slot."""
+def _load_tile(descs, bars, bufs, c, krow, brow, j):
+    """The load warp's step for key tile j, the c-th tile through the rings: K and bias into one ring
+    slot, V into the other ring's, each once its slot is free."""
     k_desc, v_desc, b_desc = descs
     kb_ready, kb_empty, v_ready, v_empty = bars
     k_bufs, v_bufs, b_bufs = bufs
     NKB: gl.constexpr = k_bufs.type.shape[0]
     NV: gl.constexpr = v_bufs.type.shape[0]
     BN: gl.constexpr = k_desc.block_type.shape[0]
+    s = c % NKB
+    mbarrier.wait(kb_empty.index(s), ((c // NKB) & 1) ^ 1)
+    bar = kb_ready.index(s)
+    mbarrier.expect(bar, k_desc.block_type.nbytes + b_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [krow + j * BN, 0], bar, k_bufs.index(s))
+    tma.async_copy_global_to_shared(b_desc, [brow, j * BN], bar, b_bufs.index(s))
+    sv = c % NV
+    mbarrier.wait(v_empty.index(sv), ((c // NV) & 1) ^ 1)
+    mbarrier.expect(v_ready.index(sv), v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(v_desc, [krow + j * BN, 0], v_ready.index(sv), v_bufs.index(sv))
+
+
+@gluon.jit
+def _load_part2(descs, bars, bufs, krow, brow, n_tiles):
+    """K and bias tiles in one ring, V tiles in another: S_j frees its K/bias slot, PV_j its V slot."""
     for j in range(n_tiles):
-        s = j % NKB
-        mbarrier.wait(kb_empty.index(s), ((j // NKB) & 1) ^ 1)
-        bar = kb_ready.index(s)
-        mbarrier.expect(bar, k_desc.block_type.nbytes + b_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [krow + j * BN, 0], bar, k_bufs.index(s))
-        tma.async_copy_global_to_shared(b_desc, [brow, j * BN], bar, b_bufs.index(s))
-        sv = j % NV
-        mbarrier.wait(v_empty.index(sv), ((j // NV) & 1) ^ 1)
-        mbarrier.expect(v_ready.index(sv), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [krow + j * BN, 0], v_ready.index(sv), v_bufs.index(sv))
+        _load_tile(descs, bars, bufs, j, krow, brow, j)
 
 
 @gluon.jit
@@ -156,11 +164,7 @@ def _compute_part2(bars, bufs, eye, qa, n_tiles, BM: gl.constexpr, BN: gl.conste
         mbarrier.wait(kb_ready.index(nxt), ((j + 1) // NKB) & 1, pred=more)
         tok = warpgroup_mma(b_bufs.index(nxt), eye, zero_s, use_acc=False, is_async=True)
         tok = warpgroup_mma(qa, k_bufs.index(nxt).permute((1, 0)), tok, is_async=True)
-        m_new = gl.maximum(m_i, gl.max(s, 1))
-        alpha = gl.exp2((m_i - m_new) * 1.4426950408889634)
-        p = gl.exp2(gl.fma(s, 1.4426950408889634, -(m_new * 1.4426950408889634)[:, None]))
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
         pb = gl.convert_layout(p.to(dtype), p_layout)
         cv = j % NV
         mbarrier.wait(v_ready.index(cv), (j // NV) & 1)
@@ -336,11 +340,7 @@ def run():
         errs.append(f"triton {rel(ot[r], o64):.2e} (lse {rel(lt[r], lse64):.1e})")
         print(f"{name}: error vs float64, out (lse): " + ", ".join(errs), flush=True)
         names = list(fns)
-        times = {n: [] for n in names}
-        for rnd in range(3):
-            for n in (names if rnd % 2 == 0 else names[::-1]):
-                times[n].append(hn.time_fn(fns[n], warmup=10, rep=40))
-        best = {n: min(t) for n, t in times.items()}
+        best = hn.best_of_rounds(fns)
         print("  ms (TFLOP/s): " + ", ".join(f"{n} {best[n]:.4f} ({flops / best[n] / 1e9:.0f})" for n in names), flush=True)
         print("  triton / variant: " + ", ".join(f"{n} {best['triton'] / best[n]:.3f}" for n in names[2:])
               + ";  flex / variant: " + ", ".join(f"{n} {best['flex'] / best[n]:.3f}" for n in names[2:]), flush=True)
@@ -362,12 +362,9 @@ def _item(w, NBLK, B):
 @gluon.jit
 def _pload_part(descs, bars, bufs, n_items, L, LK, H, B, NBLK, BM: gl.constexpr):
     q_desc, k_desc, v_desc, b_desc = descs
-    q_ready, q_empty, kb_ready, kb_empty, v_ready, v_empty = bars
-    q_bufs, k_bufs, v_bufs, b_bufs = bufs
-    NKB: gl.constexpr = k_bufs.type.shape[0]
-    NV: gl.constexpr = v_bufs.type.shape[0]
-    BN: gl.constexpr = k_desc.block_type.shape[0]
-    n_tiles = LK // BN
+    q_ready, q_empty = bars[0], bars[1]
+    q_bufs = bufs[0]
+    n_tiles = LK // k_desc.block_type.shape[0]
     c = 0
     i = 0
     for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
@@ -379,16 +376,7 @@ def _pload_part(descs, bars, bufs, n_items, L, LK, H, B, NBLK, BM: gl.constexpr)
         mbarrier.expect(q_ready.index(qs), q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [(b * H + h) * L + blk * BM, 0], q_ready.index(qs), q_bufs.index(qs))
         for j in range(n_tiles):
-            s = c % NKB
-            mbarrier.wait(kb_empty.index(s), ((c // NKB) & 1) ^ 1)
-            bar = kb_ready.index(s)
-            mbarrier.expect(bar, k_desc.block_type.nbytes + b_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [krow + j * BN, 0], bar, k_bufs.index(s))
-            tma.async_copy_global_to_shared(b_desc, [brow, j * BN], bar, b_bufs.index(s))
-            sv = c % NV
-            mbarrier.wait(v_empty.index(sv), ((c // NV) & 1) ^ 1)
-            mbarrier.expect(v_ready.index(sv), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [krow + j * BN, 0], v_ready.index(sv), v_bufs.index(sv))
+            _load_tile((k_desc, v_desc, b_desc), bars[2:], bufs[1:], c, krow, brow, j)
             c += 1
         i += 1
 
@@ -430,11 +418,7 @@ def _pcompute_part(bars, bufs, eye, O, LSE, scale, n_items, L, LK, H, B, NBLK,
                 mbarrier.wait(kb_ready.index(nxt), (cn // NKB) & 1, pred=more)
                 tok = warpgroup_mma(b_bufs.index(nxt), eye, zero_s, use_acc=False, is_async=True)
                 tok = warpgroup_mma(qa, k_bufs.index(nxt).permute((1, 0)), tok, is_async=True)
-                m_new = gl.maximum(m_i, gl.max(s, 1))
-                alpha = gl.exp2((m_i - m_new) * 1.4426950408889634)
-                p = gl.exp2(gl.fma(s, 1.4426950408889634, -(m_new * 1.4426950408889634)[:, None]))
-                l_i = l_i * alpha + gl.sum(p, 1)
-                m_i = m_new
+                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
                 pb = gl.convert_layout(p.to(dtype), p_layout)
                 cv = c % NV
                 mbarrier.wait(v_ready.index(cv), (c // NV) & 1)
@@ -453,11 +437,7 @@ def _pcompute_part(bars, bufs, eye, O, LSE, scale, n_items, L, LK, H, B, NBLK,
                 tok = warpgroup_mma(qa, k_bufs.index(cs).permute((1, 0)), tok, is_async=True)
                 s = warpgroup_mma_wait(0, deps=(tok,))
                 mbarrier.arrive(kb_empty.index(cs))
-                m_new = gl.maximum(m_i, gl.max(s, 1))
-                alpha = gl.exp2((m_i - m_new) * 1.4426950408889634)
-                p = gl.exp2(gl.fma(s, 1.4426950408889634, -(m_new * 1.4426950408889634)[:, None]))
-                l_i = l_i * alpha + gl.sum(p, 1)
-                m_i = m_new
+                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
                 o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
                 pb = gl.convert_layout(p.to(dtype), p_layout)
                 cv = c % NV

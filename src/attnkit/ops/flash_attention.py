@@ -528,8 +528,8 @@ if triton is not None:
     ):
         """dQ of one query block of batch rows b .. b + ROWS - 1 (BATCH counts groups of ROWS), which
         share one bias-gradient atomic per tile: 1 / ROWS of the atomic traffic of a bias broadcast
-        over the batch, the cost that bounds this kernel there. It also writes the rows' delta for
-        the dK/dV kernel (the query blocks cover every row)."""
+        over the batch (see _batch_rows). It also writes the rows' delta for the dK/dV kernel (the
+        query blocks cover every row)."""
         blk, bh, b, h, hk = _program(NBLOCKS, H, GROUP, BATCH, HEAD_MAJOR, GRID3, BIG)
         b = ROWS * b
         bh = b * H + h

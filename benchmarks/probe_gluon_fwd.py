@@ -198,7 +198,15 @@ def build(args) -> None:
           f"innermost MMA loop: {loops}")
 
 
-def run() -> None:
+def rel(a, c) -> float:
+    """Relative L2 error of a against c, in float64."""
+    return ((a.double() - c.double()).norm() / c.double().norm()).item()
+
+
+def evoformer_cases(D: int = 32):
+    """Issue 5's Evoformer shapes on CUDA, bf16, pair bias [1, H, L, L]: yields (name, q, k, v, bias, scale,
+    flops, rows, (o64, lse64), peers), where (o64, lse64) is the float64 reference on batch rows `rows`
+    and peers holds our Triton forward and compiled FlexAttention (score_mod reading the bias)."""
     import harness as hn
     import attnkit
     from attnkit.ops import flash_attention as fa
@@ -206,45 +214,45 @@ def run() -> None:
     dev = torch.device("cuda")
     flex = hn.compiled_flex()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
-
-    def rel(a, c):
-        return ((a.double() - c.double()).norm() / c.double().norm()).item()
-
-    D = 32
     for name, B, H, L in [("MSA L=256", 128, 8, 256), ("MSA L=512", 128, 8, 512), ("MSA L=1024", 128, 8, 1024),
                           ("triangle L=256", 256, 4, 256), ("triangle L=512", 512, 4, 512)]:
         g = torch.Generator(device=dev).manual_seed(1)
         q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
         bias = torch.randn(1, H, L, L, device=dev, dtype=torch.bfloat16, generator=g)
         scale, flops = D ** -0.5, 4.0 * B * H * D * L * L
-        r = slice(0, 4)  # float64 reference on 4 rows; bf16 math's error there for the 2-3x rule
-        o64, lse64 = attnkit.attention(q[r].double(), k[r].double(), v[r].double(), bias=bias.double(), scale=scale,
-                                       backend="reference", return_lse=True)
+        rows = slice(0, 4)  # float64 reference on 4 rows; bf16 math's error there for the 2-3x rule
+        ref = attnkit.attention(q[rows].double(), k[rows].double(), v[rows].double(), bias=bias.double(), scale=scale,
+                                backend="reference", return_lse=True)
+        layout, bias_al, pair = fa.dense_layout(L, L), fa._aligned(bias), bias[0]
+        peers = {"triton": lambda: fa._forward(q, k, v, None, bias_al, None, layout, scale, None, None),
+                 "flex": lambda: flex(q, k, v, score_mod=lambda s, b, h, i, j: s + pair[h, i, j], scale=scale)}
+        yield name, q, k, v, bias, scale, flops, rows, ref, peers
+
+
+def report(name: str, errs: list[str], fns: dict, flops: float, rows, ref, variants) -> None:
+    """Print the errors (ours appended) and the min-of-rounds timings of fns, with ratios for `variants`."""
+    import harness as hn
+    ot, lt = fns["triton"]()
+    errs.append(f"triton {rel(ot[rows], ref[0]):.2e} (lse {rel(lt[rows], ref[1]):.1e})")
+    print(f"{name}: error vs float64, out (lse): " + ", ".join(errs), flush=True)
+    best = hn.best_of_rounds(fns)
+    print("  ms (TFLOP/s): " + ", ".join(f"{n} {best[n]:.4f} ({flops / best[n] / 1e9:.0f})" for n in fns), flush=True)
+    print("  triton / variant: " + ", ".join(f"{n} {best['triton'] / best[n]:.3f}" for n in variants)
+          + ";  flex / variant: " + ", ".join(f"{n} {best['flex'] / best[n]:.3f}" for n in variants), flush=True)
+
+
+def run() -> None:
+    for name, q, k, v, bias, scale, flops, r, ref, fns in evoformer_cases():
         sb = (q[r] @ k[r].transpose(-1, -2)) * scale + bias
-        errs = [f"bf16 math {rel(torch.softmax(sb.float(), -1).to(torch.bfloat16) @ v[r], o64):.2e}"]
-        layout, bias_al = fa.dense_layout(L, L), fa._aligned(bias)
-        fns = {"triton": lambda: fa._forward(q, k, v, None, bias_al, None, layout, scale, None, None)}
-        pair = bias[0]
-
-        def score_mod(score, b, h, i, j):
-            return score + pair[h, i, j]
-
-        fns["flex"] = lambda: flex(q, k, v, score_mod=score_mod, scale=scale)
+        errs = [f"bf16 math {rel(torch.softmax(sb.float(), -1).to(torch.bfloat16) @ v[r], ref[0]):.2e}"]
         for vname, (kw, cap) in VARIANTS.items():
             grid, a, consts, o, lse = gluon_fwd(q, k, v, bias, scale, **kw)
             if cap:
                 consts["maxnreg"] = cap
             _gluon_fwd_kernel[grid](*a, **consts)
-            errs.append(f"{vname} {rel(o[r], o64):.2e} (lse {rel(lse[r], lse64):.1e})")
+            errs.append(f"{vname} {rel(o[r], ref[0]):.2e} (lse {rel(lse[r], ref[1]):.1e})")
             fns[vname] = lambda grid=grid, a=a, consts=consts: _gluon_fwd_kernel[grid](*a, **consts)
-        ot, lt = fns["triton"]()
-        errs.append(f"triton {rel(ot[r], o64):.2e} (lse {rel(lt[r], lse64):.1e})")
-        print(f"{name}: error vs float64, out (lse): " + ", ".join(errs), flush=True)
-        names = list(fns)
-        best = hn.best_of_rounds(fns)
-        print("  ms (TFLOP/s): " + ", ".join(f"{n} {best[n]:.4f} ({flops / best[n] / 1e9:.0f})" for n in names), flush=True)
-        print("  triton / gluon: " + ", ".join(f"{n} {best['triton'] / best[n]:.3f}" for n in VARIANTS)
-              + ";  flex / gluon: " + ", ".join(f"{n} {best['flex'] / best[n]:.3f}" for n in VARIANTS), flush=True)
+        report(name, errs, fns, flops, r, ref, VARIANTS)
 
 
 def main() -> int:

@@ -31,7 +31,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
 sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
-import triton  # noqa: E402
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E402
@@ -294,35 +293,12 @@ VARIANTS = {  # name: (kernel: "ws" one item per CTA, "ps" persistent; launcher 
 
 
 def run():
-    import harness as hn
-    import attnkit
-    from attnkit.ops import flash_attention as fa
-    dev = torch.device("cuda")
-    flex = hn.compiled_flex()
-    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
-
-    def rel(a, c):
-        return ((a.double() - c.double()).norm() / c.double().norm()).item()
-
-    D = 32
+    from probe_gluon_fwd import evoformer_cases, rel, report
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for name, B, H, L in [("MSA L=256", 128, 8, 256), ("MSA L=512", 128, 8, 512), ("MSA L=1024", 128, 8, 1024),
-                          ("triangle L=256", 256, 4, 256), ("triangle L=512", 512, 4, 512)]:
-        g = torch.Generator(device=dev).manual_seed(1)
-        q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
-        bias = torch.randn(1, H, L, L, device=dev, dtype=torch.bfloat16, generator=g)
-        scale, flops = D ** -0.5, 4.0 * B * H * D * L * L
-        r = slice(0, 4)
-        o64, lse64 = attnkit.attention(q[r].double(), k[r].double(), v[r].double(), bias=bias.double(), scale=scale,
-                                       backend="reference", return_lse=True)
-        layout, bias_al = fa.dense_layout(L, L), fa._aligned(bias)
-        fns = {"triton": lambda: fa._forward(q, k, v, None, bias_al, None, layout, scale, None, None)}
-        pair = bias[0]
-        fns["flex"] = lambda: flex(q, k, v, score_mod=lambda s, b, h, i, j: s + pair[h, i, j], scale=scale)
+    for name, q, k, v, bias, scale, flops, r, ref, fns in evoformer_cases():
         errs = []
-        for vname, kw in VARIANTS.items():
+        for vname, (kind, kw) in VARIANTS.items():
             try:
-                kind, kw = kw
                 if kind == "ws":
                     grid, a, consts, o, lse = ws_fwd(q, k, v, bias, scale, **kw)
                     kern = _ws_fwd_kernel
@@ -331,20 +307,12 @@ def run():
                     kern = _ws_persist_kernel
                 kern[grid](*a, **consts)
                 torch.cuda.synchronize()
-            except Exception as e:  # noqa
+            except Exception as e:  # noqa: BLE001  (a variant that fails to build or run is reported, not fatal)
                 print(f"  {vname}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
-            errs.append(f"{vname} {rel(o[r], o64):.2e} (lse {rel(lse[r], lse64):.1e})")
+            errs.append(f"{vname} {rel(o[r], ref[0]):.2e} (lse {rel(lse[r], ref[1]):.1e})")
             fns[vname] = lambda grid=grid, a=a, consts=consts, kern=kern: kern[grid](*a, **consts)
-        ot, lt = fns["triton"]()
-        errs.append(f"triton {rel(ot[r], o64):.2e} (lse {rel(lt[r], lse64):.1e})")
-        print(f"{name}: error vs float64, out (lse): " + ", ".join(errs), flush=True)
-        names = list(fns)
-        best = hn.best_of_rounds(fns)
-        print("  ms (TFLOP/s): " + ", ".join(f"{n} {best[n]:.4f} ({flops / best[n] / 1e9:.0f})" for n in names), flush=True)
-        print("  triton / variant: " + ", ".join(f"{n} {best['triton'] / best[n]:.3f}" for n in names[2:])
-              + ";  flex / variant: " + ", ".join(f"{n} {best['flex'] / best[n]:.3f}" for n in names[2:]), flush=True)
-
+        report(name, errs, fns, flops, r, ref, [n for n in fns if n not in ("triton", "flex")])
 
 
 # ---------------------------------------------------------------------------------------------

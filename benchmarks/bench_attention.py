@@ -119,6 +119,8 @@ EVO_NOTE = (
     "in q's dtype; the same bf16 bias goes to every peer; it requires grad and fwd+bwd computes dbias."
 )
 
+BIAS_NOTE = "one bf16 [1, H, L, L] bias shared by the batch, requiring grad: fwd+bwd computes dbias (as for Evoformer)"
+
 
 def workloads(smoke: bool) -> list[Workload]:
     if smoke:  # same kinds, tiny: exercises every code path, including the long-L skips
@@ -140,6 +142,12 @@ def workloads(smoke: bool) -> list[Workload]:
                                     causal=causal, long=L >= 16384))
     out.append(Workload("window1024_L16384_D128", 1, 16, 16384, 128, causal=True, window=1024, long=True,
                         note="SDPA peers get a materialised [L, L] bool mask, as a user would write"))
+    # a shared [1, H, L, L] bias with its gradient at transformer head dims (T5 / ALiBi-style learned
+    # position bias): where `auto` should go for biased calls with D > 32
+    for L in (1024, 4096):
+        for D in (64, 128):
+            Hq = 32 if D == 64 else 16
+            out.append(Workload(f"bias_L{L}_D{D}", max(1, 16384 // L), Hq, L, D, bias=True, note=BIAS_NOTE))
     # issue 5's Evoformer grid: MSA row attention (B = N_seq = 128 rows, 8 heads) and triangle
     # attention (B = N_res rows, 4 heads), D = 32, one [1, H, L, L] pair bias shared by every row
     for L in (256, 512, 1024):

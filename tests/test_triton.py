@@ -808,9 +808,9 @@ def test_cuda_fast_launch_respects_specialisation():
 
 @pytest.mark.cuda
 def test_cuda_auto_picks_triton_for_small_heads_with_a_bias():
-    """auto on CUDA: our kernel for a half-precision bias at head dims <= 32 (Evoformer, measured ahead
-    of flex), flex for a bias at larger heads; a mask alone or float32 stays with the others."""
-    for D, want in ((32, "triton"), (16, "triton"), (64, "flex")):
+    """auto on CUDA: our kernel for a half-precision bias at head dims <= 64 (measured ahead of flex),
+    flex for a bias at larger heads; a mask alone or float32 stays with the others."""
+    for D, want in ((32, "triton"), (16, "triton"), (64, "triton"), (80, "flex"), (128, "flex")):
         q, k, v = make_qkv(4, 8, 8, 300, 300, D, dtype=torch.bfloat16, device="cuda")
         bias = torch.randn(1, 8, 300, 300, device="cuda", dtype=torch.bfloat16)
         assert attnkit.explain(q, k, v, bias=bias).backend == want, D

@@ -65,11 +65,12 @@ class TritonBackend(Backend):
             return 90.0  # the split-KV decode kernel reads the cache in place; the others build a mask (and gather)
         if "group_mask" in req.features():
             return 80.0  # one launch over the allowed tiles only; ahead of flex's block mask (issue 4 bench)
-        if (req.bias is not None and max(req.head_dim, req.head_dim_v) <= 32
+        if (req.bias is not None and max(req.head_dim, req.head_dim_v) <= 64
                 and req.dtype in (torch.float16, torch.bfloat16)):
-            # Evoformer-sized heads with a bias, in half precision (float32 multiplies on the FMA units
-            # here): ahead of flex's 70 (issue 5 bench, H100, bf16, 2026-11-23 20:25 UTC: fwd+bwd 1.07-1.72x
-            # flex on every row, fwd 0.96-1.63x; no compile per new length)
+            # Heads up to 64 with a bias, in half precision (float32 multiplies on the FMA units here): ahead
+            # of flex's 70. H100, bf16: Evoformer D = 32, fwd+bwd 1.10-1.41x flex, fwd 0.95-1.72x (2026-11-24
+            # 05:32 UTC); a [1, H, L, L] bias at D = 64, fwd 1.40-1.42x, fwd+bwd 1.05-1.21x (06:20 UTC). At
+            # D = 128 flex's backward is 1.4-1.5x faster than ours, so flex keeps it.
             return 75.0
         return 20.0  # dense/masked: cuDNN and flex are faster; chosen only when forced
 

@@ -92,11 +92,11 @@ def main() -> int:
         flops = 4.0 * B * Hh * D * pairs_of(layout, L, bounds)
         fwd_args = (q, k, v, None, bias, None, lay, D ** -0.5, None, bounds)
         o, lse = fa._forward(*fwd_args)
-        base = default(D, D, False, False, has_bias)
+        base = default(D, D, False)
         for kind, cands in CANDIDATES.items():
             for cfg in cands:
-                def cfg_fn(d, dv, interp, f32=False, bias_grad=False, *, _k=kind, _c=cfg):
-                    c = dict(default(d, dv, interp, f32, bias_grad))
+                def cfg_fn(d, dv, interp, f32=False, *, _k=kind, _c=cfg):
+                    c = dict(base)
                     c[_k] = _c
                     return c
                 fa._config = cfg_fn

@@ -386,14 +386,13 @@ def test_grouped_dq_programs_match_single(tdevice, monkeypatch, rows):
         out = _triton(*leaves[:3], bias=leaves[3], mask=mask, causal=True)
         return [out, *torch.autograd.grad((out * g_out).sum(), leaves)]
 
-    assert fa._batch_rows(bias, True, B, D) == 2 and fa._batch_rows(bias, True, B, 64) == 1  # the rule
     monkeypatch.setattr(fa, "_ROWS", rows)
-    assert fa._batch_rows(bias, True, B, D) == rows and fa._batch_rows(bias, True, 6, D) == 2
-    assert fa._batch_rows(bias, True, 3, D) == 1 and fa._batch_rows(bias, False, B, D) == 1
-    assert fa._batch_rows(bias.expand(B, -1, -1, -1), True, B, D) == 1
+    assert fa._batch_rows(bias, True, B) == rows and fa._batch_rows(bias, True, 6) == 2
+    assert fa._batch_rows(bias, True, 3) == 1 and fa._batch_rows(bias, False, B) == 1
+    assert fa._batch_rows(bias.expand(B, -1, -1, -1), True, B) == 1
     grouped = run()
     monkeypatch.setattr(fa, "_ROWS", 1)
-    assert fa._batch_rows(bias, True, B, D) == 1
+    assert fa._batch_rows(bias, True, B) == 1
     single = run()
     for name, a, b in zip(["out", "dq", "dk", "dv", "dbias"], grouped, single):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

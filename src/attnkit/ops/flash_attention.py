@@ -718,10 +718,9 @@ if triton is not None:
 # ---------------------------------------------------------------------------
 
 
-def _config(d: int, dv: int, interp: bool, f32: bool = False, bias_grad: bool = False) -> dict:
+def _config(d: int, dv: int, interp: bool, f32: bool = False) -> dict:
     """Block sizes and warps. Under the interpreter (numpy) fewer, larger tiles run faster;
-    32 still leaves partial tiles in the tests' odd lengths. bias_grad: the dQ kernel also sums a
-    bias gradient (its tile holds one more [BLOCK_M, BLOCK_N] operand)."""
+    32 still leaves partial tiles in the tests' odd lengths."""
     if interp:
         return dict(fwd=(32, 32, 1, 1), dq=(32, 32, 1, 1), dkdv=(32, 32, 1, 1))
     if f32:  # IEEE float32 products run on the FMA units: small tiles keep registers (and compile times) sane
@@ -736,9 +735,7 @@ def _config(d: int, dv: int, interp: bool, f32: bool = False, bias_grad: bool = 
     if dmax <= 64:
         return dict(fwd=(128, 64, 4, 3), dq=(64, 64, 4, 3), dkdv=(64, 64, 4, 2))
     if dmax <= 128:  # dkdv: 64 x 64 since the [queries, keys] orientation (2026-11-23: 2.07 vs 2.69 ms at 32 x 64)
-        # dQ with a bias gradient: 8 warps (the 4-warp build spills); whole backward x1.10-1.21 against
-        # 64 x 64 x 4 (docs/results/bwd_sweep_h100_2026-11-24.txt, shared bias, L = 1024 / 4096)
-        return dict(fwd=(128, 64, 8, 3), dq=(128, 64, 8, 2) if bias_grad else (64, 64, 4, 2), dkdv=(64, 64, 4, 2))
+        return dict(fwd=(128, 64, 8, 3), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2))
     # up to 256: smaller tiles so that the stages fit in shared memory (228 KB)
     return dict(fwd=(64, 32, 4, 2), dq=(32, 32, 4, 2), dkdv=(32, 32, 4, 2))
 
@@ -847,14 +844,12 @@ def _head_major(bias: Tensor | None, B: int) -> bool:
 _ROWS: int | None = None
 
 
-def _batch_rows(bias: Tensor | None, bias_grad: bool, B: int, dmax: int) -> int:
+def _batch_rows(bias: Tensor | None, bias_grad: bool, B: int) -> int:
     """How many batch rows each dQ program takes (1, 2 or 4): more than one when the bias gradient is
-    summed over the batch, whose atomic adds then fall to 1 / rows, and the heads (dmax = max(D, Dv))
-    are at most 32 wide. Two, the rule: four rows (sweeps only) need 216-255 registers (2 programs per
-    SM) and ran the whole backward x0.97-1.01 at best on the Evoformer shapes at L >= 512, x0.39-0.73 at
-    L <= 300 (docs/results/dq_rows_h100_2026-11-24.txt). Wider heads spill with two rows: one row ran
-    the whole backward x1.16 at D = 64 and x1.36 / x1.20 at D = 128 (docs/results/bwd_sweep_h100_2026-11-24.txt)."""
-    if not (bias_grad and bias is not None and bias.shape[0] == 1) or (dmax > 32 and _ROWS is None):
+    summed over the batch, whose atomic adds then fall to 1 / rows. Two, the rule: four rows (sweeps
+    only) need 216-255 registers (2 programs per SM) and ran the whole backward x0.97-1.01 at best on the
+    Evoformer shapes at L >= 512, x0.39-0.73 at L <= 300 (docs/results/dq_rows_h100_2026-11-24.txt)."""
+    if not (bias_grad and bias is not None and bias.shape[0] == 1):
         return 1
     want = 2 if _ROWS is None else _ROWS
     return next(r for r in (4, 2, 1) if r <= want and B % r == 0)
@@ -1018,7 +1013,7 @@ def _dq_call(q, k, v, do, dq, o, has_dlse: bool, mask, bias, dbias, layout, scal
     tab = _tables(layout, bm, bn, q.device)
     flags, (left, right) = _bwd_flags(q, v, mask, bias, softcap, bounds,
                                       _big(q, k, v, do, dq, o, mask, bias, dbias))
-    rows = _batch_rows(bias, bias_grad, B, max(D, DV))
+    rows = _batch_rows(bias, bias_grad, B)
     nb = B // rows  # the dQ grid's batch extent
     dq_major = _head_major(bias, B) and bias_grad
     rest = (tab["n_qblocks"], *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *o.stride(),
@@ -1141,14 +1136,14 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
     dq_in = (q, k, v, do, dq, lse, delta, m, bt, dbias if dbias is not None else q, o,
              dlse if dlse is not None else delta)
     planned = _INTERPRET or f32 or not _tuning()
-    cfg = None if planned else _config(D, DV, _INTERPRET, f32, bias_grad)  # a plan holds its configs
+    cfg = None if planned else _config(D, DV, _INTERPRET, f32)  # a plan holds its configs
     if planned:
         key = _plan_key("bwd", q.shape, q.stride(), q.dtype, k.shape, k.stride(), v.shape, v.stride(), do.stride(),
                         o.stride(), _meta(mask), _meta(bias), _guard_len(k.shape[2], mask, bias), bias_grad,
                         dlse is not None, layout, scale, softcap, bounds, q.device)
         plan = _PLANS.get(key)
         if plan is None:  # [dQ (and delta), dK/dV]; the second is planned once dk and dv exist
-            cfg = _config(D, DV, _INTERPRET, f32, bias_grad)
+            cfg = _config(D, DV, _INTERPRET, f32)
             plan = _keep(key, [_planned(_bwd_dq_kernel, _dq_call(q, k, v, do, dq, o, dlse is not None, mask, bias,
                                                                  dbias, layout, scale, softcap, bounds, cfg["dq"]),
                                         q.device), None])

@@ -718,9 +718,10 @@ if triton is not None:
 # ---------------------------------------------------------------------------
 
 
-def _config(d: int, dv: int, interp: bool, f32: bool = False) -> dict:
+def _config(d: int, dv: int, interp: bool, f32: bool = False, bias_grad: bool = False) -> dict:
     """Block sizes and warps. Under the interpreter (numpy) fewer, larger tiles run faster;
-    32 still leaves partial tiles in the tests' odd lengths."""
+    32 still leaves partial tiles in the tests' odd lengths. bias_grad: the dQ kernel also sums a
+    bias gradient (its programs may take two batch rows: see _batch_rows)."""
     if interp:
         return dict(fwd=(32, 32, 1, 1), dq=(32, 32, 1, 1), dkdv=(32, 32, 1, 1))
     if f32:  # IEEE float32 products run on the FMA units: small tiles keep registers (and compile times) sane
@@ -732,10 +733,13 @@ def _config(d: int, dv: int, interp: bool, f32: bool = False) -> dict:
     if dmax <= 32:  # fwd 64 x 64 since 2026-11-23 (Evoformer: x1.06 at MSA L1024, x1.27 triangle L256, 0.97 MSA L256);
         # dK/dV 64 x 64 x 3 stages under _maxnreg's cap since 2026-11-23 (Evoformer backward x1.02-1.11)
         return dict(fwd=(64, 64, 4, 3), dq=(64, 32, 4, 3), dkdv=(64, 64, 4, 3))
+    # dQ with a bias gradient (two batch rows per program when the bias is shared: _batch_rows): 64 x 32 x 3
+    # stages, as at D <= 32; the tiles below spill there. Whole backward, shared bias, L = 1024 / 4096:
+    # x1.28 / x1.04 at D = 64, x1.49 / x1.51 at D = 128 (docs/results/bwd_sweep_dq_h100_2026-11-24.txt)
     if dmax <= 64:
-        return dict(fwd=(128, 64, 4, 3), dq=(64, 64, 4, 3), dkdv=(64, 64, 4, 2))
+        return dict(fwd=(128, 64, 4, 3), dq=(64, 32, 4, 3) if bias_grad else (64, 64, 4, 3), dkdv=(64, 64, 4, 2))
     if dmax <= 128:  # dkdv: 64 x 64 since the [queries, keys] orientation (2026-11-23: 2.07 vs 2.69 ms at 32 x 64)
-        return dict(fwd=(128, 64, 8, 3), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2))
+        return dict(fwd=(128, 64, 8, 3), dq=(64, 32, 4, 3) if bias_grad else (64, 64, 4, 2), dkdv=(64, 64, 4, 2))
     # up to 256: smaller tiles so that the stages fit in shared memory (228 KB)
     return dict(fwd=(64, 32, 4, 2), dq=(32, 32, 4, 2), dkdv=(32, 32, 4, 2))
 
@@ -1136,14 +1140,14 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
     dq_in = (q, k, v, do, dq, lse, delta, m, bt, dbias if dbias is not None else q, o,
              dlse if dlse is not None else delta)
     planned = _INTERPRET or f32 or not _tuning()
-    cfg = None if planned else _config(D, DV, _INTERPRET, f32)  # a plan holds its configs
+    cfg = None if planned else _config(D, DV, _INTERPRET, f32, bias_grad)  # a plan holds its configs
     if planned:
         key = _plan_key("bwd", q.shape, q.stride(), q.dtype, k.shape, k.stride(), v.shape, v.stride(), do.stride(),
                         o.stride(), _meta(mask), _meta(bias), _guard_len(k.shape[2], mask, bias), bias_grad,
                         dlse is not None, layout, scale, softcap, bounds, q.device)
         plan = _PLANS.get(key)
         if plan is None:  # [dQ (and delta), dK/dV]; the second is planned once dk and dv exist
-            cfg = _config(D, DV, _INTERPRET, f32)
+            cfg = _config(D, DV, _INTERPRET, f32, bias_grad)
             plan = _keep(key, [_planned(_bwd_dq_kernel, _dq_call(q, k, v, do, dq, o, dlse is not None, mask, bias,
                                                                  dbias, layout, scale, softcap, bounds, cfg["dq"]),
                                         q.device), None])

@@ -578,12 +578,18 @@ def test_cuda_autotune_candidates_match_reference(D, kind, monkeypatch):
         return [out, *torch.autograd.grad(out, leaves, g_out.to(dtype))]
     ref = run(lambda q, k, v, b: attnkit.attention(q, k, v, bias=b, backend="reference"), torch.float64)
     bar = [rel_err(a, r) for a, r in zip(run(lambda q, k, v, b: naive_attention(q, k, v, bias=b), torch.bfloat16), ref)]
+    from triton.runtime.errors import OutOfResources
     base = fa._config
-    for cfg in dict.fromkeys(fa.AUTOTUNE_CANDIDATES[kind] + [base(D, D, False, False, True)[kind]]):
+    default = base(D, D, False, False, True)[kind]
+    for cfg in dict.fromkeys([default] + fa.AUTOTUNE_CANDIDATES[kind]):
         def config(d, dv, interp, f32=False, bias_grad=False, cfg=cfg):
             return {**base(d, dv, interp, f32, bias_grad), kind: cfg}
         monkeypatch.setattr(fa, "_config", config)
-        got = run(lambda q, k, v, b: attnkit.attention(q, k, v, bias=b, backend="triton"), torch.bfloat16)
+        try:
+            got = run(lambda q, k, v, b: attnkit.attention(q, k, v, bias=b, backend="triton"), torch.bfloat16)
+        except OutOfResources:  # the tuner skips a candidate that does not fit (shared memory); the default must
+            assert cfg != default
+            continue
         for name, a, r, worst in zip(["out", "dq", "dk", "dv", "dbias"], got, ref, bar):
             assert rel_err(a, r) <= worst, (cfg, name, rel_err(a, r), worst)
 

@@ -69,8 +69,8 @@ class TritonBackend(Backend):
                 and req.dtype in (torch.float16, torch.bfloat16)):
             # Heads up to 64 with a bias, in half precision (float32 multiplies on the FMA units here): ahead
             # of flex's 70. H100, bf16: Evoformer D = 32, fwd+bwd 1.10-1.41x flex, fwd 0.95-1.72x (2026-11-24
-            # 05:32 UTC); a [1, H, L, L] bias at D = 64, fwd 1.40-1.42x, fwd+bwd 1.05-1.21x (06:20 UTC). At
-            # D = 128 flex's backward is 1.4-1.5x faster than ours, so flex keeps it.
+            # 05:32 UTC); a [1, H, L, L] bias at D = 64, fwd 1.42-1.46x, fwd+bwd 1.25-1.27x (06:53 UTC). At
+            # D = 128 the two are even (fwd+bwd 0.91-1.02x), so flex keeps it.
             return 75.0
         return 20.0  # dense/masked: cuDNN and flex are faster; chosen only when forced
 

@@ -148,6 +148,8 @@ def workloads(smoke: bool) -> list[Workload]:
         for D in (64, 128):
             Hq = 32 if D == 64 else 16
             out.append(Workload(f"bias_L{L}_D{D}", max(1, 16384 // L), Hq, L, D, bias=True, note=BIAS_NOTE))
+    # a head dim FlexAttention does not take (not a power of two): ours against SDPA there
+    out.append(Workload("bias_L1024_D96", 16, 16, 1024, 96, bias=True, note=BIAS_NOTE))
     # issue 5's Evoformer grid: MSA row attention (B = N_seq = 128 rows, 8 heads) and triangle
     # attention (B = N_res rows, 4 heads), D = 32, one [1, H, L, L] pair bias shared by every row
     for L in (256, 512, 1024):

@@ -65,13 +65,18 @@ class TritonBackend(Backend):
             return 90.0  # the split-KV decode kernel reads the cache in place; the others build a mask (and gather)
         if "group_mask" in req.features():
             return 80.0  # one launch over the allowed tiles only; ahead of flex's block mask (issue 4 bench)
-        if (req.bias is not None and max(req.head_dim, req.head_dim_v) <= 64
-                and req.dtype in (torch.float16, torch.bfloat16)):
+        if req.bias is not None and req.dtype in (torch.float16, torch.bfloat16):
+            dmax = max(req.head_dim, req.head_dim_v)
             # Heads up to 64 with a bias, in half precision (float32 multiplies on the FMA units here): ahead
             # of flex's 70. H100, bf16: Evoformer D = 32, fwd+bwd 1.10-1.41x flex, fwd 0.95-1.72x (2026-11-24
             # 05:32 UTC); a [1, H, L, L] bias at D = 64, fwd 1.42-1.46x, fwd+bwd 1.25-1.27x (06:53 UTC). At
-            # D = 128 the two are even (fwd+bwd 0.91-1.02x), so flex keeps it.
-            return 75.0
+            # D = 128 the two are even (fwd+bwd 0.91-1.02x), so flex keeps the powers of two, and we take
+            # the head dims it does not (80, 96, ...) from SDPA's 30 (its bias-gradient kernel ran 0.30-0.46x
+            # flex at D = 64 / 128).
+            if dmax <= 64:
+                return 75.0
+            if dmax <= 128:
+                return 65.0
         return 20.0  # dense/masked: cuDNN and flex are faster; chosen only when forced
 
     def prepare(self, req: AttentionRequest):

@@ -113,7 +113,7 @@ def main() -> int:
     mask = fa._aligned(mask)
     bounds = (args.window, 0) if args.window is not None else ((None, 0) if args.causal else None)
     layout, scale = fa.dense_layout(L, L), D ** -0.5
-    cfgs = fa._config(D, D, False, False, bias is not None)
+    cfgs = fa._config(D, D, False, False, fa._batch_rows(bias, bias is not None, B))
     if args.cfg:
         cfgs = {kind: tuple(args.cfg) for kind in cfgs}
     o, dq, dk, dv = (torch.empty_like(q) for _ in range(4))

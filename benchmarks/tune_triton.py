@@ -99,11 +99,12 @@ def main() -> int:
         o, lse = fa._forward(*fwd_args)
         bwd_args = (do, q, k, v, o, lse, None, None, bias, has_bias, None, False, lay, D ** -0.5, None, bounds)
         want = {"fwd": [o], "bwd": [g for g in fa._backward(*bwd_args)[:4] if g is not None]}
-        base = default(D, D, False, False, has_bias)
+        rows = fa._batch_rows(bias, has_bias, B)
+        base = default(D, D, False, False, rows)
         for kind, cands in CANDIDATES.items():
             for cfg in cands:
-                def cfg_fn(d, dv, interp, f32=False, bias_grad=False, *, _k=kind, _c=cfg):
-                    c = dict(default(d, dv, interp, f32, bias_grad))
+                def cfg_fn(d, dv, interp, f32=False, rows=1, *, _k=kind, _c=cfg):
+                    c = dict(default(d, dv, interp, f32, rows))
                     c[_k] = _c
                     return c
                 fa._config = cfg_fn

@@ -579,11 +579,14 @@ def test_cuda_autotune_candidates_match_reference(D, kind, monkeypatch):
     ref = run(lambda q, k, v, b: attnkit.attention(q, k, v, bias=b, backend="reference"), torch.float64)
     bar = [rel_err(a, r) for a, r in zip(run(lambda q, k, v, b: naive_attention(q, k, v, bias=b), torch.bfloat16), ref)]
     from triton.runtime.errors import OutOfResources
+    monkeypatch.delenv("ATTNKIT_TRITON_AUTOTUNE", raising=False)  # each candidate runs itself, never a tuned winner
+    monkeypatch.setattr(fa, "_TUNED", {})
+    monkeypatch.setattr(fa, "_PLANS", {})
     base = fa._config
-    default = base(D, D, False, False, True)[kind]
+    default = base(D, D, False, False, fa._batch_rows(bias, True, B))[kind]
     for cfg in dict.fromkeys([default] + fa.AUTOTUNE_CANDIDATES[kind]):
-        def config(d, dv, interp, f32=False, bias_grad=False, cfg=cfg):
-            return {**base(d, dv, interp, f32, bias_grad), kind: cfg}
+        def config(d, dv, interp, f32=False, rows=1, cfg=cfg):
+            return {**base(d, dv, interp, f32, rows), kind: cfg}
         monkeypatch.setattr(fa, "_config", config)
         try:
             got = run(lambda q, k, v, b: attnkit.attention(q, k, v, bias=b, backend="triton"), torch.bfloat16)

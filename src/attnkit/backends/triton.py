@@ -7,9 +7,10 @@ bias gradient is summed over the bias's broadcast dims inside the dQ kernel, wit
 float32 atomics where programs share elements); causal/window tiles outside the
 bounds are skipped; softcap and sink logits (with their gradient). float32 inputs
 multiply in IEEE float32 (no tf32). On CUDA `auto` picks it for token groups and for
-half-precision biased calls with head dims up to 32 (Evoformer: forward at FlexAttention's level or
-above, forward+backward above it; docs/benchmarks.md, issue 5); FlexAttention keeps biased calls
-with larger heads (not measured against it).
+half-precision biased calls with head dims up to 64 (Evoformer at D = 32, a shared [1, H, L, L] bias
+at D = 64: forward at FlexAttention's level or above, forward+backward above it; docs/benchmarks.md,
+issue 5), and up to 128 where FlexAttention does not take the head dim (ahead of SDPA);
+FlexAttention keeps D = 128, where the two are even.
 On the CPU it runs only under Triton's interpreter (TRITON_INTERPRET=1), for tests.
 
 Decode-shaped calls (at most 16 queries per sequence, no gradient, no mask / bias / mods /
@@ -72,7 +73,8 @@ class TritonBackend(Backend):
             # 05:32 UTC); a [1, H, L, L] bias at D = 64, fwd 1.42-1.46x, fwd+bwd 1.25-1.27x (06:53 UTC). At
             # D = 128 the two are even (fwd+bwd 0.91-1.02x), so flex keeps the powers of two, and we take
             # the head dims it does not (80, 96, ...) from SDPA's 30 (its bias-gradient kernel ran 0.30-0.46x
-            # flex at D = 64 / 128).
+            # flex at D = 64 / 128, and 0.35 / 0.46x ours at D = 96). Measured with a shared bias and no other
+            # feature; other bias shapes and masks, bounds, softcap or sinks beside it follow unmeasured at D > 32.
             if dmax <= 64:
                 return 75.0
             if dmax <= 128:

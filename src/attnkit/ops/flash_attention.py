@@ -718,10 +718,10 @@ if triton is not None:
 # ---------------------------------------------------------------------------
 
 
-def _config(d: int, dv: int, interp: bool, f32: bool = False, bias_grad: bool = False) -> dict:
+def _config(d: int, dv: int, interp: bool, f32: bool = False, rows: int = 1) -> dict:
     """Block sizes and warps. Under the interpreter (numpy) fewer, larger tiles run faster;
-    32 still leaves partial tiles in the tests' odd lengths. bias_grad: the dQ kernel also sums a
-    bias gradient (its programs may take two batch rows: see _batch_rows)."""
+    32 still leaves partial tiles in the tests' odd lengths. rows: the batch rows each dQ program
+    takes (_batch_rows: more than one when it sums a bias gradient shared by the batch)."""
     if interp:
         return dict(fwd=(32, 32, 1, 1), dq=(32, 32, 1, 1), dkdv=(32, 32, 1, 1))
     if f32:  # IEEE float32 products run on the FMA units: small tiles keep registers (and compile times) sane
@@ -733,13 +733,15 @@ def _config(d: int, dv: int, interp: bool, f32: bool = False, bias_grad: bool = 
     if dmax <= 32:  # fwd 64 x 64 since 2026-11-23 (Evoformer: x1.06 at MSA L1024, x1.27 triangle L256, 0.97 MSA L256);
         # dK/dV 64 x 64 x 3 stages under _maxnreg's cap since 2026-11-23 (Evoformer backward x1.02-1.11)
         return dict(fwd=(64, 64, 4, 3), dq=(64, 32, 4, 3), dkdv=(64, 64, 4, 3))
-    # dQ with a bias gradient (two batch rows per program when the bias is shared: _batch_rows): 64 x 32 x 3
-    # stages, as at D <= 32; the tiles below spill there. Whole backward, shared bias, L = 1024 / 4096:
-    # x1.28 / x1.04 at D = 64, x1.49 / x1.51 at D = 128 (docs/results/bwd_sweep_dq_h100_2026-11-24.txt)
+    # dQ programs of two batch rows (a shared bias's gradient): 64 x 32 x 3 stages, as at D <= 32; the tiles
+    # below spill there. Whole backward, shared bias, L = 1024 / 4096: x1.28 / x1.04 at D = 64, x1.49 / x1.51
+    # at D = 128 (docs/results/bwd_sweep_dq_h100_2026-11-24.txt). Not for one row: there it ran x1.02 / x0.90
+    # at D = 64 against the tile below (x1.22 / x1.11 at D = 128), in the same sweep.
+    paired = rows > 1
     if dmax <= 64:
-        return dict(fwd=(128, 64, 4, 3), dq=(64, 32, 4, 3) if bias_grad else (64, 64, 4, 3), dkdv=(64, 64, 4, 2))
+        return dict(fwd=(128, 64, 4, 3), dq=(64, 32, 4, 3) if paired else (64, 64, 4, 3), dkdv=(64, 64, 4, 2))
     if dmax <= 128:  # dkdv: 64 x 64 since the [queries, keys] orientation (2026-11-23: 2.07 vs 2.69 ms at 32 x 64)
-        return dict(fwd=(128, 64, 8, 3), dq=(64, 32, 4, 3) if bias_grad else (64, 64, 4, 2), dkdv=(64, 64, 4, 2))
+        return dict(fwd=(128, 64, 8, 3), dq=(64, 32, 4, 3) if paired else (64, 64, 4, 2), dkdv=(64, 64, 4, 2))
     # up to 256: smaller tiles so that the stages fit in shared memory (228 KB)
     return dict(fwd=(64, 32, 4, 2), dq=(32, 32, 4, 2), dkdv=(32, 32, 4, 2))
 
@@ -1140,14 +1142,15 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
     dq_in = (q, k, v, do, dq, lse, delta, m, bt, dbias if dbias is not None else q, o,
              dlse if dlse is not None else delta)
     planned = _INTERPRET or f32 or not _tuning()
-    cfg = None if planned else _config(D, DV, _INTERPRET, f32, bias_grad)  # a plan holds its configs
+    rows = _batch_rows(bias, bias_grad, B)
+    cfg = None if planned else _config(D, DV, _INTERPRET, f32, rows)  # a plan holds its configs
     if planned:
         key = _plan_key("bwd", q.shape, q.stride(), q.dtype, k.shape, k.stride(), v.shape, v.stride(), do.stride(),
                         o.stride(), _meta(mask), _meta(bias), _guard_len(k.shape[2], mask, bias), bias_grad,
                         dlse is not None, layout, scale, softcap, bounds, q.device)
         plan = _PLANS.get(key)
         if plan is None:  # [dQ (and delta), dK/dV]; the second is planned once dk and dv exist
-            cfg = _config(D, DV, _INTERPRET, f32, bias_grad)
+            cfg = _config(D, DV, _INTERPRET, f32, rows)
             plan = _keep(key, [_planned(_bwd_dq_kernel, _dq_call(q, k, v, do, dq, o, dlse is not None, mask, bias,
                                                                  dbias, layout, scale, softcap, bounds, cfg["dq"]),
                                         q.device), None])
@@ -1171,7 +1174,7 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
         dkdv_in = (q, k, v, do, dk, dv, lse, delta, m, bt)
         if planned:
             if plan[1] is None:
-                cfg = _config(D, DV, _INTERPRET, f32)
+                cfg = _config(D, DV, _INTERPRET, f32, rows)
                 plan[1] = _planned(_bwd_dkdv_kernel, _dkdv_call(q, k, v, do, dk, dv, mask, bias, layout, scale,
                                                                 softcap, bounds, cfg["dkdv"]), q.device)
             dkdv_k, dkdv_tabs = plan[1]

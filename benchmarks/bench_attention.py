@@ -8,8 +8,12 @@ Workloads (bf16; full run, for an H100):
 - dense and causal at L = 1k, 4k, 16k, D = 64 (H = 32) and 128 (H = 16): d_model 2048,
   B = max(1, 16384 // L), so 16k tokens per case;
 - sliding window 1024 (causal), L = 16k, D = 128, H = 16, B = 1;
-- Evoformer-shaped biased attention: B = 128 (MSA rows), H = 8, L = 512, D = 32, additive
-  pair bias [1, 8, 512, 512] that requires grad (bf16, see the workload note);
+- a bf16 bias with its gradient at transformer head dims (`bias_*`, B = 16384 // L): shared by
+  the batch ([1, H, L, L]) at L = 1k, 4k and D = 64, 96, 128; one per batch row ([B, H, L, L]),
+  and shared beside a causal mask, at L = 1k, D = 64;
+- issue 5's Evoformer grid (`evoformer_*`, D = 32): MSA row attention, B = 128 rows, H = 8,
+  L = 256, 512, 1024, and triangle attention, B = L rows, H = 4, L = 256, 512, with an additive
+  pair bias [1, H, L, L] that requires grad (bf16, see the workload note);
 each timed "fwd" (inference: no_grad, inputs without grad) and "fwd+bwd" (forward, then
 torch.autograd.grad(out, [q, k, v(, bias)], fixed random grad): the backward includes dbias).
 
@@ -95,6 +99,7 @@ class Workload:
     causal: bool = False
     window: int | None = None
     bias: bool = False
+    bias_batch: bool = False  # the bias is [B, H, L, L] (one per batch row), not [1, H, L, L]
     long: bool = False  # nominally L >= 16k: O(L^2)-memory peers (sdpa_math, eager) are skipped
     note: str = ""
 
@@ -105,7 +110,7 @@ class Workload:
         elif self.causal:
             kind = "causal"
         if self.bias:
-            kind += f", bias [1,{self.Hq},{self.L},{self.L}]"
+            kind += f", bias [{self.B if self.bias_batch else 1},{self.Hq},{self.L},{self.L}]"
         return f"B={self.B} Hq=Hkv={self.Hq} Lq=Lk={self.L} D={self.D} bf16, {kind}"
 
     def flops(self, mode: str) -> float:
@@ -122,6 +127,9 @@ EVO_NOTE = (
 BIAS_NOTE = "one bf16 [1, H, L, L] bias shared by the batch, requiring grad: fwd+bwd computes dbias (as for Evoformer)"
 
 
+BIAS_BATCH_NOTE = "one bf16 [B, H, L, L] bias (a bias per batch row), requiring grad: fwd+bwd computes dbias"
+
+
 def workloads(smoke: bool) -> list[Workload]:
     if smoke:  # same kinds, tiny: exercises every code path, including the long-L skips
         return [
@@ -131,6 +139,8 @@ def workloads(smoke: bool) -> list[Workload]:
                      note="stands for L=16k: sdpa_math and eager skipped"),
             Workload("window32_L256_D64_long", 1, 2, 256, 64, causal=True, window=32, long=True),
             Workload("evoformer_B4_H2_L64_D32", 4, 2, 64, 32, bias=True, note=EVO_NOTE),
+            Workload("bias_batch_causal_L96_D64", 2, 2, 96, 64, causal=True, bias=True, bias_batch=True,
+                     note=BIAS_BATCH_NOTE),
         ]
     out = []
     for L in (1024, 4096, 16384):
@@ -150,6 +160,10 @@ def workloads(smoke: bool) -> list[Workload]:
             out.append(Workload(f"bias_L{L}_D{D}", max(1, 16384 // L), Hq, L, D, bias=True, note=BIAS_NOTE))
     # a head dim FlexAttention does not take (not a power of two): ours against SDPA there
     out.append(Workload("bias_L1024_D96", 16, 16, 1024, 96, bias=True, note=BIAS_NOTE))
+    # the biased rule of `auto` beyond the shared bias it was measured on: a bias per batch row (its
+    # gradient has no batch sum), and a shared bias beside a causal mask
+    out.append(Workload("bias_batch_L1024_D64", 16, 32, 1024, 64, bias=True, bias_batch=True, note=BIAS_BATCH_NOTE))
+    out.append(Workload("bias_causal_L1024_D64", 16, 32, 1024, 64, causal=True, bias=True, note=BIAS_NOTE))
     # issue 5's Evoformer grid: MSA row attention (B = N_seq = 128 rows, 8 heads) and triangle
     # attention (B = N_res rows, 4 heads), D = 32, one [1, H, L, L] pair bias shared by every row
     for L in (256, 512, 1024):
@@ -199,7 +213,7 @@ def make_state(wl: Workload, device: torch.device, need_grad_ref: bool, use_flex
     q = torch.randn(shape, device=device, dtype=dt)
     k = torch.randn(shape, device=device, dtype=dt)
     v = torch.randn(shape, device=device, dtype=dt)
-    bias = torch.randn(1, wl.Hq, wl.L, wl.L, device=device, dtype=dt) if wl.bias else None
+    bias = torch.randn(wl.B if wl.bias_batch else 1, wl.Hq, wl.L, wl.L, device=device, dtype=dt) if wl.bias else None
     st = State(wl, device, q, k, v, bias, torch.randn(shape, device=device, dtype=dt), 1.0 / math.sqrt(wl.D))
     full_rows = torch.arange(wl.L, device=device)
     if wl.window is not None:
@@ -226,7 +240,7 @@ def make_state(wl: Workload, device: torch.device, need_grad_ref: bool, use_flex
     qs = q[:nb][:, :, qsel].float().requires_grad_(need_grad_ref)
     ks = k[:nb].float().requires_grad_(need_grad_ref)
     vs = v[:nb].float().requires_grad_(need_grad_ref)
-    bs = bias[:, :, qsel].float().requires_grad_(need_grad_ref) if bias is not None else None
+    bs = bias[:nb][:, :, qsel].float().requires_grad_(need_grad_ref) if bias is not None else None
     with torch.set_grad_enabled(need_grad_ref):
         ref = attnkit.attention(qs, ks, vs, mask=keep, bias=bs, scale=st.scale, backend="reference")
     st.ref_out = ref.detach()
@@ -264,8 +278,10 @@ def skip_reason(peer: str, wl: Workload, mode: str, device: torch.device) -> str
         return "FlexAttention on the CPU is inference-only"
     if peer.startswith("sdpa_") and sdpa_kernel is None:
         return "torch.nn.attention.sdpa_kernel missing"
+    if peer.startswith("sdpa_") and wl.bias and wl.causal:
+        return "SDPA takes no attn_mask beside is_causal=True"
     if peer == "ds4sci":
-        if not wl.bias or wl.causal or wl.window is not None or wl.D > 64:
+        if not wl.bias or wl.bias_batch or wl.causal or wl.window is not None or wl.D > 64:
             return "DS4Sci_EvoformerAttention: biased, unmasked workloads with D <= 64 only"
         if device.type != "cuda":
             return "DS4Sci_EvoformerAttention: CUDA only"
@@ -297,8 +313,12 @@ def make_call(peer: str, st: State, q, k, v, bias):
     if peer == "flex":
         fn = compiled_flex()
         bm = st.block_mask
-        def bias_mod(score, b, h, q_idx, kv_idx):
-            return score + bias[0, h, q_idx, kv_idx]
+        if st.wl.bias_batch:
+            def bias_mod(score, b, h, q_idx, kv_idx):
+                return score + bias[b, h, q_idx, kv_idx]
+        else:
+            def bias_mod(score, b, h, q_idx, kv_idx):
+                return score + bias[0, h, q_idx, kv_idx]
         score_mod = bias_mod if bias is not None else None
         return lambda: fn(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale)
     if peer == "ds4sci":  # q, k, v, bias in its own layout (prepare_peer)
@@ -335,7 +355,7 @@ def check_grads(st: State, grads: list[torch.Tensor]) -> dict:
     nb, qsel = st.bsel, st.qsel
     got = {"dq": grads[0][:nb][:, :, qsel], "dk": grads[1][:nb], "dv": grads[2][:nb]}
     if st.bias is not None:
-        got["dbias"] = grads[3][:, :, qsel]
+        got["dbias"] = grads[3][:nb][:, :, qsel]
     errs = {}
     for name, g in got.items():
         errs[name] = rel_l2(g, st.ref_grads[name]) if bool(torch.isfinite(g).all()) else float("inf")

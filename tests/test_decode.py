@@ -898,6 +898,28 @@ def test_cuda_decode_split_counts(splits):
 
 
 @pytest.mark.cuda
+def test_cuda_decode_counter_sets_are_bounded_across_streams(monkeypatch):
+    """One arrival-counter set per stream, the oldest dropped past _MAX_COUNTERS: calls on more
+    streams than that stay correct (a dropped stream gets a fresh zeroed set when it comes back)."""
+    monkeypatch.setattr(da, "_COUNTERS", {})
+    monkeypatch.setattr(da, "_MAX_COUNTERS", 2)
+    d = _cuda_decode(2, 32, 8, 1, 128, [3000, 700], 16, torch.bfloat16, seed=33, sinks=True)
+    ref, base, mask = oracle(d, dict(causal=True))
+    streams = [torch.cuda.current_stream()] + [torch.cuda.Stream(priority=p) for p in (0, -1)]
+    for rnd in range(2):
+        for s in streams:
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                out, lse = da.decode_attention(d.q, d.kp, d.vp, cache_seqlens=d.lens, block_table=d.table,
+                                               sinks=d.sinks, bounds=(None, 0), num_splits=5)
+            torch.cuda.current_stream().wait_stream(s)
+            check(out, lse, ref, base, mask, torch.bfloat16, name=f"round {rnd}, stream {s.cuda_stream}")
+            assert len(da._COUNTERS) <= 2
+    torch.cuda.synchronize()
+    assert all(int(c.abs().sum()) == 0 for c in da._COUNTERS.values())
+
+
+@pytest.mark.cuda
 def test_cuda_auto_picks_triton_for_paged_decode():
     d = _cuda_decode(2, 32, 8, 1, 128, [100, 50], 16, torch.bfloat16, seed=31)
     kw = dict(cache_seqlens=d.lens, block_table=d.table, causal=True)

@@ -372,6 +372,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, cache_seqlens: Tensor |
 
 
 _COUNTERS: dict[tuple, Tensor] = {}
+_MAX_COUNTERS = 64  # sets kept: torch pools 32 streams per priority and device
 
 
 def _counters(device: torch.device, n: int) -> Tensor:
@@ -390,6 +391,10 @@ def _counters(device: torch.device, n: int) -> Tensor:
     key = (device.index, driver.active.get_current_stream(device.index))
     c = _COUNTERS.get(key)
     if c is None or c.numel() < n:  # a smaller set goes back to its stream's pool, in stream order
+        if c is None and len(_COUNTERS) >= _MAX_COUNTERS:
+            # Streams come and go (ExternalStream handles): drop the oldest set. Its memory returns to
+            # its stream's pool in stream order, after the launches that use it.
+            _COUNTERS.pop(next(iter(_COUNTERS)))
         c = _COUNTERS[key] = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
     return c
 

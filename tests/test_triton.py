@@ -849,10 +849,10 @@ def test_cuda_fast_launch_respects_specialisation():
 
 @pytest.mark.cuda
 def test_cuda_auto_picks_triton_for_small_heads_with_a_bias():
-    """auto on CUDA: our kernel for a half-precision bias at head dims <= 64 (measured ahead of flex)
-    and at head dims up to 128 that flex does not take (80: ahead of SDPA), flex at 128; a mask alone
-    or float32 stays with the others."""
-    for D, ours in ((32, True), (16, True), (64, True), (80, True), (128, False), (256, False)):
+    """auto on CUDA: our kernel for a half-precision bias at head dims <= 64 and at the other head
+    dims up to 128 (80, 96: measured ahead of flex or SDPA), flex at 128 and 256; a mask alone or
+    float32 stays with the others."""
+    for D, ours in ((32, True), (16, True), (64, True), (80, True), (96, True), (128, False), (256, False)):
         q, k, v = make_qkv(4, 8, 8, 300, 300, D, dtype=torch.bfloat16, device="cuda")
         bias = torch.randn(1, 8, 300, 300, device="cuda", dtype=torch.bfloat16)
         for backward in (False, True):

@@ -9,8 +9,8 @@ bounds are skipped; softcap and sink logits (with their gradient). float32 input
 multiply in IEEE float32 (no tf32). On CUDA `auto` picks it for token groups and for
 half-precision biased calls with head dims up to 64 (Evoformer at D = 32, a shared [1, H, L, L] bias
 at D = 64: forward at FlexAttention's level or above, forward+backward above it; docs/benchmarks.md,
-issue 5), and up to 128 where FlexAttention does not take the head dim (ahead of SDPA);
-FlexAttention keeps D = 128, where the two are even.
+issue 5), and at the other head dims up to 128 (80, 96, ...: D = 96 measured ahead of
+FlexAttention forward, even forward+backward); FlexAttention keeps D = 128, where the two are even.
 On the CPU it runs only under Triton's interpreter (TRITON_INTERPRET=1), for tests.
 
 Decode-shaped calls (at most 16 queries per sequence, no gradient, no mask / bias / mods /
@@ -71,14 +71,13 @@ class TritonBackend(Backend):
             # Heads up to 64 with a bias, in half precision (float32 multiplies on the FMA units here): ahead
             # of flex's 70. H100, bf16: Evoformer D = 32, fwd+bwd 1.10-1.41x flex, fwd 0.95-1.72x (2026-11-24
             # 05:32 UTC); a [1, H, L, L] bias at D = 64, fwd 1.42-1.46x, fwd+bwd 1.25-1.27x (06:53 UTC). At
-            # D = 128 the two are even (fwd+bwd 0.91-1.02x), so flex keeps the powers of two, and we take
-            # the head dims it does not (80, 96, ...) from SDPA's 30 (its bias-gradient kernel ran 0.30-0.46x
-            # flex at D = 64 / 128, and 0.35 / 0.46x ours at D = 96). Measured with a shared bias and no other
-            # feature; other bias shapes and masks, bounds, softcap or sinks beside it follow unmeasured at D > 32.
-            if dmax <= 64:
+            # D = 128 the two are even (fwd+bwd 0.91-1.02x), so flex keeps D = 128. Other head dims up to
+            # 128 (flex pads them to a power of two, as we do) are ours: D = 96, fwd 1.34x flex, fwd+bwd
+            # 0.95x, and 2.9x / 2.2x SDPA's bias-gradient kernel (06:56 UTC). D = 64 with a bias per batch
+            # row: fwd 1.34x, fwd+bwd 1.04x; a shared bias beside a causal mask: 1.54x / 1.34x (08:33 UTC).
+            # Other features beside a bias (window, key mask, softcap, sinks) follow unmeasured at D > 32.
+            if dmax <= 64 or (dmax <= 128 and dmax & (dmax - 1)):
                 return 75.0
-            if dmax <= 128:
-                return 65.0
         return 20.0  # dense/masked: cuDNN and flex are faster; chosen only when forced
 
     def prepare(self, req: AttentionRequest):

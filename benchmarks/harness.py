@@ -468,6 +468,9 @@ def run_guarded(fn: Callable[[], Any]) -> tuple[Any, str | None, bool]:
 
 # --------------------------------------------------------------------------- metadata + output
 def _git_commit(path: str) -> str | None:
+    """ATTNKIT_COMMIT when set (a copied tree's .git may lag its files), else git's HEAD."""
+    if os.environ.get("ATTNKIT_COMMIT"):
+        return os.environ["ATTNKIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "-C", path, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5

@@ -272,7 +272,6 @@ def test_decode_kernel_whole_block_tiles(case, tdevice, monkeypatch):
     softcap, sinks, Dv != D, several splits; and so do the per-head tiles (da.SLAB off)."""
     if case.splits is not None:
         monkeypatch.setattr(da, "num_splits_for", lambda programs, len_k, device: case.splits)
-    monkeypatch.setattr(da, "SLAB_KEYS", case.Hkv * case.bs)  # the GPU's rule, at these small blocks
     taken = []
     orig = da._slab
     monkeypatch.setattr(da, "_slab", lambda *a: taken.append(orig(*a)) or taken[-1])

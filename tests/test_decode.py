@@ -250,43 +250,6 @@ def test_decode_kernel_paged_contiguous_reference(case, tdevice, spy_decode, mon
     assert len(spy_decode) == 2, "decode-shaped calls must run the decode kernel"
 
 
-# Paged half-precision calls with at most 32 query rows read a whole block of every kv head per tile
-# (da._slab): the interpreter takes it for blocks of up to 128 kv-head rows.
-SLAB_CASES = [
-    DCase("slab_bf16_gqa4_lq1_causal_sinks_d128", BF16, 8, 2, 1, 128, 16, ((3, 1), (2, 9), 1, 0),
-          kw=dict(causal=True, return_lse=True), sinks=True, splits=3),
-    DCase("slab_f16_mha_lq4_causal_bs8", F16, 2, 2, 4, 64, 8, ((1, 5), (3, 1), 3, 0), kw=dict(causal=True, return_lse=True),
-          splits=2),
-    DCase("slab_bf16_gqa4_lq4_window_lr_softcap_sinks_dv", BF16, 8, 2, 4, 64, 16, ((4, 1), (2, 3), 3, 0), Dv=48,
-          kw=dict(window=(5, 2), softcap=2.0, return_lse=True), sinks=True, splits=2),
-    DCase("slab_bf16_gqa8_lq1_window_bs32", BF16, 16, 2, 1, 64, 32, ((2, 5), (1, 30), 7, 0),
-          kw=dict(causal=True, window=20), splits=4),
-    DCase("slab_f16_gqa2_lq2_d80_one_split", F16, 8, 4, 2, 80, 16, ((2, 15), (1, 3), 1, 0), kw=dict(causal=True)),
-]
-
-
-@pytest.mark.parametrize("case", SLAB_CASES, ids=[c.name for c in SLAB_CASES])
-def test_decode_kernel_whole_block_tiles(case, tdevice, monkeypatch):
-    """A tile of one block of every kv head, each query row masked to its own head's columns, equals
-    the reference: shuffled blocks, lengths off the block size and 0, GQA 1 / 2 / 4 / 8, windows,
-    softcap, sinks, Dv != D, several splits; and so do the per-head tiles (da.SLAB off)."""
-    if case.splits is not None:
-        monkeypatch.setattr(da, "num_splits_for", lambda programs, len_k, device: case.splits)
-    taken = []
-    orig = da._slab
-    monkeypatch.setattr(da, "_slab", lambda *a: taken.append(orig(*a)) or taken[-1])
-    d = make_decode(4, case.Hq, case.Hkv, case.Lq, case.D, case.lengths(), case.bs, Dv=case.Dv, dtype=case.dtype,
-                    device=tdevice, seed=zlib.crc32(case.name.encode()) % 1000, sinks=case.sinks)
-    ref, base, mask = oracle(d, case.kw)
-    req = build_request(d.q, d.kp, d.vp, **contract_kw(d, case.kw, True))
-    for slab in (True, False):
-        monkeypatch.setattr(da, "SLAB", slab)
-        out, lse = da.decode_attention(d.q, d.kp, d.vp, cache_seqlens=d.lens, block_table=d.table, scale=req.scale,
-                                       softcap=req.softcap, sinks=d.sinks, bounds=req.key_bounds)
-        check(out, lse, ref, base, mask, case.dtype, name=f"SLAB={slab}")
-    assert taken == [True, False], "the whole-block tiles must serve these calls"
-
-
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 64])
 def test_decode_kernel_any_split_count(splits, tdevice):
     """The merge by log-sum-exp is exact whatever the split count: splits that get no tile (more

@@ -74,8 +74,8 @@ if triton is not None:
     def _decode_split_kernel(
         Q, K, V, LENS, BT, SINKS, O, LSE, W, CNT,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbtb, sbtn, sob, soh, som, sod,
-        Hq, Hkv, G, GQ, Lq, LK, NUM_MBLOCKS, NUM_SPLITS, W_LSE, scale, softcap, left, right,
-        HAS_LENS: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, SLAB: tl.constexpr, TILE_KEYS: tl.constexpr,
+        Hq, Hkv, G, Lq, LK, NUM_MBLOCKS, NUM_SPLITS, W_LSE, scale, softcap, left, right,
+        HAS_LENS: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
         FINAL: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -110,8 +110,8 @@ if triton is not None:
         if HAS_LEFT:
             first = seqlen - Lq + tl.min(tl.where(row_ok, i, Lq), 0)
             lo = tl.maximum(first - left, 0)
-        t0 = lo // TILE_KEYS
-        n_tiles = tl.maximum(tl.cdiv(seqlen, TILE_KEYS) - t0, 0)
+        t0 = lo // BLOCK_N
+        n_tiles = tl.maximum(tl.cdiv(seqlen, BLOCK_N) - t0, 0)
         per = tl.cdiv(n_tiles, NUM_SPLITS)
         t_start = t0 + split * per
         t_end = tl.minimum(t_start + per, t0 + n_tiles)
@@ -129,32 +129,21 @@ if triton is not None:
             m_i = tl.load(SINKS + h, mask=row_ok, other=float("-inf")).to(tl.float32)
             l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-        if SLAB:  # a tile is one page of every kv head: column c is slot c % PAGE of kv head c // PAGE
-            col = tl.arange(0, BLOCK_N)
-            col_head = col // PAGE
-            same_head = (h // GQ)[:, None] == col_head[None, :]
         for t in range(t_start, t_end):
-            if SLAB:  # one block id per tile
-                offs_n = t * PAGE + col % PAGE
-                key_ok = offs_n < seqlen
-                blk = tl.load(bt_row + t * sbtn).to(tl.int64)  # t * PAGE < seqlen
-                k_rows = blk * skb + col_head * skh + (col % PAGE) * skn
-                v_rows = blk * svb + col_head * svh + (col % PAGE) * svn
+            offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            key_ok = offs_n < seqlen
+            if PAGED and PAGE >= BLOCK_N:  # the tile lies in one page: one block id, rows as in a contiguous cache
+                blk = tl.load(bt_row + (t * BLOCK_N // PAGE) * sbtn).to(tl.int64)  # t * BLOCK_N < seqlen
+                slot = (t * BLOCK_N) % PAGE + tl.arange(0, BLOCK_N)
+                k_rows = blk * skb + slot * skn
+                v_rows = blk * svb + slot * svn
+            elif PAGED:  # each key's block from the table; entries past the length are never read
+                blk = tl.load(bt_row + (offs_n // PAGE) * sbtn, mask=key_ok, other=0).to(tl.int64)
+                k_rows = blk * skb + (offs_n % PAGE) * skn
+                v_rows = blk * svb + (offs_n % PAGE) * svn
             else:
-                offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-                key_ok = offs_n < seqlen
-                if PAGED and PAGE >= BLOCK_N:  # the tile lies in one page: one block id, rows as in a contiguous cache
-                    blk = tl.load(bt_row + (t * BLOCK_N // PAGE) * sbtn).to(tl.int64)  # t * BLOCK_N < seqlen
-                    slot = (t * BLOCK_N) % PAGE + tl.arange(0, BLOCK_N)
-                    k_rows = blk * skb + slot * skn
-                    v_rows = blk * svb + slot * svn
-                elif PAGED:  # each key's block from the table; entries past the length are never read
-                    blk = tl.load(bt_row + (offs_n // PAGE) * sbtn, mask=key_ok, other=0).to(tl.int64)
-                    k_rows = blk * skb + (offs_n % PAGE) * skn
-                    v_rows = blk * svb + (offs_n % PAGE) * svn
-                else:
-                    k_rows = offs_n.to(tl.int64) * skn
-                    v_rows = offs_n.to(tl.int64) * svn
+                k_rows = offs_n.to(tl.int64) * skn
+                v_rows = offs_n.to(tl.int64) * svn
             k = tl.load(k_base + k_rows[:, None] + dq[None, :] * skd,
                         mask=key_ok[:, None] & (dq[None, :] < D), other=0.0)
             v = tl.load(v_base + v_rows[:, None] + dv[None, :] * svd,
@@ -163,8 +152,6 @@ if triton is not None:
             if SOFTCAP:
                 s = softcap * _tanh(s / softcap)
             ok = key_ok[None, :]
-            if SLAB:
-                ok = ok & same_head
             if HAS_LEFT:
                 ok = ok & (offs_n[None, :] >= (qpos - left)[:, None])
             if HAS_RIGHT:
@@ -358,7 +345,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, cache_seqlens: Tensor |
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
            block_table.shape if paged else None, block_table.stride() if paged else None,
            q.dtype, cache_seqlens is not None, sinks is not None, scale, softcap, bounds, num_splits,
-           return_lse, num_splits_for, _INTERPRET, SLAB, device)
+           return_lse, num_splits_for, _INTERPRET, device)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _plan(q, k, v, block_table, cache_seqlens is not None, scale, softcap, sinks is not None,
@@ -412,24 +399,6 @@ def _counters(device: torch.device, n: int) -> Tensor:
     return c
 
 
-# Pages of every kv head in one tile (see _slab); a switch for A/B runs and tests.
-SLAB = True
-SLAB_KEYS = 128  # the tile: kv heads x block size
-
-
-def _slab(paged: bool, page: int, Hq: int, Hkv: int, Lq: int, D: int, DV: int, f32: bool) -> bool:
-    """Whether a paged call reads whole blocks: one program per (sequence, split) takes every query
-    head, and a key tile is one block of the pool, [Hkv, block_size, D] contiguous, each row block
-    masked to its own kv head's columns. Reading a block of 8 heads x 16 tokens (32 KB) as one tile
-    instead of 8 tiles of 4 KB in 8 programs raised the read rate of shuffled 16-token pages by up to
-    3.5% (H100, 2026-11-24). The scores cost 2x those of the per-head tiles (32 rows against 8 heads x 16
-    padded rows), so only for up to 32 query rows, and only where a block per head is small (Hkv x
-    block size = SLAB_KEYS; under the interpreter any smaller block too, for the tests)."""
-    if not (SLAB and paged and not f32 and Hkv > 1 and Hq * Lq <= 32 and max(D, DV) <= 128):
-        return False
-    return Hkv * page == SLAB_KEYS or (_INTERPRET and Hkv * page < SLAB_KEYS)
-
-
 def _plan(q: Tensor, k: Tensor, v: Tensor, block_table: Tensor | None, has_lens: bool, scale: float | None,
           softcap: float | None, has_sinks: bool, bounds, num_splits: int | None, store_lse: bool) -> _Plan:
     B, Hq, Lq, D = q.shape
@@ -446,21 +415,14 @@ def _plan(q: Tensor, k: Tensor, v: Tensor, block_table: Tensor | None, has_lens:
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     G = Hq // Hkv
+    rows = G * Lq
     f32 = q.dtype == torch.float32
-    slab = _slab(paged, page, Hq, Hkv, Lq, D, DV, f32)
-    if slab:  # every query head in one row block, against one page of every kv head per tile
-        rows, grid_hkv, grid_g = Hq * Lq, 1, Hq
-        bm, bn, warps, stages = _config(D, DV, f32, rows, paged)
-        bn, tile_keys = Hkv * page, page
-    else:
-        rows, grid_hkv, grid_g = G * Lq, Hkv, G
-        bm, bn, warps, stages = _config(D, DV, f32, rows, paged)
-        tile_keys = bn
+    bm, bn, warps, stages = _config(D, DV, f32, rows, paged)
     n_mblocks = _cdiv(rows, bm)
     br = min(bm, _p2(rows), max(1, 2048 // _pow2(DV)))  # rows the merge takes at a time (see BLOCK_S)
-    programs = B * grid_hkv * n_mblocks
+    programs = B * Hkv * n_mblocks
     S = num_splits if num_splits is not None else num_splits_for(programs, LK, q.device)
-    S = max(1, min(int(S), _cdiv(LK, tile_keys)))
+    S = max(1, min(int(S), _cdiv(LK, bn)))
     left, right = bounds if bounds is not None else (None, None)
 
     p = _Plan()
@@ -474,9 +436,8 @@ def _plan(q: Tensor, k: Tensor, v: Tensor, block_table: Tensor | None, has_lens:
     bts = block_table.stride() if paged else (0, 0)
     p.split = Launch(_decode_split_kernel, (programs, S), (
         *q.stride(), *k.stride(), *v.stride(), *bts, *p.out_stride,
-        Hq, grid_hkv, grid_g, G, Lq, LK, n_mblocks, S, w_lse, float(scale), float(softcap or 1.0), left or 0,
-        right or 0), dict(
-        HAS_LENS=has_lens, PAGED=paged, PAGE=page, SLAB=slab, TILE_KEYS=tile_keys,
+        Hq, Hkv, G, Lq, LK, n_mblocks, S, w_lse, float(scale), float(softcap or 1.0), left or 0, right or 0), dict(
+        HAS_LENS=has_lens, PAGED=paged, PAGE=page,
         HAS_LEFT=left is not None, HAS_RIGHT=right is not None, SOFTCAP=softcap is not None,
         HAS_SINKS=has_sinks, FINAL=S == 1, STORE_LSE=store_lse,
         PRECISION="ieee" if f32 else "tf32", UPCAST=_INTERPRET and q.dtype == torch.bfloat16,

@@ -250,45 +250,6 @@ def test_decode_kernel_paged_contiguous_reference(case, tdevice, spy_decode, mon
     assert len(spy_decode) == 2, "decode-shaped calls must run the decode kernel"
 
 
-# Blocks smaller than the key tile and fewer than 16 rows per kv head: a program takes several kv
-# heads (da._kv_heads), each row masked to its own head's columns. Block sizes 4 and 8 make the
-# interpreter's 16-key tile hold several blocks of 2 or 4 heads.
-KV_HEADS_CASES = [
-    DCase("kvh_bf16_gqa4_lq1_causal_sinks_d128", BF16, 8, 2, 1, 128, 8, ((3, 1), (2, 7), 1, 0),
-          kw=dict(causal=True, return_lse=True), sinks=True, splits=3),
-    DCase("kvh_f16_mha_lq4_causal_bs4", F16, 4, 4, 4, 64, 4, ((5, 3), (3, 1), 3, 0), kw=dict(causal=True, return_lse=True),
-          splits=2),
-    DCase("kvh_bf16_gqa2_lq4_window_lr_softcap_sinks_dv", BF16, 8, 4, 4, 64, 4, ((6, 1), (2, 3), 3, 0), Dv=48,
-          kw=dict(window=(5, 2), softcap=2.0, return_lse=True), sinks=True, splits=2),
-    DCase("kvh_bf16_gqa8_lq1_window", BF16, 16, 2, 1, 64, 8, ((4, 5), (1, 7), 7, 0),
-          kw=dict(causal=True, window=20), splits=4),
-    DCase("kvh_f16_mha_lq1_d80_one_split", F16, 8, 8, 1, 80, 4, ((7, 3), (1, 3), 1, 0), kw=dict(causal=True)),
-    DCase("kvh_f32_gqa2_lq1_plain", F32, 8, 4, 1, 64, 8, ((3, 5), (2, 1), 1, 0), kw=dict(return_lse=True), splits=2),
-]
-
-
-@pytest.mark.parametrize("case", KV_HEADS_CASES, ids=[c.name for c in KV_HEADS_CASES])
-def test_decode_kernel_several_kv_heads_per_program(case, tdevice, monkeypatch):
-    """A program over several kv heads equals the reference: shuffled blocks shared by a forked
-    sequence, lengths off the block size and 0, GQA 1 / 2 / 4 / 8, windows, softcap, sinks, Dv != D,
-    several splits; and so does one kv head per program (da.MAX_KV_HEADS = 1)."""
-    if case.splits is not None:
-        monkeypatch.setattr(da, "num_splits_for", lambda programs, len_k, device: case.splits)
-    taken = []
-    orig = da._kv_heads
-    monkeypatch.setattr(da, "_kv_heads", lambda *a: taken.append(orig(*a)) or taken[-1])
-    d = make_decode(4, case.Hq, case.Hkv, case.Lq, case.D, case.lengths(), case.bs, Dv=case.Dv, dtype=case.dtype,
-                    device=tdevice, seed=zlib.crc32(case.name.encode()) % 1000, sinks=case.sinks)
-    ref, base, mask = oracle(d, case.kw)
-    req = build_request(d.q, d.kp, d.vp, **contract_kw(d, case.kw, True))
-    for most in (8, 1):
-        monkeypatch.setattr(da, "MAX_KV_HEADS", most)
-        out, lse = da.decode_attention(d.q, d.kp, d.vp, cache_seqlens=d.lens, block_table=d.table, scale=req.scale,
-                                       softcap=req.softcap, sinks=d.sinks, bounds=req.key_bounds)
-        check(out, lse, ref, base, mask, case.dtype, name=f"at most {most} kv heads per program")
-    assert taken[0] > 1 and taken[1] == 1, taken
-
-
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 64])
 def test_decode_kernel_any_split_count(splits, tdevice):
     """The merge by log-sum-exp is exact whatever the split count: splits that get no tile (more

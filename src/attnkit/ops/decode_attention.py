@@ -74,8 +74,8 @@ if triton is not None:
     def _decode_split_kernel(
         Q, K, V, LENS, BT, SINKS, O, LSE, W, CNT,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbtb, sbtn, sob, soh, som, sod,
-        Hq, Hkv, G, GQ, Lq, LK, NUM_MBLOCKS, NUM_SPLITS, W_LSE, scale, softcap, left, right,
-        HAS_LENS: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, KVH: tl.constexpr, TILE_KEYS: tl.constexpr,
+        Hq, Hkv, G, Lq, LK, NUM_MBLOCKS, NUM_SPLITS, W_LSE, scale, softcap, left, right,
+        HAS_LENS: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
         FINAL: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -110,14 +110,14 @@ if triton is not None:
         if HAS_LEFT:
             first = seqlen - Lq + tl.min(tl.where(row_ok, i, Lq), 0)
             lo = tl.maximum(first - left, 0)
-        t0 = lo // TILE_KEYS
-        n_tiles = tl.maximum(tl.cdiv(seqlen, TILE_KEYS) - t0, 0)
+        t0 = lo // BLOCK_N
+        n_tiles = tl.maximum(tl.cdiv(seqlen, BLOCK_N) - t0, 0)
         per = tl.cdiv(n_tiles, NUM_SPLITS)
         t_start = t0 + split * per
         t_end = tl.minimum(t_start + per, t0 + n_tiles)
 
-        k_base = K + hk * KVH * skh  # the program's first kv head
-        v_base = V + hk * KVH * svh
+        k_base = K + hk * skh
+        v_base = V + hk * svh
         if not PAGED:
             k_base += b * skb
             v_base += b * svb
@@ -129,33 +129,21 @@ if triton is not None:
             m_i = tl.load(SINKS + h, mask=row_ok, other=float("-inf")).to(tl.float32)
             l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-        if KVH > 1:  # column c: slot c % PAGE of the program's kv head (c // PAGE) % KVH, in the tile's block c // (KVH * PAGE)
-            col = tl.arange(0, BLOCK_N)
-            col_head = (col // PAGE) % KVH
-            col_key = (col // (KVH * PAGE)) * PAGE + col % PAGE
-            same_head = ((r // Lq) // GQ)[:, None] == col_head[None, :]
         for t in range(t_start, t_end):
-            if KVH > 1:
-                offs_n = t * TILE_KEYS + col_key
-                key_ok = offs_n < seqlen
+            offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            key_ok = offs_n < seqlen
+            if PAGED and PAGE >= BLOCK_N:  # the tile lies in one page: one block id, rows as in a contiguous cache
+                blk = tl.load(bt_row + (t * BLOCK_N // PAGE) * sbtn).to(tl.int64)  # t * BLOCK_N < seqlen
+                slot = (t * BLOCK_N) % PAGE + tl.arange(0, BLOCK_N)
+                k_rows = blk * skb + slot * skn
+                v_rows = blk * svb + slot * svn
+            elif PAGED:  # each key's block from the table; entries past the length are never read
                 blk = tl.load(bt_row + (offs_n // PAGE) * sbtn, mask=key_ok, other=0).to(tl.int64)
-                k_rows = blk * skb + col_head * skh + (offs_n % PAGE) * skn
-                v_rows = blk * svb + col_head * svh + (offs_n % PAGE) * svn
+                k_rows = blk * skb + (offs_n % PAGE) * skn
+                v_rows = blk * svb + (offs_n % PAGE) * svn
             else:
-                offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-                key_ok = offs_n < seqlen
-                if PAGED and PAGE >= BLOCK_N:  # the tile lies in one page: one block id, rows as in a contiguous cache
-                    blk = tl.load(bt_row + (t * BLOCK_N // PAGE) * sbtn).to(tl.int64)  # t * BLOCK_N < seqlen
-                    slot = (t * BLOCK_N) % PAGE + tl.arange(0, BLOCK_N)
-                    k_rows = blk * skb + slot * skn
-                    v_rows = blk * svb + slot * svn
-                elif PAGED:  # each key's block from the table; entries past the length are never read
-                    blk = tl.load(bt_row + (offs_n // PAGE) * sbtn, mask=key_ok, other=0).to(tl.int64)
-                    k_rows = blk * skb + (offs_n % PAGE) * skn
-                    v_rows = blk * svb + (offs_n % PAGE) * svn
-                else:
-                    k_rows = offs_n.to(tl.int64) * skn
-                    v_rows = offs_n.to(tl.int64) * svn
+                k_rows = offs_n.to(tl.int64) * skn
+                v_rows = offs_n.to(tl.int64) * svn
             k = tl.load(k_base + k_rows[:, None] + dq[None, :] * skd,
                         mask=key_ok[:, None] & (dq[None, :] < D), other=0.0)
             v = tl.load(v_base + v_rows[:, None] + dv[None, :] * svd,
@@ -164,8 +152,6 @@ if triton is not None:
             if SOFTCAP:
                 s = softcap * _tanh(s / softcap)
             ok = key_ok[None, :]
-            if KVH > 1:
-                ok = ok & same_head
             if HAS_LEFT:
                 ok = ok & (offs_n[None, :] >= (qpos - left)[:, None])
             if HAS_RIGHT:
@@ -359,7 +345,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, cache_seqlens: Tensor |
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
            block_table.shape if paged else None, block_table.stride() if paged else None,
            q.dtype, cache_seqlens is not None, sinks is not None, scale, softcap, bounds, num_splits,
-           return_lse, num_splits_for, _INTERPRET, MAX_KV_HEADS, device)
+           return_lse, num_splits_for, _INTERPRET, device)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _plan(q, k, v, block_table, cache_seqlens is not None, scale, softcap, sinks is not None,
@@ -413,27 +399,6 @@ def _counters(device: torch.device, n: int) -> Tensor:
     return c
 
 
-# The most kv heads one program takes (_kv_heads); 1 turns the grouping off (A/B runs, tests).
-MAX_KV_HEADS = 8
-
-
-def _kv_heads(paged: bool, page: int, G: int, Lq: int, Hkv: int, block_n: int) -> int:
-    """kv heads per program on a paged cache whose blocks are smaller than the key tile.
-
-    The rows of one kv head (its G query heads x Lq queries) are padded to 16 for tl.dot; with
-    fewer, a program fills the pad with the rows of the next kv heads, each row masked to its own
-    head's columns, at no extra score work. A block of the pool is [Hkv, block_size, D], so those
-    heads' keys in a block are one contiguous piece (4 heads x 16 tokens x D = 128: 16 KB) where
-    each head alone reads 4 KB."""
-    if not paged or page >= block_n:
-        return 1
-    h = 1
-    while (2 * h <= min(Hkv, MAX_KV_HEADS) and Hkv % (2 * h) == 0 and 2 * h * G * Lq <= 16
-           and 2 * h * page <= block_n):
-        h *= 2
-    return h
-
-
 def _plan(q: Tensor, k: Tensor, v: Tensor, block_table: Tensor | None, has_lens: bool, scale: float | None,
           softcap: float | None, has_sinks: bool, bounds, num_splits: int | None, store_lse: bool) -> _Plan:
     B, Hq, Lq, D = q.shape
@@ -450,15 +415,14 @@ def _plan(q: Tensor, k: Tensor, v: Tensor, block_table: Tensor | None, has_lens:
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     G = Hq // Hkv
+    rows = G * Lq
     f32 = q.dtype == torch.float32
-    bm, bn, warps, stages = _config(D, DV, f32, G * Lq, paged)
-    kvh = _kv_heads(paged, page, G, Lq, Hkv, bn)
-    rows = kvh * G * Lq  # kv head j of the program, query head g of its group, query i: row (j * G + g) * Lq + i
+    bm, bn, warps, stages = _config(D, DV, f32, rows, paged)
     n_mblocks = _cdiv(rows, bm)
     br = min(bm, _p2(rows), max(1, 2048 // _pow2(DV)))  # rows the merge takes at a time (see BLOCK_S)
-    programs = B * (Hkv // kvh) * n_mblocks
+    programs = B * Hkv * n_mblocks
     S = num_splits if num_splits is not None else num_splits_for(programs, LK, q.device)
-    S = max(1, min(int(S), _cdiv(LK, bn // kvh)))
+    S = max(1, min(int(S), _cdiv(LK, bn)))
     left, right = bounds if bounds is not None else (None, None)
 
     p = _Plan()
@@ -472,9 +436,8 @@ def _plan(q: Tensor, k: Tensor, v: Tensor, block_table: Tensor | None, has_lens:
     bts = block_table.stride() if paged else (0, 0)
     p.split = Launch(_decode_split_kernel, (programs, S), (
         *q.stride(), *k.stride(), *v.stride(), *bts, *p.out_stride,
-        Hq, Hkv // kvh, kvh * G, G, Lq, LK, n_mblocks, S, w_lse, float(scale), float(softcap or 1.0), left or 0,
-        right or 0), dict(
-        HAS_LENS=has_lens, PAGED=paged, PAGE=page, KVH=kvh, TILE_KEYS=bn // kvh,
+        Hq, Hkv, G, Lq, LK, n_mblocks, S, w_lse, float(scale), float(softcap or 1.0), left or 0, right or 0), dict(
+        HAS_LENS=has_lens, PAGED=paged, PAGE=page,
         HAS_LEFT=left is not None, HAS_RIGHT=right is not None, SOFTCAP=softcap is not None,
         HAS_SINKS=has_sinks, FINAL=S == 1, STORE_LSE=store_lse,
         PRECISION="ieee" if f32 else "tf32", UPCAST=_INTERPRET and q.dtype == torch.bfloat16,

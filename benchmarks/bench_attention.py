@@ -158,7 +158,7 @@ def workloads(smoke: bool) -> list[Workload]:
         for D in (64, 128):
             Hq = 32 if D == 64 else 16
             out.append(Workload(f"bias_L{L}_D{D}", max(1, 16384 // L), Hq, L, D, bias=True, note=BIAS_NOTE))
-    # a head dim FlexAttention does not take (not a power of two): ours against SDPA there
+    # a head dim that is not a power of two (FlexAttention pads it to 128, as ours does)
     out.append(Workload("bias_L1024_D96", 16, 16, 1024, 96, bias=True, note=BIAS_NOTE))
     # the biased rule of `auto` beyond the shared bias it was measured on: a bias per batch row (its
     # gradient has no batch sum), and a shared bias beside a causal mask

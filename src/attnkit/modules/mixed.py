@@ -180,7 +180,9 @@ class MixedAttention(nn.Module):
       attention_patterns: exhaustive and non-overlapping: every input group is the
         query of exactly one pattern; cached groups may only be keys/values.
       key_padding_mask: bool [B, N], True = real token; padded tokens are never
-        attended to. Cached tokens are valid unless their entry carries a "mask".
+        attended to (pass None when nothing is padded: an all-True mask is still a mask,
+        here and in the cache it returns, and masked calls take slower kernels).
+        Cached tokens are valid unless their entry carries a "mask".
         Rows with no valid key give 0.
       freqs: RoPE for the input tokens: angles [N, D/2] or [B, N, D/2], or a
         (cos, sin) pair of that shape (e.g. RotaryEmbedding.cos_sin(N)); ignored

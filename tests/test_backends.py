@@ -844,6 +844,9 @@ FLEX_CUDA = [
     ("causal_lq_gt_lk", torch.bfloat16), ("lse_mask_dead_rows", torch.float16), ("sinks_causal_lq_gt_lk", torch.bfloat16),
     ("window_tuple", torch.float16), ("bias_keypad_like", torch.bfloat16), ("gqa_4", torch.float16),
     ("d8", torch.bfloat16),  # d8: refused (head dim 8)
+    # head dims off the powers of two, padded inside flex (D = 40 and 72 failed on torch 2.11 once, 2026-11-22)
+    ("d40", torch.float32), ("d40", torch.float16), ("d72", torch.float32), ("d72", torch.bfloat16),
+    ("dv_ne_d", torch.float32), ("combo_pair_bias", torch.float16),
 ]
 
 def _flex_case(name: str) -> Case:

@@ -10,7 +10,7 @@ Workloads (bf16; full run, for an H100):
 - sliding window 1024 (causal), L = 16k, D = 128, H = 16, B = 1;
 - a bf16 bias with its gradient at transformer head dims (`bias_*`, B = 16384 // L): shared by
   the batch ([1, H, L, L]) at L = 1k, 4k and D = 64, 96, 128; one per batch row ([B, H, L, L]),
-  and shared beside a causal mask, at L = 1k, D = 64;
+  and shared beside a causal mask or a key padding mask [B, 1, 1, L], at L = 1k, D = 64;
 - issue 5's Evoformer grid (`evoformer_*`, D = 32): MSA row attention, B = 128 rows, H = 8,
   L = 256, 512, 1024, and triangle attention, B = L rows, H = 4, L = 256, 512, with an additive
   pair bias [1, H, L, L] that requires grad (bf16, see the workload note);
@@ -100,6 +100,7 @@ class Workload:
     window: int | None = None
     bias: bool = False
     bias_batch: bool = False  # the bias is [B, H, L, L] (one per batch row), not [1, H, L, L]
+    keymask: bool = False  # a key padding mask [B, 1, 1, L] (bool, about 10% of the keys masked out)
     long: bool = False  # nominally L >= 16k: O(L^2)-memory peers (sdpa_math, eager) are skipped
     note: str = ""
 
@@ -111,6 +112,8 @@ class Workload:
             kind = "causal"
         if self.bias:
             kind += f", bias [{self.B if self.bias_batch else 1},{self.Hq},{self.L},{self.L}]"
+        if self.keymask:
+            kind += f", key mask [{self.B},1,1,{self.L}]"
         return f"B={self.B} Hq=Hkv={self.Hq} Lq=Lk={self.L} D={self.D} bf16, {kind}"
 
     def flops(self, mode: str) -> float:
@@ -141,6 +144,7 @@ def workloads(smoke: bool) -> list[Workload]:
             Workload("evoformer_B4_H2_L64_D32", 4, 2, 64, 32, bias=True, note=EVO_NOTE),
             Workload("bias_batch_causal_L96_D64", 2, 2, 96, 64, causal=True, bias=True, bias_batch=True,
                      note=BIAS_BATCH_NOTE),
+            Workload("bias_keymask_L80_D64", 2, 2, 80, 64, bias=True, keymask=True, note=BIAS_NOTE),
         ]
     out = []
     for L in (1024, 4096, 16384):
@@ -164,6 +168,7 @@ def workloads(smoke: bool) -> list[Workload]:
     # gradient has no batch sum), and a shared bias beside a causal mask
     out.append(Workload("bias_batch_L1024_D64", 16, 32, 1024, 64, bias=True, bias_batch=True, note=BIAS_BATCH_NOTE))
     out.append(Workload("bias_causal_L1024_D64", 16, 32, 1024, 64, causal=True, bias=True, note=BIAS_NOTE))
+    out.append(Workload("bias_keymask_L1024_D64", 16, 32, 1024, 64, bias=True, keymask=True, note=BIAS_NOTE))
     # issue 5's Evoformer grid: MSA row attention (B = N_seq = 128 rows, 8 heads) and triangle
     # attention (B = N_res rows, 4 heads), D = 32, one [1, H, L, L] pair bias shared by every row
     for L in (256, 512, 1024):
@@ -186,6 +191,7 @@ class State:
     scale: float
     sdpa_mask: torch.Tensor | None = None  # bool [1,1,L,L], True = attend (window only)
     eager_excluded: torch.Tensor | None = None  # bool [L,L], True = masked out
+    keymask: torch.Tensor | None = None  # bool [B, 1, 1, L], True = attend (keymask workloads)
     block_mask: object = None
     bsel: int = 1
     qsel: torch.Tensor | None = None
@@ -220,7 +226,18 @@ def make_state(wl: Workload, device: torch.device, need_grad_ref: bool, use_flex
         st.sdpa_mask = geometry_keep(wl, full_rows, wl.L, device).view(1, 1, wl.L, wl.L)
     if (wl.causal or wl.window is not None) and not wl.long:
         st.eager_excluded = ~geometry_keep(wl, full_rows, wl.L, device)
-    if use_flex and create_block_mask is not None and (wl.causal or wl.window is not None):
+    if wl.keymask:  # ~10% of the keys out; never a whole row (key 0 stays)
+        km = torch.rand(wl.B, wl.L, generator=torch.Generator().manual_seed(1)) > 0.1
+        km[:, 0] = True
+        st.keymask = km.to(device).view(wl.B, 1, 1, wl.L)
+    if use_flex and create_block_mask is not None and wl.keymask:
+        kmask, causal = st.keymask.view(wl.B, wl.L), wl.causal
+
+        def key_mask_mod(b, h, q_idx, kv_idx):
+            keep = kmask[b, kv_idx]
+            return keep & (kv_idx <= q_idx) if causal else keep
+        st.block_mask = create_block_mask(key_mask_mod, wl.B, None, wl.L, wl.L, device=device)
+    elif use_flex and create_block_mask is not None and (wl.causal or wl.window is not None):
         W = wl.window
 
         if W is None:
@@ -237,6 +254,8 @@ def make_state(wl: Workload, device: torch.device, need_grad_ref: bool, use_flex
     st.qsel = torch.linspace(0, wl.L - 1, n_rows, device=device).round().long().unique()
     nb, qsel = st.bsel, st.qsel
     keep = geometry_keep(wl, qsel, wl.L, device)
+    if st.keymask is not None:
+        keep = st.keymask[:nb] if keep is None else st.keymask[:nb] & keep
     qs = q[:nb][:, :, qsel].float().requires_grad_(need_grad_ref)
     ks = k[:nb].float().requires_grad_(need_grad_ref)
     vs = v[:nb].float().requires_grad_(need_grad_ref)
@@ -281,7 +300,7 @@ def skip_reason(peer: str, wl: Workload, mode: str, device: torch.device) -> str
     if peer.startswith("sdpa_") and wl.bias and wl.causal:
         return "SDPA takes no attn_mask beside is_causal=True"
     if peer == "ds4sci":
-        if not wl.bias or wl.bias_batch or wl.causal or wl.window is not None or wl.D > 64:
+        if not wl.bias or wl.bias_batch or wl.keymask or wl.causal or wl.window is not None or wl.D > 64:
             return "DS4Sci_EvoformerAttention: biased, unmasked workloads with D <= 64 only"
         if device.type != "cuda":
             return "DS4Sci_EvoformerAttention: CUDA only"
@@ -294,21 +313,23 @@ def make_call(peer: str, st: State, q, k, v, bias):
     """A zero-argument callable computing this peer's forward output on (q, k, v, bias)."""
     wl, scale = st.wl, st.scale
     if peer in ("attnkit", "attnkit_triton"):
-        kw = dict(causal=wl.causal, window=wl.window, bias=bias, scale=scale,
+        kw = dict(causal=wl.causal, window=wl.window, bias=bias, mask=st.keymask, scale=scale,
                   backend="triton" if peer == "attnkit_triton" else "auto")
         return lambda: attnkit.attention(q, k, v, **kw)
     if peer in SDPA_KERNELS:
         backend = getattr(SDPBackend, SDPA_KERNELS[peer])
+        km = st.keymask
         if wl.window is not None:
             attn_mask, is_causal = st.sdpa_mask, False
         else:
             attn_mask, is_causal = bias, wl.causal
 
         def sdpa():
+            am = attn_mask
+            if km is not None:  # folded into the bias in each call, as a user would write it
+                am = km if am is None else am.masked_fill(~km, float("-inf"))
             with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale
-                )
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=am, is_causal=is_causal, scale=scale)
         return sdpa
     if peer == "flex":
         fn = compiled_flex()
@@ -324,7 +345,7 @@ def make_call(peer: str, st: State, q, k, v, bias):
     if peer == "ds4sci":  # q, k, v, bias in its own layout (prepare_peer)
         return lambda: ds4sci.attention(q, k, v, bias)
     if peer == "eager":
-        excluded = st.eager_excluded
+        excluded, km = st.eager_excluded, st.keymask
 
         def eager():
             s = torch.matmul(q, k.transpose(-2, -1)) * scale
@@ -332,6 +353,8 @@ def make_call(peer: str, st: State, q, k, v, bias):
                 s = s + bias
             if excluded is not None:
                 s = s.masked_fill(excluded, float("-inf"))
+            if km is not None:
+                s = s.masked_fill(~km, float("-inf"))
             return torch.matmul(torch.softmax(s, dim=-1), v)
         return eager
     raise ValueError(f"unknown peer {peer!r}")
@@ -422,7 +445,7 @@ def prepare_peer(peer: str, st: State, mode: str, args, t_start: float):
     if peer == "attnkit":
         with torch.set_grad_enabled(mode != "fwd"):
             plan, err, _ = H.run_guarded(lambda: attnkit.explain(
-                q, k, v, causal=wl.causal, window=wl.window, bias=bias, scale=st.scale))
+                q, k, v, causal=wl.causal, window=wl.window, bias=bias, mask=st.keymask, scale=st.scale))
         extra["backend"] = plan.backend if plan is not None else f"explain failed: {err}"
         if plan is not None:
             extra["plan"] = str(plan)

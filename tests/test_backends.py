@@ -847,11 +847,18 @@ FLEX_CUDA = [
     # head dims off the powers of two, padded inside flex (D = 40 and 72 failed on torch 2.11 once, 2026-11-22)
     ("d40", torch.float32), ("d40", torch.float16), ("d72", torch.float32), ("d72", torch.bfloat16),
     ("dv_ne_d", torch.float32), ("combo_pair_bias", torch.float16),
+    # D = 64 with a mask tensor: 64 x 64 tiles (flex's own did not build a bias beside a key mask, torch 2.11)
+    ("cu_pair_bias_keypad_L512_D64", torch.bfloat16), ("cu_pair_bias_keypad_L512_D64", torch.float16),
 ]
+# realistic sizes of small cases, for flex only
+FLEX_CUDA_EXTRA = {
+    "cu_pair_bias_keypad_L512_D64": BY_NAME["combo_pair_bias"].replace(
+        name="cu_pair_bias_keypad_L512_D64", Hq=8, Hkv=8, Lq=512, Lk=512, D=64),
+}
 
 def _flex_case(name: str) -> Case:
     """The edge cases at their own head dim (mostly 24: flex pads it to 32 inside)."""
-    return {c.name: c for c in CUDA_CASES}.get(name) or BY_NAME[name]
+    return {c.name: c for c in CUDA_CASES}.get(name) or FLEX_CUDA_EXTRA.get(name) or BY_NAME[name]
 
 
 @pytest.mark.cuda

@@ -44,6 +44,21 @@ _BLOCK_MASK_CACHE_SIZE = 32
 _compiled = None
 
 
+def _kernel_options(req: AttentionRequest) -> dict | None:
+    """Tiles for compiled FlexAttention where its defaults were measured slow or failed to build.
+
+    H100, torch 2.11, bf16, B16 x H16 x L1024, 2026-11-24 (docs/benchmarks.md, "FlexAttention's own tiles
+    at D = 64"): at D = 64 its default forward ran 1.05-23x slower than 64 x 64 tiles on eight of nine
+    mask / bias kinds (a key mask [B, 1, 1, L]: 6.02 against 0.26 ms), and the ninth, a bias beside a key
+    mask, did not build (out of shared memory). Forward+backward: 64 x 64 won with a key mask (6.89
+    against 1.11 ms) and lost up to 1.54x with a causal mask and a bias, so training keeps the defaults
+    unless a mask tensor is read. D <= 32 and D = 128 keep them (64 x 64 was mixed at 32, slower at 128)."""
+    d = max(req.head_dim, req.head_dim_v)
+    if req.device.type == "cuda" and 32 < d <= 64 and (not req.needs_grad or req.mask is not None):
+        return {"BLOCK_M": 64, "BLOCK_N": 64}
+    return None
+
+
 def _eager_flex(*args, **kwargs):
     """flex_attention uncompiled (the CPU path), without torch's warning that it is unfused."""
     with warnings.catch_warnings():
@@ -206,6 +221,7 @@ class FlexBackend(Backend):
             scale=req.scale,
             enable_gqa=req.heads_q != req.heads_kv,
             return_lse=want_lse,
+            kernel_options=_kernel_options(req),
         )
         if not want_lse:
             return res, None

@@ -52,7 +52,7 @@ def _kernel_options(req: AttentionRequest) -> dict | None:
     mask / bias kinds (a key mask [B, 1, 1, L]: 6.02 against 0.26 ms), and the ninth, a bias beside a key
     mask, did not build (out of shared memory). Forward+backward: 64 x 64 won with a key mask (6.89
     against 1.11 ms) and lost up to 1.54x with a causal mask and a bias, so training keeps the defaults
-    unless a mask tensor is read. D <= 32 and D = 128 keep them (64 x 64 was mixed at 32, slower at 128)."""
+    unless a mask tensor is read. D <= 32 and D = 128 keep them (64 x 64 was mixed at 32; at 128 slower forward on every row)."""
     d = max(req.head_dim, req.head_dim_v)
     if req.device.type == "cuda" and 32 < d <= 64 and (not req.needs_grad or req.mask is not None):
         return {"BLOCK_M": 64, "BLOCK_N": 64}

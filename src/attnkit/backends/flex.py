@@ -54,7 +54,8 @@ def _kernel_options(req: AttentionRequest) -> dict | None:
     against 1.11 ms) and lost up to 1.54x with a causal mask and a bias, so training keeps the defaults
     unless a mask tensor is read. D <= 32 and D = 128 keep them (64 x 64 was mixed at 32; at 128 slower forward on every row)."""
     d = max(req.head_dim, req.head_dim_v)
-    if req.device.type == "cuda" and 32 < d <= 64 and (not req.needs_grad or req.mask is not None):
+    half = req.dtype in (torch.float16, torch.bfloat16)  # float32 was not measured: its defaults stay
+    if req.device.type == "cuda" and half and 32 < d <= 64 and (not req.needs_grad or req.mask is not None):
         return {"BLOCK_M": 64, "BLOCK_N": 64}
     return None
 

@@ -227,6 +227,8 @@ def make_state(wl: Workload, device: torch.device, need_grad_ref: bool, use_flex
     if (wl.causal or wl.window is not None) and not wl.long:
         st.eager_excluded = ~geometry_keep(wl, full_rows, wl.L, device)
     if wl.keymask:  # ~10% of the keys out; never a whole row (key 0 stays)
+        if wl.window is not None:  # the flex peer's mask_mod below knows causal only
+            raise ValueError(f"{wl.name}: a key mask beside a window is not set up for every peer")
         km = torch.rand(wl.B, wl.L, generator=torch.Generator().manual_seed(1)) > 0.1
         km[:, 0] = True
         st.keymask = km.to(device).view(wl.B, 1, 1, wl.L)

@@ -1142,15 +1142,17 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
     dq_in = (q, k, v, do, dq, lse, delta, m, bt, dbias if dbias is not None else q, o,
              dlse if dlse is not None else delta)
     planned = _INTERPRET or f32 or not _tuning()
-    # a plan holds its configs: the dQ programs' rows are worked out only when one is made
-    cfg = None if planned else _config(D, DV, _INTERPRET, f32, _batch_rows(bias, bias_grad, B))
+
+    def config() -> dict:  # a plan holds its configs: the dQ programs' rows are worked out only when one is made
+        return _config(D, DV, _INTERPRET, f32, _batch_rows(bias, bias_grad, B))
+    cfg = None if planned else config()
     if planned:
         key = _plan_key("bwd", q.shape, q.stride(), q.dtype, k.shape, k.stride(), v.shape, v.stride(), do.stride(),
                         o.stride(), _meta(mask), _meta(bias), _guard_len(k.shape[2], mask, bias), bias_grad,
                         dlse is not None, layout, scale, softcap, bounds, q.device)
         plan = _PLANS.get(key)
         if plan is None:  # [dQ (and delta), dK/dV]; the second is planned once dk and dv exist
-            cfg = _config(D, DV, _INTERPRET, f32, _batch_rows(bias, bias_grad, B))
+            cfg = config()
             plan = _keep(key, [_planned(_bwd_dq_kernel, _dq_call(q, k, v, do, dq, o, dlse is not None, mask, bias,
                                                                  dbias, layout, scale, softcap, bounds, cfg["dq"]),
                                         q.device), None])
@@ -1174,7 +1176,7 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
         dkdv_in = (q, k, v, do, dk, dv, lse, delta, m, bt)
         if planned:
             if plan[1] is None:
-                cfg = _config(D, DV, _INTERPRET, f32, _batch_rows(bias, bias_grad, B))
+                cfg = cfg or config()
                 plan[1] = _planned(_bwd_dkdv_kernel, _dkdv_call(q, k, v, do, dk, dv, mask, bias, layout, scale,
                                                                 softcap, bounds, cfg["dkdv"]), q.device)
             dkdv_k, dkdv_tabs = plan[1]

@@ -419,6 +419,103 @@ def test_registering_a_backend_invalidates_cached_choice(qkv):
     assert attnkit.explain(q, k, v, causal=True).backend != "toy_fastest"
 
 
+class _ToyBuildError(RuntimeError):
+    """What a toy backend raises when it 'cannot build' a kernel (stands in for Inductor's errors)."""
+
+
+def _toy_failing_builds(name: str = "toy_builds"):
+    """A fastest backend whose kernels 'fail to build' for causal calls and fail for real on windows."""
+    from attnkit.backends import ALL_FEATURES, Backend, Capabilities
+
+    class Toy(Backend):
+        capabilities = Capabilities(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}),
+                                    features=ALL_FEATURES)
+        build_errors = (_ToyBuildError,)
+        calls = 0
+
+        def speed(self, req):
+            return 1e9
+
+        def _check(self, req):
+            Toy.calls += 1
+            if req.causal:
+                raise _ToyBuildError("toy kernel needs 300000 bytes of shared memory, 232448 available")
+            if req.window is not None:
+                raise RuntimeError("a toy bug, not a build failure")
+
+        def run(self, req):
+            self._check(req)
+            return BACKENDS["reference"].run(req)
+
+        def backward_from_stats(self, req, do, out, lse, dlse):
+            self._check(req)
+            return BACKENDS["reference"].backward_from_stats(req, do, out, lse, dlse)
+
+    Toy.name = name
+    return Toy
+
+
+def test_auto_passes_over_a_backend_that_cannot_build_the_call(qkv):
+    """A build error under auto: warned once, remembered for the signature (explain says why), the next
+    backend runs; other signatures, forced calls and errors that are not build errors are untouched."""
+    import warnings
+
+    from attnkit.dispatch import clear_cache
+
+    q, k, v = qkv
+    Toy = _toy_failing_builds()
+    want = attnkit.attention(q, k, v, causal=True, backend="reference")
+    try:
+        attnkit.register_backend(Toy())
+        assert attnkit.explain(q, k, v, causal=True).backend == "toy_builds"
+        with pytest.warns(RuntimeWarning, match=r"'toy_builds' could not build a kernel for .*300000 bytes"):
+            out = attnkit.attention(q, k, v, causal=True)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+        assert Toy.calls == 1
+        plan = attnkit.explain(q, k, v, causal=True)
+        assert plan.backend not in ("toy_builds", "reference"), plan
+        assert plan.passed_over["toy_builds"].startswith("cannot serve: failed to build a kernel"), plan
+        assert "300000 bytes" in plan.passed_over["toy_builds"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # remembered: no second attempt, no second warning
+            out2 = attnkit.attention(q, k, v, causal=True)
+        assert Toy.calls == 1 and torch.equal(out, out2)
+        # Another signature still runs on it; a forced call gets the error; a bug is not a build error.
+        attnkit.attention(q, k, v)
+        assert Toy.calls == 2
+        with pytest.raises(_ToyBuildError):
+            attnkit.attention(q, k, v, causal=True, backend="toy_builds")
+        with pytest.raises(RuntimeError, match="a toy bug"):
+            attnkit.attention(q, k, v, window=3)
+        clear_cache()  # forgets the failure with the cached choices
+        assert attnkit.explain(q, k, v, causal=True).backend == "toy_builds"
+    finally:
+        BACKENDS.pop("toy_builds", None)
+        clear_cache()
+
+
+def test_attention_backward_passes_over_a_backend_that_cannot_build_the_call(qkv):
+    from attnkit.dispatch import clear_cache
+
+    q, k, v = (t.double() for t in qkv)
+    out, lse = attnkit.attention(q, k, v, causal=True, return_lse=True, backend="reference")
+    do = torch.randn_like(out)
+    want = attnkit.attention_backward(do, q, k, v, out, lse, causal=True, backend="reference")
+    Toy = _toy_failing_builds("toy_builds_bwd")
+    Toy.capabilities = attnkit.Capabilities(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float64}),
+                                            features=attnkit.backends.ALL_FEATURES)
+    try:
+        attnkit.register_backend(Toy())
+        with pytest.warns(RuntimeWarning, match="'toy_builds_bwd' could not build"):
+            got = attnkit.attention_backward(do, q, k, v, out, lse, causal=True)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+        assert Toy.calls == 1
+    finally:
+        BACKENDS.pop("toy_builds_bwd", None)
+        clear_cache()
+
+
 def test_cached_choice_follows_grad_mode():
     """The same tensors with and without gradients are different signatures (flex on CPU: forward only)."""
     q, k, v = make_qkv(1, 2, 2, 8, 8, 16, seed=4)

@@ -12,12 +12,18 @@ lookup, not a walk over every backend's capability table.
 Calls against a cache (decode steps) go further: the run a backend prepared for a call
 (`Backend.prepare`) is kept under the call's `request.replay_key`, and `attention` replays it
 for later calls with that key without building their request.
+
+A backend that fails to BUILD its kernel for a call (one of its `Backend.build_errors`: Inductor
+could not compile a FlexAttention variant, a Triton kernel asked for more shared memory than the
+GPU has) is not an answer under `auto`: `serve` warns once, passes that backend over for the call's
+signature from then on (`plan` says so), and runs the next one. A forced backend's errors are raised.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
+import warnings
 
 import torch
 
@@ -25,11 +31,13 @@ from . import backends as _backends
 from .backends import Backend, get_backend
 from .request import AttentionRequest
 
-__all__ = ["Plan", "plan", "choose", "clear_cache", "prepare", "prepared"]
+__all__ = ["Plan", "plan", "choose", "serve", "clear_cache", "prepare", "prepared"]
 
 _CHOICE_CACHE: dict[tuple, Backend] = {}
 _PREPARED: dict[tuple, tuple[Callable, bool]] = {}
 _MAX_PREPARED = 256
+# (backend name, signature) -> the build error that backend raised for a call with that signature
+_BUILD_FAILED: dict[tuple, str] = {}
 
 
 @dataclass(frozen=True)
@@ -49,9 +57,10 @@ class Plan:
 
 
 def clear_cache() -> None:
-    """Forget cached choices and prepared runs (called when the backend registry changes)."""
+    """Forget cached choices, prepared runs and build failures (called when the backend registry changes)."""
     _CHOICE_CACHE.clear()
     _PREPARED.clear()
+    _BUILD_FAILED.clear()
 
 
 def prepared(key: tuple, backend: str) -> tuple[Callable, bool] | None:
@@ -85,6 +94,32 @@ def choose(req: AttentionRequest, backend: str = "auto") -> Backend:
     return chosen
 
 
+def serve(req: AttentionRequest, backend: str, call: Callable[[Backend], object]) -> tuple[Backend, object]:
+    """(chosen, call(chosen)) for the backend that serves req; under `auto`, past those that cannot build it.
+
+    A build error of the chosen backend (`Backend.build_errors`) is remembered for req's signature and
+    warned about once; the call then goes to the next backend `plan` ranks. Any other error, a forced
+    backend's, and errors inside the caller's torch.compile (raised when the caller's graph is built,
+    not here) propagate.
+    """
+    chosen = choose(req, backend)
+    while True:
+        try:
+            return chosen, call(chosen)
+        except chosen.build_errors as e:
+            if backend != "auto" or torch.compiler.is_compiling():
+                raise
+            error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            _BUILD_FAILED[(chosen.name, req.signature)] = error
+            _CHOICE_CACHE.pop((backend, req.signature), None)
+            failed, chosen = chosen.name, choose(req, backend)
+            warnings.warn(
+                f"attnkit: backend {failed!r} could not build a kernel for {req.describe()} ({error}); "
+                f"calls like it now run on {chosen.name!r} (attnkit.explain shows the plan)",
+                RuntimeWarning, stacklevel=3,
+            )
+
+
 def plan(req: AttentionRequest, backend: str = "auto") -> Plan:
     """The full decision with reasons (uncached; `explain` prints it)."""
     if backend != "auto":
@@ -98,6 +133,8 @@ def plan(req: AttentionRequest, backend: str = "auto") -> Plan:
     passed: dict[str, str] = {}
     for b in _backends.BACKENDS.values():
         why = b.unsupported(req)
+        if why is None and (b.name, req.signature) in _BUILD_FAILED:
+            why = "failed to build a kernel for a call like this one: " + _BUILD_FAILED[(b.name, req.signature)]
         if why is None:
             candidates.append((b.speed(req), b))
         else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .dispatch import Plan, choose, plan, prepare, prepared
+from .dispatch import Plan, plan, prepare, prepared, serve
 from .request import MaskMod, ScoreMod, build_request, check_cache_values, replay_key, check_stats
 
 __all__ = ["attention", "attention_backward", "explain"]
@@ -98,8 +98,7 @@ def attention(
         softcap=softcap, score_mod=score_mod, mask_mod=mask_mod, sinks=sinks,
         dropout_p=dropout_p, return_lse=return_lse, cache_seqlens=cache_seqlens, block_table=block_table,
     )
-    chosen = choose(req, backend)
-    out, lse = chosen.run(req)
+    chosen, (out, lse) = serve(req, backend, lambda b: b.run(req))
     if key is not None:
         prepare(key, backend, chosen, req)
     return (out, lse) if return_lse else out
@@ -157,9 +156,8 @@ def attention_backward(
         score_mod=score_mod, mask_mod=mask_mod, return_lse=True, for_backward=True,
     )
     do, out, lse, dlse = check_stats(req, do, out, lse, dlse)
-    chosen = choose(req, backend)
     with torch.no_grad():
-        return chosen.backward_from_stats(req, do, out, lse, dlse)
+        return serve(req, backend, lambda b: b.backward_from_stats(req, do, out, lse, dlse))[1]
 
 
 def explain(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto", **kwargs) -> Plan:

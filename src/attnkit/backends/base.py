@@ -92,6 +92,10 @@ class Backend:
 
     name: str = ""
     capabilities: Capabilities
+    # Exceptions that mean "could not build a kernel for this call" (a compiler's refusal, a config
+    # that does not fit the GPU), not a wrong input: under `auto` the dispatcher then runs the next
+    # backend (`dispatch.run`). Never a broad class: any other error must reach the caller.
+    build_errors: tuple[type[BaseException], ...] = ()
 
     def available(self) -> str | None:
         """None when usable in this process, else why not (e.g. a missing package)."""

@@ -13,6 +13,11 @@
 - sinks -> the kernel's log-sum-exp: out * sigmoid(lse - sink), which needs
   the gradient through lse that compiled FlexAttention provides on CUDA.
 On the CPU, compiled FlexAttention is inference-only and returns no lse.
+
+Inductor may fail to build a variant (a tile that needs more shared memory than the GPU has):
+that is one of `build_errors`, and `auto` then runs the next backend. Inductor builds the
+backward only when autograd first reaches it, after the forward returned; so the first training
+call of each request signature builds it at once, on a detached copy of the inputs (`run`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..masks import bounds_allow, closure_scalars, closure_tensors
+from ..ops._launch import OUT_OF_RESOURCES
 from ..request import AttentionRequest
 from .base import Backend, Capabilities
 
@@ -77,6 +83,23 @@ def _compiled_flex():
         setattr(cfg, name, max(getattr(cfg, name), 64))
         _compiled = torch.compile(flex_attention, dynamic=False)
     return _compiled
+
+
+def _build_backward(fn, req: AttentionRequest, kwargs: dict) -> None:
+    """Run fn forward and backward once on detached copies of q, k, v, so that Inductor builds the
+    backward now: a failure then raises inside `run`, where the dispatcher can still pass the call to
+    another backend, and not inside autograd after the forward returned. Same shapes, strides and
+    requires_grad as the call, so the call reuses both builds. Tensors the mods read (the bias) are
+    the call's own; torch.autograd.grad asks for q/k/v's gradients only, so nothing accumulates in them.
+    Under identity saved-tensor hooks: a caller's activation checkpointing must not see this graph."""
+    q, k, v = (t.detach().requires_grad_(t.requires_grad) for t in (req.q, req.k, req.v))
+    wrt = [t for t in (q, k, v) if t.requires_grad]
+    if not wrt:  # only the bias or a mod's tensors learn: the backward builds at the first backward
+        return
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        res = fn(q, k, v, **kwargs)
+        out = res[0] if isinstance(res, tuple) else res
+        torch.autograd.grad(out, wrt, torch.ones_like(out))
 
 
 def _pick(idx, size: int):
@@ -138,9 +161,11 @@ class FlexBackend(Backend):
         head_dims=frozenset(range(16, 129, 8)) | {256},
         notes="compiled FlexAttention; block masks cached; CPU: uncompiled, inference only, no lse/sinks",
     )
+    build_errors = (torch._dynamo.exc.BackendCompilerFailed, *OUT_OF_RESOURCES)  # Inductor's errors subclass it
 
     def __init__(self) -> None:
         self._block_masks: OrderedDict = OrderedDict()
+        self._backward_built: set[tuple] = set()  # signatures whose compiled backward was built by run
 
     def available(self) -> str | None:
         return None if flex_attention is not None else "torch.nn.attention.flex_attention is missing"
@@ -215,8 +240,7 @@ class FlexBackend(Backend):
         q, k, v = req.q, req.k, req.v
         if not req.needs_grad:  # flex refuses inputs that merely carry requires_grad on the CPU
             q, k, v = q.detach(), k.detach(), v.detach()
-        res = fn(
-            q, k, v,
+        kwargs = dict(
             score_mod=_score_mod(req),
             block_mask=self.block_mask(req),
             scale=req.scale,
@@ -224,6 +248,10 @@ class FlexBackend(Backend):
             return_lse=want_lse,
             kernel_options=_kernel_options(req),
         )
+        if req.needs_grad and fn is _compiled and req.signature not in self._backward_built:
+            _build_backward(fn, req, kwargs)
+            self._backward_built.add(req.signature)
+        res = fn(q, k, v, **kwargs)
         if not want_lse:
             return res, None
         out, lse = res

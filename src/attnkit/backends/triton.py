@@ -30,6 +30,7 @@ from torch import Tensor
 from ..groups import GroupMask
 from ..ops import decode_attention as da
 from ..ops import flash_attention as fa
+from ..ops._launch import OUT_OF_RESOURCES
 from ..request import AttentionRequest
 from .base import Backend, Capabilities
 
@@ -47,6 +48,7 @@ class TritonBackend(Backend):
         notes="attnkit's Triton kernels: one launch over a token-group layout; float32 in IEEE (no tf32); "
               "CPU only under TRITON_INTERPRET=1",
     )
+    build_errors = OUT_OF_RESOURCES  # a block config that does not fit this GPU's shared memory
 
     def available(self) -> str | None:
         if fa.TRITON_ERROR is None and not fa._INTERPRET and not torch.cuda.is_available():

@@ -32,8 +32,13 @@ try:
 except ImportError:  # pragma: no cover - triton missing: the kernels report it
     triton = None
 
-__all__ = ["launch", "Launch", "Cap", "INTERPRET", "interpreting", "next_pow2", "block_dim", "cdiv", "on_device"]
+__all__ = ["launch", "Launch", "Cap", "INTERPRET", "OUT_OF_RESOURCES", "interpreting", "next_pow2", "block_dim",
+           "cdiv", "on_device"]
 
+# What Triton raises when a kernel's config does not fit the GPU (shared memory, registers).
+OUT_OF_RESOURCES: tuple[type[BaseException], ...] = (
+    (triton.runtime.errors.OutOfResources,) if triton is not None else ()
+)
 
 
 def interpreting() -> bool:

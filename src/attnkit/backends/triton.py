@@ -71,33 +71,35 @@ class TritonBackend(Backend):
         if req.dtype not in (torch.float16, torch.bfloat16):
             return 20.0  # float32 multiplies in IEEE float32 on the FMA units here: the others use tf32 or cuDNN
         dmax = max(req.head_dim, req.head_dim_v)
-        # Ahead of flex's 70 (and SDPA's 30 for masks) where measured faster; H100, bf16, against the best peer
-        # that serves the call (docs/benchmarks.md; B x L = 16k tokens, H16 unless said). A call with
-        # several of these features takes the first rule that matches; such combinations were not all measured.
+        # Ahead of flex's 70 (and SDPA's 30 for masks) where measured faster: H100, bf16, against the best peer
+        # that serves the call, forward / forward+backward (docs/benchmarks.md, "Where `auto` sends masks,
+        # softcap, windows and sinks": benchmarks/probe_auto_rules.py, H16, B x L = 16k tokens, L = 1024 and
+        # 4096, 2026-11-24 12:58 UTC). A call with several of these features takes the first rule that
+        # matches; not every combination was measured.
         if req.sinks is not None and dmax <= 128:
             # flex adds a sink through its lse, in a second pass over out; ours inside the kernel. D = 64 / 128,
-            # L = 1024 / 4096, alone, causal, with a window or a bias: fwd 1.27-5.61x, fwd+bwd 1.12-2.64x (2026-11-24).
+            # alone, causal, with a window or a bias: 1.21-3.00x / 1.06-2.33x.
             return 75.0
         if req.bias is not None:
-            # Heads up to 64: Evoformer D = 32, fwd+bwd 1.10-1.41x flex, fwd 0.95-1.72x (2026-11-24 05:32 UTC);
-            # a [1, H, L, L] bias at D = 64, fwd 1.42-1.46x, fwd+bwd 1.25-1.27x (06:53 UTC); per batch row 1.34x /
-            # 1.04x, beside a causal mask 1.54x / 1.34x (08:33 UTC); beside a window 0.93x / 2.35x, beside causal
-            # and softcap 0.93x / 1.86x (12:25 UTC). At D = 128 the two are even (fwd+bwd 0.91-1.06x), so flex
-            # keeps D = 128. Other head dims up to 128 (flex pads them to a power of two, as we do) are ours:
-            # D = 96, fwd 1.34x flex, fwd+bwd 0.95x, and 2.9x / 2.2x SDPA's bias-gradient kernel (06:56 UTC).
+            # Heads up to 64: Evoformer D = 32, 0.95-1.72x / 1.10-1.41x flex (05:32 UTC); a [1, H, L, L] bias
+            # at D = 64, 1.42-1.46x / 1.25-1.27x (06:53 UTC); per batch row 1.34x / 1.04x, beside a causal mask
+            # 1.54x / 1.34x (08:33 UTC); beside a window 1.23x / 1.27x, beside causal and softcap 0.83x / 1.90x.
+            # At D = 128 the two are even (forward+backward 0.91-1.02x, beside a window 0.93x), so flex keeps
+            # D = 128. Other head dims up to 128 (flex pads them to a power of two, as we do) are ours: D = 96,
+            # 1.34x / 0.95x flex, and 2.9x / 2.2x SDPA's bias-gradient kernel (06:56 UTC).
             return 75.0 if dmax <= 64 or (dmax <= 128 and dmax & (dmax - 1)) else 20.0
         if req.softcap is not None and dmax <= 128 and (req.needs_grad or dmax > 64):
-            # Training: D = 64 fwd+bwd 1.26-1.45x flex, D = 128 (causal) 1.10-1.11x; inference at D = 128 (causal)
-            # 1.14-1.20x. Inference at D = 64 stays with flex (ours 0.77-0.85x).
+            # Training: D = 64 forward+backward 1.26-1.45x flex, D = 128 (causal) 1.10-1.11x; inference at
+            # D = 128 (causal) 1.13-1.19x. Inference at D = 64 stays with flex (ours 0.76-0.81x).
             return 75.0
         if req.mask is not None and dmax <= 64:
-            # A mask tensor read in place (flex rebuilds its block mask per call, SDPA's kernels take it dense):
-            # a key mask [B, 1, 1, L] at D = 64, fwd 1.03-1.04x, fwd+bwd 1.12-1.16x; beside causal 1.06-1.10x /
-            # 1.26-1.37x. At D = 128 SDPA / flex were ahead (0.91-1.10x / 0.93x).
+            # A mask tensor read in place (flex rebuilds its block mask each call, SDPA's kernels read it dense):
+            # a key mask [B, 1, 1, L] at D = 64, 0.98-1.01x / 1.12-1.17x; beside causal 1.06-1.27x / 1.24x.
+            # At D = 128 SDPA / flex were ahead (0.94-1.03x / 0.89-0.92x).
             return 75.0
         if req.window is not None and req.needs_grad and dmax <= 64:
-            # Training at D = 64: fwd+bwd 1.46x (L = 1024, W = 256) and 1.18x (L = 4096, W = 1024) flex.
-            # Inference (0.95-1.42x) and D = 128 (0.96-1.42x) were mixed: flex keeps them.
+            # Training at D = 64: forward+backward 1.35x (L = 1024, W = 256) and 1.11x (L = 4096, W = 1024).
+            # Inference (0.95-1.24x) and D = 128 (0.92-1.02x / 0.96-0.97x) stay with flex.
             return 75.0
         return 20.0  # dense/causal: cuDNN is faster; elsewhere flex or SDPA were faster or not compared
 

@@ -92,9 +92,11 @@ class Backend:
 
     name: str = ""
     capabilities: Capabilities
-    # Exceptions that mean "could not build a kernel for this call" (a compiler's refusal, a config
-    # that does not fit the GPU), not a wrong input: under `auto` the dispatcher then runs the next
-    # backend (`dispatch.run`). Never a broad class: any other error must reach the caller.
+    # Exceptions that mean "could not build a kernel for this call": a compiler's failure (for flex,
+    # Inductor's BackendCompilerFailed, whatever its cause: out of shared memory, a lowering it lacks, a
+    # device out of memory while it autotunes) or a config that does not fit the GPU (Triton's
+    # OutOfResources). Under `auto` the dispatcher then runs the next backend (`dispatch.serve`). Never
+    # Exception or RuntimeError: a wrong input or a bug of the run must reach the caller.
     build_errors: tuple[type[BaseException], ...] = ()
 
     def available(self) -> str | None:

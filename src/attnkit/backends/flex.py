@@ -17,7 +17,8 @@ On the CPU, compiled FlexAttention is inference-only and returns no lse.
 Inductor may fail to build a variant (a tile that needs more shared memory than the GPU has):
 that is one of `build_errors`, and `auto` then runs the next backend. Inductor builds the
 backward only when autograd first reaches it, after the forward returned; so the first training
-call of each request signature builds it at once, on a detached copy of the inputs (`run`).
+call of each kernel variant (shapes, mods, layouts: `_variant`) builds it at once, on a detached
+copy of the inputs (`run`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ _CPU_FEATURES = frozenset(
      "value_head_dim", "kv_lengths", "paged"}
 )
 _BLOCK_MASK_CACHE_SIZE = 32
+_BUILT_CACHE_SIZE = 1024
 _compiled = None
 
 
@@ -87,21 +89,51 @@ def _compiled_flex():
     return _compiled
 
 
-def _build_backward(fn, req: AttentionRequest, kwargs: dict) -> None:
+def _variant(req: AttentionRequest, kwargs: dict) -> tuple:
+    """What Inductor compiles a new FlexAttention kernel pair for (compiled with dynamic=False): shapes and
+    strides, the mods' code, the bias's and mask's layout, the scale and the kernel options."""
+    def code(f):
+        return getattr(f, "__code__", type(f)) if f is not None else None
+
+    def layout(t):
+        return (tuple(t.shape), t.stride()) if t is not None else None
+
+    return (req.signature, layout(req.q), layout(req.k), layout(req.v), layout(req.bias), layout(req.mask),
+            code(req.score_mod), code(req.mask_mod), req.causal, req.window, req.softcap, req.scale,
+            tuple(sorted((kwargs["kernel_options"] or {}).items())))
+
+
+def _can_build_backward_now() -> bool:
+    """Inside torch.func transforms or where saved-tensor hooks are disabled, the extra graph cannot be made."""
+    functorch = getattr(torch._C, "_functorch", None)
+    if functorch is not None and hasattr(functorch, "peek_interpreter_stack"):
+        if functorch.peek_interpreter_stack() is not None:
+            return False
+    hooks_on = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", None)
+    return hooks_on is None or hooks_on()
+
+
+def _build_backward(fn, req: AttentionRequest, kwargs: dict) -> bool:
     """Run fn forward and backward once on detached copies of q, k, v, so that Inductor builds the
     backward now: a failure then raises inside `run`, where the dispatcher can still pass the call to
     another backend, and not inside autograd after the forward returned. Same shapes, strides and
     requires_grad as the call, so the call reuses both builds. Tensors the mods read (the bias) are
-    the call's own; torch.autograd.grad asks for q/k/v's gradients only, so nothing accumulates in them.
-    Under identity saved-tensor hooks: a caller's activation checkpointing must not see this graph."""
+    the call's own: torch.autograd.grad returns their gradients instead of accumulating them, and stops
+    at them. Under identity saved-tensor hooks: a caller's activation checkpointing must not see this
+    graph. False when nothing was built (nothing flex differentiates requires grad, or no graph can be
+    made here): the backward then builds when autograd reaches it."""
+    if not _can_build_backward_now():
+        return False
     q, k, v = (t.detach().requires_grad_(t.requires_grad) for t in (req.q, req.k, req.v))
-    wrt = [t for t in (q, k, v) if t.requires_grad]
-    if not wrt:  # only the bias or a mod's tensors learn: the backward builds at the first backward
-        return
+    read = (req.bias, *(req.mod_grad_tensors or ()))  # sinks join after the kernel: not flex's to build
+    wrt = [t for t in (q, k, v) if t.requires_grad] + [t for t in read if t is not None and t.requires_grad]
+    if not wrt:
+        return False
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         res = fn(q, k, v, **kwargs)
         out = res[0] if isinstance(res, tuple) else res
         torch.autograd.grad(out, wrt, torch.ones_like(out))
+    return True
 
 
 def _pick(idx, size: int):
@@ -167,7 +199,7 @@ class FlexBackend(Backend):
 
     def __init__(self) -> None:
         self._block_masks: OrderedDict = OrderedDict()
-        self._backward_built: set[tuple] = set()  # signatures whose compiled backward was built by run
+        self._backward_built: OrderedDict = OrderedDict()  # `_variant`s whose backward run built
 
     def available(self) -> str | None:
         return None if flex_attention is not None else "torch.nn.attention.flex_attention is missing"
@@ -250,9 +282,12 @@ class FlexBackend(Backend):
             return_lse=want_lse,
             kernel_options=_kernel_options(req),
         )
-        if req.needs_grad and fn is _compiled and req.signature not in self._backward_built:
-            _build_backward(fn, req, kwargs)
-            self._backward_built.add(req.signature)
+        if req.needs_grad and fn is _compiled:
+            variant = _variant(req, kwargs)
+            if variant not in self._backward_built and _build_backward(fn, req, kwargs):
+                self._backward_built[variant] = None
+                if len(self._backward_built) > _BUILT_CACHE_SIZE:
+                    self._backward_built.popitem(last=False)
         res = fn(q, k, v, **kwargs)
         if not want_lse:
             return res, None

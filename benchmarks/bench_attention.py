@@ -130,6 +130,9 @@ EVO_NOTE = (
 BIAS_NOTE = "one bf16 [1, H, L, L] bias shared by the batch, requiring grad: fwd+bwd computes dbias (as for Evoformer)"
 
 
+KEYMASK_NOTE = ("a bool key padding mask [B, 1, 1, L] (about 10% of the keys out); SDPA peers get it (and the causal "
+                "mask) as one bool attn_mask, flex a key-mask BlockMask")
+
 BIAS_BATCH_NOTE = "one bf16 [B, H, L, L] bias (a bias per batch row), requiring grad: fwd+bwd computes dbias"
 
 
@@ -145,6 +148,7 @@ def workloads(smoke: bool) -> list[Workload]:
             Workload("bias_batch_causal_L96_D64", 2, 2, 96, 64, causal=True, bias=True, bias_batch=True,
                      note=BIAS_BATCH_NOTE),
             Workload("bias_keymask_L80_D64", 2, 2, 80, 64, bias=True, keymask=True, note=BIAS_NOTE),
+            Workload("keymask_causal_L72_D64", 2, 2, 72, 64, causal=True, keymask=True, note=KEYMASK_NOTE),
         ]
     out = []
     for L in (1024, 4096, 16384):
@@ -169,6 +173,10 @@ def workloads(smoke: bool) -> list[Workload]:
     out.append(Workload("bias_batch_L1024_D64", 16, 32, 1024, 64, bias=True, bias_batch=True, note=BIAS_BATCH_NOTE))
     out.append(Workload("bias_causal_L1024_D64", 16, 32, 1024, 64, causal=True, bias=True, note=BIAS_NOTE))
     out.append(Workload("bias_keymask_L1024_D64", 16, 32, 1024, 64, bias=True, keymask=True, note=BIAS_NOTE))
+    # a key padding mask alone, where `auto` takes our kernel at D <= 64 (2026-11-24)
+    for L, causal in ((1024, False), (4096, False), (4096, True)):
+        out.append(Workload(f"keymask{'_causal' if causal else ''}_L{L}_D64", 16384 // L, 32, L, 64, causal=causal,
+                            keymask=True, note=KEYMASK_NOTE))
     # issue 5's Evoformer grid: MSA row attention (B = N_seq = 128 rows, 8 heads) and triangle
     # attention (B = N_res rows, 4 heads), D = 32, one [1, H, L, L] pair bias shared by every row
     for L in (256, 512, 1024):
@@ -189,7 +197,7 @@ class State:
     bias: torch.Tensor | None
     grad_out: torch.Tensor
     scale: float
-    sdpa_mask: torch.Tensor | None = None  # bool [1,1,L,L], True = attend (window only)
+    sdpa_mask: torch.Tensor | None = None  # bool [1,1,L,L], True = attend (a window; causal beside a key mask)
     eager_excluded: torch.Tensor | None = None  # bool [L,L], True = masked out
     keymask: torch.Tensor | None = None  # bool [B, 1, 1, L], True = attend (keymask workloads)
     block_mask: object = None
@@ -222,7 +230,7 @@ def make_state(wl: Workload, device: torch.device, need_grad_ref: bool, use_flex
     bias = torch.randn(wl.B if wl.bias_batch else 1, wl.Hq, wl.L, wl.L, device=device, dtype=dt) if wl.bias else None
     st = State(wl, device, q, k, v, bias, torch.randn(shape, device=device, dtype=dt), 1.0 / math.sqrt(wl.D))
     full_rows = torch.arange(wl.L, device=device)
-    if wl.window is not None:
+    if wl.window is not None or (wl.causal and wl.keymask):  # SDPA takes no attn_mask beside is_causal=True
         st.sdpa_mask = geometry_keep(wl, full_rows, wl.L, device).view(1, 1, wl.L, wl.L)
     if (wl.causal or wl.window is not None) and not wl.long:
         st.eager_excluded = ~geometry_keep(wl, full_rows, wl.L, device)
@@ -321,15 +329,18 @@ def make_call(peer: str, st: State, q, k, v, bias):
     if peer in SDPA_KERNELS:
         backend = getattr(SDPBackend, SDPA_KERNELS[peer])
         km = st.keymask
-        if wl.window is not None:
+        if st.sdpa_mask is not None:  # a window, or causal beside a key mask (no bias: skipped above)
             attn_mask, is_causal = st.sdpa_mask, False
         else:
             attn_mask, is_causal = bias, wl.causal
 
         def sdpa():
             am = attn_mask
-            if km is not None:  # folded into the bias in each call, as a user would write it
-                am = km if am is None else am.masked_fill(~km, float("-inf"))
+            if km is not None:  # folded into the bias or the bool mask in each call, as a user would write it
+                if am is None:
+                    am = km
+                else:
+                    am = am & km if am.dtype == torch.bool else am.masked_fill(~km, float("-inf"))
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=am, is_causal=is_causal, scale=scale)
         return sdpa

@@ -5,9 +5,12 @@ For each row, our Triton kernel (`backend="triton"`) against every peer backend 
 (`flex`, `sdpa`), all forced through `attnkit.attention` on the same inputs: forward (no_grad) and
 forward+backward (`torch.autograd.grad` of q, k, v and the bias), ms, the least of 3 interleaved rounds
 (`harness.best_of_rounds`). Each backend's forward is first checked against the float32 reference on
-one batch row. bf16, H = 16, B x L = 16k tokens. It prints what `auto` picks for each row.
+one batch row. bf16, H = 16, B x L = 16k tokens unless told otherwise. It prints what `auto` picks
+for each row.
 
     python benchmarks/probe_auto_rules.py            # the rows
+    python benchmarks/probe_auto_rules.py --tokens 65536 --heads 32 --lengths 2048 --dims 96 \
+        --kinds "key mask" softcap                   # other shapes: every (L, D, kind) of the lists
     python benchmarks/probe_auto_rules.py --tiles    # FlexAttention's default tiles against 64 x 64 at
                                                      # D = 40 and 56 (the flex backend's tile rule)
 
@@ -31,8 +34,12 @@ import harness  # noqa: E402
 H, TOKENS = 16, 16384
 
 
+KINDS = ("key mask", "causal + softcap", "window", "sinks", "causal + sinks", "key mask + causal", "softcap",
+         "window + sinks", "bias + window", "bias + causal + softcap", "bias + sinks")
+
+
 def rows() -> list[tuple[int, int, str]]:
-    """(L, D, kind): kind names the call's keywords (see `keywords`)."""
+    """The default rows (L, D, kind): kind names the call's keywords (see `keywords`)."""
     out = []
     for L in (1024, 4096):
         for D in (64, 128):
@@ -160,9 +167,22 @@ def run_tiles() -> None:
 
 
 def main() -> None:
+    global H, TOKENS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiles", action="store_true", help="FlexAttention's tiles at D = 40 / 56 / 64 instead")
+    ap.add_argument("--tokens", type=int, default=TOKENS, help="B x L of every row (default %(default)s)")
+    ap.add_argument("--heads", type=int, default=H, help="heads of every row (default %(default)s)")
+    ap.add_argument("--lengths", type=int, nargs="+", help="with --dims and --kinds: rows of every combination")
+    ap.add_argument("--dims", type=int, nargs="+", help="head dims")
+    ap.add_argument("--kinds", nargs="+", choices=KINDS, metavar="KIND", help=f"of {KINDS}")
     args = ap.parse_args()
+    chosen = (args.lengths, args.dims, args.kinds)
+    if any(c is not None for c in chosen) and not all(c is not None for c in chosen):
+        ap.error("--lengths, --dims and --kinds go together")
+    for L in args.lengths or ():
+        if L < 1 or args.tokens % L:
+            ap.error(f"--lengths: {L} does not divide --tokens {args.tokens}")
+    H, TOKENS = args.heads, args.tokens
     if not torch.cuda.is_available():
         raise SystemExit("probe_auto_rules needs a CUDA device")
     cfg = torch._dynamo.config
@@ -175,7 +195,8 @@ def main() -> None:
     if args.tiles:
         run_tiles()
         return
-    for L, D, kind in rows():
+    todo = rows() if args.lengths is None else [(L, D, k) for L in args.lengths for D in args.dims for k in args.kinds]
+    for L, D, kind in todo:
         print(run_row(L, D, kind), flush=True)
 
 

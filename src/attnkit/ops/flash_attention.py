@@ -1167,7 +1167,7 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
                 reset=dbias.zero_ if dbias is not None else None)
     # The bias gradient in the bias's dtype now, so that its float32 buffer is freed before dk and dv
     # exist: the backward's peak memory holds one copy of it, not two.
-    del dq_in
+    dq_in = None  # drops its reference to the float32 bias gradient (the lambda above is done with it)
     dbias = dbias.to(bias.dtype) if dbias is not None else None
     dk = dv = None
     if kv_grad:

@@ -11,6 +11,7 @@ for each row.
     python benchmarks/probe_auto_rules.py            # the rows
     python benchmarks/probe_auto_rules.py --tokens 65536 --heads 32 --lengths 2048 --dims 96 \
         --kinds "key mask" softcap                   # other shapes: every (L, D, kind) of the lists
+    python benchmarks/probe_auto_rules.py ... --fresh-mask   # new mask contents before every call
     python benchmarks/probe_auto_rules.py --tiles    # FlexAttention's default tiles against 64 x 64 at
                                                      # D = 40 and 56 (the flex backend's tile rule)
 
@@ -32,10 +33,11 @@ import torch  # noqa: E402
 import harness  # noqa: E402
 
 H, TOKENS = 16, 16384
+FRESH_MASK = False  # --fresh-mask: every call sees new mask contents, as a padding mask of a new batch
 
 
 KINDS = ("key mask", "causal + softcap", "window", "sinks", "causal + sinks", "key mask + causal", "softcap",
-         "window + sinks", "bias + window", "bias + causal + softcap", "bias + sinks")
+         "key mask + window", "window + sinks", "bias + window", "bias + causal + softcap", "bias + sinks")
 
 
 def rows() -> list[tuple[int, int, str]]:
@@ -88,13 +90,25 @@ def run_row(L: int, D: int, kind: str) -> str:
                for n, t in kw.items()}
         ref = attnkit.attention(q[:1], k[:1], v[:1], bias=bias, backend="reference", **one)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)] + ([bias.clone().requires_grad_()] if bias is not None else [])
+    # With FRESH_MASK each call first copies the next of two mask contents into the mask (the first is the
+    # checked one): a backend that caches work per mask (flex's block mask) redoes it, as in training.
+    variants = [kw["mask"].clone(), keywords(kind, L, B, D, g)["mask"]] if FRESH_MASK and "mask" in kw else None
+    calls = [0]
+
+    def renew():
+        if variants is not None:
+            kw["mask"].copy_(variants[calls[0] % 2])
+            calls[0] += 1
+
     fwd, fwdbwd, errs = {}, {}, []
     for b in backends:
         def f(b=b):
+            renew()
             with torch.no_grad():
                 return attnkit.attention(q, k, v, bias=bias, backend=b, **kw)
 
         def fb(b=b):
+            renew()
             out = attnkit.attention(*leaves[:3], bias=leaves[3] if bias is not None else None, backend=b, **kw)
             return torch.autograd.grad(out, leaves, go)
 
@@ -167,13 +181,15 @@ def run_tiles() -> None:
 
 
 def main() -> None:
-    global H, TOKENS
+    global H, TOKENS, FRESH_MASK
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiles", action="store_true", help="FlexAttention's tiles at D = 40 / 56 / 64 instead")
     ap.add_argument("--tokens", type=int, default=TOKENS, help="B x L of every row (default %(default)s)")
     ap.add_argument("--heads", type=int, default=H, help="heads of every row (default %(default)s)")
     ap.add_argument("--lengths", type=int, nargs="+", help="with --dims and --kinds: rows of every combination")
     ap.add_argument("--dims", type=int, nargs="+", help="head dims")
+    ap.add_argument("--fresh-mask", action="store_true",
+                    help="new mask contents before every call (flex rebuilds its block mask, as in training)")
     ap.add_argument("--kinds", nargs="+", choices=KINDS, metavar="KIND", help=f"of {KINDS}")
     args = ap.parse_args()
     chosen = (args.lengths, args.dims, args.kinds)
@@ -182,7 +198,7 @@ def main() -> None:
     for L in args.lengths or ():
         if L < 1 or args.tokens % L:
             ap.error(f"--lengths: {L} does not divide --tokens {args.tokens}")
-    H, TOKENS = args.heads, args.tokens
+    H, TOKENS, FRESH_MASK = args.heads, args.tokens, args.fresh_mask
     if not torch.cuda.is_available():
         raise SystemExit("probe_auto_rules needs a CUDA device")
     cfg = torch._dynamo.config

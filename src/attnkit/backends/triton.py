@@ -92,10 +92,13 @@ class TritonBackend(Backend):
             # Training: D = 64 forward+backward 1.26-1.45x flex, D = 128 (causal) 1.10-1.11x; inference at
             # D = 128 (causal) 1.13-1.19x. Inference at D = 64 stays with flex (ours 0.76-0.81x).
             return 75.0
-        if req.mask is not None and dmax <= 64:
+        if req.mask is not None and (dmax <= 64 or (dmax <= 128 and req.key_bounds is not None)):
             # A mask tensor read in place (flex rebuilds its block mask each call, SDPA's kernels read it dense):
             # a key mask [B, 1, 1, L] at D = 64, 0.98-1.01x / 1.12-1.17x; beside causal 1.06-1.27x / 1.24x.
-            # At D = 128 SDPA / flex were ahead (0.94-1.03x / 0.89-0.92x).
+            # At D = 128 alone SDPA / flex were ahead (0.94-1.03x / 0.89-0.92x). Beside causal at D = 96 / 128
+            # (H32, L = 2048, 13:52 UTC) SDPA, which `auto` took, ran 0.46-0.52x of ours (it cannot skip the
+            # masked tiles); flex with its block mask kept 0.95-1.12x of ours, and with a new mask every
+            # call, as a batch's padding mask in training, it also rebuilds the block mask (see the docs).
             return 75.0
         if req.window is not None and req.needs_grad and dmax <= 64:
             # Training at D = 64: forward+backward 1.35x (L = 1024, W = 256) and 1.11x (L = 4096, W = 1024).

@@ -96,9 +96,10 @@ class TritonBackend(Backend):
             # A mask tensor read in place (flex rebuilds its block mask each call, SDPA's kernels read it dense):
             # a key mask [B, 1, 1, L] at D = 64, 0.98-1.01x / 1.12-1.17x; beside causal 1.06-1.27x / 1.24x.
             # At D = 128 alone SDPA / flex were ahead (0.94-1.03x / 0.89-0.92x). Beside causal at D = 96 / 128
-            # (H32, L = 2048, 13:52 UTC) SDPA, which `auto` took, ran 0.46-0.52x of ours (it cannot skip the
-            # masked tiles); flex with its block mask kept 0.95-1.12x of ours, and with a new mask every
-            # call, as a batch's padding mask in training, it also rebuilds the block mask (see the docs).
+            # (H32, L = 2048, 13:52 UTC) SDPA, which `auto` took, ran 0.42-0.51x of ours (it cannot skip the
+            # masked tiles). Against flex, ours was 0.97-1.12x / 0.95-0.99x, and beside a window 0.91-1.06x /
+            # 1.06-1.10x; with new mask contents every call (a batch's padding mask), where flex rebuilds its
+            # block mask, ours forward was 1.52-3.69x flex, forward+backward 0.95-1.38x (14:00 UTC).
             return 75.0
         if req.window is not None and req.needs_grad and dmax <= 64:
             # Training at D = 64: forward+backward 1.35x (L = 1024, W = 256) and 1.11x (L = 4096, W = 1024).

@@ -95,6 +95,7 @@ def main() -> int:
     ap.add_argument("--mask", choices=["none", "key", "full"], default="none")
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--window", type=int, default=None, help="left window (keys before the diagonal)")
+    ap.add_argument("--softcap", type=float, default=None)
     ap.add_argument("--cfg", type=int, nargs=4, default=None, metavar=("BM", "BN", "WARPS", "STAGES"),
                     help="one config for all three kernels (default: each kernel's _config)")
     ap.add_argument("--maxnreg", type=int, default=None,
@@ -121,16 +122,17 @@ def main() -> int:
     m, bt = fa._bits(mask, q), bias if bias is not None else q
     dbias = fa._padded(bias.shape, torch.float32, "cpu") if bias is not None else None
     kernels = {
-        "fwd": (fa._fwd_kernel, fa._fwd_call(q, k, v, o, mask, bias, None, layout, scale, None, bounds, cfgs["fwd"]),
+        "fwd": (fa._fwd_kernel, fa._fwd_call(q, k, v, o, mask, bias, None, layout, scale, args.softcap, bounds,
+                                                cfgs["fwd"]),
                 (q, k, v, o, lse, m, bt, q)),
-        "dq": (fa._bwd_dq_kernel, fa._dq_call(q, k, v, do, dq, o, False, mask, bias, dbias, layout, scale, None, bounds,
+        "dq": (fa._bwd_dq_kernel, fa._dq_call(q, k, v, do, dq, o, False, mask, bias, dbias, layout, scale, args.softcap, bounds,
                                               cfgs["dq"]),
                (q, k, v, do, dq, lse, delta, m, bt, dbias if dbias is not None else q, o, delta)),
-        "dkdv": (fa._bwd_dkdv_kernel, fa._dkdv_call(q, k, v, do, dk, dv, mask, bias, layout, scale, None, bounds,
+        "dkdv": (fa._bwd_dkdv_kernel, fa._dkdv_call(q, k, v, do, dk, dv, mask, bias, layout, scale, args.softcap, bounds,
                                                     cfgs["dkdv"]),
                  (q, k, v, do, dk, dv, lse, delta, m, bt)),
     }
-    print(f"L={L} D={D} bias={args.bias} mask={args.mask} bounds={bounds} (sm_90a, triton {triton.__version__})")
+    print(f"L={L} D={D} bias={args.bias} mask={args.mask} bounds={bounds} softcap={args.softcap} (sm_90a, triton {triton.__version__})")
     for name, (kernel, (tabs, grid, rest, consts, opts), tensors) in kernels.items():
         caps = (args.maxnreg,) if args.maxnreg is not None else opts["maxnreg"]
         caps = (caps,) if isinstance(caps, (int, fa._launch.Cap)) else caps or ()

@@ -866,8 +866,8 @@ def test_cuda_auto_picks_triton_for_small_heads_with_a_bias():
 
 @pytest.mark.cuda
 def test_cuda_auto_picks_triton_where_it_measured_faster_without_a_bias():
-    """auto on CUDA in half precision (H100 measurements, docs/benchmarks.md): sinks up to D = 128; softcap
-    in training, and in inference above D = 64; a mask tensor up to D = 64, and up to D = 128 beside causal
+    """auto on CUDA in half precision (H100 measurements, docs/benchmarks.md): sinks and softcap up to
+    D = 128 (a bias with a softcap too); a mask tensor up to D = 64, and up to D = 128 beside causal
     or a window; a window in training up to D = 64. The rest stays with flex / SDPA, and so does float32."""
     def choice(D, backward, dtype=torch.bfloat16, **kw):
         q, k, v = make_qkv(4, 8, 8, 300, 300, D, dtype=dtype, device="cuda")
@@ -879,7 +879,7 @@ def test_cuda_auto_picks_triton_where_it_measured_faster_without_a_bias():
         for backward in (False, True):
             assert choice(D, backward, sinks=sinks) == "triton", (D, backward)
             assert choice(D, backward, causal=True, sinks=sinks) == "triton", (D, backward)
-            assert (choice(D, backward, softcap=30.0) == "triton") == (backward or D > 64), (D, backward)
+            assert choice(D, backward, softcap=30.0) == "triton", (D, backward)
             assert (choice(D, backward, mask=keys) == "triton") == (D <= 64), (D, backward)
             assert (choice(D, backward, window=64) == "triton") == (backward and D <= 64), (D, backward)
     for D in (96, 128):
@@ -887,6 +887,9 @@ def test_cuda_auto_picks_triton_where_it_measured_faster_without_a_bias():
             assert choice(D, backward, mask=keys, causal=True) == "triton", (D, backward)
             assert choice(D, backward, mask=keys, window=64) == "triton", (D, backward)
     assert choice(96, True, mask=keys) != "triton"
+    pair = torch.randn(1, 8, 300, 300, device="cuda", dtype=torch.bfloat16)
+    assert choice(128, True, bias=pair, causal=True, softcap=30.0) == "triton"
+    assert choice(128, True, bias=pair) != "triton"
     assert choice(256, True, mask=keys, causal=True) != "triton"
     assert choice(256, True, sinks=sinks) != "triton"
     assert choice(64, True, causal=True) == "sdpa"

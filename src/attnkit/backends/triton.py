@@ -85,12 +85,14 @@ class TritonBackend(Backend):
             # at D = 64, 1.42-1.46x / 1.25-1.27x (06:53 UTC); per batch row 1.34x / 1.04x, beside a causal mask
             # 1.54x / 1.34x (08:33 UTC); beside a window 1.23x / 1.27x, beside causal and softcap 0.83x / 1.90x.
             # At D = 128 the two are even (forward+backward 0.91-1.02x, beside a window 0.93x), so flex keeps
-            # D = 128. Other head dims up to 128 (flex pads them to a power of two, as we do) are ours: D = 96,
-            # 1.34x / 0.95x flex, and 2.9x / 2.2x SDPA's bias-gradient kernel (06:56 UTC).
-            return 75.0 if dmax <= 64 or (dmax <= 128 and dmax & (dmax - 1)) else 20.0
-        if req.softcap is not None and dmax <= 128 and (req.needs_grad or dmax > 64):
-            # Training: D = 64 forward+backward 1.26-1.45x flex, D = 128 (causal) 1.10-1.11x; inference at
-            # D = 128 (causal) 1.13-1.19x. Inference at D = 64 stays with flex (ours 0.76-0.81x).
+            # D = 128, unless a softcap is set beside the bias: with a causal mask, ours 1.68x / 1.33x flex
+            # (tanh.approx, 14:29 UTC). Other head dims up to 128 (flex pads them to a power of
+            # two, as we do) are ours: D = 96, 1.34x / 0.95x flex, and 2.9x / 2.2x SDPA's bias-gradient kernel.
+            pays = dmax & (dmax - 1) or req.softcap is not None
+            return 75.0 if dmax <= 64 or (dmax <= 128 and pays) else 20.0
+        if req.softcap is not None and dmax <= 128:
+            # With tanh.approx (14:27 UTC), D = 64 / 128, L = 1024 / 4096, with and without causal: 1.53-1.97x
+            # flex forward, 1.42-2.49x forward+backward. (Through the sigmoid, flex's forward was ahead at D = 64.)
             return 75.0
         if req.mask is not None and (dmax <= 64 or (dmax <= 128 and req.key_bounds is not None)):
             # A mask tensor read in place (flex rebuilds its block mask each call, SDPA's kernels read it dense):

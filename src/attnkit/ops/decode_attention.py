@@ -150,7 +150,7 @@ if triton is not None:
                         mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
             s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
             if SOFTCAP:
-                s = softcap * _tanh(s / softcap)
+                s = softcap * _tanh(s * (1.0 / softcap), PRECISION)
             ok = key_ok[None, :]
             if HAS_LEFT:
                 ok = ok & (offs_n[None, :] >= (qpos - left)[:, None])

@@ -37,7 +37,7 @@ FRESH_MASK = False  # --fresh-mask: every call sees new mask contents, as a padd
 
 
 KINDS = ("key mask", "causal + softcap", "window", "sinks", "causal + sinks", "key mask + causal", "softcap",
-         "key mask + window", "window + sinks", "bias + window", "bias + causal + softcap", "bias + sinks")
+         "key mask + window", "full mask", "hf mask", "window + sinks", "bias + window", "bias + causal + softcap", "bias + sinks")
 
 
 def rows() -> list[tuple[int, int, str]]:
@@ -59,6 +59,14 @@ def keywords(kind: str, L: int, B: int, D: int, g: torch.Generator) -> dict:
             km = torch.rand(B, 1, 1, L, device="cuda", generator=g) > 0.1
             km[..., 0] = True
             kw["mask"] = km
+        elif part == "full mask":  # [B, 1, L, L], 10% of pairs masked at random (no tile is empty)
+            fm = torch.rand(B, 1, L, L, device="cuda", generator=g) > 0.1
+            fm[..., 0] = True
+            kw["mask"] = fm
+        elif part == "hf mask":  # [B, 1, L, L]: causal and key padding in one tensor, as transformers builds it
+            km = torch.rand(B, 1, 1, L, device="cuda", generator=g) > 0.1
+            km[..., 0] = True
+            kw["mask"] = torch.ones(L, L, dtype=torch.bool, device="cuda").tril() & km
         elif part == "causal":
             kw["causal"] = True
         elif part == "softcap":

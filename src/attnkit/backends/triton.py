@@ -94,14 +94,19 @@ class TritonBackend(Backend):
             # With tanh.approx (14:27 UTC), D = 64 / 128, L = 1024 / 4096, with and without causal: 1.53-1.97x
             # flex forward, 1.42-2.49x forward+backward. (Through the sigmoid, flex's forward was ahead at D = 64.)
             return 75.0
-        if req.mask is not None and (dmax <= 64 or (dmax <= 128 and req.key_bounds is not None)):
+        full = req.mask is not None and req.mask.shape[2] != 1  # a query dim (request.signature has it)
+        if req.mask is not None and (dmax <= 64 or (dmax <= 128 and (req.key_bounds is not None or full))):
             # A mask tensor read in place (flex rebuilds its block mask each call, SDPA's kernels read it dense):
             # a key mask [B, 1, 1, L] at D = 64, 0.98-1.01x / 1.12-1.17x; beside causal 1.06-1.27x / 1.24x.
             # At D = 128 alone SDPA / flex were ahead (0.94-1.03x / 0.89-0.92x). Beside causal at D = 96 / 128
             # (H32, L = 2048, 13:52 UTC) SDPA, which `auto` took, ran 0.42-0.51x of ours (it cannot skip the
             # masked tiles). Against flex, ours was 0.97-1.12x / 0.95-0.99x, and beside a window 0.91-1.06x /
             # 1.06-1.10x; with new mask contents every call (a batch's padding mask), where flex rebuilds its
-            # block mask, ours forward was 1.52-3.69x flex, forward+backward 0.95-1.38x (14:00 UTC).
+            # block mask, ours forward was 1.52-3.69x flex, forward+backward 0.95-1.38x (14:00 UTC). A full mask
+            # [B, 1, L, L] (transformers builds causal and padding into one), D = 64 / 128, L = 1024 (14:34 UTC):
+            # SDPA ran 0.60-0.70x of ours forward, 0.82-0.84x forward+backward. Flex with its block mask cached
+            # was ahead where it skips the causal half (ours 0.67-0.79x), and 1.7-14x slower than ours with a
+            # new mask every call.
             return 75.0
         if req.window is not None and req.needs_grad and dmax <= 64:
             # Training at D = 64: forward+backward 1.35x (L = 1024, W = 256) and 1.11x (L = 4096, W = 1024).

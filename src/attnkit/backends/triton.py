@@ -104,7 +104,7 @@ class TritonBackend(Backend):
             # 1.06-1.10x; with new mask contents every call (a batch's padding mask), where flex rebuilds its
             # block mask, ours forward was 1.52-3.69x flex, forward+backward 0.95-1.38x (14:00 UTC). A full mask
             # [B, 1, L, L] (transformers builds causal and padding into one), D = 64 / 128, L = 1024 (14:34 UTC):
-            # SDPA ran 0.60-0.70x of ours forward, 0.82-0.84x forward+backward. Flex with its block mask cached
+            # SDPA ran 0.60-0.71x of ours forward, 0.82-0.85x forward+backward. Flex with its block mask cached
             # was ahead where it skips the causal half (ours 0.67-0.79x), and 1.7-14x slower than ours with a
             # new mask every call.
             return 75.0

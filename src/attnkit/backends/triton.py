@@ -83,11 +83,11 @@ class TritonBackend(Backend):
         if req.bias is not None:
             # Heads up to 64: Evoformer D = 32, 0.95-1.72x / 1.10-1.41x flex (05:32 UTC); a [1, H, L, L] bias
             # at D = 64, 1.42-1.46x / 1.25-1.27x (06:53 UTC); per batch row 1.34x / 1.04x, beside a causal mask
-            # 1.54x / 1.34x (08:33 UTC); beside a window 1.23x / 1.27x, beside causal and softcap 0.83x / 1.90x.
-            # At D = 128 the two are even (forward+backward 0.91-1.02x, beside a window 0.93x), so flex keeps
-            # D = 128, unless a softcap is set beside the bias: with a causal mask, ours 1.68x / 1.33x flex
-            # (tanh.approx, 14:29 UTC). Other head dims up to 128 (flex pads them to a power of
-            # two, as we do) are ours: D = 96, 1.34x / 0.95x flex, and 2.9x / 2.2x SDPA's bias-gradient kernel.
+            # 1.54x / 1.34x (08:33 UTC); beside a window 1.23x / 1.27x, beside causal and softcap 1.59x / 2.88x
+            # (tanh.approx, 14:29 UTC). At D = 128 the two are even (forward+backward 0.91-1.02x, beside a window
+            # 0.93x), so flex keeps D = 128, unless a softcap is set beside the bias: with a causal mask, ours
+            # 1.68x / 1.33x flex (14:29 UTC). Other head dims up to 128 (flex pads them to a power of two, as we
+            # do) are ours: D = 96, 1.34x / 0.95x flex, and 2.9x / 2.2x SDPA's bias-gradient kernel.
             pays = dmax & (dmax - 1) or req.softcap is not None
             return 75.0 if dmax <= 64 or (dmax <= 128 and pays) else 20.0
         if req.softcap is not None and dmax <= 128:

@@ -758,6 +758,23 @@ def test_gluon_warp_specialized_probe_builds_offline():
     assert regs == 64 and spills == 0 and smem <= 45 * 1024 and loop <= 260, r.stdout
 
 
+def test_one_pass_backward_probe_matches_float64():
+    """benchmarks/probe_fused_bwd.py (issue 5's one-pass backward and batch-loop dQ kernel, measured slower
+    than today's backward on 2026-11-24) still computes the right gradients: its --check runs both kernels
+    in the interpreter on float32 inputs against float64 autograd."""
+    import os
+    import re
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "probe_fused_bwd.py")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    errs = [float(x) for x in re.findall(r"(?:dq|dk|dv|dbias) ([\d.e+-]+)", r.stdout)]
+    assert len(errs) == 22, r.stdout  # two shapes: 2 one-pass variants x 4 grads, 2 (B = 4) or 1 batch loops x 2
+    assert max(errs) < 1e-5, r.stdout
+
+
 def test_backward_frees_float32_bias_gradient_before_dk_dv(tdevice, monkeypatch):
     """The backward's float32 bias-gradient buffer is gone (cast to the bias's dtype and dropped)
     by the time dk and dv are allocated, so the peak memory holds one copy of the bias gradient.

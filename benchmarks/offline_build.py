@@ -120,20 +120,21 @@ def main() -> int:
     o, dq, dk, dv = (torch.empty_like(q) for _ in range(4))
     lse, delta = torch.empty(B, H, L), torch.empty(B, H, L)
     m, bt = fa._bits(mask, q), bias if bias is not None else q
+    lv = torch.zeros(2, dtype=torch.int32)  # the live table's stand-in (fa._live): built, never read
     dbias = fa._padded(bias.shape, torch.float32, "cpu") if bias is not None else None
     kernels = {
         "fwd": (fa._fwd_kernel, fa._fwd_call(q, k, v, o, mask, bias, None, layout, scale, args.softcap, bounds,
                                                 cfgs["fwd"]),
-                (q, k, v, o, lse, m, bt, q)),
+                (q, k, v, o, lse, m, bt, q, lv)),
         "dq": (fa._bwd_dq_kernel, fa._dq_call(q, k, v, do, dq, o, False, mask, bias, dbias, layout, scale, args.softcap, bounds,
                                               cfgs["dq"]),
-               (q, k, v, do, dq, lse, delta, m, bt, dbias if dbias is not None else q, o, delta)),
+               (q, k, v, do, dq, lse, delta, m, bt, dbias if dbias is not None else q, o, delta, lv)),
         "dkdv": (fa._bwd_dkdv_kernel, fa._dkdv_call(q, k, v, do, dk, dv, mask, bias, layout, scale, args.softcap, bounds,
                                                     cfgs["dkdv"]),
-                 (q, k, v, do, dk, dv, lse, delta, m, bt)),
+                 (q, k, v, do, dk, dv, lse, delta, m, bt, lv)),
     }
     print(f"L={L} D={D} bias={args.bias} mask={args.mask} bounds={bounds} softcap={args.softcap} (sm_90a, triton {triton.__version__})")
-    for name, (kernel, (tabs, grid, rest, consts, opts), tensors) in kernels.items():
+    for name, (kernel, (tabs, grid, rest, consts, opts, _), tensors) in kernels.items():
         caps = (args.maxnreg,) if args.maxnreg is not None else opts["maxnreg"]
         caps = (caps,) if isinstance(caps, (int, fa._launch.Cap)) else caps or ()
         note = ""

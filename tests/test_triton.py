@@ -447,6 +447,123 @@ def test_skipped_loops_change_nothing(lk, tdevice, monkeypatch):
     assert_close_rel(lean[0], ref)
 
 
+def _skip_masks(B, H, Lq, Lk, g):
+    """Masks that leave whole tiles empty (the kernels skip those): name -> bool mask."""
+    qi = torch.arange(Lq)[:, None]
+    kj = torch.arange(Lk)[None, :]
+    causal = kj <= qi + (Lk - Lq)  # bottom-right, as causal=True
+    start = torch.tensor([0, 37, 70, 5][:B]).view(B, 1, 1, 1)  # left padding per batch row
+    width = torch.tensor([3, 20, 50, 9][:H]).view(1, H, 1, 1)  # a band per head
+    lengths = torch.tensor([Lk, 40, 0, 33][:B]).view(B, 1, 1, 1)  # right padding; row 2 sees no key
+    return {
+        "causal": causal.view(1, 1, Lq, Lk),
+        "hf_left_pad_causal": causal & (kj >= start),
+        "band_per_head": (kj <= qi + (Lk - Lq)) & (kj > qi + (Lk - Lq) - width),
+        "key_right_pad": torch.arange(Lk).view(1, 1, 1, Lk) < lengths,
+        "query_rows": (torch.rand(B, 1, Lq, 1, generator=g) > 0.5),
+        "random_sparse": torch.rand(B, H, Lq, Lk, generator=g) > 0.97,
+    }
+
+
+def test_live_table_matches_the_mask(tdevice):
+    """_live's table: per block of the block axis, [first, end) of the scanned axis where the mask allows a
+    pair, widened to the occupancy's G x G tiles ((Lk or Lq, 0) where none), against a torch computation of
+    the same; broadcast dims collapse to one block, or stand for the whole scanned axis."""
+    B, H, Lq, Lk, G = 3, 2, 70, 101, fa._OCC_TILE
+    g = torch.Generator().manual_seed(41)
+    for name, mask in _skip_masks(B, H, Lq, Lk, g).items():
+        mask = fa._aligned(mask.to(tdevice))
+        for keys, block in ((True, 32), (False, 16), (True, 64)):
+            lay = fa.dense_layout(Lq, Lk)
+            tab = fa._tables(lay, block, block, torch.device(tdevice))
+            spec, strides = fa._live_spec(mask, tab["qtab" if keys else "ktab"],
+                                          tab["n_qblocks" if keys else "n_kblocks"], Lq, Lk, keys)
+            got = fa._live(fa._bits(mask, mask), spec).cpu()
+            m = mask.cpu() if keys else mask.cpu().transpose(2, 3)  # [Bm, Hm, block axis, scanned axis]
+            n_true = Lk if keys else Lq
+            blocks = 1 if m.shape[2] == 1 else -(-m.shape[2] // block)
+            assert got.shape == (mask.shape[0], mask.shape[1], blocks, 2), (name, keys)
+            assert strides[2] == (0 if blocks == 1 else 2)
+            for i in range(blocks):
+                lo, hi = i * block // G * G, -(-(i + 1) * block // G) * G  # the block's rows, widened to G
+                hit = m[:, :, lo:hi].any(2)  # [Bm, Hm, scanned]
+                if hit.shape[-1] == 1:  # broadcast: one entry for the whole axis
+                    first, end = torch.zeros_like(hit[..., 0], dtype=torch.long), torch.full_like(hit[..., 0], n_true,
+                                                                                               dtype=torch.long)
+                    live = hit[..., 0]
+                else:
+                    tiles = torch.nn.functional.pad(hit, (0, -hit.shape[-1] % G)).view(*hit.shape[:2], -1, G).any(-1)
+                    idx = torch.arange(tiles.shape[-1])
+                    first = torch.where(tiles, idx, tiles.shape[-1]).amin(-1) * G
+                    end = torch.clamp((torch.where(tiles, idx, -1).amax(-1) + 1) * G, max=n_true)
+                    live = tiles.any(-1)
+                first = torch.where(live, first, n_true)
+                end = torch.where(live, end, 0)
+                assert torch.equal(got[:, :, i, 0], first.int()), (name, keys, i, got[:, :, i], first, end)
+                assert torch.equal(got[:, :, i, 1], end.int()), (name, keys, i, got[:, :, i], first, end)
+
+
+@pytest.mark.parametrize("kind", ["causal", "hf_left_pad_causal", "band_per_head", "key_right_pad", "query_rows",
+                                  "random_sparse", "paired_rows"])
+def test_masks_that_empty_tiles_match_reference(kind, tdevice, monkeypatch):
+    """Tiles a mask tensor leaves empty are skipped (_live_spec): forward and gradients (with a bias:
+    its gradient too) match float64 and the kernels that visit every tile. Lq != Lk, lengths off the
+    tile grid, GQA, rows with no key (output 0), per-row masks under paired dQ rows (their union)."""
+    B, Hq, Hkv, Lq, Lk, D = 4, 2, 1, 90, 101, 16
+    q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, D, seed=43, device=tdevice)
+    g = torch.Generator().manual_seed(44)
+    masks = _skip_masks(B, Hq, Lq, Lk, g)
+    mask = (masks["hf_left_pad_causal"] if kind == "paired_rows" else masks[kind]).to(tdevice)
+    bias = randn(1, Hq, Lq, Lk, gen=g, device=tdevice)
+    g_out = randn(B, Hq, Lq, D, gen=g, device=tdevice)
+    if kind == "paired_rows":
+        monkeypatch.setattr(fa, "_ROWS", 2)
+
+    def run():
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, bias)]
+        out = _triton(*leaves[:3], bias=leaves[3], mask=mask)
+        return [out, *torch.autograd.grad((out * g_out).sum(), leaves)]
+
+    skipping = run()
+    monkeypatch.setattr(fa, "_SKIP_MASKED", False)
+    every = run()
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dbias"], skipping, every):  # summation order may differ
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    l64 = [x.double().requires_grad_(True) for x in (q, k, v, bias)]
+    ref = attnkit.attention(*l64[:3], bias=l64[3], mask=mask, backend="reference")
+    refg = torch.autograd.grad((ref * g_out.double()).sum(), l64)
+    assert_close_rel(skipping[0], ref)
+    for n, a, r in zip(["dq", "dk", "dv", "dbias"], skipping[1:], refg):
+        assert_close_rel(a, r, rtol=5e-5, name=f"grad {n}")
+    dead = ~mask.expand(B, Hq, Lq, Lk).any(-1)
+    if dead.any():
+        assert skipping[0][dead].abs().max() == 0
+
+
+def test_kernels_read_the_live_table(tdevice, monkeypatch):
+    """The three kernels take only what the live table allows: told that no pair of any block is live,
+    the output and every gradient are zeros, although the mask allows everything."""
+    B, H, Lq, Lk, D = 2, 2, 40, 50, 16
+    q, k, v = (x.requires_grad_(True) for x in make_qkv(B, H, H, Lq, Lk, D, seed=45, device=tdevice))
+    mask = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=tdevice)
+    real = fa._live
+
+    def nothing_live(bits, spec, occ=None):
+        out = real(bits, spec, occ)
+        if spec is not None:
+            out[..., 0] = spec[-2]  # (n_true, 0): empty
+            out[..., 1] = 0
+        return out
+
+    monkeypatch.setattr(fa, "_live", nothing_live)
+    out = _triton(q, k, v, mask=mask)
+    grads = torch.autograd.grad((out * torch.randn_like(out)).sum(), (q, k, v))
+    for name, t in zip(["out", "dq", "dk", "dv"], (out, *grads)):
+        assert t.abs().max() == 0, name
+    monkeypatch.setattr(fa, "_live", real)
+    assert _triton(q, k, v, mask=mask).abs().max() > 0
+
+
 def test_segment_layout_normalises_sets():
     """Lists become tuples (the layout is hashed by the kernels' table cache); bad values are named."""
     lay = SegmentLayout(10, 10, [[[(0, 5)], [(0, 5)]], [[[5, 10]], [(0, 10)]]])

@@ -338,16 +338,20 @@ if triton is not None:
             tl.store(DB_BH + rows[:, None] * sdbm + cols[None, :] * sdbn, ds, mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
-    def _key_range(SEGS, si, q_start, q_end, offset, left, right, LK, HAS_LEFT: tl.constexpr,
-                   HAS_RIGHT: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _key_range(SEGS, si, q_start, q_end, offset, left, right, LK, klo, khi, HAS_LEFT: tl.constexpr,
+                   HAS_RIGHT: tl.constexpr, HAS_LIVE: tl.constexpr, BLOCK_N: tl.constexpr):
         """Segment si's keys that some query of [q_start, q_end) may reach under the bounds, [lo, hi),
         and the key tiles of the BLOCK_N grid that cover them, cut into kinds: [t0, i0) and
         [i1, below) edge tiles; [i0, i1) interior tiles (every pair allowed by the segment and the
         bounds: no per-pair test); [max(t0, F), t_end) the tile across LK, if any (F = LK // BLOCK_N,
         below = min(t_end, F)). Loops run over tile indices and start at t * BLOCK_N, which the
-        compiler knows to be aligned (a multiple_of hint on a loop variable is lost)."""
+        compiler knows to be aligned (a multiple_of hint on a loop variable is lost). HAS_LIVE: only
+        keys in [klo, khi) (on the BLOCK_N grid, _live_keys) can be allowed by the mask."""
         lo = tl.load(SEGS + 2 * si)
         hi = tl.load(SEGS + 2 * si + 1)
+        if HAS_LIVE:
+            lo = tl.maximum(lo, klo)
+            hi = tl.minimum(hi, khi)
         lo_all = lo  # keys that every query of the block may reach
         hi_all = hi
         if HAS_LEFT:
@@ -362,6 +366,73 @@ if triton is not None:
         i0 = tl.minimum(tl.maximum(tl.cdiv(lo_all, BLOCK_N), t0), below)
         i1 = tl.minimum(tl.maximum(hi_all // BLOCK_N, i0), below)
         return lo, hi, t0, i0, i1, below, t_end
+
+    @triton.jit
+    def _live_keys(LIVE, b, h, blk, slb, slh, slk, LK, ROWS: tl.constexpr, HAS_LIVE: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+        """[klo, khi): the key tiles (BLOCK_N grid) holding every key that the mask allows to some query of
+        block blk of batch rows b .. b + ROWS - 1, head h (_live's table); [0, LK) without one."""
+        if HAS_LIVE:
+            live = LIVE + b * slb + h * slh + blk * slk
+            first = tl.load(live)
+            end = tl.load(live + 1)
+            for r in tl.static_range(1, ROWS):  # the dQ kernel's paired rows: the union of their keys
+                first = tl.minimum(first, tl.load(live + r * slb))
+                end = tl.maximum(end, tl.load(live + r * slb + 1))
+            return first // BLOCK_N * BLOCK_N, tl.cdiv(end, BLOCK_N) * BLOCK_N
+        return 0, LK
+
+    @triton.jit
+    def _occupancy_kernel(MASK, OCC, LQM, LKM, smb, smh, smm, smn, HM, NR, NC,
+                          G: tl.constexpr, C: tl.constexpr):
+        """OCC[z, r, c] = 1 where the mask (batch / head z = bm * HM + hm, [LQM, LKM]) allows some pair of
+        the G x G tile (r, c). One program reads G rows x C keys, along the keys (coalesced)."""
+        r = tl.program_id(0)
+        z = tl.program_id(2)
+        rows = r * G + tl.arange(0, G)
+        cols = tl.program_id(1) * C + tl.arange(0, C)
+        base = MASK + (z // HM).to(tl.int64) * smb + (z % HM).to(tl.int64) * smh
+        m = tl.load(base + rows.to(tl.int64)[:, None] * smm + cols.to(tl.int64)[None, :] * smn,
+                    mask=(rows < LQM)[:, None] & (cols < LKM)[None, :], other=0)
+        hit = tl.max(tl.max(tl.reshape((m != 0).to(tl.int32), [G, C // G, G]), 2), 0)
+        tiles = tl.program_id(1) * (C // G) + tl.arange(0, C // G)
+        tl.store(OCC + z.to(tl.int64) * NR * NC + r * NC + tiles, hit.to(tl.int8), mask=tiles < NC)
+
+    @triton.jit
+    def _live_kernel(OCC, OUT, TAB, TAB_STEP, NR, NC, N_TRUE, SCAN_BCAST, G: tl.constexpr, KEYS: tl.constexpr,
+                     BLOCK_S: tl.constexpr):
+        """For block blk of the kernels' table TAB ([TAB[TAB_STEP * blk], TAB[TAB_STEP * blk + 1]): query
+        rows if KEYS, else keys) and mask batch / head z = program_id(1): [first, end) of the other axis
+        (keys if KEYS) where the occupancy OCC [z, NR, NC] of G x G tiles has a live tile for some row of
+        the block, in elements, as OUT[z, blk, 0:2]; (N_TRUE, 0) if none. SCAN_BCAST: the mask is
+        broadcast along the scanned axis (one tile stands for all N_TRUE)."""
+        blk = tl.program_id(0)
+        z = tl.program_id(1)
+        b0 = tl.load(TAB + TAB_STEP * blk) // G
+        b1 = tl.cdiv(tl.load(TAB + TAB_STEP * blk + 1), G)
+        occ = OCC + z.to(tl.int64) * NR * NC
+        if KEYS:
+            n_scan = NC
+            b1 = tl.minimum(b1, NR)
+        else:
+            n_scan = NR
+            b1 = tl.minimum(b1, NC)
+        first = n_scan
+        last = -1
+        for c0 in range(0, n_scan, BLOCK_S):
+            sc = c0 + tl.arange(0, BLOCK_S)
+            hit = tl.zeros([BLOCK_S], tl.int32)
+            for bb in range(b0, b1):
+                if KEYS:
+                    hit = tl.maximum(hit, tl.load(occ + bb * NC + sc, mask=sc < n_scan, other=0).to(tl.int32))
+                else:
+                    hit = tl.maximum(hit, tl.load(occ + sc * NC + bb, mask=sc < n_scan, other=0).to(tl.int32))
+            first = tl.minimum(first, tl.min(tl.where(hit > 0, sc, n_scan)))
+            last = tl.maximum(last, tl.max(tl.where(hit > 0, sc, -1)))
+        end = tl.where(SCAN_BCAST != 0, N_TRUE, tl.minimum((last + 1) * G, N_TRUE))
+        out = OUT + z.to(tl.int64) * tl.num_programs(0) * 2 + blk * 2
+        tl.store(out, tl.where(last >= 0, first * G, N_TRUE))
+        tl.store(out + 1, tl.where(last >= 0, end, 0))
 
     @triton.jit
     def _lse_log2(LSE_BH, rows, ok):
@@ -397,12 +468,12 @@ if triton is not None:
 
     @triton.jit
     def _fwd_kernel(
-        Q, K, V, O, LSE, MASK, BIAS, SINKS, QTAB, SEGPTR, SEGS, NBLOCKS,
+        Q, K, V, O, LSE, MASK, BIAS, SINKS, LIVE, QTAB, SEGPTR, SEGS, NBLOCKS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
         smb, smh, smm, smn, sbb, sbh, sbm, sbn,
-        H, GROUP, BATCH, Lq, LK, LKP, D, DV, scale, softcap, exp_scale, offset, left, right,
+        H, GROUP, BATCH, Lq, LK, LKP, D, DV, scale, softcap, exp_scale, offset, left, right, slb, slh, slk,
         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, EDGES: tl.constexpr, TAIL: tl.constexpr,
+        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_LIVE: tl.constexpr, EDGES: tl.constexpr, TAIL: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr, HEAD_MAJOR: tl.constexpr, GRID3: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
@@ -420,9 +491,10 @@ if triton is not None:
             m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINKS + h).to(tl.float32) * (1.4426950408889634 / exp_scale)
             l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        klo, khi = _live_keys(LIVE, b, h, blk, slb, slh, slk, LK, 1, HAS_LIVE, BLOCK_N)
         for si in range(tl.load(SEGPTR + qset), tl.load(SEGPTR + qset + 1)):
             lo, hi, t0, i0, i1, below, t_end = _key_range(SEGS, si, q_start, q_end, offset, left, right, LK,
-                                                          HAS_LEFT, HAS_RIGHT, BLOCK_N)
+                                                          klo, khi, HAS_LEFT, HAS_RIGHT, HAS_LIVE, BLOCK_N)
             if EDGES:
                 for t in range(t0, i0):  # edge tiles before the interior
                     acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, ld_rows, t * BLOCK_N, lo, hi, LK, LKP,
@@ -524,12 +596,12 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dq_kernel(
-        Q, K, V, DO, DQ, LSE, DELTA, MASK, BIAS, DBIAS, O, DLSE, QTAB, SEGPTR, SEGS, NBLOCKS,
+        Q, K, V, DO, DQ, LSE, DELTA, MASK, BIAS, DBIAS, O, DLSE, LIVE, QTAB, SEGPTR, SEGS, NBLOCKS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdqb, sdqh, sdqm, sdqd, sob, soh, som, sod, smb, smh, smm, smn, sbb, sbh, sbm, sbn, sdbb, sdbh, sdbm, sdbn,
-        H, GROUP, BATCH, Lq, LK, LKP, D, DV, scale, softcap, exp_scale, offset, left, right,
+        H, GROUP, BATCH, Lq, LK, LKP, D, DV, scale, softcap, exp_scale, offset, left, right, slb, slh, slk,
         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, EDGES: tl.constexpr, TAIL: tl.constexpr,
+        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_LIVE: tl.constexpr, EDGES: tl.constexpr, TAIL: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr, HEAD_MAJOR: tl.constexpr, GRID3: tl.constexpr,
         BIAS_GRAD: tl.constexpr, DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr, DB_ATOMIC: tl.constexpr,
         ROWS: tl.constexpr, HAS_DLSE: tl.constexpr,
@@ -563,9 +635,10 @@ if triton is not None:
         k_base = K + b * skb + hk * skh
         v_base = V + b * svb + hk * svh
         mask_bh = MASK + b * smb + h * smh
+        klo, khi = _live_keys(LIVE, b, h, blk, slb, slh, slk, LK, ROWS, HAS_LIVE, BLOCK_N)
         for si in range(tl.load(SEGPTR + qset), tl.load(SEGPTR + qset + 1)):
             lo, hi, t0, i0, i1, below, t_end = _key_range(SEGS, si, q_start, q_end, offset, left, right, LK,
-                                                          HAS_LEFT, HAS_RIGHT, BLOCK_N)
+                                                          klo, khi, HAS_LEFT, HAS_RIGHT, HAS_LIVE, BLOCK_N)
             if EDGES:
                 for t in range(t0, i0):  # edge tiles before the interior
                     dqs = _dq_step(
@@ -640,13 +713,15 @@ if triton is not None:
         return dk, dv
 
     @triton.jit
-    def _dkdv_block(Q, DO, LSE, DELTA, MASK, BIAS, RUNPTR, RUNS, blk, k, v, offs_n, col_ok, k_start, k_end, b, hk,
+    def _dkdv_block(Q, DO, LSE, DELTA, MASK, BIAS, LIVE, RUNPTR, RUNS, blk, k, v, offs_n, col_ok, k_start, k_end, b, hk,
                     sqb, sqh, sqm, sqd, sdob, sdoh, sdom, sdod, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
-                    H, GROUP, Lq, LKP, D, DV, scale, softcap, exp_scale, offset, left, right,
+                    H, GROUP, Lq, LKP, D, DV, scale, softcap, exp_scale, offset, left, right, slb, slh, slk,
                     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
-                    HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
+                    HAS_RIGHT: tl.constexpr, HAS_LIVE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                    BIG: tl.constexpr,
                     KEY_EDGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-        """dK, dV of one key block: every query of the sets that read it, every head of its GQA group."""
+        """dK, dV of one key block: every query of the sets that read it, every head of its GQA group.
+        HAS_LIVE: only the queries the mask lets see some key of the block (the _live_kernel's table)."""
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
         for g in range(0, GROUP):  # the query heads that read this kv head: no atomics needed
@@ -656,9 +731,16 @@ if triton is not None:
             do_base = DO + b * sdob + h * sdoh
             mask_bh = MASK + b * smb + h * smh
             bias_bh = BIAS + b * sbb + h * sbh
+            if HAS_LIVE:
+                live = LIVE + b * slb + h * slh + blk * slk
+                q_first = tl.load(live)
+                q_end = tl.load(live + 1)
             for ri in range(tl.load(RUNPTR + blk), tl.load(RUNPTR + blk + 1)):
                 lo = tl.load(RUNS + 2 * ri)
                 hi = tl.load(RUNS + 2 * ri + 1)
+                if HAS_LIVE:
+                    lo = tl.maximum(lo, q_first)
+                    hi = tl.minimum(hi, q_end)
                 if HAS_RIGHT:  # queries whose reach ends left of this key block
                     lo = tl.maximum(lo, k_start - offset - right)
                 if HAS_LEFT:  # queries whose reach starts right of it
@@ -680,12 +762,12 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dkdv_kernel(
-        Q, K, V, DO, DK, DV_, LSE, DELTA, MASK, BIAS, KTAB, RUNPTR, RUNS, NBLOCKS,
+        Q, K, V, DO, DK, DV_, LSE, DELTA, MASK, BIAS, LIVE, KTAB, RUNPTR, RUNS, NBLOCKS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
-        H, HKV, GROUP, BATCH, Lq, LKP, D, DV, scale, softcap, exp_scale, offset, left, right,
+        H, HKV, GROUP, BATCH, Lq, LKP, D, DV, scale, softcap, exp_scale, offset, left, right, slb, slh, slk,
         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_LIVE: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr, HEAD_MAJOR: tl.constexpr, GRID3: tl.constexpr,
         KALIGN: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -698,25 +780,25 @@ if triton is not None:
         v = _load(V + b * svb + hk * svh, offs_n, col_ok, svn, svd, DV, BLOCK_DV)
         if HAS_BIAS or HAS_MASK:
             if k_end - k_start == BLOCK_N:  # a full block: its bias/mask columns load as vectors
-                dk, dv = _dkdv_block(Q, DO, LSE, DELTA, MASK, BIAS, RUNPTR, RUNS, blk, k, v, offs_n, col_ok,
+                dk, dv = _dkdv_block(Q, DO, LSE, DELTA, MASK, BIAS, LIVE, RUNPTR, RUNS, blk, k, v, offs_n, col_ok,
                                      k_start, k_end, b, hk, sqb, sqh, sqm, sqd, sdob, sdoh, sdom, sdod,
                                      smb, smh, smm, smn, sbb, sbh, sbm, sbn, H, GROUP, Lq, LKP, D, DV,
-                                     scale, softcap, exp_scale, offset, left, right,
-                                     HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
+                                     scale, softcap, exp_scale, offset, left, right, slb, slh, slk,
+                                     HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_LIVE, PRECISION, UPCAST, BIG,
                                      False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
             else:
-                dk, dv = _dkdv_block(Q, DO, LSE, DELTA, MASK, BIAS, RUNPTR, RUNS, blk, k, v, offs_n, col_ok,
+                dk, dv = _dkdv_block(Q, DO, LSE, DELTA, MASK, BIAS, LIVE, RUNPTR, RUNS, blk, k, v, offs_n, col_ok,
                                      k_start, k_end, b, hk, sqb, sqh, sqm, sqd, sdob, sdoh, sdom, sdod,
                                      smb, smh, smm, smn, sbb, sbh, sbm, sbn, H, GROUP, Lq, LKP, D, DV,
-                                     scale, softcap, exp_scale, offset, left, right,
-                                     HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
+                                     scale, softcap, exp_scale, offset, left, right, slb, slh, slk,
+                                     HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_LIVE, PRECISION, UPCAST, BIG,
                                      True, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
         else:  # nothing is read along the keys
-            dk, dv = _dkdv_block(Q, DO, LSE, DELTA, MASK, BIAS, RUNPTR, RUNS, blk, k, v, offs_n, col_ok,
+            dk, dv = _dkdv_block(Q, DO, LSE, DELTA, MASK, BIAS, LIVE, RUNPTR, RUNS, blk, k, v, offs_n, col_ok,
                                  k_start, k_end, b, hk, sqb, sqh, sqm, sqd, sdob, sdoh, sdom, sdod,
                                  smb, smh, smm, smn, sbb, sbh, sbm, sbn, H, GROUP, Lq, LKP, D, DV,
-                                 scale, softcap, exp_scale, offset, left, right,
-                                 HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
+                                 scale, softcap, exp_scale, offset, left, right, slb, slh, slk,
+                                 HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_LIVE, PRECISION, UPCAST, BIG,
                                  True, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
         _store(DK + b * sdkb + hk * sdkh, offs_n, col_ok, sdkn, sdkd, D, dk * scale, BLOCK_D)
         _store(DV_ + b * sdvb + hk * sdvh, offs_n, col_ok, sdvn, sdvd, DV, dv, BLOCK_DV)
@@ -967,6 +1049,67 @@ def _bcast_strides(t: Tensor | None) -> tuple[int, int, int, int]:
     return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(4))
 
 
+# Kernel sweeps may turn off the skipping of the tiles a mask leaves empty (see _live_spec).
+_SKIP_MASKED = True
+_OCC_TILE = 32  # the occupancy's G x G tiles: the ranges' granularity (every kernel tile is a multiple)
+_ONE_BLOCK: dict = {}  # per device: the [start, end) table of a single block [0, 1) (a broadcast block axis)
+
+
+def _live_spec(mask: Tensor | None, tab: Tensor, n_blocks: int, lq: int, lk: int, keys: bool):
+    """How a kernel finds the part of the mask that can be live for each of its blocks, so that it skips
+    the tiles a mask leaves empty (causal or padding masks as tensors, e.g. transformers' [B, 1, L, L]).
+    keys: per query block (tab: QTAB, 3 ints per block), the keys the mask allows to some of its rows
+    (forward, dQ); else per key block (tab: KTAB, 2 per block), the queries (dK/dV). Returns (spec for
+    _live, the main kernel's (slb, slh, slk) strides into the [Bm, Hm, blocks, 2] table), or (None,
+    (0, 0, 0)) without a mask. A mask broadcast along the block axis has one block for all."""
+    if mask is None or not _SKIP_MASKED:
+        return None, (0, 0, 0)
+    if mask.shape[2 if keys else 3] == 1:
+        key = str(tab.device)
+        if key not in _ONE_BLOCK:
+            _ONE_BLOCK[key] = torch.tensor([0, 1], dtype=torch.int32, device=tab.device)
+        tab, n_blocks, step = _ONE_BLOCK[key], 1, 0
+    else:
+        step = 3 if keys else 2
+    bm, hm = mask.shape[0], mask.shape[1]
+    scan_bcast = mask.shape[3 if keys else 2] == 1
+    spec = (tab, n_blocks, step, keys, lk if keys else lq, scan_bcast)
+    return spec, (hm * n_blocks * 2 if bm > 1 else 0, n_blocks * 2 if hm > 1 else 0, 2 if step else 0)
+
+
+def _occupancy(bits: Tensor) -> Tensor:
+    """[Bm * Hm, ceil(Lq_m / G), ceil(Lk_m / G)] int8: which G x G tiles of the mask (its bytes, bits;
+    broadcast dims of size 1 stay 1) hold an allowed pair. One read of the mask."""
+    g, c = _OCC_TILE, 4 * _OCC_TILE if _INTERPRET else 8 * _OCC_TILE
+    bm, hm, lqm, lkm = bits.shape
+    nr, nc = -(-lqm // g), -(-lkm // g)
+    occ = torch.empty(bm * hm, nr, nc, dtype=torch.int8, device=bits.device)
+    with _on(bits):  # _launch: Triton's own launch path costs tens of us of host time, as long as this kernel
+        _launch.launch(_occupancy_kernel, (nr, -(-lkm // c), bm * hm), (bits, occ, lqm, lkm, *_bcast_strides(bits), hm,
+                       nr, nc), dict(G=g, C=c), num_warps=4, num_stages=2, interpret=_INTERPRET)
+    return occ
+
+
+def _live(bits: Tensor, spec, occ: dict | None = None) -> Tensor:
+    """The [Bm, Hm, blocks, 2] int32 table of a _live_spec, from the mask's bytes (bits); bits itself
+    (never read) without a spec. occ: a dict that keeps the mask's occupancy for the next call (the
+    backward's two kernels read one)."""
+    if spec is None:
+        return bits
+    tab, n_blocks, step, keys, n_true, scan_bcast = spec
+    o = occ.get("occ") if occ is not None else None
+    if o is None:
+        o = _occupancy(bits)
+        if occ is not None:
+            occ["occ"] = o
+    out = torch.empty(bits.shape[0], bits.shape[1], n_blocks, 2, dtype=torch.int32, device=bits.device)
+    with _on(bits):
+        _launch.launch(_live_kernel, (n_blocks, o.shape[0]), (o, out, tab, step, o.shape[1], o.shape[2], n_true,
+                       int(scan_bcast)), dict(G=_OCC_TILE, KEYS=keys, BLOCK_S=32 if _INTERPRET else 128), num_warps=4,
+                       num_stages=2, interpret=_INTERPRET)
+    return out
+
+
 def _bounds(bounds) -> tuple[int, int, bool, bool]:
     left, right = bounds if bounds is not None else (None, None)
     return (left or 0, right or 0, left is not None, right is not None)
@@ -988,25 +1131,28 @@ def _out_stride(B: int, H: int, Lq: int, DV: int) -> tuple[int, int, int, int]:
 
 def _fwd_call(q, k, v, o, mask, bias, sinks, layout, scale, softcap, bounds, cfg) -> tuple:
     """The forward kernel's launch for config cfg = (BLOCK_M, BLOCK_N, warps, stages), as
-    (table tensors, grid, non-tensor arguments, constexprs, options). Its tensor arguments are
-    (q, k, v, o, lse, mask bits, bias, sinks, *tables)."""
+    (table tensors, grid, non-tensor arguments, constexprs, options, live spec). Its tensor arguments
+    are (q, k, v, o, lse, mask bits, bias, sinks, live table, *tables); the live table is made per call
+    from the mask by _live (the live spec: _live_spec)."""
     B, H, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
     bm, bn, warps, stages = cfg
     tab = _tables(layout, bm, bn, q.device)
     left, right, has_l, has_r = _bounds(bounds)
     head_major = _head_major(bias, B)
+    live, lstrides = _live_spec(mask, tab["qtab"], tab["n_qblocks"], Lq, Lk, keys=True)
     rest = (tab["n_qblocks"], *q.stride(), *k.stride(), *v.stride(), *o.stride(), *_bcast_strides(mask),
             *_bcast_strides(bias), H, H // Hkv, B, Lq, Lk, _guard_len(Lk, mask, bias), D, DV, scale, softcap or 1.0,
-            _exp_scale(bias, softcap, scale), Lk - Lq, left, right)
+            _exp_scale(bias, softcap, scale), Lk - Lq, left, right, *lstrides)
     consts = dict(
         HAS_MASK=_mask_kind(mask), HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
-        HAS_SINKS=sinks is not None, HAS_LEFT=has_l, HAS_RIGHT=has_r,
+        HAS_SINKS=sinks is not None, HAS_LEFT=has_l, HAS_RIGHT=has_r, HAS_LIVE=live is not None,
         EDGES=tab["edges"] or has_l or has_r, TAIL=tab["tail"],
         **_precision(q.dtype, _INTERPRET), BIG=_big(q, k, v, o, mask, bias), HEAD_MAJOR=head_major,
         GRID3=_grid3(B, H), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV))
     opts = dict(num_warps=warps, num_stages=stages, maxnreg=_maxnreg("fwd", D, DV, cfg))
-    return (tab["qtab"], tab["segptr"], tab["segs"]), _grid(tab["n_qblocks"], B, H, head_major), rest, consts, opts
+    return ((tab["qtab"], tab["segptr"], tab["segs"]), _grid(tab["n_qblocks"], B, H, head_major), rest, consts, opts,
+            live)
 
 
 def _bwd_flags(q, v, mask, bias, softcap, bounds, big: bool) -> tuple[dict, tuple]:
@@ -1021,7 +1167,7 @@ def _bwd_flags(q, v, mask, bias, softcap, bounds, big: bool) -> tuple[dict, tupl
 
 def _dq_call(q, k, v, do, dq, o, has_dlse: bool, mask, bias, dbias, layout, scale, softcap, bounds, cfg) -> tuple:
     """The dQ kernel's launch (see _fwd_call); tensors (q, k, v, do, dq, lse, delta, mask bits, bias,
-    dbias, o, dlse, *tables). dbias: the float32 gradient buffer (None: no bias gradient); delta is
+    dbias, o, dlse, live table, *tables). dbias: the float32 gradient buffer (None: no bias gradient); delta is
     written by the kernel."""
     B, H, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
@@ -1033,53 +1179,57 @@ def _dq_call(q, k, v, do, dq, o, has_dlse: bool, mask, bias, dbias, layout, scal
     rows = _batch_rows(bias, bias_grad, B)
     nb = B // rows  # the dQ grid's batch extent
     dq_major = _head_major(bias, B) and bias_grad
+    live, lstrides = _live_spec(mask, tab["qtab"], tab["n_qblocks"], Lq, Lk, keys=True)
     rest = (tab["n_qblocks"], *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *o.stride(),
             *_bcast_strides(mask), *_bcast_strides(bias), *_bcast_strides(dbias),
             H, H // Hkv, nb, Lq, Lk, _guard_len(Lk, mask, bias), D, DV, scale, softcap or 1.0,
-            _exp_scale(bias, softcap, scale), Lk - Lq, left, right)
+            _exp_scale(bias, softcap, scale), Lk - Lq, left, right, *lstrides)
     consts = dict(
-        **flags, HEAD_MAJOR=dq_major, GRID3=_grid3(nb, H), ROWS=rows, HAS_DLSE=has_dlse,
+        **flags, HAS_LIVE=live is not None, HEAD_MAJOR=dq_major, GRID3=_grid3(nb, H), ROWS=rows, HAS_DLSE=has_dlse,
         EDGES=tab["edges"] or flags["HAS_LEFT"] or flags["HAS_RIGHT"], TAIL=tab["tail"],
         BIAS_GRAD=bias_grad, DB_SUM_M=bias_grad and bias.shape[2] == 1 and Lq > 1,
         DB_SUM_N=bias_grad and bias.shape[3] == 1 and Lk > 1,
         DB_ATOMIC=bias_grad and ((bias.shape[0] == 1 and B > 1) or (bias.shape[1] == 1 and H > 1)),
         BLOCK_M=bm, BLOCK_N=bn)
     return ((tab["qtab"], tab["segptr"], tab["segs"]), _grid(tab["n_qblocks"], nb, H, dq_major), rest, consts,
-            dict(num_warps=warps, num_stages=stages, maxnreg=_maxnreg("dq", D, DV, cfg)))
+            dict(num_warps=warps, num_stages=stages, maxnreg=_maxnreg("dq", D, DV, cfg)), live)
 
 
 def _dkdv_call(q, k, v, do, dk, dv, mask, bias, layout, scale, softcap, bounds, cfg) -> tuple:
     """The dK/dV kernel's launch (see _fwd_call); tensors (q, k, v, do, dk, dv, lse, delta, mask bits,
-    bias, *tables)."""
+    bias, live table, *tables)."""
     B, H, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
     bm, bn, warps, stages = cfg
     tab = _tables(layout, bm, bn, q.device)
     flags, (left, right) = _bwd_flags(q, v, mask, bias, softcap, bounds, _big(q, k, v, do, dk, dv, mask, bias))
     head_major = _head_major(bias, B)
+    live, lstrides = _live_spec(mask, tab["ktab"], tab["n_kblocks"], Lq, Lk, keys=False)
     rest = (tab["n_kblocks"], *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             *_bcast_strides(mask), *_bcast_strides(bias),
             H, Hkv, H // Hkv, B, Lq, _guard_len(Lk, mask, bias), D, DV, scale, softcap or 1.0,
-            _exp_scale(bias, softcap, scale), Lk - Lq, left, right)
-    consts = dict(**flags, HEAD_MAJOR=head_major, GRID3=_grid3(B, Hkv), KALIGN=tab["kalign"], BLOCK_M=bm,
+            _exp_scale(bias, softcap, scale), Lk - Lq, left, right, *lstrides)
+    consts = dict(**flags, HAS_LIVE=live is not None, HEAD_MAJOR=head_major, GRID3=_grid3(B, Hkv), KALIGN=tab["kalign"], BLOCK_M=bm,
                   BLOCK_N=bn)
     return ((tab["ktab"], tab["runptr"], tab["runs"]), _grid(tab["n_kblocks"], B, Hkv, head_major), rest, consts,
-            dict(num_warps=warps, num_stages=stages, maxnreg=_maxnreg("dkdv", D, DV, cfg)))
+            dict(num_warps=warps, num_stages=stages, maxnreg=_maxnreg("dkdv", D, DV, cfg)), live)
 
 
-def _run_call(kernel, call: tuple, tensors: tuple, q: Tensor) -> None:
-    """Launch a (tables, grid, rest, consts, options) call through _launch.launch (the tuner's path),
-    on q's device."""
-    tabs, grid, rest, consts, opts = call
+def _run_call(kernel, call: tuple, tensors: tuple, bits: Tensor, q: Tensor) -> None:
+    """Launch a (tables, grid, rest, consts, options, live spec) call through _launch.launch (the tuner's
+    path), on q's device; bits: the mask's bytes (or a dummy) for the live table."""
+    tabs, grid, rest, consts, opts, live = call
     with _on(q):
-        _launch.launch(kernel, grid, tensors + tabs + rest, consts, interpret=_INTERPRET, **opts)
+        _launch.launch(kernel, grid, tensors + (_live(bits, live),) + tabs + rest, consts, interpret=_INTERPRET,
+                       **opts)
 
 
 def _planned(kernel, call: tuple, device: torch.device) -> tuple:
-    """(Launch, table tensors) of a call: relaunched later with the tensors only."""
-    tabs, grid, rest, consts, opts = call
+    """(Launch, table tensors, live spec) of a call: relaunched later with the tensors (and the live
+    table made from this call's mask: _live) only."""
+    tabs, grid, rest, consts, opts, live = call
     return Launch(kernel, grid, rest, consts, interpret=_INTERPRET,
-                  device=device.index if device.type == "cuda" else None, **opts), tabs
+                  device=device.index if device.type == "cuda" else None, **opts), tabs, live
 
 
 # A forward's or backward's launches, kept per key: shapes, strides, dtype, flags, scalars, and the
@@ -1091,7 +1241,7 @@ _MAX_PLANS = 256
 
 
 def _plan_key(*parts) -> tuple:
-    return (*parts, _config, _maxnreg, _tables, _HEAD_MAJOR, _ROWS, _GRID_AXIS_LIMIT, _INTERPRET)
+    return (*parts, _config, _maxnreg, _tables, _HEAD_MAJOR, _ROWS, _GRID_AXIS_LIMIT, _INTERPRET, _SKIP_MASKED)
 
 
 def _keep(key: tuple, plan: tuple) -> tuple:
@@ -1110,7 +1260,8 @@ def _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds):
     DV = v.shape[3]
     o = torch.empty_strided((B, H, Lq, DV), _out_stride(B, H, Lq, DV), device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
-    tensors = (q, k, v, o, lse, _bits(mask, q), bias if bias is not None else q, sinks if sinks is not None else q)
+    bits = _bits(mask, q)
+    tensors = (q, k, v, o, lse, bits, bias if bias is not None else q, sinks if sinks is not None else q)
     f32 = q.dtype == torch.float32
     if _INTERPRET or f32 or not _tuning():
         key = _plan_key("fwd", q.shape, q.stride(), q.dtype, k.shape, k.stride(), v.shape, v.stride(), _meta(mask),
@@ -1121,14 +1272,14 @@ def _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds):
             cfg = _config(D, DV, _INTERPRET, f32)["fwd"]
             plan = _keep(key, _planned(_fwd_kernel, _fwd_call(q, k, v, o, mask, bias, sinks, layout, scale, softcap,
                                                                  bounds, cfg), q.device))
-        fwd, tabs = plan
+        fwd, tabs, live = plan
         with _on(q):
-            fwd(*tensors, *tabs)
+            fwd(*tensors, _live(bits, live), *tabs)
         return o, lse
 
     def launch(cfg):
         _run_call(_fwd_kernel, _fwd_call(q, k, v, o, mask, bias, sinks, layout, scale, softcap, bounds, cfg),
-                  tensors, q)
+                  tensors, bits, q)
 
     with _on(q):  # the tuner's CUDA events on q's device
         _pick("fwd", _tune_key(q, k, v, mask, bias, softcap, bounds, layout) + (sinks is not None,),
@@ -1149,6 +1300,7 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
     # float32, the bias's own (4-D) shape: the sum over its broadcast dims happens in the dQ kernel
     dbias = _padded(bias.shape, torch.float32, q.device) if bias_grad else None  # zeros
     m = _bits(mask, q)
+    occ: dict = {}  # the mask's occupancy, made once for both kernels' live tables (_live)
     bt = bias if bias is not None else q
     dq_in = (q, k, v, do, dq, lse, delta, m, bt, dbias if dbias is not None else q, o,
              dlse if dlse is not None else delta)
@@ -1167,14 +1319,14 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
             plan = _keep(key, [_planned(_bwd_dq_kernel, _dq_call(q, k, v, do, dq, o, dlse is not None, mask, bias,
                                                                  dbias, layout, scale, softcap, bounds, cfg["dq"]),
                                         q.device), None])
-        dq_k, dq_tabs = plan[0]
+        dq_k, dq_tabs, dq_live = plan[0]
         with _on(q):
-            dq_k(*dq_in, *dq_tabs)
+            dq_k(*dq_in, _live(m, dq_live, occ), *dq_tabs)
     else:
         key = _tune_key(q, k, v, mask, bias, softcap, bounds, layout) + (bias_grad, dlse is not None)
         with _on(q):  # the tuner's CUDA events on q's device
             _pick("dq", key, cfg["dq"], lambda c: _run_call(_bwd_dq_kernel, _dq_call(
-                q, k, v, do, dq, o, dlse is not None, mask, bias, dbias, layout, scale, softcap, bounds, c), dq_in, q),
+                q, k, v, do, dq, o, dlse is not None, mask, bias, dbias, layout, scale, softcap, bounds, c), dq_in, m, q),
                 reset=dbias.zero_ if dbias is not None else None)
     # The bias gradient in the bias's dtype now, so that its float32 buffer is freed before dk and dv
     # exist: the backward's peak memory holds one copy of it, not two.
@@ -1190,13 +1342,13 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
                 cfg = cfg or config()
                 plan[1] = _planned(_bwd_dkdv_kernel, _dkdv_call(q, k, v, do, dk, dv, mask, bias, layout, scale,
                                                                 softcap, bounds, cfg["dkdv"]), q.device)
-            dkdv_k, dkdv_tabs = plan[1]
+            dkdv_k, dkdv_tabs, dkdv_live = plan[1]
             with _on(q):
-                dkdv_k(*dkdv_in, *dkdv_tabs)
+                dkdv_k(*dkdv_in, _live(m, dkdv_live, occ), *dkdv_tabs)
         else:
             with _on(q):
                 _pick("dkdv", key, cfg["dkdv"], lambda c: _run_call(_bwd_dkdv_kernel, _dkdv_call(
-                    q, k, v, do, dk, dv, mask, bias, layout, scale, softcap, bounds, c), dkdv_in, q))
+                    q, k, v, do, dk, dv, mask, bias, layout, scale, softcap, bounds, c), dkdv_in, m, q))
     dsinks = None
     if sinks_grad:  # d lse / d sink = p_sink: the sink's share of every row's softmax
         # a row whose lse is -inf (no key, sink -inf) has p_sink 0, not exp(-inf - -inf) = NaN
@@ -1235,7 +1387,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = No
                     bounds: tuple[int | None, int | None] | None = None) -> tuple[Tensor, Tensor]:
     """Fused attention over a segment layout. q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv].
 
-    mask: bool, broadcastable 4-D [B|1, Hq|1, Lq|1, Lk|1] (True = attend), read in place.
+    mask: bool, broadcastable 4-D [B|1, Hq|1, Lq|1, Lk|1] (True = attend), read in place. Tiles it leaves
+      empty at a block's start or end (causal, window or padding masks as tensors) are skipped: one pass
+      over the mask first finds, per block, the range that can be live (_live).
     bias: additive logits, the same broadcastable 4-D shapes, read in place; its gradient (when it
       requires one) comes back in its own shape, summed over the broadcast dims inside the kernel.
       A mask or bias whose strides (but the last) are not multiples of 16 elements is copied once,

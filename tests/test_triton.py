@@ -482,8 +482,11 @@ def test_live_table_matches_the_mask(tdevice):
             m = mask.cpu() if keys else mask.cpu().transpose(2, 3)  # [Bm, Hm, block axis, scanned axis]
             n_true = Lk if keys else Lq
             blocks = 1 if m.shape[2] == 1 else -(-m.shape[2] // block)
-            assert got.shape == (mask.shape[0], mask.shape[1], blocks, 2), (name, keys)
-            assert strides[2] == (0 if blocks == 1 else 2)
+            assert got.shape == (mask.shape[0], mask.shape[1], blocks, 4), (name, keys)
+            assert strides[2] == (0 if blocks == 1 else 4)
+            # G x G tiles whose pairs (within the mask) are all allowed, [Bm, Hm, row tiles, column tiles]
+            pad = torch.nn.functional.pad(m, (0, -m.shape[3] % G, 0, -m.shape[2] % G), value=True)
+            full_tiles = pad.view(*m.shape[:2], pad.shape[2] // G, G, pad.shape[3] // G, G).all(5).all(3)
             for i in range(blocks):
                 lo, hi = i * block // G * G, -(-(i + 1) * block // G) * G  # the block's rows, widened to G
                 hit = m[:, :, lo:hi].any(2)  # [Bm, Hm, scanned]
@@ -501,6 +504,20 @@ def test_live_table_matches_the_mask(tdevice):
                 end = torch.where(live, end, 0)
                 assert torch.equal(got[:, :, i, 0], first.int()), (name, keys, i, got[:, :, i], first, end)
                 assert torch.equal(got[:, :, i, 1], end.int()), (name, keys, i, got[:, :, i], first, end)
+                # the first run of tiles full for every row tile of the block
+                cols = full_tiles[:, :, lo // G:-(-hi // G)].all(2)  # [Bm, Hm, column tiles]
+                for bm in range(cols.shape[0]):
+                    for hm in range(cols.shape[1]):
+                        c = cols[bm, hm].tolist()
+                        if True not in c:
+                            want = (n_true, 0)
+                        elif len(c) == 1:  # broadcast (or a single tile): the whole axis
+                            want = (0, n_true)
+                        else:
+                            f = c.index(True)
+                            e = next((j for j in range(f + 1, len(c)) if not c[j]), len(c))
+                            want = (f * G, min(e * G, n_true))
+                        assert tuple(got[bm, hm, i, 2:].tolist()) == want, (name, keys, i, bm, hm, c)
 
 
 @pytest.mark.parametrize("kind", ["causal", "hf_left_pad_causal", "band_per_head", "key_right_pad", "query_rows",
@@ -562,6 +579,38 @@ def test_kernels_read_the_live_table(tdevice, monkeypatch):
         assert t.abs().max() == 0, name
     monkeypatch.setattr(fa, "_live", real)
     assert _triton(q, k, v, mask=mask).abs().max() > 0
+
+
+def test_kernels_run_full_tiles_without_the_mask(tdevice, monkeypatch):
+    """Tiles the live table calls full run without reading the mask: told that every tile is full, the
+    three kernels give unmasked attention (output and gradients), although the mask hides half the keys.
+    Lengths on every kernel's tile grid, so that every tile is an interior one."""
+    B, H, L, D = 2, 2, 128, 16
+    q, k, v = make_qkv(B, H, H, L, L, D, seed=46, device=tdevice)
+    mask = (torch.arange(L, device=tdevice) % 2 == 0).view(1, 1, 1, L).expand(B, 1, L, L).contiguous()
+    g_out = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(47)).to(tdevice)
+    real = fa._live
+
+    def all_full(bits, spec, occ=None):
+        out = real(bits, spec, occ)
+        if spec is not None:
+            out[..., 0] = out[..., 2] = 0
+            out[..., 1] = out[..., 3] = spec[-2]
+        return out
+
+    def run(**kw):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        out = _triton(*leaves, **kw)
+        return [out, *torch.autograd.grad((out * g_out).sum(), leaves)]
+
+    monkeypatch.setattr(fa, "_live", all_full)
+    told = run(mask=mask)
+    monkeypatch.setattr(fa, "_live", real)
+    plain = run()
+    masked = run(mask=mask)
+    for name, a, b, c in zip(["out", "dq", "dk", "dv"], told, plain, masked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+        assert rel_err(a, c) > 0.1, name
 
 
 def test_segment_layout_normalises_sets():
@@ -838,7 +887,8 @@ def test_offline_build_of_an_off_grid_length_does_not_spill():
             r.stdout)}
         assert set(rows) == {"fwd", "dq", "dkdv"}, r.stdout
         regs, spills, conversions = rows["fwd"]
-        assert spills == 0 and regs < 200 and conversions <= 7, r.stdout
+        # 7 conversions before the loop over the tiles a key mask allows whole (_full_split) was added: 9
+        assert spills == 0 and regs < 200 and conversions <= 9, r.stdout
         fwd_lines = r.stdout.split("  dq ")[0]  # the forward's rows: its innermost loops, interior one first
         loops = [float(x) for x in re.findall(r"\(([\d.]+) per score\)", fwd_lines)]
         assert loops and min(loops) <= per_score, r.stdout

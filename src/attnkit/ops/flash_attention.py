@@ -370,33 +370,69 @@ if triton is not None:
     @triton.jit
     def _live_keys(LIVE, b, h, blk, slb, slh, slk, LK, ROWS: tl.constexpr, HAS_LIVE: tl.constexpr,
                    BLOCK_N: tl.constexpr):
-        """[klo, khi): the key tiles (BLOCK_N grid) holding every key that the mask allows to some query of
-        block blk of batch rows b .. b + ROWS - 1, head h (_live's table); [0, LK) without one."""
+        """(klo, khi, f0, f1): [klo, khi) the key tiles (BLOCK_N grid) holding every key that the mask allows
+        to some query of block blk of batch rows b .. b + ROWS - 1, head h (_live's table), [0, LK) without
+        one; tiles [f0, f1) (indices) are full: the mask allows every pair of them (none without a table)."""
         if HAS_LIVE:
             live = LIVE + b * slb + h * slh + blk * slk
             first = tl.load(live)
             end = tl.load(live + 1)
-            for r in tl.static_range(1, ROWS):  # the dQ kernel's paired rows: the union of their keys
-                first = tl.minimum(first, tl.load(live + r * slb))
+            f_first = tl.load(live + 2)
+            f_end = tl.load(live + 3)
+            for r in tl.static_range(1, ROWS):  # the dQ kernel's paired rows: the union of their keys,
+                first = tl.minimum(first, tl.load(live + r * slb))  # the intersection of their full tiles
                 end = tl.maximum(end, tl.load(live + r * slb + 1))
-            return first // BLOCK_N * BLOCK_N, tl.cdiv(end, BLOCK_N) * BLOCK_N
-        return 0, LK
+                f_first = tl.maximum(f_first, tl.load(live + r * slb + 2))
+                f_end = tl.minimum(f_end, tl.load(live + r * slb + 3))
+            return (first // BLOCK_N * BLOCK_N, tl.cdiv(end, BLOCK_N) * BLOCK_N, tl.cdiv(f_first, BLOCK_N),
+                    f_end // BLOCK_N)
+        return 0, LK, 0, 0
+
+    @triton.jit
+    def _full_split(i0, i1, f0, f1, FULL: tl.constexpr):
+        """(g0, nf): the tiles [i0, i1) split into full ones [g0, g0 + nf) = [f0, f1) within [i0, i1), which
+        need no mask, and the others: a loop of i1 - i0 - nf iterations over t, tile t + nf from g0 on.
+        Without FULL none is full (nf = 0)."""
+        if FULL:
+            g0 = tl.minimum(tl.maximum(f0, i0), i1)
+            return g0, tl.minimum(tl.maximum(f1, g0), i1) - g0
+        return i0, 0
 
     @triton.jit
     def _occupancy_kernel(MASK, OCC, LQM, LKM, smb, smh, smm, smn, HM, NR, NC,
                           G: tl.constexpr, C: tl.constexpr):
         """OCC[z, r, c] = 1 where the mask (batch / head z = bm * HM + hm, [LQM, LKM]) allows some pair of
-        the G x G tile (r, c). One program reads G rows x C keys, along the keys (coalesced)."""
+        the G x G tile (r, c), 2 where it allows all of its pairs (within the mask), else 0. One program
+        reads G rows x C keys, along the keys (coalesced)."""
         r = tl.program_id(0)
         z = tl.program_id(2)
         rows = r * G + tl.arange(0, G)
         cols = tl.program_id(1) * C + tl.arange(0, C)
         base = MASK + (z // HM).to(tl.int64) * smb + (z % HM).to(tl.int64) * smh
-        m = tl.load(base + rows.to(tl.int64)[:, None] * smm + cols.to(tl.int64)[None, :] * smn,
-                    mask=(rows < LQM)[:, None] & (cols < LKM)[None, :], other=0)
+        inside = (rows < LQM)[:, None] & (cols < LKM)[None, :]
+        m = tl.load(base + rows.to(tl.int64)[:, None] * smm + cols.to(tl.int64)[None, :] * smn, mask=inside, other=0)
         hit = tl.max(tl.max(tl.reshape((m != 0).to(tl.int32), [G, C // G, G]), 2), 0)
+        full = tl.min(tl.min(tl.reshape(((m != 0) | ~inside).to(tl.int32), [G, C // G, G]), 2), 0)
+        hit += hit * full
         tiles = tl.program_id(1) * (C // G) + tl.arange(0, C // G)
         tl.store(OCC + z.to(tl.int64) * NR * NC + r * NC + tiles, hit.to(tl.int8), mask=tiles < NC)
+
+    @triton.jit
+    def _occ_cols(occ, c0, b0, b1, NC, n_scan, KEYS: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Occupancy tiles c0 .. c0 + BLOCK_S of the scanned axis over the block's tiles [b0, b1): (live for
+        some, full for all (1 / 0), their indices). A block with no tile (b0 = b1) has none full."""
+        sc = c0 + tl.arange(0, BLOCK_S)
+        hit = tl.zeros([BLOCK_S], tl.int32)
+        full = tl.full([BLOCK_S], 1, tl.int32)
+        for bb in range(b0, b1):
+            if KEYS:
+                o = tl.load(occ + bb * NC + sc, mask=sc < n_scan, other=0).to(tl.int32)
+            else:
+                o = tl.load(occ + sc * NC + bb, mask=sc < n_scan, other=0).to(tl.int32)
+            hit = tl.maximum(hit, o)
+            full = tl.minimum(full, (o == 2).to(tl.int32))
+        full = tl.where(b1 > b0, full, 0)
+        return hit, full, sc
 
     @triton.jit
     def _live_kernel(OCC, OUT, TAB, TAB_STEP, NR, NC, N_TRUE, SCAN_BCAST, G: tl.constexpr, KEYS: tl.constexpr,
@@ -404,8 +440,9 @@ if triton is not None:
         """For block blk of the kernels' table TAB ([TAB[TAB_STEP * blk], TAB[TAB_STEP * blk + 1]): query
         rows if KEYS, else keys) and mask batch / head z = program_id(1): [first, end) of the other axis
         (keys if KEYS) where the occupancy OCC [z, NR, NC] of G x G tiles has a live tile for some row of
-        the block, in elements, as OUT[z, blk, 0:2]; (N_TRUE, 0) if none. SCAN_BCAST: the mask is
-        broadcast along the scanned axis (one tile stands for all N_TRUE)."""
+        the block, in elements, as OUT[z, blk, 0:2]; (N_TRUE, 0) if none. OUT[z, blk, 2:4]: the first run
+        of tiles full for every row of the block ((N_TRUE, 0) if none). SCAN_BCAST: the mask is broadcast
+        along the scanned axis (one tile stands for all N_TRUE)."""
         blk = tl.program_id(0)
         z = tl.program_id(1)
         b0 = tl.load(TAB + TAB_STEP * blk) // G
@@ -419,20 +456,23 @@ if triton is not None:
             b1 = tl.minimum(b1, NC)
         first = n_scan
         last = -1
+        f_first = n_scan
         for c0 in range(0, n_scan, BLOCK_S):
-            sc = c0 + tl.arange(0, BLOCK_S)
-            hit = tl.zeros([BLOCK_S], tl.int32)
-            for bb in range(b0, b1):
-                if KEYS:
-                    hit = tl.maximum(hit, tl.load(occ + bb * NC + sc, mask=sc < n_scan, other=0).to(tl.int32))
-                else:
-                    hit = tl.maximum(hit, tl.load(occ + sc * NC + bb, mask=sc < n_scan, other=0).to(tl.int32))
+            hit, full, sc = _occ_cols(occ, c0, b0, b1, NC, n_scan, KEYS, BLOCK_S)
             first = tl.minimum(first, tl.min(tl.where(hit > 0, sc, n_scan)))
             last = tl.maximum(last, tl.max(tl.where(hit > 0, sc, -1)))
+            f_first = tl.minimum(f_first, tl.min(tl.where(full > 0, sc, n_scan)))
+        f_end = n_scan  # the run of full tiles from f_first ends at the next tile that is not full
+        for c0 in range(f_first // BLOCK_S * BLOCK_S, n_scan, BLOCK_S):
+            hit, full, sc = _occ_cols(occ, c0, b0, b1, NC, n_scan, KEYS, BLOCK_S)
+            f_end = tl.minimum(f_end, tl.min(tl.where((full == 0) & (sc > f_first), sc, n_scan)))
         end = tl.where(SCAN_BCAST != 0, N_TRUE, tl.minimum((last + 1) * G, N_TRUE))
-        out = OUT + z.to(tl.int64) * tl.num_programs(0) * 2 + blk * 2
+        out = OUT + z.to(tl.int64) * tl.num_programs(0) * 4 + blk * 4
         tl.store(out, tl.where(last >= 0, first * G, N_TRUE))
         tl.store(out + 1, tl.where(last >= 0, end, 0))
+        f_stop = tl.where(SCAN_BCAST != 0, N_TRUE, tl.minimum(f_end * G, N_TRUE))
+        tl.store(out + 2, tl.where(f_first < n_scan, f_first * G, N_TRUE))
+        tl.store(out + 3, tl.where(f_first < n_scan, f_stop, 0))
 
     @triton.jit
     def _lse_log2(LSE_BH, rows, ok):
@@ -491,7 +531,7 @@ if triton is not None:
             m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINKS + h).to(tl.float32) * (1.4426950408889634 / exp_scale)
             l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-        klo, khi = _live_keys(LIVE, b, h, blk, slb, slh, slk, LK, 1, HAS_LIVE, BLOCK_N)
+        klo, khi, f0, f1 = _live_keys(LIVE, b, h, blk, slb, slh, slk, LK, 1, HAS_LIVE, BLOCK_N)
         for si in range(tl.load(SEGPTR + qset), tl.load(SEGPTR + qset + 1)):
             lo, hi, t0, i0, i1, below, t_end = _key_range(SEGS, si, q_start, q_end, offset, left, right, LK,
                                                           klo, khi, HAS_LEFT, HAS_RIGHT, HAS_LIVE, BLOCK_N)
@@ -502,12 +542,23 @@ if triton is not None:
                                               bias_bh, sbm, sbn, scale, softcap, exp_scale, offset, left, right,
                                               HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
                                               1, BLOCK_N, BLOCK_D, BLOCK_DV)
-            for t in range(i0, i1):  # interior tiles: no per-pair test
-                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, ld_rows, t * BLOCK_N, lo, hi, LK, LKP,
+            g0, nf = _full_split(i0, i1, f0, f1, HAS_LIVE and HAS_MASK)
+            for t in range(i0, i1 - nf):  # interior tiles: no per-pair test but the mask's
+                tt = t
+                if HAS_LIVE and HAS_MASK:
+                    tt = t + tl.where(t >= g0, nf, 0)
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, ld_rows, tt * BLOCK_N, lo, hi, LK, LKP,
                                           k_base, skn, skd, v_base, svn, svd, D, DV, mask_bh, smm, smn,
                                           bias_bh, sbm, sbn, scale, softcap, exp_scale, offset, left, right,
                                           HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
                                           0, BLOCK_N, BLOCK_D, BLOCK_DV)
+            if HAS_LIVE and HAS_MASK:
+                for t in range(g0, g0 + nf):  # interior tiles the mask allows whole: not read
+                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, ld_rows, t * BLOCK_N, lo, hi, LK, LKP,
+                                              k_base, skn, skd, v_base, svn, svd, D, DV, mask_bh, smm, smn,
+                                              bias_bh, sbm, sbn, scale, softcap, exp_scale, offset, left, right,
+                                              0, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
+                                              0, BLOCK_N, BLOCK_D, BLOCK_DV)
             if EDGES:
                 for t in range(i1, below):  # edge tiles after it
                     acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, ld_rows, t * BLOCK_N, lo, hi, LK, LKP,
@@ -635,7 +686,7 @@ if triton is not None:
         k_base = K + b * skb + hk * skh
         v_base = V + b * svb + hk * svh
         mask_bh = MASK + b * smb + h * smh
-        klo, khi = _live_keys(LIVE, b, h, blk, slb, slh, slk, LK, ROWS, HAS_LIVE, BLOCK_N)
+        klo, khi, f0, f1 = _live_keys(LIVE, b, h, blk, slb, slh, slk, LK, ROWS, HAS_LIVE, BLOCK_N)
         for si in range(tl.load(SEGPTR + qset), tl.load(SEGPTR + qset + 1)):
             lo, hi, t0, i0, i1, below, t_end = _key_range(SEGS, si, q_start, q_end, offset, left, right, LK,
                                                           klo, khi, HAS_LEFT, HAS_RIGHT, HAS_LIVE, BLOCK_N)
@@ -647,13 +698,25 @@ if triton is not None:
                         bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, scale, softcap, exp_scale, offset, left, right,
                         HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG, BIAS_GRAD, DB_SUM_M,
                         DB_SUM_N, DB_ATOMIC, ROWS, 1, BLOCK_N, BLOCK_D, BLOCK_DV)
-            for t in range(i0, i1):  # interior tiles: no per-pair test
+            g0, nf = _full_split(i0, i1, f0, f1, HAS_LIVE and HAS_MASK)
+            for t in range(i0, i1 - nf):  # interior tiles: no per-pair test but the mask's
+                tt = t
+                if HAS_LIVE and HAS_MASK:
+                    tt = t + tl.where(t >= g0, nf, 0)
                 dqs = _dq_step(
-                    dqs, qs, dos, lses, deltas, offs_m, row_ok, ld_rows, t * BLOCK_N, lo, hi, LK, LKP,
+                    dqs, qs, dos, lses, deltas, offs_m, row_ok, ld_rows, tt * BLOCK_N, lo, hi, LK, LKP,
                     k_base, v_base, mask_bh, skb, svb, smb, skn, skd, svn, svd, D, DV, smm, smn,
                     bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, scale, softcap, exp_scale, offset, left, right,
                     HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG, BIAS_GRAD, DB_SUM_M,
                     DB_SUM_N, DB_ATOMIC, ROWS, 0, BLOCK_N, BLOCK_D, BLOCK_DV)
+            if HAS_LIVE and HAS_MASK:
+                for t in range(g0, g0 + nf):  # interior tiles the mask allows whole: not read
+                    dqs = _dq_step(
+                        dqs, qs, dos, lses, deltas, offs_m, row_ok, ld_rows, t * BLOCK_N, lo, hi, LK, LKP,
+                        k_base, v_base, mask_bh, skb, svb, smb, skn, skd, svn, svd, D, DV, smm, smn,
+                        bias_bh, sbm, sbn, dbias_bh, sdbm, sdbn, scale, softcap, exp_scale, offset, left, right,
+                        0, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG, BIAS_GRAD, DB_SUM_M,
+                        DB_SUM_N, DB_ATOMIC, ROWS, 0, BLOCK_N, BLOCK_D, BLOCK_DV)
             if EDGES:
                 for t in range(i1, below):  # edge tiles after it
                     dqs = _dq_step(
@@ -735,6 +798,8 @@ if triton is not None:
                 live = LIVE + b * slb + h * slh + blk * slk
                 q_first = tl.load(live)
                 q_end = tl.load(live + 1)
+                fq_first = tl.load(live + 2)  # queries whose rows the mask allows whole in this key block
+                fq_end = tl.load(live + 3)
             for ri in range(tl.load(RUNPTR + blk), tl.load(RUNPTR + blk + 1)):
                 lo = tl.load(RUNS + 2 * ri)
                 hi = tl.load(RUNS + 2 * ri + 1)
@@ -746,12 +811,27 @@ if triton is not None:
                 if HAS_LEFT:  # queries whose reach starts right of it
                     hi = tl.minimum(hi, k_end - 1 - offset + left + 1)
                 n_full = tl.maximum(hi - lo, 0) // BLOCK_M
-                for i in range(0, n_full):  # whole query tiles: no per-row test
-                    dk, dv = _dkdv_tile(dk, dv, k, v, offs_n, col_ok, lo + i * BLOCK_M, hi, q_base, do_base,
+                g0 = 0
+                nf = 0
+                if HAS_LIVE and HAS_MASK:  # whole tiles [g0, g0 + nf) inside [fq_first, fq_end): mask not read
+                    g0, nf = _full_split(0, n_full, tl.cdiv(tl.maximum(fq_first - lo, 0), BLOCK_M),
+                                         tl.maximum(fq_end - lo, 0) // BLOCK_M, True)
+                for i in range(0, n_full - nf):  # whole query tiles: no per-row test
+                    ii = i
+                    if HAS_LIVE and HAS_MASK:
+                        ii = i + tl.where(i >= g0, nf, 0)
+                    dk, dv = _dkdv_tile(dk, dv, k, v, offs_n, col_ok, lo + ii * BLOCK_M, hi, q_base, do_base,
                                         LSE + bh * Lq, DELTA + bh * Lq, mask_bh, bias_bh, sqm, sqd, sdom, sdod,
                                         smm, smn, sbm, sbn, LKP, D, DV, scale, softcap, exp_scale, offset, left, right,
                                         HAS_MASK, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
                                         KEY_EDGE, False, BLOCK_M, BLOCK_D, BLOCK_DV)
+                if HAS_LIVE and HAS_MASK:
+                    for i in range(g0, g0 + nf):
+                        dk, dv = _dkdv_tile(dk, dv, k, v, offs_n, col_ok, lo + i * BLOCK_M, hi, q_base, do_base,
+                                            LSE + bh * Lq, DELTA + bh * Lq, mask_bh, bias_bh, sqm, sqd, sdom, sdod,
+                                            smm, smn, sbm, sbn, LKP, D, DV, scale, softcap, exp_scale, offset, left,
+                                            right, 0, HAS_BIAS, SOFTCAP, HAS_LEFT, HAS_RIGHT, PRECISION, UPCAST, BIG,
+                                            KEY_EDGE, False, BLOCK_M, BLOCK_D, BLOCK_DV)
                 if lo + n_full * BLOCK_M < hi:  # the run's last, partial tile
                     dk, dv = _dkdv_tile(dk, dv, k, v, offs_n, col_ok, lo + n_full * BLOCK_M, hi, q_base, do_base,
                                         LSE + bh * Lq, DELTA + bh * Lq, mask_bh, bias_bh, sqm, sqd, sdom, sdod,
@@ -1060,7 +1140,7 @@ def _live_spec(mask: Tensor | None, tab: Tensor, n_blocks: int, lq: int, lk: int
     the tiles a mask leaves empty (causal or padding masks as tensors, e.g. transformers' [B, 1, L, L]).
     keys: per query block (tab: QTAB, 3 ints per block), the keys the mask allows to some of its rows
     (forward, dQ); else per key block (tab: KTAB, 2 per block), the queries (dK/dV). Returns (spec for
-    _live, the main kernel's (slb, slh, slk) strides into the [Bm, Hm, blocks, 2] table), or (None,
+    _live, the main kernel's (slb, slh, slk) strides into the [Bm, Hm, blocks, 4] table), or (None,
     (0, 0, 0)) without a mask. A mask broadcast along the block axis has one block for all."""
     if mask is None or not _SKIP_MASKED:
         return None, (0, 0, 0)
@@ -1074,7 +1154,7 @@ def _live_spec(mask: Tensor | None, tab: Tensor, n_blocks: int, lq: int, lk: int
     bm, hm = mask.shape[0], mask.shape[1]
     scan_bcast = mask.shape[3 if keys else 2] == 1
     spec = (tab, n_blocks, step, keys, lk if keys else lq, scan_bcast)
-    return spec, (hm * n_blocks * 2 if bm > 1 else 0, n_blocks * 2 if hm > 1 else 0, 2 if step else 0)
+    return spec, (hm * n_blocks * 4 if bm > 1 else 0, n_blocks * 4 if hm > 1 else 0, 4 if step else 0)
 
 
 def _occupancy(bits: Tensor) -> Tensor:
@@ -1091,7 +1171,7 @@ def _occupancy(bits: Tensor) -> Tensor:
 
 
 def _live(bits: Tensor, spec, occ: dict | None = None) -> Tensor:
-    """The [Bm, Hm, blocks, 2] int32 table of a _live_spec, from the mask's bytes (bits); bits itself
+    """The [Bm, Hm, blocks, 4] int32 table of a _live_spec, from the mask's bytes (bits); bits itself
     (never read) without a spec. occ: a dict that keeps the mask's occupancy for the next call (the
     backward's two kernels read one)."""
     if spec is None:
@@ -1102,7 +1182,7 @@ def _live(bits: Tensor, spec, occ: dict | None = None) -> Tensor:
         o = _occupancy(bits)
         if occ is not None:
             occ["occ"] = o
-    out = torch.empty(bits.shape[0], bits.shape[1], n_blocks, 2, dtype=torch.int32, device=bits.device)
+    out = torch.empty(bits.shape[0], bits.shape[1], n_blocks, 4, dtype=torch.int32, device=bits.device)
     with _on(bits):
         _launch.launch(_live_kernel, (n_blocks, o.shape[0]), (o, out, tab, step, o.shape[1], o.shape[2], n_true,
                        int(scan_bcast)), dict(G=_OCC_TILE, KEYS=keys, BLOCK_S=32 if _INTERPRET else 128), num_warps=4,

@@ -1468,8 +1468,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = No
     """Fused attention over a segment layout. q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv].
 
     mask: bool, broadcastable 4-D [B|1, Hq|1, Lq|1, Lk|1] (True = attend), read in place. Tiles it leaves
-      empty at a block's start or end (causal, window or padding masks as tensors) are skipped: one pass
-      over the mask first finds, per block, the range that can be live (_live).
+      empty at a block's start or end (causal, window or padding masks as tensors) are skipped, and a run
+      of tiles it allows whole runs without reading it: one pass over the mask first finds, per block,
+      the range that can be live and that run (_live).
     bias: additive logits, the same broadcastable 4-D shapes, read in place; its gradient (when it
       requires one) comes back in its own shape, summed over the broadcast dims inside the kernel.
       A mask or bias whose strides (but the last) are not multiples of 16 elements is copied once,

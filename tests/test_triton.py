@@ -339,6 +339,17 @@ def test_offsets_past_int32(tdevice):
     assert_close_rel(lse, lref, name="lse")
 
 
+def _assert_matches_float64(got, q, k, v, bias, g_out, **kw):
+    """got = [out, dq, dk, dv, dbias] of attention(q, k, v, bias=bias, **kw) with upstream gradient g_out:
+    within the float32 rule of the float64 reference (gradients to 5e-5)."""
+    l64 = [x.double().requires_grad_(True) for x in (q, k, v, bias)]
+    ref = attnkit.attention(*l64[:3], bias=l64[3], backend="reference", **kw)
+    refg = torch.autograd.grad((ref * g_out.double()).sum(), l64)
+    assert_close_rel(got[0], ref)
+    for n, a, r in zip(["dq", "dk", "dv", "dbias"], got[1:], refg):
+        assert_close_rel(a, r, rtol=5e-5, name=f"grad {n}")
+
+
 @pytest.mark.parametrize("shared_bias", [False, True], ids=["bias_per_batch", "bias_shared"])
 def test_one_axis_grid_matches_three_axis_grid(shared_bias, tdevice, monkeypatch):
     """Past 65535 batch rows or heads the kernels fall back to one grid axis (blocks x B x H) and
@@ -360,12 +371,7 @@ def test_one_axis_grid_matches_three_axis_grid(shared_bias, tdevice, monkeypatch
     one = run()
     for name, a, b in zip(["out", "dq", "dk", "dv", "dbias"], one, three):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    l64 = [x.double().requires_grad_(True) for x in (q, k, v, bias)]
-    ref = attnkit.attention(*l64[:3], bias=l64[3], causal=True, backend="reference")
-    refg = torch.autograd.grad((ref * g_out.double()).sum(), l64)
-    assert_close_rel(one[0], ref)
-    for n, a, r in zip(["dq", "dk", "dv", "dbias"], one[1:], refg):
-        assert_close_rel(a, r, rtol=5e-5, name=f"grad {n}")
+    _assert_matches_float64(one, q, k, v, bias, g_out, causal=True)
 
 
 @pytest.mark.parametrize("rows", [2, 4])
@@ -396,12 +402,7 @@ def test_grouped_dq_programs_match_single(tdevice, monkeypatch, rows):
     single = run()
     for name, a, b in zip(["out", "dq", "dk", "dv", "dbias"], grouped, single):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    l64 = [x.double().requires_grad_(True) for x in (q, k, v, bias)]
-    ref = attnkit.attention(*l64[:3], bias=l64[3], mask=mask, causal=True, backend="reference")
-    refg = torch.autograd.grad((ref * g_out.double()).sum(), l64)
-    assert_close_rel(grouped[0], ref)
-    for n, a, r in zip(["dq", "dk", "dv", "dbias"], grouped[1:], refg):
-        assert_close_rel(a, r, rtol=5e-5, name=f"grad {n}")
+    _assert_matches_float64(grouped, q, k, v, bias, g_out, mask=mask, causal=True)
 
 
 def test_loop_flags_follow_the_layout():
@@ -546,12 +547,7 @@ def test_masks_that_empty_tiles_match_reference(kind, tdevice, monkeypatch):
     every = run()
     for name, a, b in zip(["out", "dq", "dk", "dv", "dbias"], skipping, every):  # summation order may differ
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
-    l64 = [x.double().requires_grad_(True) for x in (q, k, v, bias)]
-    ref = attnkit.attention(*l64[:3], bias=l64[3], mask=mask, backend="reference")
-    refg = torch.autograd.grad((ref * g_out.double()).sum(), l64)
-    assert_close_rel(skipping[0], ref)
-    for n, a, r in zip(["dq", "dk", "dv", "dbias"], skipping[1:], refg):
-        assert_close_rel(a, r, rtol=5e-5, name=f"grad {n}")
+    _assert_matches_float64(skipping, q, k, v, bias, g_out, mask=mask)
     dead = ~mask.expand(B, Hq, Lq, Lk).any(-1)
     if dead.any():
         assert skipping[0][dead].abs().max() == 0

@@ -876,15 +876,15 @@ def test_offline_build_of_an_off_grid_length_does_not_spill():
     dK/dV kernel builds under its register cap although it spills a little (52 B, 144 B with the key
     mask): _launch keeps it within the cap's allowance."""
     import re
-    for mask, per_score in (("none", 11.6), ("key", 14.5)):
+    for mask, per_score, conversions_max in (("none", 11.6, 7), ("key", 14.5, 9)):
         r = _offline_script("offline_build.py", "--L", "300", "--D", "32", "--bias", "pair", "--mask", mask)
         rows = {m[0]: (int(m[1]), int(m[2]), int(m[3])) for m in re.findall(
             r"(fwd|dq|dkdv)\s+\([^)]*\)\s+registers\s+(\d+)\s+spill stores\s+(\d+) B\s+layout conversions (\d+)",
             r.stdout)}
         assert set(rows) == {"fwd", "dq", "dkdv"}, r.stdout
         regs, spills, conversions = rows["fwd"]
-        # 7 conversions before the loop over the tiles a key mask allows whole (_full_split) was added: 9
-        assert spills == 0 and regs < 200 and conversions <= 9, r.stdout
+        # with a mask, the loop over the tiles it allows whole (_full_split) adds two conversions (7 before)
+        assert spills == 0 and regs < 200 and conversions <= conversions_max, r.stdout
         fwd_lines = r.stdout.split("  dq ")[0]  # the forward's rows: its innermost loops, interior one first
         loops = [float(x) for x in re.findall(r"\(([\d.]+) per score\)", fwd_lines)]
         assert loops and min(loops) <= per_score, r.stdout

@@ -784,7 +784,8 @@ if triton is not None:
                     BIG: tl.constexpr,
                     KEY_EDGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
         """dK, dV of one key block: every query of the sets that read it, every head of its GQA group.
-        HAS_LIVE: only the queries the mask lets see some key of the block (the _live_kernel's table)."""
+        HAS_LIVE: only the queries the mask lets see some key of the block (_live's table), and the mask
+        is not read on the whole query tiles it allows entirely."""
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
         for g in range(0, GROUP):  # the query heads that read this kv head: no atomics needed

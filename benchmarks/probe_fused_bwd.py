@@ -356,7 +356,7 @@ def run() -> None:
                 continue
             errs.append(f"{vname} {rel(got[0], base[0]):.1e}/{rel(got[1], base[3]):.1e}")
             fns[vname] = lambda kw=kw: dq_batch(do, q, k, v, o, lse, bias, scale, **kw)
-        print(f"  dq only, vs today's (dq/dbias): " + ", ".join(errs), flush=True)
+        print("  dq only, vs today's (dq/dbias): " + ", ".join(errs), flush=True)
         best2 = hn.best_of_rounds(fns)
         dkdv = best["today"] - best2["today_dq"]
         print("  dq-only ms: " + ", ".join(f"{n} {best2[n]:.4f}" for n in fns)

@@ -96,19 +96,14 @@ class TritonBackend(Backend):
             return 75.0
         full = req.mask is not None and req.mask.shape[2] != 1  # a query dim (request.signature has it)
         if req.mask is not None and (dmax <= 64 or (dmax <= 128 and (req.key_bounds is not None or full))):
-            # A mask tensor read in place (flex rebuilds its block mask each call, SDPA's kernels read it dense):
-            # a key mask [B, 1, 1, L] at D = 64, 0.98-1.01x / 1.12-1.17x; beside causal 1.06-1.27x / 1.24x.
-            # At D = 128 alone SDPA / flex were ahead (0.94-1.03x / 0.89-0.92x). Beside causal at D = 96 / 128
-            # (H32, L = 2048, 13:52 UTC) SDPA, which `auto` took, ran 0.42-0.51x of ours (it cannot skip the
-            # masked tiles). Against flex, ours was 0.97-1.12x / 0.95-0.99x, and beside a window 0.91-1.06x /
-            # 1.06-1.10x; with new mask contents every call (a batch's padding mask), where flex rebuilds its
-            # block mask, ours forward was 1.52-3.69x flex, forward+backward 0.95-1.38x (14:00 UTC). A full mask
-            # [B, 1, L, L] (transformers builds causal and padding into one), D = 64 / 128, L = 1024 (14:34 UTC):
-            # SDPA ran 0.60-0.71x of ours forward, 0.82-0.85x forward+backward. Flex with its block mask cached
-            # was ahead where it skips the causal half (ours 0.67-0.79x), and 1.7-14x slower than ours with a
-            # new mask every call. Since our kernels skip the tiles a mask leaves empty and run those it allows
-            # whole without reading it (16:38 UTC), causal + padding masks [B, 1, L, L] run 0.99-1.23x flex
-            # forward, 0.98-1.20x forward+backward, and 1.86-2.78x SDPA forward+backward at L = 4096.
+            # A mask tensor read in place: flex rebuilds its block mask whenever the mask changes, SDPA reads it
+            # dense and computes every tile; ours skips the tiles it leaves empty and runs those it allows whole
+            # without reading it. A key mask alone at D = 128: SDPA / flex were ahead (0.94-1.03x / 0.89-0.92x,
+            # random padding). Ours up to D = 128 beside causal or a window (SDPA ran 0.42-0.51x of ours at
+            # D = 96 / 128), and with a query dim ([B, 1, L, L], as transformers builds causal + padding: 1.86-2.78x
+            # SDPA forward+backward, 0.98-1.20x flex with its block mask cached, L = 4096). Measurements:
+            # docs/benchmarks.md, "Where `auto` sends
+            # masks, ...", "The rules at another shape, ..." and "Tiles a mask tensor allows whole run without it".
             return 75.0
         if req.window is not None and req.needs_grad and dmax <= 64:
             # Training at D = 64: forward+backward 1.35x (L = 1024, W = 256) and 1.11x (L = 4096, W = 1024).

@@ -609,6 +609,24 @@ def test_kernels_run_full_tiles_without_the_mask(tdevice, monkeypatch):
         assert rel_err(a, c) > 0.1, name
 
 
+
+def test_one_mask_occupancy_per_step(tdevice, monkeypatch):
+    """A forward that autograd records keeps the mask's occupancy for its backward: one pass over the
+    mask per training step, not two. Without autograd the forward makes one of its own."""
+    B, H, Lq, Lk, D = 2, 2, 40, 70, 16
+    q, k, v = (x.requires_grad_(True) for x in make_qkv(B, H, H, Lq, Lk, D, seed=48, device=tdevice))
+    mask = torch.rand(B, 1, Lq, Lk, generator=torch.Generator().manual_seed(49)).to(tdevice) < 0.7
+    made = []
+    real = fa._occupancy
+    monkeypatch.setattr(fa, "_occupancy", lambda bits: made.append(bits.shape) or real(bits))
+    out = _triton(q, k, v, mask=mask)
+    assert len(made) == 1
+    torch.autograd.grad((out * torch.randn_like(out)).sum(), (q, k, v))
+    assert len(made) == 1
+    with torch.no_grad():
+        _triton(q, k, v, mask=mask)
+    assert len(made) == 2
+
 def test_segment_layout_normalises_sets():
     """Lists become tuples (the layout is hashed by the kernels' table cache); bad values are named."""
     lay = SegmentLayout(10, 10, [[[(0, 5)], [(0, 5)]], [[[5, 10]], [(0, 10)]]])

@@ -1173,8 +1173,8 @@ def _occupancy(bits: Tensor) -> Tensor:
 
 def _live(bits: Tensor, spec, occ: dict | None = None) -> Tensor:
     """The [Bm, Hm, blocks, 4] int32 table of a _live_spec, from the mask's bytes (bits); bits itself
-    (never read) without a spec. occ: a dict that keeps the mask's occupancy for the next call (the
-    backward's two kernels read one)."""
+    (never read) without a spec. occ: a dict that keeps the mask's occupancy for the next call (a
+    forward that autograd records and its backward's two kernels read one)."""
     if spec is None:
         return bits
     tab, n_blocks, step, keys, n_true, scan_bcast = spec
@@ -1296,13 +1296,13 @@ def _dkdv_call(q, k, v, do, dk, dv, mask, bias, layout, scale, softcap, bounds, 
             dict(num_warps=warps, num_stages=stages, maxnreg=_maxnreg("dkdv", D, DV, cfg)), live)
 
 
-def _run_call(kernel, call: tuple, tensors: tuple, bits: Tensor, q: Tensor) -> None:
+def _run_call(kernel, call: tuple, tensors: tuple, bits: Tensor, q: Tensor, occ: dict | None = None) -> None:
     """Launch a (tables, grid, rest, consts, options, live spec) call through _launch.launch (the tuner's
-    path), on q's device; bits: the mask's bytes (or a dummy) for the live table."""
+    path), on q's device; bits: the mask's bytes (or a dummy) for the live table (occ: see _live)."""
     tabs, grid, rest, consts, opts, live = call
     with _on(q):
-        _launch.launch(kernel, grid, tensors + (_live(bits, live),) + tabs + rest, consts, interpret=_INTERPRET,
-                       **opts)
+        _launch.launch(kernel, grid, tensors + (_live(bits, live, occ),) + tabs + rest, consts,
+                       interpret=_INTERPRET, **opts)
 
 
 def _planned(kernel, call: tuple, device: torch.device) -> tuple:
@@ -1336,7 +1336,8 @@ def _meta(t: Tensor | None) -> tuple | None:
     return None if t is None else (t.shape, t.stride(), t.dtype)
 
 
-def _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds):
+def _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds, occ: dict | None = None):
+    """(o, lse). occ: a dict that keeps the mask's occupancy for the backward (see _live)."""
     B, H, Lq, D = q.shape
     DV = v.shape[3]
     o = torch.empty_strided((B, H, Lq, DV), _out_stride(B, H, Lq, DV), device=q.device, dtype=q.dtype)
@@ -1355,12 +1356,12 @@ def _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds):
                                                                  bounds, cfg), q.device))
         fwd, tabs, live = plan
         with _on(q):
-            fwd(*tensors, _live(bits, live), *tabs)
+            fwd(*tensors, _live(bits, live, occ), *tabs)
         return o, lse
 
     def launch(cfg):
         _run_call(_fwd_kernel, _fwd_call(q, k, v, o, mask, bias, sinks, layout, scale, softcap, bounds, cfg),
-                  tensors, bits, q)
+                  tensors, bits, q, occ)
 
     with _on(q):  # the tuner's CUDA events on q's device
         _pick("fwd", _tune_key(q, k, v, mask, bias, softcap, bounds, layout) + (sinks is not None,),
@@ -1369,9 +1370,9 @@ def _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds):
 
 
 def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sinks_grad: bool,
-              layout, scale, softcap, bounds, kv_grad: bool = True):
+              layout, scale, softcap, bounds, kv_grad: bool = True, occ: dict | None = None):
     """(dq, dk, dv, dbias, dsinks). The dQ kernel always runs (it also sums the bias gradient);
-    the dK/dV kernel only with kv_grad (else dk, dv are None)."""
+    the dK/dV kernel only with kv_grad (else dk, dv are None). occ: the forward's (see _live)."""
     B, H, Lq, D = q.shape
     DV = v.shape[3]
     f32 = q.dtype == torch.float32
@@ -1381,7 +1382,7 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
     # float32, the bias's own (4-D) shape: the sum over its broadcast dims happens in the dQ kernel
     dbias = _padded(bias.shape, torch.float32, q.device) if bias_grad else None  # zeros
     m = _bits(mask, q)
-    occ: dict = {}  # the mask's occupancy, made once for both kernels' live tables (_live)
+    occ = {} if occ is None else occ  # the mask's occupancy, made once for all three kernels' live tables (_live)
     bt = bias if bias is not None else q
     dq_in = (q, k, v, do, dq, lse, delta, m, bt, dbias if dbias is not None else q, o,
              dlse if dlse is not None else delta)
@@ -1407,7 +1408,8 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
         key = _tune_key(q, k, v, mask, bias, softcap, bounds, layout) + (bias_grad, dlse is not None)
         with _on(q):  # the tuner's CUDA events on q's device
             _pick("dq", key, cfg["dq"], lambda c: _run_call(_bwd_dq_kernel, _dq_call(
-                q, k, v, do, dq, o, dlse is not None, mask, bias, dbias, layout, scale, softcap, bounds, c), dq_in, m, q),
+                q, k, v, do, dq, o, dlse is not None, mask, bias, dbias, layout, scale, softcap, bounds, c), dq_in, m, q,
+                occ),
                 reset=dbias.zero_ if dbias is not None else None)
     # The bias gradient in the bias's dtype now, so that its float32 buffer is freed before dk and dv
     # exist: the backward's peak memory holds one copy of it, not two.
@@ -1429,7 +1431,7 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
         else:
             with _on(q):
                 _pick("dkdv", key, cfg["dkdv"], lambda c: _run_call(_bwd_dkdv_kernel, _dkdv_call(
-                    q, k, v, do, dk, dv, mask, bias, layout, scale, softcap, bounds, c), dkdv_in, m, q))
+                    q, k, v, do, dk, dv, mask, bias, layout, scale, softcap, bounds, c), dkdv_in, m, q, occ))
     dsinks = None
     if sinks_grad:  # d lse / d sink = p_sink: the sink's share of every row's softmax
         # a row whose lse is -inf (no key, sink -inf) has p_sink 0, not exp(-inf - -inf) = NaN
@@ -1443,7 +1445,8 @@ class _FlashAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, bias, sinks, mask, layout, scale, softcap, bounds):
         ctx.set_materialize_grads(False)  # an unused lse gets no gradient: no zeros to read back
         bias = _aligned(bias)  # here, not recorded by autograd: no extra nodes in the backward
-        o, lse = _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds)
+        ctx.occ = {}  # the mask's occupancy (a small int8 tensor): the backward's live tables reuse it
+        o, lse = _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds, ctx.occ)
         ctx.save_for_backward(q, k, v, o, lse, bias, sinks)
         ctx.mask, ctx.layout, ctx.scale, ctx.softcap, ctx.bounds = mask, layout, scale, softcap, bounds
         return o, lse
@@ -1458,7 +1461,8 @@ class _FlashAttention(torch.autograd.Function):
         sinks_grad = sinks is not None and ctx.needs_input_grad[4]
         dq, dk, dv, dbias, dsinks = _backward(do, q, k, v, o, lse, dlse, ctx.mask, bias, bias_grad,  # do: any strides
                                               sinks, sinks_grad, ctx.layout, ctx.scale, ctx.softcap, ctx.bounds,
-                                              kv_grad=ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+                                              kv_grad=ctx.needs_input_grad[1] or ctx.needs_input_grad[2],
+                                              occ=ctx.occ)
         return dq, dk, dv, dbias, dsinks, None, None, None, None, None
 
 

@@ -8,6 +8,8 @@ the layout checks. On the CPU the kernels run in Triton's interpreter
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -16,9 +18,9 @@ from attnkit import GroupMask, SegmentLayout
 from attnkit.ops import flash_attention as fa
 from attnkit.ops.flash_attention import flash_attention
 from attnkit.request import build_request
-from cases import TRITON_INTERPRET
-from conftest import (Case, allowed_pairs, assert_close_rel, default_build, make_qkv,
-                      naive_attention, randn, rel_err)
+from cases import TRITON_INTERPRET, _bias, _keypad, _merge
+from conftest import (Case, allowed_pairs, assert_close_rel, attention_fn, check_against_oracle, default_build,
+                      make_qkv, naive_attention, randn, rel_err)
 import test_backends  # its test functions are reused below (imported by name, pytest would collect them twice)
 from test_backends import run_case
 
@@ -626,6 +628,88 @@ def test_one_mask_occupancy_per_step(tdevice, monkeypatch):
     with torch.no_grad():
         _triton(q, k, v, mask=mask)
     assert len(made) == 2
+
+# A case for the build fallback: a bias shared by the batch (its gradient by atomics, paired dQ rows),
+# a key-padding mask, GQA, lengths off every tile grid.
+_FALLBACK_CASE = Case("fallback", B=2, Hq=4, Hkv=2, Lq=70, Lk=45, D=24, seed=50,
+                      extras=_merge(_bias(lambda B, H, Lq, Lk: (1, H, Lq, Lk)), _keypad), build=default_build)
+
+
+def _configs(call: tuple) -> tuple:
+    """A kernel call's (BLOCK_M, BLOCK_N, warps, stages)."""
+    return call[3]["BLOCK_M"], call[3]["BLOCK_N"], call[4]["num_warps"], call[4]["num_stages"]
+
+
+def _fallback_warnings(record) -> set[str]:
+    kinds = set()
+    for w in record:
+        text = str(w.message)
+        if "does not fit this GPU" in text:
+            kinds.add(text.split("Triton ")[1].split(" kernel")[0])
+    return kinds
+
+
+def test_configs_that_do_not_build_fall_back(tdevice, monkeypatch):
+    """A kernel whose config does not build on the GPU (Triton's OutOfResources, raised before the
+    launch) runs with fa._FALLBACK instead, for the forward and both backward kernels, and warns once
+    per plan; the results, a shared bias's gradient (atomics) included, stay right."""
+    out_of_resources = fa._launch.OUT_OF_RESOURCES[0]
+    real = fa._planned
+    failed = []
+
+    def planned(kernel, call, device):
+        launch, tabs, live = real(kernel, call, device)
+        if _configs(call) != fa._FALLBACK:
+            def launch(*tensors, cfg=_configs(call)):
+                failed.append(cfg)
+                raise out_of_resources(300_000, 232_448, "shared memory")
+        return launch, tabs, live
+
+    monkeypatch.setattr(fa, "_PLANS", {})
+    monkeypatch.setattr(fa, "_planned", planned)
+    with pytest.warns(RuntimeWarning) as record:
+        check_against_oracle(attention_fn("triton"), _FALLBACK_CASE, torch.float32, tdevice)
+    assert _fallback_warnings(record) == {"fwd", "dq", "dkdv"}
+    assert len(failed) == 3
+    # the plans keep the fallback: a second step neither fails nor warns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        check_against_oracle(attention_fn("triton"), _FALLBACK_CASE, torch.float32, tdevice)
+    assert len(failed) == 3
+
+
+def test_the_tuner_falls_back_too():
+    """With the tuner on (_pick), a default config that does not build runs fa._FALLBACK; one that
+    fails at _FALLBACK itself raises."""
+    out_of_resources = fa._launch.OUT_OF_RESOURCES[0]
+    ran = []
+
+    def launch(cfg):
+        if cfg != fa._FALLBACK:
+            raise out_of_resources(300_000, 232_448, "shared memory")
+        ran.append(cfg)
+
+    with pytest.warns(RuntimeWarning, match="the Triton dq kernel's config \\(64, 64, 4, 3\\)"):
+        fa._pick("dq", ("test_the_tuner_falls_back_too",), (64, 64, 4, 3), launch)
+    assert ran == [fa._FALLBACK]
+    with pytest.raises(out_of_resources):
+        fa._pick("dq", ("test_the_tuner_falls_back_too",), fa._FALLBACK, lambda cfg: launch(None))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_oversized_configs_fall_back_on_the_gpu(dtype, tdevice, monkeypatch):
+    """On a GPU, configs that really need more shared memory than it has (twelve stages of 64-key
+    tiles at D = 128: > 300 KB) fall back for all three kernels, and the results stay right."""
+    if tdevice != "cuda":
+        pytest.skip("shared memory limits exist on a GPU only")
+    big = dict(fwd=(128, 64, 4, 12), dq=(64, 64, 4, 12), dkdv=(64, 64, 4, 12))
+    monkeypatch.setattr(fa, "_config", lambda *a, **kw: dict(big))
+    monkeypatch.setattr(fa, "_PLANS", {})
+    case = _FALLBACK_CASE.replace(D=128, Lq=300, Lk=260)
+    with pytest.warns(RuntimeWarning) as record:
+        check_against_oracle(attention_fn("triton"), case, dtype, tdevice)
+    assert _fallback_warnings(record) == {"fwd", "dq", "dkdv"}
+
 
 def test_segment_layout_normalises_sets():
     """Lists become tuples (the layout is hashed by the kernels' table cache); bad values are named."""

@@ -48,7 +48,9 @@ class TritonBackend(Backend):
         notes="attnkit's Triton kernels: one launch over a token-group layout; float32 in IEEE (no tf32); "
               "CPU only under TRITON_INTERPRET=1",
     )
-    build_errors = OUT_OF_RESOURCES  # a block config that does not fit this GPU's shared memory
+    # A kernel whose tiles do not fit this GPU first runs smaller ones (flash_attention._fitting); only
+    # when those do not fit either does `auto` move on to the next backend.
+    build_errors = OUT_OF_RESOURCES
 
     def available(self) -> str | None:
         if fa.TRITON_ERROR is None and not fa._INTERPRET and not torch.cuda.is_available():

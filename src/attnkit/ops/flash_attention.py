@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -988,14 +989,35 @@ def _pick(kind: str, key: tuple, default: tuple, launch, reset=None) -> None:
         if reset is not None:
             reset()
     if cfg is None or cfg == default:
-        launch(default)
+        _fitting(kind, default, launch)
         return
     try:
         launch(cfg)
     except Exception:  # noqa: BLE001 - the key does not pin every compile-time detail (strides)
         if reset is not None:
             reset()
-        launch(default)
+        _fitting(kind, default, launch)
+
+
+# The config a kernel falls back to when its own does not build on this GPU (Triton raises
+# OutOfResources when the tiles need more shared memory or registers than it has, e.g. D = 256 on a
+# GPU with ~100 KB of shared memory per multiprocessor, not the H100's 228): the smallest tiles, one stage.
+_FALLBACK = (32, 32, 4, 1)
+
+
+def _fitting(kind: str, cfg: tuple, run) -> None:
+    """run(cfg), or run(_FALLBACK) with a warning if cfg does not build on this GPU. Triton raises
+    OutOfResources when it loads the build, before the launch: nothing has been written (a bias
+    gradient's atomics included), so the second run starts clean."""
+    try:
+        run(cfg)
+    except _launch.OUT_OF_RESOURCES as e:
+        if cfg == _FALLBACK:
+            raise
+        warnings.warn(f"attnkit: the Triton {kind} kernel's config {cfg} (BLOCK_M, BLOCK_N, warps, stages) does "
+                      f"not fit this GPU ({' '.join(str(e).split())[:200]}); calls like this one run {_FALLBACK}",
+                      RuntimeWarning, stacklevel=2)
+        run(_FALLBACK)
 
 
 def _tune_key(q, k, v, mask, bias, softcap, bounds, layout) -> tuple:
@@ -1313,6 +1335,26 @@ def _planned(kernel, call: tuple, device: torch.device) -> tuple:
                   device=device.index if device.type == "cuda" else None, **opts), tabs, live
 
 
+def _run_planned(plans: list, i: int, kind: str, kernel, call_for, cfg_for, tensors: tuple, bits: Tensor,
+                 q: Tensor, occ: dict | None) -> None:
+    """Run plans[i] (a _planned) with the tensors, on q's device. An empty slot is filled first from
+    call_for(cfg) with cfg_for()'s config (_fitting: a smaller one if that one does not build here)."""
+    def run(plan):
+        launch, tabs, live = plan
+        with _on(q):
+            launch(*tensors, _live(bits, live, occ), *tabs)
+
+    if plans[i] is not None:
+        run(plans[i])
+        return
+
+    def make(cfg):
+        plan = _planned(kernel, call_for(cfg), q.device)
+        run(plan)  # builds it: a config that does not fit raises here, and is not kept
+        plans[i] = plan
+    _fitting(kind, cfg_for(), make)
+
+
 # A forward's or backward's launches, kept per key: shapes, strides, dtype, flags, scalars, and the
 # module knobs that tests and sweeps set. Calls repeating a key (every step of a training loop)
 # skip the argument building and launch with the tensors only: at Evoformer L = 256 the host, not
@@ -1349,14 +1391,10 @@ def _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds, occ: di
         key = _plan_key("fwd", q.shape, q.stride(), q.dtype, k.shape, k.stride(), v.shape, v.stride(), _meta(mask),
                         _meta(bias), _guard_len(k.shape[2], mask, bias), sinks is not None, layout, scale, softcap,
                         bounds, q.device)
-        plan = _PLANS.get(key)
-        if plan is None:
-            cfg = _config(D, DV, _INTERPRET, f32)["fwd"]
-            plan = _keep(key, _planned(_fwd_kernel, _fwd_call(q, k, v, o, mask, bias, sinks, layout, scale, softcap,
-                                                                 bounds, cfg), q.device))
-        fwd, tabs, live = plan
-        with _on(q):
-            fwd(*tensors, _live(bits, live, occ), *tabs)
+        plans = _PLANS.get(key) or _keep(key, [None])
+        _run_planned(plans, 0, "fwd", _fwd_kernel, lambda cfg: _fwd_call(q, k, v, o, mask, bias, sinks, layout,
+                     scale, softcap, bounds, cfg), lambda: _config(D, DV, _INTERPRET, f32)["fwd"], tensors, bits, q,
+                     occ)
         return o, lse
 
     def launch(cfg):
@@ -1395,15 +1433,9 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
         key = _plan_key("bwd", q.shape, q.stride(), q.dtype, k.shape, k.stride(), v.shape, v.stride(), do.stride(),
                         o.stride(), _meta(mask), _meta(bias), _guard_len(k.shape[2], mask, bias), bias_grad,
                         dlse is not None, layout, scale, softcap, bounds, q.device)
-        plan = _PLANS.get(key)
-        if plan is None:  # [dQ (and delta), dK/dV]; the second is planned once dk and dv exist
-            cfg = config()
-            plan = _keep(key, [_planned(_bwd_dq_kernel, _dq_call(q, k, v, do, dq, o, dlse is not None, mask, bias,
-                                                                 dbias, layout, scale, softcap, bounds, cfg["dq"]),
-                                        q.device), None])
-        dq_k, dq_tabs, dq_live = plan[0]
-        with _on(q):
-            dq_k(*dq_in, _live(m, dq_live, occ), *dq_tabs)
+        plans = _PLANS.get(key) or _keep(key, [None, None])  # [dQ (and delta), dK/dV]
+        _run_planned(plans, 0, "dq", _bwd_dq_kernel, lambda c: _dq_call(q, k, v, do, dq, o, dlse is not None, mask,
+                     bias, dbias, layout, scale, softcap, bounds, c), lambda: config()["dq"], dq_in, m, q, occ)
     else:
         key = _tune_key(q, k, v, mask, bias, softcap, bounds, layout) + (bias_grad, dlse is not None)
         with _on(q):  # the tuner's CUDA events on q's device
@@ -1421,13 +1453,8 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
         dv = torch.empty_like(v)
         dkdv_in = (q, k, v, do, dk, dv, lse, delta, m, bt)
         if planned:
-            if plan[1] is None:
-                cfg = cfg or config()
-                plan[1] = _planned(_bwd_dkdv_kernel, _dkdv_call(q, k, v, do, dk, dv, mask, bias, layout, scale,
-                                                                softcap, bounds, cfg["dkdv"]), q.device)
-            dkdv_k, dkdv_tabs, dkdv_live = plan[1]
-            with _on(q):
-                dkdv_k(*dkdv_in, _live(m, dkdv_live, occ), *dkdv_tabs)
+            _run_planned(plans, 1, "dkdv", _bwd_dkdv_kernel, lambda c: _dkdv_call(q, k, v, do, dk, dv, mask, bias,
+                         layout, scale, softcap, bounds, c), lambda: config()["dkdv"], dkdv_in, m, q, occ)
         else:
             with _on(q):
                 _pick("dkdv", key, cfg["dkdv"], lambda c: _run_call(_bwd_dkdv_kernel, _dkdv_call(

@@ -3,7 +3,7 @@
 
     python benchmarks/bench_decode.py --out DIR [--smoke] [--only NAME ...] [--peers P ...]
                                       [--block-size 16] [--block-order shuffled|allocated]
-                                      [--budget-s S] [--list]
+                                      [--softcap C] [--budget-s S] [--list]
 
 Grid (issue 6): bf16, GQA 32 query / 8 KV heads, D = 128, one query per sequence, every
 sequence holding the same number of cached tokens: batch 1, 8, 32, 128 x cached 1k, 8k, 32k,
@@ -30,6 +30,10 @@ Peers, in one process, on the same cached tokens:
 - flashinfer: FlashInfer's BatchDecodeWithPagedKVCacheWrapper over the same paged pool and
   tables (layout "HND"; plan() before timing, run() timed), where the package imports (it is
   not a dependency: skipped with the reason otherwise).
+
+`--softcap C` (Gemma 2's logit softcap, C * tanh(s / C)): the attnkit rows pass softcap=C, flex a
+score_mod, eager the formula, FlashInfer its logits_soft_cap; SDPA has no softcap, so its kernels run
+without it as the bar of the same bytes (their rows are not checked against the softcapped reference).
 
 Read ceilings (instruments, not peers: no attention, never "best", no error check): read_paged
 and read_contiguous read the same K/V as attnkit and attnkit_contiguous in the same order (the
@@ -92,6 +96,7 @@ except Exception:  # noqa: BLE001 - absent, or present but unusable here: the pe
 FLASHINFER_WORKSPACE_BYTES = 128 * 2**20
 SMALL_TOKENS = 64 * 1024  # sdpa_math and eager only up to this many cached tokens (B * L)
 GOAL_TOKENS = 256 * 1024  # issue 6: >= 1.0 x SDPA-contiguous from here on, >= 0.9 x below
+SOFTCAP: float | None = None  # --softcap
 FWD_REL_TOL = 2e-2
 CHECK_SEQS = 2
 READ_BLOCK_N = 128
@@ -226,7 +231,7 @@ def make_state(c: Case, device: torch.device, block_size: int, block_order: str 
             num_blocks, c.Hkv, block_size, c.D)
     lens = torch.full((c.B,), c.L, dtype=torch.int32, device=device)
     n = min(c.B, CHECK_SEQS)
-    ref = attnkit.attention(q[:n].float(), k[:n].float(), v[:n].float(), backend="reference")
+    ref = attnkit.attention(q[:n].float(), k[:n].float(), v[:n].float(), softcap=SOFTCAP, backend="reference")
     return State(c, q, k, v, kp, vp, table, lens, ref)
 
 
@@ -255,9 +260,9 @@ def make_call(peer: str, st: State):
     be = st.backend
     if peer == "attnkit":
         return lambda: attnkit.attention(q, st.kp, st.vp, cache_seqlens=st.lens, block_table=st.table, causal=True,
-                                         backend=be)
+                                         softcap=SOFTCAP, backend=be)
     if peer == "attnkit_contiguous":
-        return lambda: attnkit.attention(q, k, v, cache_seqlens=st.lens, causal=True, backend=be)
+        return lambda: attnkit.attention(q, k, v, cache_seqlens=st.lens, causal=True, softcap=SOFTCAP, backend=be)
     if peer in READS:
         return read_call(st, paged=peer == "read_paged")
     if peer in SDPA_KERNELS:
@@ -269,7 +274,13 @@ def make_call(peer: str, st: State):
         return sdpa
     if peer == "flex":
         fn = compiled_flex()
-        return lambda: fn(q, k, v, enable_gqa=True)
+        if SOFTCAP is None:
+            return lambda: fn(q, k, v, enable_gqa=True)
+        cap = SOFTCAP
+
+        def softcap(score, b, h, i, j):
+            return cap * torch.tanh(score / cap)
+        return lambda: fn(q, k, v, score_mod=softcap, enable_gqa=True)
     if peer == "flashinfer":
         # its paged decode over the same pool: separate K and V in the "HND" layout, [pages, Hkv, page, D];
         # plan() once, as a serving step plans once for all layers; run() alone is timed
@@ -279,7 +290,7 @@ def make_call(peer: str, st: State):
         indptr = torch.arange(c.B + 1, dtype=torch.int32, device=q.device) * nb
         last = torch.full((c.B,), c.L - (nb - 1) * bs, dtype=torch.int32, device=q.device)
         wrapper.plan(indptr, st.table.reshape(-1).contiguous(), last, c.Hq, c.Hkv, c.D, bs,
-                     pos_encoding_mode="NONE", data_type=q.dtype, q_data_type=q.dtype)
+                     pos_encoding_mode="NONE", data_type=q.dtype, q_data_type=q.dtype, logits_soft_cap=SOFTCAP)
         q3 = q[:, :, 0]  # [B, Hq, D]
         return lambda: wrapper.run(q3, (st.kp, st.vp)).unsqueeze(2)
     if peer == "eager":
@@ -287,7 +298,10 @@ def make_call(peer: str, st: State):
 
         def eager():
             qg = q.view(c.B, c.Hkv, G, c.D)  # [B, Hkv, G * Lq, D]: the group as rows, K/V not repeated
-            p = torch.softmax(torch.matmul(qg, k.transpose(-1, -2)) * scale, dim=-1)
+            s = torch.matmul(qg, k.transpose(-1, -2)) * scale
+            if SOFTCAP is not None:
+                s = SOFTCAP * torch.tanh(s / SOFTCAP)
+            p = torch.softmax(s, dim=-1)
             return torch.matmul(p, v).view(c.B, c.Hq, 1, c.D)
         return eager
     raise ValueError(f"unknown peer {peer!r}")
@@ -351,6 +365,9 @@ def bench_case(st: State, args, device, t_start: float, log) -> list[dict]:
         if err is None and peer in READS:  # an instrument: no attention output to check; compiled here, untimed
             _, err, _ = H.run_guarded(call)
             chk = {"instrument": True}
+        elif err is None and SOFTCAP is not None and peer.startswith("sdpa_"):  # the bar: no softcap, not checked
+            _, err, _ = H.run_guarded(call)
+            chk = {"no_softcap": True}
         elif err is None:
             with torch.no_grad():
                 chk, err, _ = H.run_guarded(lambda: check(st, call()))  # noqa: B023
@@ -440,6 +457,8 @@ def write(args, meta: dict, ceilings: dict | None, records: list[dict]) -> str:
                 note.append(f"chose {r['backend']}")
             if r.get("instrument"):
                 note.append("read ceiling: an instrument, not a peer")
+            if r.get("no_softcap"):
+                note.append("without the softcap (SDPA has none): the bar of the same bytes")
             if r["status"] != "ok":
                 note.append(f"{r['status']}: {H._short(H.error_summary(r.get('error')), 200)}")
             if r.get("correct") is False:
@@ -471,11 +490,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rep-ms", type=float, default=None)
     ap.add_argument("--min-rep", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--softcap", type=float, default=None, help="logit softcap C of every call (SDPA runs without)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="seconds after which remaining peers are recorded as skipped (default 600 on CUDA, 0 = none)")
     ap.add_argument("--no-ceilings", action="store_true")
     ap.add_argument("--list", action="store_true", help="print the cases, then exit")
     args = ap.parse_args(argv)
+    if args.softcap is not None and not args.softcap > 0:
+        ap.error(f"--softcap must be > 0, got {args.softcap}")
+    global SOFTCAP
+    SOFTCAP = args.softcap
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     todo = [c for c in cases(args.smoke) if not args.only or any(p in c.name for p in args.only)]
@@ -512,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.warmup_ms:g} ms / rep {args.rep_ms:g} ms budgets, {args.rounds} rounds in alternating order, "
                 "ms = mean of the rounds' medians, no L2 flush, no_grad; first call not timed"),
         notes=(f"GB/s = K/V bytes (B * L * Hkv * (D + Dv) * 2) / time; paged pool block size {args.block_size}, "
+               + (f"softcap {SOFTCAP:g} (not on the SDPA rows); " if SOFTCAP is not None else "") +
                f"blocks in {'shuffled' if args.block_order == 'shuffled' else 'allocation (fresh cache)'} order; "
                "rel err vs float32 reference on the first 2 sequences, BAD > "
                f"{FWD_REL_TOL:g}"),

@@ -36,8 +36,9 @@ H, TOKENS = 16, 16384
 FRESH_MASK = False  # --fresh-mask: every call sees new mask contents, as a padding mask of a new batch
 
 
-KINDS = ("key mask", "causal + softcap", "window", "sinks", "causal + sinks", "key mask + causal", "softcap",
-         "key mask + window", "full mask", "hf mask", "window + sinks", "bias + window", "bias + causal + softcap", "bias + sinks")
+KINDS = ("key mask", "key pad", "left pad", "causal + softcap", "window", "sinks", "causal + sinks", "key mask + causal",
+         "softcap", "key mask + window", "full mask", "hf mask", "window + sinks", "bias + window",
+         "bias + causal + softcap", "bias + sinks")
 
 
 def rows() -> list[tuple[int, int, str]]:
@@ -59,6 +60,10 @@ def keywords(kind: str, L: int, B: int, D: int, g: torch.Generator) -> dict:
             km = torch.rand(B, 1, 1, L, device="cuda", generator=g) > 0.1
             km[..., 0] = True
             kw["mask"] = km
+        elif part in ("key pad", "left pad"):  # padding as tokenizers make it: lengths in [L/2, L], one whole
+            lens = torch.randint(L // 2, L + 1, (B, 1, 1, 1), device="cuda", generator=g)
+            j = torch.arange(L, device="cuda").view(1, 1, 1, L)
+            kw["mask"] = j < lens if part == "key pad" else j >= L - lens
         elif part == "full mask":  # [B, 1, L, L], 10% of pairs masked at random (no tile is empty)
             fm = torch.rand(B, 1, L, L, device="cuda", generator=g) > 0.1
             fm[..., 0] = True

@@ -59,6 +59,20 @@ def test_decode_read_instrument_reads_every_cached_key_once(block_size, order):
         assert ((got - want).abs() <= tol).all(), (paged, got.tolist(), want.tolist())
 
 
+def test_decode_softcap_reaches_the_reference_and_the_peers(monkeypatch):
+    """With --softcap the reference and every checked peer apply it: attnkit and eager pass the check,
+    and the same call without the softcap fails it (a softcap of 1 changes the output)."""
+    monkeypatch.setattr(bench_decode, "SOFTCAP", 1.0)
+    c = bench_decode.Case("t", 2, 300, Hq=4, Hkv=2, D=16)
+    st = bench_decode.make_state(c, torch.device("cpu"), 16)
+    st.backend = "reference"
+    with torch.no_grad():
+        for peer in ("attnkit", "attnkit_contiguous", "eager"):
+            assert bench_decode.check(st, bench_decode.make_call(peer, st)())["correct"], peer
+        monkeypatch.setattr(bench_decode, "SOFTCAP", None)
+        assert not bench_decode.check(st, bench_decode.make_call("attnkit", st)())["correct"]
+
+
 # --------------------------------------------------------------------------- bench_modules, bench_ring,
 # bench_mixed, bench_varlen (CPU)
 def _rel(a, b):

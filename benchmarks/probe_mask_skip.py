@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Probe: our Triton kernels skipping the tiles a mask tensor leaves empty and running the tiles it allows whole
 without reading it, against the same kernels reading the mask in every live tile (the full ranges of the live
-table cleared), visiting every tile (`flash_attention._SKIP_MASKED`), FlexAttention and SDPA, all through `attnkit.attention` with forced
+table cleared), visiting every tile (`flash_attention._SKIP_MASKED`), the backward making the mask's occupancy
+again instead of taking the forward's, FlexAttention and SDPA, all through `attnkit.attention` with forced
 backends on the same inputs. bf16, H = 16, B x L = 16k tokens; forward (no_grad) and forward+backward
 (`torch.autograd.grad` of q, k, v), ms, least of 3 interleaved rounds. Masks: transformers-style [B, 1, L, L]
 causal + key padding (random or right padding), key padding [B, 1, 1, L], and masks with no empty tile
@@ -71,6 +72,14 @@ def _live_ranges_only(bits, spec, occ=None):
     return out
 
 
+_BACKWARD = fa._backward
+
+
+def _backward_own_occupancy(*args, occ=None, **kw):
+    """fa._backward making the mask's occupancy again (as before ce7a53e), not taking the forward's."""
+    return _BACKWARD(*args, **kw)
+
+
 ROWS = [(L, D, k) for k in ("hf causal + random pad",) for L in (1024, 4096) for D in (64, 128)] + \
        [(4096, D, k) for k in ("hf causal + right pad", "key right pad") for D in (64, 128)] + \
        [(L, 64, "full random") for L in (1024, 4096)] + [(1024, 64, "key random")]
@@ -83,19 +92,22 @@ for L, D, kind in ROWS:
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = attnkit.attention(q[:1].float(), k[:1].float(), v[:1].float(), mask=mask[:1], backend="reference")
     fwd, fb, errs = {}, {}, []
-    for name, be, skip in (("ours skip", "triton", True), ("ours ranges only", "triton", "ranges"),
-                           ("ours every", "triton", False), ("flex", "flex", None), ("sdpa", "sdpa", None)):
-        def f(be=be, skip=skip):
+    for name, be, skip in (("ours skip", "triton", True), ("ours occupancy twice", "triton", "twice"),
+                           ("ours ranges only", "triton", "ranges"), ("ours every", "triton", False),
+                           ("flex", "flex", None), ("sdpa", "sdpa", None)):
+        def setup(skip):
             if skip is not None:
                 fa._SKIP_MASKED = bool(skip)
                 fa._live = _live_ranges_only if skip == "ranges" else _LIVE
+                fa._backward = _backward_own_occupancy if skip == "twice" else _BACKWARD
+
+        def f(be=be, skip=skip):
+            setup(skip)
             with torch.no_grad():
                 return attnkit.attention(q, k, v, mask=mask, backend=be)
 
         def fbw(be=be, skip=skip):
-            if skip is not None:
-                fa._SKIP_MASKED = bool(skip)
-                fa._live = _live_ranges_only if skip == "ranges" else _LIVE
+            setup(skip)
             out = attnkit.attention(*leaves, mask=mask, backend=be)
             return torch.autograd.grad(out, leaves, go)
         try:
@@ -108,7 +120,7 @@ for L, D, kind in ROWS:
         errs.append(f"{name} {rel:.1e}")
         fwd[name], fb[name] = f, fbw
     # skip vs every: identical?
-    fa._SKIP_MASKED, fa._live = True, _LIVE
+    fa._SKIP_MASKED, fa._live, fa._backward = True, _LIVE, _BACKWARD
     a = torch.autograd.grad(attnkit.attention(*leaves, mask=mask, backend="triton"), leaves, go)
     fa._SKIP_MASKED = False
     b = torch.autograd.grad(attnkit.attention(*leaves, mask=mask, backend="triton"), leaves, go)
@@ -120,7 +132,8 @@ for L, D, kind in ROWS:
     print("   fwd ms " + ", ".join(f"{n} {tf[n]:.3f}" for n in tf) + " | fwd+bwd ms " + ", ".join(f"{n} {tb[n]:.3f}" for n in tb), flush=True)
     s = "ours skip"
     r = "ours ranges only"
-    print(f"   full tiles unmasked: x{tf[r] / tf[s]:.2f} fwd, x{tb[r] / tb[s]:.2f} fwd+bwd", flush=True)
+    print(f"   full tiles unmasked: x{tf[r] / tf[s]:.2f} fwd, x{tb[r] / tb[s]:.2f} fwd+bwd; the forward's occupancy "
+          f"reused: x{tb['ours occupancy twice'] / tb[s]:.3f} fwd+bwd", flush=True)
     print(f"   skip speed-up fwd {tf['ours every'] / tf[s]:.2f}x fwd+bwd {tb['ours every'] / tb[s]:.2f}x; "
           + "; ".join(f"{p} / ours: fwd {tf[p] / tf[s]:.2f}x fwd+bwd {tb[p] / tb[s]:.2f}x" for p in ("flex", "sdpa") if p in tf),
           flush=True)

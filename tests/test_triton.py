@@ -18,7 +18,7 @@ from attnkit import GroupMask, SegmentLayout
 from attnkit.ops import flash_attention as fa
 from attnkit.ops.flash_attention import flash_attention
 from attnkit.request import build_request
-from cases import TRITON_INTERPRET, _bias, _keypad, _merge
+from cases import TRITON_INTERPRET, _bias, _merge
 from conftest import (Case, allowed_pairs, assert_close_rel, attention_fn, check_against_oracle, default_build,
                       make_qkv, naive_attention, randn, rel_err)
 import test_backends  # its test functions are reused below (imported by name, pytest would collect them twice)
@@ -629,8 +629,9 @@ def test_one_mask_occupancy_per_step(tdevice, monkeypatch):
         _triton(q, k, v, mask=mask)
     assert len(made) == 2
 
+
 # A case for the build fallback: a bias shared by the batch (its gradient by atomics, paired dQ rows),
-# a key-padding mask, GQA, lengths off every tile grid.
+# a random key mask, GQA, lengths off every tile grid.
 _FALLBACK_CASE = Case("fallback", B=2, Hq=4, Hkv=2, Lq=70, Lk=45, D=24, seed=50,
                       extras=_merge(_bias(lambda B, H, Lq, Lk: (1, H, Lq, Lk)), _keypad), build=default_build)
 

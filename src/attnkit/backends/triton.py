@@ -96,16 +96,16 @@ class TritonBackend(Backend):
             # With tanh.approx (14:27 UTC), D = 64 / 128, L = 1024 / 4096, with and without causal: 1.53-1.97x
             # flex forward, 1.42-2.49x forward+backward. (Through the sigmoid, flex's forward was ahead at D = 64.)
             return 75.0
-        full = req.mask is not None and req.mask.shape[2] != 1  # a query dim (request.signature has it)
-        if req.mask is not None and (dmax <= 64 or (dmax <= 128 and (req.key_bounds is not None or full))):
+        if req.mask is not None and dmax <= 128:
             # A mask tensor read in place: flex rebuilds its block mask whenever the mask changes, SDPA reads it
             # dense and computes every tile; ours skips the tiles it leaves empty and runs those it allows whole
-            # without reading it. A key mask alone at D = 128: SDPA / flex were ahead (0.94-1.03x / 0.89-0.92x,
-            # random padding). Ours up to D = 128 beside causal or a window (SDPA ran 0.42-0.51x of ours at
-            # D = 96 / 128), and with a query dim ([B, 1, L, L], as transformers builds causal + padding: 1.86-2.78x
-            # SDPA forward+backward, 0.98-1.20x flex with its block mask cached, L = 4096). Measurements:
-            # docs/benchmarks.md, "Where `auto` sends
-            # masks, ...", "The rules at another shape, ..." and "Tiles a mask tensor allows whole run without it".
+            # without reading it. A padding key mask at D = 128 (right or left, lengths in [L/2, L]): 1.6-1.7x SDPA
+            # forward, 1.5x forward+backward, and 1.07-1.16x / 0.97-1.01x flex with its block mask cached (19:44
+            # UTC). Beside causal or a window, SDPA ran 0.42-0.51x of ours at D = 96 / 128; with a query dim
+            # ([B, 1, L, L], as transformers builds causal + padding) 1.86-2.78x SDPA forward+backward, 0.98-1.20x
+            # flex. Only a key mask of random holes (no tile to skip) ran behind SDPA, by up to 8% (0.92x
+            # forward at L = 4096). Measurements: docs/benchmarks.md, "Where `auto` sends masks, ...", "The rules
+            # at another shape, ...", "Tiles a mask tensor allows whole run without it" and "Padding key masks".
             return 75.0
         if req.window is not None and req.needs_grad and dmax <= 64:
             # Training at D = 64: forward+backward 1.35x (L = 1024, W = 256) and 1.11x (L = 4096, W = 1024).

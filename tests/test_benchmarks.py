@@ -60,8 +60,9 @@ def test_decode_read_instrument_reads_every_cached_key_once(block_size, order):
 
 
 def test_decode_softcap_reaches_the_reference_and_the_peers(monkeypatch):
-    """With --softcap the reference and every checked peer apply it: attnkit and eager pass the check,
-    and the same call without the softcap fails it (a softcap of 1 changes the output)."""
+    """With --softcap the reference and the CPU's peers apply it: attnkit and eager pass the check,
+    and the same call without the softcap fails it (a softcap of 1 changes the output). (FlexAttention's
+    score_mod and FlashInfer's logits_soft_cap are checked the same way by the script on a GPU.)"""
     monkeypatch.setattr(bench_decode, "SOFTCAP", 1.0)
     c = bench_decode.Case("t", 2, 300, Hq=4, Hkv=2, D=16)
     st = bench_decode.make_state(c, torch.device("cpu"), 16)

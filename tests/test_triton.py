@@ -630,6 +630,18 @@ def test_one_mask_occupancy_per_step(tdevice, monkeypatch):
     assert len(made) == 2
 
 
+def test_a_mask_changed_before_the_backward_is_refused(tdevice):
+    """The forward's output and its mask occupancy are of the mask as it was: a backward after an
+    in-place change of the mask raises (autograd's version check), as for any saved tensor."""
+    # rows of 48 keys: read in place (a row stride off the 16-element grid would be copied first: _aligned)
+    q, k, v = (x.requires_grad_(True) for x in make_qkv(1, 2, 2, 40, 48, 16, seed=51, device=tdevice))
+    mask = torch.ones(1, 1, 40, 48, dtype=torch.bool, device=tdevice).tril()
+    out = flash_attention(q, k, v, mask=mask)[0]
+    mask.fill_(True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
 # A case for the build fallback: a bias shared by the batch (its gradient by atomics, paired dQ rows),
 # a random key mask, GQA, lengths off every tile grid.
 _FALLBACK_CASE = Case("fallback", B=2, Hq=4, Hkv=2, Lq=70, Lk=45, D=24, seed=50,
@@ -641,13 +653,10 @@ def _configs(call: tuple) -> tuple:
     return call[3]["BLOCK_M"], call[3]["BLOCK_N"], call[4]["num_warps"], call[4]["num_stages"]
 
 
-def _fallback_warnings(record) -> set[str]:
-    kinds = set()
-    for w in record:
-        text = str(w.message)
-        if "does not fit this GPU" in text:
-            kinds.add(text.split("Triton ")[1].split(" kernel")[0])
-    return kinds
+def _fallback_warnings(record) -> list[str]:
+    """The kernel kinds named by the fallback warnings of a pytest.warns record, in order."""
+    return [str(w.message).split("Triton ")[1].split(" kernel")[0] for w in record
+            if "does not fit this GPU" in str(w.message)]
 
 
 def test_configs_that_do_not_build_fall_back(tdevice, monkeypatch):
@@ -670,7 +679,7 @@ def test_configs_that_do_not_build_fall_back(tdevice, monkeypatch):
     monkeypatch.setattr(fa, "_planned", planned)
     with pytest.warns(RuntimeWarning) as record:
         check_against_oracle(attention_fn("triton"), _FALLBACK_CASE, torch.float32, tdevice)
-    assert _fallback_warnings(record) == {"fwd", "dq", "dkdv"}
+    assert _fallback_warnings(record) == ["fwd", "dq", "dkdv"]
     assert len(failed) == 3
     # the plans keep the fallback: a second step neither fails nor warns
     with warnings.catch_warnings():
@@ -679,22 +688,32 @@ def test_configs_that_do_not_build_fall_back(tdevice, monkeypatch):
     assert len(failed) == 3
 
 
-def test_the_tuner_falls_back_too():
-    """With the tuner on (_pick), a default config that does not build runs fa._FALLBACK; one that
-    fails at _FALLBACK itself raises."""
+def test_the_tuner_falls_back_too(monkeypatch):
+    """The tuner's path (_pick): a tuned config that fails is cleared (reset) and the default runs; a
+    default that does not build runs fa._FALLBACK, once with a warning, and the key keeps it, so later
+    calls go straight to it. A failure at _FALLBACK itself raises."""
     out_of_resources = fa._launch.OUT_OF_RESOURCES[0]
-    ran = []
+    monkeypatch.setattr(fa, "_TUNED", {})
+    key, default, tuned = ("a key",), (64, 64, 4, 3), (128, 64, 8, 3)
+    fa._TUNED[("dq", key)] = tuned
+    tried, resets = [], []
 
     def launch(cfg):
+        tried.append(cfg)
         if cfg != fa._FALLBACK:
             raise out_of_resources(300_000, 232_448, "shared memory")
-        ran.append(cfg)
 
     with pytest.warns(RuntimeWarning, match="the Triton dq kernel's config \\(64, 64, 4, 3\\)"):
-        fa._pick("dq", ("test_the_tuner_falls_back_too",), (64, 64, 4, 3), launch)
-    assert ran == [fa._FALLBACK]
+        fa._pick("dq", key, default, launch, reset=lambda: resets.append(1))
+    assert tried == [tuned, default, fa._FALLBACK] and len(resets) == 1
+    assert fa._TUNED[("dq", key)] == fa._FALLBACK
+    tried.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fa._pick("dq", key, default, launch)
+    assert tried == [fa._FALLBACK]
     with pytest.raises(out_of_resources):
-        fa._pick("dq", ("test_the_tuner_falls_back_too",), fa._FALLBACK, lambda cfg: launch(None))
+        fa._pick("dq", ("another key",), fa._FALLBACK, lambda cfg: launch(None))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -709,7 +728,7 @@ def test_oversized_configs_fall_back_on_the_gpu(dtype, tdevice, monkeypatch):
     case = _FALLBACK_CASE.replace(D=128, Lq=300, Lk=260)
     with pytest.warns(RuntimeWarning) as record:
         check_against_oracle(attention_fn("triton"), case, dtype, tdevice)
-    assert _fallback_warnings(record) == {"fwd", "dq", "dkdv"}
+    assert _fallback_warnings(record) == ["fwd", "dq", "dkdv"]
 
 
 def test_segment_layout_normalises_sets():

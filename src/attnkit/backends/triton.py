@@ -99,12 +99,13 @@ class TritonBackend(Backend):
         if req.mask is not None and dmax <= 128:
             # A mask tensor read in place: flex rebuilds its block mask whenever the mask changes, SDPA reads it
             # dense and computes every tile; ours skips the tiles it leaves empty and runs those it allows whole
-            # without reading it. A padding key mask at D = 128 (right or left, lengths in [L/2, L]): 1.6-1.7x SDPA
-            # forward, 1.5x forward+backward, and 1.07-1.16x / 0.97-1.01x flex with its block mask cached (19:44
-            # UTC). Beside causal or a window, SDPA ran 0.42-0.51x of ours at D = 96 / 128; with a query dim
+            # without reading it. A padding key mask at D = 96 / 128 (right or left, lengths in [L/2, L]):
+            # 1.6-1.8x SDPA forward, 1.4-1.5x forward+backward, and at D = 128 1.07-1.16x / 0.97-1.01x flex with
+            # its block mask cached (19:43-19:48 UTC). Beside causal or a window, SDPA ran 0.42-0.51x of ours at D = 96 / 128; with a query dim
             # ([B, 1, L, L], as transformers builds causal + padding) 1.86-2.78x SDPA forward+backward, 0.98-1.20x
             # flex. Only a key mask of random holes (no tile to skip) ran behind SDPA, by up to 8% (0.92x
-            # forward at L = 4096). Measurements: docs/benchmarks.md, "Where `auto` sends masks, ...", "The rules
+            # forward at L = 4096, D = 128; D = 96 not measured): a choice, since a key mask is a padding mask
+            # in nearly every model. Measurements: docs/benchmarks.md, "Where `auto` sends masks, ...", "The rules
             # at another shape, ...", "Tiles a mask tensor allows whole run without it" and "Padding key masks".
             return 75.0
         if req.window is not None and req.needs_grad and dmax <= 64:

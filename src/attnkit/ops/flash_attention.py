@@ -988,15 +988,16 @@ def _pick(kind: str, key: tuple, default: tuple, launch, reset=None) -> None:
         cfg = _TUNED[(kind, key)] = best[1]
         if reset is not None:
             reset()
-    if cfg is None or cfg == default:
-        _fitting(kind, default, launch)
-        return
-    try:
-        launch(cfg)
-    except Exception:  # noqa: BLE001 - the key does not pin every compile-time detail (strides)
-        if reset is not None:
-            reset()
-        _fitting(kind, default, launch)
+    if cfg is not None and cfg != default:
+        try:
+            launch(cfg)
+            return
+        except Exception:  # noqa: BLE001 - the key does not pin every compile-time detail (strides)
+            if reset is not None:
+                reset()
+    ran = _with_fallback(kind, default, launch)
+    if ran != default:  # the default does not build on this GPU: later calls of the key go straight to ran
+        _TUNED[(kind, key)] = ran
 
 
 # The config a kernel falls back to when its own does not build on this GPU (Triton raises
@@ -1005,12 +1006,13 @@ def _pick(kind: str, key: tuple, default: tuple, launch, reset=None) -> None:
 _FALLBACK = (32, 32, 4, 1)
 
 
-def _fitting(kind: str, cfg: tuple, run) -> None:
-    """run(cfg), or run(_FALLBACK) with a warning if cfg does not build on this GPU. Triton raises
-    OutOfResources when it loads the build, before the launch: nothing has been written (a bias
-    gradient's atomics included), so the second run starts clean."""
+def _with_fallback(kind: str, cfg: tuple, run) -> tuple:
+    """run(cfg), or run(_FALLBACK) with a warning if cfg does not build on this GPU; returns the config
+    that ran. Triton raises OutOfResources when it loads the build, before the launch: nothing has been
+    written (a bias gradient's atomics included), so the second run starts clean."""
     try:
         run(cfg)
+        return cfg
     except _launch.OUT_OF_RESOURCES as e:
         if cfg == _FALLBACK:
             raise
@@ -1018,6 +1020,7 @@ def _fitting(kind: str, cfg: tuple, run) -> None:
                       f"not fit this GPU ({' '.join(str(e).split())[:200]}); calls like this one run {_FALLBACK}",
                       RuntimeWarning, stacklevel=2)
         run(_FALLBACK)
+        return _FALLBACK
 
 
 def _tune_key(q, k, v, mask, bias, softcap, bounds, layout) -> tuple:
@@ -1338,7 +1341,7 @@ def _planned(kernel, call: tuple, device: torch.device) -> tuple:
 def _run_planned(plans: list, i: int, kind: str, kernel, call_for, cfg_for, tensors: tuple, bits: Tensor,
                  q: Tensor, occ: dict | None) -> None:
     """Run plans[i] (a _planned) with the tensors, on q's device. An empty slot is filled first from
-    call_for(cfg) with cfg_for()'s config (_fitting: a smaller one if that one does not build here)."""
+    call_for(cfg) with cfg_for()'s config (_with_fallback: a smaller one if that one does not build here)."""
     def run(plan):
         launch, tabs, live = plan
         with _on(q):
@@ -1352,14 +1355,14 @@ def _run_planned(plans: list, i: int, kind: str, kernel, call_for, cfg_for, tens
         plan = _planned(kernel, call_for(cfg), q.device)
         run(plan)  # builds it: a config that does not fit raises here, and is not kept
         plans[i] = plan
-    _fitting(kind, cfg_for(), make)
+    _with_fallback(kind, cfg_for(), make)
 
 
 # A forward's or backward's launches, kept per key: shapes, strides, dtype, flags, scalars, and the
 # module knobs that tests and sweeps set. Calls repeating a key (every step of a training loop)
 # skip the argument building and launch with the tensors only: at Evoformer L = 256 the host, not
 # the GPU, bounds a step. Used unless the tuner is active (_tuning), which picks configs per call.
-_PLANS: dict[tuple, tuple] = {}
+_PLANS: dict[tuple, list] = {}  # [forward] or [dQ, dK/dV]: each a _planned, or None until made
 _MAX_PLANS = 256
 
 
@@ -1367,7 +1370,7 @@ def _plan_key(*parts) -> tuple:
     return (*parts, _config, _maxnreg, _tables, _HEAD_MAJOR, _ROWS, _GRID_AXIS_LIMIT, _INTERPRET, _SKIP_MASKED)
 
 
-def _keep(key: tuple, plan: tuple) -> tuple:
+def _keep(key: tuple, plan: list) -> list:
     if len(_PLANS) >= _MAX_PLANS:
         _PLANS.pop(next(iter(_PLANS)))
     _PLANS[key] = plan
@@ -1391,9 +1394,12 @@ def _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds, occ: di
         key = _plan_key("fwd", q.shape, q.stride(), q.dtype, k.shape, k.stride(), v.shape, v.stride(), _meta(mask),
                         _meta(bias), _guard_len(k.shape[2], mask, bias), sinks is not None, layout, scale, softcap,
                         bounds, q.device)
-        plans = _PLANS.get(key) or _keep(key, [None])
-        _run_planned(plans, 0, "fwd", _fwd_kernel, lambda cfg: _fwd_call(q, k, v, o, mask, bias, sinks, layout,
-                     scale, softcap, bounds, cfg), lambda: _config(D, DV, _INTERPRET, f32)["fwd"], tensors, bits, q,
+        def call(cfg):
+            return _fwd_call(q, k, v, o, mask, bias, sinks, layout, scale, softcap, bounds, cfg)
+
+        def default():
+            return _config(D, DV, _INTERPRET, f32)["fwd"]
+        _run_planned(_PLANS.get(key) or _keep(key, [None]), 0, "fwd", _fwd_kernel, call, default, tensors, bits, q,
                      occ)
         return o, lse
 
@@ -1434,8 +1440,11 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
                         o.stride(), _meta(mask), _meta(bias), _guard_len(k.shape[2], mask, bias), bias_grad,
                         dlse is not None, layout, scale, softcap, bounds, q.device)
         plans = _PLANS.get(key) or _keep(key, [None, None])  # [dQ (and delta), dK/dV]
-        _run_planned(plans, 0, "dq", _bwd_dq_kernel, lambda c: _dq_call(q, k, v, do, dq, o, dlse is not None, mask,
-                     bias, dbias, layout, scale, softcap, bounds, c), lambda: config()["dq"], dq_in, m, q, occ)
+
+        def dq_call(cfg):
+            return _dq_call(q, k, v, do, dq, o, dlse is not None, mask, bias, dbias, layout, scale, softcap, bounds,
+                            cfg)
+        _run_planned(plans, 0, "dq", _bwd_dq_kernel, dq_call, lambda: config()["dq"], dq_in, m, q, occ)
     else:
         key = _tune_key(q, k, v, mask, bias, softcap, bounds, layout) + (bias_grad, dlse is not None)
         with _on(q):  # the tuner's CUDA events on q's device
@@ -1453,8 +1462,9 @@ def _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad: bool, sinks, sin
         dv = torch.empty_like(v)
         dkdv_in = (q, k, v, do, dk, dv, lse, delta, m, bt)
         if planned:
-            _run_planned(plans, 1, "dkdv", _bwd_dkdv_kernel, lambda c: _dkdv_call(q, k, v, do, dk, dv, mask, bias,
-                         layout, scale, softcap, bounds, c), lambda: config()["dkdv"], dkdv_in, m, q, occ)
+            def dkdv_call(cfg):
+                return _dkdv_call(q, k, v, do, dk, dv, mask, bias, layout, scale, softcap, bounds, cfg)
+            _run_planned(plans, 1, "dkdv", _bwd_dkdv_kernel, dkdv_call, lambda: config()["dkdv"], dkdv_in, m, q, occ)
         else:
             with _on(q):
                 _pick("dkdv", key, cfg["dkdv"], lambda c: _run_call(_bwd_dkdv_kernel, _dkdv_call(
@@ -1474,19 +1484,21 @@ class _FlashAttention(torch.autograd.Function):
         bias = _aligned(bias)  # here, not recorded by autograd: no extra nodes in the backward
         ctx.occ = {}  # the mask's occupancy (a small int8 tensor): the backward's live tables reuse it
         o, lse = _forward(q, k, v, mask, bias, sinks, layout, scale, softcap, bounds, ctx.occ)
-        ctx.save_for_backward(q, k, v, o, lse, bias, sinks)
-        ctx.mask, ctx.layout, ctx.scale, ctx.softcap, ctx.bounds = mask, layout, scale, softcap, bounds
+        # the mask too: autograd then refuses a backward after an in-place change of it (the occupancy
+        # above, and the forward's output, are of the mask as it was)
+        ctx.save_for_backward(q, k, v, o, lse, bias, sinks, mask)
+        ctx.layout, ctx.scale, ctx.softcap, ctx.bounds = layout, scale, softcap, bounds
         return o, lse
 
     @staticmethod
     @first_order_only("the triton backend")
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, bias, sinks = ctx.saved_tensors
+        q, k, v, o, lse, bias, sinks, mask = ctx.saved_tensors
         if do is None:  # only lse was used
             do = torch.zeros_like(o)
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         sinks_grad = sinks is not None and ctx.needs_input_grad[4]
-        dq, dk, dv, dbias, dsinks = _backward(do, q, k, v, o, lse, dlse, ctx.mask, bias, bias_grad,  # do: any strides
+        dq, dk, dv, dbias, dsinks = _backward(do, q, k, v, o, lse, dlse, mask, bias, bias_grad,  # do: any strides
                                               sinks, sinks_grad, ctx.layout, ctx.scale, ctx.softcap, ctx.bounds,
                                               kv_grad=ctx.needs_input_grad[1] or ctx.needs_input_grad[2],
                                               occ=ctx.occ)

@@ -144,7 +144,7 @@ class SdpaBackend(Backend):
     def _plain(self, req: AttentionRequest, **kw) -> Tensor:
         q, k, v = req.q, req.k, req.v
         Lq, Lk = req.len_q, req.len_k
-        if not req.causal:
+        if not _causal_hides(req):
             return F.scaled_dot_product_attention(q, k, v, **kw)
         if Lq == Lk:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
@@ -171,6 +171,12 @@ class SdpaBackend(Backend):
             return ChunkedBackend().backward_from_stats(req, do, out, lse, dlse)
         req = req.densified()
         return _lse_plan(req).backward(do, req.q, req.k, req.v, out, lse, dlse)
+
+
+def _causal_hides(req: AttentionRequest) -> bool:
+    """Whether req's causal rule hides any key. Bottom-right causal with one query (a decode step) hides
+    none: SDPA then runs without a mask, as its fastest kernels want, not with a lower-right CausalBias."""
+    return req.causal and req.len_q > 1
 
 
 def _explicit(req: AttentionRequest) -> bool:
@@ -334,8 +340,8 @@ def _lse_plan(req: AttentionRequest) -> _LsePlan:
         mask, rows_ok = _dense_mask(req, float_mask=True)
         dead = None if bool(rows_ok.all()) else ~rows_ok.squeeze(-1)
         return _LsePlan((_Piece(0, Lq, 0, Lk, False),), req.scale, mask, dead)
-    if not req.causal or Lq == Lk:
-        pieces = (_Piece(0, Lq, 0, Lk, req.causal),)
+    if not _causal_hides(req) or Lq == Lk:
+        pieces = (_Piece(0, Lq, 0, Lk, _causal_hides(req)),)
     elif Lq > Lk:  # the first Lq - Lk rows see no key
         pieces = (_Piece(Lq - Lk, Lq, 0, Lk, True),)
     else:  # every query sees the first Lk - Lq keys; the last Lq keys are a square causal block

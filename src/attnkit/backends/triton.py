@@ -18,8 +18,8 @@ dropout: `AttentionRequest.decode_shaped`) run the split-KV decode kernel
 (ops/decode_attention.py), which reads a contiguous or paged cache in place with per-sequence
 lengths (`cache_seqlens`, `block_table`). Other calls with a cache are densified
 (`AttentionRequest.densified()`: gathered K/V and a mask) and run the flash kernel. On CUDA
-`auto` picks triton for decode-shaped calls with cache_seqlens (the other backends must
-build a mask, and gather a paged cache, first).
+`auto` picks triton for decode-shaped calls, with a cache or over plain K/V tensors (measured ahead
+of the others there: see speed()).
 """
 
 from __future__ import annotations
@@ -66,8 +66,22 @@ class TritonBackend(Backend):
     def speed(self, req: AttentionRequest) -> float:
         if req.device.type != "cuda":
             return 0.5  # the interpreter: for tests only
-        if req.decode_shaped and req.cache_seqlens is not None:
-            return 90.0  # the split-KV decode kernel reads the cache in place; the others build a mask (and gather)
+        if req.decode_shaped:
+            # The split-KV decode kernel reads a cache in place (the others build a mask, and gather a paged
+            # one, first). Over plain K/V tensors too (a model keeping its own cache) it ran ahead of every
+            # other backend, SDPA's 100 included: H100, 32 query heads over 8 or 32 KV heads, causal, B 1-32 x
+            # L 1k-32k, D = 64 / 128 / 256, 1-16 new queries, bf16 / fp16, a window or a softcap: 0.998-3.2x
+            # the best of them (ties with one query at D = 256 over 64k+ tokens, and without GQA), 2-4.5x
+            # SDPA's kernels with 4-16 queries and GQA, which read K/V once per query head. One case went the
+            # other way: one query over a single KV head (MQA, 32 query heads), 0.91-0.94x SDPA at 8k tokens,
+            # B 1 and 32 (60 us calls); a rule for it would need the group size in the dispatcher's
+            # signature, and MQA with 4 queries ran 1.6-18x SDPA (benchmarks/probe_decode_rules.py,
+            # 2026-11-24 21:00-21:40 UTC; docs/benchmarks.md). float32 was not measured: there the kernel
+            # serves calls against a cache only.
+            if req.dtype in (torch.float16, torch.bfloat16):
+                return 110.0
+            if req.cache_seqlens is not None:
+                return 90.0
         if "group_mask" in req.features():
             return 80.0  # one launch over the allowed tiles only; ahead of flex's block mask (issue 4 bench)
         if req.dtype not in (torch.float16, torch.bfloat16):

@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Probe: decode-shaped calls without `cache_seqlens` (plain K/V tensors holding exactly the cached
+tokens), and where `auto` should send them on CUDA.
+
+A decoder that keeps its own cache, as transformers' DynamicCache does, calls attention with the new
+tokens' queries and every cached key, `causal=True`: q [B, Hq, Lq_new, D], k/v [B, Hkv, L, D]. That is
+decode-shaped (AttentionRequest.decode_shaped) without per-sequence lengths. For each row: every
+backend forced through `attnkit.attention` on the same inputs (forward, no gradient), and torch SDPA
+called directly with the mask the call means (none for Lq_new = 1, where bottom-right causal hides
+nothing; `causal_lower_right` otherwise) per kernel, as the bar. Each backend's output is checked
+against the float32 reference first. K/V bytes read per second (B * L * Hkv * 2D * 2 bytes), ms, the
+least of 3 interleaved rounds (`harness.best_of_rounds`). bf16, 32 query heads, 8 KV heads, D = 128 unless told otherwise.
+With --softcap, SDPA has no such argument: its direct rows run without it, as the bar of the same bytes
+(the attnkit rows pass it and are checked). With --window W, the direct rows read every key while the
+window leaves Lq_new + W - 1 of them: GB/s then counts those for every row (compare ms).
+
+    python benchmarks/probe_decode_rules.py                   # the grid
+    python benchmarks/probe_decode_rules.py --batches 8 --lengths 8192 --lq 1 4 --dims 64 256 \
+        --dtype float16 --window 4096 --softcap 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import harness  # noqa: E402
+
+HQ = 32
+
+
+def sdpa_peers(q, k, v, causal: bool) -> dict:
+    """torch SDPA per kernel, called directly with the mask the attnkit call means."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+    Lq, L = q.shape[2], k.shape[2]
+    mask = causal_lower_right(Lq, L) if causal and Lq > 1 else None
+    out = {}
+    for name, kind in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+                       ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def fn(kind=kind):
+            with sdpa_kernel(kind):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        try:
+            fn()
+            torch.cuda.synchronize()
+        except RuntimeError:  # this kernel does not serve the call (e.g. flash with a lower-right mask)
+            continue
+        out[name] = fn
+    return out
+
+
+def main() -> None:
+    import attnkit
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 32768])
+    ap.add_argument("--lq", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--dims", type=int, nargs="+", default=[128])
+    ap.add_argument("--kv-heads", type=int, default=8, help="KV heads (32 query heads)")
+    ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    ap.add_argument("--window", type=int, default=None)
+    ap.add_argument("--softcap", type=float, default=None)
+    args = ap.parse_args()
+    dtype, HKV = getattr(torch, args.dtype), args.kv_heads
+    kw = dict(causal=True, window=args.window, softcap=args.softcap)
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.dtype}, Hq {HQ}, Hkv {HKV}, "
+          f"window {args.window}, softcap {args.softcap}")
+    print("GB/s of K/V read (ms); ratio: attnkit auto over the best direct SDPA kernel")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for D, Lq, B, L in itertools.product(args.dims, args.lq, args.batches, args.lengths):
+        q = torch.randn(B, HQ, Lq, D, device="cuda", dtype=dtype, generator=g)
+        k = torch.randn(B, HKV, L, D, device="cuda", dtype=dtype, generator=g)
+        v = torch.randn(B, HKV, L, D, device="cuda", dtype=dtype, generator=g)
+        ref = attnkit.attention(q[:1].float(), k[:1].float(), v[:1].float(), backend="reference", **kw)
+        fns = {}
+        for be in ("auto", "sdpa", "triton", "flex"):
+            def fn(be=be):
+                return attnkit.attention(q, k, v, backend=be, **kw)
+            with torch.no_grad():
+                try:
+                    err = (fn()[:1].float() - ref).abs().max().item()
+                except (ValueError, RuntimeError) as e:  # a backend that does not serve the call
+                    print(f"  {be}: {str(e).splitlines()[0][:120]}")
+                    continue
+            if err > 0.05:
+                raise AssertionError(f"{be}: max error {err:.3g} at B {B} L {L} Lq {Lq}")
+            fns[be] = fn
+        fns.update(sdpa_peers(q, k, v, causal=True))
+        with torch.no_grad():
+            t = harness.best_of_rounds(fns, rounds=3, warmup=10, rep=40)
+        keys = L if args.window is None else min(L, Lq + args.window - 1)
+        gbs = {n: B * keys * HKV * 2 * D * 2 / (ms * 1e-3) / 1e9 for n, ms in t.items()}
+        direct = max(gbs[n] for n in gbs if n.startswith("sdpa_"))
+        picked = attnkit.explain(q, k, v, **kw).backend
+        cells = "  ".join(f"{n} {gbs[n]:.0f} ({t[n]:.4f})" for n in fns)
+        print(f"D {D} Lq {Lq:>2} B {B:>3} L {L:>6}: {cells}  auto/sdpa-direct {gbs['auto'] / direct:.2f}  "
+              f"[{picked}]")
+
+
+if __name__ == "__main__":
+    main()

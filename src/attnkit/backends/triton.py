@@ -74,7 +74,7 @@ class TritonBackend(Backend):
             # (SDPA's kernels read K/V once per query head there). With one query it was within 1% of SDPA's
             # best kernel or ahead (up to 1.36x) on 40 of 46 rows, behind on six calls of 50-180 us (0.68x at
             # D = 256, B1 x 8k; 0.90x MQA at B32 x 8k); a rule for those would need the query count and group
-            # size in the dispatcher's signature (benchmarks/probe_decode_rules.py, 2026-11-24 21:00-21:40 UTC;
+            # size in the dispatcher's signature (benchmarks/probe_decode_rules.py, 2026-11-24 20:50-21:10 UTC;
             # docs/benchmarks.md, "Decode steps over plain K/V tensors"). float32 was not measured: there the
             # kernel serves calls against a cache only.
             if req.dtype in (torch.float16, torch.bfloat16):

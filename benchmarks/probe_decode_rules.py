@@ -9,7 +9,8 @@ backend forced through `attnkit.attention` on the same inputs (forward, no gradi
 called directly with the mask the call means (none for Lq_new = 1, where bottom-right causal hides
 nothing; `causal_lower_right` otherwise) per kernel, as the bar. Each backend's output is checked
 against the float32 reference first. K/V bytes read per second (B * L * Hkv * 2D * 2 bytes), ms, the
-least of 3 interleaved rounds (`harness.best_of_rounds`). bf16, 32 query heads, 8 KV heads, D = 128 unless told otherwise.
+least of 3 interleaved rounds (`harness.best_of_rounds`). bf16, 32 query heads, 8 KV heads, D = 128 unless
+told otherwise.
 With --softcap, SDPA has no such argument: its direct rows run without it, as the bar of the same bytes
 (the attnkit rows pass it and are checked). With --window W, the direct rows read every key while the
 window leaves Lq_new + W - 1 of them: GB/s then counts those for every row (compare ms).

@@ -352,6 +352,53 @@ LAST_DIM_LAYOUTS = {  # views whose last dim is not unit-stride, as the lse kern
 }
 
 
+@pytest.mark.parametrize("lse", [False, True], ids=["out", "lse"])
+def test_sdpa_runs_one_causal_query_without_a_mask(lse, device, monkeypatch):
+    """A decode step (one query, bottom-right causal: every key visible) reaches SDPA as one plain call, not
+    through a lower-right CausalBias or cut into pieces; out (and lse, and the gradients) as the reference."""
+    from attnkit.backends import sdpa as sdpa_mod
+    seen = []
+    if lse:
+        orig = sdpa_mod._LsePlan.__init__
+
+        def spy(self, pieces, *a, **kw):
+            seen.append(pieces)
+            orig(self, pieces, *a, **kw)
+        monkeypatch.setattr(sdpa_mod._LsePlan, "__init__", spy)
+    else:
+        orig = sdpa_mod.F.scaled_dot_product_attention
+
+        def spy(*a, **kw):
+            seen.append(kw)
+            return orig(*a, **kw)
+        monkeypatch.setattr(sdpa_mod.F, "scaled_dot_product_attention", spy)
+    cpu = torch.device(device).type == "cpu"
+    dtype = torch.float32 if cpu else torch.bfloat16
+    q, k, v = make_qkv(2, 4, 2, 1, 37, 64, seed=35, device=device, dtype=dtype)
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    res = attnkit.attention(*leaves, causal=True, return_lse=lse, backend="sdpa")
+    if lse:
+        assert [(p.q0, p.q1, p.k0, p.k1, p.causal) for p in seen[0]] == [(0, 1, 0, 37, False)]
+    else:
+        assert len(seen) == 1 and seen[0].get("attn_mask") is None and not seen[0].get("is_causal", False)
+    out, lse_ = res if lse else (res, None)
+    l64 = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
+    ref, ref_lse = attnkit.attention(*l64, causal=True, return_lse=True, backend="reference")
+    base = None if cpu else rel_err(naive_attention(q, k, v, causal=True), ref)
+    assert_close_rel(out, ref, base)
+    if lse:
+        assert_close_rel(lse_, ref_lse, name="lse", rtol=1e-5 if cpu else 1e-2)
+    if attnkit.get_backend("sdpa").unsupported(build_request(*leaves, causal=True, return_lse=lse)):
+        return  # (CUDA: no float32 lse gradients on sdpa)
+    w = torch.randn(out.shape, device=device, dtype=torch.float64)
+    grads = torch.autograd.grad((out * w.to(dtype)).sum(), leaves)
+    refg = torch.autograd.grad((ref * w).sum(), l64)
+    plain = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    baseg = torch.autograd.grad((naive_attention(*plain, causal=True) * w.to(dtype)).sum(), plain)
+    for n, a, r, b in zip("qkv", grads, refg, baseg):
+        assert_close_rel(a, r, None if cpu else rel_err(b, r), rtol=5e-5, name=f"grad {n}")
+
+
 @pytest.mark.parametrize("layout", list(LAST_DIM_LAYOUTS))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_sdpa_lse_path_reads_any_last_dim_stride(layout, causal, device):

@@ -69,14 +69,14 @@ class TritonBackend(Backend):
         if req.decode_shaped:
             # The split-KV decode kernel reads a cache in place (the others build a mask, and gather a paged
             # one, first). Over plain K/V tensors too (a model keeping its own cache) it ranks above SDPA's
-            # 100, as measured on an H100, 32 query heads over 1, 8 or 32 KV heads, causal, B 1-32 x L 1k-32k, D = 64 / 128 / 256,
-            # bf16 / fp16, a window or a softcap. With 4-16 new queries it ran 1.0-18x the best other backend
-            # (SDPA's kernels read K/V once per query head there). With one query it was within 1% of SDPA's
-            # best kernel or ahead (up to 1.36x) on 40 of 46 rows, behind on six calls of 50-180 us (0.68x at
-            # D = 256, B1 x 8k; 0.90x MQA at B32 x 8k); a rule for those would need the query count and group
-            # size in the dispatcher's signature (benchmarks/probe_decode_rules.py, 2026-11-24 20:50-21:10 UTC;
-            # docs/benchmarks.md, "Decode steps over plain K/V tensors"). float32 was not measured: there the
-            # kernel serves calls against a cache only.
+            # 100, as measured on an H100: 32 query heads over 1, 8 or 32 KV heads, causal, B 1-32 x L 1k-32k,
+            # D = 64 / 128 / 256, bf16 / fp16, a window or a softcap. With 4-16 new queries it ran 1.0-18x the
+            # best other backend (SDPA's kernels read K/V once per query head there). With one query it was
+            # within 1% of SDPA's best kernel or ahead (up to 1.36x) on 40 of 46 rows, behind on six calls of
+            # 50-180 us (0.68x at D = 256, B1 x 8k; 0.90x MQA at B32 x 8k); a rule for those would need the
+            # query count and group size in the dispatcher's signature (benchmarks/probe_decode_rules.py,
+            # 2026-11-24 20:50-21:10 UTC; docs/benchmarks.md, "Decode steps over plain K/V tensors"). float32
+            # was not measured: there the kernel serves calls against a cache only.
             if req.dtype in (torch.float16, torch.bfloat16):
                 return 110.0
             if req.cache_seqlens is not None:

@@ -18,6 +18,12 @@ window leaves Lq_new + W - 1 of them: GB/s then counts those for every row (comp
     python benchmarks/probe_decode_rules.py                   # the grid
     python benchmarks/probe_decode_rules.py --batches 8 --lengths 8192 --lq 1 4 --dims 64 256 \
         --dtype float16 --window 4096 --softcap 50
+    python benchmarks/probe_decode_rules.py --splits      # the kernel alone, per split count (below)
+
+--splits: one query per sequence, our decode kernel called directly (ops.decode_attention, contiguous
+cache, no mask) at split counts 1-64 and at the split rule's choice (marked *), against SDPA's cuDNN and
+flash kernels called directly: what the kernel does on the small calls where the rows above swing with
+the host.
 """
 
 from __future__ import annotations
@@ -60,6 +66,40 @@ def sdpa_peers(q, k, v, causal: bool) -> dict:
     return out
 
 
+SPLIT_CASES = [  # (B, Hq, Hkv, D, L): one-query calls of 30-200 us
+    (1, 32, 8, 256, 8192), (1, 16, 8, 256, 8192), (1, 32, 8, 256, 32768), (8, 16, 8, 256, 8192),
+    (1, 32, 8, 128, 8192), (1, 32, 8, 128, 32768), (1, 32, 8, 64, 8192),
+    (32, 32, 1, 128, 8192), (1, 32, 1, 128, 8192), (1, 32, 1, 128, 32768), (8, 32, 8, 128, 8192)]
+
+
+def split_sweep() -> None:
+    from attnkit.ops import decode_attention as da
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}; bf16, one query, contiguous cache")
+    print("us per call; s<n>: the decode kernel at n splits (*: the rule's); ratios: best SDPA kernel's time over ours")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for B, Hq, Hkv, D, L in SPLIT_CASES:
+        q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        v = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        fns = {n.replace("sdpa_", ""): f for n, f in sdpa_peers(q, k, v, causal=False).items()
+               if n != "sdpa_efficient"}
+        rule = da.num_splits_for(B * Hkv, L, q.device)
+        for s in sorted({1, 2, 4, 8, 16, 32, 64, rule}):
+            fns[f"s{s}" + ("*" if s == rule else "")] = (
+                lambda s=s: da.decode_attention(q, k, v, num_splits=s, return_lse=False)[0])
+        ref = fns["cudnn"]() if "cudnn" in fns else fns["flash"]()
+        for n, f in fns.items():
+            err = (f().float() - ref.float()).abs().max().item()
+            if err > 0.05:
+                raise AssertionError(f"{n}: max difference {err:.3g} from SDPA at B {B} D {D} L {L}")
+        t = harness.best_of_rounds(fns, rounds=3, warmup=10, rep=40)
+        sdpa = min(t[n] for n in ("cudnn", "flash") if n in t)
+        ours = [n for n in t if n.startswith("s")]
+        print(f"B{B} Hq{Hq}/Hkv{Hkv} D{D} L{L}: " + "  ".join(f"{n} {t[n] * 1e3:.1f}us" for n in fns)
+              + f"   rule/sdpa {sdpa / t[next(n for n in ours if n.endswith('*'))]:.2f}"
+              + f"  best-split/sdpa {sdpa / min(t[n] for n in ours):.2f}")
+
+
 def main() -> None:
     import attnkit
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -71,7 +111,11 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     ap.add_argument("--window", type=int, default=None)
     ap.add_argument("--softcap", type=float, default=None)
+    ap.add_argument("--splits", action="store_true", help="the kernel alone per split count (see the docstring)")
     args = ap.parse_args()
+    if args.splits:
+        split_sweep()
+        return
     dtype, HKV = getattr(torch, args.dtype), args.kv_heads
     kw = dict(causal=True, window=args.window, softcap=args.softcap)
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.dtype}, Hq {HQ}, Hkv {HKV}, "

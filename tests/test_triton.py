@@ -1204,6 +1204,37 @@ def test_cuda_auto_picks_triton_where_it_measured_faster_without_a_bias():
 
 
 @pytest.mark.cuda
+def test_cuda_auto_takes_wide_causal_chunks():
+    """A causal chunk of queries against more keys (Lq < Lk, plain tensors) in inference goes to our kernel
+    when it has >= WIDE_CHUNK_ROWS query rows (measured ahead of SDPA's lower-right kernel there), and
+    matches float64 as plain math does; fewer rows, gradients, extra features, square or non-causal calls
+    and float32 stay where they were."""
+    from attnkit.request import WIDE_CHUNK_ROWS
+
+    def qkv(B, Lq, Lk, D=128, Hq=32, Hkv=8, dtype=torch.bfloat16):
+        return make_qkv(B, Hq, Hkv, Lq, Lk, D, dtype=dtype, device="cuda")
+
+    def choice(*t, **kw):
+        return attnkit.explain(*t, **kw).backend
+
+    assert 32 * 512 == WIDE_CHUNK_ROWS
+    q, k, v = qkv(1, 512, 1500, D=96)  # Lq and Lk off the tile grid, D not a power of two
+    assert choice(q, k, v, causal=True) == "triton"
+    with torch.no_grad():
+        out = attnkit.attention(q, k, v, causal=True)
+    ref = attnkit.attention(q.double(), k.double(), v.double(), causal=True, backend="reference")
+    assert_close_rel(out, ref, rel_err(naive_attention(q, k, v, causal=True), ref))
+    assert choice(*qkv(2, 300, 4096, D=64), causal=True) == "triton"  # 19200 rows
+    assert choice(*qkv(1, 256, 32768), causal=True) == "sdpa"  # 8192 rows: one program per two SMs
+    assert choice(*qkv(1, 512, 512), causal=True) == "sdpa"  # square: cuDNN
+    assert choice(*qkv(1, 512, 4096)) == "sdpa"  # not causal
+    assert choice(*qkv(1, 512, 4096), causal=True, window=256) != "triton"  # a window: not measured
+    assert choice(*qkv(1, 512, 4096, dtype=torch.float32), causal=True) != "triton"
+    q.requires_grad_(True)
+    assert choice(q, k, v, causal=True) != "triton"  # training: the backward was not measured here
+
+
+@pytest.mark.cuda
 def test_cuda_auto_picks_triton_for_groups():
     case = CUDA_GROUP[1]
     q, k, v = make_qkv(1, 4, 4, case.Lq, case.Lk, 64, dtype=torch.bfloat16, device="cuda")

@@ -28,6 +28,10 @@ DECODE_MAX_LQ = 16
 # Features a decode-shaped call must not need (the decode kernel is forward-only and reads no
 # mask, bias or mod; everything else of the contract it honours).
 _NOT_DECODE = frozenset({"mask", "bias", "bias_grad", "score_mod", "mask_mod", "group_mask", "dropout", "backward"})
+# A causal chunk of queries against more keys (Lq < Lk: a prefill chunk, speculative tokens) with at least
+# this many query rows (B x Hq x Lq) is "wide": enough 128-row programs to fill an H100's 132 SMs without
+# splitting the keys (the triton backend's rule for such calls: backends/triton.py).
+WIDE_CHUNK_ROWS = 16384
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -80,6 +84,7 @@ class AttentionRequest:
     # At most DECODE_MAX_LQ queries and no feature the split-KV decode kernel lacks (mask, bias,
     # mods, dropout, gradients): what the triton backend decodes in place.
     decode_shaped: bool = field(init=False)
+    wide_chunk: bool = field(init=False)  # see WIDE_CHUNK_ROWS
     signature: tuple = field(init=False)
 
     def __post_init__(self) -> None:
@@ -109,7 +114,10 @@ class AttentionRequest:
         # outputs (lse included) are differentiated (sdpa's lse on CUDA), and both carry 'backward'. And
         # whether a mask has a query dim: a key mask [*, *, 1, Lk] and a full one rank differently on CUDA.
         rows = self.mask is not None and self.mask.shape[2] != 1
-        self.signature = (q.device.type, q.dtype, qs[3], v.shape[3], f, self.decode_shaped, self.for_backward, rows)
+        self.wide_chunk = (self.causal and self.cache_seqlens is None and qs[2] < self.k.shape[2]
+                           and qs[0] * qs[1] * qs[2] >= WIDE_CHUNK_ROWS)
+        self.signature = (q.device.type, q.dtype, qs[3], v.shape[3], f, self.decode_shaped, self.for_backward, rows,
+                          self.wide_chunk)
 
     # --- shapes -----------------------------------------------------------
     @property

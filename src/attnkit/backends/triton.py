@@ -130,10 +130,10 @@ class TritonBackend(Backend):
             # after a cache). SDPA has no bottom-right causal in cuDNN or flash and runs its memory-efficient
             # kernel there; ours skips the tiles above the diagonal. With >= 16k query rows (B x Hq x Lq, one
             # program per SM without splitting the keys), H100, bf16, 32 query heads over 8 or 32 KV heads,
-            # Lq = 128-2048 against 4k-32k keys, D = 64 / 128 / 256: 1.13-1.62x the best other backend but one
+            # Lq = 128-2048 against 4k-32k keys, D = 64 / 128 / 256: 1.13-1.58x the best other backend but one
             # row (0.93x flex at D = 64, B1 x 512 x 32k; 1.17x SDPA there). With fewer rows ours (no split over
             # the keys) fell to 0.19-0.4x SDPA's on 32k keys, so those stay with SDPA (probe_decode_rules.py
-            # --lq 32 128 512 2048, 2026-11-24 21:35-21:45 UTC; docs/benchmarks.md, "Chunks of queries").
+            # --lq 32 128 512 2048, 2026-11-24 21:28-21:34 UTC; docs/benchmarks.md, "Chunks of queries").
             return 105.0
         return 20.0  # dense/causal: cuDNN is faster; elsewhere flex or SDPA were faster or not compared
 

@@ -11,6 +11,8 @@ half-precision biased calls with head dims up to 64 (Evoformer at D = 32, a shar
 at D = 64: forward at FlexAttention's level or above, forward+backward above it; docs/benchmarks.md,
 issue 5), and at the other head dims up to 128 (80, 96, ...: D = 96 measured ahead of
 FlexAttention forward, even forward+backward); FlexAttention keeps D = 128, where the two are even.
+In inference it also takes wide causal chunks (Lq < Lk over plain tensors, `AttentionRequest.wide_chunk`),
+where SDPA runs its memory-efficient kernel.
 On the CPU it runs only under Triton's interpreter (TRITON_INTERPRET=1), for tests.
 
 Decode-shaped calls (at most 16 queries per sequence, no gradient, no mask / bias / mods /

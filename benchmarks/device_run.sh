@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 run_ids() {  # run_ids FILE: those node ids in $shards parallel shards
-  local i
+  local i pids=()
   grep '::' "$1" > "$OUT/ids_all.txt"  # a copy: FILE may be a pipe
   rm -f "$OUT/not_run.txt" "$OUT"/ids_[0-9]*.txt "$OUT"/gpu_tests_[0-9]*.log
   for i in $(seq 0 $((shards - 1))); do
@@ -26,8 +26,9 @@ run_ids() {  # run_ids FILE: those node ids in $shards parallel shards
     [ -s "$OUT/ids_$i.txt" ] || continue  # no ids: pytest would run every test
     timeout "$limit" python3 -m pytest -q -rs -m cuda -p no:cacheprovider $(cat "$OUT/ids_$i.txt") \
       > "$OUT/gpu_tests_$i.log" 2>&1 &
+    pids+=($!)
   done
-  wait
+  [ ${#pids[@]} -eq 0 ] || wait "${pids[@]}"  # the shards only (a demo started beside them is waited for by its caller)
   for i in $(seq 0 $((shards - 1))); do
     local last done_n
     [ -s "$OUT/ids_$i.txt" ] || continue

@@ -29,8 +29,8 @@ DECODE_MAX_LQ = 16
 # mask, bias or mod; everything else of the contract it honours).
 _NOT_DECODE = frozenset({"mask", "bias", "bias_grad", "score_mod", "mask_mod", "group_mask", "dropout", "backward"})
 # A causal chunk of queries against more keys (Lq < Lk: a prefill chunk, speculative tokens) with at least
-# this many query rows (B x Hq x Lq) is "wide": enough 128-row programs to fill an H100's 132 SMs without
-# splitting the keys (the triton backend's rule for such calls: backends/triton.py).
+# this many query rows (B x Hq x Lq) is "wide": about one 128-row program per SM of an H100 (128 programs on
+# its 132 SMs) without splitting the keys (the triton backend's rule for such calls: backends/triton.py).
 WIDE_CHUNK_ROWS = 16384
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]

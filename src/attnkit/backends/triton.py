@@ -20,8 +20,8 @@ dropout: `AttentionRequest.decode_shaped`) run the split-KV decode kernel
 (ops/decode_attention.py), which reads a contiguous or paged cache in place with per-sequence
 lengths (`cache_seqlens`, `block_table`). Other calls with a cache are densified
 (`AttentionRequest.densified()`: gathered K/V and a mask) and run the flash kernel. On CUDA
-`auto` picks triton for decode-shaped calls, with a cache or over plain K/V tensors (measured ahead
-of the others there: see speed()).
+`auto` picks triton for decode-shaped calls with cache_seqlens (the other backends must
+build a mask, and gather a paged cache, first); over plain K/V tensors it leaves them to SDPA (see speed()).
 """
 
 from __future__ import annotations
@@ -68,21 +68,14 @@ class TritonBackend(Backend):
     def speed(self, req: AttentionRequest) -> float:
         if req.device.type != "cuda":
             return 0.5  # the interpreter: for tests only
-        if req.decode_shaped:
-            # The split-KV decode kernel reads a cache in place (the others build a mask, and gather a paged
-            # one, first). Over plain K/V tensors too (a model keeping its own cache) it ranks above SDPA's
-            # 100, as measured on an H100: 32 query heads over 1, 8 or 32 KV heads, causal, B 1-32 x L 1k-32k,
-            # D = 64 / 128 / 256, bf16 / fp16, a window or a softcap. With 4-16 new queries it ran 1.0-18x the
-            # best other backend (SDPA's kernels read K/V once per query head there). With one query it was
-            # within 1% of SDPA's best kernel or ahead (up to 1.36x) on 40 of 46 rows, behind on six calls of
-            # 50-180 us (0.68x at D = 256, B1 x 8k; 0.90x MQA at B32 x 8k); a rule for those would need the
-            # query count and group size in the dispatcher's signature (benchmarks/probe_decode_rules.py,
-            # 2026-11-24 20:50-21:10 UTC; docs/benchmarks.md, "Decode steps over plain K/V tensors"). float32
-            # was not measured: there the kernel serves calls against a cache only.
-            if req.dtype in (torch.float16, torch.bfloat16):
-                return 110.0
-            if req.cache_seqlens is not None:
-                return 90.0
+        if req.decode_shaped and req.cache_seqlens is not None:
+            return 90.0  # the split-KV decode kernel reads the cache in place; the others build a mask (and gather)
+        # Decode steps over plain K/V tensors (no cache_seqlens: a model keeping its own cache) stay with SDPA
+        # although the decode kernel led there with fixed shapes (H100: 0.998-18x the best other backend with
+        # 4-16 queries, SDPA's kernels reading K/V once per query head; with one query within 1% of SDPA or
+        # ahead on 40 of 46 rows). Such a cache grows every step, and every new length builds a new plan and
+        # launch (Triton's slow path) in the decode kernel, a host cost not measured yet: docs/benchmarks.md,
+        # "Decode steps over plain K/V tensors".
         if "group_mask" in req.features():
             return 80.0  # one launch over the allowed tiles only; ahead of flex's block mask (issue 4 bench)
         if req.dtype not in (torch.float16, torch.bfloat16):
@@ -132,7 +125,7 @@ class TritonBackend(Backend):
             # after a cache). SDPA has no bottom-right causal in cuDNN or flash and runs its memory-efficient
             # kernel there; ours skips the tiles above the diagonal. With >= 16k query rows (B x Hq x Lq, one
             # program per SM without splitting the keys), H100, bf16, 32 query heads over 8 or 32 KV heads,
-            # Lq = 128-2048 against 4k-32k keys, D = 64 / 128 / 256: 1.13-1.58x the best other backend but one
+            # Lq = 128-2048 against 4k-32k keys, D = 64 / 128 / 256: 1.10-1.58x the best other backend but one
             # row (0.93x flex at D = 64, B1 x 512 x 32k; 1.17x SDPA there). With fewer rows ours (no split over
             # the keys) fell to 0.19-0.4x SDPA's on 32k keys, so those stay with SDPA (probe_decode_rules.py
             # --lq 32 128 512 2048, 2026-11-24 21:28-21:34 UTC; docs/benchmarks.md, "Chunks of queries").

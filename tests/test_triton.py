@@ -1225,6 +1225,7 @@ def test_cuda_auto_takes_wide_causal_chunks():
     ref = attnkit.attention(q.double(), k.double(), v.double(), causal=True, backend="reference")
     assert_close_rel(out, ref, rel_err(naive_attention(q, k, v, causal=True), ref))
     assert choice(*qkv(2, 300, 4096, D=64), causal=True) == "triton"  # 19200 rows
+    assert choice(*qkv(1, 512, 4096, Hkv=32), causal=True) == "triton"  # no GQA: 'causal' alone
     assert choice(*qkv(1, 256, 32768), causal=True) == "sdpa"  # 8192 rows: one program per two SMs
     assert choice(*qkv(1, 512, 512), causal=True) == "sdpa"  # square: cuDNN
     assert choice(*qkv(1, 512, 4096)) == "sdpa"  # not causal

@@ -554,6 +554,28 @@ def test_key_masks_and_full_masks_have_their_own_signature():
     assert sig["keys"] != sig["full"]
 
 
+def test_wide_causal_chunks_have_their_own_signature():
+    """On CUDA a causal chunk of queries against more keys with >= WIDE_CHUNK_ROWS query rows (B x Hq x Lq)
+    ranks differently (triton's speed rule): the flag is exact at the threshold, needs causal, Lq < Lk and
+    plain tensors (with cache_seqlens the keys' length is a capacity), and is part of the signature."""
+    from attnkit.request import WIDE_CHUNK_ROWS
+
+    def req(B, Hq, Lq, Lk, **kw):
+        g = torch.Generator().manual_seed(6)
+        q = torch.randn(B, Hq, Lq, 8, generator=g)
+        k, v = torch.randn(B, 1, Lk, 8, generator=g), torch.randn(B, 1, Lk, 8, generator=g)
+        return build_request(q, k, v, **kw)
+
+    rows = WIDE_CHUNK_ROWS // 64
+    wide = req(2, 32, rows, rows + 1, causal=True)
+    assert wide.wide_chunk
+    assert not req(2, 32, rows - 1, rows + 1, causal=True).wide_chunk  # one query row per head short
+    assert not req(2, 32, rows, rows + 1).wide_chunk  # not causal
+    assert not req(2, 32, rows, rows, causal=True).wide_chunk  # square: top-left and bottom-right agree
+    assert not req(2, 32, rows, rows + 1, causal=True, cache_seqlens=rows + 1).wide_chunk
+    assert wide.signature != req(2, 32, rows - 1, rows + 1, causal=True).signature
+
+
 @pytest.mark.parametrize("make", [
     lambda: attnkit.StandardAttention(2, 8, backend="nope"),
     lambda: attnkit.FlashAttention(2, 8, backend="nope"),

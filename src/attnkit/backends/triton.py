@@ -120,7 +120,7 @@ class TritonBackend(Backend):
             # Training at D = 64: forward+backward 1.35x (L = 1024, W = 256) and 1.11x (L = 4096, W = 1024).
             # Inference (0.95-1.24x) and D = 128 (0.92-1.02x / 0.96-0.97x) stay with flex.
             return 75.0
-        if req.wide_chunk and req.features() <= {"causal", "gqa"}:
+        if req.wide_chunk and not req.decode_shaped and req.features() <= {"causal", "gqa"}:
             # Inference over a causal chunk of queries against more keys (Lq < Lk, plain tensors: a prefill chunk
             # after a cache). SDPA has no bottom-right causal in cuDNN or flash and runs its memory-efficient
             # kernel there; ours skips the tiles above the diagonal. With >= 16k query rows (B x Hq x Lq, one
@@ -128,7 +128,9 @@ class TritonBackend(Backend):
             # Lq = 128-2048 against 4k-32k keys, D = 64 / 128 / 256: 1.10-1.58x the best other backend but one
             # row (0.93x flex at D = 64, B1 x 512 x 32k; 1.17x SDPA there). With fewer rows ours (no split over
             # the keys) fell to 0.19-0.4x SDPA's on 32k keys, so those stay with SDPA (probe_decode_rules.py
-            # --lq 32 128 512 2048, 2026-11-24 21:28-21:34 UTC; docs/benchmarks.md, "Chunks of queries").
+            # --lq 32 128 512 2048, 2026-11-24 21:28-21:34 UTC; docs/benchmarks.md, "Chunks of queries"). Not
+            # for decode-shaped chunks (<= 16 queries, e.g. B32 x 32 heads x 16): the decode kernel would run them,
+            # and its rule for plain K/V tensors is above.
             return 105.0
         return 20.0  # dense/causal: cuDNN is faster; elsewhere flex or SDPA were faster or not compared
 

@@ -1189,7 +1189,7 @@ def test_cuda_auto_picks_triton_where_it_measured_faster_without_a_bias():
             assert choice(D, backward, mask=keys, causal=True) == "triton", (D, backward)
             assert choice(D, backward, mask=keys, window=64) == "triton", (D, backward)
     assert choice(96, True, mask=keys) == "triton"
-    full = torch.rand(4, 1, 300, 300, device="cuda") > 0.1  # a query dim: ours up to D = 128, cached apart
+    full = torch.rand(4, 1, 300, 300, device="cuda") > 0.1  # a query dim: ours up to D = 128 too
     for D in (96, 128):
         assert choice(D, False, mask=full) == "triton" and choice(D, True, mask=full) == "triton", D
     pair = torch.randn(1, 8, 300, 300, device="cuda", dtype=torch.bfloat16)

@@ -541,19 +541,6 @@ def test_backward_requests_have_their_own_signature():
     assert fwd.signature != bwd.signature
 
 
-def test_key_masks_and_full_masks_have_their_own_signature():
-    """On CUDA a key mask [B, 1, 1, Lk] and a mask with a query dim rank differently (triton's speed rule):
-    the choice cached for one must not serve the other. Broadcast query dims count as keys only."""
-    q, k, v = make_qkv(2, 2, 2, 8, 8, 16, seed=5)
-    keys = torch.rand(2, 1, 1, 8, generator=torch.Generator().manual_seed(1)) > 0.2
-    full = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(2)) > 0.2
-    sig = {name: build_request(q, k, v, mask=m).signature for name, m in
-           (("keys", keys), ("keys per head", keys.expand(2, 2, 1, 8)), ("full", full),
-            ("full 2-D", full[0, 0]))}
-    assert sig["keys"] == sig["keys per head"] and sig["full"] == sig["full 2-D"]
-    assert sig["keys"] != sig["full"]
-
-
 def test_wide_causal_chunks_have_their_own_signature():
     """On CUDA a causal chunk of queries against more keys with >= WIDE_CHUNK_ROWS query rows (B x Hq x Lq)
     ranks differently (triton's speed rule): the flag is exact at the threshold, needs causal, Lq < Lk and

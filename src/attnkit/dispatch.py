@@ -6,10 +6,9 @@ checked against benchmarks/). `reference` is the oracle and is chosen only
 when nothing else can serve.
 
 Backends decide from `AttentionRequest.signature` alone (device, dtype, head
-dims, features, whether a mask has a query dim, whether the call is decode-shaped
-or a wide causal chunk), so the choice is cached per
-signature: a call pays one dict lookup, not a walk over every backend's
-capability table.
+dims, features, whether the call is decode-shaped or a wide causal chunk), so
+the choice is cached per signature: a call pays one dict lookup, not a walk
+over every backend's capability table.
 
 Calls against a cache (decode steps) go further: the run a backend prepared for a call
 (`Backend.prepare`) is kept under the call's `request.replay_key`, and `attention` replays it

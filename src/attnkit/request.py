@@ -111,12 +111,10 @@ class AttentionRequest:
         self.decode_shaped = qs[2] <= DECODE_MAX_LQ and f.isdisjoint(_NOT_DECODE)
         # Everything backend choice may depend on; the dispatcher caches its choice per signature.
         # for_backward too: a backend may take attention_backward's request but not a forward whose
-        # outputs (lse included) are differentiated (sdpa's lse on CUDA), and both carry 'backward'. And
-        # whether a mask has a query dim: a key mask [*, *, 1, Lk] and a full one rank differently on CUDA.
-        rows = self.mask is not None and self.mask.shape[2] != 1
+        # outputs (lse included) are differentiated (sdpa's lse on CUDA), and both carry 'backward'.
         self.wide_chunk = (self.causal and self.cache_seqlens is None and qs[2] < self.k.shape[2]
                            and qs[0] * qs[1] * qs[2] >= WIDE_CHUNK_ROWS)
-        self.signature = (q.device.type, q.dtype, qs[3], v.shape[3], f, self.decode_shaped, self.for_backward, rows,
+        self.signature = (q.device.type, q.dtype, qs[3], v.shape[3], f, self.decode_shaped, self.for_backward,
                           self.wide_chunk)
 
     # --- shapes -----------------------------------------------------------

@@ -87,8 +87,8 @@ class Backend:
     """Base class. Subclasses set `name` and `capabilities` and implement `run`.
 
     `unsupported` and `speed` must depend on `req.signature` only (device,
-    dtype, head dims, features, whether a mask has a query dim, whether the call is
-    decode-shaped or a wide causal chunk): the dispatcher caches its choice per signature.
+    dtype, head dims, features, whether the call is decode-shaped or a wide
+    causal chunk): the dispatcher caches its choice per signature.
     """
 
     name: str = ""

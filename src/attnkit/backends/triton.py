@@ -50,7 +50,7 @@ class TritonBackend(Backend):
         notes="attnkit's Triton kernels: one launch over a token-group layout; float32 in IEEE (no tf32); "
               "CPU only under TRITON_INTERPRET=1",
     )
-    # A kernel whose tiles do not fit this GPU first runs smaller ones (flash_attention._fitting); only
+    # A kernel whose tiles do not fit this GPU first runs smaller ones (flash_attention._with_fallback); only
     # when those do not fit either does `auto` move on to the next backend.
     build_errors = OUT_OF_RESOURCES
 
@@ -109,8 +109,8 @@ class TritonBackend(Backend):
             # dense and computes every tile; ours skips the tiles it leaves empty and runs those it allows whole
             # without reading it. A padding key mask at D = 96 / 128 (right or left, lengths in [L/2, L]):
             # 1.6-1.8x SDPA forward, 1.4-1.5x forward+backward, and at D = 128 1.07-1.16x / 0.97-1.01x flex with
-            # its block mask cached (19:43-19:48 UTC). Beside causal or a window, SDPA ran 0.42-0.51x of ours at D = 96 / 128; with a query dim
-            # ([B, 1, L, L], as transformers builds causal + padding) 1.86-2.78x SDPA forward+backward, 0.98-1.20x
+            # its block mask cached (19:43-19:48 UTC). Beside causal or a window, SDPA ran 0.42-0.51x of ours at
+            # D = 96 / 128; with a query dim ([B, 1, L, L], as transformers builds causal + padding) 1.86-2.78x SDPA forward+backward, 0.98-1.20x
             # flex. Only a key mask of random holes (no tile to skip) ran behind SDPA, by up to 8% (0.92x
             # forward at L = 4096, D = 128; D = 96 not measured): a choice, since a key mask is a padding mask
             # in nearly every model. Measurements: docs/benchmarks.md, "Where `auto` sends masks, ...", "The rules

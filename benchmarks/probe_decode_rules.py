@@ -19,11 +19,19 @@ window leaves Lq_new + W - 1 of them: GB/s then counts those for every row (comp
     python benchmarks/probe_decode_rules.py --batches 8 --lengths 8192 --lq 1 4 --dims 64 256 \
         --dtype float16 --window 4096 --softcap 50
     python benchmarks/probe_decode_rules.py --splits      # the kernel alone, per split count (below)
+    python benchmarks/probe_decode_rules.py --grow cat --lq 1 4 16   # a growing cache (below)
 
 --splits: one query per sequence, our decode kernel called directly (ops.decode_attention, contiguous
 cache, no mask) at split counts 1-64 and at the split rule's choice (marked *), against SDPA's cuDNN and
 flash kernels called directly: what the kernel does on the small calls where the rows above swing with
 the host.
+
+--grow views|cat: a cache that grows by one token per step, as in generation. Every backend runs --steps
+steps (default 32) from each length of --lengths, one key more each step; k/v are longer views of one
+buffer (`views`) or new tensors made by torch.cat each step as transformers' DynamicCache makes them
+(`cat`; the copy is in every backend's time). Microseconds per step, the GPU timed over whole loops
+(so a loop bound by the host shows the host's time), the least of 3 interleaved rounds. SDPA called
+directly is the bar. The last step's output is checked against the float32 reference first.
 """
 
 from __future__ import annotations
@@ -100,6 +108,63 @@ def split_sweep() -> None:
               + f"  best-split/sdpa {sdpa / min(t[n] for n in ours):.2f}")
 
 
+def grow_rows(args, dtype) -> None:
+    """The --grow grid (see the module docstring)."""
+    import attnkit
+    from torch.nn.attention.bias import causal_lower_right
+    HKV, N = args.kv_heads, args.steps
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.dtype}, Hq {HQ}, Hkv {HKV}, "
+          f"causal, a cache growing by one token per step ({args.grow}), {N} steps per loop")
+    print("us per step; ratio: the best direct SDPA time over attnkit auto's (> 1: auto faster)")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for D, Lq, B, L0 in itertools.product(args.dims, args.lq, args.batches, args.lengths):
+        q = torch.randn(B, HQ, Lq, D, device="cuda", dtype=dtype, generator=g)
+        buf_k = torch.randn(B, HKV, L0 + N, D, device="cuda", dtype=dtype, generator=g)
+        buf_v = torch.randn(B, HKV, L0 + N, D, device="cuda", dtype=dtype, generator=g)
+
+        def caches():
+            """(k, v) of each step: L0 + 1 .. L0 + N keys."""
+            if args.grow == "views":
+                for s in range(N):
+                    yield buf_k[:, :, :L0 + s + 1], buf_v[:, :, :L0 + s + 1]
+                return
+            k, v = buf_k[:, :, :L0].contiguous(), buf_v[:, :, :L0].contiguous()
+            for s in range(N):
+                k = torch.cat([k, buf_k[:, :, L0 + s:L0 + s + 1]], dim=2)
+                v = torch.cat([v, buf_v[:, :, L0 + s:L0 + s + 1]], dim=2)
+                yield k, v
+
+        def loop(step):
+            for k, v in caches():
+                out = step(k, v)
+            return out
+
+        steps = {be: (lambda k, v, be=be: attnkit.attention(q, k, v, causal=True, backend=be))
+                 for be in ("auto", "sdpa", "triton")}
+        masks = {}  # SDPA direct: lower-right causal for Lq > 1 (none for one query: it hides nothing)
+
+        def direct(k, v):
+            L = k.shape[2]
+            if Lq > 1 and L not in masks:
+                masks[L] = causal_lower_right(Lq, L)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=masks.get(L), enable_gqa=True)
+        steps["sdpa_direct"] = direct
+        with torch.no_grad():
+            ref = attnkit.attention(q[:1].float(), buf_k[:1].float(), buf_v[:1].float(), causal=True,
+                                    backend="reference")
+            for name, step in steps.items():
+                err = (loop(step)[:1].float() - ref).abs().max().item()
+                if err > 0.05:
+                    raise AssertionError(f"{name}: max error {err:.3g} at B {B} L0 {L0} Lq {Lq}")
+            fns = {name: (lambda step=step: loop(step)) for name, step in steps.items()}
+            t = harness.best_of_rounds(fns, rounds=3, warmup=0, rep=0)
+        us = {n: ms * 1e3 / N for n, ms in t.items()}
+        picked = attnkit.explain(q, buf_k[:, :, :L0], buf_v[:, :, :L0], causal=True).backend
+        print(f"D {D} Lq {Lq:>2} B {B:>3} L {L0:>6}: " + "  ".join(f"{n} {us[n]:.1f}" for n in us)
+              + f"  sdpa-direct/auto {us['sdpa_direct'] / us['auto']:.2f}"
+              + f"  sdpa-direct/triton {us['sdpa_direct'] / us['triton']:.2f}  [{picked}]")
+
+
 def main() -> None:
     import attnkit
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -112,11 +177,17 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=None)
     ap.add_argument("--softcap", type=float, default=None)
     ap.add_argument("--splits", action="store_true", help="the kernel alone per split count (see the docstring)")
+    ap.add_argument("--grow", choices=("views", "cat"), default=None,
+                    help="a cache growing by a token per step (see the docstring)")
+    ap.add_argument("--steps", type=int, default=32, help="steps per loop with --grow")
     args = ap.parse_args()
     if args.splits:
         split_sweep()
         return
     dtype, HKV = getattr(torch, args.dtype), args.kv_heads
+    if args.grow:
+        grow_rows(args, dtype)
+        return
     kw = dict(causal=True, window=args.window, softcap=args.softcap)
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.dtype}, Hq {HQ}, Hkv {HKV}, "
           f"window {args.window}, softcap {args.softcap}")

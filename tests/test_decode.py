@@ -402,6 +402,9 @@ def test_decode_plans_tell_calls_apart(tdevice, monkeypatch):
     q's strides, the table's width and so the split count, the lengths' dtype, paged or not),
     interleaved twice (the second round runs on kept plans), each match the oracle."""
     monkeypatch.setattr(da, "_PLANS", {})
+    # the split count may read the length of a contiguous cache only through its cap (_split_cap): 1 at 64 keys,
+    # 2 at the wider table's 96
+    monkeypatch.setattr(da, "MIN_KEYS_PER_SPLIT", 64)
     monkeypatch.setattr(da, "num_splits_for", lambda programs, len_k, device: 1 if len_k <= 64 else 3)
     d = make_decode(3, 8, 2, 2, 64, [40, 21, 9], 16, device=tdevice, seed=11, sinks=True)  # table 4 wide: 1 split
     wide = make_decode(3, 8, 2, 2, 64, [70, 21, 9], 16, device=tdevice, seed=12, sinks=True)  # 6 wide: 3 splits
@@ -975,6 +978,54 @@ def test_decode_kernel_over_plain_kv_views(case, tdevice, spy_decode):
         extra = {"softcap": kw["softcap"]} if "softcap" in kw else {}
         base = naive_attention(q, k, v, mask=mask, sinks=s, return_lse=True, **extra)
         check(out, lse, ref, base, mask, dtype, name=f"{name} {dtype}")
+
+
+def test_decode_kernel_over_a_growing_plain_cache(tdevice, monkeypatch):
+    """A model's own cache grows by a token per step: k/v arrive as plain tensors one key longer each call,
+    either new tensors (torch.cat, as transformers' DynamicCache grows: new strides) or longer views of one
+    buffer. The decode kernel keeps one plan per split cap (MIN_KEYS_PER_SPLIT, made 32 here, so the lengths
+    cross three caps and run several splits), not one per length, and gives the length and strides to each
+    launch. On a GPU a kernel is compiled (Triton's slow path) only for what Triton specialises those ints on
+    (== 1, a multiple of 16); every step must still match the float64 reference, so a kernel compiled for a
+    length that is a multiple of 16 never runs one that is not."""
+    from attnkit.ops import _launch
+    monkeypatch.setattr(da, "_PLANS", {})
+    monkeypatch.setattr(da, "MIN_KEYS_PER_SPLIT", 32)
+    builds = []
+    orig_compile = _launch._compile
+    monkeypatch.setattr(_launch, "_compile", lambda *a, **kw: builds.append(1) or orig_compile(*a, **kw))
+    cuda = tdevice == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    B, Hq, Hkv, Lq, D, Lmax = 2, 8, 2, 3, 40, 100
+    lengths = [1, 2, 3, 15, 16, 17, 32, 33, 47, 48, 64, 65, 99, 100]
+    g = torch.Generator(device=tdevice).manual_seed(41)
+    q = torch.randn(B, Hq, Lq, D, device=tdevice, dtype=dtype, generator=g)
+    buf_k = torch.randn(B, Hkv, Lmax, D, device=tdevice, dtype=dtype, generator=g)
+    buf_v = torch.randn(B, Hkv, Lmax, D, device=tdevice, dtype=dtype, generator=g)
+    for grown in ("views", "cat"):
+        for L in lengths:
+            if grown == "views":
+                k, v = buf_k[:, :, :L], buf_v[:, :, :L]
+            else:  # fresh contiguous tensors: the batch and head strides change with L
+                k = torch.cat([buf_k[:, :, :L - 1], buf_k[:, :, L - 1:L]], dim=2)
+                v = torch.cat([buf_v[:, :, :L - 1], buf_v[:, :, L - 1:L]], dim=2)
+            with torch.no_grad():
+                out, lse = attnkit.attention(q, k, v, causal=True, return_lse=True, backend="triton")
+            ref = attnkit.attention(q.double(), k.double(), v.double(), causal=True, return_lse=True,
+                                    backend="reference")
+            mask = allowed_mask(torch.full((B,), L), Lq, L, True, None).to(tdevice)
+            base = naive_attention(q, k, v, mask=mask, return_lse=True)
+            check(out, lse, ref, base, mask, dtype, name=f"{grown} L={L}")
+    caps = {da._split_cap(L) for L in lengths}
+    assert len(caps) == 4 and len(da._PLANS) == len(caps), sorted(da._PLANS)
+    if cuda:
+        # per plan, one build per kind of (length, strides) Triton tells apart, at most: a length of 1 or not,
+        # a multiple of 16 or not (the strides here follow the length; 4 kinds at most over 3 int roles)
+        assert len(builds) <= 4 * len(caps), len(builds)
+        assert len(builds) < 2 * len(lengths)
+    plan = next(iter(da._PLANS.values()))
+    with pytest.raises(TypeError, match="expected 9 ints per call, got 0"):
+        plan.split(q, q, q, q, q, q, q, q, q, q)
 
 
 @pytest.mark.cuda

@@ -13,7 +13,9 @@ Under the interpreter every call takes Triton's path.
 
 `Launch` goes further for a call site that can key the launch itself (decode steps, where
 every call repeats the last one's shapes): grid and non-tensor arguments are fixed when it is
-built, so a launch reads only its tensors' dtypes and alignment.
+built, so a launch reads only its tensors' dtypes and alignment. A few ints may instead be given
+per call (a cache that grows by a token per step: its length and strides); a launch then also
+reads what Triton specialises those on.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ try:
 except ImportError:  # pragma: no cover - triton missing: the kernels report it
     triton = None
 
-__all__ = ["launch", "Launch", "Cap", "INTERPRET", "OUT_OF_RESOURCES", "interpreting", "next_pow2", "block_dim",
+__all__ = ["launch", "Launch", "int_spec", "Cap", "INTERPRET", "OUT_OF_RESOURCES", "interpreting", "next_pow2", "block_dim",
            "cdiv", "on_device"]
 
 # What Triton raises when a kernel's config does not fit the GPU (shared memory, registers).
@@ -177,37 +179,58 @@ class Launch:
     only what Triton also specialises on and the key cannot hold: each tensor's dtype and
     16-byte alignment. As with `launch`, a new combination takes Triton's path once, and the
     interpreter always does.
+
+    With `ints=n`, the n parameters after the tensors are given per call instead, as
+    `Launch(...)(*tensors, ints=(...))`, and `rest` holds those after them: values the key need not
+    hold (a growing cache's length and strides). A launch then also reads what Triton specialises
+    ints on (== 1, a multiple of 16, 32 or 64 bits: `int_spec`), so one compiled kernel never runs
+    values it was not compiled for.
     """
 
-    __slots__ = ("kernel", "grid", "grid3", "rest", "consts", "tail", "num_warps", "num_stages", "maxnreg",
-                 "interpret", "device", "_compiled")
+    __slots__ = ("kernel", "grid", "grid3", "rest", "consts", "tail", "n_ints", "num_warps", "num_stages",
+                 "maxnreg", "interpret", "device", "_compiled")
 
     def __init__(self, kernel, grid: tuple, rest: tuple, consts: dict, *, num_warps: int, num_stages: int,
-                 interpret: bool, device: int | None = None, maxnreg: Caps = None):
+                 interpret: bool, device: int | None = None, maxnreg: Caps = None, ints: int = 0):
         self.kernel, self.grid, self.rest, self.consts = kernel, tuple(grid), tuple(rest), consts
         self.grid3 = self.grid + (1,) * (3 - len(self.grid))  # a compiled kernel's runner reads all three axes
         names = kernel.arg_names[len(kernel.arg_names) - len(consts):]  # the constexprs, in parameter order
         self.tail = self.rest + tuple(consts[n] for n in names)
+        self.n_ints = ints
         self.num_warps, self.num_stages, self.maxnreg, self.interpret = num_warps, num_stages, maxnreg, interpret
         self.device = device  # the CUDA device index (None: the interpreter)
         self._compiled: dict[tuple, Any] = {}
 
-    def __call__(self, *tensors: Tensor) -> None:
+    def __call__(self, *tensors: Tensor, ints: tuple = ()) -> None:
+        if len(ints) != self.n_ints:
+            raise TypeError(f"Launch of {self.kernel.__name__}: expected {self.n_ints} ints per call, "
+                            f"got {len(ints)}")
         if self.interpret:
-            self.kernel[self.grid](*tensors, *self.rest, **self.consts, num_warps=self.num_warps,
+            self.kernel[self.grid](*tensors, *ints, *self.rest, **self.consts, num_warps=self.num_warps,
                                    num_stages=self.num_stages)
             return
         ptrs = [t.data_ptr() for t in tensors]
-        spec = (*[t.dtype for t in tensors], *[not p & 15 for p in ptrs])
+        spec = (*[t.dtype for t in tensors], *[not p & 15 for p in ptrs], *map(int_spec, ints))
         hit = self._compiled.get(spec)
         if hit is None:
-            compiled = _compile(self.kernel, self.grid, tensors + self.rest, self.consts, self.num_warps,
+            compiled = _compile(self.kernel, self.grid, tensors + ints + self.rest, self.consts, self.num_warps,
                                 self.num_stages, self.maxnreg)
             self._compiled[spec] = (compiled, *_direct(compiled))
             return
         # pointers as ints for the launcher: it then neither calls data_ptr() nor queries the driver per tensor
-        _run(hit, self.grid3, driver.active.get_current_stream(self.device), (*tensors, *self.tail),
-             direct_args=(*ptrs, *self.tail))
+        _run(hit, self.grid3, driver.active.get_current_stream(self.device), (*tensors, *ints, *self.tail),
+             direct_args=(*ptrs, *ints, *self.tail))
+
+
+_I32 = 1 << 31
+
+
+def int_spec(x: int) -> int:
+    """What Triton (3.6) specialises an int argument on, as a small int: 1 becomes a constant (-1);
+    otherwise its width (i32 or i64: + 2) and whether it is a multiple of 16 (+ 1)."""
+    if x == 1:
+        return -1
+    return (not x & 15) + (0 if -_I32 <= x < _I32 else 2)
 
 
 def _run(hit: tuple, grid3: tuple, stream, args: tuple, direct_args: tuple | None = None) -> None:

@@ -73,8 +73,9 @@ if triton is not None:
     @triton.jit
     def _decode_split_kernel(
         Q, K, V, LENS, BT, SINKS, O, LSE, W, CNT,
-        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbtb, sbtn, sob, soh, som, sod,
-        Hq, Hkv, G, Lq, LK, NUM_MBLOCKS, NUM_SPLITS, W_LSE, scale, softcap, left, right,
+        skb, skh, skn, skd, svb, svh, svn, svd, LK,  # a contiguous cache's: given per call (_plan)
+        sqb, sqh, sqm, sqd, sbtb, sbtn, sob, soh, som, sod,
+        Hq, Hkv, G, Lq, NUM_MBLOCKS, NUM_SPLITS, W_LSE, scale, softcap, left, right,
         HAS_LENS: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
         FINAL: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -265,7 +266,7 @@ def num_splits_for(programs: int, len_k: int, device: torch.device) -> int:
     (never on the lengths' values: no device sync)."""
     slots = PROGRAMS_PER_SM * _sm_count(device)
     programs = max(programs, 1)
-    s_max = max(1, min(_cdiv(len_k, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
+    s_max = _split_cap(len_k)
     if programs >= 2 * slots:
         return 1
     best, best_fill = 1, 0.0
@@ -277,6 +278,11 @@ def num_splits_for(programs: int, len_k: int, device: torch.device) -> int:
         if fill > best_fill:
             best, best_fill = s, fill
     return best
+
+
+def _split_cap(len_k: int) -> int:
+    """The most splits num_splits_for gives a logical key length: all it reads of that length."""
+    return max(1, min(_cdiv(len_k, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
 
 
 def _config(d: int, dv: int, f32: bool, rows: int, paged: bool = False) -> tuple[int, int, int, int]:
@@ -341,11 +347,20 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, cache_seqlens: Tensor |
         sinks = sinks.contiguous()
     paged = block_table is not None
     device = q.device
-    # What the plan derives from; the heuristic and the interpreter flag too (tests swap them).
-    key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
-           block_table.shape if paged else None, block_table.stride() if paged else None,
-           q.dtype, cache_seqlens is not None, sinks is not None, scale, softcap, bounds, num_splits,
-           return_lse, num_splits_for, _INTERPRET, device)
+    # What the plan derives from; the heuristic and the interpreter flag too (tests swap them). A contiguous
+    # cache's length and strides are given per launch instead: a cache that grows by a token per step (a
+    # model's own cache, passed as plain tensors) then reuses one plan, rebuilt only when the split rule's
+    # cap moves (every MIN_KEYS_PER_SPLIT keys), not one plan and one launch through Triton's slow path
+    # per step. (The split count reads nothing else of the length; num_splits, from the tests, is
+    # clipped to the key tiles.)
+    if paged:
+        kv_key, kv_ints = (k.shape, k.stride(), v.shape, v.stride(), block_table.shape, block_table.stride()), ()
+    else:
+        Lk = k.shape[2]
+        kv_key = (k.shape[:2], k.shape[3], v.shape[3], _split_cap(Lk) if num_splits is None else Lk)
+        kv_ints = (*k.stride(), *v.stride(), Lk)
+    key = (q.shape, q.stride(), kv_key, q.dtype, cache_seqlens is not None, sinks is not None, scale, softcap,
+           bounds, num_splits, return_lse, num_splits_for, _INTERPRET, device)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _plan(q, k, v, block_table, cache_seqlens is not None, scale, softcap, sinks is not None,
@@ -364,10 +379,10 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, cache_seqlens: Tensor |
     lse_ = lse if return_lse else out
     with _on(q):
         if not plan.programs:  # one split: the split kernel writes the output itself
-            plan.split(q, k, v, lens, bt, sk, out, lse_, out, out)
+            plan.split(q, k, v, lens, bt, sk, out, lse_, out, out, ints=kv_ints)
         else:
             w = torch.empty(plan.w_size, device=device, dtype=torch.float32)
-            plan.split(q, k, v, lens, bt, sk, out, lse_, w, _counters(device, plan.programs))
+            plan.split(q, k, v, lens, bt, sk, out, lse_, w, _counters(device, plan.programs), ints=kv_ints)
     return out, lse
 
 
@@ -434,9 +449,10 @@ def _plan(q: Tensor, k: Tensor, v: Tensor, block_table: Tensor | None, has_lens:
     w_lse = _cdiv(rows_m * S * DV, 16) * 16
     p.w_size = (w_lse + rows_m * S,)
     bts = block_table.stride() if paged else (0, 0)
+    kv_fixed = (*k.stride(), *v.stride(), LK) if paged else ()  # a contiguous cache's come per call
     p.split = Launch(_decode_split_kernel, (programs, S), (
-        *q.stride(), *k.stride(), *v.stride(), *bts, *p.out_stride,
-        Hq, Hkv, G, Lq, LK, n_mblocks, S, w_lse, float(scale), float(softcap or 1.0), left or 0, right or 0), dict(
+        *kv_fixed, *q.stride(), *bts, *p.out_stride,
+        Hq, Hkv, G, Lq, n_mblocks, S, w_lse, float(scale), float(softcap or 1.0), left or 0, right or 0), dict(
         HAS_LENS=has_lens, PAGED=paged, PAGE=page,
         HAS_LEFT=left is not None, HAS_RIGHT=right is not None, SOFTCAP=softcap is not None,
         HAS_SINKS=has_sinks, FINAL=S == 1, STORE_LSE=store_lse,
@@ -446,6 +462,6 @@ def _plan(q: Tensor, k: Tensor, v: Tensor, block_table: Tensor | None, has_lens:
         # 32 registers a thread at 4 warps: 64 rows at once spilled at D = 128 and 256); MERGE_ROWS: the
         # rows of a block that can exist (the key loop pads them to 16 for tl.dot)
         MERGE_ROWS=min(bm, _p2(rows)), BLOCK_R=br, BLOCK_S=max(1, min(_p2(S), 4096 // (br * _pow2(DV))))),
-        num_warps=warps, num_stages=stages, interpret=_INTERPRET, device=q.device.index)
+        num_warps=warps, num_stages=stages, interpret=_INTERPRET, device=q.device.index, ints=0 if paged else 9)
     p.programs = programs if S > 1 else 0
     return p

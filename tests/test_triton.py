@@ -1227,7 +1227,7 @@ def test_cuda_auto_takes_wide_causal_chunks():
     assert choice(*qkv(2, 300, 4096, D=64), causal=True) == "triton"  # 19200 rows
     assert choice(*qkv(1, 512, 4096, Hkv=32), causal=True) == "triton"  # no GQA: 'causal' alone
     assert choice(*qkv(1, 256, 32768), causal=True) == "sdpa"  # 8192 rows: one program per two SMs
-    assert choice(*qkv(64, 16, 4096), causal=True) == "sdpa"  # 32768 rows, but decode-shaped: SDPA keeps it
+    assert choice(*qkv(64, 16, 4096), causal=True) == "triton"  # 32768 rows, decode-shaped: the decode kernel's
     assert choice(*qkv(1, 512, 512), causal=True) == "sdpa"  # square: cuDNN
     assert choice(*qkv(1, 512, 4096)) == "sdpa"  # not causal
     assert choice(*qkv(1, 512, 4096), causal=True, window=256) != "triton"  # a window: not measured

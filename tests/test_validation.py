@@ -563,6 +563,16 @@ def test_wide_causal_chunks_have_their_own_signature():
     assert wide.signature != req(2, 32, rows - 1, rows + 1, causal=True).signature
 
 
+def test_one_query_and_several_have_their_own_signature():
+    """On CUDA a decode step over plain K/V tensors goes to the decode kernel with 2-16 queries and stays
+    with SDPA with one (triton's speed rule): the choice cached for one must not serve the other."""
+    g = torch.Generator().manual_seed(7)
+    k, v = torch.randn(2, 2, 50, 8, generator=g), torch.randn(2, 2, 50, 8, generator=g)
+    one, four, four_b = (build_request(torch.randn(2, 4, n, 8, generator=g), k, v, causal=True) for n in (1, 4, 5))
+    assert one.decode_shaped and four.decode_shaped
+    assert one.signature != four.signature == four_b.signature
+
+
 @pytest.mark.parametrize("make", [
     lambda: attnkit.StandardAttention(2, 8, backend="nope"),
     lambda: attnkit.FlashAttention(2, 8, backend="nope"),

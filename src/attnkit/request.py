@@ -114,8 +114,9 @@ class AttentionRequest:
         # outputs (lse included) are differentiated (sdpa's lse on CUDA), and both carry 'backward'.
         self.wide_chunk = (self.causal and self.cache_seqlens is None and qs[2] < self.k.shape[2]
                            and qs[0] * qs[1] * qs[2] >= WIDE_CHUNK_ROWS)
+        # One query or more: decode steps over plain K/V tensors go to the decode kernel only with more.
         self.signature = (q.device.type, q.dtype, qs[3], v.shape[3], f, self.decode_shaped, self.for_backward,
-                          self.wide_chunk)
+                          self.wide_chunk, qs[2] == 1)
 
     # --- shapes -----------------------------------------------------------
     @property

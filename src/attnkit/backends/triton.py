@@ -21,7 +21,8 @@ dropout: `AttentionRequest.decode_shaped`) run the split-KV decode kernel
 lengths (`cache_seqlens`, `block_table`). Other calls with a cache are densified
 (`AttentionRequest.densified()`: gathered K/V and a mask) and run the flash kernel. On CUDA
 `auto` picks triton for decode-shaped calls with cache_seqlens (the other backends must
-build a mask, and gather a paged cache, first); over plain K/V tensors it leaves them to SDPA (see speed()).
+build a mask, and gather a paged cache, first), and for causal ones of 2-16 queries over plain K/V
+tensors; one query over plain tensors stays with SDPA (see speed()).
 """
 
 from __future__ import annotations
@@ -70,12 +71,18 @@ class TritonBackend(Backend):
             return 0.5  # the interpreter: for tests only
         if req.decode_shaped and req.cache_seqlens is not None:
             return 90.0  # the split-KV decode kernel reads the cache in place; the others build a mask (and gather)
-        # Decode steps over plain K/V tensors (no cache_seqlens: a model keeping its own cache) stay with SDPA
-        # although the decode kernel led there with fixed shapes (H100: 0.998-18x the best other backend with
-        # 4-16 queries, SDPA's kernels reading K/V once per query head; with one query within 1% of SDPA or
-        # ahead on 40 of 46 rows). Such a cache grows every step, and every new length builds a new plan and
-        # launch (Triton's slow path) in the decode kernel, a host cost not measured yet: docs/benchmarks.md,
-        # "Decode steps over plain K/V tensors".
+        if req.decode_shaped and req.causal and req.len_q > 1:
+            # Causal decode steps of 2-16 queries over plain K/V tensors (a model keeping its own cache;
+            # speculative tokens): SDPA's kernels read K/V once per query head there, ours once per KV head.
+            # H100, bf16, 32 query heads over 8 KV heads, D = 128, a cache growing by one token per step
+            # (one plan per split cap, the length given per launch): 1.18-4.72x SDPA called directly from
+            # B8 or 32k keys up, over views of one buffer, and 1.07-1.37x with the torch.cat of DynamicCache
+            # in every step's time; on B1 x 1k-8k, where the host sets the time, 0.88-0.97x SDPA called
+            # directly and ahead of our own SDPA path (2026-11-24 ~23:10 UTC, probe_decode_rules.py --grow).
+            # Fixed shapes, D = 64-256, window, softcap, float16: 0.998-18x the best other backend (20:50 UTC).
+            # One query stays with SDPA: within +-6% of it, growing or not (docs/benchmarks.md, "Decode steps
+            # over plain K/V tensors" and "A cache that grows").
+            return 90.0
         if "group_mask" in req.features():
             return 80.0  # one launch over the allowed tiles only; ahead of flex's block mask (issue 4 bench)
         if req.dtype not in (torch.float16, torch.bfloat16):
@@ -129,8 +136,8 @@ class TritonBackend(Backend):
             # row (0.93x flex at D = 64, B1 x 512 x 32k; 1.17x SDPA there). With fewer rows ours (no split over
             # the keys) fell to 0.19-0.4x SDPA's on 32k keys, so those stay with SDPA (probe_decode_rules.py
             # --lq 32 128 512 2048, 2026-11-24 21:28-21:34 UTC; docs/benchmarks.md, "Chunks of queries"). Not
-            # for decode-shaped chunks (<= 16 queries, e.g. B32 x 32 heads x 16): the decode kernel would run them,
-            # and its rule for plain K/V tensors is above.
+            # for decode-shaped chunks (<= 16 queries, e.g. B32 x 32 heads x 16): the decode kernel runs them,
+            # under its rule for plain K/V tensors above.
             return 105.0
         return 20.0  # dense/causal: cuDNN is faster; elsewhere flex or SDPA were faster or not compared
 

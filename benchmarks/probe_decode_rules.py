@@ -26,12 +26,14 @@ cache, no mask) at split counts 1-64 and at the split rule's choice (marked *), 
 flash kernels called directly: what the kernel does on the small calls where the rows above swing with
 the host.
 
---grow views|cat: a cache that grows by one token per step, as in generation. Every backend runs --steps
-steps (default 32) from each length of --lengths, one key more each step; k/v are longer views of one
-buffer (`views`) or new tensors made by torch.cat each step as transformers' DynamicCache makes them
-(`cat`; the copy is in every backend's time). Microseconds per step, the GPU timed over whole loops
-(so a loop bound by the host shows the host's time), the least of 3 interleaved rounds. SDPA called
-directly is the bar. The last step's output is checked against the float32 reference first.
+--grow views|cat: a cache that grows by one token per step, as in generation. From each length of
+--lengths every backend keeps growing its own cache by one key per step, loop after loop (--steps per
+loop, default 32), so that no timed step sees a length seen before (a cached per-length plan would
+hide the cost that generation pays); k/v are longer views of one buffer (`views`) or new tensors made
+by torch.cat each step as transformers' DynamicCache makes them (`cat`; the copy is in every backend's
+time). Microseconds per step, the GPU timed over whole loops (so a loop bound by the host shows the
+host's time), the least of 3 interleaved rounds. SDPA called directly is the bar. The first loop's last
+step is checked against the float32 reference.
 """
 
 from __future__ import annotations
@@ -113,50 +115,50 @@ def grow_rows(args, dtype) -> None:
     import attnkit
     from torch.nn.attention.bias import causal_lower_right
     HKV, N = args.kv_heads, args.steps
+    loops = 1 + 3 * 4  # the check, then 3 rounds of time_fn's untimed call and 3 timed loops (warmup=rep=0)
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.dtype}, Hq {HQ}, Hkv {HKV}, "
-          f"causal, a cache growing by one token per step ({args.grow}), {N} steps per loop")
+          f"causal, a cache growing by one token per step ({args.grow}), {N} steps per loop, no length seen twice")
     print("us per step; ratio: the best direct SDPA time over attnkit auto's (> 1: auto faster)")
     g = torch.Generator(device="cuda").manual_seed(0)
     for D, Lq, B, L0 in itertools.product(args.dims, args.lq, args.batches, args.lengths):
         q = torch.randn(B, HQ, Lq, D, device="cuda", dtype=dtype, generator=g)
-        buf_k = torch.randn(B, HKV, L0 + N, D, device="cuda", dtype=dtype, generator=g)
-        buf_v = torch.randn(B, HKV, L0 + N, D, device="cuda", dtype=dtype, generator=g)
+        buf_k = torch.randn(B, HKV, L0 + loops * N, D, device="cuda", dtype=dtype, generator=g)
+        buf_v = torch.randn(B, HKV, L0 + loops * N, D, device="cuda", dtype=dtype, generator=g)
 
-        def caches():
-            """(k, v) of each step: L0 + 1 .. L0 + N keys."""
-            if args.grow == "views":
-                for s in range(N):
-                    yield buf_k[:, :, :L0 + s + 1], buf_v[:, :, :L0 + s + 1]
-                return
-            k, v = buf_k[:, :, :L0].contiguous(), buf_v[:, :, :L0].contiguous()
-            for s in range(N):
-                k = torch.cat([k, buf_k[:, :, L0 + s:L0 + s + 1]], dim=2)
-                v = torch.cat([v, buf_v[:, :, L0 + s:L0 + s + 1]], dim=2)
-                yield k, v
+        def make_loop(step):
+            """N steps of a cache that goes on growing from where the last loop left it."""
+            state = {"L": L0}
+            if args.grow == "cat":
+                state["k"], state["v"] = buf_k[:, :, :L0].contiguous(), buf_v[:, :, :L0].contiguous()
 
-        def loop(step):
-            for k, v in caches():
-                out = step(k, v)
-            return out
+            def loop():
+                for _ in range(N):
+                    L = state["L"] = state["L"] + 1
+                    if args.grow == "views":
+                        k, v = buf_k[:, :, :L], buf_v[:, :, :L]
+                    else:
+                        k = state["k"] = torch.cat([state["k"], buf_k[:, :, L - 1:L]], dim=2)
+                        v = state["v"] = torch.cat([state["v"], buf_v[:, :, L - 1:L]], dim=2)
+                    out = step(k, v)
+                return out
+            return loop
 
         steps = {be: (lambda k, v, be=be: attnkit.attention(q, k, v, causal=True, backend=be))
                  for be in ("auto", "sdpa", "triton")}
-        masks = {}  # SDPA direct: lower-right causal for Lq > 1 (none for one query: it hides nothing)
 
-        def direct(k, v):
-            L = k.shape[2]
-            if Lq > 1 and L not in masks:
-                masks[L] = causal_lower_right(Lq, L)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=masks.get(L), enable_gqa=True)
+        def direct(k, v):  # lower-right causal for Lq > 1 (none for one query: it hides nothing)
+            mask = causal_lower_right(Lq, k.shape[2]) if Lq > 1 else None
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         steps["sdpa_direct"] = direct
         with torch.no_grad():
-            ref = attnkit.attention(q[:1].float(), buf_k[:1].float(), buf_v[:1].float(), causal=True,
-                                    backend="reference")
+            ref = attnkit.attention(q[:1].float(), buf_k[:1, :, :L0 + N].float(), buf_v[:1, :, :L0 + N].float(),
+                                    causal=True, backend="reference")
+            fns = {}
             for name, step in steps.items():
-                err = (loop(step)[:1].float() - ref).abs().max().item()
+                fns[name] = make_loop(step)
+                err = (fns[name]()[:1].float() - ref).abs().max().item()
                 if err > 0.05:
                     raise AssertionError(f"{name}: max error {err:.3g} at B {B} L0 {L0} Lq {Lq}")
-            fns = {name: (lambda step=step: loop(step)) for name, step in steps.items()}
             t = harness.best_of_rounds(fns, rounds=3, warmup=0, rep=0)
         us = {n: ms * 1e3 / N for n, ms in t.items()}
         picked = attnkit.explain(q, buf_k[:, :, :L0], buf_v[:, :, :L0], causal=True).backend

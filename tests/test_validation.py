@@ -573,6 +573,29 @@ def test_one_query_and_several_have_their_own_signature():
     assert one.signature != four.signature == four_b.signature
 
 
+def test_decode_steps_over_plain_tensors_rank_as_on_cuda(monkeypatch):
+    """The CUDA ranking of decode steps over plain K/V tensors, on requests built on the CPU and taken for
+    CUDA ones (the speed rules read the device from the request): causal half-precision calls of 2-16
+    queries go to the decode kernel ahead of SDPA; one query, float32, or no causal stay with SDPA."""
+    from attnkit.request import AttentionRequest
+    monkeypatch.setattr(AttentionRequest, "device", property(lambda self: torch.device("cuda")))
+    g = torch.Generator().manual_seed(8)
+
+    def best(Lq, dtype=torch.bfloat16, **kw):
+        q = torch.randn(2, 8, Lq, 16, generator=g).to(dtype)
+        k, v = (torch.randn(2, 2, 300, 16, generator=g).to(dtype) for _ in range(2))
+        req = build_request(q, k, v, **kw)
+        speeds = {name: b.speed(req) for name, b in BACKENDS.items() if name in ("sdpa", "flex", "triton")}
+        return max(speeds, key=speeds.get)
+
+    assert best(4, causal=True) == "triton"
+    assert best(16, torch.float16, causal=True, return_lse=True) == "triton"
+    assert best(1, causal=True) == "sdpa"
+    assert best(4, torch.float32, causal=True) == "sdpa"
+    assert best(4) == "sdpa"
+    assert best(17, causal=True) == "sdpa"  # not decode-shaped (and under the wide chunks' rows)
+
+
 @pytest.mark.parametrize("make", [
     lambda: attnkit.StandardAttention(2, 8, backend="nope"),
     lambda: attnkit.FlashAttention(2, 8, backend="nope"),

@@ -42,6 +42,7 @@ import argparse
 import itertools
 import os
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
@@ -153,10 +154,13 @@ def grow_rows(args, dtype) -> None:
         with torch.no_grad():
             ref = attnkit.attention(q[:1].float(), buf_k[:1, :, :L0 + N].float(), buf_v[:1, :, :L0 + N].float(),
                                     causal=True, backend="reference")
-            fns = {}
+            fns, first = {}, {}
+            row_start = time.perf_counter()
             for name, step in steps.items():
                 fns[name] = make_loop(step)
-                err = (fns[name]()[:1].float() - ref).abs().max().item()
+                t0 = time.perf_counter()
+                err = (fns[name]()[:1].float() - ref).abs().max().item()  # .item() waits for the loop
+                first[name] = time.perf_counter() - t0
                 if err > 0.05:
                     raise AssertionError(f"{name}: max error {err:.3g} at B {B} L0 {L0} Lq {Lq}")
             t = harness.best_of_rounds(fns, rounds=3, warmup=0, rep=0)
@@ -164,7 +168,9 @@ def grow_rows(args, dtype) -> None:
         picked = attnkit.explain(q, buf_k[:, :, :L0], buf_v[:, :, :L0], causal=True).backend
         print(f"D {D} Lq {Lq:>2} B {B:>3} L {L0:>6}: " + "  ".join(f"{n} {us[n]:.1f}" for n in us)
               + f"  sdpa-direct/auto {us['sdpa_direct'] / us['auto']:.2f}"
-              + f"  sdpa-direct/triton {us['sdpa_direct'] / us['triton']:.2f}  [{picked}]")
+              + f"  sdpa-direct/triton {us['sdpa_direct'] / us['triton']:.2f}  [{picked}]"
+              + f"  (row {time.perf_counter() - row_start:.1f} s; first loops, s: "
+              + " ".join(f"{n} {first[n]:.2f}" for n in first) + ")")
 
 
 def main() -> None:

@@ -26,11 +26,13 @@ cache, no mask) at split counts 1-64 and at the split rule's choice (marked *), 
 flash kernels called directly: what the kernel does on the small calls where the rows above swing with
 the host.
 
---grow views|cat: a cache that grows by one token per step, as in generation. From each length of
---lengths every backend keeps growing its own cache by one key per step, loop after loop (--steps per
-loop, default 32), so that no timed step sees a length seen before (a cached per-length plan would
-hide the cost that generation pays); k/v are longer views of one buffer (`views`) or new tensors made
-by torch.cat each step as transformers' DynamicCache makes them (`cat`; the copy is in every backend's
+--grow views|cat: a cache that grows with every step, as in generation. From each length of --lengths
+every backend keeps growing its own cache, loop after loop (--steps per loop, default 32), so that no
+step, timed or not, sees a length seen before in the process (a per-length plan or cuDNN graph cached by
+an earlier loop or by another backend would hide the cost that generation pays): with n backends, the
+i-th sees lengths L + i + 1, L + i + 1 + n, ... (n keys more per step, lengths interleaved so that all
+run about the same lengths). k/v are longer views of one buffer (`views`) or new tensors made by
+torch.cat each step as transformers' DynamicCache makes them (`cat`; the copy is in every backend's
 time). Microseconds per step, the GPU timed over whole loops (so a loop bound by the host shows the
 host's time), the least of 3 interleaved rounds. SDPA called directly is the bar. The first loop's last
 step is checked against the float32 reference.
@@ -117,29 +119,33 @@ def grow_rows(args, dtype) -> None:
     from torch.nn.attention.bias import causal_lower_right
     HKV, N = args.kv_heads, args.steps
     loops = 1 + 3 * 4  # the check, then 3 rounds of time_fn's untimed call and 3 timed loops (warmup=rep=0)
+    n_be = 4  # backends: auto, sdpa, triton, sdpa_direct
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.dtype}, Hq {HQ}, Hkv {HKV}, "
-          f"causal, a cache growing by one token per step ({args.grow}), {N} steps per loop, no length seen twice")
+          f"causal, a cache growing every step ({args.grow}), {N} steps per loop, no length seen twice")
     print("us per step; ratio: the best direct SDPA time over attnkit auto's (> 1: auto faster)")
     g = torch.Generator(device="cuda").manual_seed(0)
     for D, Lq, B, L0 in itertools.product(args.dims, args.lq, args.batches, args.lengths):
         q = torch.randn(B, HQ, Lq, D, device="cuda", dtype=dtype, generator=g)
-        buf_k = torch.randn(B, HKV, L0 + loops * N, D, device="cuda", dtype=dtype, generator=g)
-        buf_v = torch.randn(B, HKV, L0 + loops * N, D, device="cuda", dtype=dtype, generator=g)
+        Lmax = L0 + n_be * (loops * N + 1)
+        buf_k = torch.randn(B, HKV, Lmax, D, device="cuda", dtype=dtype, generator=g)
+        buf_v = torch.randn(B, HKV, Lmax, D, device="cuda", dtype=dtype, generator=g)
 
-        def make_loop(step):
-            """N steps of a cache that goes on growing from where the last loop left it."""
-            state = {"L": L0}
+        def make_loop(step, i):
+            """N steps of a cache that goes on growing from where the last loop left it (the i-th backend's
+            lengths: L0 + i + 1 + n_be * s)."""
+            state = {"L": L0 + i + 1 - n_be}
             if args.grow == "cat":
-                state["k"], state["v"] = buf_k[:, :, :L0].contiguous(), buf_v[:, :, :L0].contiguous()
+                state["k"], state["v"] = buf_k[:, :, :L0 + i + 1 - n_be], buf_v[:, :, :L0 + i + 1 - n_be]
 
             def loop():
                 for _ in range(N):
-                    L = state["L"] = state["L"] + 1
+                    L0_, L = state["L"], state["L"] + n_be
+                    state["L"] = L
                     if args.grow == "views":
                         k, v = buf_k[:, :, :L], buf_v[:, :, :L]
                     else:
-                        k = state["k"] = torch.cat([state["k"], buf_k[:, :, L - 1:L]], dim=2)
-                        v = state["v"] = torch.cat([state["v"], buf_v[:, :, L - 1:L]], dim=2)
+                        k = state["k"] = torch.cat([state["k"], buf_k[:, :, L0_:L]], dim=2)
+                        v = state["v"] = torch.cat([state["v"], buf_v[:, :, L0_:L]], dim=2)
                     out = step(k, v)
                 return out
             return loop
@@ -151,13 +157,15 @@ def grow_rows(args, dtype) -> None:
             mask = causal_lower_right(Lq, k.shape[2]) if Lq > 1 else None
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         steps["sdpa_direct"] = direct
+        assert len(steps) == n_be
         with torch.no_grad():
-            ref = attnkit.attention(q[:1].float(), buf_k[:1, :, :L0 + N].float(), buf_v[:1, :, :L0 + N].float(),
-                                    causal=True, backend="reference")
             fns, first = {}, {}
             row_start = time.perf_counter()
-            for name, step in steps.items():
-                fns[name] = make_loop(step)
+            for i, (name, step) in enumerate(steps.items()):
+                fns[name] = make_loop(step, i)
+                last = L0 + i + 1 + n_be * (N - 1)  # the first loop's last length
+                ref = attnkit.attention(q[:1].float(), buf_k[:1, :, :last].float(), buf_v[:1, :, :last].float(),
+                                        causal=True, backend="reference")
                 t0 = time.perf_counter()
                 err = (fns[name]()[:1].float() - ref).abs().max().item()  # .item() waits for the loop
                 first[name] = time.perf_counter() - t0

@@ -401,6 +401,52 @@ def test_sdpa_runs_one_causal_query_without_a_mask(lse, device, monkeypatch):
         assert_close_rel(a, r, None if cpu else rel_err(b, r), rtol=5e-5, name=f"grad {n}")
 
 
+def test_sdpa_puts_cudnn_first_for_a_bounded_number_of_shapes_per_family(monkeypatch):
+    """cuDNN builds a graph per new shape (tens of ms): per family of calls (dtype, heads, head dims, kind) it
+    goes first for the first CUDNN_GRAPHS_PER_FAMILY shapes (batch, lengths, strides) and for those again,
+    never for the family's later shapes; other families have their own count."""
+    from attnkit.backends import sdpa as sdpa_mod
+    monkeypatch.setattr(sdpa_mod, "_CUDNN_GRAPHS", {})
+    n = sdpa_mod.CUDNN_GRAPHS_PER_FAMILY
+    buf_k, buf_v = torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
+    q = torch.randn(2, 8, 1, 16)
+    first = sdpa_mod._cudnn_first
+    kind = ("plain", False, False, False)
+    assert [first(q, buf_k[:, :, :L], buf_v[:, :, :L], kind) for L in range(1, n + 3)] == [True] * n + [False] * 2
+    assert first(q, buf_k[:, :, :1], buf_v[:, :, :1], kind)  # built: still first
+    assert first(q, buf_k[:, :, :n + 1].contiguous(), buf_v[:, :, :n + 1].contiguous(), kind) is False  # strides
+    assert first(q[:1], buf_k[:1, :, :1], buf_v[:1, :, :1], kind) is False  # another batch: another shape
+    assert first(q, buf_k[:, :, :n + 2], buf_v[:, :, :n + 2], ("lse", False, "forward"))  # another kind
+    assert first(q.half(), buf_k[:, :, :n + 2].half(), buf_v[:, :, :n + 2].half(), kind)  # another dtype
+
+
+@pytest.mark.cuda
+def test_cuda_sdpa_decode_over_a_growing_cache_stops_building_cudnn_graphs(monkeypatch):
+    """One query against a cache growing by a token per call on the sdpa backend (plain path and lse path):
+    after CUDNN_GRAPHS_PER_FAMILY lengths cuDNN is no longer put first (so no graph is built per step), and
+    every step still matches the float64 reference."""
+    from attnkit.backends import sdpa as sdpa_mod
+    monkeypatch.setattr(sdpa_mod, "_CUDNN_GRAPHS", {})
+    entered = []
+    orig_enter = sdpa_mod._CudaPriority.__enter__
+    monkeypatch.setattr(sdpa_mod._CudaPriority, "__enter__", lambda self: entered.append(1) or orig_enter(self))
+    n = sdpa_mod.CUDNN_GRAPHS_PER_FAMILY
+    q, buf_k, buf_v = make_qkv(2, 8, 2, 1, 3 * n, 64, seed=36, device="cuda", dtype=torch.bfloat16)
+    for lse in (False, True):
+        entered.clear()
+        for L in range(n + 1, 3 * n + 1):
+            k, v = buf_k[:, :, :L], buf_v[:, :, :L]
+            with torch.no_grad():
+                res = attnkit.attention(q, k, v, causal=True, return_lse=lse, backend="sdpa")
+            out = res[0] if lse else res
+            ref = attnkit.attention(q.double(), k.double(), v.double(), causal=True, backend="reference")
+            assert_close_rel(out, ref, rel_err(naive_attention(q, k, v, causal=True), ref), name=f"L={L}")
+        if not lse:
+            assert len(entered) == n  # the plain path: cuDNN first for the first n lengths only
+    fam = [f for f in sdpa_mod._CUDNN_GRAPHS if f[-1][0] == "lse"]
+    assert fam and all(len(sdpa_mod._CUDNN_GRAPHS[f]) == n for f in fam)
+
+
 @pytest.mark.parametrize("layout", list(LAST_DIM_LAYOUTS))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_sdpa_lse_path_reads_any_last_dim_stride(layout, causal, device):

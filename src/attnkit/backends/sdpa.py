@@ -9,7 +9,11 @@ Translation rules (SDPA's own semantics differ from the contract in three places
 - rows with nothing to attend to would give NaN: they are unmasked inside the
   call and their output is set to 0 afterwards, so gradients stay finite too.
 On CUDA the kernel priority is cuDNN > flash > memory-efficient > math; torch
-skips a kernel that cannot take the inputs.
+skips a kernel that cannot take the inputs. cuDNN builds an execution graph for every new
+shape (40-45 ms of host time on an H100, torch 2.11): a family of calls (dtype, heads, head
+dims, kind) whose shapes keep changing, as a decode loop over a growing cache's lengths or
+prompts of every length, builds at most CUDNN_GRAPHS_PER_FAMILY of them; its other shapes run
+torch's default order (flash first). See `_cudnn_first`.
 
 return_lse (and `backward_from_stats`, the backward from given statistics) runs SDPA's private
 kernels that also return the log-sum-exp, through torch's own aten ops:
@@ -96,12 +100,41 @@ class _CudaPriority:
 _NULL = contextlib.nullcontext()
 _CUDA_PRIORITY = _CudaPriority()
 
+# cuDNN builds (and torch caches) an execution graph per call shape: q/k/v sizes and strides, dtype,
+# causal, mask. A new one took 40-45 ms of host time on an H100 (torch 2.11.0+cu130, 2026-11-24), against
+# ~60-100 us for a one-query decode step: a cache that grows by a token per step paid it on every step
+# (docs/benchmarks.md, "A cache that grows"). Per family of calls (all but the lengths, batch and strides),
+# cuDNN goes first for the first CUDNN_GRAPHS_PER_FAMILY shapes and for those again; the family's other
+# shapes run torch's default order (flash > efficient > math > cuDNN), which builds nothing.
+CUDNN_GRAPHS_PER_FAMILY = 8
+_CUDNN_GRAPHS: dict[tuple, set] = {}  # family -> the shapes cuDNN was put first for (so built)
+_MAX_FAMILIES = 1024
 
-def _kernel_context(device_type: str):
-    """Context that orders SDPA's kernels on CUDA (cuDNN first); a no-op elsewhere or when compiling."""
-    if device_type != "cuda" or torch.compiler.is_compiling():
+
+def _cudnn_first(q: Tensor, k: Tensor, v: Tensor, kind: tuple) -> bool:
+    """Whether a CUDA call on q, k, v (of a `kind`: causal, masked, forward / backward) puts cuDNN first."""
+    family = (q.device, q.dtype, q.shape[1], k.shape[1], q.shape[3], v.shape[3], kind)
+    shapes = _CUDNN_GRAPHS.get(family)
+    if shapes is None:
+        if len(_CUDNN_GRAPHS) >= _MAX_FAMILIES:
+            _CUDNN_GRAPHS.pop(next(iter(_CUDNN_GRAPHS)))
+        shapes = _CUDNN_GRAPHS[family] = set()
+    shape = (q.shape[0], q.shape[2], k.shape[2], q.stride(), k.stride(), v.stride())
+    if shape in shapes:
+        return True
+    if len(shapes) < CUDNN_GRAPHS_PER_FAMILY:
+        shapes.add(shape)
+        return True
+    return False
+
+
+def _kernel_context(req: AttentionRequest):
+    """Context that orders SDPA's kernels on CUDA (cuDNN first, unless `_cudnn_first` says its graphs churn);
+    a no-op elsewhere or when compiling."""
+    if req.device.type != "cuda" or torch.compiler.is_compiling():
         return _NULL
-    return _CUDA_PRIORITY
+    kind = ("plain", _causal_hides(req), _explicit(req), req.needs_grad)
+    return _CUDA_PRIORITY if _cudnn_first(req.q, req.k, req.v, kind) else _NULL
 
 
 class SdpaBackend(Backend):
@@ -136,7 +169,7 @@ class SdpaBackend(Backend):
                 return _SdpaLse.apply(plan, req.q, req.k, req.v)
             return plan.forward(req.q, req.k, req.v)
         kw = dict(dropout_p=req.dropout_p, scale=req.scale, enable_gqa=req.heads_q != req.heads_kv)
-        with _kernel_context(req.device.type):
+        with _kernel_context(req):
             if not _explicit(req):
                 return self._plain(req, **kw), None
             return self._masked(req, **kw), None
@@ -409,8 +442,11 @@ def _lse_out(raw: Tensor, B: int, H: int, Lq: int) -> Tensor:
 
 
 def _try_kernels(q, k, v, causal: bool, direction: str, run):
-    """run(kernel) on the first kernel of `lse_kernels` that does not raise (a raising one is skipped from now on)."""
+    """run(kernel) on the first kernel of `lse_kernels` that does not raise (a raising one is skipped from now on);
+    cuDNN last where `_cudnn_first` says no."""
     kernels = lse_kernels(q, k, v, causal, direction)
+    if kernels[:1] == (CUDNN,) and not _cudnn_first(q, k, v, ("lse", causal, direction)):
+        kernels = kernels[1:] + kernels[:1]
     err = None
     for name in kernels:
         try:

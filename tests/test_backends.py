@@ -423,13 +423,14 @@ def test_sdpa_puts_cudnn_first_for_a_bounded_number_of_shapes_per_family(monkeyp
 @pytest.mark.cuda
 def test_cuda_sdpa_decode_over_a_growing_cache_stops_building_cudnn_graphs(monkeypatch):
     """One query against a cache growing by a token per call on the sdpa backend (plain path and lse path):
-    after CUDNN_GRAPHS_PER_FAMILY lengths cuDNN is no longer put first (so no graph is built per step), and
-    every step still matches the float64 reference."""
+    after CUDNN_GRAPHS_PER_FAMILY lengths cuDNN is put last (so no graph is built per step), and every step
+    still matches the float64 reference."""
     from attnkit.backends import sdpa as sdpa_mod
     monkeypatch.setattr(sdpa_mod, "_CUDNN_GRAPHS", {})
     entered = []
     orig_enter = sdpa_mod._CudaPriority.__enter__
-    monkeypatch.setattr(sdpa_mod._CudaPriority, "__enter__", lambda self: entered.append(1) or orig_enter(self))
+    monkeypatch.setattr(sdpa_mod._CudaPriority, "__enter__",
+                        lambda self: entered.append(self is sdpa_mod._CUDA_PRIORITY) or orig_enter(self))
     n = sdpa_mod.CUDNN_GRAPHS_PER_FAMILY
     q, buf_k, buf_v = make_qkv(2, 8, 2, 1, 3 * n, 64, seed=36, device="cuda", dtype=torch.bfloat16)
     for lse in (False, True):
@@ -441,8 +442,8 @@ def test_cuda_sdpa_decode_over_a_growing_cache_stops_building_cudnn_graphs(monke
             out = res[0] if lse else res
             ref = attnkit.attention(q.double(), k.double(), v.double(), causal=True, backend="reference")
             assert_close_rel(out, ref, rel_err(naive_attention(q, k, v, causal=True), ref), name=f"L={L}")
-        if not lse:
-            assert len(entered) == n  # the plain path: cuDNN first for the first n lengths only
+        if not lse:  # the plain path: cuDNN first for the first n lengths, then last (set, not left to torch)
+            assert entered == [True] * n + [False] * n
     fam = [f for f in sdpa_mod._CUDNN_GRAPHS if f[-1][0] == "lse"]
     assert fam and all(len(sdpa_mod._CUDNN_GRAPHS[f]) == n for f in fam)
 

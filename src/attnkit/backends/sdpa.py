@@ -13,7 +13,7 @@ skips a kernel that cannot take the inputs. cuDNN builds an execution graph for 
 shape (40-45 ms of host time on an H100, torch 2.11): a family of calls (dtype, heads, head
 dims, kind) whose shapes keep changing, as a decode loop over a growing cache's lengths or
 prompts of every length, builds at most CUDNN_GRAPHS_PER_FAMILY of them; its other shapes run
-torch's default order (flash first). See `_cudnn_first`.
+flash > efficient > math > cuDNN. See `_cudnn_first`.
 
 return_lse (and `backward_from_stats`, the backward from given statistics) runs SDPA's private
 kernels that also return the log-sum-exp, through torch's own aten ops:
@@ -69,20 +69,20 @@ CUDA_PRIORITY = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "M
 
 
 class _CudaPriority:
-    """Puts cuDNN first in SDPA's CUDA kernel order for one call, then restores the order.
+    """Sets SDPA's CUDA kernel order for one call (`order`: SDPBackend names, first to last; the rest keep
+    torch's order after them), then restores the order.
 
     torch's own `sdpa_kernel(..., set_priority=True)` does the same but costs
-    ~45 us of Python per call; this sets the order with two C calls. torch's
-    default order is flash > efficient > math > cuDNN.
+    ~45 us of Python per call; this sets the order with two C calls.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, order: tuple[str, ...]) -> None:
         get = getattr(torch._C, "_get_sdp_priority_order", None)
         self._set = getattr(torch._C, "_set_sdp_priority_order", None)
         self._get = get
         self._order = None
         if get is not None and self._set is not None and SDPBackend is not None:
-            want = [int(getattr(SDPBackend, n)) for n in CUDA_PRIORITY if hasattr(SDPBackend, n)]
+            want = [int(getattr(SDPBackend, n)) for n in order if hasattr(SDPBackend, n)]
             self._order = want + [b for b in get() if b not in want]
         self._saved = None
 
@@ -98,14 +98,16 @@ class _CudaPriority:
 
 
 _NULL = contextlib.nullcontext()
-_CUDA_PRIORITY = _CudaPriority()
+_CUDA_PRIORITY = _CudaPriority(CUDA_PRIORITY)
+# cuDNN last, set explicitly: left alone, torch 2.11 ran cuDNN for one-query calls on an H100 all the same
+_CUDA_NO_CUDNN = _CudaPriority(("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION"))
 
 # cuDNN builds (and torch caches) an execution graph per call shape: q/k/v sizes and strides, dtype,
 # causal, mask. A new one took 40-45 ms of host time on an H100 (torch 2.11.0+cu130, 2026-11-24), against
 # ~60-100 us for a one-query decode step: a cache that grows by a token per step paid it on every step
 # (docs/benchmarks.md, "A cache that grows"). Per family of calls (all but the lengths, batch and strides),
 # cuDNN goes first for the first CUDNN_GRAPHS_PER_FAMILY shapes and for those again; the family's other
-# shapes run torch's default order (flash > efficient > math > cuDNN), which builds nothing.
+# shapes run flash > efficient > math > cuDNN, which builds nothing.
 CUDNN_GRAPHS_PER_FAMILY = 8
 _CUDNN_GRAPHS: dict[tuple, set] = {}  # family -> the shapes cuDNN was put first for (so built)
 _MAX_FAMILIES = 1024
@@ -134,7 +136,7 @@ def _kernel_context(req: AttentionRequest):
     if req.device.type != "cuda" or torch.compiler.is_compiling():
         return _NULL
     kind = ("plain", _causal_hides(req), _explicit(req), req.needs_grad)
-    return _CUDA_PRIORITY if _cudnn_first(req.q, req.k, req.v, kind) else _NULL
+    return _CUDA_PRIORITY if _cudnn_first(req.q, req.k, req.v, kind) else _CUDA_NO_CUDNN
 
 
 class SdpaBackend(Backend):

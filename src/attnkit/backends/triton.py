@@ -74,14 +74,14 @@ class TritonBackend(Backend):
         if req.decode_shaped and req.causal and req.len_q > 1 and req.dtype in (torch.float16, torch.bfloat16):
             # Causal decode steps of 2-16 queries over plain K/V tensors (a model keeping its own cache;
             # speculative tokens): SDPA's kernels read K/V once per query head there, ours once per KV head.
-            # H100, bf16, 32 query heads over 8 KV heads, D = 128, a cache growing by one token per step
-            # (one plan per split cap, the length given per launch): 1.18-4.72x SDPA called directly from
-            # B8 or 32k keys up, over views of one buffer, and 1.07-1.37x with the torch.cat of DynamicCache
-            # in every step's time; on B1 x 1k-8k, where the host sets the time, 0.88-0.97x SDPA called
-            # directly and ahead of our own SDPA path (2026-11-24 ~23:10 UTC, probe_decode_rules.py --grow).
-            # Fixed shapes, D = 64-256, window, softcap, float16: 0.998-18x the best other backend (20:50 UTC).
-            # One query stays with SDPA: within +-6% of it, growing or not (docs/benchmarks.md, "Decode steps
-            # over plain K/V tensors" and "A cache that grows"); float32 was not measured. Above SDPA's 100.
+            # H100, bf16, 32 query heads over 8 KV heads, D = 128, a cache growing every step, no length seen
+            # twice (one plan per split cap, the length given per launch): 1.03-4.81x SDPA called directly and
+            # 1.35-4.78x our sdpa backend over views of one buffer; 1.03-1.37x SDPA with the torch.cat of
+            # DynamicCache in every step's time (probe_decode_rules.py --grow, 2026-11-24 ~23:15 UTC). Fixed
+            # shapes, D = 64-256, window, softcap, float16: 0.998-18x the best other backend (20:50 UTC). One
+            # query stays with SDPA (0.82-1.24x of it between runs, the small rows bound by the host):
+            # docs/benchmarks.md, "Decode steps over plain K/V tensors" and "A cache that grows every step".
+            # float32 was not measured. Above SDPA's 100.
             return 110.0
         if "group_mask" in req.features():
             return 80.0  # one launch over the allowed tiles only; ahead of flex's block mask (issue 4 bench)

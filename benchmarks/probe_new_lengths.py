@@ -11,9 +11,10 @@ depends on whether an order was ever set in the process):
 - `sdpa`: attnkit's sdpa backend (cuDNN first for a family's first CUDNN_GRAPHS_PER_FAMILY shapes);
 - `auto`: attnkit.attention with backend="auto";
 - `direct`: F.scaled_dot_product_attention (lower-right causal mask for Lq > 1);
-- `triton`: the decode kernel, forced.
+- `triton`: the decode kernel, forced;
+- with --forced, then: `cudnn` and `flash`, SDPA called directly inside `sdpa_kernel(...)` of that kernel.
 
-    python benchmarks/probe_new_lengths.py [--lq 1 4] [--steps 600]
+    python benchmarks/probe_new_lengths.py [--lq 1 4] [--steps 600] [--forced]
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lq", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--forced", action="store_true", help="also SDPA's cuDNN and flash kernels, forced")
     args = ap.parse_args()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
     B, HQ, HKV, D, L0, N = 1, 32, 8, 128, 1024, args.steps
-    kinds = ("sdpa", "auto", "direct", "triton")
+    kinds = ("sdpa", "auto", "direct", "triton") + (("cudnn", "flash") if args.forced else ())
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}; bf16, Hq {HQ}, Hkv {HKV}, D {D}, "
           f"B {B}, causal; {N} new lengths per path from {L0 + 1}, wall time per step (synchronised)")
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -50,19 +53,31 @@ def main() -> None:
         def direct(k, v):
             mask = causal_lower_right(Lq, k.shape[2]) if Lq > 1 else None
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+        def forced(kernel):
+            def f(k, v):
+                with sdpa_kernel(kernel):
+                    return direct(k, v)
+            return f
+        paths = {"direct": direct, "cudnn": forced(SDPBackend.CUDNN_ATTENTION),
+                 "flash": forced(SDPBackend.FLASH_ATTENTION)}
         start = L0
         for kind in kinds:
-            f = direct if kind == "direct" else (lambda k, v, be=kind: attnkit.attention(q, k, v, causal=True,
-                                                                                            backend=be))
+            f = paths.get(kind) or (lambda k, v, be=kind: attnkit.attention(q, k, v, causal=True, backend=be))
             ts = []
-            with torch.no_grad():
-                for s in range(N):
-                    L = start + s + 1
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    f(bk[:, :, :L], bv[:, :, :L])
-                    torch.cuda.synchronize()
-                    ts.append(time.perf_counter() - t0)
+            try:
+                with torch.no_grad():
+                    for s in range(N):
+                        L = start + s + 1
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        f(bk[:, :, :L], bv[:, :, :L])
+                        torch.cuda.synchronize()
+                        ts.append(time.perf_counter() - t0)
+            except RuntimeError as e:  # a forced kernel that does not take the call
+                print(f"Lq {Lq} {kind:>6}: {str(e).splitlines()[0][:100]}")
+                start += N
+                continue
             start += N
             srt = sorted(ts)
             slow = [i for i, t in enumerate(ts) if t > 5e-3]

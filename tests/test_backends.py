@@ -414,10 +414,29 @@ def test_sdpa_puts_cudnn_first_for_a_bounded_number_of_shapes_per_family(monkeyp
     kind = ("plain", False, False, False)
     assert [first(q, buf_k[:, :, :L], buf_v[:, :, :L], kind) for L in range(1, n + 3)] == [True] * n + [False] * 2
     assert first(q, buf_k[:, :, :1], buf_v[:, :, :1], kind)  # built: still first
-    assert first(q, buf_k[:, :, :n + 1].contiguous(), buf_v[:, :, :n + 1].contiguous(), kind) is False  # strides
+    assert first(q, buf_k[:, :, :2].contiguous(), buf_v[:, :, :2].contiguous(), kind) is False  # other strides
     assert first(q[:1], buf_k[:1, :, :1], buf_v[:1, :, :1], kind) is False  # another batch: another shape
     assert first(q, buf_k[:, :, :n + 2], buf_v[:, :, :n + 2], ("lse", False, "forward"))  # another kind
     assert first(q.half(), buf_k[:, :, :n + 2].half(), buf_v[:, :, :n + 2].half(), kind)  # another dtype
+    # past the cap: cuDNN after flash and efficient, before math (which would build [B, Hq, Lq, Lk] scores)
+    if sdpa_mod._CUDA_NO_CUDNN._order is not None:
+        names = {int(getattr(sdpa_mod.SDPBackend, m)): m for m in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION",
+                                                                      "CUDNN_ATTENTION", "MATH")}
+        assert [names.get(b) for b in sdpa_mod._CUDA_NO_CUDNN._order[:4]] == [
+            "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"]
+    # the lse path: cuDNN moves behind flash for the family's later shapes
+    tried = []
+
+    def run(name):
+        tried.append(name)
+        return name
+    monkeypatch.setattr(sdpa_mod, "lse_kernels", lambda *a, **kw: (sdpa_mod.CUDNN, sdpa_mod.FLASH))
+    monkeypatch.setattr(sdpa_mod, "_CUDNN_GRAPHS", {})
+    lse_kind = ("lse", False, "forward")
+    for L in range(1, n + 2):
+        sdpa_mod._try_kernels(q, buf_k[:, :, :L + 10], buf_v[:, :, :L + 10], False, "forward", run)
+    assert tried == [sdpa_mod.CUDNN] * n + [sdpa_mod.FLASH]
+    assert len(sdpa_mod._CUDNN_GRAPHS[next(f for f in sdpa_mod._CUDNN_GRAPHS if f[-1] == lse_kind)]) == n
 
 
 @pytest.mark.cuda
@@ -427,25 +446,31 @@ def test_cuda_sdpa_decode_over_a_growing_cache_stops_building_cudnn_graphs(monke
     still matches the float64 reference."""
     from attnkit.backends import sdpa as sdpa_mod
     monkeypatch.setattr(sdpa_mod, "_CUDNN_GRAPHS", {})
+    monkeypatch.setattr(sdpa_mod, "_BROKEN", set())
     entered = []
     orig_enter = sdpa_mod._CudaPriority.__enter__
     monkeypatch.setattr(sdpa_mod._CudaPriority, "__enter__",
                         lambda self: entered.append(self is sdpa_mod._CUDA_PRIORITY) or orig_enter(self))
     n = sdpa_mod.CUDNN_GRAPHS_PER_FAMILY
     q, buf_k, buf_v = make_qkv(2, 8, 2, 1, 3 * n, 64, seed=36, device="cuda", dtype=torch.bfloat16)
+    cudnn_lse = sdpa_mod.lse_kernels(q, buf_k, buf_v)[:1] == (sdpa_mod.CUDNN,)
     for lse in (False, True):
         entered.clear()
-        for L in range(n + 1, 3 * n + 1):
-            k, v = buf_k[:, :, :L], buf_v[:, :, :L]
-            with torch.no_grad():
-                res = attnkit.attention(q, k, v, causal=True, return_lse=lse, backend="sdpa")
-            out = res[0] if lse else res
-            ref = attnkit.attention(q.double(), k.double(), v.double(), causal=True, backend="reference")
-            assert_close_rel(out, ref, rel_err(naive_attention(q, k, v, causal=True), ref), name=f"L={L}")
-        if not lse:  # the plain path: cuDNN first for the first n lengths, then last (set, not left to torch)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for L in range(n + 1, 3 * n + 1):
+                k, v = buf_k[:, :, :L], buf_v[:, :, :L]
+                with torch.no_grad():
+                    res = attnkit.attention(q, k, v, causal=True, return_lse=lse, backend="sdpa")
+                out = res[0] if lse else res
+                ref = attnkit.attention(q.double(), k.double(), v.double(), causal=True, backend="reference")
+                assert_close_rel(out, ref, rel_err(naive_attention(q, k, v, causal=True), ref), name=f"L={L}")
+        cudnn_calls = sum(e.count for e in prof.key_averages() if "cudnn_attention" in e.key)
+        assert cudnn_calls <= n, cudnn_calls  # at most n shapes ran cuDNN: at most n graphs built
+        if not lse:  # the plain path: cuDNN first for the first n lengths, then after flash (set, not left to torch)
             assert entered == [True] * n + [False] * n
-    fam = [f for f in sdpa_mod._CUDNN_GRAPHS if f[-1][0] == "lse"]
-    assert fam and all(len(sdpa_mod._CUDNN_GRAPHS[f]) == n for f in fam)
+        elif cudnn_lse:  # (the lse path tries cuDNN first on this GPU: its family filled up)
+            fam = [f for f in sdpa_mod._CUDNN_GRAPHS if f[-1][0] == "lse"]
+            assert fam and all(len(sdpa_mod._CUDNN_GRAPHS[f]) == n for f in fam)
 
 
 @pytest.mark.parametrize("layout", list(LAST_DIM_LAYOUTS))

@@ -10,17 +10,18 @@ Translation rules (SDPA's own semantics differ from the contract in three places
   call and their output is set to 0 afterwards, so gradients stay finite too.
 On CUDA the kernel priority is cuDNN > flash > memory-efficient > math; torch
 skips a kernel that cannot take the inputs. cuDNN builds an execution graph for every new
-shape (40-45 ms of host time on an H100, torch 2.11): a family of calls (dtype, heads, head
+shape (~40-50 ms of host time on an H100, torch 2.11): a family of calls (dtype, heads, head
 dims, kind) whose shapes keep changing, as a decode loop over a growing cache's lengths or
-prompts of every length, builds at most CUDNN_GRAPHS_PER_FAMILY of them; its other shapes run
-flash > efficient > math > cuDNN. See `_cudnn_first`.
+prompts of every length, puts cuDNN first for at most CUDNN_GRAPHS_PER_FAMILY of them; its
+other shapes run flash > efficient > cuDNN > math. See `_cudnn_first`.
 
 return_lse (and `backward_from_stats`, the backward from given statistics) runs SDPA's private
 kernels that also return the log-sum-exp, through torch's own aten ops:
 - CPU: `_scaled_dot_product_flash_attention_for_cpu` (+ `_backward`): every dtype, GQA, an additive
   float mask (masks, bias, windows, mask_mod, bottom-right causal folded into it as above);
-- CUDA: the first of cuDNN > flash > memory-efficient that torch's `can_use_*` accepts for the
-  call (`_scaled_dot_product_{cudnn,flash,efficient}_attention` + `_backward`): no mask, bias,
+- CUDA: the first of cuDNN > flash (flash first past a family's cuDNN shapes; the memory-efficient
+  kernel is left out, `_CUDA_LSE_KERNELS`) that torch's `can_use_*` accepts for the
+  call (`_scaled_dot_product_{cudnn,flash}_attention` + `_backward`): no mask, bias,
   window or mask_mod there (those go to flex / triton / chunked); GQA where the kernel takes it.
   A kernel that raises is recorded and the next one is tried (with a warning).
 Causal calls are cut into square top-left causal and plain pieces (Lq > Lk: the last Lk rows;
@@ -99,15 +100,19 @@ class _CudaPriority:
 
 _NULL = contextlib.nullcontext()
 _CUDA_PRIORITY = _CudaPriority(CUDA_PRIORITY)
-# cuDNN last, set explicitly: left alone, torch 2.11 ran cuDNN for one-query calls on an H100 all the same
-_CUDA_NO_CUDNN = _CudaPriority(("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION"))
+# cuDNN after flash and efficient, set explicitly (left to torch's order, torch 2.11 ran cuDNN for one-query
+# calls on an H100 all the same), but before math: for what neither takes (GQA with a mask, Dv != D) a graph
+# costs less than math's [B, Hq, Lq, Lk] scores.
+_CUDA_NO_CUDNN = _CudaPriority(("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"))
 
 # cuDNN builds (and torch caches) an execution graph per call shape: q/k/v sizes and strides, dtype,
-# causal, mask. A new one took 40-45 ms of host time on an H100 (torch 2.11.0+cu130, 2026-11-24), against
+# causal, mask. A new one took ~40-50 ms of host time on an H100 (torch 2.11.0+cu130, 2026-11-24), against
 # ~60-100 us for a one-query decode step: a cache that grows by a token per step paid it on every step
 # (docs/benchmarks.md, "A cache that grows"). Per family of calls (all but the lengths, batch and strides),
 # cuDNN goes first for the first CUDNN_GRAPHS_PER_FAMILY shapes and for those again; the family's other
-# shapes run flash > efficient > math > cuDNN, which builds nothing.
+# shapes run flash > efficient > cuDNN > math, which builds a graph only for what flash and efficient refuse.
+# A count, not a cost model: more than 8 shapes that each recur (buckets, several batch sizes) leave the
+# later ones off cuDNN; eager calls only (under torch.compile the compiled graph picks its kernel).
 CUDNN_GRAPHS_PER_FAMILY = 8
 _CUDNN_GRAPHS: dict[tuple, set] = {}  # family -> the shapes cuDNN was put first for (so built)
 _MAX_FAMILIES = 1024

@@ -124,7 +124,7 @@ def _cudnn_first(q: Tensor, k: Tensor, v: Tensor, kind: tuple) -> bool:
     shapes = _CUDNN_GRAPHS.get(family)
     if shapes is None:
         if len(_CUDNN_GRAPHS) >= _MAX_FAMILIES:
-            _CUDNN_GRAPHS.pop(next(iter(_CUDNN_GRAPHS)))
+            _CUDNN_GRAPHS.pop(next(iter(_CUDNN_GRAPHS), None), None)  # (another thread may have taken it)
         shapes = _CUDNN_GRAPHS[family] = set()
     shape = (q.shape[0], q.shape[2], k.shape[2], q.stride(), k.stride(), v.stride())
     if shape in shapes:
@@ -452,7 +452,8 @@ def _try_kernels(q, k, v, causal: bool, direction: str, run):
     """run(kernel) on the first kernel of `lse_kernels` that does not raise (a raising one is skipped from now on);
     cuDNN last where `_cudnn_first` says no."""
     kernels = lse_kernels(q, k, v, causal, direction)
-    if kernels[:1] == (CUDNN,) and not _cudnn_first(q, k, v, ("lse", causal, direction)):
+    lse_kind = ("lse", causal, direction)
+    if kernels[:1] == (CUDNN,) and not torch.compiler.is_compiling() and not _cudnn_first(q, k, v, lse_kind):
         kernels = kernels[1:] + kernels[:1]
     err = None
     for name in kernels:

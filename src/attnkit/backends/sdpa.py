@@ -108,7 +108,7 @@ _CUDA_NO_CUDNN = _CudaPriority(("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN
 # cuDNN builds (and torch caches) an execution graph per call shape: q/k/v sizes and strides, dtype,
 # causal, mask. A new one took ~40-50 ms of host time on an H100 (torch 2.11.0+cu130, 2026-11-24), against
 # ~60-100 us for a one-query decode step: a cache that grows by a token per step paid it on every step
-# (docs/benchmarks.md, "A cache that grows"). Per family of calls (all but the lengths, batch and strides),
+# (docs/benchmarks.md, "A cache that grows every step"). Per family of calls (all but the lengths, batch and strides),
 # cuDNN goes first for the first CUDNN_GRAPHS_PER_FAMILY shapes and for those again; the family's other
 # shapes run flash > efficient > cuDNN > math, which builds a graph only for what flash and efficient refuse.
 # A count, not a cost model: more than 8 shapes that each recur (buckets, several batch sizes) leave the

@@ -34,8 +34,8 @@ try:
 except ImportError:  # pragma: no cover - triton missing: the kernels report it
     triton = None
 
-__all__ = ["launch", "Launch", "int_spec", "Cap", "INTERPRET", "OUT_OF_RESOURCES", "interpreting", "next_pow2", "block_dim",
-           "cdiv", "on_device"]
+__all__ = ["launch", "Launch", "int_spec", "Cap", "INTERPRET", "OUT_OF_RESOURCES", "interpreting", "next_pow2",
+           "block_dim", "cdiv", "on_device"]
 
 # What Triton raises when a kernel's config does not fit the GPU (shared memory, registers).
 OUT_OF_RESOURCES: tuple[type[BaseException], ...] = (

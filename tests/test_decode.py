@@ -953,7 +953,8 @@ def test_decode_kernel_over_plain_kv_views(case, tdevice, spy_decode):
     kernel serves that call over K/V views that are not contiguous, in half precision (float32 in the
     interpreter), and matches the float64 reference as plain math does. On CUDA `auto` sends causal calls of
     2-16 queries to it (and any with sinks, under the sinks rule); one query, or a call that is not causal,
-    stays with SDPA / flex (docs/benchmarks.md, "Decode steps over plain K/V tensors", "A cache that grows every step")."""
+    stays with SDPA / flex (docs/benchmarks.md, "Decode steps over plain K/V tensors", "A cache that grows
+    every step")."""
     name, B, Hq, Hkv, Lq, D, Dv, Lk, kw = case
     kw = dict(kw)
     cuda = tdevice == "cuda"

@@ -6,8 +6,8 @@ checked against benchmarks/). `reference` is the oracle and is chosen only
 when nothing else can serve.
 
 Backends decide from `AttentionRequest.signature` alone (device, dtype, head
-dims, features, whether the call is decode-shaped or a wide causal chunk), so
-the choice is cached per signature: a call pays one dict lookup, not a walk
+dims, features, whether the call is decode-shaped or a wide causal chunk, one
+query or more), so the choice is cached per signature: a call pays one dict lookup, not a walk
 over every backend's capability table.
 
 Calls against a cache (decode steps) go further: the run a backend prepared for a call

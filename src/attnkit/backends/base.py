@@ -88,7 +88,7 @@ class Backend:
 
     `unsupported` and `speed` must depend on `req.signature` only (device,
     dtype, head dims, features, whether the call is decode-shaped or a wide
-    causal chunk): the dispatcher caches its choice per signature.
+    causal chunk, one query or more): the dispatcher caches its choice per signature.
     """
 
     name: str = ""

@@ -24,7 +24,7 @@ run_ids() {  # run_ids FILE: those node ids in $shards parallel shards
   for i in $(seq 0 $((shards - 1))); do
     awk -v n="$shards" -v i="$i" 'NR % n == i' "$OUT/ids_all.txt" > "$OUT/ids_$i.txt"
     [ -s "$OUT/ids_$i.txt" ] || continue  # no ids: pytest would run every test
-    timeout "$limit" python3 -m pytest -q -rs -m cuda -p no:cacheprovider $(cat "$OUT/ids_$i.txt") \
+    timeout "$limit" python3 -m pytest -q -rfEs -m cuda -p no:cacheprovider $(cat "$OUT/ids_$i.txt") \
       > "$OUT/gpu_tests_$i.log" 2>&1 &
     pids+=($!)
   done

@@ -464,7 +464,8 @@ def test_cuda_sdpa_decode_over_a_growing_cache_stops_building_cudnn_graphs(monke
                 out = res[0] if lse else res
                 ref = attnkit.attention(q.double(), k.double(), v.double(), causal=True, backend="reference")
                 assert_close_rel(out, ref, rel_err(naive_attention(q, k, v, causal=True), ref), name=f"L={L}")
-        cudnn_calls = sum(e.count for e in prof.key_averages() if "cudnn_attention" in e.key)
+        # the SDPA entry op only: some torch 2.11 builds also record an inner aten::_cudnn_attention_forward
+        cudnn_calls = sum(e.count for e in prof.key_averages() if e.key == "aten::_scaled_dot_product_cudnn_attention")
         assert cudnn_calls <= n, cudnn_calls  # at most n shapes ran cuDNN: at most n graphs built
         if not lse:  # the plain path: cuDNN first for the first n lengths, then after flash (set, not left to torch)
             assert entered == [True] * n + [False] * n

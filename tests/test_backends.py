@@ -474,6 +474,103 @@ def test_cuda_sdpa_decode_over_a_growing_cache_stops_building_cudnn_graphs(monke
             assert fam and all(len(sdpa_mod._CUDNN_GRAPHS[f]) == n for f in fam)
 
 
+def test_sdpa_kernel_order_is_restored_after_calls_on_several_threads():
+    """SDPA's kernel order is one setting of the process: attnkit's calls on several threads (DataParallel
+    replicas, a threaded server) each see their own order inside the call and leave the order as it was."""
+    import sys
+    import threading
+    from attnkit.backends import sdpa as sdpa_mod
+    ctxs = (sdpa_mod._CUDA_PRIORITY, sdpa_mod._CUDA_NO_CUDNN)
+    if any(c._order is None for c in ctxs):
+        pytest.skip("this torch has no SDPA priority order")
+    get, set_ = torch._C._get_sdp_priority_order, torch._C._set_sdp_priority_order
+    original = list(get())
+    seen = []
+
+    def calls(ctx):
+        for _ in range(300):
+            with ctx:
+                seen.append(list(get()) == ctx._order)
+                with ctx:  # (nested: the inner exit restores the outer order)
+                    pass
+                seen.append(list(get()) == ctx._order)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, inside the contexts too
+    try:
+        threads = [threading.Thread(target=calls, args=(c,)) for c in ctxs * 2]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert list(get()) == original
+        assert len(seen) == 4 * 600 and all(seen)
+    finally:
+        sys.setswitchinterval(old)
+        set_(original)
+
+
+@pytest.mark.parametrize("lse", [False, True], ids=["out", "lse"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("backend", ["chunked", "sdpa", "flex", "triton"])
+def test_a_float32_bias_wider_than_half_inputs(backend, dtype, lse, device):
+    """A float32 bias with half-precision q/k/v: values past float16's range (1e5 + noise, whose differences
+    decide the softmax) and HF-style finfo(float32).min key padding. Every backend adds it as the reference
+    does (sdpa, which casts the mask to q's dtype, takes each row's largest value off first); no NaN."""
+    B, H, Lq, Lk, D = 2, 2, 9, 13, 16
+    q, k, v = make_qkv(B, H, H, Lq, Lk, D, seed=37, device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(38)
+    big = (1e5 + 3 * torch.randn(B, 1, Lq, Lk, generator=g)).to(device)
+    pad = (2 * torch.randn(1, H, Lq, Lk, generator=g)).to(device)
+    pad[..., Lk - 4:] = torch.finfo(torch.float32).min
+    for name, bias in (("big", big), ("padding", pad)):
+        req = build_request(q, k, v, bias=bias, return_lse=lse)
+        if attnkit.get_backend(backend).unsupported(req) is not None:
+            continue
+        res = attnkit.attention(q, k, v, bias=bias, return_lse=lse, backend=backend)
+        out, out_lse = res if lse else (res, None)
+        ref, ref_lse = attnkit.attention(q.double(), k.double(), v.double(), bias=bias.double(), return_lse=True,
+                                         backend="reference")
+        assert not out.isnan().any(), (name, backend)
+        # plain math either way: in half precision after taking each row's largest value off (else it
+        # overflows), or with the scores in float32, as torch promotes half scores + a float32 bias
+        shifted = bias - bias.amax(-1, keepdim=True)
+        f32 = naive_attention(q.float(), k.float(), v.float(), bias=bias).to(dtype)
+        base = max(rel_err(naive_attention(q, k, v, bias=shifted), ref), rel_err(f32, ref))
+        assert_close_rel(out, ref, base, name=f"{name} out")
+        if lse:  # float32 lse of values ~1e5: its own float32 rounding (~1e-2 absolute) dominates
+            torch.testing.assert_close(out_lse.double(), ref_lse, rtol=1e-6, atol=0.05, msg=f"{name} lse")
+
+
+@pytest.mark.cuda
+def test_cuda_auto_lse_inside_the_users_sdpa_kernel_context(monkeypatch):
+    """auto chose sdpa for a return_lse call; the same call inside the user's sdpa_kernel([MATH]) (no
+    lse-returning kernel enabled) goes to the next backend instead of raising, and a call first planned
+    inside such a context does not keep sdpa out once it is left."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from attnkit import dispatch
+    from attnkit.backends import sdpa as sdpa_mod
+    monkeypatch.setattr(sdpa_mod, "_PROBES", {})
+    dispatch.clear_cache()
+    q, k, v = make_qkv(2, 4, 4, 64, 64, 64, seed=39, device="cuda", dtype=torch.bfloat16)
+    ref, ref_lse = attnkit.attention(q.double(), k.double(), v.double(), causal=True, return_lse=True,
+                                     backend="reference")
+    base = rel_err(naive_attention(q, k, v, causal=True), ref)
+    with torch.no_grad():
+        assert attnkit.explain(q, k, v, causal=True, return_lse=True).backend == "sdpa"
+        outs = [attnkit.attention(q, k, v, causal=True, return_lse=True)]
+        with sdpa_kernel([SDPBackend.MATH]), pytest.warns(RuntimeWarning, match="sdpa"):
+            outs.append(attnkit.attention(q, k, v, causal=True, return_lse=True))
+        dispatch.clear_cache()
+        with sdpa_kernel([SDPBackend.MATH]):
+            assert attnkit.explain(q, k, v, causal=True, return_lse=True).backend != "sdpa"
+        assert attnkit.explain(q, k, v, causal=True, return_lse=True).backend == "sdpa"
+    for out, lse in outs:
+        assert_close_rel(out, ref, base)
+        assert_close_rel(lse, ref_lse, name="lse", rtol=1e-2)
+    dispatch.clear_cache()
+
+
 @pytest.mark.parametrize("layout", list(LAST_DIM_LAYOUTS))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_sdpa_lse_path_reads_any_last_dim_stride(layout, causal, device):
@@ -1154,3 +1251,28 @@ def test_cuda_auto_choices():
     ref = attnkit.attention(q.double(), k.double(), v.double(), causal=True, backend="reference")
     base = rel_err(naive_attention(q, k, v, causal=True), ref)
     assert_close_rel(out, ref, base)
+
+
+def test_flex_block_masks_keep_a_bounded_number_of_bytes_of_mask_tensors(monkeypatch):
+    """flex caches a BlockMask per mask tensor and keeps that tensor alive with it: past the cache's byte
+    budget the oldest entries (and so the callers' masks they hold) go; the newest one is always kept."""
+    import gc
+    import weakref
+    from attnkit.backends import flex as flex_mod
+    flex = attnkit.get_backend("flex")
+    monkeypatch.setattr(flex, "_block_masks", {})
+    q = torch.randn(1, 1, 32, 16)
+    nbytes = torch.ones(1, 1, 32, 32, dtype=torch.bool).untyped_storage().nbytes()
+    monkeypatch.setattr(flex_mod, "_BLOCK_MASK_CACHE_BYTES", 2 * nbytes)
+    refs = []
+    for i in range(6):
+        m = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(i)) > 0.3
+        refs.append(weakref.ref(m))
+        with torch.no_grad():
+            out = attnkit.attention(q, q, q, mask=m, backend="flex")
+        ref = attnkit.attention(q.double(), q.double(), q.double(), mask=m, backend="reference")
+        assert_close_rel(out, ref)
+        del m
+    gc.collect()
+    assert [r() is not None for r in refs] == [False] * 4 + [True] * 2
+    assert len(flex._block_masks) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,11 +107,12 @@ KW_BAD = [
     # scalars
     ("causal_int", lambda: dict(causal=1), TypeError, ["causal"]),
     ("causal_none", lambda: dict(causal=None), TypeError, ["causal"]),
+    ("causal_numpy", lambda: dict(causal=np.bool_(True)), TypeError, ["causal must be a bool", r"numpy\.bool"]),
     ("softcap_zero", lambda: dict(softcap=0.0), ValueError, ["softcap"]),
     ("softcap_negative", lambda: dict(softcap=-1.0), ValueError, ["softcap"]),
     ("softcap_nan", lambda: dict(softcap=float("nan")), ValueError, ["softcap"]),
-    ("softcap_bool", lambda: dict(softcap=True), ValueError, ["softcap"]),
-    ("softcap_str", lambda: dict(softcap="2"), ValueError, ["softcap"]),
+    ("softcap_bool", lambda: dict(softcap=True), TypeError, ["softcap", "bool True"]),
+    ("softcap_str", lambda: dict(softcap="2"), TypeError, ["softcap", "str '2'"]),
     ("scale_inf", lambda: dict(scale=float("inf")), ValueError, ["scale"]),
     ("scale_nan", lambda: dict(scale=float("nan")), ValueError, ["scale"]),
     ("scale_zero", lambda: dict(scale=0.0), ValueError, ["scale"]),
@@ -353,6 +355,12 @@ def test_available_backends_and_registry():
         attnkit.register_backend(attnkit.backends.ChunkedBackend())
     with pytest.raises(TypeError):
         attnkit.register_backend("chunked")
+
+    class Auto(attnkit.backends.ChunkedBackend):
+        name = "auto"
+    with pytest.raises(ValueError, match="'auto' is reserved"):
+        attnkit.register_backend(Auto(), replace=True)
+    assert "auto" not in attnkit.backends.BACKENDS
 
 
 def test_capabilities_reject_unknown_feature_names():
@@ -618,3 +626,58 @@ def test_unknown_backend_fails_at_construction(make):
 ], ids=["num_features_0", "num_features_neg", "head_dim_v_neg", "advance_neg", "num_new_shape", "num_new_range"])
 def test_module_and_cache_arguments(make, words):
     _raises(ValueError, words, make)
+
+
+def test_bounded_caches_shared_by_threads():
+    """The module caches (plans, kernels, choices, masks) drop their oldest entries past a cap through
+    `_bounded.put`: threads that fill one cache at once never raise, and the cap holds."""
+    import sys
+    import threading
+    from attnkit import _bounded, dispatch
+    from attnkit.backends.base import Backend
+
+    class Keeps(Backend):  # a backend whose prepared run is a plain function
+        name = "keeps"
+
+        def prepare(self, req):
+            return lambda *a: None
+
+    req = build_request(*make_qkv(1, 1, 1, 2, 2, 8))
+    cache, errors = {}, []
+
+    def prepare(t):
+        for i in range(5000):
+            dispatch.prepare((t, i), "keeps", keeps, req)
+
+    def fill(t):
+        for i in range(5000):
+            _bounded.put(cache, (t, i), i, 8)
+            _bounded.touch(cache, (t, i - 1))
+
+    def run(work, t):
+        try:
+            work(t)
+        except Exception as e:  # noqa: BLE001 - any error escaping a cache is the defect
+            errors.append(repr(e))
+
+    keeps = Keeps()
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for work in (prepare, fill):
+            threads = [threading.Thread(target=run, args=(work, t)) for t in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert errors == [] and len(cache) <= 8 and len(dispatch._PREPARED) <= dispatch._MAX_PREPARED
+    finally:
+        sys.setswitchinterval(old)
+        dispatch.clear_cache()
+    # a byte budget: the oldest entries but the newest go while the weights add up to more
+    sized = {}
+    for i, w in enumerate((5, 5, 5, 20)):
+        _bounded.put(sized, i, w, 10, weight=lambda x: x, budget=12)
+    assert sized == {3: 20}
+    _bounded.put(sized, 4, 1, 10, weight=lambda x: x, budget=30)
+    assert list(sized) == [3, 4] and _bounded.touch(sized, 3) == 20 and list(sized) == [4, 3]

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import torch
+
 
 def describe(value) -> str:
     """A value as error messages show it: a tensor's dtype, shape and device, else its type and repr."""
-    if hasattr(value, "dtype") and hasattr(value, "shape") and hasattr(value, "device"):
+    if isinstance(value, torch.Tensor):
         return f"{str(value.dtype).replace('torch.', '')} tensor of shape {list(value.shape)} on {value.device}"
-    return f"{type(value).__name__} {value!r:.60}"
+    return f"{type_name(value)} {value!r:.60}"
+
+
+def type_name(value) -> str:
+    """value's type as messages name it: `int`, but `numpy.bool` (whose bare name would read as `bool`)."""
+    t = type(value)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
 def positive_int(name: str, value) -> int:
@@ -21,7 +29,7 @@ def real(name: str, value) -> float:
     """value as a float (an int or float, not a bool), else TypeError naming the argument; range
     checks stay with the caller."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be a number, got {type_name(value)} {value!r}")
     return float(value)
 
 

@@ -29,6 +29,7 @@ import warnings
 import torch
 
 from . import backends as _backends
+from ._bounded import put
 from .backends import Backend, get_backend
 from .request import AttentionRequest
 
@@ -77,9 +78,7 @@ def prepare(key: tuple, backend: str, chosen: Backend, req: AttentionRequest) ->
         return
     run = chosen.prepare(req)
     if run is not None:
-        if len(_PREPARED) >= _MAX_PREPARED:
-            _PREPARED.pop(next(iter(_PREPARED)))
-        _PREPARED[(backend, key)] = (run, req.device.type == "cpu")
+        put(_PREPARED, (backend, key), (run, req.device.type == "cpu"), _MAX_PREPARED)
 
 
 def choose(req: AttentionRequest, backend: str = "auto") -> Backend:

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._checks import describe as _what, probability
+from ._checks import describe as _what, probability, real
 from .groups import GroupMask
 
 __all__ = ["AttentionRequest", "build_request", "replay_key", "check_cache_values", "check_stats",
@@ -448,7 +448,7 @@ def build_request(
             raise ValueError(f"bias is on {bias.device} but q is on {device}")
         bias = _as_4d("bias", bias, target)
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        raise TypeError(f"causal must be a bool, got {_what(causal)}")
     win = check_window(window, Lq + Lk if global_len is None else 2 * global_len)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
@@ -457,9 +457,9 @@ def build_request(
     elif not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
     if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < math.inf:
+        softcap = real("softcap", softcap)
+        if not 0 < softcap < math.inf:
             raise ValueError(f"softcap must be a finite float > 0 or None, got {softcap!r}")
-        softcap = float(softcap)
     if score_mod is not None or mask_mod is not None:
         for name, fn in (("score_mod", score_mod), ("mask_mod", mask_mod)):
             if fn is not None and not callable(fn):
@@ -478,7 +478,7 @@ def build_request(
     if dropout_p.__class__ is not float or dropout_p != 0.0:  # the default passes as it is
         dropout_p = probability("dropout_p", dropout_p)
     if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+        raise TypeError(f"return_lse must be a bool, got {_what(return_lse)}")
     return AttentionRequest(
         q=q, k=k, v=v, mask=mask, bias=bias, causal=causal, window=win, scale=float(scale),
         softcap=softcap, score_mod=score_mod, mask_mod=mask_mod, sinks=sinks,

@@ -15,18 +15,17 @@ own sequence. The call becomes ONE contract call on a batch of 1 with a document
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 from torch import Tensor
 
+from ._bounded import put, touch
 from .functional import attention
 from .groups import GroupMask, SegmentLayout
 from .request import check_window, combined_bounds
 
 __all__ = ["varlen_attention"]
 
-_MASKS: OrderedDict = OrderedDict()  # (cu_q, cu_k, device) -> GroupMask: built once per packing
+_MASKS: dict = {}  # (cu_q, cu_k, device) -> GroupMask: built once per packing (the last 16 used)
 
 
 def _offsets(name: str, cu: Tensor, total: int) -> tuple[int, ...]:
@@ -43,15 +42,10 @@ def _offsets(name: str, cu: Tensor, total: int) -> tuple[int, ...]:
 
 def _group_mask(cu_q: tuple[int, ...], cu_k: tuple[int, ...], device: torch.device) -> GroupMask:
     key = (cu_q, cu_k, str(device))
-    hit = _MASKS.get(key)
+    hit = touch(_MASKS, key)
     if hit is None:
         sets = tuple((((a, b),), ((c, d),)) for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]))
-        hit = GroupMask(SegmentLayout(cu_q[-1], cu_k[-1], sets), device)
-        if len(_MASKS) >= 16:
-            _MASKS.popitem(last=False)
-        _MASKS[key] = hit
-    else:
-        _MASKS.move_to_end(key)
+        hit = put(_MASKS, key, GroupMask(SegmentLayout(cu_q[-1], cu_k[-1], sets), device), 16)
     return hit
 
 

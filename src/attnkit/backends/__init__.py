@@ -21,8 +21,10 @@ def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
     """Add a backend instance to the registry under backend.name."""
     if not isinstance(backend, Backend):
         raise TypeError(f"backend must be an attnkit Backend instance, got {type(backend).__name__}")
-    if not backend.name:
-        raise ValueError("backend.name must be a non-empty string")
+    if not isinstance(backend.name, str) or not backend.name:
+        raise ValueError(f"backend.name must be a non-empty string, got {backend.name!r}")
+    if backend.name == "auto":
+        raise ValueError("backend.name 'auto' is reserved for the dispatcher (backend='auto' picks among the others)")
     if backend.name in BACKENDS and not replace:
         raise ValueError(f"a backend named {backend.name!r} is already registered; pass replace=True")
     BACKENDS[backend.name] = backend

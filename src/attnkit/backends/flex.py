@@ -24,11 +24,11 @@ copy of the inputs (`run`).
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
 
 import torch
 from torch import Tensor
 
+from .._bounded import put, touch
 from ..masks import bounds_allow, closure_scalars, closure_tensors
 from ..ops._launch import OUT_OF_RESOURCES
 from ..request import AttentionRequest
@@ -48,6 +48,9 @@ _CPU_FEATURES = frozenset(
      "value_head_dim", "kv_lengths", "paged"}
 )
 _BLOCK_MASK_CACHE_SIZE = 32
+# The entries keep their mask tensors alive (a BlockMask's mask_mod reads the user's mask): past this many
+# bytes of them the oldest go, so that a new [B, H, L, L] mask per call holds at most about this much.
+_BLOCK_MASK_CACHE_BYTES = 1 << 30
 _BUILT_CACHE_SIZE = 1024
 _compiled = None
 
@@ -81,7 +84,9 @@ def _compiled_flex():
     global _compiled
     if _compiled is None:
         # Each new shape/mod is a recompile; torch's default limit of 8 would
-        # silently drop to the unfused eager path in a long-running process.
+        # silently drop to the unfused eager path in a long-running process. The limit is one setting
+        # of the process (the user's own torch.compile'd functions get it too; README, "flex"): scoping
+        # it to each call cost ~4 us of host time per call (torch 2.13, CPU).
         cfg = torch._dynamo.config
         name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
         setattr(cfg, name, max(getattr(cfg, name), 64))
@@ -198,8 +203,8 @@ class FlexBackend(Backend):
     build_errors = (torch._dynamo.exc.BackendCompilerFailed, *OUT_OF_RESOURCES)  # Inductor's errors subclass it
 
     def __init__(self) -> None:
-        self._block_masks: OrderedDict = OrderedDict()
-        self._backward_built: OrderedDict = OrderedDict()  # `_variant`s whose backward run built
+        self._block_masks: dict = {}  # the last used BlockMasks, with the tensors their keys name
+        self._backward_built: dict = {}  # `_variant`s whose backward run built
 
     def available(self) -> str | None:
         return None if flex_attention is not None else "torch.nn.attention.flex_attention is missing"
@@ -227,9 +232,8 @@ class FlexBackend(Backend):
         compiling = torch.compiler.is_compiling()
         key, deps = (None, None) if compiling else _mask_key(req)
         key = None if compiling else (key, B, H, req.len_q, req.len_k, str(req.device))
-        hit = None if compiling else self._block_masks.get(key)
+        hit = None if compiling else touch(self._block_masks, key)
         if hit is not None:
-            self._block_masks.move_to_end(key)
             return hit[0]
         offset = req.offset
         mshape = tuple(mask.shape) if mask is not None else None
@@ -256,9 +260,9 @@ class FlexBackend(Backend):
             return bm
         # Keep the key's tensors alive with the entry so their storage cannot be reused
         # by other tensors that would then hit this key.
-        self._block_masks[key] = (bm, deps)
-        if len(self._block_masks) > _BLOCK_MASK_CACHE_SIZE:
-            self._block_masks.popitem(last=False)
+        size = sum(t.untyped_storage().nbytes() for t in deps)
+        put(self._block_masks, key, (bm, deps, size), _BLOCK_MASK_CACHE_SIZE, weight=lambda e: e[2],
+            budget=_BLOCK_MASK_CACHE_BYTES)
         return bm
 
     def run(self, req: AttentionRequest) -> tuple[Tensor, Tensor | None]:
@@ -285,9 +289,7 @@ class FlexBackend(Backend):
         if req.needs_grad and fn is _compiled:
             variant = _variant(req, kwargs)
             if variant not in self._backward_built and _build_backward(fn, req, kwargs):
-                self._backward_built[variant] = None
-                if len(self._backward_built) > _BUILT_CACHE_SIZE:
-                    self._backward_built.popitem(last=False)
+                put(self._backward_built, variant, None, _BUILT_CACHE_SIZE)
         res = fn(q, k, v, **kwargs)
         if not want_lse:
             return res, None

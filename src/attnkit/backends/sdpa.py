@@ -37,6 +37,7 @@ Dv == D with return_lse.
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._autograd import first_order_only
+from .._bounded import put
 from ..masks import tile_allowed
 from ..merge import merge_partial
 from ..request import AttentionRequest
@@ -69,12 +71,19 @@ _LSE_EXCLUSIVE = {
 CUDA_PRIORITY = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 
+# SDPA's kernel order is one setting of the process: calls on several threads take turns setting and
+# restoring it, so that none restores an order another one set (which would outlive both calls).
+_PRIORITY_LOCK = threading.RLock()
+
+
 class _CudaPriority:
     """Sets SDPA's CUDA kernel order for one call (`order`: SDPBackend names, first to last; the rest keep
     torch's order after them), then restores the order.
 
     torch's own `sdpa_kernel(..., set_priority=True)` does the same but costs
-    ~45 us of Python per call; this sets the order with two C calls.
+    ~45 us of Python per call; this sets the order with two C calls. The call holds `_PRIORITY_LOCK`
+    from enter to exit: attnkit's calls on other threads wait (SDPA calls of the user's own on another
+    thread meanwhile run under this order, as with torch's `sdpa_kernel`).
     """
 
     def __init__(self, order: tuple[str, ...]) -> None:
@@ -85,17 +94,24 @@ class _CudaPriority:
         if get is not None and self._set is not None and SDPBackend is not None:
             want = [int(getattr(SDPBackend, n)) for n in order if hasattr(SDPBackend, n)]
             self._order = want + [b for b in get() if b not in want]
-        self._saved = None
+        self._saved: list[list[int]] = []  # a stack: one entry per enter not yet exited (under the lock)
 
     def __enter__(self):
         if self._order is not None:
-            self._saved = self._get()
-            self._set(self._order)
+            _PRIORITY_LOCK.acquire()
+            try:
+                saved = self._get()
+                self._set(self._order)
+            except BaseException:
+                _PRIORITY_LOCK.release()
+                raise
+            self._saved.append(saved)
         return self
 
     def __exit__(self, *exc) -> None:
         if self._order is not None:
-            self._set(self._saved)
+            self._set(self._saved.pop())
+            _PRIORITY_LOCK.release()
 
 
 _NULL = contextlib.nullcontext()
@@ -123,9 +139,7 @@ def _cudnn_first(q: Tensor, k: Tensor, v: Tensor, kind: tuple) -> bool:
     family = (q.device, q.dtype, q.shape[1], k.shape[1], q.shape[3], v.shape[3], kind)
     shapes = _CUDNN_GRAPHS.get(family)
     if shapes is None:
-        if len(_CUDNN_GRAPHS) >= _MAX_FAMILIES:
-            _CUDNN_GRAPHS.pop(next(iter(_CUDNN_GRAPHS), None), None)  # (another thread may have taken it)
-        shapes = _CUDNN_GRAPHS[family] = set()
+        shapes = put(_CUDNN_GRAPHS, family, set(), _MAX_FAMILIES)
     shape = (q.shape[0], q.shape[2], k.shape[2], q.stride(), k.stride(), v.stride())
     if shape in shapes:
         return True
@@ -144,8 +158,14 @@ def _kernel_context(req: AttentionRequest):
     return _CUDA_PRIORITY if _cudnn_first(req.q, req.k, req.v, kind) else _CUDA_NO_CUDNN
 
 
+class NoLseKernel(ValueError):
+    """No lse-returning SDPA kernel runs a call that `unsupported` let through: one broke since, or the
+    user's `sdpa_kernel(...)` context left none enabled. A build error: `auto` goes to the next backend."""
+
+
 class SdpaBackend(Backend):
     name = "sdpa"
+    build_errors = (NoLseKernel,)
     capabilities = Capabilities(
         devices=frozenset({"cpu", "cuda"}),
         dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64}),
@@ -196,7 +216,7 @@ class SdpaBackend(Backend):
         return torch.cat([head, tail], dim=2)
 
     def _masked(self, req: AttentionRequest, **kw) -> Tensor:
-        attn_mask, rows_ok = _dense_mask(req)
+        attn_mask, rows_ok, _ = _dense_mask(req)  # (a shift of the bias rows leaves the output as it is)
         out = F.scaled_dot_product_attention(req.q, req.k, req.v, attn_mask=attn_mask, **kw)
         return out.masked_fill(~rows_ok, 0.0)
 
@@ -224,10 +244,14 @@ def _explicit(req: AttentionRequest) -> bool:
     return req.mask is not None or req.bias is not None or req.mask_mod is not None or req.window is not None
 
 
-def _dense_mask(req: AttentionRequest, float_mask: bool = False) -> tuple[Tensor, Tensor]:
-    """(SDPA attn_mask, rows_ok [.., Lq, 1]): every pair rule of req as one bool (or additive float
-    in req's dtype) mask broadcastable to [B, Hq, Lq, Lk]. Rows with nothing to attend are unmasked
-    inside it (no NaN, no NaN gradient): the caller zeroes them after."""
+def _dense_mask(req: AttentionRequest, float_mask: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(SDPA attn_mask, rows_ok [.., Lq, 1], shift [.., Lq, 1] or None): every pair rule of req as one bool
+    (or additive float in req's dtype) mask broadcastable to [B, Hq, Lq, Lk]. Rows with nothing to attend
+    are unmasked inside it (no NaN, no NaN gradient): the caller zeroes them after.
+
+    A bias wider than req's half dtype (a float32 bias with float16 q: 1e5, or HF's finfo(float32).min
+    padding) would overflow to +-inf in the cast: each row's largest allowed value (`shift`, no gradient)
+    is taken off first, which leaves the softmax as it is and the lse short by `shift`."""
     allowed = tile_allowed(req, 0, req.len_q, 0, req.len_k)
     bias = req.bias
     valid = allowed
@@ -238,15 +262,21 @@ def _dense_mask(req: AttentionRequest, float_mask: bool = False) -> tuple[Tensor
     if allowed is not None:
         allowed = allowed | ~rows_ok
     if bias is None and not float_mask:
-        return allowed, rows_ok
+        return allowed, rows_ok, None
+    shift = None
     if bias is not None:
         bias = torch.where(rows_ok, bias, torch.zeros((), dtype=bias.dtype, device=bias.device))
+        if torch.finfo(bias.dtype).max > torch.finfo(req.dtype).max:
+            top = bias.detach() if allowed is None else bias.detach().masked_fill(~allowed, float("-inf"))
+            top = top.amax(dim=-1, keepdim=True)
+            shift = torch.where(top.isfinite(), top, torch.zeros((), dtype=top.dtype, device=top.device))
+            bias = bias - shift
         attn_mask = bias.to(req.dtype)
     else:
         attn_mask = torch.zeros(allowed.shape, dtype=req.dtype, device=req.device)
     if allowed is not None:
         attn_mask = attn_mask.masked_fill(~allowed, float("-inf"))
-    return attn_mask, rows_ok
+    return attn_mask, rows_ok, shift
 
 
 # --------------------------------------------------------------------------- return_lse
@@ -294,7 +324,9 @@ def _cuda_lse_unsupported(req: AttentionRequest) -> str | None:
         # no-grad forward (what ring attention's steps run) and attention_backward stay on SDPA
         return "missing feature 'return_lse' with gradients on cuda (the lse kernels' dlse path is not exact there)"
     gqa = "gqa" in req.features()
-    key = (str(req.device), req.dtype, req.head_dim, gqa)
+    cuda = torch.backends.cuda  # the user's sdpa_kernel(...) settings decide which kernels can_use_* takes
+    enabled = (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled())
+    key = (str(req.device), req.dtype, req.head_dim, gqa, enabled)
     if key not in _PROBES:
         z = [torch.zeros(1, h, 128, req.head_dim, dtype=req.dtype, device=req.device) for h in (2 if gqa else 1, 1, 1)]
         _PROBES[key] = lse_kernels(*z)
@@ -324,6 +356,7 @@ class _LsePlan:
     scale: float
     mask: Tensor | None = None  # additive float [.., Lq, Lk] in q's dtype, dead rows unmasked
     dead: Tensor | None = None  # bool [.., Lq]: rows with nothing to attend (with a mask)
+    shift: Tensor | None = None  # [B, Hq, Lq]: what `_dense_mask` took off the mask's rows (the lse adds it back)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """(out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] float32, float64 for float64)."""
@@ -341,6 +374,8 @@ class _LsePlan:
                                         self.scale)
                 merge_partial(out[:, :, p.q0:p.q1], lse[:, :, p.q0:p.q1], o, l_)
             out = out.to(q.dtype)
+        if self.shift is not None:
+            lse = lse + self.shift.to(lse.dtype)
         if self.dead is not None:
             out = out.masked_fill(self.dead.unsqueeze(-1), 0.0)
             lse = lse.masked_fill(self.dead, float("-inf"))
@@ -350,6 +385,8 @@ class _LsePlan:
         """(dq, dk, dv) in q's dtype from the given out / lse [B, Hq, Lq] (and dlse)."""
         D, Dv = q.shape[3], v.shape[3]
         do, out = do.to(q.dtype), out.to(q.dtype)
+        if self.shift is not None:  # the kernels see the shifted mask
+            lse = lse - self.shift.to(lse.dtype)
         lse_k = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)  # P = 0 there
         if self.dead is not None:
             lse_k = lse_k.masked_fill(self.dead, float("inf"))
@@ -377,9 +414,11 @@ class _LsePlan:
 def _lse_plan(req: AttentionRequest) -> _LsePlan:
     Lq, Lk = req.len_q, req.len_k
     if _explicit(req):
-        mask, rows_ok = _dense_mask(req, float_mask=True)
+        mask, rows_ok, shift = _dense_mask(req, float_mask=True)
         dead = None if bool(rows_ok.all()) else ~rows_ok.squeeze(-1)
-        return _LsePlan((_Piece(0, Lq, 0, Lk, False),), req.scale, mask, dead)
+        if shift is not None:
+            shift = shift.squeeze(-1).expand(req.batch, req.heads_q, Lq)
+        return _LsePlan((_Piece(0, Lq, 0, Lk, False),), req.scale, mask, dead, shift)
     if not _causal_hides(req) or Lq == Lk:
         pieces = (_Piece(0, Lq, 0, Lk, _causal_hides(req)),)
     elif Lq > Lk:  # the first Lq - Lk rows see no key
@@ -468,7 +507,7 @@ def _try_kernels(q, k, v, causal: bool, direction: str, run):
             warnings.warn(f"attnkit sdpa: the {name} kernel's {direction} with log-sum-exp raised ({exc}); "
                           "trying the next SDPA kernel from now on", RuntimeWarning, stacklevel=3)
             err = exc
-    raise ValueError(
+    raise NoLseKernel(
         f"backend 'sdpa' cannot run this return_lse call's {direction}: no lse-returning SDPA kernel "
         f"(cuDNN / flash / efficient) takes q {list(q.shape)} k {list(k.shape)} {q.dtype} on {q.device} "
         f"(tried {list(kernels)}; last error: {err}); pass backend='flex' or 'chunked'"

@@ -28,13 +28,13 @@ shards (plus their gradients) live on a rank.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from .._autograd import first_order_only
+from .._bounded import put, touch
 from ..functional import attention, attention_backward
 from ..masks import bounds_allow
 from ..merge import merge_partial
@@ -44,7 +44,7 @@ from .sharding import shard_positions
 __all__ = ["ring_forward_backward", "RingCall", "plan_pair", "GlobalMaskMod", "global_mask_mod", "merge_partial"]
 
 _EMPTY, _FULL, _PARTIAL = 0, 1, 2
-_WRAPPERS: OrderedDict = OrderedDict()
+_WRAPPERS: dict = {}
 _WRAPPER_CACHE_SIZE = 256
 
 
@@ -85,15 +85,11 @@ class GlobalMaskMod:
 def global_mask_mod(q_starts, k_starts, seg, seq_len, bounds, user, head_offset=0) -> GlobalMaskMod:
     """The cached GlobalMaskMod of these arguments (one object per key, so FlexAttention's BlockMask cache hits)."""
     key = (tuple(q_starts), tuple(k_starts), seg, seq_len, bounds, id(user), head_offset)
-    hit = _WRAPPERS.get(key)
+    hit = touch(_WRAPPERS, key)
     if hit is not None and hit.user is user:
-        _WRAPPERS.move_to_end(key)
         return hit
     fn = GlobalMaskMod(q_starts, k_starts, seg, seq_len, bounds, user, head_offset)
-    _WRAPPERS[key] = fn
-    if len(_WRAPPERS) > _WRAPPER_CACHE_SIZE:
-        _WRAPPERS.popitem(last=False)
-    return fn
+    return put(_WRAPPERS, key, fn, _WRAPPER_CACHE_SIZE)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .._bounded import put
 from .._checks import backend_name, describe, positive_int, probability
 from ..functional import attention
 from ..groups import GroupMask, SegmentLayout
@@ -211,7 +212,7 @@ class MixedAttention(nn.Module):
             self.register_parameter("q_norm", None)
             self.register_parameter("k_norm", None)
         self._init_weights(config.init_weights)
-        self._layouts: OrderedDict = OrderedDict()
+        self._layouts: dict = {}
 
     def _init_weights(self, how: str) -> None:
         for lin in (self.qkv, self.proj):
@@ -229,10 +230,7 @@ class MixedAttention(nn.Module):
         key = (tuple(token_specs), tuple(patterns), n)
         hit = self._layouts.get(key)
         if hit is None:
-            hit = _check_layout(token_specs, patterns, n)
-            self._layouts[key] = hit
-            if len(self._layouts) > 16:
-                self._layouts.popitem(last=False)
+            hit = put(self._layouts, key, _check_layout(token_specs, patterns, n), 16)
         return hit
 
     def _rope(self, q: Tensor, k: Tensor, freqs) -> tuple[Tensor, Tensor]:

@@ -28,6 +28,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .._bounded import put
+
 try:
     import triton
     from triton.runtime import driver
@@ -133,9 +135,7 @@ def launch(kernel, grid: tuple, args: tuple, consts: dict, *, num_warps: int, nu
     hit = _CACHE.get(key)
     if hit is None:
         compiled = _compile(kernel, grid, args, consts, num_warps, num_stages, maxnreg)
-        if len(_CACHE) >= _MAX_ENTRIES:
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = (compiled, *_direct(compiled))
+        put(_CACHE, key, (compiled, *_direct(compiled)), _MAX_ENTRIES)
         return
     names = kernel.arg_names[len(args):]  # the constexprs, in the kernel's parameter order
     grid3 = tuple(grid) + (1,) * (3 - len(grid))  # a compiled kernel's runner reads all three axes

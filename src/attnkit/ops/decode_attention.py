@@ -53,6 +53,7 @@ try:
 except ImportError:  # pragma: no cover - triton is a hard dependency on Linux
     triton = tl = driver = None
 
+from .._bounded import put
 from ._launch import INTERPRET, Launch, block_dim as _pow2, cdiv as _cdiv, next_pow2 as _p2, on_device as _on
 
 __all__ = ["decode_attention", "num_splits_for", "TRITON_ERROR", "MAX_LQ"]
@@ -365,9 +366,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, cache_seqlens: Tensor |
     if plan is None:
         plan = _plan(q, k, v, block_table, cache_seqlens is not None, scale, softcap, sinks is not None,
                      bounds, num_splits, return_lse)
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.pop(next(iter(_PLANS)))
-        _PLANS[key] = plan
+        put(_PLANS, key, plan, _MAX_PLANS)
 
     # Two allocations per step at most (each costs microseconds of host time): out, and the
     # partials when there are several splits; lse only when asked for.
@@ -406,11 +405,9 @@ def _counters(device: torch.device, n: int) -> Tensor:
     key = (device.index, driver.active.get_current_stream(device.index))
     c = _COUNTERS.get(key)
     if c is None or c.numel() < n:  # a smaller set goes back to its stream's pool, in stream order
-        if c is None and len(_COUNTERS) >= _MAX_COUNTERS:
-            # Streams come and go (ExternalStream handles): drop the oldest set. Its memory returns to
-            # its stream's pool in stream order, after the launches that use it.
-            _COUNTERS.pop(next(iter(_COUNTERS)))
-        c = _COUNTERS[key] = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
+        # Streams come and go (ExternalStream handles): past _MAX_COUNTERS the oldest set is dropped. Its
+        # memory returns to its stream's pool in stream order, after the launches that use it.
+        c = put(_COUNTERS, key, torch.zeros(max(n, 1024), device=device, dtype=torch.int32), _MAX_COUNTERS)
     return c
 
 

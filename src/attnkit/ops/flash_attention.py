@@ -51,6 +51,7 @@ from torch import Tensor
 from . import _launch
 from ._launch import INTERPRET, Launch, block_dim as _pow2, next_pow2 as _p2, on_device as _on
 from .._autograd import first_order_only
+from .._bounded import put
 from ..groups import SegmentLayout, dense_layout
 
 try:
@@ -117,10 +118,7 @@ def _tables(layout: SegmentLayout, block_m: int, block_n: int, device: torch.dev
     hit = {"qtab": t(qtab), "n_qblocks": len(qb), "segptr": t(segptr), "segs": t(segs),
            "ktab": t(ktab), "n_kblocks": len(kb), "runptr": t(runptr), "runs": t(runs), "kalign": kalign,
            "edges": edges, "tail": layout.len_k % block_n != 0}
-    if len(_TABLES) > 64:
-        _TABLES.pop(next(iter(_TABLES)))
-    _TABLES[key] = hit
-    return hit
+    return put(_TABLES, key, hit, 64)
 
 
 # ---------------------------------------------------------------------------
@@ -1371,10 +1369,7 @@ def _plan_key(*parts) -> tuple:
 
 
 def _keep(key: tuple, plan: list) -> list:
-    if len(_PLANS) >= _MAX_PLANS:
-        _PLANS.pop(next(iter(_PLANS)))
-    _PLANS[key] = plan
-    return plan
+    return put(_PLANS, key, plan, _MAX_PLANS)
 
 
 def _meta(t: Tensor | None) -> tuple | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -681,3 +682,17 @@ def test_bounded_caches_shared_by_threads():
     assert sized == {3: 20}
     _bounded.put(sized, 4, 1, 10, weight=lambda x: x, budget=30)
     assert list(sized) == [3, 4] and _bounded.touch(sized, 3) == 20 and list(sized) == [4, 3]
+
+
+@pytest.mark.parametrize("kind", ["window", "mask_mod"])
+def test_cpu_windows_past_the_mask_size_rule_go_to_chunked(kind):
+    """On the CPU sdpa builds a window's or mask_mod's [Lq, Lk] mask: past CPU_BUILT_MASK_PAIRS pairs auto
+    takes chunked (O(L) memory, and faster there: L = 8192, window 128: 368 against 694 ms, 2026-11-25)."""
+    from attnkit.backends.sdpa import CPU_BUILT_MASK_PAIRS
+    kw = dict(window=32) if kind == "window" else dict(mask_mod=lambda b, h, i, j: j <= i)
+    small = make_qkv(1, 1, 1, 64, 64, 8)
+    assert attnkit.explain(*small, **kw).backend == "sdpa"
+    n = math.isqrt(CPU_BUILT_MASK_PAIRS) + 1
+    big = make_qkv(1, 1, 1, n, n, 8)
+    plan = attnkit.explain(*big, **kw)
+    assert plan.backend == "chunked", str(plan)

@@ -867,3 +867,60 @@ def test_compile_fullgraph_flex_matches_eager_no_grad():
     assert_close(out, eager, 1e-5)
     ref = ref_mha(ref_params(mod), mod.config, x.double(), causal=True)
     assert_close(out, ref, ROPE_FWD)
+
+
+def _decode_cache(mod, kind: str, B: int, device=None):
+    if kind == "kv":
+        return KVCache(B, mod.num_kv_heads, 16, mod.head_dim, dtype=torch.float64, device=device)
+    c = attnkit.PagedKVCache(8, mod.num_kv_heads, mod.head_dim, 16, dtype=torch.float64, device=device)
+    c.bind([c.add_sequence() for _ in range(B)])
+    return c
+
+
+@pytest.mark.parametrize("kind", ["kv", "paged"])
+def test_decode_steps_with_gradients_match_the_full_forward(kind):
+    """Prefill then one-token steps through a cache with autograd on (GQA, RoPE): the gradient of x equals
+    the full causal forward's (a KVCache written in place used to invalidate the step before's saved K/V)."""
+    mod = make_mha(seed=1, d_model=32, n_heads=4, use_gqa=True, gqa_groups=2, use_rope=True)
+    x, gout = randn(2, 6, 32, gen=_gen(3)), randn(2, 6, 32, gen=_gen(4))
+    xf = x.clone().requires_grad_(True)
+    (mod(xf, causal=True) * gout).sum().backward()
+    xd = x.clone().requires_grad_(True)
+    c = _decode_cache(mod, kind, 2)
+    outs = [mod(xd[:, :3], kv_cache=c)] + [mod(xd[:, t:t + 1], kv_cache=c) for t in (3, 4, 5)]
+    (torch.cat(outs, 1) * gout).sum().backward()
+    assert rel_err(xd.grad, xf.grad) < 1e-10
+    for p in mod.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize("kind", ["kv", "paged"])
+def test_cache_arguments_of_the_wrong_length_or_device(kind):
+    """With a kv_cache: no new token, or a cache on another device (with RoPE, whose own error would not name
+    the cache), is a ValueError naming it; the cache is left as it was."""
+    mod = make_mha(seed=1, d_model=32, n_heads=4, use_rope=True)
+    c = _decode_cache(mod, kind, 2)
+    x = randn(2, 3, 32, gen=_gen(3))
+    with torch.no_grad():
+        mod(x, kv_cache=c)
+        before = c.next_positions(1).clone()
+        with pytest.raises(ValueError, match=r"at least one new token with a kv_cache, got \[2, 0, 32\]"):
+            mod(x[:, :0], kv_cache=c)
+        assert torch.equal(c.next_positions(1), before)
+        with pytest.raises(ValueError, match="kv_cache is on meta, x on cpu"):
+            mod(x, kv_cache=_decode_cache(mod, kind, 2, device="meta"))
+
+
+def test_cache_key_masks_take_the_contracts_windows():
+    """key_mask's window is the contract's: an int W shows keys (pos - W, pos] even without causal, a pair
+    (left, right) shows [pos - left, pos + right]; a bad window is refused, not an empty mask."""
+    c = KVCache(1, 1, 8, 4)
+    _, _, old, _ = c.append(randn(1, 1, 5, 4, dtype=torch.float32), randn(1, 1, 5, 4, dtype=torch.float32))
+    m = c.key_mask(old, 5, causal=False, window=2)[0, 0, :, :5]
+    i, j = torch.arange(5).view(-1, 1), torch.arange(5).view(1, -1)
+    assert torch.equal(m, (j <= i) & (j > i - 2))
+    m = c.key_mask(old, 5, causal=False, window=(1, 2))[0, 0, :, :5]
+    assert torch.equal(m, (j >= i - 1) & (j <= i + 2))
+    for bad, exc in ((0, ValueError), (-3, ValueError), (True, TypeError), ((1, -2), ValueError)):
+        with pytest.raises(exc, match="window"):
+            c.key_mask(old, 5, window=bad)

@@ -22,6 +22,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
+from ..request import check_window
+
 __all__ = ["DecodeCache"]
 
 
@@ -61,7 +63,7 @@ class DecodeCache(ABC):
 
     @abstractmethod
     def key_mask(self, old_lengths: Tensor, new_tokens: int, *, causal: bool = True,
-                 window: int | None = None) -> Tensor:
+                 window: int | tuple[int, int] | None = None) -> Tensor:
         ...
 
     def append_for_attention(self, k_new: Tensor, v_new: Tensor) -> dict[str, Tensor] | None:
@@ -137,19 +139,25 @@ def short(xs, n: int = 16) -> str:
 
 
 def decode_key_mask(old_lengths: Tensor, new_lengths: Tensor, new_tokens: int, num_keys: int, *,
-                    causal: bool = True, window: int | None = None) -> Tensor:
+                    causal: bool = True, window: int | tuple[int, int] | None = None) -> Tensor:
     """Bool [B, 1, new_tokens, num_keys]: query i of sequence b (position old[b] + i) may see key j.
 
     Keys must be written (j < new[b]) and, when causal, not after the query (j <= old[b] + i);
-    with a window W, recent (j > old[b] + i - W). Padding queries of a ragged append
-    (i >= new[b] - old[b]) thus never see the stale slots after a sequence's tokens.
+    a window as the contract's (an int W: old[b] + i - W < j <= old[b] + i; or a (left, right) pair).
+    Padding queries of a ragged append (i >= new[b] - old[b]) thus never see the stale slots after a
+    sequence's tokens.
     """
+    bounds = check_window(window, num_keys + new_tokens)  # (TypeError / ValueError naming window)
     dev = old_lengths.device
     j = torch.arange(num_keys, device=dev).view(1, 1, 1, -1)
     qpos = old_lengths.long().view(-1, 1, 1, 1) + torch.arange(new_tokens, device=dev).view(1, 1, -1, 1)
     keep = j < new_lengths.long().view(-1, 1, 1, 1)
     if causal:
         keep = keep & (j <= qpos)
-    if window is not None:
-        keep = keep & (j > qpos - window)
+    if bounds is not None:
+        left, right = bounds
+        if left is not None:
+            keep = keep & (j >= qpos - left)
+        if right is not None:
+            keep = keep & (j <= qpos + right)
     return keep

@@ -94,8 +94,15 @@ class KVCache(DecodeCache):
             torch._assert_async((old <= self.max_len - Ln).all(), "KV cache overflow: an append ran past max_len")
         pos = (old.view(B, 1).long() + torch.arange(Ln, device=old.device)).clamp_max(self.max_len - 1)
         idx = pos.view(B, 1, Ln, 1)
-        self.k.scatter_(2, idx.expand(B, H, Ln, self.k.shape[3]), k_new)
-        self.v.scatter_(2, idx.expand(B, H, Ln, self.v.shape[3]), v_new)
+        ik, iv = idx.expand(B, H, Ln, self.k.shape[3]), idx.expand(B, H, Ln, self.v.shape[3])
+        if torch.is_grad_enabled() and (k_new.requires_grad or v_new.requires_grad):
+            # Out of place: the call before may have saved the buffers for its backward, which an
+            # in-place write would invalidate. Each step's buffers then hold its graph (as a torch.cat
+            # cache does); under no_grad, and in captured graphs, the buffers stay where they are.
+            self.k, self.v = self.k.scatter(2, ik, k_new), self.v.scatter(2, iv, v_new)
+        else:
+            self.k.scatter_(2, ik, k_new)
+            self.v.scatter_(2, iv, v_new)
         if num_new is None:
             self.lengths.add_(Ln)
         elif isinstance(num_new, Tensor):
@@ -124,10 +131,11 @@ class KVCache(DecodeCache):
         return {"k": self.k, "v": self.v, "cache_seqlens": self.lengths}
 
     def key_mask(self, old_lengths: Tensor, new_tokens: int, *, causal: bool = True,
-                 window: int | None = None) -> Tensor:
+                 window: int | tuple[int, int] | None = None) -> Tensor:
         """Bool [B, 1, L_new, max_len]: query i of sequence b (position old[b] + i) may see key j.
 
         Keys must be written (j < new length) and, when causal, not after the query
-        (j <= old[b] + i); with a window W, recent (j > old[b] + i - W).
+        (j <= old[b] + i); with a window as the contract's (an int W: old[b] + i - W < j <= old[b] + i;
+        or a (left, right) pair).
         """
         return decode_key_mask(old_lengths, self.lengths, new_tokens, self.max_len, causal=causal, window=window)

@@ -329,7 +329,7 @@ class PagedKVCache(DecodeCache):
         return {"k": self.k, "v": self.v, "cache_seqlens": self.lengths(ids), "block_table": self.block_table(ids)}
 
     def key_mask(self, old_lengths: Tensor, new_tokens: int, *, causal: bool = True,
-                 window: int | None = None) -> Tensor:
+                 window: int | tuple[int, int] | None = None) -> Tensor:
         """Bool [B, 1, L_new, max(lengths)] for the K/V `append` just returned (see KVCache.key_mask)."""
         lens = self.lengths(self._require_batch())
         return decode_key_mask(old_lengths, lens, new_tokens, int(max(self._lengths[s] for s in self._batch)),

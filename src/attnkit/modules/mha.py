@@ -166,6 +166,10 @@ class MultiHeadAttention(nn.Module):
         window = self.config.window
         start = None  # with a cache: each sequence's position of the first new token, int64 [B]
         if kv_cache is not None:
+            if L == 0:
+                raise ValueError(f"x must hold at least one new token with a kv_cache, got {list(x.shape)}")
+            if kv_cache.k.device != x.device:  # before RoPE, whose device error would not name the cache
+                raise ValueError(f"kv_cache is on {kv_cache.k.device}, x on {x.device}")
             nxt = kv_cache.next_positions(L)
             if nxt.shape[0] != B:  # before RoPE, whose broadcast error would not name the cache
                 raise ValueError(f"kv_cache holds a batch of {nxt.shape[0]} sequences, x has B = {B}")

@@ -924,3 +924,37 @@ def test_cache_key_masks_take_the_contracts_windows():
     for bad, exc in ((0, ValueError), (-3, ValueError), (True, TypeError), ((1, -2), ValueError)):
         with pytest.raises(exc, match="window"):
             c.key_mask(old, 5, window=bad)
+
+
+@pytest.mark.parametrize("field", ["use_rope", "use_flash", "use_gqa", "qkv_bias", "use_attention_sinks"])
+def test_attention_config_flags_must_be_bools(field):
+    """A string "false" is truthy: AttentionConfig's flags take bools only, as MixedAttentionConfig's do."""
+    with pytest.raises(TypeError, match=f"{field} must be a bool, got str 'false'"):
+        AttentionConfig(d_model=64, n_heads=4, **{field: "false"})
+
+
+@pytest.mark.parametrize("n, sinks", [(True, True), (0, True), (-1, False), (1.5, False)])
+def test_attention_config_sink_counts(n, sinks):
+    with pytest.raises(ValueError, match="num_attention_sinks must be an int"):
+        AttentionConfig(d_model=64, n_heads=4, use_attention_sinks=sinks, num_attention_sinks=n)
+
+
+def test_rope_refuses_what_it_cannot_rotate():
+    """positions of another batch, a 0-d positions tensor, ntk scaling at head_dim 2 and an infinite
+    beta_fast are errors naming the argument (they broadcast q/k to the wrong batch, or raised IndexError,
+    ZeroDivisionError or a bare math domain error)."""
+    r = RotaryEmbedding(8)
+    q = k = randn(1, 2, 5, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"positions \[B, L\] must have B = 1 or q's batch 1, got \[2, 5\]"):
+        r(q, k, torch.arange(10).view(2, 5))
+    with pytest.raises(ValueError, match=r"positions must be \[L\] or \[B, L\]"):
+        r(q, k, torch.tensor(3))
+    with pytest.raises(ValueError, match="ntk rope scaling needs head_dim >= 4, got 2"):
+        RotaryEmbedding(2, scaling={"kind": "ntk", "factor": 2.0})
+    with pytest.raises(ValueError, match="finite beta_fast"):
+        RopeScaling("yarn", 2.0, beta_fast=float("inf"))
+    qb, kb = randn(2, 2, 5, 8, dtype=torch.float32), randn(2, 2, 5, 8, dtype=torch.float32)
+    pos = torch.arange(10).view(2, 5)
+    one, _ = r(qb[:1], kb[:1], pos[:1])
+    both, _ = r(qb, kb, pos)
+    assert torch.equal(both[:1], one)  # (batched positions of the right batch still rotate row by row)

@@ -931,3 +931,14 @@ def test_dropout_is_unbiased():
     one = sum(rel_err(s, ev) for s in samples) / len(samples)  # a single pass: ~ev + noise
     assert one > 1e-2
     assert rel_err(samples.mean(0), ev) < one / 3  # the noise averages out (~ one / sqrt(48))
+
+
+def test_complex_freqs_are_refused():
+    """Complex freqs (torch.polar, emmi/noether's RopeFrequency) rotate adjacent dim pairs there; attnkit
+    rotates halves, so they are a TypeError naming freqs, not silently cast to their real part."""
+    mod = MixedAttention(MixedAttentionConfig(dim=16, num_heads=2, use_rope=True))
+    specs, pats = [TokenSpec("a", 6)], [AttentionPattern(["a"], ["a"])]
+    ang = torch.randn(1, 6, 4)
+    for freqs in (torch.polar(torch.ones_like(ang), ang), (torch.cos(ang).cfloat(), torch.sin(ang))):
+        with pytest.raises(TypeError, match="freqs must be real angles.*complex64 tensor"):
+            mod(torch.randn(1, 6, 16), specs, pats, freqs=freqs)

@@ -886,3 +886,31 @@ def test_swap_parameterless_module_into_float64_model():
     q, k, v = _qkv(47, torch.float64)
     out = model.att(q, k, v)  # RuntimeError: mat1 and mat2 must have the same dtype
     assert out.dtype == torch.float64
+
+
+@pytest.mark.parametrize("seed", [2.7, "3", True])
+def test_redraw_projection_takes_an_int_seed(seed):
+    m = attnkit.LinearAttention(2, 4, feature_map="favor+")
+    before = m.projection.clone()
+    with pytest.raises(TypeError, match="seed must be an int"):
+        m.redraw_projection(seed)
+    assert torch.equal(m.projection, before)
+
+
+def test_linear_and_lite_attention_without_keys():
+    """No keys: every feature map returns zeros (FAVOR+ raised an IndexError from its max), and LiteAttention
+    of no tokens returns no tokens."""
+    q, none = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 0, 4)
+    for fm in ("elu", "relu", "favor+"):
+        out = attnkit.LinearAttention(2, 4, feature_map=fm)(q, none, none)
+        assert out.shape == q.shape and torch.equal(out, torch.zeros_like(out)), fm
+    assert attnkit.LiteAttention(2, 4)(none, none, none).shape == none.shape
+
+
+def test_swap_keeps_a_shared_module_shared():
+    shared = attnkit.GatedAttention(2, 8)
+    model = nn.ModuleDict({"x": shared, "y": nn.ModuleDict({"z": shared})})
+    n_params = sum(p.numel() for p in model.parameters())
+    assert attnkit.swap(model, "attention", "flash") == 1
+    assert model["x"] is model["y"]["z"] and isinstance(model["x"], attnkit.FlashAttention)
+    assert sum(p.numel() for p in model.parameters()) <= n_params

@@ -18,6 +18,20 @@ def type_name(value) -> str:
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
+def flag(name: str, value) -> bool:
+    """value if it is a bool, else TypeError naming the argument (a string "false" would be truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {describe(value)}")
+    return value
+
+
+def integer(name: str, value) -> int:
+    """value if it is an int (not a bool), else TypeError naming the argument; ranges stay with the caller."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {describe(value)}")
+    return value
+
+
 def positive_int(name: str, value) -> int:
     """value as an int >= 1, else ValueError naming the argument."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

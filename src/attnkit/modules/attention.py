@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .._checks import backend_name, key_padding_mask, positive_int, probability, real
+from .._checks import backend_name, integer, key_padding_mask, positive_int, probability, real
 from ..functional import attention
 from ..ops.linear import FEATURE_MAPS, linear_attention
 from .base import ATTENTION_REGISTRY, BaseAttention
@@ -127,9 +127,7 @@ class LinearAttention(_SplitHeadsModule):
             positive_int("num_features", num_features)
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
-        self.feature_map, self.causal, self.seed = feature_map, causal, seed
+        self.feature_map, self.causal, self.seed = feature_map, causal, integer("seed", seed)
         self.num_features = head_dim if num_features is None else num_features
         proj = self._draw(self.seed) if feature_map == "favor+" else torch.empty(0)
         self.register_buffer("projection", proj)
@@ -152,7 +150,7 @@ class LinearAttention(_SplitHeadsModule):
         """Draw new FAVOR+ features (seed=None: the next seed)."""
         if self.feature_map != "favor+":
             return
-        self.seed = self.seed + 1 if seed is None else int(seed)
+        self.seed = self.seed + 1 if seed is None else integer("seed", seed)
         self.projection.copy_(self._draw(self.seed).to(self.projection))
 
     def forward(self, q, k, v, mask=None, bias=None):
@@ -188,6 +186,8 @@ class LiteAttention(_SplitHeadsModule):
             raise ValueError(f"LiteAttention needs q, k [B, H, L, D] of one shape, got {list(q.shape)}, {list(k.shape)}")
         if bias is not None:
             raise ValueError("LiteAttention has no pairwise logits to bias; bias must be None")
+        if q.shape[2] == 0:  # no tokens: nothing to pool (and no max to take)
+            return torch.zeros_like(v)
         logits = self.gate_proj(q * k)  # [B, H, L, 1]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if mask is not None:

@@ -139,7 +139,8 @@ def swap(model: nn.Module, kind: str, name: str) -> int:
 
     kind must be "attention" (the only swappable kind so far). Dimensions,
     constructor settings with the same name and parameters with the same
-    name and shape carry over. Returns the number of modules replaced.
+    name and shape carry over; a module several parents share is replaced by one new module. Returns the
+    number of modules replaced.
     """
     if kind != "attention":
         raise ValueError(f"swap kind must be 'attention', got {kind!r}")
@@ -149,13 +150,14 @@ def swap(model: nn.Module, kind: str, name: str) -> int:
     like = next((t for t in model.parameters() if t.is_floating_point()), None)
     if like is None:
         like = next((t for t in model.buffers() if t.is_floating_point()), None)
-    count = 0
+    built: dict[int, nn.Module] = {}  # id(old) -> its replacement: a module two parents share stays shared
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, BaseAttention):
-                setattr(parent, child_name, _rebuild(child, cls, like))
-                count += 1
-    return count
+                if id(child) not in built:
+                    built[id(child)] = _rebuild(child, cls, like)
+                setattr(parent, child_name, built[id(child)])
+    return len(built)
 
 
 class SwappableMixin:

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .._checks import backend_name, describe, positive_int, probability, real
+from .._checks import backend_name, describe, flag, positive_int, probability, real
 from ..caches.base import DecodeCache
 from ..caches.kv_cache import KVCache
 from ..caches.paged_kv_cache import PagedKVCache
@@ -62,6 +62,8 @@ class AttentionConfig:
     def __post_init__(self) -> None:
         for name in ("d_model", "n_heads"):
             positive_int(name, getattr(self, name))
+        for name in ("use_rope", "use_attention_sinks", "use_gqa", "use_flash", "qkv_bias"):
+            flag(name, getattr(self, name))
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.use_rope and (self.d_model // self.n_heads) % 2:
@@ -69,8 +71,10 @@ class AttentionConfig:
         if not real("rope_base", self.rope_base) > 1.0:
             raise ValueError(f"rope_base must be > 1, got {self.rope_base!r}")
         self.rope_scaling = RopeScaling.parse(self.rope_scaling)
-        if self.use_attention_sinks and not (isinstance(self.num_attention_sinks, int) and self.num_attention_sinks > 0):
-            raise ValueError(f"num_attention_sinks must be > 0 when use_attention_sinks, got {self.num_attention_sinks!r}")
+        n = self.num_attention_sinks
+        if isinstance(n, bool) or not isinstance(n, int) or n < (1 if self.use_attention_sinks else 0):
+            raise ValueError(f"num_attention_sinks must be an int, > 0 when use_attention_sinks (else >= 0), "
+                             f"got {n!r}")
         positive_int("gqa_groups", self.gqa_groups)
         if self.use_gqa and self.n_heads % self.gqa_groups:
             raise ValueError(f"gqa_groups ({self.gqa_groups}) must divide n_heads ({self.n_heads})")

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .._bounded import put
-from .._checks import backend_name, describe, positive_int, probability
+from .._checks import backend_name, describe, flag, positive_int, probability
 from ..functional import attention
 from ..groups import GroupMask, SegmentLayout
 from .rope import RotaryEmbedding
@@ -98,8 +98,7 @@ class MixedAttentionConfig:
             raise ValueError(f"init_weights must be one of {_INITS}, got {self.init_weights!r}")
         probability("dropout", self.dropout)
         for name in ("use_rope", "bias", "parallel", "qk_norm"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {describe(getattr(self, name))}")
+            flag(name, getattr(self, name))
         if not isinstance(self.backend, str):
             raise TypeError(f"backend must be a str, got {type(self.backend).__name__}")
         backend_name(self.backend)
@@ -244,6 +243,11 @@ class MixedAttention(nn.Module):
             raise TypeError(f"freqs must be a tensor of angles or a (cos, sin) pair, got {type(freqs).__name__}")
         B, N, half = q.shape[0], q.shape[2], self.head_dim // 2
         for name, t in (("cos", cos), ("sin", sin)):
+            if isinstance(t, Tensor) and not t.is_floating_point():
+                # complex freqs (torch.polar, as emmi/noether's RopeFrequency gives) rotate adjacent dim
+                # pairs there; attnkit rotates the two halves, so the same numbers would mean another rotation
+                raise TypeError(f"freqs must be real angles or a real (cos, sin) pair (attnkit rotates the halves "
+                                f"of D, not adjacent pairs), got {describe(t)}")
             ok = isinstance(t, Tensor) and t.dim() in (2, 3) and tuple(t.shape[-2:]) == (N, half)
             if not ok or (t.dim() == 3 and t.shape[0] not in (1, B)):
                 raise ValueError(f"freqs ({name}) must be [N, D/2] = [{N}, {half}] or [B, N, D/2] with B = {B}, "

@@ -42,8 +42,8 @@ class RopeScaling:
             raise ValueError(f"rope scaling kind 'none' takes factor 1.0, got {self.factor!r}; "
                              f"name the kind of scaling ('linear', 'ntk', 'yarn')")
         positive_int("original_max_positions", self.original_max_positions)
-        if not real("beta_fast", self.beta_fast) > real("beta_slow", self.beta_slow) > 0:
-            raise ValueError(f"need beta_fast > beta_slow > 0, got {self.beta_fast}, {self.beta_slow}")
+        if not math.inf > real("beta_fast", self.beta_fast) > real("beta_slow", self.beta_slow) > 0:
+            raise ValueError(f"need finite beta_fast > beta_slow > 0, got {self.beta_fast}, {self.beta_slow}")
 
     @classmethod
     def parse(cls, spec) -> "RopeScaling":
@@ -82,6 +82,8 @@ class RotaryEmbedding(nn.Module):
         positive_int("max_positions", max_positions)
         self.head_dim, self.base = head_dim, float(base)
         self.scaling = RopeScaling.parse(scaling)
+        if self.scaling.kind == "ntk" and head_dim < 4:  # its base exponent d / (d - 2) needs d > 2
+            raise ValueError(f"ntk rope scaling needs head_dim >= 4, got {head_dim}")
         # Frequencies and tables are plain float64 attributes, not buffers: model.to(bf16)
         # must not round them (a bf16 angle at position 4000 is off by whole radians).
         self._inv64, self.mscale = self._frequencies()
@@ -163,7 +165,7 @@ class RotaryEmbedding(nn.Module):
             return cos[start:start + length], sin[start:start + length]
         if not isinstance(positions, Tensor) or positions.dtype.is_floating_point or positions.dtype == torch.bool:
             raise TypeError(f"positions must be None, an int or an integer tensor, got {positions!r:.60}")
-        if positions.shape[-1] != length or positions.dim() not in (1, 2):
+        if positions.dim() not in (1, 2) or positions.shape[-1] != length:
             raise ValueError(f"positions must be [L] or [B, L] with L = {length}, got {list(positions.shape)}")
         # Explicit positions: angles computed directly (no table lookup, no host sync).
         ang = positions.to(torch.float64).unsqueeze(-1) * self._inv_on(positions.device)
@@ -186,5 +188,7 @@ class RotaryEmbedding(nn.Module):
         if q.dim() != 4 or k.dim() != 4 or k.shape[2] != q.shape[2]:
             raise ValueError(f"RoPE rotates q [B, Hq, L, D] and k [B, Hkv, L, D] of one length L (same positions), "
                              f"got q {list(q.shape)}, k {list(k.shape)}")
+        if isinstance(positions, Tensor) and positions.dim() == 2 and positions.shape[0] not in (1, q.shape[0]):
+            raise ValueError(f"positions [B, L] must have B = 1 or q's batch {q.shape[0]}, got {list(positions.shape)}")
         cos, sin = self.cos_sin(q.shape[2], positions, q.device)
         return self.rotate(q, cos, sin), self.rotate(k, cos, sin)

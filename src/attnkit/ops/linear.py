@@ -33,6 +33,8 @@ def _favor_log_features(x: Tensor, projection: Tensor | None) -> Tensor:
 def _favor_exp(log_phi: Tensor, dims) -> Tensor:
     """exp(log_phi - shift) / sqrt(M), the shift a detached max over dims (-inf where all are -inf:
     masked keys only, whose features are then 0). Any shift shared by the keys cancels in num / den."""
+    if log_phi.numel() == 0:  # no keys: no features, and no max to take
+        return log_phi.exp()
     stab = log_phi.amax(dim=dims, keepdim=True).detach()
     stab = torch.where(torch.isfinite(stab), stab, torch.zeros_like(stab))
     return torch.exp(log_phi - stab) / math.sqrt(log_phi.shape[-1])

@@ -55,7 +55,15 @@ def dead_rows(b, h, i, j):
     return (j <= i) & ((i % 5) != 3)
 
 
-MODS = {"doc_causal": doc_causal, "head_mod": head_mod, "dead_rows": dead_rows}
+_DOC_IDS = torch.tensor([0] * 5 + [1] * 4 + [2] * 4)  # FlexAttention's document idiom, for L = 13 exactly
+
+
+def doc_ids(b, h, i, j):
+    """Causal inside documents looked up in a tensor of the true length (padding must never index it)."""
+    return (_DOC_IDS[i] == _DOC_IDS[j]) & (j <= i)
+
+
+MODS = {"doc_causal": doc_causal, "head_mod": head_mod, "dead_rows": dead_rows, "doc_ids": doc_ids}
 
 
 # --------------------------------------------------------------------------- cases
@@ -93,6 +101,7 @@ _BASE = [
     DCase("doc_mask_mod_pad30", 30, mask_mod="doc_causal"),
     DCase("head_mask_mod", 24, mask_mod="head_mod"),
     DCase("dead_rows_pad13", 13, mask_mod="dead_rows"),
+    DCase("doc_ids_pad13", 13, mask_mod="doc_ids", Hkv=4),
     DCase("softcap_causal_pad13", 13, causal=True, softcap=2.0),
     DCase("causal_no_lse", 24, causal=True, return_lse=False),
 ]
@@ -111,7 +120,7 @@ SUBGROUP_CASES = [
     DCase("subgroups-all_to_all-contiguous", 24, strategy="all_to_all", window=5, subgroups=True),
 ]
 ERROR_CASES = ("mismatched_shard_lengths", "one_rank_bad_input", "flags_differ", "heads_not_divisible",
-               "seq_len_too_long", "group_not_a_group")
+               "seq_len_too_long", "group_not_a_group", "forced_backend_refuses_local_calls")
 SPY_CASES = ("spy-ring-zigzag-causal", "spy-ring-contiguous-causal")
 
 
@@ -200,8 +209,13 @@ def _run_error_case(name: str, rank: int, world: int) -> dict:
         kw["seq_len"] = world * Ls + 1
     if name == "group_not_a_group":
         kw["group"] = 5
+    Dv = 8
+    if name == "forced_backend_refuses_local_calls":
+        # sdpa's CPU lse kernel takes no Dv != D; the last rank holds padding only (seq_len = 5 over
+        # shards of 2 on 4 ranks) and runs no call: it must raise too, not wait for the others
+        Ls, Dv, kw["backend"], kw["seq_len"] = 2, 6, "sdpa", 2 * world - 3
     q = torch.randn(1, Hq, Ls, 8, generator=g)
-    k, v = torch.randn(1, Hkv, Ls, 8, generator=g), torch.randn(1, Hkv, Ls, 8, generator=g)
+    k, v = torch.randn(1, Hkv, Ls, 8, generator=g), torch.randn(1, Hkv, Ls, Dv, generator=g)
     if name == "one_rank_bad_input" and rank == world - 1:
         q = q[0]
     try:
@@ -403,6 +417,10 @@ def test_bad_input_raises_on_every_rank(groups, world, name):
         assert all(k == "ValueError" and "seq_len" in m for k, m in zip(kinds.values(), msgs.values())), msgs
     elif name == "group_not_a_group":
         assert all(k == "TypeError" and "ProcessGroup" in m for k, m in zip(kinds.values(), msgs.values())), msgs
+    elif name == "forced_backend_refuses_local_calls":  # (the cases after it ran on the same group)
+        assert all(k == "ValueError" for k in kinds.values()), kinds
+        assert "backend 'sdpa' cannot serve this rank's local call" in msgs[0] and "value_head_dim" in msgs[0], msgs
+        assert "stopped on every rank because rank 0" in msgs[world - 1], msgs[world - 1]
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
@@ -462,6 +480,24 @@ def test_shard_unshard_round_trip(layout, world, L):
         assert torch.equal(pos[r][real], want[real])
 
 
+def test_sharding_helpers_refuse_bad_arguments():
+    """world_size 0 or of another type, a 0-d tensor and a dim outside the tensor are errors naming them (they
+    divided by zero, returned a float, or wrapped dim 5 of a 4-D tensor around to shard the heads)."""
+    x = torch.randn(1, 2, 10, 4)
+    for call, err, match in (
+        (lambda: cp.padded_length(10, 0), ValueError, "world_size must be >= 1, got 0"),
+        (lambda: cp.padded_length(10, 2.0), TypeError, "world_size must be an int, got float"),
+        (lambda: cp.shard_sequence(x, 0, 0), ValueError, "world_size must be >= 1"),
+        (lambda: cp.shard_sequence(x, 0, "2"), TypeError, "world_size must be an int, got str"),
+        (lambda: cp.shard_sequence(torch.tensor(3.0), 0, 2), TypeError, "0-d tensor"),
+        (lambda: cp.shard_sequence(x, 0, 2, dim=5), ValueError, r"dim must lie in \[-4, 4\)"),
+        (lambda: cp.unshard_sequence([x, x], dim=7), ValueError, r"dim must lie in \[-4, 4\)"),
+    ):
+        with pytest.raises(err, match=match):
+            call()
+    assert torch.equal(cp.shard_sequence(x, 1, 2, dim=-2), cp.shard_sequence(x, 1, 2, dim=2))
+
+
 def _settings(world, layout, L, causal=False, window=None, mask_mod=None, rank=0) -> CPSettings:
     from attnkit.request import build_request
 
@@ -509,8 +545,9 @@ def test_global_mask_mod_positions():
     j = torch.arange(4).view(1, -1)
     keep = fn(torch.zeros(1), torch.zeros(1), i, j)
     gi, gj = seen[0]
-    assert gi.view(-1).tolist() == [8, 9, 10, 11, 40, 41, 42, 43] and gj.view(-1).tolist() == [16, 17, 18, 19]
-    assert keep[:6].all() and not keep[6:].any()  # positions 42, 43 are padding (seq_len 42)
+    # positions 42, 43 are padding (seq_len 42): excluded, and the user's mod sees them as 41, the last real one
+    assert gi.view(-1).tolist() == [8, 9, 10, 11, 40, 41, 41, 41] and gj.view(-1).tolist() == [16, 17, 18, 19]
+    assert keep[:6].all() and not keep[6:].any()
 
 
 @pytest.mark.slow

@@ -105,6 +105,7 @@ def test_varlen_mask_kinds(monkeypatch):
     (dict(max_seqlen_q=3), ValueError, r"max_seqlen_q must be an int >= the longest sequence \(4\)"),
     (dict(max_seqlen_k=5.0), ValueError, "max_seqlen_k must be an int"),
     (dict(window=0), ValueError, "window"),
+    (dict(v=torch.randn(7, 2, 8)), ValueError, r"k and v must hold the same packed keys"),
 ])
 def test_varlen_bad_input(kw, err, match):
     args = dict(q=torch.randn(6, 4, 8), k=torch.randn(6, 2, 8), v=torch.randn(6, 2, 8),
@@ -121,9 +122,34 @@ def test_varlen_empty_packings():
     out, lse = attnkit.varlen_attention(torch.randn(0, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 6), cu0, cu3,
                                         return_lse=True)
     assert out.shape == (0, 4, 6) and lse.shape == (4, 0)
-    out, lse = attnkit.varlen_attention(torch.randn(3, 4, 8), torch.randn(0, 2, 8), torch.randn(0, 2, 6), cu3, cu0,
-                                        causal=True, return_lse=True)
-    assert torch.equal(out, torch.zeros(3, 4, 6)) and torch.isneginf(lse).all()
+    q = torch.randn(3, 4, 8, dtype=torch.float64, requires_grad=True)
+    out, lse = attnkit.varlen_attention(q, torch.randn(0, 2, 8, dtype=torch.float64),
+                                        torch.randn(0, 2, 6, dtype=torch.float64), cu3, cu0, causal=True,
+                                        return_lse=True)
+    assert torch.equal(out, torch.zeros(3, 4, 6, dtype=torch.float64)) and torch.isneginf(lse).all()
+    assert lse.dtype == torch.float64  # (as the contract's lse of float64 inputs)
+    out.sum().backward()  # differentiable, as the contract's results: zero gradient
+    assert torch.equal(q.grad, torch.zeros_like(q))
+    # the contract's checks still run when a side is empty
+    for kw, err, match in ((dict(q=torch.randn(0, 3, 8)), ValueError, "divisible|multiple"),
+                           (dict(k=torch.randn(3, 2, 6)), ValueError, "head dim|head_dim"),
+                           (dict(window=0), ValueError, "window"),
+                           (dict(backend="nope"), ValueError, "unknown backend")):
+        args = dict(q=torch.randn(0, 4, 8), k=torch.randn(3, 2, 8), v=torch.randn(3, 2, 6), cu_seqlens_q=cu0,
+                    cu_seqlens_k=cu3)
+        args.update(kw)
+        with pytest.raises(err, match=match):
+            attnkit.varlen_attention(**args)
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (None, None), (10_000, 10_000)])
+def test_varlen_unbounded_windows_with_unequal_lengths(window):
+    """flash-attn's default window_size (-1, -1), or any window wider than the packing, is no window (it raised a
+    TypeError when the sequences' q and k lengths differed)."""
+    lq, lk = [3, 20, 7], [9, 11, 7]
+    q, k, v = _packed(lq, lk)
+    out = attnkit.varlen_attention(q, k, v, _cu(lq), _cu(lk), window=window, backend="reference")
+    assert torch.equal(out, attnkit.varlen_attention(q, k, v, _cu(lq), _cu(lk), backend="reference"))
 
 
 # ---------------------------------------------------------------------------

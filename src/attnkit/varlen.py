@@ -21,7 +21,8 @@ from torch import Tensor
 from ._bounded import put, touch
 from .functional import attention
 from .groups import GroupMask, SegmentLayout
-from .request import check_window, combined_bounds
+from ._checks import backend_name
+from .request import build_request, check_window, combined_bounds
 
 __all__ = ["varlen_attention"]
 
@@ -74,6 +75,21 @@ def _bounds_per_sequence(cu_q: tuple[int, ...], cu_k: tuple[int, ...], left: int
     return mask_mod
 
 
+def _no_keys(q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool, backend: str, **rules):
+    """The call of an empty side, after the contract's checks (on one-token stand-ins): out 0, lse -inf,
+    differentiable (zero gradients) as the contract's results are."""
+    stand_ins = [t.new_zeros(1, t.shape[1], 1, t.shape[2]) for t in (q, k, v)]
+    build_request(*stand_ins, return_lse=return_lse, **rules)  # heads, head dims, dtypes, devices, rules
+    backend_name(backend)
+    group = q.shape[1] // k.shape[1]
+    # a product over no keys: exact zeros, joined to q, k and v by autograd (NaN-free)
+    out = torch.einsum("qhd,khd,khe->qhe", q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1))
+    if not return_lse:
+        return out
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return out, torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=ct, device=q.device)
+
+
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, *,
                      causal: bool = False, window: int | tuple[int | None, int | None] | None = None,
@@ -110,13 +126,15 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         longest = max(b - a for a, b in zip(cu, cu[1:]))
         if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int) or bound < longest):
             raise ValueError(f"{name} must be an int >= the longest sequence ({longest}), got {bound!r}")
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"k and v must hold the same packed keys (dim 0), got k {list(k.shape)}, v {list(v.shape)}")
     if q.shape[0] == 0 or k.shape[0] == 0:  # nothing to attend (the contract takes no empty tensor)
-        out = q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
-        return (out, torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)) if return_lse else out
+        return _no_keys(q, k, v, causal=causal, window=window, scale=scale, softcap=softcap, return_lse=return_lse,
+                        backend=backend)
     same = all(b - a == d - c for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]))
-    if (causal or window is not None) and not same:
-        left, right = combined_bounds(causal, check_window(window, q.shape[0] + k.shape[0]))
-        kw = dict(mask_mod=_bounds_per_sequence(cu_q, cu_k, left, right, q.device))
+    bounds = combined_bounds(causal, check_window(window, q.shape[0] + k.shape[0]))
+    if bounds is not None and not same:
+        kw = dict(mask_mod=_bounds_per_sequence(cu_q, cu_k, *bounds, q.device))
     else:  # block-diagonal; with equal lengths per sequence the global diagonal is each sequence's
         kw = dict(mask_mod=_group_mask(cu_q, cu_k, q.device), causal=causal, window=window)
     res = attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),

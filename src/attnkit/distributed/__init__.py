@@ -64,11 +64,11 @@ def ring_attention(
     softcap: float | None = None, mask_mod: MaskMod | None = None, return_lse: bool = False,
     layout: str = "contiguous", seq_len: int | None = None, backend: str = "auto",
 ):
-    from .ring import ring_forward_backward
+    from .ring import local_requests, ring_forward_backward
 
     s = check_call("ring_attention", q, k, v, group=group, causal=causal, window=window, scale=scale,
                    softcap=softcap, mask_mod=mask_mod, return_lse=return_lse, layout=layout, seq_len=seq_len,
-                   backend=backend, heads_per_rank=False)
+                   backend=backend, heads_per_rank=False, local_requests=lambda s: local_requests(s, q, k, v))
     out, lse = ring_forward_backward(s, q, k, v)
     return (out, lse) if return_lse else out
 
@@ -78,11 +78,12 @@ def all_to_all_attention(
     softcap: float | None = None, mask_mod: MaskMod | None = None, return_lse: bool = False,
     layout: str = "contiguous", seq_len: int | None = None, backend: str = "auto",
 ):
-    from .all_to_all import all_to_all_forward
+    from .all_to_all import all_to_all_forward, local_requests
 
     s = check_call("all_to_all_attention", q, k, v, group=group, causal=causal, window=window, scale=scale,
                    softcap=softcap, mask_mod=mask_mod, return_lse=return_lse, layout=layout, seq_len=seq_len,
-                   backend=backend, heads_per_rank=True)
+                   backend=backend, heads_per_rank=True,
+                   local_requests=lambda s: local_requests(s, q, k, v, return_lse))
     out, lse = all_to_all_forward(s, q, k, v, return_lse)
     return (out, lse) if return_lse else out
 

@@ -10,12 +10,14 @@ that differ between ranks (a shard length, a flag) raise a ValueError listing ea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
 
 from .._checks import backend_name
-from ..request import MaskMod, build_request
+from ..backends import get_backend
+from ..request import AttentionRequest, MaskMod, build_request
 from .sharding import check_layout
 
 __all__ = ["resolve_group", "agree", "CPSettings", "check_call"]
@@ -114,10 +116,17 @@ class CPSettings:
 
 
 def check_call(fn: str, q, k, v, *, group, causal, window, scale, softcap, mask_mod, return_lse, layout,
-               seq_len, backend, heads_per_rank: bool) -> CPSettings:
-    """Check a context-parallel call on every rank together (see the module docstring)."""
+               seq_len, backend, heads_per_rank: bool,
+               local_requests: Callable[[CPSettings], Iterable[AttentionRequest]] | None = None) -> CPSettings:
+    """Check a context-parallel call on every rank together (see the module docstring).
+
+    local_requests(settings): the requests of this rank's local calls. A forced backend must serve each
+    of them: a rank whose calls differ from the others' (padding only, a masked pair) would otherwise
+    raise in the middle of the exchanges while its neighbours wait for it.
+    """
     group, rank, world = resolve_group(group, fn)
     error: BaseException | None = None
+    s = None
     try:
         padded = world * q.shape[2] if isinstance(q, Tensor) and q.dim() == 4 else None
         req = build_request(q, k, v, causal=causal, window=window, scale=scale, softcap=softcap,
@@ -147,6 +156,18 @@ def check_call(fn: str, q, k, v, *, group, causal, window, scale, softcap, mask_
                 f"(Hq = {req.heads_q}, q {list(q.shape)}) must be divisible by the world size {world}; "
                 f"use strategy='ring' for this head count"
             )
+        s = CPSettings(
+            group=group, rank=rank, world=world, shard_len=Ls, seq_len=seq_len, layout=layout, causal=causal,
+            window=req.window, scale=req.scale, softcap=req.softcap, mask_mod=mask_mod, backend=backend,
+            bounds=req.key_bounds,
+        )
+        if backend != "auto" and local_requests is not None:
+            chosen = get_backend(backend)
+            for local in local_requests(s):
+                why = chosen.unsupported(local)
+                if why is not None:
+                    raise ValueError(f"backend {backend!r} cannot serve this rank's local call: {why} "
+                                     f"({local.describe()}); pass backend='auto'")
     except (ValueError, TypeError) as exc:
         error = exc
     fields = {
@@ -156,11 +177,7 @@ def check_call(fn: str, q, k, v, *, group, causal, window, scale, softcap, mask_
         "return_lse": return_lse, "layout": layout, "seq_len": seq_len,
     }
     agree(fn, group, world, q, fields, error)
-    return CPSettings(
-        group=group, rank=rank, world=world, shard_len=Ls, seq_len=seq_len, layout=layout, causal=causal,
-        window=req.window, scale=req.scale, softcap=req.softcap, mask_mod=mask_mod, backend=backend,
-        bounds=req.key_bounds,
-    )
+    return s
 
 
 def _shape(t) -> object:

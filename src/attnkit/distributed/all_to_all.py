@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 
 from ..functional import attention
+from ..groups import GroupMask
+from ..request import AttentionRequest, build_request
 from ._validate import CPSettings
 from .ring import global_mask_mod
 from .sharding import shard_positions
@@ -78,24 +80,47 @@ def _global_order(s: CPSettings, device) -> Tensor | None:
     return torch.argsort(pos)[: s.seq_len].to(device)
 
 
+def _local_kwargs(s: CPSettings, Hq: int) -> dict:
+    """The local call's rules: the same kind of mask_mod on every rank (a rank whose call differed
+    could be refused by a backend that takes the others')."""
+    mask_mod = s.mask_mod
+    if mask_mod is not None and not isinstance(mask_mod, GroupMask):
+        # The user's mask_mod sees global head indices (positions are global already); a GroupMask
+        # reads no head and stays itself (backends run it as a token-group layout).
+        mask_mod = global_mask_mod((0,), (0,), 0, s.seq_len, None, mask_mod, head_offset=s.rank * (Hq // s.world))
+    return dict(causal=s.causal, window=s.window, scale=s.scale, softcap=s.softcap, mask_mod=mask_mod)
+
+
+def _kv_heads(Hkv: int, P: int) -> int:
+    """K/V heads before the exchange: repeated up to a multiple of P when P does not divide them."""
+    return Hkv if Hkv % P == 0 else Hkv * (P // math.gcd(Hkv, P))
+
+
+def local_requests(s: CPSettings, q: Tensor, k: Tensor, v: Tensor, return_lse: bool) -> list[AttentionRequest]:
+    """The request of this rank's local call (its heads, the whole sequence), on stand-ins of the
+    exchanged shapes, for `check_call` to try against a forced backend before any exchange."""
+    P, grads = s.world, torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    Hkv = _kv_heads(k.shape[1], P)
+
+    def stand_in(t: Tensor, heads: int) -> Tensor:
+        return t.new_empty((), requires_grad=grads).expand(t.shape[0], heads // P, s.seq_len, t.shape[3])
+
+    return [build_request(stand_in(q, q.shape[1]), stand_in(k, Hkv), stand_in(v, Hkv), return_lse=return_lse,
+                          **_local_kwargs(s, q.shape[1]))]
+
+
 def all_to_all_forward(s: CPSettings, q: Tensor, k: Tensor, v: Tensor, return_lse: bool):
     """(out, lse or None) of all-to-all attention over this rank's shards; differentiable."""
     P, group = s.world, s.group
     Hq, Hkv = q.shape[1], k.shape[1]
-    if Hkv % P:
-        rep = P // math.gcd(Hkv, P)
+    if _kv_heads(Hkv, P) != Hkv:
+        rep = _kv_heads(Hkv, P) // Hkv
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     qh, kh, vh = (_AllToAll.apply(t, group, P, True) for t in (q, k, v))
     order = _global_order(s, q.device)
     if order is not None:
         qh, kh, vh = (t.index_select(2, order) for t in (qh, kh, vh))
-    mask_mod = s.mask_mod
-    h0 = s.rank * (Hq // P)
-    if mask_mod is not None and h0:
-        # The user's mask_mod sees global head indices (positions are global already).
-        mask_mod = global_mask_mod((0,), (0,), 0, s.seq_len, None, mask_mod, head_offset=h0)
-    res = attention(qh, kh, vh, causal=s.causal, window=s.window, scale=s.scale, softcap=s.softcap,
-                    mask_mod=mask_mod, return_lse=return_lse, backend=s.backend)
+    res = attention(qh, kh, vh, return_lse=return_lse, backend=s.backend, **_local_kwargs(s, Hq))
     out, lse = res if return_lse else (res, None)
     if order is not None:
         full = (q.shape[0], Hq // P, P * s.shard_len)

@@ -37,6 +37,7 @@ from .._autograd import first_order_only
 from .._bounded import put, touch
 from ..functional import attention, attention_backward
 from ..masks import bounds_allow
+from ..request import AttentionRequest, build_request
 from ..merge import merge_partial
 from ._validate import CPSettings
 from .sharding import shard_positions
@@ -58,8 +59,8 @@ class GlobalMaskMod:
 
     Local index ``idx`` of the query (key) tile lies at global position ``idx + starts[0]``
     in its first segment of ``seg`` positions and ``idx - seg + starts[1]`` in the second.
-    Positions ``>= seq_len`` are padding (never attend, never attended), then causal/window
-    bounds and the user's mask_mod apply on global positions. ``head_offset`` is added to
+    Positions ``>= seq_len`` are padding (never attend, never attended; the user's mask_mod sees them
+    as position seq_len - 1), then causal/window bounds and the user's mask_mod apply on global positions. ``head_offset`` is added to
     the head index (all-to-all attention runs a slice of the heads per rank).
     """
 
@@ -78,7 +79,11 @@ class GlobalMaskMod:
         if self.bounds is not None:
             keep = keep & bounds_allow(i, j, 0, *self.bounds)
         if self.user is not None:
-            keep = keep & self.user(b, h + self.head_offset if self.head_offset else h, i, j)
+            # padding positions (excluded by `keep`) reach the user's mod as the last real one: a mod that
+            # indexes a tensor of the true length (document ids, a GroupMask) must not read past it
+            last = self.seq_len - 1
+            hh = h + self.head_offset if self.head_offset else h
+            keep = keep & self.user(b, hh, i.clamp(max=last), j.clamp(max=last))
         return keep
 
 
@@ -281,6 +286,24 @@ class RingAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ring_backward(ctx.settings, ctx.plan, q, k, v, out, lse, dout, dlse)
         return dq, dk, dv, None, None
+
+
+def local_requests(s: CPSettings, q: Tensor, k: Tensor, v: Tensor) -> list[AttentionRequest]:
+    """The requests of this rank's local calls (forward, and `attention_backward` where a gradient
+    is wanted), for `check_call` to try against a forced backend before any exchange."""
+    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    reqs = []
+    for src in range(s.world):
+        call = plan_pair(s, s.rank, src)
+        if call is None:
+            continue
+        args = (q[:, :, call.q_lo:call.q_hi], k[:, :, call.k_lo:call.k_hi], v[:, :, call.k_lo:call.k_hi])
+        kw = dict(scale=s.scale, softcap=s.softcap, return_lse=True, **call.kwargs)
+        with torch.no_grad():  # the forward runs in the ring's autograd Function, without grad
+            reqs.append(build_request(*(t.detach() for t in args), **kw))
+        if grads:
+            reqs.append(build_request(*(t.detach() for t in args), for_backward=True, **kw))
+    return reqs
 
 
 def ring_forward_backward(s: CPSettings, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

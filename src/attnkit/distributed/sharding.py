@@ -40,14 +40,26 @@ def _check_world(rank, world_size) -> None:
     for name, val in (("rank", rank), ("world_size", world_size)):
         if isinstance(val, bool) or not isinstance(val, int):
             raise TypeError(f"{name} must be an int, got {type(val).__name__}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank must lie in [0, world_size) and world_size >= 1, got rank={rank}, world_size={world_size}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, world_size), got rank={rank}, world_size={world_size}")
+
+
+def _check_dim(dim, x: Tensor) -> int:
+    """dim as an index in [0, x.dim()) (negative counts from the end), else a ValueError naming it."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim must lie in [{-x.dim()}, {x.dim()}) for a tensor of shape {list(x.shape)}, got {dim}")
+    return dim % x.dim()
 
 
 def padded_length(seq_len: int, world_size: int, layout: str = "contiguous") -> int:
     """The total length a sequence of ``seq_len`` tokens is padded to: a multiple of P (contiguous) or 2P (zigzag)."""
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    _check_world(0, world_size)
     m = world_size * _chunks_per_rank(layout)
     return -(-seq_len // m) * m
 
@@ -77,9 +89,11 @@ def shard_sequence(x: Tensor, rank: int, world_size: int, *, layout: str = "cont
     ``rank`` then chunk ``2 * world_size - 1 - rank`` for "zigzag"). Pass the true ``L`` as
     ``seq_len=`` to the attention when it was padded.
     """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    dim = dim % x.dim()
+    if not isinstance(x, Tensor) or x.dim() == 0:
+        got = "a 0-d tensor" if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"x must be a torch.Tensor with a sequence dim, got {got}")
+    _check_world(rank, world_size)
+    dim = _check_dim(dim, x)
     L = x.shape[dim]
     Lpad = padded_length(L, world_size, layout)
     if Lpad != L:
@@ -114,7 +128,7 @@ def unshard_sequence(
     if not isinstance(shards, (list, tuple)) or not shards or not all(isinstance(s, Tensor) for s in shards):
         raise TypeError(f"shards must be a tensor or a non-empty list of tensors, got {type(shards).__name__}")
     world = len(shards)
-    dim = dim % shards[0].dim()
+    dim = _check_dim(dim, shards[0])
     n = _chunks_per_rank(layout)
     shard_len = shards[0].shape[dim]
     if any(s.shape != shards[0].shape for s in shards) or shard_len % n:

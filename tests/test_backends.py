@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -1276,3 +1277,37 @@ def test_flex_block_masks_keep_a_bounded_number_of_bytes_of_mask_tensors(monkeyp
     gc.collect()
     assert [r() is not None for r in refs] == [False] * 4 + [True] * 2
     assert len(flex._block_masks) == 2
+
+
+def test_flex_block_masks_follow_numpy_and_nested_scalars_a_mask_mod_reads(monkeypatch):
+    """flex keys its BlockMask cache on the scalars a mask_mod closes over: numpy scalars (np.int64 is no int)
+    and attributes of attributes (a method reading self.cfg.n) count, so a changed value builds a new mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from attnkit.masks import closure_scalars
+    flex = attnkit.get_backend("flex")
+    monkeypatch.setattr(flex, "_block_masks", {})
+
+    class Cfg:
+        n = 40
+
+    class Masker:
+        def __init__(self):
+            self.cfg, self.limit = Cfg(), np.int64(40)
+
+        def by_numpy(self, b, h, i, j):
+            return j < self.limit
+
+        def by_attribute(self, b, h, i, j):
+            return j < self.cfg.n
+
+    m = Masker()
+    q = torch.randn(1, 1, 256, 16)
+    assert closure_scalars(m.by_numpy) == (np.int64(40),) and 40 in closure_scalars(m.by_attribute)
+    for mod, change in ((m.by_numpy, lambda: setattr(m, "limit", np.int64(200))),
+                        (m.by_attribute, lambda: setattr(m.cfg, "n", 200))):
+        first = flex.block_mask(build_request(q, q, q, mask_mod=mod))
+        change()
+        again = flex.block_mask(build_request(q, q, q, mask_mod=mod))
+        assert again is not first
+        fresh = create_block_mask(lambda b, h, i, j: mod(b, h, i, j), 1, 1, 256, 256, device="cpu")
+        assert torch.equal(again.to_dense(), fresh.to_dense())

@@ -310,6 +310,13 @@ def test_second_order_gradients_raise(backend):
     (gq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
     (gq ** 2).sum().backward()
     assert q.grad.abs().sum() > 0
+    # a penalty on an input's gradient, differentiated for a weight alone (autograd.grad runs only the
+    # nodes on the paths to it): the attention's second order lies on them, so it raises, not drops it
+    x, w = q.detach()[..., :8].requires_grad_(True), torch.randn(8, 16, requires_grad=True)
+    out = attnkit.attention(x @ w, k.detach(), v.detach(), backend=backend)
+    (gx,) = torch.autograd.grad((out * out).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second-order gradient"):
+        torch.autograd.grad((gx ** 2).sum(), w)
 
 
 def test_triton_refuses_what_it_lacks():

@@ -688,11 +688,33 @@ def test_bounded_caches_shared_by_threads():
 def test_cpu_windows_past_the_mask_size_rule_go_to_chunked(kind):
     """On the CPU sdpa builds a window's or mask_mod's [Lq, Lk] mask: past CPU_BUILT_MASK_PAIRS pairs auto
     takes chunked (O(L) memory, and faster there: L = 8192, window 128: 368 against 694 ms, 2026-11-25)."""
-    from attnkit.backends.sdpa import CPU_BUILT_MASK_PAIRS
+    from attnkit import dispatch
+    from attnkit.request import CPU_BUILT_MASK_PAIRS
     kw = dict(window=32) if kind == "window" else dict(mask_mod=lambda b, h, i, j: j <= i)
     small = make_qkv(1, 1, 1, 64, 64, 8)
-    assert attnkit.explain(*small, **kw).backend == "sdpa"
     n = math.isqrt(CPU_BUILT_MASK_PAIRS) + 1
     big = make_qkv(1, 1, 1, n, n, 8)
+    assert attnkit.explain(*small, **kw).backend == "sdpa"
     plan = attnkit.explain(*big, **kw)
     assert plan.backend == "chunked", str(plan)
+    # what runs follows the rule too, in either order (the cached choice is per signature)
+    for first, second in ((small, big), (big, small)):
+        dispatch.clear_cache()
+        for qkv in (first, second):
+            req = build_request(*qkv, **kw)
+            assert dispatch.choose(req).name == attnkit.explain(*qkv, **kw).backend
+
+
+def test_chunked_block_sizes_and_score_mod_results_are_checked(qkv):
+    """ChunkedBackend's tile sizes must be positive ints (a negative one gave an all-zero output); a score_mod
+    must return floating scores, refused by name on every backend that runs mods."""
+    from attnkit.backends import ChunkedBackend
+    for kw in (dict(block_q=-4), dict(block_k=0), dict(block_q=2.5)):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be a positive int"):
+            ChunkedBackend(**kw)
+    q, k, v = qkv
+    for mod, got in ((lambda s, b, h, i, j: i - j, "int32 tensor"), (lambda s, b, h, i, j: s > 0, "bool tensor"),
+                     (lambda s, b, h, i, j: 1.0, "float")):
+        for backend in ("reference", "chunked"):
+            with torch.no_grad(), pytest.raises(TypeError, match=f"score_mod must return a floating tensor.*{got}"):
+                attnkit.attention(q, k, v, score_mod=mod, backend=backend)

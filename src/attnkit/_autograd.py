@@ -14,7 +14,9 @@ def first_order_only(what: str):
 
     torch's once_differentiable adds that node only when the incoming gradients require grad;
     a gradient penalty on dq (autograd.grad(out.sum(), q, create_graph=True)) passes ones, so it
-    silently got a second order of 0 through the saved q, k, v."""
+    silently got a second order of 0 through the saved q, k, v. The node also takes the saved
+    tensors that require grad as inputs: every path from a gradient back to what produced them
+    (autograd.grad(penalty, weight) runs only the nodes on such paths) then meets it."""
     message = (f"attnkit: {what} has no second-order gradient; use backend='reference' to differentiate "
                f"attention twice").encode()
 
@@ -25,9 +27,11 @@ def first_order_only(what: str):
                 outs = backward(ctx, *grads)
             if not torch.is_grad_enabled():
                 return outs
-            err = _functions.DelayedError(message, len(outs))
             fake = [o.detach().requires_grad_() if isinstance(o, torch.Tensor) else o for o in outs]
-            return err(*fake)
+            anchors = [t for t in ctx.saved_tensors if isinstance(t, torch.Tensor) and t.requires_grad]
+            err = _functions.DelayedError(message, len(fake) + len(anchors))
+            res = err(*fake, *anchors)
+            return tuple(res[:len(fake)])
 
         return wrapper
 

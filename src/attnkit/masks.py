@@ -9,6 +9,7 @@ element-wise, which FlexAttention requires too.
 from __future__ import annotations
 
 import functools
+import numbers
 import types
 
 import torch
@@ -106,8 +107,9 @@ def apply_score_mod(req: AttentionRequest, s: Tensor, q_start: int, k_start: int
         req.batch, req.heads_q, q_start, q_start + s.shape[2], k_start, k_start + s.shape[3], s.device
     )
     out = req.score_mod(s, b, h, i, j)
-    if not isinstance(out, Tensor):
-        raise TypeError(f"score_mod must return a tensor, got {type(out).__name__}")
+    if not isinstance(out, Tensor) or not out.is_floating_point():
+        got = f"a {str(out.dtype).replace('torch.', '')} tensor" if isinstance(out, Tensor) else type(out).__name__
+        raise TypeError(f"score_mod must return a floating tensor (the new scores), got {got}")
     return out.expand_as(s) if out.shape != s.shape else out
 
 
@@ -120,6 +122,10 @@ def closure_tensors(fn, *, requires_grad: bool = False) -> list[Tensor]:
     gradients); otherwise all of them (FlexAttention's BlockMask cache keys on their versions).
     """
     return _closure(fn, requires_grad)[0]
+
+
+def _numpy_scalar(obj) -> bool:
+    return type(obj).__module__ == "numpy" and getattr(obj, "ndim", None) == 0
 
 
 def closure_scalars(fn) -> tuple:
@@ -138,7 +144,7 @@ def _closure(fn, requires_grad: bool) -> tuple[list[Tensor], list]:
         if isinstance(obj, Tensor):
             if (obj.requires_grad or not requires_grad) and not any(obj is t for t in found):
                 found.append(obj)
-        elif isinstance(obj, (bool, int, float, str)):
+        elif isinstance(obj, (str, numbers.Number)) or _numpy_scalar(obj):  # np.int64 is no int
             if depth:
                 scalars.append(obj)
         elif isinstance(obj, nn.Module):
@@ -164,7 +170,9 @@ def _closure(fn, requires_grad: bool) -> tuple[list[Tensor], list]:
             visit(getattr(obj, "__kwdefaults__", None), depth + 1)
             visit(getattr(obj, "__self__", None), depth + 1)
         elif not isinstance(obj, (type, types.ModuleType, types.BuiltinFunctionType)):
-            visit(getattr(obj, "__dict__", None), depth + 1)  # a callable object's (or an owner's) state
+            # a callable object's (or an owner's) state: its attributes count as the object's own level,
+            # so that a method reading self.cfg.n is seen (method, self, cfg, n)
+            visit(getattr(obj, "__dict__", None), depth)
 
     visit(fn, 0)
     return found, scalars

@@ -32,6 +32,10 @@ _NOT_DECODE = frozenset({"mask", "bias", "bias_grad", "score_mod", "mask_mod", "
 # this many query rows (B x Hq x Lq) is "wide": about one 128-row program per SM of an H100 (128 programs on
 # its 132 SMs) without splitting the keys (the triton backend's rule for such calls: backends/triton.py).
 WIDE_CHUNK_ROWS = 16384
+# On the CPU, a window or mask_mod over more than this many (query, key) pairs is "a big built mask":
+# sdpa would build its [Lq, Lk] mask (L = 12288, window 64: 729 MiB peak against chunked's 91 MiB,
+# torch 2.13), so `auto` takes chunked (backends/sdpa.py).
+CPU_BUILT_MASK_PAIRS = 1 << 24
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -85,6 +89,7 @@ class AttentionRequest:
     # mods, dropout, gradients): what the triton backend decodes in place.
     decode_shaped: bool = field(init=False)
     wide_chunk: bool = field(init=False)  # see WIDE_CHUNK_ROWS
+    big_built_mask: bool = field(init=False)  # see CPU_BUILT_MASK_PAIRS
     signature: tuple = field(init=False)
 
     def __post_init__(self) -> None:
@@ -114,9 +119,11 @@ class AttentionRequest:
         # outputs (lse included) are differentiated (sdpa's lse on CUDA), and both carry 'backward'.
         self.wide_chunk = (self.causal and self.cache_seqlens is None and qs[2] < self.k.shape[2]
                            and qs[0] * qs[1] * qs[2] >= WIDE_CHUNK_ROWS)
+        self.big_built_mask = (q.device.type == "cpu" and ("window" in f or "mask_mod" in f)
+                               and qs[2] * self.len_k > CPU_BUILT_MASK_PAIRS)
         # One query or more: decode steps over plain K/V tensors go to the decode kernel only with more.
         self.signature = (q.device.type, q.dtype, qs[3], v.shape[3], f, self.decode_shaped, self.for_backward,
-                          self.wide_chunk, qs[2] == 1)
+                          self.wide_chunk, qs[2] == 1, self.big_built_mask)
 
     # --- shapes -----------------------------------------------------------
     @property

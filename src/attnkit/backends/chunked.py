@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .._autograd import first_order_only
+from .._checks import positive_int
 from ..masks import apply_score_mod, closure_tensors, slice_4d, tile_allowed, tile_fully_outside
 from ..request import AttentionRequest
 from .base import ALL_FEATURES, Backend, Capabilities
@@ -211,6 +212,10 @@ class ChunkedBackend(Backend):
     )
 
     def __init__(self, block_q: int | None = None, block_k: int | None = None):
+        """block_q, block_k: tile sizes (rows, keys); None = chosen per call."""
+        for name, size in (("block_q", block_q), ("block_k", block_k)):
+            if size is not None:
+                positive_int(name, size)
         self.block_q, self.block_k = block_q, block_k
 
     def speed(self, req: AttentionRequest) -> float:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..masks import apply_score_mod
 from ..request import AttentionRequest
 from .base import ALL_FEATURES, Backend, Capabilities
 
@@ -59,14 +60,7 @@ class ReferenceBackend(Backend):
         if req.softcap is not None:
             s = req.softcap * torch.tanh(s / req.softcap)
         if req.score_mod is not None:
-            b = torch.arange(B, device=q.device, dtype=torch.int32).view(-1, 1, 1, 1)
-            h = torch.arange(Hq, device=q.device, dtype=torch.int32).view(1, -1, 1, 1)
-            i = torch.arange(Lq, device=q.device, dtype=torch.int32).view(1, 1, -1, 1)
-            j = torch.arange(Lk, device=q.device, dtype=torch.int32).view(1, 1, 1, -1)
-            s = req.score_mod(s, b, h, i, j)
-            if not isinstance(s, torch.Tensor):
-                raise TypeError(f"score_mod must return a tensor, got {type(s).__name__}")
-            s = s.expand(B, Hq, Lq, Lk)
+            s = apply_score_mod(req, s, 0, 0)
 
         keep = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device)
         if req.mask is not None:

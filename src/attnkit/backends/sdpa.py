@@ -158,11 +158,6 @@ def _kernel_context(req: AttentionRequest):
     return _CUDA_PRIORITY if _cudnn_first(req.q, req.k, req.v, kind) else _CUDA_NO_CUDNN
 
 
-# On the CPU, windows and mask_mods past this many (query, key) pairs go to `chunked`: sdpa builds their
-# [Lq, Lk] mask (L = 12288 with a window of 64: 729 MiB peak against chunked's 91 MiB, torch 2.13).
-CPU_BUILT_MASK_PAIRS = 1 << 24
-
-
 class NoLseKernel(ValueError):
     """No lse-returning SDPA kernel runs a call that `unsupported` let through: one broke since, or the
     user's `sdpa_kernel(...)` context left none enabled. A build error: `auto` goes to the next backend."""
@@ -191,8 +186,7 @@ class SdpaBackend(Backend):
         dense_mask = dense_mask or req.window is not None or req.cache_seqlens is not None
         if req.device.type == "cuda":
             return 30.0 if dense_mask else 100.0
-        built = req.window is not None or req.mask_mod is not None
-        if built and req.len_q * req.len_k > CPU_BUILT_MASK_PAIRS:
+        if req.big_built_mask:
             return 15.0  # below chunked (20), whose memory is O(L), not the [Lq, Lk] mask built here
         return 30.0 if dense_mask else 50.0
 

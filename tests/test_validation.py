@@ -718,3 +718,11 @@ def test_chunked_block_sizes_and_score_mod_results_are_checked(qkv):
         for backend in ("reference", "chunked"):
             with torch.no_grad(), pytest.raises(TypeError, match=f"score_mod must return a floating tensor.*{got}"):
                 attnkit.attention(q, k, v, score_mod=mod, backend=backend)
+
+
+def test_a_group_mask_on_another_device_is_named():
+    from attnkit.groups import GroupMask, SegmentLayout
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 8)
+    layout = SegmentLayout(4, 4, ((((0, 4),), ((0, 4),)),))
+    with pytest.raises(ValueError, match="mask_mod is a GroupMask with its tables on meta but q is on cpu"):
+        attnkit.attention(q, k, v, mask_mod=GroupMask(layout, "meta"))

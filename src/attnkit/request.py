@@ -472,6 +472,9 @@ def build_request(
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
         lay = mask_mod.layout if isinstance(mask_mod, GroupMask) else None
+        if lay is not None and mask_mod.allowed.device != device:
+            raise ValueError(f"mask_mod is a GroupMask with its tables on {mask_mod.allowed.device} but q is on "
+                             f"{device}; build it with GroupMask(layout, device=q.device)")
         if lay is not None and global_len is None and (lay.len_q, lay.len_k) != (Lq, Lk):
             raise ValueError(f"mask_mod is a GroupMask for Lq={lay.len_q}, Lk={lay.len_k}; q/k have Lq={Lq}, "
                              f"Lk={Lk}")

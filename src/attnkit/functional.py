@@ -1,6 +1,6 @@
 """The kernel contract: one function for every attention variant.
 
-See DESIGN.md / README.md for the full semantics. Layout [B, H, L, D] with
+See README.md ("The contract") for the full semantics. Layout [B, H, L, D] with
 heads split; GQA by head grouping; masks are bool with True = attend; bias is
 additive; causal is bottom-right aligned when Lq != Lk.
 """
@@ -53,8 +53,8 @@ def attention(
         sinks: [Hq] logits that join each row's softmax denominator with no value.
         dropout_p: dropout on the attention probabilities (applied whenever > 0).
         return_lse: also return the float32 log-sum-exp [B, Hq, Lq] of each row
-            (sinks included; -inf for a row with nothing to attend; float64 when
-            float64 inputs run on reference/chunked).
+            (sinks included; -inf for a row with nothing to attend; float64 for
+            float64 inputs, which sdpa, chunked and reference take).
         cache_seqlens: decoding against a KV cache (flash-attn's `flash_attn_with_kvcache`
             name): int32/int64 [B] on q's device, or an int for every sequence. Sequence b's
             keys are 0..cache_seqlens[b]-1 (later ones are never seen) and causal / window are
@@ -144,9 +144,10 @@ def attention_backward(
         dlse: [B, Hq, Lq], the gradient of lse, or None (lse not used downstream).
         mask, bias, causal, window, scale, softcap, score_mod, mask_mod: as in `attention`; bias is
             a constant here (its gradient, like those of tensors a score_mod reads, is not returned).
-        backend: as in `attention`: `auto` picks what `attention(..., return_lse=True)` with gradients
-            would run on. sdpa (the lse-returning SDPA kernels' own backward), triton and chunked read
-            the statistics directly; flex and reference recompute their forward once (exact).
+        backend: as in `attention`: `auto` picks among the backends that serve the call with gradients,
+            and on CUDA also SDPA's lse-returning kernels for dense and causal calls. sdpa (those kernels'
+            own backward), triton and chunked read the statistics directly; flex and reference recompute
+            their forward once (exact).
 
     Returns:
         (dq [B, Hq, Lq, D], dk [B, Hkv, Lk, D], dv [B, Hkv, Lk, Dv]) in q's dtype, not differentiable.
@@ -163,6 +164,7 @@ def attention_backward(
 def explain(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto", **kwargs) -> Plan:
     """The plan `attention(q, k, v, **kwargs)` would follow: chosen backend and why the others were not.
 
+    q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] and the keyword arguments as in `attention`.
     `print(attnkit.explain(...))` gives a readable table; the Plan's fields are
     `backend`, `request`, `reason` and `passed_over` (name -> reason).
     """

@@ -108,7 +108,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         window: as in `attnkit.attention` (W, or (left, right) with -1/None unbounded; flash-attn's
             window_size), around each sequence's own bottom-right diagonal.
         scale, softcap, backend: as in `attnkit.attention`.
-        return_lse: also return the float32 log-sum-exp [Hq, total_q] (flash-attn's layout).
+        return_lse: also return the log-sum-exp [Hq, total_q] (flash-attn's layout), float32 (float64 for
+            float64 inputs).
 
     Returns:
         out [total_q, Hq, Dv] (a query whose sequence has no key gets 0), or (out, lse).

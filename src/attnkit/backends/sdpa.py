@@ -300,7 +300,7 @@ def _can_use(kernel: str):
 def lse_kernels(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, direction: str = "forward") -> tuple[str, ...]:
     """The lse-returning SDPA kernels that can run this (unmasked) call, in the order they are tried.
 
-    "cpu" on the CPU; on CUDA the names of cuDNN / flash / efficient that torch's `can_use_*`
+    "cpu" on the CPU; on CUDA the names of cuDNN / flash (`_CUDA_LSE_KERNELS`) that torch's `can_use_*`
     accepts for a training call on these shapes (the user's `sdpa_kernel` settings included),
     minus those that raised here before.
     """
@@ -336,7 +336,7 @@ def _cuda_lse_unsupported(req: AttentionRequest) -> str | None:
         return None
     dt = str(req.dtype).replace("torch.", "")
     return (f"missing feature 'return_lse' on cuda for {dt}, head dim {req.head_dim}{' with GQA' if gqa else ''}: "
-            "no lse-returning SDPA kernel (cuDNN / flash / efficient) takes it")
+            "no lse-returning SDPA kernel (cuDNN / flash) takes it")
 
 
 @dataclass(frozen=True)
@@ -511,7 +511,7 @@ def _try_kernels(q, k, v, causal: bool, direction: str, run):
             err = exc
     raise NoLseKernel(
         f"backend 'sdpa' cannot run this return_lse call's {direction}: no lse-returning SDPA kernel "
-        f"(cuDNN / flash / efficient) takes q {list(q.shape)} k {list(k.shape)} {q.dtype} on {q.device} "
+        f"(cuDNN / flash) takes q {list(q.shape)} k {list(k.shape)} {q.dtype} on {q.device} "
         f"(tried {list(kernels)}; last error: {err}); pass backend='flex' or 'chunked'"
     )
 

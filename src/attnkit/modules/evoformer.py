@@ -429,14 +429,22 @@ class TriangleAttention(_BackendViaMha, nn.Module):
 
 
 class TriangleAttentionStartingNode(TriangleAttention):
-    """Triangle attention around the starting node (AlphaFold2 Algorithm 13): TriangleAttention(starting=True)."""
+    """Triangle attention around the starting node (AlphaFold2 Algorithm 13): TriangleAttention(starting=True).
+
+    forward(x [*, I, J, c_in] with I == J, mask [*, I, J] or None, chunk_size=None) -> the update [*, I, J, c_in]
+    (see TriangleAttention).
+    """
 
     def __init__(self, c_in: int, c_hidden: int, num_heads: int, backend: str | None = None):
         super().__init__(c_in, c_hidden, num_heads, starting=True, backend=backend)
 
 
 class TriangleAttentionEndingNode(TriangleAttention):
-    """Triangle attention around the ending node (AlphaFold2 Algorithm 14): TriangleAttention(starting=False)."""
+    """Triangle attention around the ending node (AlphaFold2 Algorithm 14): TriangleAttention(starting=False).
+
+    forward(x [*, I, J, c_in] with I == J, mask [*, I, J] or None, chunk_size=None) -> the update [*, I, J, c_in]
+    (see TriangleAttention).
+    """
 
     def __init__(self, c_in: int, c_hidden: int, num_heads: int, backend: str | None = None):
         super().__init__(c_in, c_hidden, num_heads, starting=False, backend=backend)

@@ -396,3 +396,30 @@ def test_sdpa_kernels_never_see_minus_inf_lse(monkeypatch):
     for x in seen:
         assert not torch.isneginf(x).any() and torch.isposinf(x[..., 4]).all()
     assert torch.isposinf(seen[0][..., 2]).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("heads", [(8, 8), (8, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("shape,causal", [((300, 300), False), ((257, 257), True), ((170, 300), True),
+                                          ((300, 170), True)], ids=["dense", "causal", "causal_lq_lt_lk",
+                                                                   "causal_lq_gt_lk"])
+@pytest.mark.parametrize("backend", ["sdpa", "triton", "chunked"])
+def test_cuda_backward_from_statistics(backend, shape, causal, heads):
+    """On a GPU, bf16, D = 64: attention_backward with the call's own float64 statistics against float64
+    autograd, within the rule's factor of plain bf16 autograd; sdpa through its cuDNN / flash lse kernels
+    (ring attention's local backward on CUDA)."""
+    from attnkit.request import build_request
+    (Lq, Lk), (Hq, Hkv) = shape, heads
+    q, k, v = make_qkv(2, Hq, Hkv, Lq, Lk, 64, dtype=torch.bfloat16, device="cuda", seed=71)
+    do = randn(2, Hq, Lq, 64, dtype=torch.bfloat16, device="cuda", gen=torch.Generator().manual_seed(72))
+    why = attnkit.get_backend(backend).unsupported(build_request(q, k, v, causal=causal, return_lse=True,
+                                                                 for_backward=True))
+    if why is not None:
+        pytest.skip(f"{backend}: {why}")
+    out64, lse64, ref = _oracle(q, k, v, do, None, causal=causal)
+    got = attnkit.attention_backward(do, q, k, v, out64.to(q.dtype), lse64.float(), causal=causal, backend=backend)
+    plain = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    base = torch.autograd.grad((naive_attention(*plain, causal=causal) * do).sum(), plain)
+    for n, g, r, b in zip(("dq", "dk", "dv"), got, ref, base):
+        assert torch.isfinite(g).all(), n
+        assert_close_rel(g, r, rel_err(b, r), name=n)

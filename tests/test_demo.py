@@ -67,3 +67,18 @@ def test_demo_arguments():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             demo.main(["--device", "cuda"])
+
+
+def test_demo_flags_small_wrong_outputs_in_half_precision(monkeypatch):
+    """The BAD bar is relative: in bfloat16 (the CUDA demo's dtype) a decode output 0.8x too small, or one that
+    missed its last keys, is caught (an absolute floor of 4 eps = 0.03 let both pass: decode outputs are ~0.1)."""
+    ref = torch.randn(1, 8, 1, 64, dtype=torch.float64) * 0.05
+    for wrong in (ref * 0.8, ref * 1.1):
+        rows = [dict(backend="reference", err=demo._err([ref.bfloat16()], [ref]), grad_err=None),
+                dict(backend="chunked", err=demo._err([wrong.bfloat16()], [ref]), grad_err=None)]
+        demo._judge(rows, torch.bfloat16)
+        assert not rows[0]["bad"] and rows[1]["bad"], rows
+    rows = [dict(backend="reference", err=float("inf"), grad_err=None),
+            dict(backend="chunked", err=1e3, grad_err=None)]
+    demo._judge(rows, torch.bfloat16)
+    assert rows[0]["bad"] and rows[1]["bad"]  # a broken oracle does not wave the others through

@@ -117,9 +117,22 @@ class Workload:
         return f"B={self.B} Hq=Hkv={self.Hq} Lq=Lk={self.L} D={self.D} bf16, {kind}"
 
     def flops(self, mode: str) -> float:
+        if self.keymask:  # only the pairs the key mask leaves (and causal: keys at or before the query)
+            km = key_mask(self)
+            j = torch.arange(self.L)
+            per_key = (self.L - j) if self.causal else torch.full((self.L,), self.L)
+            pairs = (km * per_key).sum().item() / self.B  # per (batch, head), averaged as attended_pairs does
+            return 4.0 * self.B * self.Hq * self.D * pairs * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
         return H.attention_flops(
             self.B, self.Hq, self.L, self.L, self.D, causal=self.causal, window=self.window, mode=mode
         )
+
+
+def key_mask(wl: "Workload") -> torch.Tensor:
+    """The key padding mask of a keymask workload: bool [B, L] on the CPU, ~10% of the keys out, never key 0."""
+    km = torch.rand(wl.B, wl.L, generator=torch.Generator().manual_seed(1)) > 0.1
+    km[:, 0] = True
+    return km
 
 
 EVO_NOTE = (
@@ -130,8 +143,10 @@ EVO_NOTE = (
 BIAS_NOTE = "one bf16 [1, H, L, L] bias shared by the batch, requiring grad: fwd+bwd computes dbias (as for Evoformer)"
 
 
+KEYMASK_TIMING = ("SDPA peers fold the key mask into their mask or bias inside each timed call (as a user writes it); "
+                  "flex's BlockMask is built once, outside timing; FLOPs count only the pairs the key mask leaves")
 KEYMASK_NOTE = ("a bool key padding mask [B, 1, 1, L] (about 10% of the keys out); SDPA peers get it (and the causal "
-                "mask) as one bool attn_mask, flex a key-mask BlockMask")
+                "mask) as one bool attn_mask, flex a key-mask BlockMask. " + KEYMASK_TIMING)
 
 BIAS_BATCH_NOTE = "one bf16 [B, H, L, L] bias (a bias per batch row), requiring grad: fwd+bwd computes dbias"
 
@@ -147,7 +162,8 @@ def workloads(smoke: bool) -> list[Workload]:
             Workload("evoformer_B4_H2_L64_D32", 4, 2, 64, 32, bias=True, note=EVO_NOTE),
             Workload("bias_batch_causal_L96_D64", 2, 2, 96, 64, causal=True, bias=True, bias_batch=True,
                      note=BIAS_BATCH_NOTE),
-            Workload("bias_keymask_L80_D64", 2, 2, 80, 64, bias=True, keymask=True, note=BIAS_NOTE),
+            Workload("bias_keymask_L80_D64", 2, 2, 80, 64, bias=True, keymask=True,
+                     note=BIAS_NOTE + "; " + KEYMASK_TIMING),
             Workload("keymask_causal_L72_D64", 2, 2, 72, 64, causal=True, keymask=True, note=KEYMASK_NOTE),
         ]
     out = []
@@ -172,7 +188,8 @@ def workloads(smoke: bool) -> list[Workload]:
     # gradient has no batch sum), and a shared bias beside a causal mask
     out.append(Workload("bias_batch_L1024_D64", 16, 32, 1024, 64, bias=True, bias_batch=True, note=BIAS_BATCH_NOTE))
     out.append(Workload("bias_causal_L1024_D64", 16, 32, 1024, 64, causal=True, bias=True, note=BIAS_NOTE))
-    out.append(Workload("bias_keymask_L1024_D64", 16, 32, 1024, 64, bias=True, keymask=True, note=BIAS_NOTE))
+    out.append(Workload("bias_keymask_L1024_D64", 16, 32, 1024, 64, bias=True, keymask=True,
+                        note=BIAS_NOTE + "; " + KEYMASK_TIMING))
     # a key padding mask alone, where `auto` takes our kernel at D <= 64 (2026-11-24)
     for L, causal in ((1024, False), (4096, False), (4096, True)):
         out.append(Workload(f"keymask{'_causal' if causal else ''}_L{L}_D64", 16384 // L, 32, L, 64, causal=causal,
@@ -237,9 +254,7 @@ def make_state(wl: Workload, device: torch.device, need_grad_ref: bool, use_flex
     if wl.keymask:  # ~10% of the keys out; never a whole row (key 0 stays)
         if wl.window is not None:  # the flex peer's mask_mod below knows causal only
             raise ValueError(f"{wl.name}: a key mask beside a window is not set up for every peer")
-        km = torch.rand(wl.B, wl.L, generator=torch.Generator().manual_seed(1)) > 0.1
-        km[:, 0] = True
-        st.keymask = km.to(device).view(wl.B, 1, 1, wl.L)
+        st.keymask = key_mask(wl).to(device).view(wl.B, 1, 1, wl.L)
     if use_flex and create_block_mask is not None and wl.keymask:
         kmask, causal = st.keymask.view(wl.B, wl.L), wl.causal
 

@@ -181,3 +181,20 @@ def test_varlen_smoke_writes_its_json(tmp_path, monkeypatch):
     assert len(recs) == 2 * 2 * 2 and (tmp_path / "varlen.md").exists()
     loop = [r for r in recs if r["peer"] == "sdpa_loop"]
     assert all(r["status"] == "ok" and r["correct"] and r["tflops"] > 0 for r in loop)
+
+
+def test_attention_key_mask_rows_count_only_the_pairs_the_mask_leaves():
+    """A key padding mask takes ~10% of the pairs out: the FLOPs are those of the pairs left (with causal too),
+    as attended_pairs counts them from the dense mask (they were counted as if nothing was masked: 1.11x)."""
+    import bench_attention
+    import harness
+    for wl in bench_attention.workloads(True):
+        if not wl.keymask:
+            continue
+        keep = bench_attention.key_mask(wl).view(wl.B, 1, 1, wl.L).expand(wl.B, 1, wl.L, wl.L)
+        if wl.causal:
+            keep = keep & torch.ones(wl.L, wl.L, dtype=torch.bool).tril()
+        exact = harness.attention_flops(wl.B, wl.Hq, wl.L, wl.L, wl.D, mask=keep, mode="fwd+bwd")
+        assert abs(wl.flops("fwd+bwd") / exact - 1) < 1e-3, wl.name
+        assert wl.flops("fwd+bwd") < 0.95 * harness.attention_flops(wl.B, wl.Hq, wl.L, wl.L, wl.D, causal=wl.causal,
+                                                                    mode="fwd+bwd")

@@ -17,7 +17,8 @@ forward+backward (grads of q, k, v). Peers, in one process on the same inputs:
 
 TFLOP/s count the pairs each sequence attends (4 * Hq * D per pair forward; fwd+bwd = 3.5x),
 never the padding. ratio: over the best non-attnkit peer. check: relative L2 error of the
-output against sdpa_loop (BAD > 2e-2). Writes DIR/varlen.json (harness.write_report: every row)
+output (fwd+bwd: and of dq, dk, dv, the worst) against attnkit's reference backend in float32,
+one call per sequence (BAD > 2e-2). Writes DIR/varlen.json (harness.write_report: every row)
 and DIR/varlen.md.
 """
 
@@ -83,6 +84,25 @@ def peers(q, k, v, cu, lens, causal):
             "sdpa_loop": loop, "sdpa_padded": padded}
 
 
+def reference(q, k, v, do, lens, causal):
+    """(out, (dq, dk, dv)) in float32 from attnkit's reference backend, one call per sequence (the
+    packed [total, total] scores would not fit at the benchmark's lengths)."""
+    import attnkit
+    leaves = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+    outs, a = [], 0
+    for n in lens:
+        qi, ki, vi = (t[a:a + n].transpose(0, 1)[None] for t in leaves)
+        outs.append(attnkit.attention(qi, ki, vi, causal=causal, backend="reference")[0].transpose(0, 1))
+        a += n
+    out = torch.cat(outs)
+    grads = torch.autograd.grad(out, leaves, do.float())
+    return out.detach(), grads
+
+
+def _rel(a, b) -> float:
+    return ((a.float() - b).norm() / b.norm()).item()
+
+
 def run(out_dir: str | None, smoke: bool) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -113,8 +133,7 @@ def run(out_dir: str | None, smoke: bool) -> None:
         pairs = sum(H.attended_pairs(L, L, causal=causal) for L in lens)
         fwd_flops = 4.0 * HQ * D * pairs
         fns = peers(q, k, v, cu, lens, causal)
-        with torch.no_grad():
-            want = fns["sdpa_loop"](q, k, v).float()
+        want, want_grads = reference(q, k, v, do, lens, causal)
         for mode in ("fwd", "fwd+bwd"):
             flops = fwd_flops * (3.5 if mode == "fwd+bwd" else 1.0)
             rows = []
@@ -128,8 +147,9 @@ def run(out_dir: str | None, smoke: bool) -> None:
                 wl = "causal" if causal else "dense"
                 try:
                     with torch.no_grad():
-                        got = fn(q, k, v).float()
-                    err = ((got - want).norm() / want.norm()).item()
+                        err = _rel(fn(q, k, v), want)
+                    if mode == "fwd+bwd":
+                        err = max(err, *(_rel(g, r) for g, r in zip(call(), want_grads)))
                     ms = H.time_fn(call, warmup=10, rep=50)
                     rows.append(H.make_record(wl, mode, name, flops=flops, ms=ms, rel_err=err, correct=err < 2e-2))
                 except Exception as e:  # noqa: BLE001 - a peer that cannot run is recorded

@@ -91,16 +91,9 @@ def _eligible(r: dict) -> bool:
 
 
 def fill_ratios(recs: list[dict]) -> None:
-    """ratio_to_best per (workload, mode), as harness.fill_ratios but with fused_triton counted as
-    ours: attnkit against the best correct peer not in OURS, the other rows against the best correct row."""
-    for _, rows in H.group_records(recs):
-        ok = [r for r in rows if _eligible(r)]
-        best_all = min(ok, key=lambda r: r["ms"], default=None)
-        best_peer = min((r for r in ok if r["peer"] not in OURS), key=lambda r: r["ms"], default=None)
-        for r in rows:
-            base = best_peer if r["peer"] == "attnkit" else best_all
-            if r["status"] == "ok" and base is not None:
-                r["ratio_to_best"], r["ratio_baseline"] = base["ms"] / r["ms"], base["peer"]
+    """ratio_to_best per (workload, mode) by harness.fill_ratios, with fused_triton counted as ours: our rows
+    against the best correct peer not in OURS, the other rows against the best correct row."""
+    H.fill_ratios(recs, None, ours=lambda peer: peer in OURS)
 
 
 def _pair(recs, rows, wl, mode, x, g, specs, pats) -> None:

@@ -355,7 +355,8 @@ def fill(rows: list[dict], ceilings: dict | None) -> None:
     """Ratio to the best distributed peer and fraction of the matmul ceiling (harness.fill_ratios: BAD
     rows are never best; the single rows are the efficiency reference, not peers, so they take no
     ratio); efficiency vs the single row; zigzag gain on the ring_zigzag row."""
-    H.fill_ratios([r for r in rows if not r["peer"].startswith("single")], ceilings)
+    H.fill_ratios([r for r in rows if not r["peer"].startswith("single")], ceilings,
+                  ours=lambda peer: peer.startswith(("ring_", "all_to_all")))
     peak = (ceilings or {}).get("matmul_tflops")
     by = {r["peer"]: r for r in rows if r["status"] == "ok" and r["tflops"]}
     for r in rows:

@@ -382,14 +382,16 @@ def _eligible(r: dict) -> bool:
     return r["status"] == "ok" and r["tflops"] is not None and r.get("correct", True) is not False
 
 
-def fill_ratios(records: list[dict], ceilings: dict | None) -> list[dict]:
+def fill_ratios(records: list[dict], ceilings: dict | None,
+                ours: Callable[[str], bool] | None = None) -> list[dict]:
     """Set ratio_to_best and frac_matmul_ceiling on every ok row, per (workload, mode).
 
     ratio_to_best = this row's TFLOP/s / the best comparable row's TFLOP/s
-    (= best ms / this ms): for the attnkit row the best *non-attnkit* peer, for
-    the others the best row overall (attnkit included). > 1 means faster than
-    that best. Rows that failed their correctness check never count as best.
+    (= best ms / this ms): for attnkit's own rows (`ours(peer)`, default: names starting with
+    "attnkit") the best row that is not ours, for the others the best row overall (ours included).
+    > 1 means faster than that best. Rows that failed their correctness check never count as best.
     """
+    ours = ours or (lambda peer: peer.startswith(ATTNKIT_PEER))
     peak = (ceilings or {}).get("matmul_tflops")
     groups: dict[tuple, list[dict]] = {}
     for r in records:
@@ -397,12 +399,12 @@ def fill_ratios(records: list[dict], ceilings: dict | None) -> list[dict]:
     for rows in groups.values():
         ok = [r for r in rows if _eligible(r)]
         best_all = max(ok, key=lambda r: r["tflops"], default=None)
-        others = [r for r in ok if not r["peer"].startswith(ATTNKIT_PEER)]  # attnkit_triton: ours too
+        others = [r for r in ok if not ours(r["peer"])]
         best_other = max(others, key=lambda r: r["tflops"], default=None)
         for r in rows:
             if r["status"] != "ok" or r["tflops"] is None:
                 continue
-            base = best_other if r["peer"] == ATTNKIT_PEER else best_all
+            base = best_other if ours(r["peer"]) else best_all
             if base is not None and base["tflops"]:
                 r["ratio_to_best"] = r["tflops"] / base["tflops"]
                 r["ratio_baseline"] = base["peer"]

@@ -128,13 +128,19 @@ def test_ring_ratio_skips_bad_and_single_rows():
     def row(peer, ms, **kw):
         return harness.make_record("L128k_causal", "fwd", peer, flops=1e12, ms=ms, **kw)
 
+    # attnkit's rows (ring_*, all_to_all) against the best correct peer that is not ours: torch_cp, when correct
+    rows = [row("ring_contiguous", 10, correct=True), row("ring_zigzag", 8, correct=True),
+            row("torch_cp", 9, correct=True), row("single", 4)]
+    bench_ring.fill(rows, {"matmul_tflops": 1000.0})
+    assert [r["ratio_baseline"] for r in rows] == ["torch_cp", "torch_cp", "ring_zigzag", None]
+    assert rows[1]["ratio_to_best"] == pytest.approx(9 / 8) and rows[0]["ratio_to_best"] == pytest.approx(0.9)
+    assert rows[3]["frac_matmul_ceiling"] == pytest.approx(0.25) and rows[0]["efficiency"] == pytest.approx(0.4)
+    assert "| 0.90 | 10.0% |" in bench_ring.table(rows)[2]
+    # a BAD torch_cp is never best: our rows then have no peer to be measured against
     rows = [row("ring_contiguous", 10, correct=True), row("ring_zigzag", 8, correct=True),
             row("torch_cp", 5, correct=False, rel_err=0.5), row("single", 4)]
     bench_ring.fill(rows, {"matmul_tflops": 1000.0})
-    assert [r["ratio_baseline"] for r in rows] == ["ring_zigzag", "ring_zigzag", "ring_zigzag", None]
-    assert rows[0]["ratio_to_best"] == pytest.approx(0.8)
-    assert rows[3]["frac_matmul_ceiling"] == pytest.approx(0.25) and rows[0]["efficiency"] == pytest.approx(0.4)
-    assert "| 0.80 | 10.0% |" in bench_ring.table(rows)[2]
+    assert [r["ratio_baseline"] for r in rows] == [None, None, "ring_zigzag", None]
 
 
 def test_mixed_bad_row_is_never_best():

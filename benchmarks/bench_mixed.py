@@ -17,11 +17,13 @@ module (projections included, identical for every row). Rows:
  - fused_sdpa_dense: one SDPA call with the group mask materialised (only where N^2 fits).
 Reports ms; TFLOP/s (module_flops: the attended pairs of each pattern under the harness's
 convention, 4 * B * dim FLOPs per pair forward, fwd+bwd = 3.5x, plus the qkv and output
-projections, 8 * B * N * dim^2 forward, fwd+bwd = 3x); ratio as harness.fill_ratios (attnkit
-against the best correct peer that is not ours, i.e. not attnkit or fused_triton; the other rows
-against the best correct row); and the peak memory. check: each row's forward against the
-sequential form in float32 (same weights, SDPA), relative L2 error; BAD (never "best") over
-FWD_REL_TOL = 2e-2, bench_attention.py's bar.
+projections, 8 * B * N * dim^2 forward, fwd+bwd = 3x); ratio as harness.fill_ratios (our rows,
+attnkit and fused_triton, against the best correct peer that is not ours; the other rows
+against the best correct row), from one pass in a fixed order, and on CUDA an extra column with
+attnkit and the best peer timed call by call in alternation; and the peak memory. check: each row's
+forward (fwd+bwd: and dx and every weight's gradient, the worst) against the sequential form in
+float32 (same weights, SDPA), relative L2 error; BAD (never "best") over FWD_REL_TOL = 2e-2,
+bench_attention.py's bar.
 """
 
 from __future__ import annotations
@@ -156,7 +158,9 @@ def main() -> int:
             ref_mod.load_state_dict(base.state_dict())
             with torch.no_grad():
                 ref = ref_mod(x.float(), specs, pats)[0]
-            del ref_mod
+            xr = x.float().requires_grad_()
+            ref_grads = torch.autograd.grad(ref_mod(xr, specs, pats)[0], [xr, *ref_mod.parameters()], g.float())
+            del ref_mod, xr
             for mode in ("fwd", "fwd+bwd"):
                 for name, m in rows.items():
                     xg = x.detach().requires_grad_(mode == "fwd+bwd")
@@ -174,6 +178,11 @@ def main() -> int:
                             torch.cuda.reset_peak_memory_stats()
                         with torch.no_grad():
                             chk = check(m(x, specs, pats)[0], ref)
+                        if mode == "fwd+bwd":  # and dx and every weight's gradient: the worst of them
+                            for got, want in zip(call(), ref_grads):
+                                c = check(got, want)
+                                if not c["rel_err"] <= chk["rel_err"]:
+                                    chk = c
                         ms = H.time_fn(call, **budget)
                         peak = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else None
                         return ms, chk, peak
@@ -199,7 +208,8 @@ def main() -> int:
              "(fwd+bwd 3.5x) plus projections (fwd+bwd 3x); ratio = the best correct row's ms / this row's ms "
              "(for attnkit: the best correct peer other than attnkit and fused_triton, which are ours; > 1 = "
              "faster); rel err: "
-             f"forward vs the sequential form in float32, BAD over {FWD_REL_TOL:g} (never best)", "",
+             f"forward (fwd+bwd: and dx and the weights' gradients, the worst) vs the sequential form in float32, "
+             f"BAD over {FWD_REL_TOL:g} (never best)", "",
              "| workload | mode | row | ms | TFLOP/s | ratio | peak MiB | rel err | note |",
              "|---|---|---|---:|---:|---:|---:|---:|---|"]
     paired = [r for r in recs if r.get("paired_ratio")]

@@ -516,15 +516,16 @@ def test_sdpa_kernel_order_is_restored_after_calls_on_several_threads():
 @pytest.mark.parametrize("backend", ["chunked", "sdpa", "flex", "triton"])
 def test_a_float32_bias_wider_than_half_inputs(backend, dtype, lse, device):
     """A float32 bias with half-precision q/k/v: values past float16's range (1e5 + noise, whose differences
-    decide the softmax) and HF-style finfo(float32).min key padding. Every backend adds it as the reference
-    does (sdpa, which casts the mask to q's dtype, takes each row's largest value off first); no NaN."""
+    decide the softmax; float16 only: bfloat16 keeps float32's range but not its precision, and sdpa casts
+    the mask to q's dtype) and HF-style finfo(float32).min key padding. Every backend adds it as the
+    reference does (sdpa with float16 takes each row's largest value off before the cast); no NaN."""
     B, H, Lq, Lk, D = 2, 2, 9, 13, 16
     q, k, v = make_qkv(B, H, H, Lq, Lk, D, seed=37, device=device, dtype=dtype)
     g = torch.Generator().manual_seed(38)
     big = (1e5 + 3 * torch.randn(B, 1, Lq, Lk, generator=g)).to(device)
     pad = (2 * torch.randn(1, H, Lq, Lk, generator=g)).to(device)
     pad[..., Lk - 4:] = torch.finfo(torch.float32).min
-    for name, bias in (("big", big), ("padding", pad)):
+    for name, bias in ((("big", big),) if dtype == torch.float16 else ()) + (("padding", pad),):
         req = build_request(q, k, v, bias=bias, return_lse=lse)
         if attnkit.get_backend(backend).unsupported(req) is not None:
             continue
@@ -546,8 +547,9 @@ def test_a_float32_bias_wider_than_half_inputs(backend, dtype, lse, device):
 @pytest.mark.cuda
 def test_cuda_auto_lse_inside_the_users_sdpa_kernel_context(monkeypatch):
     """auto chose sdpa for a return_lse call; the same call inside the user's sdpa_kernel([MATH]) (no
-    lse-returning kernel enabled) goes to the next backend instead of raising, and a call first planned
-    inside such a context does not keep sdpa out once it is left."""
+    lse-returning kernel enabled) goes to the next backend instead of raising (the settings are part of the
+    signature), nothing of it stays once the context is left, and a kernel that breaks after the choice
+    was cached falls back with a warning."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from attnkit import dispatch
     from attnkit.backends import sdpa as sdpa_mod
@@ -557,15 +559,21 @@ def test_cuda_auto_lse_inside_the_users_sdpa_kernel_context(monkeypatch):
     ref, ref_lse = attnkit.attention(q.double(), k.double(), v.double(), causal=True, return_lse=True,
                                      backend="reference")
     base = rel_err(naive_attention(q, k, v, causal=True), ref)
+
+    def runs_on():
+        return dispatch.choose(build_request(q, k, v, causal=True, return_lse=True)).name
+
     with torch.no_grad():
         assert attnkit.explain(q, k, v, causal=True, return_lse=True).backend == "sdpa"
         outs = [attnkit.attention(q, k, v, causal=True, return_lse=True)]
-        with sdpa_kernel([SDPBackend.MATH]), pytest.warns(RuntimeWarning, match="sdpa"):
+        with sdpa_kernel([SDPBackend.MATH]):  # the settings are part of the signature: a choice of its own
+            assert runs_on() != "sdpa"
             outs.append(attnkit.attention(q, k, v, causal=True, return_lse=True))
-        dispatch.clear_cache()
-        with sdpa_kernel([SDPBackend.MATH]):
-            assert attnkit.explain(q, k, v, causal=True, return_lse=True).backend != "sdpa"
-        assert attnkit.explain(q, k, v, causal=True, return_lse=True).backend == "sdpa"
+        assert runs_on() == "sdpa"  # and nothing of it stays behind
+        # a choice cached before a kernel broke: the call falls back (a build error) and says so
+        monkeypatch.setattr(sdpa_mod, "lse_kernels", lambda *a, **kw: ())
+        with pytest.warns(RuntimeWarning, match="'sdpa' could not build"):
+            outs.append(attnkit.attention(q, k, v, causal=True, return_lse=True))
     for out, lse in outs:
         assert_close_rel(out, ref, base)
         assert_close_rel(lse, ref_lse, name="lse", rtol=1e-2)
@@ -1311,3 +1319,45 @@ def test_flex_block_masks_follow_numpy_and_nested_scalars_a_mask_mod_reads(monke
         assert again is not first
         fresh = create_block_mask(lambda b, h, i, j: mod(b, h, i, j), 1, 1, 256, 256, device="cpu")
         assert torch.equal(again.to_dense(), fresh.to_dense())
+
+
+def test_flex_mask_cache_keys_and_weights_only_what_it_must(monkeypatch):
+    """A 0-d numpy array in a mask_mod's closure is no key part (unhashable; it raised), a GroupMask's layout
+    is not walked (its tables say the same; walking 1024 sequences cost ~1.4 ms a call), and the byte budget
+    weighs the user's mask tensors only (module parameters a mod reads made the cache drop every entry)."""
+    from torch import nn
+    from attnkit.backends import flex as flex_mod
+    from attnkit.groups import GroupMask, SegmentLayout
+    from attnkit.masks import closure_scalars
+    flex = attnkit.get_backend("flex")
+    monkeypatch.setattr(flex, "_block_masks", {})
+    q = torch.randn(1, 1, 64, 16)
+    limit = np.array(40)
+
+    def below(b, h, i, j):
+        return j < int(limit)
+
+    assert closure_scalars(below) == ()
+    with torch.no_grad():
+        out = attnkit.attention(q, q, q, mask_mod=below, backend="flex")
+    assert_close_rel(out, attnkit.attention(q.double(), q.double(), q.double(), mask_mod=below, backend="reference"))
+    cu = list(range(0, 65, 4))
+    g = GroupMask(SegmentLayout(64, 64, tuple((((a, b),), ((a, b),)) for a, b in zip(cu, cu[1:]))))
+    assert closure_scalars(g) == ()
+
+    class Gate(nn.Module):  # a mod that is a method of a module with (here: 1 MiB of) parameters
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1 << 18))
+
+        def causal(self, b, h, i, j):
+            return j <= i
+
+        def banded(self, b, h, i, j):
+            return (j <= i) & (j > i - 8)
+
+    gate = Gate()
+    monkeypatch.setattr(flex_mod, "_BLOCK_MASK_CACHE_BYTES", 1 << 10)
+    first = [flex.block_mask(build_request(q, q, q, mask_mod=m)) for m in (gate.causal, gate.banded)]
+    again = [flex.block_mask(build_request(q, q, q, mask_mod=m)) for m in (gate.causal, gate.banded)]
+    assert all(a is b for a, b in zip(first, again)) and len(flex._block_masks) == 3  # (with `below`)

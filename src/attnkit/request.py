@@ -121,9 +121,15 @@ class AttentionRequest:
                            and qs[0] * qs[1] * qs[2] >= WIDE_CHUNK_ROWS)
         self.big_built_mask = (q.device.type == "cpu" and ("window" in f or "mask_mod" in f)
                                and qs[2] * self.len_k > CPU_BUILT_MASK_PAIRS)
+        # The user's sdpa_kernel(...) settings decide which of SDPA's lse kernels exist (sdpa's CUDA lse path):
+        # a choice made inside such a context must not outlive it, nor one made outside enter it.
+        sdp = None
+        if (self.return_lse or self.for_backward) and q.device.type == "cuda":
+            cuda = torch.backends.cuda
+            sdp = (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled())
         # One query or more: decode steps over plain K/V tensors go to the decode kernel only with more.
         self.signature = (q.device.type, q.dtype, qs[3], v.shape[3], f, self.decode_shaped, self.for_backward,
-                          self.wide_chunk, qs[2] == 1, self.big_built_mask)
+                          self.wide_chunk, qs[2] == 1, self.big_built_mask, sdp)
 
     # --- shapes -----------------------------------------------------------
     @property

@@ -260,7 +260,9 @@ class FlexBackend(Backend):
             return bm
         # Keep the key's tensors alive with the entry so their storage cannot be reused
         # by other tensors that would then hit this key.
-        size = sum(t.untyped_storage().nbytes() for t in deps)
+        # weighed by the user's mask tensor alone: what the cache may keep alive past its caller (a mod's
+        # closure tensors, module parameters among them, live anyway)
+        size = req.mask.untyped_storage().nbytes() if req.mask is not None else 0
         put(self._block_masks, key, (bm, deps, size), _BLOCK_MASK_CACHE_SIZE, weight=lambda e: e[2],
             budget=_BLOCK_MASK_CACHE_BYTES)
         return bm

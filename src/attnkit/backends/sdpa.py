@@ -251,9 +251,10 @@ def _dense_mask(req: AttentionRequest, float_mask: bool = False) -> tuple[Tensor
     (or additive float in req's dtype) mask broadcastable to [B, Hq, Lq, Lk]. Rows with nothing to attend
     are unmasked inside it (no NaN, no NaN gradient): the caller zeroes them after.
 
-    A bias wider than req's half dtype (a float32 bias with float16 q: 1e5, or HF's finfo(float32).min
-    padding) would overflow to +-inf in the cast: each row's largest allowed value (`shift`, no gradient)
-    is taken off first, which leaves the softmax as it is and the lse short by `shift`."""
+    A float32 (or bfloat16) bias with float16 q (1e5, or HF's finfo(float32).min padding) would overflow
+    to +-inf in the cast: each row's largest allowed value (`shift`, no gradient) is taken off first, which
+    leaves the softmax as it is and the lse short by `shift`. bfloat16 keeps float32's range: a bias is
+    cast as it is (with float32's precision lost; values below -3.39e38 become -inf, which masks)."""
     allowed = tile_allowed(req, 0, req.len_q, 0, req.len_k)
     bias = req.bias
     valid = allowed
@@ -268,7 +269,9 @@ def _dense_mask(req: AttentionRequest, float_mask: bool = False) -> tuple[Tensor
     shift = None
     if bias is not None:
         bias = torch.where(rows_ok, bias, torch.zeros((), dtype=bias.dtype, device=bias.device))
-        if torch.finfo(bias.dtype).max > torch.finfo(req.dtype).max:
+        # float16 only (max 65504): bfloat16 keeps float32's range (only finfo(float32).min-like values
+        # round to -inf, which then masks), and the shift's passes over the bias doubled a CPU call
+        if req.dtype == torch.float16 and torch.finfo(bias.dtype).max > torch.finfo(req.dtype).max:
             top = bias.detach() if allowed is None else bias.detach().masked_fill(~allowed, float("-inf"))
             top = top.amax(dim=-1, keepdim=True)
             shift = torch.where(top.isfinite(), top, torch.zeros((), dtype=top.dtype, device=top.device))

@@ -71,6 +71,10 @@ class KVCache(DecodeCache):
         are real (right-padded prefill); default all. Returns (k, v, old_lengths,
         new_lengths), k/v being the full buffers.
 
+        With autograd on and inputs that require grad (or buffers that do), the write is out of place
+        (the buffers are copied, O(max_len), so that gradients through earlier steps stay right);
+        decode under torch.no_grad() to write in place.
+
         Under torch.compile the host-side check is off (it would make the graph depend on the
         lengths' values): there an append past max_len fails a device assertion instead
         (torch._assert_async: the error surfaces asynchronously, at the next synchronisation),
@@ -95,10 +99,11 @@ class KVCache(DecodeCache):
         pos = (old.view(B, 1).long() + torch.arange(Ln, device=old.device)).clamp_max(self.max_len - 1)
         idx = pos.view(B, 1, Ln, 1)
         ik, iv = idx.expand(B, H, Ln, self.k.shape[3]), idx.expand(B, H, Ln, self.v.shape[3])
-        if torch.is_grad_enabled() and (k_new.requires_grad or v_new.requires_grad):
+        if torch.is_grad_enabled() and (k_new.requires_grad or v_new.requires_grad or self.k.requires_grad):
             # Out of place: the call before may have saved the buffers for its backward, which an
-            # in-place write would invalidate. Each step's buffers then hold its graph (as a torch.cat
-            # cache does); under no_grad, and in captured graphs, the buffers stay where they are.
+            # in-place write would invalidate. Each step then copies the buffers (O(max_len)) and they
+            # hold its graph, as a torch.cat cache does; decode under torch.no_grad() (and in captured
+            # graphs) to write in place.
             self.k, self.v = self.k.scatter(2, ik, k_new), self.v.scatter(2, iv, v_new)
         else:
             self.k.scatter_(2, ik, k_new)

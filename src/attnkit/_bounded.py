@@ -14,7 +14,7 @@ from typing import Any, Callable, Hashable, TypeVar
 __all__ = ["put", "touch"]
 
 V = TypeVar("V")
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # (reentrant: hashing a key or dropping an entry runs arbitrary Python)
 _MISSING = object()
 
 

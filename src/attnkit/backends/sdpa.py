@@ -198,10 +198,13 @@ class SdpaBackend(Backend):
                 return _SdpaLse.apply(plan, req.q, req.k, req.v)
             return plan.forward(req.q, req.k, req.v)
         kw = dict(dropout_p=req.dropout_p, scale=req.scale, enable_gqa=req.heads_q != req.heads_kv)
-        with _kernel_context(req):
-            if not _explicit(req):
+        if not _explicit(req):
+            with _kernel_context(req):
                 return self._plain(req, **kw), None
-            return self._masked(req, **kw), None
+        attn_mask, rows_ok, _ = _dense_mask(req)  # (outside the kernel-order lock: it runs the user's mods)
+        with _kernel_context(req):
+            out = F.scaled_dot_product_attention(req.q, req.k, req.v, attn_mask=attn_mask, **kw)
+        return out.masked_fill(~rows_ok, 0.0), None
 
     def _plain(self, req: AttentionRequest, **kw) -> Tensor:
         q, k, v = req.q, req.k, req.v
@@ -216,11 +219,6 @@ class SdpaBackend(Backend):
         tail = F.scaled_dot_product_attention(q[:, :, Lq - Lk:], k, v, is_causal=True, **kw)
         head = tail.new_zeros(req.batch, req.heads_q, Lq - Lk, req.head_dim_v)
         return torch.cat([head, tail], dim=2)
-
-    def _masked(self, req: AttentionRequest, **kw) -> Tensor:
-        attn_mask, rows_ok, _ = _dense_mask(req)  # (a shift of the bias rows leaves the output as it is)
-        out = F.scaled_dot_product_attention(req.q, req.k, req.v, attn_mask=attn_mask, **kw)
-        return out.masked_fill(~rows_ok, 0.0)
 
     def backward_from_stats(self, req, do, out, lse, dlse):
         """The lse-returning kernels' own backward with the given statistics (no forward recomputed).

@@ -122,7 +122,7 @@ class Workload:
             j = torch.arange(self.L)
             per_key = (self.L - j) if self.causal else torch.full((self.L,), self.L)
             pairs = (km * per_key).sum().item() / self.B  # per (batch, head), averaged as attended_pairs does
-            return 4.0 * self.B * self.Hq * self.D * pairs * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+            return 4.0 * self.B * self.Hq * self.D * pairs * H.MODE_FACTOR[mode]
         return H.attention_flops(
             self.B, self.Hq, self.L, self.L, self.D, causal=self.causal, window=self.window, mode=mode
         )

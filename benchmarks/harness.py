@@ -347,6 +347,9 @@ def attended_pairs(Lq: int, Lk: int, *, causal: bool = False, window=None, mask:
     return total
 
 
+MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}  # FLOP_CONVENTION: backward = 2.5x forward
+
+
 def attention_flops(
     B: int, Hq: int, Lq: int, Lk: int, D: int, Dv: int | None = None, *,
     causal: bool = False, window=None, mask: torch.Tensor | None = None, mode: str = "fwd",
@@ -354,8 +357,7 @@ def attention_flops(
     """FLOPs of one attention call under FLOP_CONVENTION; mode 'fwd', 'bwd' or 'fwd+bwd'."""
     Dv = D if Dv is None else Dv
     fwd = 2.0 * B * Hq * (D + Dv) * attended_pairs(Lq, Lk, causal=causal, window=window, mask=mask)
-    factor = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
-    return fwd * factor
+    return fwd * MODE_FACTOR[mode]
 
 
 # --------------------------------------------------------------------------- records

@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .._checks import integer
+
 __all__ = ["LAYOUTS", "padded_length", "shard_chunks", "shard_positions", "shard_sequence", "unshard_sequence"]
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -37,9 +39,8 @@ def _chunks_per_rank(layout: str) -> int:
 
 
 def _check_world(rank, world_size) -> None:
-    for name, val in (("rank", rank), ("world_size", world_size)):
-        if isinstance(val, bool) or not isinstance(val, int):
-            raise TypeError(f"{name} must be an int, got {type(val).__name__}")
+    integer("rank", rank)
+    integer("world_size", world_size)
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if not 0 <= rank < world_size:
@@ -48,9 +49,7 @@ def _check_world(rank, world_size) -> None:
 
 def _check_dim(dim, x: Tensor) -> int:
     """dim as an index in [0, x.dim()) (negative counts from the end), else a ValueError naming it."""
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
-    if not -x.dim() <= dim < x.dim():
+    if not -x.dim() <= integer("dim", dim) < x.dim():
         raise ValueError(f"dim must lie in [{-x.dim()}, {x.dim()}) for a tensor of shape {list(x.shape)}, got {dim}")
     return dim % x.dim()
 

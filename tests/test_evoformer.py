@@ -465,6 +465,27 @@ def test_expanded_bias_stays_broadcast(monkeypatch):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("kind", ["leaf", "retain_grad"])
+def test_expanded_bias_whose_grad_is_read_gets_per_element_gradients(kind):
+    """An expanded bias that is itself a leaf (or retains its grad) is not narrowed: each of its
+    elements gets its own gradient, as in plain torch (narrowing put all of it in slot 0)."""
+    H, C, S, L = 2, 4, 5, 7
+    mod = randomize_(EvoformerAttention(8, 8, 8, C, H, backend="reference"), 24).double()
+    g = _gen(25)
+    x, g_out = randn(S, L, 8, gen=g), randn(S, L, 8, gen=g)
+    base = randn(1, H, L, L, gen=g)
+    if kind == "leaf":
+        bias = base.expand(S, H, L, L).detach().requires_grad_(True)
+    else:
+        bias = base.requires_grad_(True).expand(S, H, L, L)
+        bias.retain_grad()
+    mod(x, x, bias=bias).backward(g_out)
+    want = bias.detach().clone().requires_grad_(True)  # the same values, materialised
+    mod(x, x, bias=want).backward(g_out)
+    assert_close_rel(bias.grad, want.grad, rtol=1e-10, name="bias.grad")
+    assert bias.grad[1:].abs().sum() > 0  # not all in slot 0
+
+
 def test_empty_msa_keeps_shapes():
     mod = randomize_(MSARowAttentionWithPairBias(C_M, C_Z, C_HID, HEADS), 36)
     out = mod(torch.randn(2, 0, 7, C_M), torch.randn(2, 7, 7, C_Z), chunk_size=3)

@@ -286,6 +286,8 @@ def test_forward_rejects_bad_input():
         mod(randn(2, 5, 16, dtype=torch.float32))
     with pytest.raises(ValueError, match="d_model"):
         mod(randn(5, 32, dtype=torch.float32))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        mod([[0.0] * 32] * 5)
 
 
 # ---------------------------------------------------------------------------

@@ -666,6 +666,11 @@ def test_bad_kv_cache_raises_naming_group(breaker):
     assert "kv_cache" in str(ei.value), str(ei.value)
 
 
+def _cache_call(breaker):
+    m, xq, cached, cpat, cache = _cache_setup()
+    return m(xq, cached, cpat, kv_cache=breaker(cache))
+
+
 def test_missing_kv_cache_for_size_none_group():
     m, xq, cached, cpat, cache = _cache_setup()
     with pytest.raises(ValueError) as ei:
@@ -718,9 +723,6 @@ BAD_INPUTS = {
     "kpm_1d": (lambda: _call(key_padding_mask=torch.ones(N_REF, dtype=torch.bool)), ["key_padding_mask"]),
     "kpm_wrong_batch": (lambda: _call(key_padding_mask=torch.ones(1, N_REF, dtype=torch.bool)),
                         ["key_padding_mask"]),
-    "kpm_float": (lambda: _call(key_padding_mask=torch.ones(2, N_REF)), ["key_padding_mask", "bool"]),
-    "kpm_int": (lambda: _call(key_padding_mask=torch.ones(2, N_REF, dtype=torch.int64)),
-                ["key_padding_mask", "bool"]),
     "rope_without_freqs": (lambda: _call(rope=True), ["freqs"]),
     "freqs_wrong_n": (lambda: _call(rope=True, freqs=torch.rand(N_REF + 1, 4)), ["freqs", "got [30, 4]"]),
     "freqs_wrong_half_dim": (lambda: _call(rope=True, freqs=torch.rand(N_REF, 3)), ["freqs", "got [29, 3]"]),
@@ -811,8 +813,16 @@ def test_spec_and_pattern_validation(make, words):
     (lambda: _call(specs=[("sa", 10), *REF_SPECS[1:]]), ["token_specs", "TokenSpec", "tuple"]),
     (lambda: _call(pats=[["sa", "sq"], REF_PATS[1]]), ["attention_patterns", "AttentionPattern", "list"]),
     (lambda: _call(specs=(s for s in REF_SPECS)), ["token_specs", "generator"]),
+    (lambda: _call(key_padding_mask=torch.ones(2, N_REF)), ["key_padding_mask", "bool", "float32"]),
+    (lambda: _call(key_padding_mask=torch.ones(2, N_REF, dtype=torch.int64)), ["key_padding_mask", "bool"]),
+    (lambda: _call(key_padding_mask=[[True] * N_REF] * 2), ["key_padding_mask", "torch.Tensor", "list"]),
+    (lambda: make_module(32, 4)([[0.0] * 32] * N_REF, REF_SPECS, REF_PATS), ["x", "torch.Tensor", "list"]),
+    (lambda: _cache_call(lambda c: [c["sa"], c["va"]]), ["kv_cache", "dict", "list"]),
+    (lambda: _cache_call(lambda c: {**c, "va": {"k": c["va"]["k"].tolist(), "v": c["va"]["v"]}}),
+     ["kv_cache['va']['k']", "torch.Tensor", "list"]),
 ], ids=["str_queries", "none_keys", "bias_str", "parallel_str", "use_rope_int", "qk_norm_none", "spec_tuple",
-        "pattern_list", "specs_generator"])
+        "pattern_list", "specs_generator", "kpm_float", "kpm_int", "kpm_list", "x_list", "kv_cache_list",
+        "kv_cache_k_list"])
 def test_type_errors_name_the_argument(make, words):
     with pytest.raises(TypeError) as ei:
         make()
@@ -849,6 +859,42 @@ def test_size_zero_group(mode):
     for name, r in r_grads.items():
         assert_rel(grads[name], r, F64_RTOL, f"grad {name}")
     assert cache["e"]["k"].shape == (2, 4, 0, 8)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("one_pattern", [True, False])
+def test_size_zero_query_group_listed_first(mode, one_pattern):
+    """An empty query group before the others of its pattern: its (empty) write into the output came
+    first and autograd's in-place check then refused the full write after it (one pattern over all of x)."""
+    if one_pattern:
+        specs, pats = [TokenSpec("a", 11), TokenSpec("e", 0)], [AttentionPattern(["e", "a"], ["a"])]
+    else:
+        specs = [TokenSpec("a", 7), TokenSpec("e", 0), TokenSpec("b", 4)]
+        pats = [AttentionPattern(["e", "a"], ["a", "b"]), AttentionPattern(["b"], ["a"])]
+    m = make_module(32, 4, mode)
+    x, g_out = rand_x(2, 11, 32, 83), rand_x(2, 11, 32, 84)
+    out, _, grads = run_module(m, x, specs, pats, g_out)
+    r_out, _, _, _, r_grads = run_ref(m, x, specs, pats, g_out)
+    assert_rel(out, r_out, F64_RTOL, "out")
+    for name, r in r_grads.items():
+        assert_rel(grads[name], r, F64_RTOL, f"grad {name}")
+
+
+def test_qk_norm_under_autocast_keeps_q_k_v_in_one_dtype():
+    """A float32 module under bf16 autocast: the q/k norm's float32 weight must not promote q and k
+    past v (the contract refuses mixed dtypes); the result follows the float32 module's."""
+    specs, pats = REF_SPECS, REF_PATS
+    m = MixedAttention(MixedAttentionConfig(dim=32, num_heads=4, qk_norm=True, backend="chunked"))
+    with torch.no_grad():
+        for p in (m.q_norm, m.k_norm):
+            p.copy_(torch.rand_like(p) + 0.5)  # not ones, so that a dropped weight shows
+    x = torch.randn(2, N_REF, 32, generator=torch.Generator().manual_seed(85))
+    want, _ = m(x, specs, pats)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = m(x, specs, pats)
+    assert got.dtype == torch.bfloat16
+    err = ((got.float() - want).norm() / want.norm()).item()
+    assert err < 3e-2, err  # bf16 projections and attention: ~1e-2 relative
 
 
 # ---------------------------------------------------------------------------

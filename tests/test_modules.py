@@ -198,6 +198,8 @@ def test_softmax_modules_check_heads():
         mod(randn(1, 3, 5, 8), randn(1, 3, 5, 8), randn(1, 3, 5, 8))
     with pytest.raises(ValueError, match="expects q"):
         mod(randn(1, 4, 5, 6), randn(1, 4, 5, 6), randn(1, 4, 5, 6))
+    with pytest.raises(TypeError, match="q must be a torch.Tensor, got list"):
+        mod([[0.0] * 8], randn(1, 4, 5, 8), randn(1, 4, 5, 8))
 
 
 def test_dropout_only_in_training():

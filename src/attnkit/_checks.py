@@ -18,6 +18,13 @@ def type_name(value) -> str:
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
+def tensor(name: str, value) -> torch.Tensor:
+    """value if it is a tensor, else TypeError naming the argument (shapes stay with the caller)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {describe(value)}")
+    return value
+
+
 def flag(name: str, value) -> bool:
     """value if it is a bool, else TypeError naming the argument (a string "false" would be truthy)."""
     if not isinstance(value, bool):

@@ -9,6 +9,8 @@ from typing import Callable, TypeVar
 
 from torch import Tensor, nn
 
+from .._checks import tensor
+
 __all__ = ["BaseAttention", "AttentionRegistry", "ATTENTION_REGISTRY", "swap", "SwappableMixin"]
 
 T = TypeVar("T", bound="BaseAttention")
@@ -51,7 +53,7 @@ class BaseAttention(ABC, nn.Module):
 
     def check_heads(self, q: Tensor) -> None:
         """Raise if q's head count or head dim differ from the module's."""
-        if q.dim() != 4 or q.shape[1] != self.num_heads or q.shape[3] != self.head_dim:
+        if tensor("q", q).dim() != 4 or q.shape[1] != self.num_heads or q.shape[3] != self.head_dim:
             raise ValueError(
                 f"{type(self).__name__} expects q [B, {self.num_heads}, L, {self.head_dim}], "
                 f"got {list(q.shape)}"

@@ -256,11 +256,13 @@ class EvoformerAttention(nn.Module):
         chunk = _check_chunk_size(chunk_size)
         H, C = self.num_heads, self.c_hidden
         target = (*lead, H, Lq, Lk)
+        # An expanded (stride-0) dim goes back to size 1, so that no reshape below copies it. Not for a
+        # bias whose own .grad is read (a leaf, or retain_grad): narrowing would put its gradient in slot 0.
+        own_grad = isinstance(bias, Tensor) and bias.requires_grad and (bias.is_leaf or bias.retains_grad)
         mask = self._check_mask(mask, lead, target)
         bias = self._check_bias(bias, target)
-        # An expanded (stride-0) dim goes back to size 1, so that no reshape below copies it.
         mask = _compact(mask) if mask is not None else None
-        bias = _compact(bias) if bias is not None else None
+        bias = _compact(bias) if bias is not None and not own_grad else bias
 
         n = len(lead)
         k = _split_point(lead, [t.shape[:n] for t in (mask, bias) if t is not None])

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .._checks import backend_name, describe, flag, positive_int, probability, real
+from .._checks import backend_name, describe, flag, positive_int, probability, real, tensor
 from ..caches.base import DecodeCache
 from ..caches.kv_cache import KVCache
 from ..caches.paged_kv_cache import PagedKVCache
@@ -157,7 +157,7 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: Tensor, attn_bias: Tensor | None = None, *, mask: Tensor | None = None,
                 causal: bool = False, positions=None, kv_cache: DecodeCache | None = None) -> Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.config.d_model:
+        if tensor("x", x).dim() != 3 or x.shape[-1] != self.config.d_model:
             raise ValueError(f"x must be [B, L, d_model={self.config.d_model}], got {list(x.shape)}")
         if kv_cache is not None and not isinstance(kv_cache, DecodeCache):
             raise TypeError(f"kv_cache must be a KVCache or PagedKVCache (a DecodeCache), got {type(kv_cache).__name__}")

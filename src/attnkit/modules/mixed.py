@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .._bounded import put
-from .._checks import backend_name, describe, flag, positive_int, probability
+from .._checks import backend_name, describe, flag, positive_int, probability, tensor
 from ..functional import attention
 from ..groups import GroupMask, SegmentLayout
 from .rope import RotaryEmbedding
@@ -169,7 +169,8 @@ def _check_layout(token_specs: Sequence[TokenSpec], patterns: Sequence[Attention
 
 def _rms_norm(t: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     tf = t.to(torch.promote_types(t.dtype, torch.float32))  # half in float32, float64 kept
-    return (tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + eps)).to(t.dtype) * weight
+    # back to t's dtype after the weight: under autocast a float32 weight must not promote q/k past v
+    return (tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(t.dtype)
 
 
 class MixedAttention(nn.Module):
@@ -262,12 +263,15 @@ class MixedAttention(nn.Module):
     def forward(self, x: Tensor, token_specs: Sequence[TokenSpec], attention_patterns: Sequence[AttentionPattern],
                 key_padding_mask: Tensor | None = None, freqs=None,
                 kv_cache: KVCacheDict | None = None) -> tuple[Tensor, KVCacheDict | None]:
-        if x.dim() != 3 or x.shape[-1] != self.config.dim:
+        if tensor("x", x).dim() != 3 or x.shape[-1] != self.config.dim:
             raise ValueError(f"x must be [B, N, dim={self.config.dim}], got {list(x.shape)}")
         B, N, _ = x.shape
         lay = self._layout(token_specs, attention_patterns, N)
         if key_padding_mask is not None:
-            if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, N):
+            if tensor("key_padding_mask", key_padding_mask).dtype != torch.bool:
+                raise TypeError(f"key_padding_mask must be a bool tensor (True = real key), got "
+                                f"{describe(key_padding_mask)}")
+            if tuple(key_padding_mask.shape) != (B, N):
                 raise ValueError(f"key_padding_mask must be bool [B, N] = [{B}, {N}], got "
                                  f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}")
         cache = self._check_cache(lay, kv_cache, B, x)
@@ -298,11 +302,14 @@ class MixedAttention(nn.Module):
             return {}
         if kv_cache is None:
             raise ValueError(f"token group(s) {sorted(needed)} have size=None but no kv_cache was given")
+        if not isinstance(kv_cache, Mapping):
+            raise TypeError(f"kv_cache must be a dict of group name -> {{'k', 'v'[, 'mask']}}, got "
+                            f"{describe(kv_cache)}")
         for g in sorted(needed):
             entry = kv_cache.get(g)
-            if entry is None or "k" not in entry or "v" not in entry:
+            if not isinstance(entry, Mapping) or "k" not in entry or "v" not in entry:
                 raise ValueError(f"kv_cache has no 'k'/'v' for cached token group {g!r}")
-            kk, vv = entry["k"], entry["v"]
+            kk, vv = tensor(f"kv_cache[{g!r}]['k']", entry["k"]), tensor(f"kv_cache[{g!r}]['v']", entry["v"])
             if kk.dim() != 4 or kk.shape[0] != B or kk.shape[1] != self.num_heads or kk.shape[3] != self.head_dim \
                     or vv.shape != kk.shape:
                 raise ValueError(f"kv_cache[{g!r}] k/v must be [B, H, size, D] = [{B}, {self.num_heads}, size, "
@@ -349,10 +356,13 @@ class MixedAttention(nn.Module):
 
     @staticmethod
     def _runs(lay: _Layout, names) -> list[tuple[int, int]]:
-        """Contiguous (start, end) runs of x covered by the named groups, in order."""
+        """Contiguous (start, end) runs of x covered by the named groups, in order; empty groups give none
+        (an empty write into `out` before a full one breaks autograd's in-place check)."""
         runs: list[list[int]] = []
         for g in names:
             s, e = lay.spans[g]
+            if e == s:
+                continue
             if runs and runs[-1][1] == s:
                 runs[-1][1] = e
             else:
@@ -360,8 +370,7 @@ class MixedAttention(nn.Module):
         return [(s, e) for s, e in runs]
 
     def _gather(self, t: Tensor, lay: _Layout, names) -> Tensor:
-        runs = self._runs(lay, names)
-        parts = [t[:, :, s:e] for s, e in runs]
+        parts = [t[:, :, s:e] for s, e in self._runs(lay, names)] or [t[:, :, :0]]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # a view when contiguous
 
     def _scatter(self, out: Tensor, o: Tensor, lay: _Layout, names) -> None:

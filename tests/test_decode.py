@@ -779,6 +779,46 @@ def test_padding_entries_are_never_checked_or_read():
     attnkit.attention(q, kp, vp, cache_seqlens=lens, block_table=table)
 
 
+@pytest.mark.parametrize("backend", ["reference", "chunked", "sdpa", "flex", "triton"])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("Lq,grad", [(4, True), (20, False)], ids=["4q_grad", "20q"])
+def test_unwritten_cache_slots_never_reach_the_result(backend, paged, Lq, grad):
+    """Slots past a sequence's length (a torch.empty cache, a free block that -1 padding is clamped
+    to) may hold NaN: calls that gather and mask the cache must not let it in through p @ v or
+    ds @ k (0 * NaN). The result equals the same call over a cache with finite values there."""
+    if backend == "triton" and not TRITON_INTERPRET:
+        pytest.skip("the triton backend runs on the CPU only with TRITON_INTERPRET=1")
+    if backend == "flex" and grad:
+        pytest.skip("flex has no backward on the CPU")
+    g = torch.Generator().manual_seed(47)
+    B, Hq, Hkv, D, bs = 2, 4, 2, 16, 8
+    lens = torch.tensor([13, 24], dtype=torch.int32)
+    if paged:
+        k, v = (torch.randn(6, Hkv, bs, D, generator=g) for _ in range(2))
+        table = torch.tensor([[1, 2, -1], [3, 4, 5]], dtype=torch.int32)
+        unwritten = torch.zeros(6, Hkv, bs, D, dtype=torch.bool)
+        unwritten[0] = True  # free: entry -1 is clamped to it
+        unwritten[2, :, 13 - bs:] = True  # the tail of sequence 0's last block
+    else:
+        k, v = (torch.randn(B, Hkv, 3 * bs, D, generator=g) for _ in range(2))
+        table = None
+        unwritten = torch.arange(3 * bs).view(1, 1, -1, 1) >= lens.view(-1, 1, 1, 1)
+        unwritten = unwritten.expand(B, Hkv, 3 * bs, D)
+    q = torch.randn(B, Hq, Lq, D, generator=g)
+    results = []
+    for fill in (float("nan"), 0.0):
+        kk, vv = k.masked_fill(unwritten, fill), v.masked_fill(unwritten, fill)
+        qq = q.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            out = attnkit.attention(qq, kk, vv, cache_seqlens=lens, block_table=table, causal=True, backend=backend)
+        results.append((out, torch.autograd.grad(out.sum(), qq)[0] if grad else None))
+    (out_nan, dq_nan), (out_ok, dq_ok) = results
+    assert torch.isfinite(out_ok).all()
+    torch.testing.assert_close(out_nan, out_ok, rtol=0, atol=0)
+    if grad:
+        torch.testing.assert_close(dq_nan, dq_ok, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------
 # MultiHeadAttention: decoding passes the cache in place
 # ---------------------------------------------------------------------------

@@ -264,6 +264,34 @@ def test_softcap_with_a_bias_view_over_nan_padding(tdevice):
         assert_close_rel(a, r, rtol=5e-5, name=f"grad {n}")
 
 
+@pytest.mark.parametrize("softcap", [30.0, 1e4])
+def test_float32_softcap_keeps_float32_accuracy(tdevice, softcap):
+    """float32 scores under a large softcap: the kernels' tanh must be accurate near 0, where
+    2 sigmoid(2x) - 1 had an absolute error ~1e-7 that the softcap multiplied (1e3x plain float32
+    math's error at a softcap of 1e4). Flash kernel (fwd + dq) and decode kernel (4 queries)."""
+    B, H, L, D = 1, 2, 40, 32
+    g = torch.Generator().manual_seed(43)
+    q64, k64, v64 = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64, device=tdevice) for _ in range(3))
+    scale = D ** -0.5
+
+    def plain32(q):  # plain float32 torch math: the bar
+        s = (q.float() @ k64.float().transpose(-1, -2)) * scale
+        return torch.softmax(softcap * torch.tanh(s / softcap), -1) @ v64.float()
+
+    for rows in (L, 4):
+        q = q64[:, :, :rows]
+        ref = attnkit.attention(q, k64, v64, softcap=softcap, backend="reference")
+        bar = (plain32(q).double() - ref).norm() / ref.norm()
+        out = _triton(q.float(), k64.float(), v64.float(), softcap=softcap)
+        assert_close_rel(out, ref, rtol=max(3 * bar.item(), 1e-6), name=f"out ({rows} queries)")
+    q32 = q64.float().requires_grad_(True)
+    q_ref = q64.clone().requires_grad_(True)
+    (dq,) = torch.autograd.grad(_triton(q32, k64.float(), v64.float(), softcap=softcap).sum(), q32)
+    (dq64,) = torch.autograd.grad(attnkit.attention(q_ref, k64, v64, softcap=softcap, backend="reference").sum(),
+                                  q_ref)
+    assert_close_rel(dq, dq64, rtol=5e-6, name="dq")
+
+
 def test_bias_only_gradient_skips_dkdv(tdevice, monkeypatch):
     """When only the bias needs a gradient, the dK/dV kernel is not launched."""
     launched = []
@@ -381,6 +409,41 @@ def test_one_axis_grid_matches_three_axis_grid(shared_bias, tdevice, monkeypatch
     for name, a, b in zip(["out", "dq", "dk", "dv", "dbias"], one, three):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     _assert_matches_float64(one, q, k, v, bias, g_out, causal=True)
+
+
+def test_mask_helper_kernels_use_one_grid_axis(tdevice, monkeypatch):
+    """The mask's occupancy and live-range kernels run one program per (tile, mask batch x head) on a
+    1-D grid: CUDA stops axes 1 and 2 at 65535, and a mask's Bm x Hm need not. A per-(b, h) mask over
+    several occupancy rows and key chunks, forward and backward, against the float64 reference."""
+    from attnkit.ops import _launch
+
+    grids = []
+    real = _launch.launch
+
+    def spy(kernel, grid, *a, **kw):
+        grids.append((getattr(kernel, "fn", kernel).__name__, tuple(grid)))
+        return real(kernel, grid, *a, **kw)
+
+    monkeypatch.setattr(_launch, "launch", spy)
+    B, H, Lq, Lk, D = 3, 2, 70, 300, 16  # 3 occupancy rows, 10 columns in 2+ key chunks
+    q, k, v = make_qkv(B, H, H, Lq, Lk, D, seed=44, device=tdevice)
+    g = torch.Generator().manual_seed(45)
+    mask = torch.rand(B, H, Lq, Lk, generator=g) < 0.5
+    mask[:, :, :, 200:] = False  # tiles with nothing to attend: the live ranges end early
+    mask[0, 1, :40, :64] = True  # tiles allowed whole
+    mask = mask.to(tdevice)
+    g_out = randn(B, H, Lq, D, gen=g, device=tdevice)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    out = _triton(*leaves, mask=mask)
+    got = [out, *torch.autograd.grad((out * g_out).sum(), leaves)]
+    helpers = [gr for name, gr in grids if name in ("_occupancy_kernel", "_live_kernel")]
+    assert helpers and all(len(gr) == 1 for gr in helpers), grids
+    l64 = [x.double().requires_grad_(True) for x in (q, k, v)]
+    ref = attnkit.attention(*l64, mask=mask, backend="reference")
+    refg = torch.autograd.grad((ref * g_out.double()).sum(), l64)
+    assert_close_rel(got[0], ref)
+    for n, a, r in zip("qkv", got[1:], refg):
+        assert_close_rel(a, r, rtol=5e-5, name=f"grad {n}")
 
 
 @pytest.mark.parametrize("rows", [2, 4])

@@ -252,19 +252,25 @@ class AttentionRequest:
         """The equivalent plain request: no cache_seqlens, no block_table.
 
         A paged k/v pool is gathered into contiguous [B, Hkv, len_k, D] tensors (table
-        entries past a sequence's last used block are never dereferenced: they are clamped
-        into range and their keys masked); the per-sequence lengths and the per-sequence
-        causal/window bounds become a bool mask [B, 1, Lq, len_k] (and-ed with the user's
-        mask); causal=False, window=None. The backends that do not read the cache in place
-        call this first. Returns self when there is nothing to fold.
+        entries past a sequence's last used block are clamped into range); the per-sequence
+        lengths and the per-sequence causal/window bounds become a bool mask [B, 1, Lq, len_k]
+        (and-ed with the user's mask); causal=False, window=None. Keys and values past each
+        sequence's length are zeros in the result: a cache's unwritten slots may hold anything
+        (torch.empty), and a masked NaN still reaches p @ v and ds @ k as 0 * NaN. That costs a
+        copy of a contiguous cache (a paged one is zeroed in its gathered copy). The backends
+        that do not read the cache in place call this first. Returns self when there is nothing
+        to fold.
         """
         if self.cache_seqlens is None:
             return self
-        k, v = self.k, self.v
-        if self.block_table is not None:
-            k, v = _gather_pages(k, self.block_table), _gather_pages(v, self.block_table)
         Lq, Lk = self.len_q, self.len_k
         lens = self.cache_seqlens.long().view(-1, 1, 1, 1)
+        unwritten = torch.arange(Lk, device=self.device).view(1, 1, Lk, 1) >= lens  # [B, 1, Lk, 1]
+        if self.block_table is not None:
+            k = _gather_pages(self.k, self.block_table).masked_fill_(unwritten, 0)
+            v = _gather_pages(self.v, self.block_table).masked_fill_(unwritten, 0)
+        else:
+            k, v = self.k.masked_fill(unwritten, 0), self.v.masked_fill(unwritten, 0)
         j = torch.arange(Lk, device=self.device).view(1, 1, 1, Lk)
         keep = j < lens
         bounds = self.key_bounds

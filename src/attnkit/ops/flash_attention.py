@@ -212,11 +212,19 @@ if triton is not None:
         """tanh of a float32 tile. Half-precision calls on a GPU take the hardware's tanh.approx.f32 (one
         MUFU op, relative error <= 2^-10.99, as flash-attn's softcap does): through the sigmoid, ptxas
         built ~18 instructions per score, and a softcapped forward issued 26 per score instead of 8 (sm_90a,
-        D = 64). float32 calls and the interpreter keep the sigmoid's: one exp, saturating cleanly to +-1."""
+        D = 64). float32 calls and the interpreter take a float32-accurate tanh (~1.5 ulp): below |x| = 0.625
+        Cephes' odd polynomial, above it 1 - 2 / (exp(2|x|) + 1). The sigmoid form 2 sigmoid(2x) - 1 loses
+        the small values to cancellation (absolute error ~1e-7), which the softcap multiplies: at a softcap of
+        1e4 the scores were off by 1e-3."""
         if _ASM and PRECISION != "ieee":
             return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
                                              is_pure=True, pack=1)
-        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+        ax = tl.abs(x)
+        z = x * x
+        small = x + x * z * ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z
+                              + 1.33314422036e-1) * z - 3.33332819422e-1)
+        big = 1.0 - 2.0 / (tl.exp(2.0 * ax) + 1.0)  # exp overflows to inf past |x| ~ 44: 1 exactly
+        return tl.where(ax < 0.625, small, tl.where(x < 0, -big, big))
 
     @triton.jit
     def _allowed(keep, in_mem, qi, kj, MASK_BH, smm, smn, offset, left, right,
@@ -398,22 +406,25 @@ if triton is not None:
         return i0, 0
 
     @triton.jit
-    def _occupancy_kernel(MASK, OCC, LQM, LKM, smb, smh, smm, smn, HM, NR, NC,
+    def _occupancy_kernel(MASK, OCC, LQM, LKM, smb, smh, smm, smn, HM, NR, NC, NCB,
                           G: tl.constexpr, C: tl.constexpr):
         """OCC[z, r, c] = 1 where the mask (batch / head z = bm * HM + hm, [LQM, LKM]) allows some pair of
         the G x G tile (r, c), 2 where it allows all of its pairs (within the mask), else 0. One program
-        reads G rows x C keys, along the keys (coalesced)."""
-        r = tl.program_id(0)
-        z = tl.program_id(2)
+        reads G rows x C keys, along the keys (coalesced): program (r, cb, z) is r + NR * (cb + NCB * z) of a
+        1-D grid (axes 1 and 2 stop at 65535; Bm * Hm need not)."""
+        pid = tl.program_id(0)
+        r = pid % NR
+        cb = (pid // NR) % NCB
+        z = pid // NR // NCB
         rows = r * G + tl.arange(0, G)
-        cols = tl.program_id(1) * C + tl.arange(0, C)
+        cols = cb * C + tl.arange(0, C)
         base = MASK + (z // HM).to(tl.int64) * smb + (z % HM).to(tl.int64) * smh
         inside = (rows < LQM)[:, None] & (cols < LKM)[None, :]
         m = tl.load(base + rows.to(tl.int64)[:, None] * smm + cols.to(tl.int64)[None, :] * smn, mask=inside, other=0)
         hit = tl.max(tl.max(tl.reshape((m != 0).to(tl.int32), [G, C // G, G]), 2), 0)
         full = tl.min(tl.min(tl.reshape(((m != 0) | ~inside).to(tl.int32), [G, C // G, G]), 2), 0)
         hit += hit * full
-        tiles = tl.program_id(1) * (C // G) + tl.arange(0, C // G)
+        tiles = cb * (C // G) + tl.arange(0, C // G)
         tl.store(OCC + z.to(tl.int64) * NR * NC + r * NC + tiles, hit.to(tl.int8), mask=tiles < NC)
 
     @triton.jit
@@ -434,16 +445,17 @@ if triton is not None:
         return hit, full, sc
 
     @triton.jit
-    def _live_kernel(OCC, OUT, TAB, TAB_STEP, NR, NC, N_TRUE, SCAN_BCAST, G: tl.constexpr, KEYS: tl.constexpr,
+    def _live_kernel(OCC, OUT, TAB, TAB_STEP, NR, NC, N_TRUE, SCAN_BCAST, NB, G: tl.constexpr, KEYS: tl.constexpr,
                      BLOCK_S: tl.constexpr):
         """For block blk of the kernels' table TAB ([TAB[TAB_STEP * blk], TAB[TAB_STEP * blk + 1]): query
         rows if KEYS, else keys) and mask batch / head z = program_id(1): [first, end) of the other axis
         (keys if KEYS) where the occupancy OCC [z, NR, NC] of G x G tiles has a live tile for some row of
         the block, in elements, as OUT[z, blk, 0:2]; (N_TRUE, 0) if none. OUT[z, blk, 2:4]: the first run
         of tiles full for every row of the block ((N_TRUE, 0) if none). SCAN_BCAST: the mask is broadcast
-        along the scanned axis (one tile stands for all N_TRUE)."""
-        blk = tl.program_id(0)
-        z = tl.program_id(1)
+        along the scanned axis (one tile stands for all N_TRUE). Program (blk, z) is blk + NB * z of a 1-D
+        grid (NB blocks)."""
+        blk = tl.program_id(0) % NB
+        z = tl.program_id(0) // NB
         b0 = tl.load(TAB + TAB_STEP * blk) // G
         b1 = tl.cdiv(tl.load(TAB + TAB_STEP * blk + 1), G)
         occ = OCC + z.to(tl.int64) * NR * NC
@@ -466,7 +478,7 @@ if triton is not None:
             hit, full, sc = _occ_cols(occ, c0, b0, b1, NC, n_scan, KEYS, BLOCK_S)
             f_end = tl.minimum(f_end, tl.min(tl.where((full == 0) & (sc > f_first), sc, n_scan)))
         end = tl.where(SCAN_BCAST != 0, N_TRUE, tl.minimum((last + 1) * G, N_TRUE))
-        out = OUT + z.to(tl.int64) * tl.num_programs(0) * 4 + blk * 4
+        out = OUT + (z.to(tl.int64) * NB + blk) * 4
         tl.store(out, tl.where(last >= 0, first * G, N_TRUE))
         tl.store(out + 1, tl.where(last >= 0, end, 0))
         f_stop = tl.where(SCAN_BCAST != 0, N_TRUE, tl.minimum(f_end * G, N_TRUE))
@@ -1187,10 +1199,11 @@ def _occupancy(bits: Tensor) -> Tensor:
     g, c = _OCC_TILE, 4 * _OCC_TILE if _INTERPRET else 8 * _OCC_TILE
     bm, hm, lqm, lkm = bits.shape
     nr, nc = -(-lqm // g), -(-lkm // g)
+    ncb = -(-lkm // c)
     occ = torch.empty(bm * hm, nr, nc, dtype=torch.int8, device=bits.device)
     with _on(bits):  # _launch: Triton's own launch path costs tens of us of host time, as long as this kernel
-        _launch.launch(_occupancy_kernel, (nr, -(-lkm // c), bm * hm), (bits, occ, lqm, lkm, *_bcast_strides(bits), hm,
-                       nr, nc), dict(G=g, C=c), num_warps=4, num_stages=2, interpret=_INTERPRET)
+        _launch.launch(_occupancy_kernel, (nr * ncb * bm * hm,), (bits, occ, lqm, lkm, *_bcast_strides(bits), hm,
+                       nr, nc, ncb), dict(G=g, C=c), num_warps=4, num_stages=2, interpret=_INTERPRET)
     return occ
 
 
@@ -1208,8 +1221,8 @@ def _live(bits: Tensor, spec, occ: dict | None = None) -> Tensor:
             occ["occ"] = o
     out = torch.empty(bits.shape[0], bits.shape[1], n_blocks, 4, dtype=torch.int32, device=bits.device)
     with _on(bits):
-        _launch.launch(_live_kernel, (n_blocks, o.shape[0]), (o, out, tab, step, o.shape[1], o.shape[2], n_true,
-                       int(scan_bcast)), dict(G=_OCC_TILE, KEYS=keys, BLOCK_S=32 if _INTERPRET else 128), num_warps=4,
+        _launch.launch(_live_kernel, (n_blocks * o.shape[0],), (o, out, tab, step, o.shape[1], o.shape[2], n_true,
+                       int(scan_bcast), n_blocks), dict(G=_OCC_TILE, KEYS=keys, BLOCK_S=32 if _INTERPRET else 128), num_warps=4,
                        num_stages=2, interpret=_INTERPRET)
     return out
 

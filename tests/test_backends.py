@@ -126,6 +126,7 @@ def test_reference_matches_contract_text(case):
     "Lq,Lk,kw",
     [
         (6, 6, dict(causal=True)),
+        (2, 5, dict(causal=True)),  # the smallest causal call that hides a key (sdpa: Lq > 1 gets a mask)
         (4, 9, dict(causal=True)),
         (9, 4, dict(causal=True)),
         (7, 11, dict(window=3)),
@@ -345,6 +346,44 @@ def test_gradient_through_lse_only(backend, device):
         assert_close_rel(a, r, rtol=5e-5, name=f"grad {n}")
 
 
+@pytest.mark.parametrize("wants", ["bias", "q_bias", "k_v", "v_sinks"])
+@pytest.mark.parametrize("backend", ["reference", "chunked", "chunked_5x7", "sdpa", "triton"])
+def test_gradients_of_some_inputs_only(backend, wants, device):
+    """Only some inputs require grad (a frozen encoder's k/v, a learned bias alone): each backend must
+    return exactly those gradients, right, and no gradient for the others. (Every other test sets
+    requires_grad on every float input, so a wrong needs_input_grad index went unseen.)"""
+    base_name, fn = _resolve(backend)
+    if base_name == "triton" and device == "cpu" and not TRITON_INTERPRET:
+        pytest.skip("the triton backend runs on the CPU only with TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(34)
+    q, k, v = make_qkv(2, 4, 2, 11, 19, 16, seed=35, device=device)
+    bias = randn(4, 11, 19, gen=g, device=device)
+    sinks = randn(4, gen=g, device=device) if wants == "v_sinks" else None
+    names = {"bias": "b", "q_bias": "qb", "k_v": "kv", "v_sinks": "vs"}[wants]
+    inputs = dict(q=q, k=k, v=v, b=bias, s=sinks)
+    if sinks is None:
+        del inputs["s"]
+    if base_name == "sdpa" and sinks is not None:
+        pytest.skip("sdpa has no sinks")
+
+    def run(dtype, which, name):
+        ts = {n: t.detach().to(dtype).requires_grad_(n in names) for n, t in inputs.items()}
+        out = (fn if which is None else attention_fn(which))(ts["q"], ts["k"], ts["v"], bias=ts["b"],
+                                                             sinks=ts.get("s"), causal=True)
+        g_out = torch.linspace(-1, 1, out.numel(), device=device, dtype=dtype).view_as(out)
+        leaves = [ts[n] for n in names]
+        grads = dict(zip(names, torch.autograd.grad((out * g_out).sum(), leaves)))
+        assert all(ts[n].grad is None for n in ts), name
+        return out, grads
+
+    out, grads = run(torch.float32, None, backend)
+    ref, ref_grads = run(torch.float64, "reference", "reference")
+    assert_close_rel(out, ref)
+    for n in names:
+        assert grads[n] is not None and grads[n].shape == inputs[n].shape, n
+        assert_close_rel(grads[n], ref_grads[n], rtol=5e-5, name=f"grad {n}")
+
+
 LAST_DIM_LAYOUTS = {  # views whose last dim is not unit-stride, as the lse kernels get them
     "q_d_major": lambda q, k, v: (q.mT.contiguous().mT, k, v),
     "k_d_major": lambda q, k, v: (q, k.mT.contiguous().mT, v),
@@ -525,19 +564,26 @@ def test_a_float32_bias_wider_than_half_inputs(backend, dtype, lse, device):
     big = (1e5 + 3 * torch.randn(B, 1, Lq, Lk, generator=g)).to(device)
     pad = (2 * torch.randn(1, H, Lq, Lk, generator=g)).to(device)
     pad[..., Lk - 4:] = torch.finfo(torch.float32).min
-    for name, bias in ((("big", big),) if dtype == torch.float16 else ()) + (("padding", pad),):
-        req = build_request(q, k, v, bias=bias, return_lse=lse)
+    # keys the mask hides carry a bias 5000 above the others: a row shift that counted them would leave
+    # the visible values near -5000, where float16's spacing is 4
+    hidden = (2 * torch.randn(1, H, Lq, Lk, generator=g)).to(device)
+    hidden[..., 1::3] += 5000.0
+    hide = (torch.arange(Lk, device=device) % 3 != 1).expand(1, 1, Lq, Lk)
+    cases = (("big", big, None), ("hidden_big", hidden, hide)) if dtype == torch.float16 else ()
+    for name, bias, mask in cases + (("padding", pad, None),):
+        req = build_request(q, k, v, bias=bias, mask=mask, return_lse=lse)
         if attnkit.get_backend(backend).unsupported(req) is not None:
             continue
-        res = attnkit.attention(q, k, v, bias=bias, return_lse=lse, backend=backend)
+        res = attnkit.attention(q, k, v, bias=bias, mask=mask, return_lse=lse, backend=backend)
         out, out_lse = res if lse else (res, None)
-        ref, ref_lse = attnkit.attention(q.double(), k.double(), v.double(), bias=bias.double(), return_lse=True,
-                                         backend="reference")
+        ref, ref_lse = attnkit.attention(q.double(), k.double(), v.double(), bias=bias.double(), mask=mask,
+                                         return_lse=True, backend="reference")
         assert not out.isnan().any(), (name, backend)
-        # plain math either way: in half precision after taking each row's largest value off (else it
-        # overflows), or with the scores in float32, as torch promotes half scores + a float32 bias
-        shifted = bias - bias.amax(-1, keepdim=True)
-        f32 = naive_attention(q.float(), k.float(), v.float(), bias=bias).to(dtype)
+        # plain math either way: in half precision after taking each row's largest allowed value off
+        # (else it overflows), or with the scores in float32, as torch promotes half scores + a float32 bias
+        seen = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        shifted = seen - seen.amax(-1, keepdim=True)
+        f32 = naive_attention(q.float(), k.float(), v.float(), bias=seen).to(dtype)
         base = max(rel_err(naive_attention(q, k, v, bias=shifted), ref), rel_err(f32, ref))
         assert_close_rel(out, ref, base, name=f"{name} out")
         if lse:  # float32 lse of values ~1e5: its own float32 rounding (~1e-2 absolute) dominates
@@ -948,18 +994,42 @@ class _DocMask:
 
 @pytest.mark.slow
 def test_flex_block_mask_follows_a_mask_mod_objects_state():
-    """flex caches BlockMasks per mask_mod and its state: a changed attribute builds a new one."""
+    """flex caches BlockMasks per mask_mod and its state: a changed attribute builds a new one. (On the CPU
+    flex evaluates every element, so a stale BlockMask still gives the right values: the key shows it.)"""
+    from attnkit.backends.flex import _mask_key
+
     L = 256
     q, k, v = make_qkv(1, 2, 2, L, L, 16, seed=96)
     doc = torch.zeros(L, dtype=torch.long)
     mod = _DocMask(doc, L)
     steps = [lambda: None, lambda: doc[128:].fill_(1), lambda: setattr(mod, "limit", 100),
              lambda: setattr(mod, "doc", torch.arange(L) // 64)]
+    keys = []
     for change in steps:
         change()
+        keys.append(_mask_key(build_request(q, k, v, mask_mod=mod))[0])
         out = attnkit.attention(q, k, v, mask_mod=mod, backend="flex")
         ref = attnkit.attention(q.double(), k.double(), v.double(), mask_mod=mod, backend="reference")
         assert_close_rel(out, ref)
+    assert len(set(keys)) == len(steps), "a change of the mask_mod's state left its BlockMask key as it was"
+
+
+def test_flex_block_mask_key_follows_closure_scalars():
+    """Numbers a mask_mod closes over directly (not through an object) are part of the BlockMask key."""
+    from attnkit.backends.flex import _mask_key
+
+    limit, offset = 40, 0.0
+
+    def mod(b, h, q_idx, kv_idx):
+        return kv_idx + offset < limit
+
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 16, seed=99)
+    req = build_request(q, k, v, mask_mod=mod)
+    key = _mask_key(req)[0]
+    limit = 30
+    key2 = _mask_key(req)[0]
+    offset = 1.5
+    assert len({key, key2, _mask_key(req)[0]}) == 3
 
 
 def test_flex_block_mask_key_follows_default_arguments():

@@ -524,7 +524,7 @@ HELPER_CASES = [
     ("window_lr", dict(window=(6, 2)), False),
 ]
 # what each backend is specified not to do (README table): the helper does not change that
-LACKS = {"sdpa": {"softcap", "sinks", "return_lse"}, "flex": {"sinks", "return_lse"}}
+LACKS = {"sdpa": {"softcap", "sinks"}, "flex": {"sinks", "return_lse"}}
 
 
 @pytest.mark.parametrize("backend", ["reference", "chunked", "sdpa", "flex"])

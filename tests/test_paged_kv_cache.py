@@ -421,6 +421,24 @@ def test_blocks_needed_and_allocation_order_checks():
         PagedKVCache(6, 1, 4, 16, allocation_order=np.arange(5))
 
 
+def test_freed_blocks_are_handed_out_first_in_first_out():
+    """As documented: a freed sequence's blocks join the end of the free list in table order, and the
+    next writes take blocks from its front."""
+    c = PagedKVCache(8, 1, 2, 16, dtype=torch.float32)
+    a, b = c.add_sequence(), c.add_sequence()
+    kv = torch.randn(2, 1, 40, 2)
+    c.write([a, b], kv, kv)  # 3 blocks each
+    ta, tb = (c.block_table([x])[0].tolist() for x in (a, b))
+    assert c.free_blocks() == [6, 7]
+    c.free(b)
+    c.free(a)
+    assert c.free_blocks() == [6, 7, *tb, *ta]
+    n = c.add_sequence()
+    c.write([n], kv[:1, :, :20], kv[:1, :, :20])  # 2 blocks: the oldest free ones
+    assert c.block_table([n])[0].tolist() == [6, 7]
+    assert c.free_blocks() == [*tb, *ta]
+
+
 def test_an_exactly_fitting_append_succeeds():
     c, s = _populated()
     c.append(*s["kv"](2, 14))  # a: 18 + 14 = 32 (2 blocks); ch: copy + 7 + 14 = 21 (2 blocks): 2 new

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import attnkit
 from attnkit.backends import ChunkedBackend
+from attnkit.merge import merge_partial
 from attnkit.request import build_request
 from conftest import Case, attention_fn, case_kwargs, case_tensors, check_against_oracle, default_build, make_qkv
 
@@ -171,7 +172,8 @@ def test_causal_equals_window_and_tril_mask(shape, backend, bq, bk):
 @settings(max_examples=20, deadline=None)
 @given(small_shapes, st.integers(1, 16), st.integers(1, 16))
 def test_lse_merge_of_two_key_halves(shape, bq, bk):
-    """Split-KV: merging two halves' (out, lse) with logaddexp gives the full call (what ring/decoding do)."""
+    """Split-KV: `merge_partial` of two halves' (out, lse) gives the full call (what ring and sdpa's
+    bottom-right causal pieces do), starting from the empty result (out 0, lse -inf)."""
     B, Hkv, g, Lq, Lk, D, seed = shape
     assume(Lk >= 2)
     q, k, v = make_qkv(B, Hkv * g, Hkv, Lq, Lk, D, seed=seed)
@@ -180,9 +182,10 @@ def test_lse_merge_of_two_key_halves(shape, bq, bk):
     o1, l1 = fn(q, k[:, :, :s], v[:, :, :s], return_lse=True)
     o2, l2 = fn(q, k[:, :, s:], v[:, :, s:], return_lse=True)
     o, lse = fn(q, k, v, return_lse=True)
-    merged = torch.logaddexp(l1, l2)
+    out, merged = torch.zeros_like(o), torch.full_like(lse, float("-inf"))
+    for part in ((o2, l2), (o1, l1)):  # any order
+        merge_partial(out, merged, *part)
     torch.testing.assert_close(merged, lse, rtol=1e-5, atol=1e-5)
-    out = o1 * torch.exp(l1 - merged)[..., None] + o2 * torch.exp(l2 - merged)[..., None]
     torch.testing.assert_close(out, o, rtol=2e-5, atol=2e-6)
 
 

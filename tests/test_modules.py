@@ -566,6 +566,37 @@ def test_lite_attention_errors():
         mod(q, q, q, mask=torch.ones(1, 6))
     with pytest.raises(ValueError, match="padding mask"):
         mod(q, q, q, mask=torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"v \[B, H, L, Dv\].*got v \[1, 2, 7, 8\]"):
+        mod(q, q, k)
+    for bad in (q.long(), q.half(), q.bool()):  # an int64 v gave int64 zeros; mixed dtypes passed
+        with pytest.raises(TypeError, match="one floating dtype"):
+            mod(q, q, bad)
+        with pytest.raises(TypeError, match="one floating dtype"):
+            mod(q, bad, q)
+    for cls in (LiteAttention, LinearAttention):
+        with pytest.raises(TypeError, match="k must be a torch.Tensor, got NoneType"):
+            cls(2, 8)(q, None, q)
+
+
+def test_gated_attention_refuses_a_value_head_dim_its_gate_cannot_take():
+    """The gate is [.., head_dim]: Dv = 4 raised a raw broadcast error and Dv = 1 broadcast silently."""
+    g = _gen(24)
+    mod = GatedAttention(2, 8)
+    q = randn(1, 2, 5, 8, gen=g)
+    for dv in (4, 1):
+        with pytest.raises(ValueError, match=f"v must have head dim 8, got v \\[1, 2, 5, {dv}\\]"):
+            mod(q, q, randn(1, 2, 5, dv, gen=g))
+
+
+def test_linear_attention_seed_range():
+    """Seeds outside torch.Generator's range fail naming seed, and a refused redraw changes nothing."""
+    with pytest.raises(ValueError, match="seed"):
+        LinearAttention(2, 8, feature_map="favor+", seed=2**64)
+    mod = LinearAttention(2, 8, feature_map="favor+", seed=2**64 - 1)
+    before = mod.projection.clone()
+    with pytest.raises(ValueError, match="seed"):
+        mod.redraw_projection()
+    assert mod.seed == 2**64 - 1 and torch.equal(mod.projection, before)
 
 
 # ---------------------------------------------------------------------------
@@ -850,6 +881,19 @@ def test_swap_errors_leave_model_alone():
         swap(StandardAttention(2, 8), "attention", "flash")
     assert all(a is o for a, o in zip(model.attentions(), old))
     assert swap(nn.Sequential(nn.Linear(2, 2)), "attention", "flash") == 0
+
+
+def test_swap_refuses_to_drop_causal_and_changes_nothing():
+    """A causal LinearAttention swapped to a kind without a causal setting would let queries see later
+    keys: refused, naming causal, and no module of the model is replaced (not even the ones before it)."""
+    model = _Model(["standard", "linear", "standard", "standard"])
+    model.inner.att = LinearAttention(2, 8, causal=True)
+    old = model.attentions()
+    with pytest.raises(ValueError, match="causal"):
+        swap(model, "attention", "flash")
+    assert all(a is o for a, o in zip(model.attentions(), old))
+    assert swap(model, "attention", "linear") == 4  # the causal one keeps causal
+    assert model.inner.att.causal and not model.top.causal
 
 
 def test_swappable_mixin():

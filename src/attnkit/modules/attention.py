@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .._checks import backend_name, integer, key_padding_mask, positive_int, probability, real
+from .._checks import backend_name, integer, key_padding_mask, positive_int, probability, real, tensor
 from ..functional import attention
 from ..ops.linear import FEATURE_MAPS, linear_attention
 from .base import ATTENTION_REGISTRY, BaseAttention
@@ -101,8 +101,18 @@ class GatedAttention(_SoftmaxAttention):
         nn.init.constant_(self.gate.bias, self.gate_init_bias)
 
     def forward(self, q, k, v, mask=None, bias=None):
+        if isinstance(v, Tensor) and v.dim() == 4 and v.shape[-1] != self.head_dim:  # the gate is [.., D]
+            raise ValueError(f"GatedAttention gates its output with a [.., head_dim={self.head_dim}] gate, so v "
+                             f"must have head dim {self.head_dim}, got v {list(v.shape)}")
         out = super().forward(q, k, v, mask=mask, bias=bias)
         return out * torch.sigmoid(self.gate(q))
+
+
+def _seed(seed) -> int:
+    """seed as torch.Generator.manual_seed takes it: an int in [-2**63, 2**64)."""
+    if not -(2**63) <= integer("seed", seed) < 2**64:
+        raise ValueError(f"seed must be in [-2**63, 2**64) (torch.Generator's range), got {seed}")
+    return seed
 
 
 @ATTENTION_REGISTRY.register("linear")
@@ -127,7 +137,7 @@ class LinearAttention(_SplitHeadsModule):
             positive_int("num_features", num_features)
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
-        self.feature_map, self.causal, self.seed = feature_map, causal, integer("seed", seed)
+        self.feature_map, self.causal, self.seed = feature_map, causal, _seed(seed)
         self.num_features = head_dim if num_features is None else num_features
         proj = self._draw(self.seed) if feature_map == "favor+" else torch.empty(0)
         self.register_buffer("projection", proj)
@@ -150,8 +160,9 @@ class LinearAttention(_SplitHeadsModule):
         """Draw new FAVOR+ features (seed=None: the next seed)."""
         if self.feature_map != "favor+":
             return
-        self.seed = self.seed + 1 if seed is None else integer("seed", seed)
-        self.projection.copy_(self._draw(self.seed).to(self.projection))
+        seed = _seed(self.seed + 1 if seed is None else seed)
+        self.projection.copy_(self._draw(seed).to(self.projection))
+        self.seed = seed  # after the draw: a refused seed leaves the module as it was
 
     def forward(self, q, k, v, mask=None, bias=None):
         self.check_heads(q)
@@ -182,8 +193,14 @@ class LiteAttention(_SplitHeadsModule):
 
     def forward(self, q, k, v, mask=None, bias=None):
         self.check_heads(q)
-        if q.shape != k.shape or k.shape[:3] != v.shape[:3]:
+        k, v = tensor("k", k), tensor("v", v)
+        if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+            raise TypeError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        if q.shape != k.shape:
             raise ValueError(f"LiteAttention needs q, k [B, H, L, D] of one shape, got {list(q.shape)}, {list(k.shape)}")
+        if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+            raise ValueError(f"LiteAttention needs v [B, H, L, Dv] with q's B, H, L = {list(q.shape[:3])}, "
+                             f"got v {list(v.shape)}")
         if bias is not None:
             raise ValueError("LiteAttention has no pairwise logits to bias; bias must be None")
         if q.shape[2] == 0:  # no tokens: nothing to pool (and no max to take)

@@ -116,6 +116,9 @@ def _rebuild(old: BaseAttention, cls: type[BaseAttention], like: Tensor | None =
     else of `like` (a tensor of the model it goes into).
     """
     params = inspect.signature(cls.__init__).parameters
+    if getattr(old, "causal", False) is True and "causal" not in params:
+        raise ValueError(f"{type(old).__name__} is causal (causal=True) and {cls.__name__} has no causal setting: "
+                         "after the swap queries would see later keys")
     kwargs = {"num_heads": old.num_heads, "head_dim": old.head_dim}
     for p in params:
         # backend is what the kind means (standard = reference, flash = auto): never carried over.
@@ -153,12 +156,15 @@ def swap(model: nn.Module, kind: str, name: str) -> int:
     if like is None:
         like = next((t for t in model.buffers() if t.is_floating_point()), None)
     built: dict[int, nn.Module] = {}  # id(old) -> its replacement: a module two parents share stays shared
+    places = []
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, BaseAttention):
                 if id(child) not in built:
                     built[id(child)] = _rebuild(child, cls, like)
-                setattr(parent, child_name, built[id(child)])
+                places.append((parent, child_name, built[id(child)]))
+    for parent, child_name, new in places:  # only once every replacement is built: an error changes nothing
+        setattr(parent, child_name, new)
     return len(built)
 
 

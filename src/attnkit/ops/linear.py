@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import key_padding_mask
+from .._checks import key_padding_mask, tensor
 
 __all__ = ["FEATURE_MAPS", "feature_map", "linear_attention"]
 
@@ -81,6 +81,8 @@ def linear_attention(
     does: exact in real arithmetic; in float32 a key whose log-features lie more than ~87 below
     the largest of its (batch, head) contributes 0.
     """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        tensor(name, t)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D [B, H, L, D], got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
     if (k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]

@@ -271,7 +271,7 @@ def test_float32_softcap_keeps_float32_accuracy(tdevice, softcap):
     math's error at a softcap of 1e4). Flash kernel (fwd + dq) and decode kernel (4 queries)."""
     B, H, L, D = 1, 2, 40, 32
     g = torch.Generator().manual_seed(43)
-    q64, k64, v64 = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64, device=tdevice) for _ in range(3))
+    q64, k64, v64 = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64).to(tdevice) for _ in range(3))
     scale = D ** -0.5
 
     def plain32(q):  # plain float32 torch math: the bar

@@ -1014,6 +1014,27 @@ def test_flex_block_mask_follows_a_mask_mod_objects_state():
     assert len(set(keys)) == len(steps), "a change of the mask_mod's state left its BlockMask key as it was"
 
 
+def test_flex_serves_inference_tensors():
+    """Masks made under torch.inference_mode (a mask, cache_seqlens' length mask, a mask_mod's closure
+    tensor) have no version counter: flex's BlockMask key read it and raised. They are built anew each
+    call instead, and right after a change in place."""
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 16, seed=100)
+    with torch.inference_mode():
+        mask = torch.rand(8, 8, generator=torch.Generator().manual_seed(101)) > 0.3
+        doc = torch.arange(8) // 4
+    mod = lambda b, h, i, j: doc[i] == doc[j]  # noqa: E731
+    calls = [dict(mask=mask), dict(mask_mod=mod), dict(cache_seqlens=torch.tensor([5]), causal=True)]
+    for kw in calls:
+        with torch.inference_mode():
+            out = attnkit.attention(q, k, v, backend="flex", **kw)
+        ref = attnkit.attention(q.double(), k.double(), v.double(), backend="reference", **kw)
+        assert_close_rel(out, ref)
+    with torch.inference_mode():
+        doc[4:] = 0  # one document now
+        out = attnkit.attention(q, k, v, backend="flex", mask_mod=mod)
+    assert_close_rel(out, attnkit.attention(q.double(), k.double(), v.double(), backend="reference"))
+
+
 def test_flex_block_mask_key_follows_closure_scalars():
     """Numbers a mask_mod closes over directly (not through an object) are part of the BlockMask key."""
     from attnkit.backends.flex import _mask_key

@@ -59,6 +59,14 @@ def test_demo_flags_a_wrong_inference_path(few_backends, monkeypatch, capsys):
     assert "BAD (" in capsys.readouterr().out
 
 
+def test_unknown_command_is_named(capsys):
+    from attnkit.__main__ import main
+
+    assert main(["bogus"]) == 2
+    assert "unknown command 'bogus'" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+
+
 def test_demo_arguments():
     with pytest.raises(SystemExit):
         demo.main(["--device", "mps"])

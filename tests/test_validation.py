@@ -94,6 +94,8 @@ KW_BAD = [
     ("bias_heads_kv_not_q", lambda: dict(bias=torch.randn(HKV, LQ, LK)), ValueError, ["bias", "broadcast"]),
     ("bias_rank5", lambda: dict(bias=torch.randn(1, B, HQ, LQ, LK)), ValueError, ["bias"]),
     ("bias_other_device", lambda: dict(bias=torch.randn(LQ, LK, device="meta")), ValueError, ["bias", "meta"]),
+    ("bias_float8", lambda: dict(bias=torch.randn(LQ, LK).to(torch.float8_e4m3fn)), TypeError,
+     ["bias", "float8_e4m3fn", "float16, bfloat16, float32 or float64"]),
     # window
     ("window_0", lambda: dict(window=0), ValueError, ["window", ">= 1"]),
     ("window_neg", lambda: dict(window=-3), ValueError, ["window"]),
@@ -120,6 +122,8 @@ KW_BAD = [
     ("scale_negative", lambda: dict(scale=-0.5), ValueError, ["scale"]),
     ("scale_bool", lambda: dict(scale=True), TypeError, ["scale"]),
     ("scale_tensor", lambda: dict(scale=torch.tensor(0.5)), TypeError, ["scale"]),
+    ("scale_huge_int", lambda: dict(scale=10**400), ValueError, ["scale", "finite", "401 digits"]),
+    ("softcap_huge_int", lambda: dict(softcap=10**400), ValueError, ["softcap", "finite", "401 digits"]),
     ("dropout_1", lambda: dict(dropout_p=1.0), ValueError, ["dropout_p"]),
     ("dropout_neg", lambda: dict(dropout_p=-0.1), ValueError, ["dropout_p"]),
     ("dropout_nan", lambda: dict(dropout_p=float("nan")), ValueError, ["dropout_p"]),
@@ -221,6 +225,19 @@ def test_mask_mod_must_return_bool(qkv, backend):
     q, k, v = qkv
     _raises(TypeError, ["mask_mod", "bool"],
             lambda: attnkit.attention(q, k, v, mask_mod=lambda b, h, i, j: (j <= i + 1).int(), backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["chunked", "sdpa", "reference"])
+def test_mods_must_return_the_shape_of_their_tile(qkv, backend):
+    """A mod whose result does not broadcast to the [B, Hq, queries, keys] of its index arguments: a
+    ValueError naming it (reference returned a 5-D output, the others raised from deep inside)."""
+    q, k, v = qkv
+    _raises(ValueError, ["mask_mod", "broadcastable", r"\[1, 2, 3, 4, 5\]"],
+            lambda: attnkit.attention(q, k, v, mask_mod=lambda b, h, i, j: torch.ones(1, 2, 3, 4, 5, dtype=torch.bool),
+                                      backend=backend))
+    if backend != "sdpa":  # sdpa cannot serve a score_mod
+        _raises(ValueError, ["score_mod", "broadcastable", r"\[7\]"],
+                lambda: attnkit.attention(q, k, v, score_mod=lambda s, b, h, i, j: torch.zeros(7), backend=backend))
 
 
 def test_score_mod_must_return_tensor(qkv):

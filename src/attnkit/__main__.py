@@ -9,6 +9,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"demo": "run every backend against the reference and print a table"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"python -m attnkit: unknown command {argv[0]!r}", file=sys.stderr)
         print("usage: python -m attnkit <command> [options]\n\ncommands:")
         for name, text in commands.items():
             print(f"  {name:<8} {text}")

@@ -51,7 +51,10 @@ def real(name: str, value) -> float:
     checks stay with the caller."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type_name(value)} {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int past float's range
+        raise ValueError(f"{name} must be a finite number, got an int of {len(str(abs(value)))} digits") from None
 
 
 def probability(name: str, value) -> float:

@@ -1,10 +1,11 @@
 """`python -m attnkit demo`: every available backend on a few feature sets, against the reference.
 
-Prints one row per (feature set, backend): the max abs error of the output (and
-lse) and of the gradients against a float64 reference, the forward time, or why
-the backend cannot serve that call. A row whose error exceeds 4x the `reference`
-backend's error in the same dtype (the same math, unfused) is marked BAD, and the
-demo then exits with status 1, as it does when a backend raises.
+Prints one row per (feature set, backend): the error of the output (and lse) and of
+the gradients against a float64 reference, relative to each reference tensor's largest
+value, the forward time, or why the backend cannot serve that call. A row whose error
+exceeds 4x the `reference` backend's error in the same dtype (the same math, unfused)
+plus 4 eps is marked BAD (the reference row itself past 64 eps), and the demo then exits
+with status 1, as it does when a backend raises.
 """
 
 from __future__ import annotations

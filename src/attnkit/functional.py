@@ -164,7 +164,8 @@ def attention_backward(
 def explain(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto", **kwargs) -> Plan:
     """The plan `attention(q, k, v, **kwargs)` would follow: chosen backend and why the others were not.
 
-    q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] and the keyword arguments as in `attention`.
+    q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] and the keyword arguments as in `attention`;
+    `for_backward=True` gives the plan of `attention_backward` (the backward from saved statistics) instead.
     `print(attnkit.explain(...))` gives a readable table; the Plan's fields are
     `backend`, `request`, `reason` and `passed_over` (name -> reason).
     """

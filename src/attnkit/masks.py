@@ -93,13 +93,31 @@ def tile_allowed(
             keep = bounds_allow(i, j, req.offset, *bounds)
             allowed = keep if allowed is None else allowed & keep
         if req.mask_mod is not None:
-            keep = req.mask_mod(b, h, i, j)
-            if not isinstance(keep, Tensor) or keep.dtype != torch.bool:
-                raise TypeError(
-                    f"mask_mod must return a bool tensor, got {getattr(keep, 'dtype', type(keep).__name__)}"
-                )
+            keep = mask_mod_result(req.mask_mod(b, h, i, j), (req.batch, req.heads_q, q_end - q_start, k_end - k_start))
             allowed = keep if allowed is None else allowed & keep
     return allowed
+
+
+def mask_mod_result(keep, target: tuple[int, int, int, int]) -> Tensor:
+    """keep, checked as a mask_mod's result on a [B, Hq, queries, keys] = target tile: a bool tensor that
+    broadcasts to it (TypeError / ValueError naming mask_mod)."""
+    if not isinstance(keep, Tensor) or keep.dtype != torch.bool:
+        raise TypeError(f"mask_mod must return a bool tensor, got {getattr(keep, 'dtype', type(keep).__name__)}")
+    _check_mod_shape("mask_mod", keep, target)
+    return keep
+
+
+def _check_mod_shape(name: str, out: Tensor, target: tuple[int, int, int, int]) -> None:
+    """A mod's result must broadcast to the [B, Hq, rows, cols] tile it was called on (its index arguments do)."""
+    if out.shape == target:
+        return
+    try:
+        ok = out.dim() <= 4 and torch.broadcast_shapes(out.shape, target) == target
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must return a tensor broadcastable to the [B, Hq, queries, keys] = {list(target)} "
+                         f"of its index arguments, got shape {list(out.shape)}")
 
 
 def apply_score_mod(req: AttentionRequest, s: Tensor, q_start: int, k_start: int) -> Tensor:
@@ -111,7 +129,10 @@ def apply_score_mod(req: AttentionRequest, s: Tensor, q_start: int, k_start: int
     if not isinstance(out, Tensor) or not out.is_floating_point():
         got = f"a {str(out.dtype).replace('torch.', '')} tensor" if isinstance(out, Tensor) else type(out).__name__
         raise TypeError(f"score_mod must return a floating tensor (the new scores), got {got}")
-    return out.expand_as(s) if out.shape != s.shape else out
+    if out.shape == s.shape:
+        return out
+    _check_mod_shape("score_mod", out, tuple(s.shape))
+    return out.expand_as(s)
 
 
 def closure_tensors(fn, *, requires_grad: bool = False) -> list[Tensor]:

@@ -461,8 +461,9 @@ def build_request(
     if bias is not None:
         if not isinstance(bias, Tensor):
             raise TypeError(f"bias must be a floating torch.Tensor, got {type(bias).__name__}")
-        if not bias.is_floating_point():
-            raise TypeError(f"bias must be a floating tensor (additive logits), got dtype {bias.dtype}")
+        if bias.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"bias must be a floating tensor (additive logits) of dtype float16, bfloat16, float32 "
+                            f"or float64, got dtype {bias.dtype}")
         if bias.device != device:
             raise ValueError(f"bias is on {bias.device} but q is on {device}")
         bias = _as_4d("bias", bias, target)
@@ -473,7 +474,7 @@ def build_request(
         scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-    elif not (math.isfinite(scale) and scale > 0):
+    elif not (math.isfinite(real("scale", scale)) and scale > 0):
         raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
     if softcap is not None:
         softcap = real("softcap", softcap)
@@ -552,6 +553,9 @@ def _check_block_table(block_table, cache_seqlens, k: Tensor, B: int, device: to
         raise ValueError(f"block_table must have at least one column, got shape {_shape(block_table)}")
     if block_table.device != device:
         raise ValueError(f"block_table is on {block_table.device} but q is on {device}")
+    if k.shape[0] == 0:
+        raise ValueError(f"paged k/v must hold at least one block (dim 0 of [num_blocks, Hkv, block_size, D]), "
+                         f"got k {_shape(k)}")
     bs = k.shape[2]
     if bs & (bs - 1):
         raise ValueError(

@@ -177,13 +177,17 @@ def _mask_key(req: AttentionRequest) -> tuple[tuple, list[Tensor]]:
     The user's mask_mod is keyed by identity AND by its state: the contents of every tensor and
     the value of every int / float / str it closes over (closure cells, default arguments, a
     callable object's attributes: masks.closure_tensors), so a document-id tensor changed in place, or a length
-    attribute set anew, builds a new mask. (Globals it reads are not tracked.)
+    attribute set anew, builds a new mask. (Globals it reads are not tracked.) The key is None when a
+    tensor is an inference tensor (made under torch.inference_mode): it has no version counter, so a
+    change in place could not be seen, and its mask is built anew every call.
     """
     deps = [req.mask] if req.mask is not None else []
     state = ()
     if req.mask_mod is not None:
         deps += closure_tensors(req.mask_mod)
         state = closure_scalars(req.mask_mod)
+    if any(t.is_inference() for t in deps):
+        return None, deps
     return (req.key_bounds, req.offset, req.mask_mod, tuple(_tensor_id(t) for t in deps), state), deps
 
 
@@ -231,8 +235,8 @@ class FlexBackend(Backend):
         # process-wide dict would make dynamo guard on (and trace) every cached key.
         compiling = torch.compiler.is_compiling()
         key, deps = (None, None) if compiling else _mask_key(req)
-        key = None if compiling else (key, B, H, req.len_q, req.len_k, str(req.device))
-        hit = None if compiling else touch(self._block_masks, key)
+        key = None if key is None else (key, B, H, req.len_q, req.len_k, str(req.device))
+        hit = None if key is None else touch(self._block_masks, key)
         if hit is not None:
             return hit[0]
         offset = req.offset
@@ -256,7 +260,7 @@ class FlexBackend(Backend):
         # create_block_mask(_compile=True) warns, which breaks fullgraph tracing.)
         bm = create_block_mask(mask_mod, B, H, req.len_q, req.len_k, device=req.device,
                                _compile=req.device.type == "cuda" and not compiling)
-        if compiling:
+        if key is None:
             return bm
         # Keep the key's tensors alive with the entry so their storage cannot be reused
         # by other tensors that would then hit this key.

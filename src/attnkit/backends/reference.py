@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..masks import apply_score_mod
+from ..masks import apply_score_mod, mask_mod_result
 from ..request import AttentionRequest
 from .base import ALL_FEATURES, Backend, Capabilities
 
@@ -73,12 +73,7 @@ class ReferenceBackend(Backend):
             h = torch.arange(Hq, device=q.device, dtype=torch.int32).view(1, -1, 1, 1)
             i = torch.arange(Lq, device=q.device, dtype=torch.int32).view(1, 1, -1, 1)
             j = torch.arange(Lk, device=q.device, dtype=torch.int32).view(1, 1, 1, -1)
-            kept = req.mask_mod(b, h, i, j)
-            if not isinstance(kept, torch.Tensor) or kept.dtype != torch.bool:
-                raise TypeError(
-                    f"mask_mod must return a bool tensor, got {getattr(kept, 'dtype', type(kept).__name__)}"
-                )
-            keep = keep & kept
+            keep = keep & mask_mod_result(req.mask_mod(b, h, i, j), (B, Hq, Lq, Lk))
         s = s.masked_fill(~keep, float("-inf"))
 
         if req.sinks is not None:

@@ -37,6 +37,7 @@ run_ids() {  # run_ids FILE: those node ids in $shards parallel shards
     grep -E '^(FAILED|ERROR)' "$OUT/gpu_tests_$i.log" | head -20
     if ! echo "$last" | grep -qE ' in [0-9.]+s'; then  # no summary line: cut off after the progress dots
       done_n=$(grep -E '^[.sFEx]+( +\[ *[0-9]+%\])?$' "$OUT/gpu_tests_$i.log" | tr -cd '.sFEx' | wc -c)
+      echo "  cut off after $done_n tests, failed or errored among them: $(grep -E '^[.sFEx]+( +\[ *[0-9]+%\])?$' "$OUT/gpu_tests_$i.log" | tr -cd 'FE' | wc -c)"
       tail -n +$((done_n + 1)) "$OUT/ids_$i.txt" >> "$OUT/not_run.txt"
     fi
   done

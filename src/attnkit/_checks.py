@@ -73,6 +73,14 @@ def backend_name(name) -> str:
     return name
 
 
+def broadcasts_to(shape, target: tuple[int, ...]) -> bool:
+    """Whether a tensor of `shape` broadcasts to exactly `target` (no more dims, no dim growing it)."""
+    try:
+        return len(shape) <= len(target) and torch.broadcast_shapes(shape, target) == tuple(target)
+    except RuntimeError:
+        return False
+
+
 def key_padding_mask(name: str, mask, batch: int, length: int):
     """A key padding mask as bool [batch, length] (a view where possible): [B, L], or any shape
     that broadcasts to [B, 1, 1, L]; True = real key. TypeError / ValueError naming the argument."""
@@ -83,11 +91,7 @@ def key_padding_mask(name: str, mask, batch: int, length: int):
     if mask.dim() == 2 and mask.shape[0] in (1, batch) and mask.shape[1] == length:  # [B, L]
         return mask.expand(batch, length)
     target = (batch, 1, 1, length)
-    try:
-        ok = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, target) == target
-    except RuntimeError:
-        ok = False
-    if not ok:
+    if not broadcasts_to(mask.shape, target):
         raise ValueError(f"{name} must be a key padding mask [B, L] = [{batch}, {length}] or broadcastable to "
                          f"[B, 1, 1, L] = {list(target)}, got shape {list(mask.shape)}")
     return mask.expand(target).reshape(batch, length)

@@ -15,6 +15,7 @@ import types
 import torch
 from torch import Tensor, nn
 
+from ._checks import broadcasts_to
 from .groups import SegmentLayout
 from .request import AttentionRequest
 
@@ -109,13 +110,7 @@ def mask_mod_result(keep, target: tuple[int, int, int, int]) -> Tensor:
 
 def _check_mod_shape(name: str, out: Tensor, target: tuple[int, int, int, int]) -> None:
     """A mod's result must broadcast to the [B, Hq, rows, cols] tile it was called on (its index arguments do)."""
-    if out.shape == target:
-        return
-    try:
-        ok = out.dim() <= 4 and torch.broadcast_shapes(out.shape, target) == target
-    except RuntimeError:
-        ok = False
-    if not ok:
+    if out.shape != target and not broadcasts_to(out.shape, target):
         raise ValueError(f"{name} must return a tensor broadcastable to the [B, Hq, queries, keys] = {list(target)} "
                          f"of its index arguments, got shape {list(out.shape)}")
 

@@ -655,6 +655,55 @@ def test_kv_cache_rejects_bad_append_and_writes_nothing(call, exc, words):
         KVCache(1, 1, 4, 4, dtype=torch.int32)
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_rollouts_with_autograd_each_backpropagate(paged):
+    """Decoding with autograd on, rollout after rollout on one cache: the writes of a rollout hold its
+    graph, and reset() (contiguous) or freeing the last sequence (paged) drops it, so the next
+    rollout's backward does not run into the freed graph of the one before."""
+    mod = make_mha(seed=67, d_model=16, n_heads=2, use_gqa=True, gqa_groups=1, use_rope=True)
+    cache = mod.new_kv_cache(2, 8) if not paged else mod.new_paged_kv_cache(8, 16)
+    for rollout in range(2):
+        if paged:
+            ids = [cache.add_sequence() for _ in range(2)]
+            step_cache = cache.bind(ids)
+        else:
+            step_cache = cache
+        x = randn(2, 3, 16, gen=_gen(68 + rollout))
+        loss = mod(x, causal=True, kv_cache=step_cache).sum()
+        loss = loss + mod(randn(2, 1, 16, gen=_gen(70 + rollout)), causal=True, kv_cache=step_cache).sum()
+        loss.backward()  # the second rollout raised "backward through the graph a second time"
+        assert all(p.grad is not None for p in mod.parameters())
+        mod.zero_grad()
+        if paged:
+            for i in ids:
+                cache.free(i)
+        else:
+            cache.reset()
+        assert cache.k.grad_fn is None and cache.v.grad_fn is None
+
+
+def test_kv_cache_built_under_inference_mode_refuses_appends_outside_it():
+    """Its tensors cannot change outside inference_mode: refused before anything is written (the lengths
+    moved before the failure, the host copy did not)."""
+    with torch.inference_mode():
+        cache = KVCache(2, 1, 8, 4, dtype=torch.float32)
+        k = randn(2, 1, 3, 4, dtype=torch.float32, gen=_gen(72))
+        cache.append(k, k)
+    with pytest.raises(ValueError, match="inference_mode"):
+        cache.append(k.clone(), k.clone())
+    assert cache.lengths.tolist() == [3, 3] and cache.host_lengths == [3, 3]
+
+
+def test_kv_cache_of_other_heads_is_named():
+    mod = make_mha(seed=73, d_model=16, n_heads=2)
+    x = randn(2, 3, 16, gen=_gen(74))
+    pool = attnkit.PagedKVCache(4, 2, 4, 16)
+    for cache in (KVCache(2, 1, 8, 8), KVCache(2, 2, 8, 4), KVCache(2, 2, 8, 8, head_dim_v=4),
+                  pool.bind([pool.add_sequence(), pool.add_sequence()])):
+        with pytest.raises(ValueError, match="kv_cache holds"):  # was an error naming k_new
+            mod(x, causal=True, kv_cache=cache)
+
+
 def test_kv_cache_rollback_undoes_the_last_append():
     cache = KVCache(2, 2, 8, 4, dtype=torch.float32)
     k = randn(2, 2, 3, 4, dtype=torch.float32, gen=_gen(65))

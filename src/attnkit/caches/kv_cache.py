@@ -52,6 +52,10 @@ class KVCache(DecodeCache):
         return self.lengths.long().view(-1, 1) + torch.arange(new_tokens, device=self.lengths.device)
 
     def reset(self) -> None:
+        """Empty every sequence. Buffers written with autograd on (out of place) hold the last rollout's
+        graph: they are detached, so the next rollout's backward does not run into it."""
+        if self.k.grad_fn is not None or self.v.grad_fn is not None:
+            self.k, self.v = self.k.detach(), self.v.detach()
         self.lengths.zero_()
         self.host_lengths = [0] * self.batch_size
         self._undo = None
@@ -82,10 +86,13 @@ class KVCache(DecodeCache):
         and `host_lengths` does not move (use `advance`).
         """
         B = self.batch_size
+        compiling = torch.compiler.is_compiling()
+        if not compiling and self.lengths.is_inference() and not torch.is_inference_mode_enabled():
+            raise ValueError("this KVCache was built under torch.inference_mode: append to it under inference_mode "
+                             "too (its tensors cannot change outside it), or build it outside; nothing was written")
         Ln = check_new_kv(k_new, v_new, B, self.k, self.v)
         H = self.k.shape[1]
         counts = check_num_new(num_new, B, Ln)  # reads a tensor num_new on the host: padded prefill only
-        compiling = torch.compiler.is_compiling()
         if not compiling:
             over = [i for i, n in enumerate(self.host_lengths) if n + Ln > self.max_len]
             if over:

@@ -157,7 +157,9 @@ class PagedKVCache(DecodeCache):
         return child
 
     def free(self, seq_id: int) -> None:
-        """Drop seq_id; blocks no other table holds return to the free list (in table order)."""
+        """Drop seq_id; blocks no other table holds return to the free list (in table order). With
+        autograd on, writes into the pool chain one graph over every sequence (call backward once over
+        their losses); when the pool holds no sequence any more, that history is dropped (detached)."""
         self._check_id(seq_id, "seq_id")
         self._undo = None
         for b in self._tables.pop(seq_id):
@@ -165,6 +167,8 @@ class PagedKVCache(DecodeCache):
             if self._refs[b] == 0:
                 self._free.append(b)
         del self._lengths[seq_id]
+        if not self._tables and (self.k.grad_fn is not None or self.v.grad_fn is not None):
+            self.k, self.v = self.k.detach(), self.v.detach()
 
     # ------------------------------------------------------------------ writes
 

@@ -174,6 +174,11 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(f"x must hold at least one new token with a kv_cache, got {list(x.shape)}")
             if kv_cache.k.device != x.device:  # before RoPE, whose device error would not name the cache
                 raise ValueError(f"kv_cache is on {kv_cache.k.device}, x on {x.device}")
+            ck, cv = kv_cache.k.shape, kv_cache.v.shape  # [B or blocks, Hkv, len or block, D]: dims 1 and 3
+            if (ck[1], ck[3], cv[3]) != (self.num_kv_heads, self.head_dim, self.head_dim):
+                raise ValueError(f"kv_cache holds {ck[1]} kv heads of dims {ck[3]} / {cv[3]} (k / v), this module "
+                                 f"{self.num_kv_heads} of dim {self.head_dim}; build it with new_kv_cache / "
+                                 "new_paged_kv_cache")
             nxt = kv_cache.next_positions(L)
             if nxt.shape[0] != B:  # before RoPE, whose broadcast error would not name the cache
                 raise ValueError(f"kv_cache holds a batch of {nxt.shape[0]} sequences, x has B = {B}")

@@ -359,7 +359,7 @@ def test_gradients_of_some_inputs_only(backend, wants, device):
     q, k, v = make_qkv(2, 4, 2, 11, 19, 16, seed=35, device=device)
     bias = randn(4, 11, 19, gen=g, device=device)
     sinks = randn(4, gen=g, device=device) if wants == "v_sinks" else None
-    names = {"bias": "b", "q_bias": "qb", "k_v": "kv", "v_sinks": "vs"}[wants]
+    names = {"bias": ["b"], "q_bias": ["q", "b"], "k_v": ["k", "v"], "v_sinks": ["v", "s"]}[wants]  # the leaves
     inputs = dict(q=q, k=k, v=v, b=bias, s=sinks)
     if sinks is None:
         del inputs["s"]

@@ -265,14 +265,14 @@ class AttentionRequest:
             return self
         Lq, Lk = self.len_q, self.len_k
         lens = self.cache_seqlens.long().view(-1, 1, 1, 1)
-        unwritten = torch.arange(Lk, device=self.device).view(1, 1, Lk, 1) >= lens  # [B, 1, Lk, 1]
+        j = torch.arange(Lk, device=self.device).view(1, 1, 1, Lk)
+        keep = j < lens  # [B, 1, 1, Lk]
+        unwritten = ~keep.transpose(2, 3)  # [B, 1, Lk, 1]: the key rows of k and v
         if self.block_table is not None:
             k = _gather_pages(self.k, self.block_table).masked_fill_(unwritten, 0)
             v = _gather_pages(self.v, self.block_table).masked_fill_(unwritten, 0)
         else:
             k, v = self.k.masked_fill(unwritten, 0), self.v.masked_fill(unwritten, 0)
-        j = torch.arange(Lk, device=self.device).view(1, 1, 1, Lk)
-        keep = j < lens
         bounds = self.key_bounds
         if bounds is not None:
             qpos = lens - Lq + torch.arange(Lq, device=self.device).view(1, 1, Lq, 1)

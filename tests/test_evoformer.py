@@ -334,6 +334,33 @@ def test_evoformer_attention_cross_full_bias(gating, dtype, backend):
                         g_out)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_evoformer_attention_loops_over_two_outer_dims(backend):
+    """lead [2, 3, 4] with a bias per (dim 0, dim 1) row, broadcast over dim 2, and a mask per
+    (dim 0, dim 2): the module loops over the outer [2, 3] (a bias read per outer index, in
+    row-major order) and batches the inner 4; outputs and the bias gradient land on their rows."""
+    c, H, C = 6, 2, 3
+    mod = randomize_(EvoformerAttention(c, c, c, C, H, backend=backend), 13).double()
+    g = _gen(14)
+    inputs = {"q_x": randn(2, 3, 4, 5, c, gen=g), "kv_x": randn(2, 3, 4, 7, c, gen=g),
+              "bias": randn(2, 3, 1, H, 5, 7, gen=g)}
+    mask = torch.rand(2, 1, 4, 1, 5, 7, generator=g) < 0.7
+    g_out = randn(2, 3, 4, 5, c, gen=g)
+
+    def ref(p, q_x, kv_x, bias):
+        keep = mask.expand(2, 3, 4, H, 5, 7)
+        return of_attention({"mha." + n: t for n, t in p.items()}, "mha.", q_x, kv_x, H=H, C=C,
+                            biases=[bias.expand(2, 3, 4, H, 5, 7).masked_fill(~keep, float("-inf"))])
+
+    calls = []
+    real = evo_mod.attention
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evo_mod, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        check_module_vs_ref(mod, lambda q_x, kv_x, bias: mod(q_x, kv_x, mask=mask, bias=bias), ref, inputs,
+                            torch.float64, g_out)
+    assert len(calls) >= 6  # the outer [2, 3] is looped over (not flattened into one call)
+
+
 def test_evoformer_attention_key_mask_and_lower_rank_bias():
     """A key mask [*, Lk] and a bias [H, Lq, Lk] broadcast over the leading dims (torch rules)."""
     H, C = 2, 4

@@ -862,6 +862,59 @@ def test_score_mod_sees_positions_when_decoding(paged, cfg):
     assert rel_err(ref, plain) > 1e-3  # the mod matters
 
 
+def test_score_mod_positions_follow_each_sequence_when_lengths_differ():
+    """Sequences of a paged batch at different lengths: each sequence's new query sits at its own
+    position, so a position-dependent score_mod decodes as each sequence computed alone."""
+    slopes = torch.tensor([0.1, 0.25, 0.5, 1.0], dtype=torch.float64)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx).abs()
+
+    mod = make_mha(seed=19, d_model=32, n_heads=4, use_gqa=True, gqa_groups=2, score_mod=alibi)
+    pres, steps = (3, 7), 3
+    xs = [randn(1, p + steps, 32, gen=_gen(76 + i)) for i, p in enumerate(pres)]
+    cache = mod.new_paged_kv_cache(8, 16)
+    ids = [cache.add_sequence() for _ in pres]
+    with torch.no_grad():
+        for sid, x, p in zip(ids, xs, pres):  # prefill each sequence alone: lengths 3 and 7
+            cache.bind([sid])
+            mod(x[:, :p], kv_cache=cache)
+        cache.bind(ids)
+        outs = [mod(torch.cat([x[:, p + t:p + t + 1] for x, p in zip(xs, pres)]), kv_cache=cache)
+                for t in range(steps)]
+    dec = torch.cat(outs, 1)  # [2, steps, 32]
+    for i, (x, p) in enumerate(zip(xs, pres)):
+        ref = ref_mha(ref_params(mod), mod.config, x, causal=True, score_mod=alibi)[:, p:]
+        assert_close(dec[i:i + 1], ref, TIGHT64)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_user_mask_with_a_cache_keeps_causality_and_written_keys(paged):
+    """A user mask given with a cache narrows the cache's own key mask (causal, written keys);
+    it never replaces it."""
+    B, T, pre = 2, 9, 4
+    mod = make_mha(seed=20, d_model=32, n_heads=4, use_gqa=True, gqa_groups=2)
+    x = randn(B, T, 32, gen=_gen(78))
+    g = _gen(79)
+    kpm = torch.rand(B, 1, 1, T, generator=g) > 0.3
+    kpm[:, ..., 0] = True  # every query keeps a key
+    ref = ref_mha(ref_params(mod), mod.config, x, causal=True, mask=kpm)
+    if paged:
+        cache = mod.new_paged_kv_cache(8, 16)
+        cache.bind([cache.add_sequence() for _ in range(B)])
+    else:
+        cache = mod.new_kv_cache(B, T + 3)
+    with torch.no_grad():
+        outs = []
+        for a, e in [(0, pre)] + [(t, t + 1) for t in range(pre, T)]:
+            width = cache.max_len if not paged else e  # the cache's key count after this write
+            m = torch.ones(B, 1, 1, width, dtype=torch.bool)
+            m[..., :min(width, T)] = kpm[..., :min(width, T)]
+            outs.append(mod(x[:, a:e], mask=m, kv_cache=cache))
+    assert_close(torch.cat(outs, 1), ref, TIGHT64)
+    assert rel_err(ref, ref_mha(ref_params(mod), mod.config, x, causal=True)) > 1e-3  # the mask matters
+
+
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("case", ["backend", "mask_shape", "mask_dtype", "bias_shape"])
 def test_failing_call_leaves_cache_unchanged(paged, case):

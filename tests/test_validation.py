@@ -599,6 +599,29 @@ def test_one_query_and_several_have_their_own_signature():
     assert one.signature != four.signature == four_b.signature
 
 
+def test_value_head_dims_have_their_own_signature():
+    """sdpa returns lse only with Dv == D: a choice cached for Dv == D must not serve Dv != D (and back)."""
+    from attnkit import dispatch
+    g = torch.Generator().manual_seed(8)
+    q, k = torch.randn(1, 2, 8, 16, generator=g), torch.randn(1, 2, 8, 16, generator=g)
+    same, other = (torch.randn(1, 2, 8, dv, generator=g) for dv in (16, 8))
+    assert attnkit.explain(q, k, same, return_lse=True).backend == "sdpa"
+    assert attnkit.explain(q, k, other, return_lse=True).backend != "sdpa"
+    for first, second in ((same, other), (other, same)):
+        dispatch.clear_cache()
+        for v in (first, second):
+            out, lse = attnkit.attention(q, k, v, return_lse=True)
+            ref, ref_lse = attnkit.attention(q, k, v, return_lse=True, backend="reference")
+            assert out.shape[-1] == v.shape[-1]
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+            assert dispatch.choose(build_request(q, k, v, return_lse=True)).name == \
+                attnkit.explain(q, k, v, return_lse=True).backend
+    # Dv itself, not only Dv != D: backends bound the larger head dim (triton 256, flex's tiles by size)
+    sigs = {build_request(q, k, torch.randn(1, 2, 8, dv, generator=g)).signature for dv in (8, 32, 512)}
+    assert len(sigs) == 3
+
+
 def test_decode_steps_over_plain_tensors_rank_as_on_cuda(monkeypatch):
     """The CUDA ranking of decode steps over plain K/V tensors, on requests built on the CPU and taken for
     CUDA ones (the speed rules read the device from the request): causal half-precision calls of 2-16
@@ -711,9 +734,12 @@ def test_cpu_windows_past_the_mask_size_rule_go_to_chunked(kind):
     small = make_qkv(1, 1, 1, 64, 64, 8)
     n = math.isqrt(CPU_BUILT_MASK_PAIRS) + 1
     big = make_qkv(1, 1, 1, n, n, 8)
+    wide = make_qkv(1, 1, 1, 64, CPU_BUILT_MASK_PAIRS // 64 + 1, 8)  # Lq << Lk: the pairs count, not Lq^2
     assert attnkit.explain(*small, **kw).backend == "sdpa"
-    plan = attnkit.explain(*big, **kw)
-    assert plan.backend == "chunked", str(plan)
+    for qkv in (big, wide):
+        plan = attnkit.explain(*qkv, **kw)
+        assert plan.backend == "chunked", str(plan)
+    assert attnkit.explain(*make_qkv(1, 1, 1, 64, CPU_BUILT_MASK_PAIRS // 64, 8), **kw).backend == "sdpa"
     # what runs follows the rule too, in either order (the cached choice is per signature)
     for first, second in ((small, big), (big, small)):
         dispatch.clear_cache()

@@ -15,6 +15,7 @@ import zlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch import nn
 
 import attnkit
@@ -270,6 +271,53 @@ def test_linear_attention_matches_quadratic_formula(kind, causal, dtype):
     if causal:
         # the first query sees only the first key: its output is v_0 exactly
         assert_close(out[:, :, 0], v[:, :, 0].detach(), 1e-5, name="out[0]")
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the most elements of any tensor an op returns (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.most = max(self.most, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("L", [64, 65, 150, 300])
+@pytest.mark.parametrize("kind", ["elu", "favor+"])
+def test_causal_linear_attention_over_several_chunks(kind, L):
+    """Causal lengths around and past the chunk of the chunkwise form (64): earlier chunks' keys reach
+    a query through the chunk states, its own chunk's through the masked product; GQA; forward and
+    gradients against the quadratic formula. No tensor of [B, H, L, M, Dv] is made (the per-position
+    prefix-sum form held one)."""
+    from attnkit.ops.linear import CHUNK
+    B, Hq, Hkv, D, M = 1, 4, 2, 16, 32
+    g = _gen(41 + L)
+    mod = LinearAttention(Hq, D, feature_map=kind, causal=True, num_features=M)
+    q, k, v = leaf(randn(B, Hq, L, D, gen=g)), leaf(randn(B, Hkv, L, D, gen=g)), leaf(randn(B, Hkv, L, D, gen=g))
+    g_out = randn(B, Hq, L, D, gen=g)
+    with _LargestTensor() as seen:
+        out = mod(q, k, v)
+        got = grads_of((out * g_out).sum(), {"q": q, "k": k, "v": v})
+    r = {n: leaf(t, torch.float64) for n, t in (("q", q), ("k", k), ("v", v))}
+    G = Hq // Hkv
+    proj = mod.projection.double() if kind == "favor+" else None
+    ref = ref_linear_attention(r["q"], r["k"].repeat_interleave(G, 1), r["v"].repeat_interleave(G, 1), kind, proj,
+                               True)
+    want = grads_of((ref * g_out.double()).sum(), r)
+    assert_close(out, ref, F32_FWD)
+    compare_grads(got, want, F32_GRAD)
+    m = M if kind == "favor+" else D
+    per_position_state = B * Hkv * L * m * D
+    n = -(-L // CHUNK)  # chunks; the last one padded
+    assert seen.most <= max(B * Hq * n * CHUNK * CHUNK, B * Hkv * n * m * D, B * Hq * n * CHUNK * max(m, D)), seen.most
+    if L > 2 * CHUNK:
+        assert seen.most < per_position_state
 
 
 @pytest.mark.parametrize("Hkv", [2, 1], ids=["gqa", "mqa"])

@@ -2,7 +2,8 @@
 
 out_i = phi(q_i) . S / (phi(q_i) . z), with S = sum_j phi(k_j) v_j^T and
 z = sum_j phi(k_j) over the keys query i may see (all of them, or j <= i
-when causal, computed with prefix sums). Pure PyTorch; autograd gives the
+when causal, computed chunkwise: prefix sums over chunk states plus a masked product within
+a chunk, memory O(L * (M * Dv / 64 + 64)) per head). Pure PyTorch; autograd gives the
 backward.
 """
 
@@ -19,6 +20,9 @@ from .._checks import key_padding_mask, tensor
 __all__ = ["FEATURE_MAPS", "feature_map", "linear_attention"]
 
 FEATURE_MAPS = ("elu", "relu", "favor+")
+# Causal chunk length: states are kept per chunk, [B, H, L / CHUNK, M, Dv], not per position, and the
+# quadratic part within a chunk costs [B, Hq, L, CHUNK].
+CHUNK = 64
 
 
 def _favor_log_features(x: Tensor, projection: Tensor | None) -> Tensor:
@@ -38,6 +42,32 @@ def _favor_exp(log_phi: Tensor, dims) -> Tensor:
     stab = log_phi.amax(dim=dims, keepdim=True).detach()
     stab = torch.where(torch.isfinite(stab), stab, torch.zeros_like(stab))
     return torch.exp(log_phi - stab) / math.sqrt(log_phi.shape[-1])
+
+
+def _causal_chunkwise(qf: Tensor, kf: Tensor, vf: Tensor) -> tuple[Tensor, Tensor]:
+    """Causal numerator [B, Hkv, G, L, Dv] and denominator [B, Hkv, G, L] for qf [B, Hkv, G, L, M],
+    kf [B, Hkv, L, M], vf [B, Hkv, L, Dv]: sum over j <= i of (qf_i . kf_j) v_j and of qf_i . kf_j.
+
+    The chunkwise form (as flash-linear-attention's chunk kernels): keys of earlier chunks through the
+    summed state phi(k)^T v of those chunks, keys of the query's own chunk through a masked
+    [CHUNK, CHUNK] product. A per-position prefix sum would hold [B, H, L, M, Dv]."""
+    B, Hkv, G, L, M = qf.shape
+    C = min(CHUNK, max(L, 1))
+    n = -(-L // C)
+    pad = n * C - L  # zero features: padded keys add nothing, padded queries are cut off
+    q = F.pad(qf, (0, 0, 0, pad)).view(B, Hkv, G, n, C, M)
+    k = F.pad(kf, (0, 0, 0, pad)).view(B, Hkv, n, C, M)
+    v = F.pad(vf, (0, 0, 0, pad)).view(B, Hkv, n, C, vf.shape[-1])
+    s = torch.einsum("bhncm,bhnce->bhnme", k, v)  # each chunk's state
+    z = k.sum(dim=3)
+    # exclusive prefix over chunks: the state of every chunk before
+    s = torch.cat([torch.zeros_like(s[:, :, :1]), s[:, :, :-1].cumsum(dim=2)], dim=2)
+    z = torch.cat([torch.zeros_like(z[:, :, :1]), z[:, :, :-1].cumsum(dim=2)], dim=2)
+    a = torch.einsum("bhgncm,bhndm->bhgncd", q, k)
+    a = a * torch.ones(C, C, dtype=torch.bool, device=a.device).tril().to(a.dtype)
+    num = torch.einsum("bhgncm,bhnme->bhgnce", q, s) + torch.einsum("bhgncd,bhnde->bhgnce", a, v)
+    den = torch.einsum("bhgncm,bhnm->bhgnc", q, z) + a.sum(dim=-1)
+    return num.reshape(B, Hkv, G, n * C, -1)[:, :, :, :L], den.reshape(B, Hkv, G, n * C)[:, :, :, :L]
 
 
 def feature_map(x: Tensor, kind: str, projection: Tensor | None = None, *, is_query: bool = True) -> Tensor:
@@ -123,11 +153,7 @@ def linear_attention(
         num = torch.einsum("bhgqm,bhme->bhgqe", qf, s)
         den = torch.einsum("bhgqm,bhm->bhgq", qf, z)
     else:
-        # Prefix sums over positions: S_i = sum_{j<=i} phi(k_j) v_j^T.
-        s = torch.einsum("bhkm,bhke->bhkme", kf, vf).cumsum(dim=2)
-        z = kf.cumsum(dim=2)
-        num = torch.einsum("bhgqm,bhqme->bhgqe", qf, s)
-        den = torch.einsum("bhgqm,bhqm->bhgq", qf, z)
+        num, den = _causal_chunkwise(qf, kf, vf)
     # den = 0 only where every weight is 0; num is 0 there too
     out = num / torch.where(den > 0, den, torch.ones_like(den)).unsqueeze(-1)
     return out.reshape(B, Hq, Lq, out.shape[-1]).to(dtype)

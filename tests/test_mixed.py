@@ -840,6 +840,50 @@ def test_layout_memo_is_bounded():
     assert len(m._layouts) == 16
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_layout_memo_is_keyed_by_length(mode):
+    """The checked layout is remembered per (specs, patterns, N): a module that served N tokens must
+    still refuse the same specs and patterns with another N (the sizes fix N), not reuse the layout
+    checked for the first call (it filled the extra tokens with garbage or dropped some)."""
+    m = make_module(32, 4, mode, seed=73)
+    x = rand_x(2, N_REF, 32, 74)
+    want, _ = m(x, REF_SPECS, REF_PATS)
+    for n in (N_REF + 1, N_REF - 3):
+        with pytest.raises(ValueError, match=f"sum to {N_REF}, but x has {n} tokens"):
+            m(rand_x(2, n, 32, 75), REF_SPECS, REF_PATS)
+    got, _ = m(x, REF_SPECS, REF_PATS)  # and the right length still works, as before
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("first", ["cpu", "other"])
+def test_fused_decision_is_remembered_per_device_type(first):
+    """`_fused_pays` is remembered on the layout per device type: a layout first seen on one device
+    must be decided again on another (the loop always runs on the CPU; on CUDA the fused launch may
+    pay). CPU-only: the other device is "meta", for which a stub `_fused_pays` says True."""
+    dim, heads, B, _, _, _ = LAYOUTS["many"]
+    specs, patterns = specs_patterns("many")
+    _, N = spans_of(specs)
+    m = make_module(dim, heads, "loop", seed=76)
+    asked = []
+    m._fused_pays = lambda lay, x: (asked.append(x.device.type), x.device.type == "meta")[1]
+    calls = []
+    orig_attend = m._attend
+    m._attend = lambda q, k, v, mask=None, mask_mod=None: (calls.append(mask_mod is not None),
+                                                           orig_attend(q, k, v, mask=mask, mask_mod=mask_mod))[1]
+    x = rand_x(B, N, dim, 77)
+    lay = m._layout(specs, patterns, N)  # the layout forward() uses (the same object, remembered)
+    other = torch.empty(B, N, dim, dtype=x.dtype, device="meta")
+    for _ in range(2):  # the second round is answered from the memo
+        if first == "other":
+            assert m._fused_decision(lay, other) is True
+        m(x, specs, patterns)
+        assert calls == [False] * distinct_kv_sets(patterns), calls  # the CPU ran the loop
+        calls.clear()
+        assert m._fused_decision(lay, other) is True
+        assert m._layout(specs, patterns, N) is lay
+        assert sorted(asked) == ["cpu", "meta"], asked  # once per device type
+
+
 # ---------------------------------------------------------------------------
 # size-0 groups
 # ---------------------------------------------------------------------------

@@ -139,6 +139,43 @@ def test_segment_layout_is_checked():
                 attnkit.attention(q, k, v, mask_mod=gm, backend=backend)
 
 
+def test_segment_layout_boundaries_are_exact():
+    """The checks refuse an overlap of ONE token and a key segment ONE past len_k, and accept their
+    valid neighbours (touching ranges, a segment ending exactly at len_k): the boundaries are pinned.
+    len_q != len_k, so that each range is checked against its own length."""
+    # key segments of one set: touching is fine, one shared token is an overlap (in any listed order)
+    SegmentLayout(12, 20, ((((0, 12),), ((0, 5), (5, 8))),))
+    SegmentLayout(12, 20, ((((0, 12),), ((5, 8), (0, 5))),))
+    with pytest.raises(ValueError, match=r"set 0: key segments \[\(0, 5\), \(4, 8\)\] overlap"):
+        SegmentLayout(12, 20, ((((0, 12),), ((0, 5), (4, 8))),))
+    with pytest.raises(ValueError, match=r"set 1: key segments \[\(0, 5\), \(4, 8\)\] overlap"):
+        SegmentLayout(12, 20, ((((0, 6),), ((0, 20),)), (((6, 12),), ((4, 8), (0, 5)))))
+    # query runs: touching runs of two sets (or of one set) are fine, one shared token is refused
+    SegmentLayout(12, 20, ((((0, 5),), ((0, 20),)), (((5, 12),), ((0, 20),))))
+    SegmentLayout(12, 20, ((((0, 5), (5, 12)), ((0, 20),)),))
+    with pytest.raises(ValueError, match=r"query runs \(0, 5\) of set 0 and \(4, 12\) of set 1 overlap"):
+        SegmentLayout(12, 20, ((((0, 5),), ((0, 20),)), (((4, 12),), ((0, 20),))))
+    with pytest.raises(ValueError, match=r"query runs \(0, 5\) of set 0 and \(4, 12\) of set 0 overlap"):
+        SegmentLayout(12, 20, ((((0, 5), (4, 12)), ((0, 20),)),))
+    # a key segment may end at len_k (20, past len_q = 12), not one past it
+    lay = SegmentLayout(12, 20, ((((0, 12),), ((15, 20),)),))
+    assert lay.k_blocks(16) == [(0, 15, ()), (15, 20, (0,))]
+    with pytest.raises(ValueError, match=r"set 0: key segment \(15, 21\) outside \[0, 20\]"):
+        SegmentLayout(12, 20, ((((0, 12),), ((15, 21),)),))
+    with pytest.raises(ValueError, match=r"set 0: key segment \(20, 21\) outside \[0, 20\]"):
+        SegmentLayout(12, 20, ((((0, 12),), ((20, 21),)),))
+    # and a query run may end at len_q, not one past it
+    SegmentLayout(12, 20, ((((7, 12),), ((0, 20),)),))
+    with pytest.raises(ValueError, match=r"set 0: query run \(7, 13\) outside \[0, 12\]"):
+        SegmentLayout(12, 20, ((((7, 13),), ((0, 20),)),))
+    # the accepted touching layouts mean what they say
+    gm = GroupMask(SegmentLayout(12, 20, ((((0, 5),), ((0, 5), (5, 8))), (((5, 12),), ((15, 20),)))))
+    want = torch.zeros(12, 20, dtype=torch.bool)
+    want[:5, :8] = True
+    want[5:, 15:] = True
+    assert torch.equal(allowed_pairs(1, 1, 12, 20, mask_mod=gm)[0, 0], want)
+
+
 def test_group_tables_skip_disallowed_tiles():
     """The work lists (query blocks with their set, key blocks with the sets that read them) hold
     each set's own ranges only, cut at the block size; the kernels loop over exactly these."""

@@ -63,7 +63,18 @@ def doc_ids(b, h, i, j):
     return (_DOC_IDS[i] == _DOC_IDS[j]) & (j <= i)
 
 
-MODS = {"doc_causal": doc_causal, "head_mod": head_mod, "dead_rows": dead_rows, "doc_ids": doc_ids}
+def doc3_causal(b, h, i, j):
+    """Documents of 3 tokens, causal inside each (only the cached-wrapper sequences use it)."""
+    return ((i // 3) == (j // 3)) & (j <= i)
+
+
+def head_band(b, h, i, j):
+    """Causal, and global query head h sees its h + 1 latest keys: a shifted head index shifts every band."""
+    return (j <= i) & (i - j <= h)
+
+
+MODS = {"doc_causal": doc_causal, "head_mod": head_mod, "dead_rows": dead_rows, "doc_ids": doc_ids,
+        "doc3_causal": doc3_causal, "head_band": head_band}
 
 
 # --------------------------------------------------------------------------- cases
@@ -119,6 +130,20 @@ SUBGROUP_CASES = [
     DCase("subgroups-ring-zigzag-causal", 13, layout="zigzag", causal=True, subgroups=True),
     DCase("subgroups-all_to_all-contiguous", 24, strategy="all_to_all", window=5, subgroups=True),
 ]
+# Calls one after the other in ONE process with the same user mask_mod object that differ only in seq_len
+# or only in the head count (all-to-all: rank r's heads start at r * Hq / P). The global mask wrapper is
+# cached per process, so each call must get its own: a shorter call's must not mask a longer call's last
+# keys, nor a head offset serve another. Lengths: 15 and 16 pad to the same 16 tokens on 2 and 4 ranks in
+# both layouts (the same shard starts, so the same ring pairs); 13 too except contiguous on 2 ranks (14).
+SEQUENCES = {
+    "cache-seq_len": tuple(
+        DCase(f"cache-seq_len-{s}-{lay}-L{L}", L, strategy=s, layout=lay, mask_mod="doc3_causal", Hkv=4)
+        for s in ("ring", "all_to_all") for lay in ("contiguous", "zigzag") for L in (13, 15, 16)),
+    "cache-head_offset": tuple(
+        DCase(f"cache-head_offset-{lay}-Hq{Hq}", 16, strategy="all_to_all", layout=lay, Hq=Hq, Hkv=4,
+              mask_mod="head_band")
+        for lay in ("contiguous", "zigzag") for Hq in (4, 8)),
+}
 ERROR_CASES = ("mismatched_shard_lengths", "one_rank_bad_input", "flags_differ", "heads_not_divisible",
                "seq_len_too_long", "group_not_a_group", "forced_backend_refuses_local_calls")
 SPY_CASES = ("spy-ring-zigzag-causal", "spy-ring-contiguous-causal")
@@ -190,6 +215,17 @@ def _run_case(c: DCase, rank: int, world: int, group) -> dict:
         dead = (torch.arange(c.L) % 5) == 3
         assert torch.all(gather(out)[:, :, dead] == 0)
     return errs
+
+
+def _run_sequence(cases: tuple[DCase, ...], rank: int, world: int) -> dict:
+    """_run_case for each case in order, in this process: {case name: its errors}."""
+    errs = {}
+    for c in cases:
+        try:
+            errs[c.name] = _run_case(c, rank, world, None)
+        except Exception as exc:
+            raise AssertionError(f"{c.name} (after {list(errs) or 'none'}): {type(exc).__name__}: {exc}") from exc
+    return {"errs": errs}
 
 
 def _run_error_case(name: str, rank: int, world: int) -> dict:
@@ -281,6 +317,7 @@ def _worker(rank: int, world: int, init_file: str, results) -> None:
             subgroup = pairs[rank // 2]
         jobs = [(n, _run_error_case, (n, rank, world)) for n in ERROR_CASES]
         jobs += [(n, _run_spy_case, (n, rank, world)) for n in SPY_CASES]
+        jobs += [(n, _run_sequence, (cases, rank, world)) for n, cases in SEQUENCES.items()]
         for c in _cases_for(world):
             r, w, grp = (rank % 2, 2, subgroup) if c.subgroups else (rank, world, None)
             jobs.append((c.name, _run_case, (c, r, w, grp)))
@@ -389,6 +426,22 @@ def test_matches_single_process_attention(groups, world, case):
         assert ("lse" in errs) == case.return_lse
         worst = max(errs, key=errs.get)
         assert errs[worst] < tol, f"rank {rank}: relative error of {worst} {errs[worst]:.2e} >= {tol:g} ({errs})"
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("name", SEQUENCES)
+def test_cached_mask_wrapper_serves_only_its_own_call(groups, world, name):
+    """Calls in one process with one mask_mod object, differing only in seq_len or in all-to-all's head
+    offset, each match the single-process reference (a wrapper cached for one must not serve the next)."""
+    got = _results(groups, world, name)
+    bad = {r: x["error"] for r, x in got.items() if not x["ok"]}
+    assert not bad, f"{name} failed on ranks {sorted(bad)}:\n" + "\n".join(bad.values())
+    tol = RTOL["float32"]
+    for rank, x in sorted(got.items()):
+        assert list(x["errs"]) == [c.name for c in SEQUENCES[name]]
+        for case, errs in x["errs"].items():
+            worst = max(errs, key=errs.get)
+            assert errs[worst] < tol, f"rank {rank}, {case}: relative error of {worst} {errs[worst]:.2e} ({errs})"
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
@@ -527,6 +580,96 @@ def test_plan_skips_masked_pairs_and_uses_plain_calls():
     assert plan_pair(s, 0, 1).kind == "masked" and plan_pair(s, 0, 0).kind == "full"
     s = _settings(2, "contiguous", 64, mask_mod=doc_causal)  # a mask_mod: never "full"
     assert plan_pair(s, 1, 0).kind == "masked"
+
+
+def _visible(i, j, L, causal, window, mask_mod=None):
+    """Whether global query i sees global key j, written from the user's arguments (not from bounds)."""
+    keep = (i < L) & (j < L)
+    if causal:
+        keep = keep & (j <= i)
+    if isinstance(window, int):
+        keep = keep & (j <= i) & (j > i - window)
+    elif window is not None:
+        left, right = window
+        keep = keep & (j >= i - left if left is not None else True) & (j <= i + right if right is not None else True)
+    if mask_mod is not None:
+        keep = keep & mask_mod(0, 0, i.clamp(max=L - 1), j.clamp(max=L - 1))
+    return keep
+
+
+def _call_visible(call, Ls: int) -> torch.Tensor:
+    """[Ls, Ls]: what the plan's local call lets this rank's queries see of the source rank's keys."""
+    got = torch.zeros(Ls, Ls, dtype=torch.bool)
+    if call is None:
+        return got
+    i = torch.arange(call.q_hi - call.q_lo).view(-1, 1)
+    j = torch.arange(call.k_hi - call.k_lo).view(1, -1)
+    if call.kind == "full":
+        assert call.kwargs == {}, call
+        tile = torch.ones(i.shape[0], j.shape[1], dtype=torch.bool)
+    elif call.kind == "diagonal":  # the contract's own causal/window, on local indices
+        assert set(call.kwargs) == {"causal", "window"} and i.shape[0] == j.shape[1] == Ls, call
+        tile = _visible(i, j, Ls, call.kwargs["causal"], call.kwargs["window"])
+    else:
+        assert call.kind == "masked" and set(call.kwargs) == {"mask_mod"}, call
+        tile = call.kwargs["mask_mod"](torch.zeros(()), torch.zeros(()), i, j).expand(i.shape[0], j.shape[1])
+    got[call.q_lo:call.q_hi, call.k_lo:call.k_hi] = tile
+    return got
+
+
+def _plan_mismatches(world, layout, L, causal=False, window=None, mask_mod=None) -> list[str]:
+    s = _settings(world, layout, L, causal=causal, window=window, mask_mod=mask_mod)
+    Lpad = world * s.shard_len
+    pos = [torch.cat([torch.arange(g, g + n) for g, n in cp.shard_positions(r, world, layout, s.shard_len)])
+           for r in range(world)]
+    bad = []
+    for r in range(world):
+        for t in range(world):
+            call = plan_pair(s, r, t)
+            want = _visible(pos[r].view(-1, 1), pos[t].view(1, -1), L, causal, window, mask_mod)
+            got = _call_visible(call, s.shard_len)
+            what = (f"world={world} {layout} L={L} (Lpad {Lpad}) causal={causal} window={window} "
+                    f"mask_mod={getattr(mask_mod, '__name__', None)}: q rank {r}, k rank {t}, {call}")
+            if not torch.equal(got, want):
+                bad.append(f"{what}: the call sees {got.int().tolist()}, the pair {want.int().tolist()}")
+            elif call is not None and not got.any() and mask_mod is None:  # (a user's mod: the plan cannot know)
+                bad.append(f"{what}: a call with nothing visible (should be skipped)")
+            elif call is not None and call.kind == "masked" and mask_mod is None:
+                tile = got[call.q_lo:call.q_hi, call.k_lo:call.k_hi]
+                if tile.all():
+                    bad.append(f"{what}: masked, but every pair of the call is visible (should be plain)")
+    return bad
+
+
+_PLAN_WINDOWS = (None, 1, 2, 3, 4, 5, 7, (0, 0), (0, 1), (1, 0), (0, 2), (2, 0), (1, 3), (3, 1), (2, 2),
+                 (4, 0), (6, None), (None, 2), (None, 0))
+
+
+@pytest.mark.parametrize("world", (1, 2, 3, 4))
+def test_plan_classification_matches_dense_mask(world):
+    """Brute force over small sequences, layouts, causal and windows at every edge: the union of the plan's
+    local calls of each (query rank, key rank) pair sees exactly the pairs of the dense global mask. A pair
+    run plain ("full") must be wholly visible, a skipped one wholly hidden, a masked one (no mask_mod) mixed."""
+    bad = []
+    for layout in cp.LAYOUTS:
+        for L in range(1, 4 * world + 3):
+            for causal in (False, True):
+                for window in _PLAN_WINDOWS:
+                    bad += _plan_mismatches(world, layout, L, causal, window)
+    assert not bad, f"{len(bad)} plan mismatches, first ones:\n" + "\n".join(bad[:5])
+
+
+def test_plan_mask_wrappers_follow_seq_len_and_bounds():
+    """Same user mask_mod object, same padded length (so the same shard starts), different true lengths
+    and windows, one after the other: each call's cached global wrapper must mask this call's padding."""
+    bad = []
+    for world in (2, 3, 4):
+        for layout in cp.LAYOUTS:
+            for L in range(2 * world * 2, 2 * world * 3 + 1):  # each Lpad in order from its shortest length up
+                for window in (None, 3, (1, 2)):
+                    bad += _plan_mismatches(world, layout, L, window=window, mask_mod=doc_causal)
+                    bad += _plan_mismatches(world, layout, L, causal=True, window=window, mask_mod=dead_rows)
+    assert not bad, f"{len(bad)} plan mismatches, first ones:\n" + "\n".join(bad[:5])
 
 
 def test_global_mask_mod_positions():

@@ -217,10 +217,7 @@ def test_unbounded_window_is_no_window(backend, window, with_mask):
     torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", [
-    "chunked", "sdpa",
-    "reference",
-])
+@pytest.mark.parametrize("backend", ["chunked", "sdpa", "reference"])
 def test_mask_mod_must_return_bool(qkv, backend):
     q, k, v = qkv
     _raises(TypeError, ["mask_mod", "bool"],
@@ -238,6 +235,19 @@ def test_mods_must_return_the_shape_of_their_tile(qkv, backend):
     if backend != "sdpa":  # sdpa cannot serve a score_mod
         _raises(ValueError, ["score_mod", "broadcastable", r"\[7\]"],
                 lambda: attnkit.attention(q, k, v, score_mod=lambda s, b, h, i, j: torch.zeros(7), backend=backend))
+
+
+def test_flex_names_a_wrong_mask_mod_result():
+    """flex evaluates a mask_mod under vmap on scalar indices, whose own errors named neither the mod nor
+    the fault (an unpacking error, an assert on the dtype): the same TypeError / ValueError as elsewhere."""
+    q, k, v = make_qkv(1, 2, 2, 6, 6, 16, seed=9)
+    for mod, exc, words in ((lambda b, h, i, j: torch.ones(3, dtype=torch.bool), ValueError, ["broadcastable", r"\[3\]"]),
+                            (lambda b, h, i, j: True, TypeError, ["bool tensor", "got bool"]),
+                            (lambda b, h, i, j: i - j, TypeError, ["bool tensor", "int32"])):
+        _raises(exc, ["mask_mod", *words], lambda: attnkit.attention(q, k, v, mask_mod=mod, backend="flex"))
+    ref = attnkit.attention(q, k, v, mask_mod=lambda b, h, i, j: j <= i, backend="reference")
+    torch.testing.assert_close(attnkit.attention(q, k, v, mask_mod=lambda b, h, i, j: j <= i, backend="flex"), ref,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_score_mod_must_return_tensor(qkv):

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .._bounded import put, touch
-from ..masks import bounds_allow, closure_scalars, closure_tensors
+from ..masks import bounds_allow, closure_scalars, closure_tensors, index_grid, mask_mod_result
 from ..ops._launch import OUT_OF_RESOURCES
 from ..request import AttentionRequest
 from .base import Backend, Capabilities
@@ -239,6 +239,11 @@ class FlexBackend(Backend):
         hit = None if key is None else touch(self._block_masks, key)
         if hit is not None:
             return hit[0]
+        if user is not None and not compiling:
+            # flex's vmap over scalar indices would report a wrong result in its own words (an unpacking
+            # error, an assert on the dtype): check it on a [B, Hq, 1, 1] tile as the other backends do
+            mask_mod_result(user(*index_grid(req.batch, req.heads_q, 0, 1, 0, 1, req.device)),
+                            (req.batch, req.heads_q, 1, 1))
         offset = req.offset
         mshape = tuple(mask.shape) if mask is not None else None
 

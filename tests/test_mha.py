@@ -617,7 +617,8 @@ def test_kv_cache_append_and_overflow_direct():
     kk, vv, old, new = cache.append(k, v, num_new=torch.tensor([3, 2]))  # ragged: row 1 keeps 2 of 3
     assert old.tolist() == [0, 0] and new.tolist() == [3, 2] and cache.host_lengths == [3, 2]
     assert kk is cache.k and vv is cache.v
-    assert torch.equal(cache.k[:, :, :3], k) and torch.equal(cache.v[:, :, :3], v)
+    assert torch.equal(cache.k[0, :, :3], k[0]) and torch.equal(cache.v[0, :, :3], v[0])
+    assert torch.equal(cache.k[1, :, :2], k[1, :, :2]) and torch.equal(cache.v[1, :, :2], v[1, :, :2])
     k2, v2 = randn(2, 2, 3, 4, dtype=torch.float32, gen=g), randn(2, 2, 3, 4, dtype=torch.float32, gen=g)
     _, _, old, new = cache.append(k2, v2)
     assert old.tolist() == [3, 2] and new.tolist() == [6, 5]
@@ -633,6 +634,41 @@ def test_kv_cache_append_and_overflow_direct():
         cache.append(k2.double(), v2.double())
     cache.reset()
     assert cache.lengths.tolist() == [0, 0] and cache.host_lengths == [0, 0]
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["in_place", "autograd"])
+def test_kv_cache_ragged_append_counts_real_tokens_only(grad):
+    """With num_new only the real tokens are written and counted against max_len: a full sequence that
+    takes no token does not block the others, and padding past max_len is never written (it had no slot:
+    it was refused before, or clamped onto the last slot)."""
+    g = _gen(65)
+    cache = KVCache(3, 2, 6, 4, dtype=torch.float64)
+    k0, v0 = randn(3, 2, 5, 4, gen=g), randn(3, 2, 5, 4, gen=g)
+    cache.append(k0, v0, num_new=[5, 1, 3])
+    k1, v1 = leaf(randn(3, 2, 3, 4, gen=g)).requires_grad_(grad), randn(3, 2, 3, 4, gen=g)
+    with torch.set_grad_enabled(grad):
+        kk, vv, old, new = cache.append(k1, v1, num_new=[1, 3, 2])  # row 0: 5 + 3 padded > 6, 5 + 1 real fits
+    assert old.tolist() == [5, 1, 3] and new.tolist() == [6, 4, 5] and cache.host_lengths == [6, 4, 5]
+    want_k, want_v = torch.zeros(3, 2, 6, 4, dtype=torch.float64), torch.zeros(3, 2, 6, 4, dtype=torch.float64)
+    for b, (n0, n1) in enumerate(((5, 1), (1, 3), (3, 2))):
+        want_k[b, :, :n0], want_v[b, :, :n0] = k0[b, :, :n0], v0[b, :, :n0]
+        want_k[b, :, n0:n0 + n1], want_v[b, :, n0:n0 + n1] = k1[b, :, :n1].detach(), v1[b, :, :n1]
+        assert torch.equal(kk[b, :, :n0 + n1], want_k[b, :, :n0 + n1]) and torch.equal(vv[b, :, :n0 + n1],
+                                                                                       want_v[b, :, :n0 + n1])
+    if grad:  # the gradient reaches exactly the real tokens
+        (kk * torch.arange(1, 7, dtype=torch.float64).view(1, 1, 6, 1)).sum().backward()
+        want = torch.zeros_like(k1)
+        for b, (n0, n1) in enumerate(((5, 1), (1, 3), (3, 2))):
+            want[b, :, :n1] = torch.arange(n0 + 1, n0 + n1 + 1, dtype=torch.float64).view(1, -1, 1)
+        assert torch.equal(k1.grad, want)
+    # row 0 is full now: it may take 0 tokens while the others take theirs, not 1
+    with torch.no_grad():
+        cache.append(k1.detach()[:, :, :1], v1[:, :, :1], num_new=[0, 1, 1])
+        assert cache.host_lengths == [6, 5, 6]
+        state = (cache.k.clone(), cache.lengths.clone(), list(cache.host_lengths))
+        with pytest.raises(ValueError, match=r"sequence\(s\) \[0, 2\] hold \[6, 6\] tokens; appending \[1, 1\]"):
+            cache.append(k1.detach()[:, :, :1], v1[:, :, :1], num_new=[1, 1, 1])
+    assert torch.equal(cache.k, state[0]) and torch.equal(cache.lengths, state[1]) and cache.host_lengths == state[2]
 
 
 @pytest.mark.parametrize("call,exc,words", [

@@ -72,7 +72,8 @@ class KVCache(DecodeCache):
         """Write k_new/v_new [B, Hkv, L_new, D] after each sequence's tokens.
 
         num_new: optional int [B], how many of the L_new tokens of each sequence
-        are real (right-padded prefill); default all. Returns (k, v, old_lengths,
+        are real (right-padded prefill); default all. Only those are written, so only they
+        count against max_len. Returns (k, v, old_lengths,
         new_lengths), k/v being the full buffers.
 
         With autograd on and inputs that require grad (or buffers that do), the write is out of place
@@ -94,27 +95,43 @@ class KVCache(DecodeCache):
         H = self.k.shape[1]
         counts = check_num_new(num_new, B, Ln)  # reads a tensor num_new on the host: padded prefill only
         if not compiling:
-            over = [i for i, n in enumerate(self.host_lengths) if n + Ln > self.max_len]
+            over = [i for i, (n, c) in enumerate(zip(self.host_lengths, counts)) if n + c > self.max_len]
             if over:
                 raise ValueError(
                     f"KV cache overflow: sequence(s) {over} hold {[self.host_lengths[i] for i in over]} "
-                    f"tokens; appending {Ln} exceeds max_len {self.max_len}; nothing was written"
+                    f"tokens; appending {[counts[i] for i in over]} exceeds max_len {self.max_len}; "
+                    "nothing was written"
                 )
         old = self.lengths.clone()
         if compiling:
             torch._assert_async((old <= self.max_len - Ln).all(), "KV cache overflow: an append ran past max_len")
-        pos = (old.view(B, 1).long() + torch.arange(Ln, device=old.device)).clamp_max(self.max_len - 1)
-        idx = pos.view(B, 1, Ln, 1)
-        ik, iv = idx.expand(B, H, Ln, self.k.shape[3]), idx.expand(B, H, Ln, self.v.shape[3])
-        if torch.is_grad_enabled() and (k_new.requires_grad or v_new.requires_grad or self.k.requires_grad):
-            # Out of place: the call before may have saved the buffers for its backward, which an
-            # in-place write would invalidate. Each step then copies the buffers (O(max_len)) and they
-            # hold its graph, as a torch.cat cache does; decode under torch.no_grad() (and in captured
-            # graphs) to write in place.
-            self.k, self.v = self.k.scatter(2, ik, k_new), self.v.scatter(2, iv, v_new)
+        # Out of place with autograd: the call before may have saved the buffers for its backward, which an
+        # in-place write would invalidate. Each step then copies the buffers (O(max_len)) and they hold its
+        # graph, as a torch.cat cache does; decode under torch.no_grad() (and in captured graphs) in place.
+        out_of_place = torch.is_grad_enabled() and (k_new.requires_grad or v_new.requires_grad
+                                                    or self.k.requires_grad)
+        if num_new is not None and not compiling:
+            # Ragged: only the real tokens are written (the padding of a sequence near max_len has no slot).
+            rows = torch.tensor([b for b, c in enumerate(counts) for _ in range(c)], dtype=torch.long)
+            toks = torch.tensor([t for c in counts for t in range(c)], dtype=torch.long)
+            slots = torch.tensor([self.host_lengths[b] for b in rows.tolist()], dtype=torch.long) + toks
+            rows, toks, slots = (x.to(old.device) for x in (rows, toks, slots))
+            for name, new_t in (("k", k_new), ("v", v_new)):
+                buf = getattr(self, name).transpose(1, 2)  # [B, max_len, Hkv, D]: (row, slot) pairs index it
+                vals = new_t.transpose(1, 2)[rows, toks]
+                if out_of_place:
+                    setattr(self, name, buf.index_put((rows, slots), vals).transpose(1, 2))
+                else:
+                    buf.index_put_((rows, slots), vals)
         else:
-            self.k.scatter_(2, ik, k_new)
-            self.v.scatter_(2, iv, v_new)
+            pos = (old.view(B, 1).long() + torch.arange(Ln, device=old.device)).clamp_max(self.max_len - 1)
+            idx = pos.view(B, 1, Ln, 1)
+            ik, iv = idx.expand(B, H, Ln, self.k.shape[3]), idx.expand(B, H, Ln, self.v.shape[3])
+            if out_of_place:
+                self.k, self.v = self.k.scatter(2, ik, k_new), self.v.scatter(2, iv, v_new)
+            else:
+                self.k.scatter_(2, ik, k_new)
+                self.v.scatter_(2, iv, v_new)
         if num_new is None:
             self.lengths.add_(Ln)
         elif isinstance(num_new, Tensor):

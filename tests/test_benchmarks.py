@@ -189,6 +189,30 @@ def test_varlen_smoke_writes_its_json(tmp_path, monkeypatch):
     assert all(r["status"] == "ok" and r["correct"] and r["tflops"] > 0 for r in loop)
 
 
+def test_linear_smoke_checks_every_peer(tmp_path, monkeypatch):
+    """The linear benchmark's check can fail: the formula peers pass it, and a wrong attnkit row is
+    marked BAD and makes the script exit 1."""
+    import json
+
+    import bench_linear
+
+    bench_linear.run(str(tmp_path), smoke=True)
+    recs = json.loads((tmp_path / "linear.json").read_text())["records"]
+    checked = [r for r in recs if r["peer"] != "sdpa"]
+    assert {r["peer"] for r in checked} >= {"attnkit", "prefix_sum"}
+    assert all(r["status"] == "ok" and r["correct"] and r["rel_err"] < 1e-5 for r in checked)
+    every = bench_linear.peers
+
+    def wrong(causal):  # the values shifted by one position
+        return {"attnkit": lambda q, k, v: every(causal)["attnkit"](q, k, v.roll(1, dims=2))}
+
+    monkeypatch.setattr(bench_linear, "peers", wrong)
+    with pytest.raises(SystemExit):
+        bench_linear.run(str(tmp_path), smoke=True)
+    recs = json.loads((tmp_path / "linear.json").read_text())["records"]
+    assert recs and not any(r["correct"] for r in recs)
+
+
 def test_attention_key_mask_rows_count_only_the_pairs_the_mask_leaves():
     """A key padding mask takes ~10% of the pairs out: the FLOPs are those of the pairs left (with causal too),
     as attended_pairs counts them from the dense mask (they were counted as if nothing was masked: 1.11x)."""

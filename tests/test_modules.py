@@ -320,6 +320,20 @@ def test_causal_linear_attention_over_several_chunks(kind, L):
         assert seen.most < per_position_state
 
 
+@pytest.mark.parametrize("L", [0, 1])
+def test_causal_linear_attention_at_lengths_0_and_1(L):
+    """No token: an empty output and empty gradients (the chunkwise reshape raised); one token: v itself.
+    Dv != D, GQA."""
+    g = _gen(47)
+    q, k, v = leaf(randn(2, 4, L, 8, gen=g)), leaf(randn(2, 2, L, 8, gen=g)), leaf(randn(2, 2, L, 5, gen=g))
+    out = linear_attention(q, k, v, causal=True)
+    assert out.shape == (2, 4, L, 5)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+    if L:
+        assert_close(out, v.detach().repeat_interleave(2, 1), 1e-6)
+
+
 @pytest.mark.parametrize("Hkv", [2, 1], ids=["gqa", "mqa"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("kind", ["elu", "favor+"])

@@ -67,7 +67,7 @@ def _causal_chunkwise(qf: Tensor, kf: Tensor, vf: Tensor) -> tuple[Tensor, Tenso
     a = a * torch.ones(C, C, dtype=torch.bool, device=a.device).tril().to(a.dtype)
     num = torch.einsum("bhgncm,bhnme->bhgnce", q, s) + torch.einsum("bhgncd,bhnde->bhgnce", a, v)
     den = torch.einsum("bhgncm,bhnm->bhgnc", q, z) + a.sum(dim=-1)
-    return num.reshape(B, Hkv, G, n * C, -1)[:, :, :, :L], den.reshape(B, Hkv, G, n * C)[:, :, :, :L]
+    return num.reshape(B, Hkv, G, n * C, vf.shape[-1])[:, :, :, :L], den.reshape(B, Hkv, G, n * C)[:, :, :, :L]
 
 
 def feature_map(x: Tensor, kind: str, projection: Tensor | None = None, *, is_query: bool = True) -> Tensor:

@@ -1118,3 +1118,15 @@ def test_rope_refuses_what_it_cannot_rotate():
     one, _ = r(qb[:1], kb[:1], pos[:1])
     both, _ = r(qb, kb, pos)
     assert torch.equal(both[:1], one)  # (batched positions of the right batch still rotate row by row)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "chunked"])
+def test_kv_cache_append_without_grad_after_one_with_grad(backend):
+    """Buffers that hold a graph are written out of place even when the new K/V need no gradient."""
+    cache = KVCache(1, 1, 8, 4, dtype=torch.float64)
+    x = leaf(randn(1, 1, 2, 4, gen=_gen(90)))
+    k, v, *_ = cache.append(x, 2 * x)
+    out = attnkit.attention(randn(1, 1, 1, 4, gen=_gen(91)), k, v, backend=backend)
+    cache.append(randn(1, 1, 1, 4, gen=_gen(92)), randn(1, 1, 1, 4, gen=_gen(93)))
+    out.sum().backward()  # raised: "modified by an inplace operation"
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -1022,3 +1022,40 @@ def test_swap_keeps_a_shared_module_shared():
     assert attnkit.swap(model, "attention", "flash") == 1
     assert model["x"] is model["y"]["z"] and isinstance(model["x"], attnkit.FlashAttention)
     assert sum(p.numel() for p in model.parameters()) <= n_params
+
+
+def test_lite_attention_float64_at_float64_precision():
+    """float64 inputs are computed in float64 (no float32 logits, no epsilon in the denominator)."""
+    mod = LiteAttention(2, 16).double()
+    q, k, v = (randn(3, 2, 9, 16, dtype=torch.float64, gen=_gen(30 + i)) for i in range(3))
+    mask = torch.tensor([[True] * 9, [True] * 5 + [False] * 4, [False] * 9])
+    for m in (None, mask):
+        ref = ref_lite(q, k, v, mod.gate_proj.weight, mod.gate_proj.bias, m)
+        out = mod(q, k, v, mask=m)
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-12
+
+
+@pytest.mark.parametrize("cls", [LiteAttention, LinearAttention])
+def test_output_dropout_only_in_training(cls):
+    """Output dropout acts in training only: in eval the module equals one without dropout."""
+    mod = cls(2, 8, dropout=0.5).eval()
+    q, k, v = (randn(2, 2, 16, 8, gen=_gen(40 + i)) for i in range(3))
+    ref = cls(2, 8).eval()
+    ref.load_state_dict(mod.state_dict())
+    assert torch.equal(mod(q, k, v), ref(q, k, v))
+    mod.train()
+    torch.manual_seed(0)
+    assert not torch.equal(mod(q, k, v), ref(q, k, v))
+
+
+def test_linear_attention_favor_keeps_fewer_features_than_head_dim():
+    mod = LinearAttention(2, 16, feature_map="favor+", num_features=8)
+    assert mod.num_features == 8 and mod.projection.shape == (16, 8)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 0, 4), (1, 0, 3, 4)], ids=["no_tokens", "no_heads"])
+def test_causal_linear_attention_of_nothing_is_empty(shape):
+    """No tokens or no heads: an empty result, causal or not."""
+    e = torch.randn(*shape)
+    for causal in (False, True):
+        assert linear_attention(e, e, e, causal=causal).shape == shape, causal

@@ -589,3 +589,16 @@ class AllocatorMachine(RuleBasedStateMachine):
 AllocatorMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
                                               suppress_health_check=[HealthCheck.too_slow])
 test_allocator_invariants = AllocatorMachine.TestCase
+
+
+def test_gather_zeroes_stale_slots_past_each_length():
+    """A block freed by a rollback keeps its stale keys; the next owner's gather shows zeros past its length."""
+    c = PagedKVCache(4, 1, 4, 16, dtype=torch.float64)
+    a = c.add_sequence()
+    g = torch.Generator().manual_seed(3)
+    c.write([a], *(torch.randn(1, 1, 10, 4, generator=g, dtype=torch.float64) for _ in range(2)))
+    c.rollback()  # block 0 is free again with 10 stale slots
+    b = c.add_sequence()
+    c.write([a, b], *(torch.randn(2, 1, 8, 4, generator=g, dtype=torch.float64) for _ in range(2)), num_new=[3, 8])
+    k, v = c.gather([a, b])
+    assert torch.all(k[0, :, 3:] == 0) and torch.all(v[0, :, 3:] == 0)

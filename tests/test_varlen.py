@@ -191,3 +191,24 @@ def test_cuda_varlen_bf16(backend, causal, window):
     for n, a, r, b in zip("qkv", grads, refg, baseg):
         assert_close_rel(a, r, rel_err(b, r), name=f"d{n}")
 
+
+@pytest.mark.parametrize("lq,lk,kw", [
+    ([3, 5], [5, 3], dict(causal=True)),            # equal totals, unequal sequences
+    ([2], [10], dict(window=4)),                     # window wider than all queries, narrower than the keys
+    ([2, 3], [12, 9], dict(causal=True, window=(6, 0))),
+], ids=["equal_totals_causal", "window_past_total_q", "window_pair_past_total_q"])
+def test_varlen_bounds_per_sequence_edge_packings(lq, lk, kw):
+    q, k, v = _packed(lq, lk)
+    out = attnkit.varlen_attention(q, k, v, _cu(lq), _cu(lk), backend="reference", **kw)
+    ref, _ = _loop(q, k, v, lq, lk, **kw)
+    assert torch.allclose(out, ref, atol=1e-10, rtol=1e-10)
+
+
+def test_varlen_cached_mask_is_keyed_on_both_packings():
+    """Two calls with the same cu_seqlens_q but different cu_seqlens_k must not share a cached GroupMask."""
+    lq = [4, 4]
+    for lk in ([2, 6], [6, 2]):
+        q, k, v = _packed(lq, lk)
+        out = attnkit.varlen_attention(q, k, v, _cu(lq), _cu(lk), backend="reference")
+        ref, _ = _loop(q, k, v, lq, lk)
+        assert torch.allclose(out, ref, atol=1e-10, rtol=1e-10), lk

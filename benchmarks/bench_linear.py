@@ -18,7 +18,8 @@ on the same inputs:
 
 Work counted: 4 * M * Dv flops per token and head forward (the state product and its read-out),
 3x that for forward+backward; TFLOP/s and the fraction of the bf16 matmul ceiling use that count.
-ratio: over the best peer that is not attnkit's and computes the same thing.
+ratio (harness.fill_ratios): attnkit's over the best other peer, the others' over the best row; sdpa
+is an instrument there, never the baseline.
 check: each peer is first run on [1, 2, 2048, 64] against the quadratic formula in float64 (output,
 and for fwd+bwd dq, dk, dv), relative L2 error, BAD over 2e-2. Writes DIR/linear.json and DIR/linear.md.
 """
@@ -155,30 +156,13 @@ def run(out_dir: str | None, smoke: bool) -> None:
                     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
                     rows.append(H.make_record(f"{wl} L={L}", mode, name, flops=flops, ms=ms,
                                               rel_err=err, correct=err is None or err < 2e-2, peak_mib=peak,
-                                              instrument=name == "sdpa"))
+                                              instrument=name == "sdpa",
+                                              note="softmax attention, for orientation" if name == "sdpa" else None))
                     H.free_memory()
-                ok = [r for r in rows if r["status"] == "ok" and r["correct"] and r["peer"] not in ("attnkit", "sdpa")]
-                best = max(ok, key=lambda r: r["tflops"], default=None)
+                H.fill_ratios(rows, ceil, ours=lambda peer: peer == "attnkit")
                 first = len(lines)
-                lines += [f"## {wl}, L = {L} — {mode} ({flops / 1e9:.1f} GFLOP counted)", "",
-                          "| peer | ms | TFLOP/s | ratio | ceil | peak MiB | check | note |",
-                          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-                for r in rows:
-                    if r["status"] != "ok":
-                        lines.append(f"| {r['peer']} | - | - | - | - | - | - | error: {r['error']} |")
-                        continue
-                    if best:
-                        r["ratio_to_best"], r["ratio_baseline"] = r["tflops"] / best["tflops"], best["peer"]
-                    if ceil:
-                        r["frac_matmul_ceiling"] = r["tflops"] / ceil["matmul_tflops"]
-                    ratio = f"{r['ratio_to_best']:.2f}" if best else "-"
-                    frac = f"{100 * r['frac_matmul_ceiling']:.1f}%" if ceil else "-"
-                    peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
-                    chk = "-" if r["rel_err"] is None else f"{r['rel_err']:.1e}" + ("" if r["correct"] else " BAD")
-                    note = "softmax attention, for orientation" if r["peer"] == "sdpa" else ""
-                    lines.append(f"| {r['peer']} | {r['ms']:.4f} | {r['tflops']:.2f} | {ratio} | {frac} | {peak} "
-                                 f"| {chk} | {note} |")
-                lines.append("")
+                cols = {"peak MiB": lambda r: "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"}
+                lines += H.markdown_table(f"## {wl}, L = {L} — {mode} ({flops / 1e9:.1f} GFLOP counted)", rows, cols)
                 records += rows
                 print("\n".join(lines[first:]), flush=True)
     if out_dir:

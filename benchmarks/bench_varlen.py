@@ -158,23 +158,14 @@ def run(out_dir: str | None, smoke: bool) -> None:
                 H.free_memory()
             ok = [r for r in rows if r["status"] == "ok" and r["correct"] and not r["peer"].startswith("attnkit")]
             best = max(ok, key=lambda r: r["tflops"], default=None)
-            first = len(lines)
-            lines += [f"## {'causal' if causal else 'dense'} — {mode} ({flops / 1e9:.1f} GFLOP)", "",
-                      "| peer | ms | TFLOP/s | ratio | ceil | check | note |",
-                      "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
             for r in rows:
-                if r["status"] != "ok":
-                    lines.append(f"| {r['peer']} | - | - | - | - | - | error: {r['error']} |")
-                    continue
-                if best:
-                    r["ratio_to_best"], r["ratio_baseline"] = r["tflops"] / best["tflops"], best["peer"]
-                if ceil:
-                    r["frac_matmul_ceiling"] = r["tflops"] / ceil["matmul_tflops"]
-                ratio = f"{r['ratio_to_best']:.2f}" if best else "-"
-                frac = f"{100 * r['frac_matmul_ceiling']:.1f}%" if ceil else "-"
-                bad = "" if r["correct"] else " BAD"
-                lines.append(f"| {r['peer']} | {r['ms']:.4f} | {r['tflops']:.1f} | {ratio} | {frac} | {r['rel_err']:.1e}{bad} | |")
-            lines.append("")
+                if r["status"] == "ok":
+                    if best:
+                        r["ratio_to_best"], r["ratio_baseline"] = r["tflops"] / best["tflops"], best["peer"]
+                    if ceil:
+                        r["frac_matmul_ceiling"] = r["tflops"] / ceil["matmul_tflops"]
+            first = len(lines)
+            lines += H.markdown_table(f"## {'causal' if causal else 'dense'} — {mode} ({flops / 1e9:.1f} GFLOP)", rows)
             records += rows
             print("\n".join(lines[first:]), flush=True)
     if out_dir:

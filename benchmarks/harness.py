@@ -380,8 +380,10 @@ def make_record(
 
 
 def _eligible(r: dict) -> bool:
-    # A peer whose output failed its correctness check is not allowed to be "best".
-    return r["status"] == "ok" and r["tflops"] is not None and r.get("correct", True) is not False
+    # A peer whose output failed its correctness check is not allowed to be "best", nor an instrument
+    # (a read ceiling, another operation shown for orientation).
+    return (r["status"] == "ok" and r["tflops"] is not None and r.get("correct", True) is not False
+            and not r.get("instrument"))
 
 
 def fill_ratios(records: list[dict], ceilings: dict | None,
@@ -561,6 +563,25 @@ def _note_cell(r: dict, n: int) -> str:
     if r.get("note"):
         parts.append(_short(r["note"], n))
     return "; ".join(parts)
+
+
+def markdown_table(title: str, rows: list[dict], extra: dict[str, Callable[[dict], str]] | None = None) -> list[str]:
+    """Lines of one markdown table of rows whose ratios are set: peer, ms, TFLOP/s, ratio, fraction of the
+    matmul ceiling, the extra columns (name -> cell of a row), check (rel_err, BAD when not correct), note."""
+    extra = extra or {}
+    lines = [title, "", "| peer | ms | TFLOP/s | ratio | ceil | " + "".join(f"{n} | " for n in extra) + "check | note |",
+             "| --- | ---: | ---: | ---: | ---: | " + "---: | " * len(extra) + "---: | --- |"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['peer']} | - | - | - | - | " + "- | " * len(extra) + f"- | error: {r['error']} |")
+            continue
+        frac = r["frac_matmul_ceiling"]
+        chk = "-" if r.get("rel_err") is None else f"{r['rel_err']:.1e}" + ("" if r.get("correct", True) else " BAD")
+        lines.append(f"| {r['peer']} | {r['ms']:.4f} | {r['tflops']:.2f} | {_fmt(r['ratio_to_best'], '.2f')} | "
+                     f"{_fmt(None if frac is None else 100 * frac, '.1f')}{'%' if frac is not None else ''} | "
+                     + "".join(f"{cell(r)} | " for cell in extra.values()) + f"{chk} | {r.get('note') or ''} |")
+    lines.append("")
+    return lines
 
 
 def group_records(records: list[dict]) -> list[tuple[tuple, list[dict]]]:

@@ -112,9 +112,9 @@ class KVCache(DecodeCache):
                                                     or self.k.requires_grad)
         if num_new is not None and not compiling:
             # Ragged: only the real tokens are written (the padding of a sequence near max_len has no slot).
-            rows = torch.tensor([b for b, c in enumerate(counts) for _ in range(c)], dtype=torch.long)
-            toks = torch.tensor([t for c in counts for t in range(c)], dtype=torch.long)
-            slots = torch.tensor([self.host_lengths[b] for b in rows.tolist()], dtype=torch.long) + toks
+            real = torch.arange(Ln).view(1, Ln) < torch.tensor(counts).view(B, 1)
+            rows, toks = real.nonzero(as_tuple=True)  # built on the host, where the counts are
+            slots = torch.tensor(self.host_lengths, dtype=torch.long)[rows] + toks
             rows, toks, slots = (x.to(old.device) for x in (rows, toks, slots))
             for name, new_t in (("k", k_new), ("v", v_new)):
                 buf = getattr(self, name).transpose(1, 2)  # [B, max_len, Hkv, D]: (row, slot) pairs index it

@@ -575,9 +575,10 @@ def markdown_table(title: str, rows: list[dict], extra: dict[str, Callable[[dict
         if r["status"] != "ok":
             lines.append(f"| {r['peer']} | - | - | - | - | " + "- | " * len(extra) + f"- | error: {r['error']} |")
             continue
-        frac = r["frac_matmul_ceiling"]
+        # an instrument's rate would be counted in the workload's flops, which it does not do: ms only
+        tflops, frac = (None, None) if r.get("instrument") else (r["tflops"], r["frac_matmul_ceiling"])
         chk = "-" if r.get("rel_err") is None else f"{r['rel_err']:.1e}" + ("" if r.get("correct", True) else " BAD")
-        lines.append(f"| {r['peer']} | {r['ms']:.4f} | {r['tflops']:.2f} | {_fmt(r['ratio_to_best'], '.2f')} | "
+        lines.append(f"| {r['peer']} | {r['ms']:.4f} | {_fmt(tflops, '.2f')} | {_fmt(r['ratio_to_best'], '.2f')} | "
                      f"{_fmt(None if frac is None else 100 * frac, '.1f')}{'%' if frac is not None else ''} | "
                      + "".join(f"{cell(r)} | " for cell in extra.values()) + f"{chk} | {r.get('note') or ''} |")
     lines.append("")

@@ -671,6 +671,20 @@ def test_kv_cache_ragged_append_counts_real_tokens_only(grad):
     assert torch.equal(cache.k, state[0]) and torch.equal(cache.lengths, state[1]) and cache.host_lengths == state[2]
 
 
+def test_kv_cache_ragged_append_after_a_compiled_one_writes_after_it():
+    """A compiled append moves the lengths tensor, not host_lengths: a ragged append after it must write
+    after the compiled tokens (its slots came from host_lengths and overwrote them)."""
+    g = _gen(66)
+    cache = KVCache(3, 2, 8, 4, dtype=torch.float64)
+    k1, v1, k2, v2 = (randn(3, 2, n, 4, gen=g) for n in (1, 1, 2, 2))
+    torch.compile(lambda c, k, v: c.append(k, v), backend="eager")(cache, k1, v1)
+    assert cache.lengths.tolist() == [1, 1, 1]
+    cache.append(k2, v2, num_new=[2, 1, 0])
+    assert cache.lengths.tolist() == [3, 2, 1]
+    assert torch.equal(cache.k[:, :, :1], k1) and torch.equal(cache.v[:, :, :1], v1)
+    assert torch.equal(cache.k[0, :, 1:3], k2[0]) and torch.equal(cache.k[1, :, 1:2], k2[1, :, :1])
+
+
 @pytest.mark.parametrize("call,exc,words", [
     (lambda c, k: c.append(k[:, :, :, 0], k[:, :, :, 0]), ValueError, "k_new must be [B, Hkv, L, D] = [2, 2, L, 4]"),
     (lambda c, k: c.append(k, k[0]), ValueError, "v_new must be"),

@@ -73,7 +73,7 @@ class KVCache(DecodeCache):
 
         num_new: optional int [B], how many of the L_new tokens of each sequence
         are real (right-padded prefill); default all. Only those are written, so only they
-        count against max_len. Returns (k, v, old_lengths,
+        count against max_len (eager; under torch.compile the whole L_new must fit). Returns (k, v, old_lengths,
         new_lengths), k/v being the full buffers.
 
         With autograd on and inputs that require grad (or buffers that do), the write is out of place
@@ -113,9 +113,9 @@ class KVCache(DecodeCache):
         if num_new is not None and not compiling:
             # Ragged: only the real tokens are written (the padding of a sequence near max_len has no slot).
             real = torch.arange(Ln).view(1, Ln) < torch.tensor(counts).view(B, 1)
-            rows, toks = real.nonzero(as_tuple=True)  # built on the host, where the counts are
-            slots = torch.tensor(self.host_lengths, dtype=torch.long)[rows] + toks
-            rows, toks, slots = (x.to(old.device) for x in (rows, toks, slots))
+            rows, toks = real.nonzero().t().to(old.device)  # built on the host, where the counts are
+            # from the lengths tensor, not host_lengths: those lag after compiled appends / graph replays
+            slots = old.long()[rows] + toks
             for name, new_t in (("k", k_new), ("v", v_new)):
                 buf = getattr(self, name).transpose(1, 2)  # [B, max_len, Hkv, D]: (row, slot) pairs index it
                 vals = new_t.transpose(1, 2)[rows, toks]

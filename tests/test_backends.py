@@ -16,6 +16,7 @@ import torch
 
 import attnkit
 from attnkit.backends import ChunkedBackend
+from attnkit.backends.base import ALL_FEATURES, Capabilities
 from attnkit.request import build_request
 from cases import (BY_NAME, CASE_IDS, CASES, REL_RADIUS, TRITON_INTERPRET, alibi_score_mod, dead_rows_mask_mod,
                    expected_missing, rel_table_build)
@@ -1452,3 +1453,55 @@ def test_flex_mask_cache_keys_and_weights_only_what_it_must(monkeypatch):
     first = [flex.block_mask(build_request(q, q, q, mask_mod=m)) for m in (gate.causal, gate.banded)]
     again = [flex.block_mask(build_request(q, q, q, mask_mod=m)) for m in (gate.causal, gate.banded)]
     assert all(a is b for a, b in zip(first, again)) and len(flex._block_masks) == 3  # (with `below`)
+
+
+def _ref64(q, k, v, **kw):
+    return attnkit.attention(q.double(), k.double(), v.double(), backend="reference", **kw)
+
+
+# From the fourth mutation audit: the flex BlockMask cache and the capability table.
+
+
+def test_flex_block_mask_key_tells_bounds_apart(monkeypatch):
+    """Calls of one shape that differ only in their causal / window bounds get their own BlockMask (its
+    mask_mod holds the bounds): a key without them (mutant F02) served the causal call's mask to the
+    windowed calls after it, silently."""
+    flex = attnkit.get_backend("flex")
+    monkeypatch.setattr(flex, "_block_masks", {})
+    q, k, v = make_qkv(1, 2, 2, 16, 24, 16, seed=401)
+    with torch.no_grad():
+        for kw in (dict(causal=True), dict(causal=True, window=3), dict(window=(2, 5)), dict(window=(4, 0)),
+                   dict(causal=True)):
+            assert_close_rel(attnkit.attention(q, k, v, backend="flex", **kw), _ref64(q, k, v, **kw), name=str(kw))
+
+
+def test_flex_block_mask_covers_every_batch_row_and_head():
+    """A mask tensor with a batch (or head) dim of its own gets a BlockMask with that dim: each (b, h) visits
+    every block where its mask allows a pair. Built for batch row / head 0 only (mutant F01), the block
+    sparsity of row 0 is applied to every row; on the CPU flex evaluates every element and hides it, on CUDA
+    the blocks it skips drop keys."""
+    flex = attnkit.get_backend("flex")
+    B, H, L, blk = 2, 2, 256, 128
+    q, k, v = make_qkv(B, H, H, L, L, 16, seed=402)
+    per_batch = torch.zeros(B, 1, L, L, dtype=torch.bool)
+    per_batch[0, :, :, :blk] = True  # batch row 0: the first key block only
+    per_batch[1, :, :, blk:] = True  # batch row 1: the second only
+    per_head = per_batch.transpose(0, 1).contiguous()  # [1, H, L, L]: the same by head
+    for mask in (per_batch, per_head):
+        bm = flex.block_mask(build_request(q, k, v, mask=mask))
+        dense = bm.to_dense().bool()  # [B|1, H|1, query blocks, key blocks]
+        occ = mask.view(mask.shape[0], mask.shape[1], L // blk, blk, L // blk, blk).any(dim=5).any(dim=3)
+        shape = torch.broadcast_shapes(dense.shape, occ.shape)
+        assert bool((dense.expand(shape) | ~occ.expand(shape)).all()), "a block the mask allows is skipped"
+
+
+def test_capabilities_head_dim_limits_are_inclusive():
+    """max_head_dim is the largest head dim served (triton's 256 included), for D and Dv alike: a `>=`
+    (mutant B01) refused D = 256 on triton, which only the CUDA tests ran."""
+    caps = Capabilities(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}), features=ALL_FEATURES,
+                        min_head_dim=8, max_head_dim=64)
+    for D, Dv, ok in [(64, 64, True), (8, 8, True), (65, 64, False), (64, 65, False), (7, 8, False)]:
+        q, k, v = make_qkv(1, 1, 1, 2, 3, D, Dv, seed=403)
+        assert (caps.missing(build_request(q, k, v)) == []) == ok, (D, Dv)
+    q, k, v = make_qkv(1, 1, 1, 2, 3, 256, seed=404)
+    assert attnkit.get_backend("triton").capabilities.missing(build_request(q, k, v)) == []

@@ -1394,3 +1394,68 @@ def test_mixed_attention_fused_with_an_empty_group(tdevice):
     seq.load_state_dict(fused.state_dict())
     x = randn(2, 21, 32, gen=torch.Generator().manual_seed(1), device=tdevice)
     assert_close_rel(fused(x, specs, pats)[0], seq(x, specs, pats)[0].double(), rtol=2e-5)
+
+
+# From the fourth mutation audit: host-side tables and plans.
+
+
+def test_edge_flag_sees_segment_starts_off_the_grid(tdevice):
+    """A key segment that starts inside a tile (and ends on the grid or at Lk) has an edge tile: the tables
+    must say so, or the kernels compile the edge loops out and drop its first, partial tile. Every layout of
+    the suite had some segment END off the grid, so a flag reading the ends only (mutant A03) passed."""
+    from attnkit import GroupMask, SegmentLayout
+    from attnkit.ops import flash_attention as fa
+
+    L = 64
+    layout = SegmentLayout(L, L, ((((0, 40),), ((10, L),)), (((40, L),), ((0, 32), (45, L)))))
+    bn = fa._config(16, 16, fa._INTERPRET)["fwd"][1]
+    assert fa._tables(layout, 32, bn, torch.device(tdevice))["edges"]
+    q, k, v = make_qkv(2, 2, 1, L, L, 16, seed=405, device=tdevice)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = attnkit.attention(*leaves, backend="triton", mask_mod=GroupMask(layout, tdevice))
+    g_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(406)).to(tdevice)
+    grads = torch.autograd.grad(out, leaves, g_out)
+    ref_leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
+    ref = attnkit.attention(*ref_leaves, backend="reference", mask_mod=GroupMask(layout, tdevice))
+    ref_grads = torch.autograd.grad(ref, ref_leaves, g_out.double())
+    assert_close_rel(out, ref)
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert_close_rel(a, b, rtol=5e-5, name=f"d{name}")
+
+
+def test_backward_plans_tell_output_gradient_layouts_apart(tdevice, monkeypatch):
+    """The backward keeps its launches per key of what they bake in, do's strides among them: steps of one
+    shape whose output gradients come in other layouts (contiguous, [B, L, H, D] as attention outputs are
+    laid out, transposed) each get their own plan. A key without do's strides (mutant A16) replayed the
+    first layout's strides: dq, dk, dv off by O(1), silently."""
+    from attnkit.ops import flash_attention as fa
+
+    monkeypatch.setattr(fa, "_PLANS", {})
+    B, H, L, D = 1, 2, 24, 16
+    q, k, v = make_qkv(B, H, H, L, L, D, seed=407, device=tdevice)
+    gen = torch.Generator().manual_seed(408)
+    layouts = [torch.randn(B, H, L, D, generator=gen),
+               torch.randn(B, L, H, D, generator=gen).transpose(1, 2),
+               torch.randn(B, H, D, L, generator=gen).transpose(2, 3)]
+    for do in layouts:
+        do = do.to(tdevice)
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        grads = torch.autograd.grad(attnkit.attention(*leaves, backend="triton", causal=True), leaves, do)
+        ref_leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
+        ref = attnkit.attention(*ref_leaves, backend="reference", causal=True)
+        for name, a, b in zip("qkv", grads, torch.autograd.grad(ref, ref_leaves, do.double())):
+            assert_close_rel(a, b, rtol=5e-5, name=f"d{name}, do strides {tuple(do.stride())}")
+
+
+def test_group_tables_are_kept_per_block_shape():
+    """_tables caches a layout's work lists per (BLOCK_M, BLOCK_N): on a GPU the forward, dQ and dK/dV
+    kernels use different tiles (dQ 64 x 32 beside dK/dV 64 x 64 at D = 64 with a shared bias's gradient).
+    A cache key without BLOCK_N (mutant A19) handed the dK/dV kernel the key blocks of 32; the interpreter
+    runs 32 x 32 tiles everywhere, so only this check sees it on the CPU."""
+    from attnkit.ops import flash_attention as fa
+
+    layout = fa.dense_layout(100, 200)
+    for bm, bn in [(64, 32), (64, 64), (32, 64), (64, 32)]:
+        tab = fa._tables(layout, bm, bn, torch.device("cpu"))
+        assert tab["n_qblocks"] == -(-100 // bm) and tab["n_kblocks"] == -(-200 // bn), (bm, bn)
+        assert tab["ktab"][:4].tolist() == [0, bn, bn, 2 * bn] and tab["tail"] == (200 % bn != 0)

@@ -1495,6 +1495,27 @@ def test_flex_block_mask_covers_every_batch_row_and_head():
         assert bool((dense.expand(shape) | ~occ.expand(shape)).all()), "a block the mask allows is skipped"
 
 
+def test_flex_block_mask_key_tells_batch_and_heads_apart(monkeypatch):
+    """A mask_mod's BlockMask has the call's batch and heads: one built for B = 1 is no BlockMask for B = 2 of
+    the same mod and lengths. A cache key without them (mutant F09) returned the B = 1 mask, whose block
+    sparsity (that of batch row 0) CUDA then applies to every row; on the CPU the values hide it."""
+    flex = attnkit.get_backend("flex")
+    monkeypatch.setattr(flex, "_block_masks", {})
+    L, blk = 256, 128
+
+    def mod(b, h, i, j):  # batch row b (head h) sees key block (b + h) % 2 only
+        return (j // blk) == ((b + h) % 2)
+
+    for B, H in [(1, 1), (2, 1), (2, 2)]:
+        q, k, v = make_qkv(B, H, H, L, L, 16, seed=409 + B + H)
+        dense = flex.block_mask(build_request(q, k, v, mask_mod=mod)).to_dense().bool()
+        b = torch.arange(B).view(B, 1, 1, 1)
+        h = torch.arange(H).view(1, H, 1, 1)
+        kb = torch.arange(L // blk).view(1, 1, 1, -1)
+        want = (kb == (b + h) % 2).expand(B, H, L // blk, L // blk)
+        assert dense.shape == want.shape and torch.equal(dense, want), (B, H)
+
+
 def test_capabilities_head_dim_limits_are_inclusive():
     """max_head_dim is the largest head dim served (triton's 256 included), for D and Dv alike: a `>=`
     (mutant B01) refused D = 256 on triton, which only the CUDA tests ran."""

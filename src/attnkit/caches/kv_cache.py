@@ -73,8 +73,8 @@ class KVCache(DecodeCache):
 
         num_new: optional int [B], how many of the L_new tokens of each sequence
         are real (right-padded prefill); default all. Only those are written, so only they
-        count against max_len (eager; under torch.compile the whole L_new must fit). Returns (k, v, old_lengths,
-        new_lengths), k/v being the full buffers.
+        count against max_len (eager; under torch.compile the whole L_new must fit).
+        Returns (k, v, old_lengths, new_lengths), k/v being the full buffers.
 
         With autograd on and inputs that require grad (or buffers that do), the write is out of place
         (the buffers are copied, O(max_len), so that gradients through earlier steps stay right);

@@ -121,10 +121,10 @@ class LinearAttention(_SplitHeadsModule):
 
     "favor+" uses `num_features` positive orthogonal random features (Performer),
     drawn from `seed` and kept in a buffer; `redraw_projection()` draws anew.
-    `causal=True` (Lq == Lk) runs chunkwise: states per 64-token chunk, not per position. `mask` is a key padding mask
-    ([B, Lk] or broadcastable to [B, 1, 1, Lk], True = real key); linear attention has no
-    logits, so `bias` is refused. `dropout` applies to the output (there is no matrix of
-    probabilities to drop from). Shapes: q [B, H, Lq, D], k, v [B, Hkv, Lk, D] with H a multiple
+    `causal=True` (Lq == Lk) runs chunkwise: states per 64-token chunk, not per position.
+    `mask` is a key padding mask ([B, Lk] or broadcastable to [B, 1, 1, Lk], True = real key);
+    linear attention has no logits, so `bias` is refused. `dropout` applies to the output (there is
+    no matrix of probabilities to drop from). Shapes: q [B, H, Lq, D], k, v [B, Hkv, Lk, D] with H a multiple
     of Hkv (GQA / MQA: each kv head's state serves its group of query heads).
     """
 

@@ -8,7 +8,10 @@ Workload: B = 4, H = 8, D = Dv = 64, L = 1024, 4096, 16384, bf16 inputs; the elu
 (so M = D); causal and not; forward and forward+backward (grads of q, k, v). Peers, in one process
 on the same inputs:
 
-- attnkit: `attnkit.ops.linear_attention` (pure PyTorch, float32 math; causal: 64-token chunks);
+- attnkit: `attnkit.ops.linear_attention` (backend "auto": on CUDA the causal form runs attnkit's Triton
+  kernels, ops/causal_product.py; float32 math, causal in 64-token chunks);
+- attnkit_chunked: the same with backend="chunked" (its PyTorch form; causal only, the non-causal form
+  is the same two matmuls on every backend);
 - fla_chunk: flash-linear-attention's Triton `chunk_linear_attn(normalize=True)` on phi(q), phi(k)
   (causal only; it has no non-causal form), if the package imports;
 - prefix_sum: the per-position prefix-sum form (causal: S_i = cumsum phi(k_j) v_j^T, a
@@ -18,7 +21,7 @@ on the same inputs:
 
 Work counted: 4 * M * Dv flops per token and head forward (the state product and its read-out),
 3x that for forward+backward; TFLOP/s and the fraction of the bf16 matmul ceiling use that count.
-ratio (harness.fill_ratios): attnkit's over the best other peer, the others' over the best row; sdpa
+ratio (harness.fill_ratios): attnkit's rows over the best peer that is not attnkit's, the others' over the best row; sdpa
 is an instrument there, never the baseline.
 check: each peer is first run on [1, 2, 2048, 64] against the quadratic formula in float64 (output,
 and for fwd+bwd dq, dk, dv), relative L2 error, BAD over 2e-2. Writes DIR/linear.json and DIR/linear.md.
@@ -68,6 +71,8 @@ def peers(causal: bool) -> dict:
 
     fns = {"attnkit": lambda q, k, v: linear_attention(q, k, v, feature_map_kind="elu", causal=causal)}
     if causal:
+        fns["attnkit_chunked"] = lambda q, k, v: linear_attention(q, k, v, feature_map_kind="elu", causal=True,
+                                                                  backend="chunked")
         try:
             from fla.ops.linear_attn import chunk_linear_attn
 
@@ -159,7 +164,7 @@ def run(out_dir: str | None, smoke: bool) -> None:
                                               instrument=name == "sdpa",
                                               note="softmax attention, for orientation" if name == "sdpa" else None))
                     H.free_memory()
-                H.fill_ratios(rows, ceil, ours=lambda peer: peer == "attnkit")
+                H.fill_ratios(rows, ceil)
                 first = len(lines)
                 cols = {"peak MiB": lambda r: "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"}
                 lines += H.markdown_table(f"## {wl}, L = {L} — {mode} ({flops / 1e9:.1f} GFLOP counted)", rows, cols)
@@ -167,7 +172,7 @@ def run(out_dir: str | None, smoke: bool) -> None:
                 print("\n".join(lines[first:]), flush=True)
     if out_dir:
         H.write_report(out_dir, "linear", meta, records, lines, ceilings=ceil)
-    if any(r["status"] == "ok" and not r["correct"] for r in records if r["peer"] == "attnkit"):
+    if any(r["status"] == "ok" and not r["correct"] for r in records if r["peer"].startswith("attnkit")):
         sys.exit(1)
 
 

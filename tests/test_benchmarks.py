@@ -199,7 +199,7 @@ def test_linear_smoke_checks_every_peer(tmp_path, monkeypatch):
     bench_linear.run(str(tmp_path), smoke=True)
     recs = json.loads((tmp_path / "linear.json").read_text())["records"]
     checked = [r for r in recs if r["peer"] != "sdpa"]
-    assert {r["peer"] for r in checked} >= {"attnkit", "prefix_sum"}
+    assert {r["peer"] for r in checked} >= {"attnkit", "attnkit_chunked", "prefix_sum"}
     assert all(r["status"] == "ok" and r["correct"] and r["rel_err"] < 1e-5 for r in checked)
     every = bench_linear.peers
 

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .._checks import backend_name, integer, key_padding_mask, positive_int, probability, real, tensor
 from ..functional import attention
-from ..ops.linear import FEATURE_MAPS, linear_attention
+from ..ops.linear import BACKENDS as LINEAR_BACKENDS, FEATURE_MAPS, linear_attention
 from .base import ATTENTION_REGISTRY, BaseAttention
 
 __all__ = ["StandardAttention", "FlashAttention", "GatedAttention", "LinearAttention", "LiteAttention"]
@@ -121,7 +121,8 @@ class LinearAttention(_SplitHeadsModule):
 
     "favor+" uses `num_features` positive orthogonal random features (Performer),
     drawn from `seed` and kept in a buffer; `redraw_projection()` draws anew.
-    `causal=True` (Lq == Lk) runs chunkwise: states per 64-token chunk, not per position.
+    `causal=True` (Lq == Lk) runs chunkwise: states per 64-token chunk, not per position; `backend`
+    picks where (`ops.linear_attention`: "auto", "chunked" for PyTorch, "triton" for attnkit's kernels).
     `mask` is a key padding mask ([B, Lk] or broadcastable to [B, 1, 1, Lk], True = real key);
     linear attention has no logits, so `bias` is refused. `dropout` applies to the output (there is
     no matrix of probabilities to drop from). Shapes: q [B, H, Lq, D], k, v [B, Hkv, Lk, D] with H a multiple
@@ -129,10 +130,13 @@ class LinearAttention(_SplitHeadsModule):
     """
 
     def __init__(self, num_heads: int, head_dim: int, feature_map: str = "elu", causal: bool = False,
-                 num_features: int | None = None, seed: int = 0, dropout: float = 0.0):
+                 num_features: int | None = None, seed: int = 0, dropout: float = 0.0, backend: str = "auto"):
         super().__init__(num_heads, head_dim, dropout)
         if feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
+        if backend not in LINEAR_BACKENDS:
+            raise ValueError(f"backend must be one of {LINEAR_BACKENDS}, got {backend!r}")
+        self.backend = backend
         if num_features is not None:
             positive_int("num_features", num_features)
         if not isinstance(causal, bool):
@@ -171,7 +175,7 @@ class LinearAttention(_SplitHeadsModule):
         out = linear_attention(
             q, k, v, feature_map_kind=self.feature_map,
             projection=self.projection if self.feature_map == "favor+" else None,
-            causal=self.causal, key_mask=mask,
+            causal=self.causal, key_mask=mask, backend=self.backend,
         )
         return nn.functional.dropout(out, self.dropout, self.training)
 

@@ -3,8 +3,9 @@
 out_i = phi(q_i) . S / (phi(q_i) . z), with S = sum_j phi(k_j) v_j^T and
 z = sum_j phi(k_j) over the keys query i may see (all of them, or j <= i
 when causal, computed chunkwise: prefix sums over chunk states plus a masked product within
-a chunk, memory O(L * (M * Dv / 64 + 64)) per head). Pure PyTorch; autograd gives the
-backward.
+a chunk, memory O(L * (M * Dv / 64 + 64)) per head). The causal form runs in PyTorch (autograd gives
+its backward) or, on CUDA, in the Triton kernels of `ops.causal_product` (the same chunkwise steps fused,
+with a backward of their own); the non-causal form is two batched matmuls on every backend.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import key_padding_mask, tensor
+from . import causal_product
 
-__all__ = ["FEATURE_MAPS", "feature_map", "linear_attention"]
+__all__ = ["BACKENDS", "FEATURE_MAPS", "feature_map", "linear_attention"]
 
 FEATURE_MAPS = ("elu", "relu", "favor+")
+# Where the causal form runs: "chunked" (PyTorch), "triton" (ops.causal_product), "auto" (triton where it can).
+BACKENDS = ("auto", "chunked", "triton")
 # Causal chunk length: states are kept per chunk, [B, H, L / CHUNK, M, Dv], not per position, and the
 # quadratic part within a chunk costs [B, Hq, L, CHUNK].
 CHUNK = 64
@@ -96,6 +100,7 @@ def linear_attention(
     projection: Tensor | None = None,
     causal: bool = False,
     key_mask: Tensor | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     """Linear attention. q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] -> [B, Hq, Lq, Dv].
 
@@ -105,6 +110,12 @@ def linear_attention(
     key_mask: bool [B, Lk] or anything broadcastable to [B, 1, 1, Lk], True = real key;
     masked keys contribute nothing, and a query with no real key (or, for "relu", phi(q) . z = 0)
     gets 0. causal requires Lq == Lk. Half-precision inputs compute in float32, float64 in float64.
+
+    backend (the causal form only; the non-causal one is two batched matmuls everywhere): "chunked",
+    PyTorch ops over 64-token chunks; "triton", attnkit's Triton kernels (`ops.causal_product`: the same
+    chunkwise steps in three launches per product, float32 math through three tf32 products on the
+    tensor cores; CUDA, or the CPU under TRITON_INTERPRET=1; not float64); "auto", triton for CUDA
+    tensors that are not float64 when Triton is installed, else chunked.
 
     The output is a convex combination of the values (the features are nonnegative), so no epsilon
     is added to the denominator: one would dominate FAVOR+'s shifted denominators, which can be
@@ -126,13 +137,21 @@ def linear_attention(
         raise TypeError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"causal linear attention needs Lq == Lk, got {q.shape[2]} and {k.shape[2]}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and causal and not causal_product.available(q):
+        raise ValueError(
+            f"backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on the CPU), Triton installed, and "
+            f"not float64 (the kernels compute in float32); got a {q.dtype} tensor on {q.device}"
+        )
+    fused = causal and backend != "chunked" and (
+        backend == "triton" or (q.is_cuda and causal_product.available(q)))
     dtype = q.dtype
     B, Hq, Lq = q.shape[:3]
     Hkv = k.shape[1]
     ct = torch.promote_types(dtype, torch.float32)
     qf = feature_map(q.to(ct), feature_map_kind, projection)
     qf = qf.view(B, Hkv, Hq // max(Hkv, 1), Lq, qf.shape[-1])  # [B, Hkv, G, Lq, M]: a kv head's query group
-    vf = v.to(ct)
     keep = None
     if key_mask is not None:
         B, Lk = k.shape[0], k.shape[2]
@@ -148,6 +167,16 @@ def linear_attention(
         kf = feature_map(k.to(ct), feature_map_kind, projection)
         if keep is not None:
             kf = kf * keep.to(kf.dtype)
+    if fused:  # kv heads repeated over their group (autograd sums the group's gradients back)
+        G = qf.shape[2]
+        rows = B * Hq
+
+        def per_row(x: Tensor) -> Tensor:
+            return x.unsqueeze(2).expand(-1, -1, G, -1, -1).reshape(rows, Lq, x.shape[-1])
+
+        out = causal_product.causal_linear_attention(qf.reshape(rows, Lq, qf.shape[-1]), per_row(kf), per_row(v))
+        return out.view(B, Hq, Lq, out.shape[-1]).to(dtype)
+    vf = v.to(ct)
     if not causal:
         kt = kf.transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, M, Lk]: shared by the query group
         num = qf @ (kt @ vf.unsqueeze(2))

@@ -1,0 +1,266 @@
+"""Causal linear attention on attnkit's Triton kernels (ops/causal_product.py, backend="triton" of
+ops.linear_attention), against the quadratic formula in float64.
+
+On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, as CI runs them); without it
+those tests are skipped. The CUDA tests take real shapes in bfloat16 and float16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attnkit import LinearAttention
+from attnkit.ops import causal_product as cp
+from attnkit.ops import linear_attention
+from cases import TRITON_INTERPRET
+from conftest import LOWP, assert_close_rel, randn, rel_err
+
+
+@pytest.fixture
+def tdevice(device):
+    if device == "cpu" and not TRITON_INTERPRET:
+        pytest.skip("the Triton kernels run on the CPU only with TRITON_INTERPRET=1")
+    return device
+
+
+def _product64(a, b, c, sa=None, sb=None, reverse=False):
+    """The quadratic form of causal_product in float64: (y, rowsum of the masked a b^T)."""
+    w = a.double() @ b.double().transpose(-1, -2)
+    L = a.shape[1]
+    seen = torch.ones(L, L, dtype=torch.bool, device=a.device)
+    seen = seen.triu() if reverse else seen.tril()
+    plain = (w * seen).sum(-1)
+    if sa is not None:
+        w = w + sa.double()[:, :, None]
+    if sb is not None:
+        w = w + sb.double()[:, None, :]
+    w = w * seen
+    return w @ c.double(), plain
+
+
+def _phi(x, kind, projection=None):
+    if kind == "elu":
+        return torch.where(x > 0, x + 1.0, torch.exp(x))
+    if kind == "relu":
+        return x.clamp_min(0.0)
+    x = x * x.shape[-1] ** -0.25
+    w = projection.to(x.dtype)
+    return torch.exp(x @ w - 0.5 * (x * x).sum(-1, keepdim=True)) / math.sqrt(w.shape[-1])
+
+
+def _quadratic(q, k, v, kind="elu", projection=None, key_mask=None):
+    """Causal linear attention, O(L^2), in q's dtype: rows of phi(q) phi(k)^T (causal, key mask) normalised.
+    k, v [B, Hkv, L, *] are repeated over the query heads' groups."""
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    w = _phi(q, kind, projection) @ _phi(k, kind, projection).transpose(-1, -2)
+    L = q.shape[2]
+    w = w * torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    if key_mask is not None:
+        w = w * key_mask.view(key_mask.shape[0], 1, 1, -1).to(w.dtype)
+    den = w.sum(-1, keepdim=True)
+    return (w / torch.where(den == 0, torch.ones_like(den), den)) @ v
+
+
+def _grads(out, g_out, xs):
+    return torch.autograd.grad(out, xs, g_out)
+
+
+# shapes (N, L, M, E): one position; lengths off the 64-position chunk; feature / value dims off 16;
+# M past one feature block (the kernel loops) and E past one value block (the grid splits)
+PRODUCT_SHAPES = [(2, 1, 8, 8), (3, 70, 8, 12), (2, 130, 20, 70), (1, 64, 16, 16), (2, 200, 80, 24)]
+
+
+@pytest.mark.parametrize("shape", PRODUCT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("scalars", ["none", "sa", "sb"])
+def test_causal_product_matches_quadratic_form(tdevice, shape, reverse, scalars):
+    N, L, M, E = shape
+    g = torch.Generator().manual_seed(sum(shape) * 6 + 3 * reverse + ["none", "sa", "sb"].index(scalars))
+    a = randn(N, L, M, gen=g, device=tdevice)
+    b = randn(N, L, M, gen=g, device=tdevice)
+    c = randn(N, L, E, gen=g, device=tdevice)
+    kw = {scalars: randn(N, L, gen=g, device=tdevice)} if scalars != "none" else {}
+    y, den = cp.causal_product(a, b, c, reverse=reverse, **kw)
+    want, _ = _product64(a, b, c, reverse=reverse, **kw)
+    assert den is None and y.dtype == torch.float32
+    assert_close_rel(y, want)
+
+
+@pytest.mark.parametrize("shape", PRODUCT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_causal_product_normalised_with_its_denominator(tdevice, shape):
+    N, L, M, E = shape
+    g = torch.Generator().manual_seed(7 + L)
+    a, b = randn(N, L, M, gen=g, device=tdevice).abs(), randn(N, L, M, gen=g, device=tdevice).abs()
+    c = randn(N, L, E, gen=g, device=tdevice)
+    y, den = cp.causal_product(a, b, c, den=True)
+    num, den64 = _product64(a, b, c)
+    assert_close_rel(den, den64, name="den")
+    assert_close_rel(y, num / den64[..., None])
+
+
+def test_causal_product_refuses_bad_input():
+    a = torch.rand(2, 5, 4)
+    with pytest.raises(ValueError, match=r"b must be \[N=2, L=5"):
+        cp.causal_product(a, torch.rand(2, 6, 4), torch.rand(2, 5, 3))
+    with pytest.raises(ValueError, match="feature dim"):
+        cp.causal_product(a, torch.rand(2, 5, 3), torch.rand(2, 5, 3))
+    with pytest.raises(ValueError, match="den=True takes no sa"):
+        cp.causal_product(a, a, a, den=True, sa=torch.rand(2, 5))
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("kind", ["elu", "relu", "favor+"])
+@pytest.mark.parametrize("L", [1, 65, 150])
+def test_triton_linear_attention_forward_and_gradients(tdevice, kind, L, dtype):
+    """Forward and the three gradients against float64, GQA (4 query heads on 2 kv heads), Dv != D;
+    low precision within 3x of the quadratic formula computed in that dtype (+1e-4)."""
+    B, Hq, Hkv, D, Dv, M = 2, 4, 2, 12, 20, 24
+    g = torch.Generator().manual_seed(L * 7 + len(kind))
+    shift = 0.5 if kind == "relu" else 0.0  # no query row with phi(q) = 0
+    q = (randn(B, Hq, L, D, gen=g) + shift).to(tdevice, dtype)
+    k = (randn(B, Hkv, L, D, gen=g) + shift).to(tdevice, dtype)
+    v = randn(B, Hkv, L, Dv, gen=g).to(tdevice, dtype)
+    proj = randn(D, M, gen=g).to(tdevice) if kind == "favor+" else None
+    g_out = randn(B, Hq, L, Dv, gen=g).to(tdevice, dtype)
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = linear_attention(*xs, feature_map_kind=kind, projection=proj, causal=True, backend="triton")
+    assert out.dtype == dtype and out.shape == (B, Hq, L, Dv)
+    got = _grads(out, g_out, xs)
+    r = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    p64 = None if proj is None else proj.double()
+    ref = _quadratic(*r, kind, p64)
+    want = _grads(ref, g_out.double(), r)
+    base = None
+    if dtype in LOWP:
+        lp = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        low = _quadratic(*lp, kind, None if proj is None else proj.to(dtype))
+        base = [rel_err(low, ref)] + [rel_err(x, y) for x, y in zip(_grads(low, g_out, lp), want)]
+    for i, (name, x, y) in enumerate(zip(("out", "dq", "dk", "dv"), (out, *got), (ref, *want))):
+        assert x.dtype == dtype, name
+        assert_close_rel(x, y, None if base is None else base[i], rtol=2e-5 if i == 0 else 5e-5, name=name)
+
+
+def test_triton_linear_attention_masks_and_empty_rows(tdevice):
+    """A key padding mask; queries whose visible keys are all masked get 0 (not NaN) and finite
+    gradients; non-contiguous q, k, v (transposed views)."""
+    B, H, L, D = 2, 3, 90, 16
+    g = torch.Generator().manual_seed(5)
+    q = randn(B, L, H, D, gen=g, device=tdevice).transpose(1, 2).requires_grad_()
+    k = randn(B, L, H, D, gen=g, device=tdevice).transpose(1, 2).requires_grad_()
+    v = randn(B, L, H, D, gen=g, device=tdevice).transpose(1, 2).requires_grad_()
+    assert not q.is_contiguous()
+    keep = torch.arange(L, device=tdevice)[None, :] >= torch.tensor([[0], [70]], device=tdevice)  # row 1: first 70 masked
+    out = linear_attention(q, k, v, causal=True, key_mask=keep, backend="triton")
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[1, :, :70], torch.zeros_like(out[1, :, :70]))
+    g_out = randn(B, H, L, D, gen=g, device=tdevice)
+    got = torch.autograd.grad(out, (q, k, v), g_out)
+    r = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = _quadratic(*r, key_mask=keep)
+    want = torch.autograd.grad(ref, r, g_out.double())
+    assert_close_rel(out, ref)
+    for name, x, y in zip(("dq", "dk", "dv"), got, want):
+        assert torch.isfinite(x).all(), name
+        assert_close_rel(x, y, rtol=5e-5, name=name)
+
+
+@pytest.mark.parametrize("L", [0, 1])
+def test_triton_linear_attention_at_lengths_0_and_1(tdevice, L):
+    q, k, v = (randn(2, 4, L, 8, device=tdevice).requires_grad_(), randn(2, 2, L, 8, device=tdevice).requires_grad_(),
+               randn(2, 2, L, 5, device=tdevice).requires_grad_())
+    out = linear_attention(q, k, v, causal=True, backend="triton")
+    assert out.shape == (2, 4, L, 5)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+    if L:
+        torch.testing.assert_close(out, v.detach().repeat_interleave(2, 1), rtol=1e-6, atol=1e-6)
+
+
+def test_triton_and_chunked_agree_and_module_passes_backend(tdevice):
+    """The module's backend reaches the op: both backends give the same result (float32), and bad
+    backends are refused by name."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (randn(1, 2, 100, 8, gen=g, device=tdevice) for _ in range(3))
+    a = LinearAttention(2, 8, causal=True, backend="triton")(q, k, v)
+    b = LinearAttention(2, 8, causal=True, backend="chunked")(q, k, v)
+    assert rel_err(a, b) < 1e-5
+    with pytest.raises(ValueError, match="backend must be one of"):
+        LinearAttention(2, 8, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        linear_attention(q, k, v, causal=True, backend="flex")
+
+
+def test_triton_backend_refuses_float64_and_auto_keeps_it_in_pytorch():
+    q = torch.rand(1, 1, 4, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="backend='triton' needs .* not float64"):
+        linear_attention(q, q, q, causal=True, backend="triton")
+    assert linear_attention(q, q, q, causal=True).dtype == torch.float64  # auto: the PyTorch form
+
+
+@pytest.mark.skipif(TRITON_INTERPRET, reason="the refusal is for a CPU tensor without the interpreter")
+def test_triton_backend_refuses_cpu_without_the_interpreter():
+    q = torch.rand(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="needs a CUDA tensor"):
+        linear_attention(q, q, q, causal=True, backend="triton")
+
+
+def test_auto_takes_the_kernels_only_for_cuda_tensors(monkeypatch):
+    """auto on a CPU tensor never calls the kernels, even under the interpreter; on CUDA it does."""
+    calls = []
+    real = cp.causal_linear_attention
+    monkeypatch.setattr(cp, "causal_linear_attention", lambda *a: calls.append(1) or real(*a))
+    q = torch.rand(1, 2, 70, 8)
+    linear_attention(q, q, q, causal=True)
+    assert not calls
+    if torch.cuda.is_available():
+        linear_attention(q.cuda(), q.cuda(), q.cuda(), causal=True)
+        assert calls
+
+
+def test_kernel_path_holds_no_quadratic_or_per_position_state(tdevice):
+    """The kernels' buffers: chunk states [N, L / 64, M, E] and [N, L] vectors, never [L, L] or
+    [L, M, E] per row (the prefix-sum form's)."""
+    if tdevice != "cuda":
+        pytest.skip("allocation sizes are read from the CUDA caching allocator")
+    N, L, M = 8, 4096, 64
+    q, k, v = (torch.rand(1, N, L, M, device="cuda") for _ in range(3))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    linear_attention(q, k, v, causal=True, backend="triton")
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    per_position = N * L * M * M * 4
+    assert extra < per_position / 8, extra
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("L", [1000, 4096])
+def test_cuda_triton_linear_attention_real_shapes(dtype, L):
+    """B 2, H 8 (GQA 8/2), D 64, elu features: output and gradients against float64, within 3x of the
+    quadratic formula in the same dtype, and as close as the PyTorch chunked form."""
+    B, Hq, Hkv, D = 2, 8, 2, 64
+    g = torch.Generator().manual_seed(L)
+    q, k = randn(B, Hq, L, D, gen=g).cuda().to(dtype), randn(B, Hkv, L, D, gen=g).cuda().to(dtype)
+    v = randn(B, Hkv, L, D, gen=g).cuda().to(dtype)
+    g_out = randn(B, Hq, L, D, gen=g).cuda().to(dtype)
+    r = [x.double().requires_grad_() for x in (q, k, v)]
+    ref = _quadratic(*r)
+    want = _grads(ref, g_out.double(), r)
+    lp = [x.clone().requires_grad_() for x in (q, k, v)]
+    low = _quadratic(*lp)
+    base = [rel_err(low, ref)] + [rel_err(x, y) for x, y in zip(_grads(low, g_out, lp), want)]
+    for backend in ("triton", "chunked"):
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = linear_attention(*xs, causal=True, backend=backend)
+        got = _grads(out, g_out, xs)
+        for i, (name, x, y) in enumerate(zip(("out", "dq", "dk", "dv"), (out, *got), (ref, *want))):
+            assert_close_rel(x, y, base[i], name=f"{backend} {name}")

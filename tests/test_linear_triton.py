@@ -26,19 +26,26 @@ def tdevice(device):
     return device
 
 
+def _rep(x, heads):
+    return x.repeat_interleave(heads // x.shape[1], 1)
+
+
 def _product64(a, b, c, sa=None, sb=None, reverse=False):
-    """The quadratic form of causal_product in float64: (y, rowsum of the masked a b^T)."""
-    w = a.double() @ b.double().transpose(-1, -2)
-    L = a.shape[1]
+    """The quadratic form of causal_product in float64, heads repeated to the larger count:
+    (y, rowsum of the masked a b^T)."""
+    H = max(a.shape[1], b.shape[1])
+    a, b, c = _rep(a.double(), H), _rep(b.double(), H), _rep(c.double(), H)
+    w = a @ b.transpose(-1, -2)
+    L = a.shape[2]
     seen = torch.ones(L, L, dtype=torch.bool, device=a.device)
     seen = seen.triu() if reverse else seen.tril()
     plain = (w * seen).sum(-1)
     if sa is not None:
-        w = w + sa.double()[:, :, None]
+        w = w + sa.double()[..., :, None]
     if sb is not None:
-        w = w + sb.double()[:, None, :]
+        w = w + _rep(sb.double(), H)[..., None, :]
     w = w * seen
-    return w @ c.double(), plain
+    return w @ c, plain
 
 
 def _phi(x, kind, projection=None):
@@ -69,33 +76,66 @@ def _grads(out, g_out, xs):
     return torch.autograd.grad(out, xs, g_out)
 
 
-# shapes (N, L, M, E): one position; lengths off the 64-position chunk; feature / value dims off 16;
-# M past one feature block (the kernel loops) and E past one value block (the grid splits)
-PRODUCT_SHAPES = [(2, 1, 8, 8), (3, 70, 8, 12), (2, 130, 20, 70), (1, 64, 16, 16), (2, 200, 80, 24)]
+# shapes (B, Ha, Hb, L, M, E): one position; lengths off the 64-position chunk; feature / value dims off 16;
+# M past one feature block (the kernel loops) and E past one value block (the grid splits); a with more
+# heads than b and c (GQA, as the forward) and fewer (as dk and dv)
+PRODUCT_SHAPES = [(2, 1, 1, 1, 8, 8), (1, 3, 3, 70, 8, 12), (2, 2, 2, 130, 20, 70), (1, 4, 2, 64, 16, 16),
+                  (1, 2, 4, 200, 80, 24)]
+
+
+def _features64(op):
+    x = op.x.double()
+    x = {None: x, "elu": torch.where(x > 0, x + 1.0, torch.exp(x)), "relu": x.clamp_min(0.0)}[op.phi]
+    return x if op.scale is None else x * op.scale.double()[..., None]
 
 
 @pytest.mark.parametrize("shape", PRODUCT_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("scalars", ["none", "sa", "sb"])
 def test_causal_product_matches_quadratic_form(tdevice, shape, reverse, scalars):
-    N, L, M, E = shape
+    B, Ha, Hb, L, M, E = shape
+    H = max(Ha, Hb)
     g = torch.Generator().manual_seed(sum(shape) * 6 + 3 * reverse + ["none", "sa", "sb"].index(scalars))
-    a = randn(N, L, M, gen=g, device=tdevice)
-    b = randn(N, L, M, gen=g, device=tdevice)
-    c = randn(N, L, E, gen=g, device=tdevice)
-    kw = {scalars: randn(N, L, gen=g, device=tdevice)} if scalars != "none" else {}
+    a = randn(B, Ha, L, M, gen=g, device=tdevice)
+    b = randn(B, Hb, L, M, gen=g, device=tdevice)
+    c = randn(B, Hb, L, E, gen=g, device=tdevice)
+    kw = {}
+    if scalars != "none":
+        kw[scalars] = randn(B, H if scalars == "sa" else Hb, L, gen=g, device=tdevice)
     y, den = cp.causal_product(a, b, c, reverse=reverse, **kw)
     want, _ = _product64(a, b, c, reverse=reverse, **kw)
-    assert den is None and y.dtype == torch.float32
+    assert den is None and y.dtype == torch.float32 and y.shape == (B, H, L, E)
     assert_close_rel(y, want)
+
+
+@pytest.mark.parametrize("phi", ["elu", "relu"])
+def test_causal_product_fused_operands(tdevice, phi):
+    """Feature maps applied on load, per-position scales, the derivative factor, strided (transposed)
+    operands in bf16, a narrower output dtype."""
+    B, Ha, Hb, L, M, E = 2, 4, 2, 150, 24, 40
+    g = torch.Generator().manual_seed(11 + len(phi))
+    a = cp.Operand(randn(B, L, Ha, M, gen=g, device=tdevice).transpose(1, 2), phi, randn(B, Ha, L, gen=g, device=tdevice))
+    b = cp.Operand(randn(B, Hb, L, M, gen=g, device=tdevice, dtype=torch.bfloat16), phi)
+    c = cp.Operand(randn(B, Hb, L, E, gen=g, device=tdevice), None, randn(B, Hb, L, gen=g, device=tdevice))
+    x = cp.Operand(randn(B, L, 1, E, gen=g, device=tdevice).transpose(1, 2), phi)
+    assert not a.x.is_contiguous()
+    for reverse in (False, True):
+        y, _ = cp.causal_product(a, b, c, reverse=reverse, dphi=x)
+        want, _ = _product64(_features64(a), _features64(b), _features64(c), reverse=reverse)
+        xd = x.x.double()
+        want = want * (torch.where(xd > 0, 1.0, torch.exp(xd)) if phi == "elu" else (xd > 0).double())
+        assert_close_rel(y, want)
+    half, _ = cp.causal_product(a, b, c, out_dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    assert rel_err(half, _product64(_features64(a), _features64(b), _features64(c))[0]) < 8e-3
 
 
 @pytest.mark.parametrize("shape", PRODUCT_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_causal_product_normalised_with_its_denominator(tdevice, shape):
-    N, L, M, E = shape
+    B, Ha, Hb, L, M, E = shape
     g = torch.Generator().manual_seed(7 + L)
-    a, b = randn(N, L, M, gen=g, device=tdevice).abs(), randn(N, L, M, gen=g, device=tdevice).abs()
-    c = randn(N, L, E, gen=g, device=tdevice)
+    a, b = randn(B, Ha, L, M, gen=g, device=tdevice).abs(), randn(B, Hb, L, M, gen=g, device=tdevice).abs()
+    c = randn(B, Hb, L, E, gen=g, device=tdevice)
     y, den = cp.causal_product(a, b, c, den=True)
     num, den64 = _product64(a, b, c)
     assert_close_rel(den, den64, name="den")
@@ -103,13 +143,19 @@ def test_causal_product_normalised_with_its_denominator(tdevice, shape):
 
 
 def test_causal_product_refuses_bad_input():
-    a = torch.rand(2, 5, 4)
-    with pytest.raises(ValueError, match=r"b must be \[N=2, L=5"):
-        cp.causal_product(a, torch.rand(2, 6, 4), torch.rand(2, 5, 3))
-    with pytest.raises(ValueError, match="feature dim"):
-        cp.causal_product(a, torch.rand(2, 5, 3), torch.rand(2, 5, 3))
+    a = torch.rand(2, 1, 5, 4)
+    with pytest.raises(ValueError, match=r"b must be \[B=2, H, L=5"):
+        cp.causal_product(a, torch.rand(2, 1, 6, 4), torch.rand(2, 1, 5, 3))
+    with pytest.raises(ValueError, match="Ha, Hb dividing"):
+        cp.causal_product(a, torch.rand(2, 1, 5, 3), torch.rand(2, 1, 5, 3))
+    with pytest.raises(ValueError, match="Ha, Hb dividing"):
+        cp.causal_product(torch.rand(2, 3, 5, 4), torch.rand(2, 2, 5, 4), torch.rand(2, 2, 5, 3))
     with pytest.raises(ValueError, match="den=True takes no sa"):
-        cp.causal_product(a, a, a, den=True, sa=torch.rand(2, 5))
+        cp.causal_product(a, a, a, den=True, sa=torch.rand(2, 1, 5))
+    with pytest.raises(ValueError, match="feature map must be one of"):
+        cp.causal_product(cp.Operand(a, "gelu"), a, a)
+    with pytest.raises(ValueError, match=r"scale must be \[2, 1, 5\]"):
+        cp.causal_product(cp.Operand(a, None, torch.rand(2, 5)), a, a)
 
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

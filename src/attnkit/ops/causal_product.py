@@ -1,28 +1,33 @@
 """Causal linear attention in Triton: the chunkwise causal product and its backward.
 
-The one primitive, over rows of N independent sequences (a batch row and head each),
+The one primitive, for every batch row and head h of `heads`,
 
     y_i = sum over j in W(i) of (a_i . b_j + sa_i + sb_j) c_j,   W(i) = {j <= i}, or {j >= i} (reverse)
 
-with a, b [N, L, M], c [N, L, E] and the per-position scalars sa, sb [N, L] optional. Forward
-linear attention is y = num with a = phi(q), b = phi(k), c = v, plus den_i = sum over W(i) of
-a_i . b_j; the three gradients are three more products of the same kind (see `_Causal.backward`).
+with a [B, Ha, L, M], b [B, Hb, L, M], c [B, Hb, L, E] read in place through their strides (head h
+reads head h // (heads / H) of each: GQA without copies), and the per-position scalars sa, sb
+optional. Each operand may carry a feature map applied as it is loaded (elu + 1, relu) and a
+per-position scale; the output may be multiplied by a feature map's derivative at x (the chain rule
+of a fused feature map). Forward linear attention is y = num with a = phi(q), b = phi(k), c = v,
+plus den_i = sum over W(i) of a_i . b_j; its three gradients are three more products of the same
+kind (`_Causal.backward`).
 
 Each product takes three steps, all parallel over chunks of CHUNK positions, as
 flash-linear-attention's chunk kernels split the work:
-1. `_state_kernel`: each chunk's state b_c^T c_c [M, E] (and the vector states the scalars need),
-   written one slot further along the scan direction;
+1. `_state_kernel`: each chunk's state b_c^T c_c [M, E] (and the vectors the scalars need),
+   written one slot further along the scan direction, once per head of b and c;
 2. `torch.cumsum` over the chunk axis: slot s then holds the sum of every chunk before chunk s
    (after it, reversed);
 3. `_output_kernel`: each chunk reads its slot, a_c @ state, plus the masked [CHUNK, CHUNK] product
    within the chunk.
 
-Features and values may be any float dtype; every product runs in float32 (on the GPU's tensor
-cores as three tf32 products, `tf32x3`, whose error is that of float32 math) and every state and
-output is float32. The caller (`linear.linear_attention`) computes the feature maps and masks.
+Inputs may be any float dtype but float64; every product runs in float32 (on the GPU's tensor cores
+as three tf32 products, `tf32x3`, whose error is float32's), states are float32.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -35,13 +40,14 @@ try:
 except ImportError:  # pragma: no cover - triton missing: callers take the PyTorch path
     triton = tl = None
 
-__all__ = ["causal_linear_attention", "causal_product", "available"]
+__all__ = ["PHI", "Operand", "available", "causal_linear_attention", "causal_product"]
 
-CHUNK = 64  # positions per chunk: states [N, L / CHUNK, M, E] and a [CHUNK, CHUNK] product per chunk
+CHUNK = 64  # positions per chunk: states [B, H, L / CHUNK, M, E] and a [CHUNK, CHUNK] product per chunk
 _BLOCK = 64  # feature / value columns per program (wider feature dims loop, wider value dims split the grid)
 # float32 products on the GPU: three tf32 products per dot (float32's error at tensor-core speed); the
 # interpreter multiplies in float32 whatever this says
 PRECISION = "tf32x3"
+PHI = {None: 0, "elu": 1, "relu": 2}  # feature maps the kernels apply on load: elu(x) + 1, relu(x)
 
 
 def available(x: Tensor) -> bool:
@@ -53,52 +59,77 @@ def available(x: Tensor) -> bool:
 if tl is not None:
 
     @triton.jit
-    def _state_kernel(b_ptr, c_ptr, sb_ptr, s_ptr, t_ptr, r_ptr, z_ptr,
-                      L, M, E, n_chunks, n_eb,
+    def _tile(ptr, s_b, s_h, s_l, bi, hi, pos, cols, L, W, PHI: tl.constexpr, scale_ptr, H, SCALED: tl.constexpr):
+        """x[bi, hi, pos, cols] as float32 [len(pos), len(cols)], zero off [L, W], phi applied
+        (1: elu + 1, 2: relu), times scale[bi, hi, pos] ([B, H, L] contiguous) if SCALED."""
+        m = (pos < L)[:, None] & (cols < W)[None, :]
+        x = tl.load(ptr + bi * s_b + hi * s_h + pos[:, None] * s_l + cols[None, :], mask=m, other=0.0)
+        x = x.to(tl.float32)
+        if PHI == 1:
+            x = tl.where(m, tl.where(x > 0, x + 1.0, tl.exp(x)), 0.0)
+        elif PHI == 2:
+            x = tl.maximum(x, 0.0)
+        if SCALED:
+            x *= tl.load(scale_ptr + (bi * H + hi) * L + pos, mask=pos < L, other=0.0)[:, None]
+        return x
+
+    @triton.jit
+    def _state_kernel(b_ptr, b_sb, b_sh, b_sl, bs_ptr, c_ptr, c_sb, c_sh, c_sl, cs_ptr, sb_ptr,
+                      s_ptr, t_ptr, r_ptr, z_ptr, Hs, L, M, E, n_chunks, n_eb,
                       CHUNK: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr, REVERSE: tl.constexpr,
+                      PHI_B: tl.constexpr, PHI_C: tl.constexpr, SCALE_B: tl.constexpr, SCALE_C: tl.constexpr,
                       HAS_SA: tl.constexpr, HAS_SB: tl.constexpr, DEN: tl.constexpr, PREC: tl.constexpr):
         """Chunk c's state into slot c + 1 (reverse: n - c), and zeros into slot 0 from the chunk whose
-        state no chunk reads (the last one in scan order). s [N, n, M, E]; t, r [N, n, E]; z [N, n, M].
-        Grid (n_chunks, N, M blocks x E blocks)."""
+        state no chunk reads (the last in scan order). s [B * Hs, n, M, E]; t, r [B * Hs, n, E];
+        z [B * Hs, n, M]. Grid (n_chunks, B * Hs, M blocks x E blocks), Hs the heads of b and c."""
         c = tl.program_id(0)
         row = tl.program_id(1).to(tl.int64)
+        bi = row // Hs
+        hi = row % Hs
         mb = tl.program_id(2) // n_eb
         eb = tl.program_id(2) % n_eb
         last = (c == 0) if REVERSE else (c == n_chunks - 1)
         slot = 0 if last else (n_chunks - c if REVERSE else c + 1)
         keep = 0.0 if last else 1.0
         pos = c * CHUNK + tl.arange(0, CHUNK)
-        in_l = pos < L
         om = mb * BM + tl.arange(0, BM)
         oe = eb * BE + tl.arange(0, BE)
-        b = tl.load(b_ptr + row * L * M + pos[:, None] * M + om[None, :], mask=in_l[:, None] & (om[None, :] < M),
-                    other=0.0).to(tl.float32)
-        cv = tl.load(c_ptr + row * L * E + pos[:, None] * E + oe[None, :], mask=in_l[:, None] & (oe[None, :] < E),
-                     other=0.0).to(tl.float32)
+        b = _tile(b_ptr, b_sb, b_sh, b_sl, bi, hi, pos, om, L, M, PHI_B, bs_ptr, Hs, SCALE_B)
+        cv = _tile(c_ptr, c_sb, c_sh, c_sl, bi, hi, pos, oe, L, E, PHI_C, cs_ptr, Hs, SCALE_C)
         st = tl.dot(tl.trans(b), cv, input_precision=PREC) * keep
         base = row * n_chunks + slot
         tl.store(s_ptr + base * M * E + om[:, None] * E + oe[None, :], st, mask=(om[:, None] < M) & (oe[None, :] < E))
         if HAS_SA:  # sum of c, for the sa_i * c_j terms
             tl.store(t_ptr + base * E + oe, tl.sum(cv, axis=0) * keep, mask=(oe < E) & (mb == 0))
         if HAS_SB:  # sum of sb_j c_j
-            sb = tl.load(sb_ptr + row * L + pos, mask=in_l, other=0.0).to(tl.float32)
+            sb = tl.load(sb_ptr + row * L + pos, mask=pos < L, other=0.0)
             tl.store(r_ptr + base * E + oe, tl.sum(sb[:, None] * cv, axis=0) * keep, mask=(oe < E) & (mb == 0))
         if DEN:  # sum of b, for the denominator
             tl.store(z_ptr + base * M + om, tl.sum(b, axis=0) * keep, mask=(om < M) & (eb == 0))
 
     @triton.jit
-    def _output_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, s_ptr, t_ptr, r_ptr, z_ptr, y_ptr, den_ptr,
-                       L, M, E, n_chunks,
+    def _output_kernel(a_ptr, a_sb, a_sh, a_sl, as_ptr, b_ptr, b_sb, b_sh, b_sl, bs_ptr,
+                       c_ptr, c_sb, c_sh, c_sl, cs_ptr, x_ptr, x_sb, x_sh, x_sl,
+                       sa_ptr, sb_ptr, s_ptr, t_ptr, r_ptr, z_ptr, y_ptr, den_ptr,
+                       H, GA, GBC, GX, L, M, E, n_chunks,
                        CHUNK: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr, REVERSE: tl.constexpr,
+                       PHI_A: tl.constexpr, PHI_B: tl.constexpr, PHI_C: tl.constexpr, SCALE_A: tl.constexpr,
+                       SCALE_B: tl.constexpr, SCALE_C: tl.constexpr, DPHI: tl.constexpr,
                        HAS_SA: tl.constexpr, HAS_SB: tl.constexpr, DEN: tl.constexpr, PREC: tl.constexpr):
-        """y for chunk c and one block of E columns: a_c @ (states of the chunks before, from slot c)
-        plus the chunk's own masked product. With DEN, y = num / den (0 where den = 0) and den goes to
-        den [N, L] (from the first E block). Grid (n_chunks, N, E blocks)."""
+        """y [B, H, L, E] for chunk c and one block of E columns: a_c @ (states of the chunks before, from
+        slot c) plus the chunk's own masked product, times phi'(x) if DPHI. With DEN, y = num / den
+        (0 where den = 0) and den [B, H, L] (from the first E block). Head h reads head h // GA of a,
+        h // GBC of b, c and the states, h // GX of x. Grid (n_chunks, B * H, E blocks)."""
         c = tl.program_id(0)
         row = tl.program_id(1).to(tl.int64)
+        bi = row // H
+        hi = row % H
+        ha = hi // GA
+        hs = hi // GBC
+        Hs = H // GBC
         eb = tl.program_id(2)
         slot = n_chunks - 1 - c if REVERSE else c
-        base = row * n_chunks + slot
+        base = (bi * Hs + hs) * n_chunks + slot
         pos = c * CHUNK + tl.arange(0, CHUNK)
         in_l = pos < L
         oe = eb * BE + tl.arange(0, BE)
@@ -109,10 +140,8 @@ if tl is not None:
         for m0 in range(0, M, BM):
             om = m0 + tl.arange(0, BM)
             in_m = om < M
-            a = tl.load(a_ptr + row * L * M + pos[:, None] * M + om[None, :], mask=in_l[:, None] & in_m[None, :],
-                        other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + row * L * M + pos[:, None] * M + om[None, :], mask=in_l[:, None] & in_m[None, :],
-                        other=0.0).to(tl.float32)
+            a = _tile(a_ptr, a_sb, a_sh, a_sl, bi, ha, pos, om, L, M, PHI_A, as_ptr, H // GA, SCALE_A)
+            b = _tile(b_ptr, b_sb, b_sh, b_sl, bi, hs, pos, om, L, M, PHI_B, bs_ptr, Hs, SCALE_B)
             a_b += tl.dot(a, tl.trans(b), input_precision=PREC)
             st = tl.load(s_ptr + base * M * E + om[:, None] * E + oe[None, :], mask=in_m[:, None] & in_e[None, :],
                          other=0.0)
@@ -122,112 +151,188 @@ if tl is not None:
                 den += tl.sum(a * z[None, :], axis=1)
         # padded positions have zero a, b, c and scalars: they add nothing
         if HAS_SA:
-            sa = tl.load(sa_ptr + row * L + pos, mask=in_l, other=0.0).to(tl.float32)
+            sa = tl.load(sa_ptr + row * L + pos, mask=in_l, other=0.0)
             a_b += sa[:, None]
             t = tl.load(t_ptr + base * E + oe, mask=in_e, other=0.0)
             acc += sa[:, None] * t[None, :]
         if HAS_SB:
-            sb = tl.load(sb_ptr + row * L + pos, mask=in_l, other=0.0).to(tl.float32)
+            sb = tl.load(sb_ptr + (bi * Hs + hs) * L + pos, mask=in_l, other=0.0)
             a_b += sb[None, :]
             r = tl.load(r_ptr + base * E + oe, mask=in_e, other=0.0)
             acc += r[None, :]
         ii = tl.arange(0, CHUNK)
         seen = (ii[None, :] >= ii[:, None]) if REVERSE else (ii[None, :] <= ii[:, None])
         a_b = tl.where(seen, a_b, 0.0)
-        cv = tl.load(c_ptr + row * L * E + pos[:, None] * E + oe[None, :], mask=in_l[:, None] & in_e[None, :],
-                     other=0.0).to(tl.float32)
+        cv = _tile(c_ptr, c_sb, c_sh, c_sl, bi, hs, pos, oe, L, E, PHI_C, cs_ptr, Hs, SCALE_C)
         acc += tl.dot(a_b, cv, input_precision=PREC)
         if DEN:
             den += tl.sum(a_b, axis=1)
             acc = acc / tl.where(den > 0, den, 1.0)[:, None]  # den = 0 only where every weight is 0
             tl.store(den_ptr + row * L + pos, den, mask=in_l & (eb == 0))
+        if DPHI != 0:
+            x = tl.load(x_ptr + bi * x_sb + (hi // GX) * x_sh + pos[:, None] * x_sl + oe[None, :],
+                        mask=in_l[:, None] & in_e[None, :], other=0.0).to(tl.float32)
+            if DPHI == 1:
+                acc *= tl.where(x > 0, 1.0, tl.exp(x))
+            else:
+                acc = tl.where(x > 0, acc, 0.0)
         tl.store(y_ptr + row * L * E + pos[:, None] * E + oe[None, :], acc, mask=in_l[:, None] & in_e[None, :])
 
 
-def _rows(name: str, x: Tensor, n: int, length: int) -> Tensor:
-    if x.dim() != 3 or x.shape[0] != n or x.shape[1] != length:
-        raise ValueError(f"{name} must be [N={n}, L={length}, *], got {list(x.shape)}")
-    return x.contiguous()
+class Operand(NamedTuple):
+    """A product's operand: x [B, Hx, L, W] (read through its strides; the last must be 1), the
+    feature map applied on load (None, "elu", "relu"), and an optional per-position scale [B, Hx, L]."""
+
+    x: Tensor
+    phi: str | None = None
+    scale: Tensor | None = None
 
 
-def causal_product(a: Tensor, b: Tensor, c: Tensor, *, sa: Tensor | None = None, sb: Tensor | None = None,
-                   den: bool = False, reverse: bool = False) -> tuple[Tensor, Tensor | None]:
-    """y [N, L, E] (float32) with y_i = sum over j <= i (reverse: j >= i) of (a_i . b_j + sa_i + sb_j) c_j,
-    for a, b [N, L, M], c [N, L, E], sa, sb [N, L]. With den=True (no sa, sb) it returns
-    (y / den, den) with den_i = sum of a_i . b_j over the same j (y = 0 where den = 0); else (y, None)."""
-    N, L, M = a.shape
-    E = c.shape[-1]
-    a, b, c = _rows("a", a, N, L), _rows("b", b, N, L), _rows("c", c, N, L)
-    if b.shape[-1] != M:
-        raise ValueError(f"a and b must share their feature dim, got {list(a.shape)} and {list(b.shape)}")
+def _operand(name: str, op: Operand | Tensor, B: int, L: int) -> Operand:
+    op = op if isinstance(op, Operand) else Operand(op)
+    x = op.x
+    if x.dim() != 4 or x.shape[0] != B or x.shape[2] != L:
+        raise ValueError(f"{name} must be [B={B}, H, L={L}, *], got {list(x.shape)}")
+    if op.phi not in PHI:
+        raise ValueError(f"{name}: feature map must be one of {list(PHI)}, got {op.phi!r}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    scale = None if op.scale is None else op.scale.float().contiguous()
+    if scale is not None and scale.shape != x.shape[:3]:
+        raise ValueError(f"{name}: scale must be {list(x.shape[:3])}, got {list(scale.shape)}")
+    return Operand(x, op.phi, scale)
+
+
+def causal_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor, *, sa: Tensor | None = None,
+                   sb: Tensor | None = None, den: bool = False, reverse: bool = False,
+                   dphi: Operand | None = None, out_dtype: torch.dtype = torch.float32
+                   ) -> tuple[Tensor, Tensor | None]:
+    """y [B, H, L, E] with y_i = sum over j <= i (reverse: j >= i) of (a_i . b_j + sa_i + sb_j) c_j,
+    for a [B, Ha, L, M], b [B, Hb, L, M], c [B, Hb, L, E], H = max(Ha, Hb) a multiple of both (head h
+    reads head h // (H / Ha) of a, h // (H / Hb) of b and c), sa [B, H, L], sb [B, Hb, L] (float32).
+    den=True (no sa, sb) returns (y / den, den [B, H, L]) with den_i = sum of a_i . b_j over the same j
+    (y = 0 where den = 0); else (y, None). dphi: y times the derivative of dphi.phi at dphi.x
+    [B, Hd, L, E] (head h // (H / Hd)). y is float32 unless out_dtype says otherwise."""
+    lead = a.x if isinstance(a, Operand) else a
+    B, L = lead.shape[0], lead.shape[2]
+    a, b, c = _operand("a", a, B, L), _operand("b", b, B, L), _operand("c", c, B, L)
+    M, E = a.x.shape[3], c.x.shape[3]
+    Ha, Hb = a.x.shape[1], b.x.shape[1]
+    H = max(Ha, Hb)
+    if b.x.shape[3] != M or c.x.shape[1] != Hb or (Ha and H % Ha) or (Hb and H % Hb):
+        raise ValueError(f"a [B, Ha, L, M], b [B, Hb, L, M], c [B, Hb, L, E] with Ha, Hb dividing the larger; got "
+                         f"{list(a.x.shape)}, {list(b.x.shape)}, {list(c.x.shape)}")
     if den and (sa is not None or sb is not None):
         raise ValueError("causal_product: den=True takes no sa / sb")
-    dev = a.device
-    y = torch.empty(N, L, E, device=dev, dtype=torch.float32)
-    d = torch.empty(N, L, device=dev, dtype=torch.float32) if den else None
-    if N == 0 or L == 0 or E == 0:
+    dev = a.x.device
+    y = torch.empty(B, H, L, E, device=dev, dtype=out_dtype)
+    d = torch.empty(B, H, L, device=dev, dtype=torch.float32) if den else None
+    if y.numel() == 0 or M == 0:
         if d is not None:
             d.zero_()
         return y.zero_(), d
-    sa = sa.contiguous() if sa is not None else None
-    sb = sb.contiguous() if sb is not None else None
+    if dphi is not None:
+        dphi = _operand("dphi", dphi, B, L)
+        if dphi.x.shape[3] != E or H % dphi.x.shape[1]:
+            raise ValueError(f"dphi.x must be [B, Hd, L, E={E}] with Hd dividing {H}, got {list(dphi.x.shape)}")
+    sa = sa.float().contiguous() if sa is not None else None
+    sb = sb.float().contiguous() if sb is not None else None
     n = cdiv(L, CHUNK)
     bm, be = min(_BLOCK, block_dim(M)), min(_BLOCK, block_dim(E))
     n_eb = cdiv(E, be)
     f32 = dict(device=dev, dtype=torch.float32)
-    s = torch.empty(N, n, M, E, **f32)
-    t = torch.empty(N, n, E, **f32) if sa is not None else s
-    r = torch.empty(N, n, E, **f32) if sb is not None else s
-    z = torch.empty(N, n, M, **f32) if den else s
-    flags = dict(CHUNK=CHUNK, BM=bm, BE=be, REVERSE=reverse, HAS_SA=sa is not None, HAS_SB=sb is not None,
-                 DEN=den, PREC=PRECISION)
-    with on_device(a):
-        launch(_state_kernel, (n, N, cdiv(M, bm) * n_eb), (b, c, s if sb is None else sb, s, t, r, z, L, M, E, n, n_eb),
-               flags, num_warps=4, num_stages=1, interpret=INTERPRET)
-        for buf in {id(x): x for x in (s, t, r, z)}.values():
+    s = torch.empty(B * Hb, n, M, E, **f32)
+    t = torch.empty(B * Hb, n, E, **f32) if sa is not None else s
+    r = torch.empty(B * Hb, n, E, **f32) if sb is not None else s
+    z = torch.empty(B * Hb, n, M, **f32) if den else s
+    common = dict(CHUNK=CHUNK, BM=bm, BE=be, REVERSE=reverse)
+    tail = dict(HAS_SA=sa is not None, HAS_SB=sb is not None, DEN=den, PREC=PRECISION)
+
+    def strided(op: Operand) -> tuple:
+        return (op.x, op.x.stride(0), op.x.stride(1), op.x.stride(2))
+
+    def scale(op: Operand) -> Tensor:
+        return s if op.scale is None else op.scale
+
+    x = dphi.x if dphi is not None else a.x
+    with on_device(a.x):
+        launch(_state_kernel, (n, B * Hb, cdiv(M, bm) * n_eb),
+               (*strided(b), scale(b), *strided(c), scale(c), s if sb is None else sb, s, t, r, z, Hb, L, M, E, n,
+                n_eb),
+               dict(common, PHI_B=PHI[b.phi], PHI_C=PHI[c.phi], SCALE_B=b.scale is not None,
+                    SCALE_C=c.scale is not None, **tail),
+               num_warps=4, num_stages=1, interpret=INTERPRET)
+        for buf in {id(v): v for v in (s, t, r, z)}.values():
             buf.cumsum_(dim=1)  # slot k: the chunks before k in scan order (slot 0 holds zeros)
-        launch(_output_kernel, (n, N, n_eb),
-               (a, b, c, s if sa is None else sa, s if sb is None else sb, s, t, r, z, y, y if d is None else d,
-                L, M, E, n),
-               flags, num_warps=4, num_stages=2, interpret=INTERPRET)
+        launch(_output_kernel, (n, B * H, n_eb),
+               (*strided(a), scale(a), *strided(b), scale(b), *strided(c), scale(c), x, x.stride(0), x.stride(1),
+                x.stride(2), s if sa is None else sa, s if sb is None else sb, s, t, r, z, y, y if d is None else d,
+                H, H // Ha, H // Hb, H // x.shape[1], L, M, E, n),
+               dict(common, PHI_A=PHI[a.phi], PHI_B=PHI[b.phi], PHI_C=PHI[c.phi], SCALE_A=a.scale is not None,
+                    SCALE_B=b.scale is not None, SCALE_C=c.scale is not None,
+                    DPHI=0 if dphi is None else PHI[dphi.phi], **tail),
+               num_warps=4, num_stages=2, interpret=INTERPRET)
     return y, d
 
 
 class _Causal(torch.autograd.Function):
-    """o = num / den of causal linear attention over rows: qf, kf [N, L, M], v [N, L, E] -> o [N, L, E] float32.
+    """o = num / den of causal linear attention: q [B, Hq, L, D], k [B, Hkv, L, D], v [B, Hkv, L, E]
+    -> o [B, Hq, L, E] in q's dtype, with features phi(q), phi(k) made on load (phi None: q and k are
+    the features already).
 
     With g = do, dnum = g / den and dden = -(g . o) / den (both 0 where den = 0), since
     num_i = sum_{j<=i} (qf_i . kf_j) v_j and den_i = sum_{j<=i} qf_i . kf_j:
         dqf_i = sum_{j<=i} (dnum_i . v_j + dden_i) kf_j    (a = dnum, b = v, c = kf, sa = dden)
-        dkf_j   = sum_{i>=j} (v_j . dnum_i + dden_i) qf_i           (a = v, b = dnum, c = qf, sb = dden, reverse)
-        dv_j    = sum_{i>=j} (kf_j . qf_i) dnum_i                   (a = kf, b = qf, c = dnum, reverse)
+        dkf_j = sum_{i>=j} (v_j . dnum_i + dden_i) qf_i    (a = v, b = dnum, c = qf, sb = dden, reverse)
+        dv_j  = sum_{i>=j} (kf_j . qf_i) dnum_i            (a = kf, b = qf, c = dnum, reverse)
+    and dq = dqf * phi'(q), dk = dkf * phi'(k) (in the kernels). With GQA, dk and dv come per query
+    head and are summed over each kv head's group.
     """
 
     @staticmethod
-    def forward(ctx, qf: Tensor, kf: Tensor, v: Tensor) -> Tensor:
-        o, den = causal_product(qf, kf, v, den=True)
-        ctx.save_for_backward(qf, kf, v, o, den)
-        return o
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, phi: str | None, grad: bool) -> Tensor:
+        # float32 o when a backward will read it (dden), else straight into q's dtype
+        o, den = causal_product(Operand(q, phi), Operand(k, phi), v, den=True,
+                                out_dtype=torch.float32 if grad else q.dtype)
+        ctx.phi = phi
+        ctx.save_for_backward(q, k, v, o, den)
+        return o.to(q.dtype)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        qf, kf, v, o, den = ctx.saved_tensors
+        q, k, v, o, den = ctx.saved_tensors
+        phi = ctx.phi
         live = den > 0
         inv = torch.where(live, 1.0 / torch.where(live, den, 1.0), 0.0)
-        g = g.float()
-        dnum = g * inv.unsqueeze(-1)
-        dden = -(g * o).sum(-1) * inv
+        dden = -torch.einsum("bhle,bhle->bhl", g.float(), o) * inv
+        dnum = Operand(g, None, inv)
+        B, Hq, L, _ = q.shape
+        Hkv = k.shape[1]
+
+        def grouped(x: Tensor, like: Tensor) -> Tensor:  # per query head -> per kv head
+            if Hq != Hkv:
+                x = x.view(B, Hkv, Hq // Hkv, L, x.shape[-1]).sum(2)
+            return x.to(like.dtype)
+
+        grouped_dtype = torch.float32 if Hq != Hkv else None
         dq = dk = dv = None
         if ctx.needs_input_grad[0]:
-            dq = causal_product(dnum, v, kf, sa=dden)[0].to(qf.dtype)
+            dq = causal_product(dnum, v, Operand(k, phi), sa=dden, dphi=Operand(q, phi) if phi else None,
+                                out_dtype=q.dtype)[0]
         if ctx.needs_input_grad[1]:
-            dk = causal_product(v, dnum, qf, sb=dden, reverse=True)[0].to(kf.dtype)
+            dk = grouped(causal_product(v, dnum, Operand(q, phi), sb=dden, reverse=True,
+                                        dphi=Operand(k, phi) if phi else None,
+                                        out_dtype=grouped_dtype or k.dtype)[0], k)
         if ctx.needs_input_grad[2]:
-            dv = causal_product(kf, qf, dnum, reverse=True)[0].to(v.dtype)
-        return dq, dk, dv
+            dv = grouped(causal_product(Operand(k, phi), Operand(q, phi), dnum, reverse=True,
+                                        out_dtype=grouped_dtype or v.dtype)[0], v)
+        return dq, dk, dv, None, None
 
 
-def causal_linear_attention(qf: Tensor, kf: Tensor, v: Tensor) -> Tensor:
-    """Causal linear attention from features: qf, kf [N, L, M], v [N, L, E] -> [N, L, E] float32,
-    o_i = sum_{j<=i} (qf_i . kf_j) v_j / sum_{j<=i} qf_i . kf_j (0 where that sum is 0). Differentiable."""
-    return _Causal.apply(qf, kf, v)
+def causal_linear_attention(q: Tensor, k: Tensor, v: Tensor, phi: str | None = None) -> Tensor:
+    """Causal linear attention: q [B, Hq, L, D], k [B, Hkv, L, D], v [B, Hkv, L, E] -> [B, Hq, L, E] in q's
+    dtype, o_i = sum_{j<=i} (qf_i . kf_j) v_j / sum_{j<=i} qf_i . kf_j (0 where that sum is 0), with
+    qf = phi(q), kf = phi(k) ("elu": elu + 1, "relu"; None: q and k are features already).
+    Query head h reads kv head h // (Hq / Hkv). Differentiable in q, k, v."""
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    return _Causal.apply(q, k, v, phi, grad)

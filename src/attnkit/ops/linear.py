@@ -147,6 +147,8 @@ def linear_attention(
     fused = causal and backend != "chunked" and (
         backend == "triton" or (q.is_cuda and causal_product.available(q)))
     dtype = q.dtype
+    if fused and key_mask is None and feature_map_kind in ("elu", "relu"):  # features made as the kernels load
+        return causal_product.causal_linear_attention(q, k, v, feature_map_kind)
     B, Hq, Lq = q.shape[:3]
     Hkv = k.shape[1]
     ct = torch.promote_types(dtype, torch.float32)
@@ -167,15 +169,8 @@ def linear_attention(
         kf = feature_map(k.to(ct), feature_map_kind, projection)
         if keep is not None:
             kf = kf * keep.to(kf.dtype)
-    if fused:  # kv heads repeated over their group (autograd sums the group's gradients back)
-        G = qf.shape[2]
-        rows = B * Hq
-
-        def per_row(x: Tensor) -> Tensor:
-            return x.unsqueeze(2).expand(-1, -1, G, -1, -1).reshape(rows, Lq, x.shape[-1])
-
-        out = causal_product.causal_linear_attention(qf.reshape(rows, Lq, qf.shape[-1]), per_row(kf), per_row(v))
-        return out.view(B, Hq, Lq, out.shape[-1]).to(dtype)
+    if fused:
+        return causal_product.causal_linear_attention(qf.view(B, Hq, Lq, qf.shape[-1]), kf, v).to(dtype)
     vf = v.to(ct)
     if not causal:
         kt = kf.transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, M, Lk]: shared by the query group

@@ -154,6 +154,8 @@ def test_causal_product_refuses_bad_input():
         cp.causal_product(a, a, a, den=True, sa=torch.rand(2, 1, 5))
     with pytest.raises(ValueError, match="feature map must be one of"):
         cp.causal_product(cp.Operand(a, "gelu"), a, a)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        cp.causal_product(a, a, a, precision="bf16")
     with pytest.raises(ValueError, match=r"scale must be \[2, 1, 5\]"):
         cp.causal_product(cp.Operand(a, None, torch.rand(2, 5)), a, a)
 

@@ -21,8 +21,9 @@ flash-linear-attention's chunk kernels split the work:
 3. `_output_kernel`: each chunk reads its slot, a_c @ state, plus the masked [CHUNK, CHUNK] product
    within the chunk.
 
-Inputs may be any float dtype but float64; every product runs in float32 (on the GPU's tensor cores
-as three tf32 products, `tf32x3`, whose error is float32's), states are float32.
+Inputs may be any float dtype but float64; products accumulate in float32 on the GPU's tensor cores,
+in tf32 for half-precision callers and as three tf32 products (`tf32x3`, float32's error) for float32
+ones; states are float32.
 """
 
 from __future__ import annotations
@@ -43,10 +44,13 @@ except ImportError:  # pragma: no cover - triton missing: callers take the PyTor
 __all__ = ["PHI", "Operand", "available", "causal_linear_attention", "causal_product"]
 
 CHUNK = 64  # positions per chunk: states [B, H, L / CHUNK, M, E] and a [CHUNK, CHUNK] product per chunk
-_BLOCK = 64  # feature / value columns per program (wider feature dims loop, wider value dims split the grid)
-# float32 products on the GPU: three tf32 products per dot (float32's error at tensor-core speed); the
-# interpreter multiplies in float32 whatever this says
-PRECISION = "tf32x3"
+# Products on the GPU's tensor cores: "tf32" (10-bit mantissas, float32 sums: an error of ~2^-11, under the
+# 2^-9 of a bfloat16 result) for half-precision callers, "tf32x3" (three tf32 products: float32's error)
+# for float32 ones. The interpreter multiplies in float32 whatever the precision says.
+# Per precision: (feature and value columns per program, warps of the output kernel); wider feature dims
+# loop, wider value dims split the grid. Chosen offline (sm_90a builds): these build without spills at
+# M = E = 64 in all four products, where 64 columns at tf32x3 spill 200-750 bytes.
+CONFIGS = {"tf32": (64, 8), "tf32x3": (32, 8)}
 PHI = {None: 0, "elu": 1, "relu": 2}  # feature maps the kernels apply on load: elu(x) + 1, relu(x)
 
 
@@ -205,14 +209,15 @@ def _operand(name: str, op: Operand | Tensor, B: int, L: int) -> Operand:
 
 def causal_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor, *, sa: Tensor | None = None,
                    sb: Tensor | None = None, den: bool = False, reverse: bool = False,
-                   dphi: Operand | None = None, out_dtype: torch.dtype = torch.float32
-                   ) -> tuple[Tensor, Tensor | None]:
+                   dphi: Operand | None = None, out_dtype: torch.dtype = torch.float32,
+                   precision: str = "tf32x3") -> tuple[Tensor, Tensor | None]:
     """y [B, H, L, E] with y_i = sum over j <= i (reverse: j >= i) of (a_i . b_j + sa_i + sb_j) c_j,
     for a [B, Ha, L, M], b [B, Hb, L, M], c [B, Hb, L, E], H = max(Ha, Hb) a multiple of both (head h
     reads head h // (H / Ha) of a, h // (H / Hb) of b and c), sa [B, H, L], sb [B, Hb, L] (float32).
     den=True (no sa, sb) returns (y / den, den [B, H, L]) with den_i = sum of a_i . b_j over the same j
     (y = 0 where den = 0); else (y, None). dphi: y times the derivative of dphi.phi at dphi.x
-    [B, Hd, L, E] (head h // (H / Hd)). y is float32 unless out_dtype says otherwise."""
+    [B, Hd, L, E] (head h // (H / Hd)). y is float32 unless out_dtype says otherwise. precision: a key
+    of CONFIGS, how the GPU multiplies."""
     lead = a.x if isinstance(a, Operand) else a
     B, L = lead.shape[0], lead.shape[2]
     a, b, c = _operand("a", a, B, L), _operand("b", b, B, L), _operand("c", c, B, L)
@@ -224,6 +229,8 @@ def causal_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor
                          f"{list(a.x.shape)}, {list(b.x.shape)}, {list(c.x.shape)}")
     if den and (sa is not None or sb is not None):
         raise ValueError("causal_product: den=True takes no sa / sb")
+    if precision not in CONFIGS:
+        raise ValueError(f"precision must be one of {list(CONFIGS)}, got {precision!r}")
     dev = a.x.device
     y = torch.empty(B, H, L, E, device=dev, dtype=out_dtype)
     d = torch.empty(B, H, L, device=dev, dtype=torch.float32) if den else None
@@ -238,7 +245,8 @@ def causal_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor
     sa = sa.float().contiguous() if sa is not None else None
     sb = sb.float().contiguous() if sb is not None else None
     n = cdiv(L, CHUNK)
-    bm, be = min(_BLOCK, block_dim(M)), min(_BLOCK, block_dim(E))
+    cols, warps = CONFIGS[precision]
+    bm, be = min(cols, block_dim(M)), min(cols, block_dim(E))
     n_eb = cdiv(E, be)
     f32 = dict(device=dev, dtype=torch.float32)
     s = torch.empty(B * Hb, n, M, E, **f32)
@@ -246,7 +254,7 @@ def causal_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor
     r = torch.empty(B * Hb, n, E, **f32) if sb is not None else s
     z = torch.empty(B * Hb, n, M, **f32) if den else s
     common = dict(CHUNK=CHUNK, BM=bm, BE=be, REVERSE=reverse)
-    tail = dict(HAS_SA=sa is not None, HAS_SB=sb is not None, DEN=den, PREC=PRECISION)
+    tail = dict(HAS_SA=sa is not None, HAS_SB=sb is not None, DEN=den, PREC=precision)
 
     def strided(op: Operand) -> tuple:
         return (op.x, op.x.stride(0), op.x.stride(1), op.x.stride(2))
@@ -271,7 +279,7 @@ def causal_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor
                dict(common, PHI_A=PHI[a.phi], PHI_B=PHI[b.phi], PHI_C=PHI[c.phi], SCALE_A=a.scale is not None,
                     SCALE_B=b.scale is not None, SCALE_C=c.scale is not None,
                     DPHI=0 if dphi is None else PHI[dphi.phi], **tail),
-               num_warps=4, num_stages=2, interpret=INTERPRET)
+               num_warps=warps, num_stages=2, interpret=INTERPRET)
     return y, d
 
 
@@ -291,17 +299,19 @@ class _Causal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, phi: str | None, grad: bool) -> Tensor:
+        # v is the caller's own tensor (q and k may be float32 features of half-precision inputs)
+        prec = "tf32" if v.dtype in (torch.float16, torch.bfloat16) else "tf32x3"
         # float32 o when a backward will read it (dden), else straight into q's dtype
         o, den = causal_product(Operand(q, phi), Operand(k, phi), v, den=True,
-                                out_dtype=torch.float32 if grad else q.dtype)
-        ctx.phi = phi
+                                out_dtype=torch.float32 if grad else q.dtype, precision=prec)
+        ctx.phi, ctx.prec = phi, prec
         ctx.save_for_backward(q, k, v, o, den)
         return o.to(q.dtype)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         q, k, v, o, den = ctx.saved_tensors
-        phi = ctx.phi
+        phi, prec = ctx.phi, ctx.prec
         live = den > 0
         inv = torch.where(live, 1.0 / torch.where(live, den, 1.0), 0.0)
         dden = -torch.einsum("bhle,bhle->bhl", g.float(), o) * inv
@@ -318,14 +328,14 @@ class _Causal(torch.autograd.Function):
         dq = dk = dv = None
         if ctx.needs_input_grad[0]:
             dq = causal_product(dnum, v, Operand(k, phi), sa=dden, dphi=Operand(q, phi) if phi else None,
-                                out_dtype=q.dtype)[0]
+                                out_dtype=q.dtype, precision=prec)[0]
         if ctx.needs_input_grad[1]:
             dk = grouped(causal_product(v, dnum, Operand(q, phi), sb=dden, reverse=True,
                                         dphi=Operand(k, phi) if phi else None,
-                                        out_dtype=grouped_dtype or k.dtype)[0], k)
+                                        out_dtype=grouped_dtype or k.dtype, precision=prec)[0], k)
         if ctx.needs_input_grad[2]:
             dv = grouped(causal_product(Operand(k, phi), Operand(q, phi), dnum, reverse=True,
-                                        out_dtype=grouped_dtype or v.dtype)[0], v)
+                                        out_dtype=grouped_dtype or v.dtype, precision=prec)[0], v)
         return dq, dk, dv, None, None
 
 

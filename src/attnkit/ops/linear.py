@@ -113,8 +113,9 @@ def linear_attention(
 
     backend (the causal form only; the non-causal one is two batched matmuls everywhere): "chunked",
     PyTorch ops over 64-token chunks; "triton", attnkit's Triton kernels (`ops.causal_product`: the same
-    chunkwise steps in three launches per product, float32 math through three tf32 products on the
-    tensor cores; CUDA, or the CPU under TRITON_INTERPRET=1; not float64); "auto", triton for CUDA
+    chunkwise steps in three launches per product, elu / relu features made as q and k are loaded,
+    float32 sums of tf32 products for half-precision inputs and of three tf32 products (float32's error)
+    for float32 ones; CUDA, or the CPU under TRITON_INTERPRET=1; not float64); "auto", triton for CUDA
     tensors that are not float64 when Triton is installed, else chunked.
 
     The output is a convex combination of the values (the features are nonnegative), so no epsilon

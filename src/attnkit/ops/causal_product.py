@@ -141,11 +141,13 @@ if tl is not None:
         acc = tl.zeros((CHUNK, BE), dtype=tl.float32)
         a_b = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
         den = tl.zeros((CHUNK,), dtype=tl.float32)
+        # the operands' scales multiply the products' rows and columns, not the operands: a half-precision
+        # operand then reaches a tf32 product unrounded, as plain float32 math would multiply it
         for m0 in range(0, M, BM):
             om = m0 + tl.arange(0, BM)
             in_m = om < M
-            a = _tile(a_ptr, a_sb, a_sh, a_sl, bi, ha, pos, om, L, M, PHI_A, as_ptr, H // GA, SCALE_A)
-            b = _tile(b_ptr, b_sb, b_sh, b_sl, bi, hs, pos, om, L, M, PHI_B, bs_ptr, Hs, SCALE_B)
+            a = _tile(a_ptr, a_sb, a_sh, a_sl, bi, ha, pos, om, L, M, PHI_A, as_ptr, H // GA, False)
+            b = _tile(b_ptr, b_sb, b_sh, b_sl, bi, hs, pos, om, L, M, PHI_B, bs_ptr, Hs, False)
             a_b += tl.dot(a, tl.trans(b), input_precision=PREC)
             st = tl.load(s_ptr + base * M * E + om[:, None] * E + oe[None, :], mask=in_m[:, None] & in_e[None, :],
                          other=0.0)
@@ -153,6 +155,13 @@ if tl is not None:
             if DEN:
                 z = tl.load(z_ptr + base * M + om, mask=in_m, other=0.0)
                 den += tl.sum(a * z[None, :], axis=1)
+        if SCALE_A:
+            sc = tl.load(as_ptr + (bi * (H // GA) + ha) * L + pos, mask=in_l, other=0.0)
+            a_b *= sc[:, None]
+            acc *= sc[:, None]
+            den *= sc
+        if SCALE_B:
+            a_b *= tl.load(bs_ptr + (bi * Hs + hs) * L + pos, mask=in_l, other=0.0)[None, :]
         # padded positions have zero a, b, c and scalars: they add nothing
         if HAS_SA:
             sa = tl.load(sa_ptr + row * L + pos, mask=in_l, other=0.0)
@@ -167,7 +176,13 @@ if tl is not None:
         ii = tl.arange(0, CHUNK)
         seen = (ii[None, :] >= ii[:, None]) if REVERSE else (ii[None, :] <= ii[:, None])
         a_b = tl.where(seen, a_b, 0.0)
-        cv = _tile(c_ptr, c_sb, c_sh, c_sl, bi, hs, pos, oe, L, E, PHI_C, cs_ptr, Hs, SCALE_C)
+        if SCALE_C:
+            a_b *= tl.load(cs_ptr + (bi * Hs + hs) * L + pos, mask=in_l, other=0.0)[None, :]
+        if DEN and PREC == "tf32":
+            # the weights the product rounds to tf32, and the denominator sums the same ones: a row that
+            # sees one key returns its value exactly
+            a_b = (a_b.to(tl.uint32, bitcast=True) + 0x1000 & 0xFFFFE000).to(tl.float32, bitcast=True)
+        cv = _tile(c_ptr, c_sb, c_sh, c_sl, bi, hs, pos, oe, L, E, PHI_C, cs_ptr, Hs, False)
         acc += tl.dot(a_b, cv, input_precision=PREC)
         if DEN:
             den += tl.sum(a_b, axis=1)
@@ -314,7 +329,7 @@ class _Causal(torch.autograd.Function):
         phi, prec = ctx.phi, ctx.prec
         live = den > 0
         inv = torch.where(live, 1.0 / torch.where(live, den, 1.0), 0.0)
-        dden = -torch.einsum("bhle,bhle->bhl", g.float(), o) * inv
+        dden = -(g.float() * o).sum(-1) * inv  # (an einsum here ran as a gemv: 5x slower)
         dnum = Operand(g, None, inv)
         B, Hq, L, _ = q.shape
         Hkv = k.shape[1]

@@ -312,3 +312,149 @@ def test_cuda_triton_linear_attention_real_shapes(dtype, L):
         got = _grads(out, g_out, xs)
         for i, (name, x, y) in enumerate(zip(("out", "dq", "dk", "dv"), (out, *got), (ref, *want))):
             assert_close_rel(x, y, base[i], name=f"{backend} {name}")
+
+
+# ---------------------------------------------------------------------------
+# from a review of the kernels (2026-11-25): each fails on the code before its fix
+# ---------------------------------------------------------------------------
+
+
+def test_causal_product_scalars_with_scales_and_features(tdevice):
+    """sa / sb beside scales on every operand and a feature map on c, forward and reverse: the scale of c
+    multiplies the scalars' terms too; and den beside a scaled c counts the weights without that scale."""
+    B, H, L, M, E = 1, 2, 100, 16, 24
+    g = torch.Generator().manual_seed(19)
+
+    def op(W, phi=None):
+        return cp.Operand(randn(B, H, L, W, gen=g, device=tdevice), phi, randn(B, H, L, gen=g, device=tdevice))
+
+    a, b, c = op(M), op(M, "relu"), op(E, "elu")
+    sa, sb = randn(B, H, L, gen=g, device=tdevice), randn(B, H, L, gen=g, device=tdevice)
+    fa, fb, fc = _features64(a), _features64(b), _features64(c)
+    for reverse in (False, True):
+        y, _ = cp.causal_product(a, b, c, sa=sa, sb=sb, reverse=reverse)
+        assert_close_rel(y, _product64(fa, fb, fc, sa=sa, sb=sb, reverse=reverse)[0])
+    pa, pb = cp.Operand(a.x, "elu"), cp.Operand(b.x, "elu")
+    y, den = cp.causal_product(pa, pb, c, den=True)
+    num, den64 = _product64(_features64(pa), _features64(pb), fc)
+    assert_close_rel(den, den64, name="den")
+    assert_close_rel(y, num / den64[..., None])
+
+
+def test_causal_product_without_features_still_adds_the_scalars(tdevice):
+    """M = 0: a . b is 0, but sum (sa_i + sb_j) c_j is not (the kernels returned zeros)."""
+    g = torch.Generator().manual_seed(23)
+    B, H, L, E = 2, 2, 70, 8
+    a, b = torch.empty(B, H, L, 0, device=tdevice), torch.empty(B, H, L, 0, device=tdevice)
+    c = randn(B, H, L, E, gen=g, device=tdevice)
+    for kw in ({"sa": randn(B, H, L, gen=g, device=tdevice)}, {"sb": randn(B, H, L, gen=g, device=tdevice)}):
+        for reverse in (False, True):
+            y, _ = cp.causal_product(a, b, c, reverse=reverse, **kw)
+            assert_close_rel(y, _product64(a, b, c, reverse=reverse, **kw)[0])
+
+
+def test_causal_product_refuses_bad_scalars_heads_and_dtypes():
+    a = torch.rand(2, 2, 5, 4)
+    with pytest.raises(ValueError, match=r"sa must be \[2, 2, 5\], got \[1, 1, 5\]"):
+        cp.causal_product(a, a, a, sa=torch.rand(1, 1, 5))
+    with pytest.raises(ValueError, match=r"sb must be \[2, 2, 5\], got \[2, 2, 4\]"):
+        cp.causal_product(a, a, a, sb=torch.rand(2, 2, 4))
+    with pytest.raises(ValueError, match="both have heads or both have none"):
+        cp.causal_product(torch.rand(2, 0, 5, 4), a, a)
+    with pytest.raises(ValueError, match="dphi.x must be"):
+        cp.causal_product(a, a, a, dphi=cp.Operand(torch.rand(2, 0, 5, 4), "elu"))
+    with pytest.raises(TypeError, match="a must be float16, bfloat16 or float32.*float64"):
+        cp.causal_product(a.double(), a, a)
+    with pytest.raises(ValueError, match="Hq a multiple of Hkv"):
+        cp.causal_linear_attention(torch.rand(1, 2, 5, 4), torch.rand(1, 4, 5, 4), torch.rand(1, 4, 5, 4), "elu")
+
+
+def test_triton_linear_attention_refuses_second_order_gradients(tdevice):
+    """create_graph=True: the kernels' backward builds no graph, so differentiating it again raises (it
+    silently dropped the second-order terms); the chunked backend differentiates twice."""
+    g = torch.Generator().manual_seed(29)
+    q, k, v = (randn(1, 2, 70, 8, gen=g, device=tdevice).requires_grad_() for _ in range(3))
+    out = linear_attention(q, k, v, causal=True, backend="triton")
+    gq, = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second-order gradient; use backend='chunked'"):
+        torch.autograd.grad(gq.pow(2).sum(), (q, k, v))
+    out = linear_attention(q, k, v, causal=True, backend="chunked")
+    gq, = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    assert all(x is not None for x in torch.autograd.grad(gq.pow(2).sum(), (q, k, v)))
+
+
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["q", "k", "v"])
+def test_triton_linear_attention_gradient_of_one_input(tdevice, which):
+    """Only one of q, k, v requires grad (GQA 4/2): its gradient is the float64 formula's, the others get none."""
+    g = torch.Generator().manual_seed(31 + which)
+    x = [randn(1, 4, 90, 8, gen=g, device=tdevice), randn(1, 2, 90, 8, gen=g, device=tdevice),
+         randn(1, 2, 90, 6, gen=g, device=tdevice)]
+    x[which].requires_grad_()
+    g_out = randn(1, 4, 90, 6, gen=g, device=tdevice)
+    got, = torch.autograd.grad(linear_attention(*x, causal=True, backend="triton"), x[which], g_out)
+    r = [t.detach().double().requires_grad_(i == which) for i, t in enumerate(x)]
+    want, = torch.autograd.grad(_quadratic(*r), r[which], g_out.double())
+    assert_close_rel(got, want, rtol=5e-5)
+
+
+def test_triton_linear_attention_keeps_a_non_finite_value_where_causality_puts_it(tdevice):
+    """An inf in the last key reaches only the last query (it made every position NaN: the zeros of slot
+    0 were the last chunk's state times 0); an inf in the first position's output gradient stays in the
+    first chunk's key gradients (the reverse products; within a chunk, the masked product's 0 * inf is NaN
+    in every backend's matmul)."""
+    g = torch.Generator().manual_seed(37)
+    L = 130
+    q, k, v = (randn(1, 1, L, 8, gen=g, device=tdevice) for _ in range(3))
+    k[..., L - 1, :] = float("inf")
+    for backend in ("triton", "chunked"):
+        out = linear_attention(q, k, v, causal=True, backend=backend)
+        assert torch.isfinite(out[..., :L - 1, :]).all(), backend
+    k = randn(1, 1, L, 8, gen=g, device=tdevice).requires_grad_()
+    v = v.clone().requires_grad_()
+    g_out = randn(1, 1, L, 8, gen=g, device=tdevice)
+    g_out[..., 0, :] = float("inf")
+    dk, dv = torch.autograd.grad(linear_attention(q, k, v, causal=True, backend="triton"), (k, v), g_out)
+    assert torch.isfinite(dk[..., 64:, :]).all() and torch.isfinite(dv[..., 64:, :]).all()
+
+
+def test_triton_linear_attention_saves_a_float32_output_for_its_gradients(tdevice):
+    """dden = -(g . o) / den reads the forward's output: kept in float32, bf16 gradients stay near the
+    chunked form's error (from a bf16 copy of o, dq's was 3.9x it). Interpreter only: on the GPU the tf32
+    products set the error. The bound is 2.5x, not ~1x: the interpreter stores bf16 by truncation, not
+    rounding, which alone doubles the error of a kernel's bf16 output."""
+    if tdevice != "cpu":
+        pytest.skip("the interpreter multiplies in float32, as the chunked form does")
+    g = torch.Generator().manual_seed(41)
+    x = [randn(2, 2, 150, 16, gen=g).bfloat16() for _ in range(3)]
+    g_out = randn(2, 2, 150, 16, gen=g).bfloat16()
+    r = [t.double().requires_grad_() for t in x]
+    want = torch.autograd.grad(_quadratic(*r), r, g_out.double())
+    errs = {}
+    for backend in ("triton", "chunked"):
+        leaves = [t.clone().requires_grad_() for t in x]
+        got = torch.autograd.grad(linear_attention(*leaves, causal=True, backend=backend), leaves, g_out)
+        errs[backend] = [rel_err(a, b) for a, b in zip(got, want)]
+    for name, t, c in zip(("dq", "dk", "dv"), errs["triton"], errs["chunked"]):
+        assert t <= 2.5 * c, (name, t, c)
+
+
+def test_triton_linear_attention_positions_past_int32_offsets(tmp_path):
+    """A strided q whose position stride times its length passes 2**31 elements (a [B, L, H, D] layout at
+    L * H * D >= 2**31): offsets in 64 bits. A sparse file holds it: only the touched pages take memory."""
+    if not TRITON_INTERPRET:
+        pytest.skip("runs the kernels on the CPU (TRITON_INTERPRET=1)")
+    L, D, s_l, off = 130, 16, 1 << 24, 1 << 31
+    n = off + (L - 1) * s_l + D
+    path = tmp_path / "sparse.bin"
+    with open(path, "wb") as f:
+        f.truncate(n * 2)
+    store = torch.from_file(str(path), shared=True, size=n, dtype=torch.float16)
+    q = store.as_strided((1, 1, L, D), (n, n, s_l, 1), off)
+    g = torch.Generator().manual_seed(43)
+    q.copy_(randn(1, 1, L, D, gen=g).half())
+    k, v = randn(1, 1, L, D, gen=g).half(), randn(1, 1, L, D, gen=g).half()
+    out = linear_attention(q, k, v, causal=True, backend="triton")
+    ref = _quadratic(q.double(), k.double(), v.double())
+    low = _quadratic(q, k, v)
+    assert_close_rel(out, ref, rel_err(low, ref))
+    del q, store

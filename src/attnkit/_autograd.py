@@ -8,7 +8,7 @@ import torch
 from torch._C import _functions  # DelayedError: what once_differentiable uses
 
 
-def first_order_only(what: str):
+def first_order_only(what: str, instead: str = "use backend='reference' to differentiate attention twice"):
     """Decorate a Function's backward whose computation autograd cannot follow (fused kernels, tiled
     loops): under create_graph=True its gradients carry a node that raises when differentiated.
 
@@ -17,8 +17,7 @@ def first_order_only(what: str):
     silently got a second order of 0 through the saved q, k, v. The node also takes the saved
     tensors that require grad as inputs: every path from a gradient back to what produced them
     (autograd.grad(penalty, weight) runs only the nodes on such paths) then meets it."""
-    message = (f"attnkit: {what} has no second-order gradient; use backend='reference' to differentiate "
-               f"attention twice").encode()
+    message = f"attnkit: {what} has no second-order gradient; {instead}".encode()
 
     def decorate(backward):
         @functools.wraps(backward)

@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .._autograd import first_order_only
 from ._launch import INTERPRET, block_dim, cdiv, launch, on_device
 
 try:
@@ -94,22 +95,23 @@ if tl is not None:
         eb = tl.program_id(2) % n_eb
         last = (c == 0) if REVERSE else (c == n_chunks - 1)
         slot = 0 if last else (n_chunks - c if REVERSE else c + 1)
-        keep = 0.0 if last else 1.0
-        pos = c * CHUNK + tl.arange(0, CHUNK)
+        pos = (c * CHUNK + tl.arange(0, CHUNK)).to(tl.int64)  # times a position stride: past 2**31 on long inputs
         om = mb * BM + tl.arange(0, BM)
         oe = eb * BE + tl.arange(0, BE)
         b = _tile(b_ptr, b_sb, b_sh, b_sl, bi, hi, pos, om, L, M, PHI_B, bs_ptr, Hs, SCALE_B)
         cv = _tile(c_ptr, c_sb, c_sh, c_sl, bi, hi, pos, oe, L, E, PHI_C, cs_ptr, Hs, SCALE_C)
-        st = tl.dot(tl.trans(b), cv, input_precision=PREC) * keep
+        # the slot-0 zeros by where, not by a product: an inf in that chunk must not make them NaN
+        st = tl.where(last, 0.0, tl.dot(tl.trans(b), cv, input_precision=PREC))
         base = row * n_chunks + slot
         tl.store(s_ptr + base * M * E + om[:, None] * E + oe[None, :], st, mask=(om[:, None] < M) & (oe[None, :] < E))
         if HAS_SA:  # sum of c, for the sa_i * c_j terms
-            tl.store(t_ptr + base * E + oe, tl.sum(cv, axis=0) * keep, mask=(oe < E) & (mb == 0))
+            tl.store(t_ptr + base * E + oe, tl.where(last, 0.0, tl.sum(cv, axis=0)), mask=(oe < E) & (mb == 0))
         if HAS_SB:  # sum of sb_j c_j
             sb = tl.load(sb_ptr + row * L + pos, mask=pos < L, other=0.0)
-            tl.store(r_ptr + base * E + oe, tl.sum(sb[:, None] * cv, axis=0) * keep, mask=(oe < E) & (mb == 0))
+            tl.store(r_ptr + base * E + oe, tl.where(last, 0.0, tl.sum(sb[:, None] * cv, axis=0)),
+                     mask=(oe < E) & (mb == 0))
         if DEN:  # sum of b, for the denominator
-            tl.store(z_ptr + base * M + om, tl.sum(b, axis=0) * keep, mask=(om < M) & (eb == 0))
+            tl.store(z_ptr + base * M + om, tl.where(last, 0.0, tl.sum(b, axis=0)), mask=(om < M) & (eb == 0))
 
     @triton.jit
     def _output_kernel(a_ptr, a_sb, a_sh, a_sl, as_ptr, b_ptr, b_sb, b_sh, b_sl, bs_ptr,
@@ -134,7 +136,7 @@ if tl is not None:
         eb = tl.program_id(2)
         slot = n_chunks - 1 - c if REVERSE else c
         base = (bi * Hs + hs) * n_chunks + slot
-        pos = c * CHUNK + tl.arange(0, CHUNK)
+        pos = (c * CHUNK + tl.arange(0, CHUNK)).to(tl.int64)
         in_l = pos < L
         oe = eb * BE + tl.arange(0, BE)
         in_e = oe < E
@@ -176,17 +178,18 @@ if tl is not None:
         ii = tl.arange(0, CHUNK)
         seen = (ii[None, :] >= ii[:, None]) if REVERSE else (ii[None, :] <= ii[:, None])
         a_b = tl.where(seen, a_b, 0.0)
+        if DEN:
+            if PREC == "tf32":
+                # the weights the product rounds to tf32, and the denominator sums the same ones: a row that
+                # sees one key returns its value exactly
+                a_b = (a_b.to(tl.uint32, bitcast=True) + 0x1000 & 0xFFFFE000).to(tl.float32, bitcast=True)
+            den += tl.sum(a_b, axis=1)
         if SCALE_C:
             a_b *= tl.load(cs_ptr + (bi * Hs + hs) * L + pos, mask=in_l, other=0.0)[None, :]
-        if DEN and PREC == "tf32":
-            # the weights the product rounds to tf32, and the denominator sums the same ones: a row that
-            # sees one key returns its value exactly
-            a_b = (a_b.to(tl.uint32, bitcast=True) + 0x1000 & 0xFFFFE000).to(tl.float32, bitcast=True)
         cv = _tile(c_ptr, c_sb, c_sh, c_sl, bi, hs, pos, oe, L, E, PHI_C, cs_ptr, Hs, False)
         acc += tl.dot(a_b, cv, input_precision=PREC)
         if DEN:
-            den += tl.sum(a_b, axis=1)
-            acc = acc / tl.where(den > 0, den, 1.0)[:, None]  # den = 0 only where every weight is 0
+            acc = acc / tl.where(den != 0, den, 1.0)[:, None]  # den = 0 where every weight is 0
             tl.store(den_ptr + row * L + pos, den, mask=in_l & (eb == 0))
         if DPHI != 0:
             x = tl.load(x_ptr + bi * x_sb + (hi // GX) * x_sh + pos[:, None] * x_sl + oe[None, :],
@@ -230,7 +233,8 @@ def causal_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor
     for a [B, Ha, L, M], b [B, Hb, L, M], c [B, Hb, L, E], H = max(Ha, Hb) a multiple of both (head h
     reads head h // (H / Ha) of a, h // (H / Hb) of b and c), sa [B, H, L], sb [B, Hb, L] (float32).
     den=True (no sa, sb) returns (y / den, den [B, H, L]) with den_i = sum of a_i . b_j over the same j
-    (y = 0 where den = 0); else (y, None). dphi: y times the derivative of dphi.phi at dphi.x
+    (y = num = 0 where den = 0, as where every weight is 0: features are meant to be nonnegative); else
+    (y, None). dphi: y times the derivative of dphi.phi at dphi.x
     [B, Hd, L, E] (head h // (H / Hd)). y is float32 unless out_dtype says otherwise. precision: a key
     of CONFIGS, how the GPU multiplies."""
     lead = a.x if isinstance(a, Operand) else a
@@ -242,6 +246,15 @@ def causal_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor
     if b.x.shape[3] != M or c.x.shape[1] != Hb or (Ha and H % Ha) or (Hb and H % Hb):
         raise ValueError(f"a [B, Ha, L, M], b [B, Hb, L, M], c [B, Hb, L, E] with Ha, Hb dividing the larger; got "
                          f"{list(a.x.shape)}, {list(b.x.shape)}, {list(c.x.shape)}")
+    if (Ha == 0) != (Hb == 0):
+        raise ValueError(f"a and b must both have heads or both have none, got a {list(a.x.shape)}, b {list(b.x.shape)}")
+    for name, op in (("a", a), ("b", b), ("c", c)):
+        if op.x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{name} must be float16, bfloat16 or float32 (the kernels compute in float32), "
+                            f"got {op.x.dtype}")
+    for name, v, want in (("sa", sa, (B, H, L)), ("sb", sb, (B, Hb, L))):
+        if v is not None and tuple(v.shape) != want:
+            raise ValueError(f"{name} must be {list(want)}, got {list(v.shape)}")
     if den and (sa is not None or sb is not None):
         raise ValueError("causal_product: den=True takes no sa / sb")
     if precision not in CONFIGS:
@@ -249,13 +262,13 @@ def causal_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor
     dev = a.x.device
     y = torch.empty(B, H, L, E, device=dev, dtype=out_dtype)
     d = torch.empty(B, H, L, device=dev, dtype=torch.float32) if den else None
-    if y.numel() == 0 or M == 0:
+    if y.numel() == 0 or (M == 0 and sa is None and sb is None):  # no a . b and no scalars: nothing to add
         if d is not None:
             d.zero_()
         return y.zero_(), d
     if dphi is not None:
         dphi = _operand("dphi", dphi, B, L)
-        if dphi.x.shape[3] != E or H % dphi.x.shape[1]:
+        if dphi.x.shape[3] != E or not dphi.x.shape[1] or H % dphi.x.shape[1]:
             raise ValueError(f"dphi.x must be [B, Hd, L, E={E}] with Hd dividing {H}, got {list(dphi.x.shape)}")
     sa = sa.float().contiguous() if sa is not None else None
     sb = sb.float().contiguous() if sb is not None else None
@@ -279,7 +292,8 @@ def causal_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor
 
     x = dphi.x if dphi is not None else a.x
     with on_device(a.x):
-        launch(_state_kernel, (n, B * Hb, cdiv(M, bm) * n_eb),
+        # at least one block of M: with M = 0 the scalars' vectors are still written
+        launch(_state_kernel, (n, B * Hb, max(1, cdiv(M, bm)) * n_eb),
                (*strided(b), scale(b), *strided(c), scale(c), s if sb is None else sb, s, t, r, z, Hb, L, M, E, n,
                 n_eb),
                dict(common, PHI_B=PHI[b.phi], PHI_C=PHI[c.phi], SCALE_B=b.scale is not None,
@@ -324,10 +338,12 @@ class _Causal(torch.autograd.Function):
         return o.to(q.dtype)
 
     @staticmethod
+    @first_order_only("causal linear attention on the triton backend",
+                      "use backend='chunked' to differentiate linear attention twice")
     def backward(ctx, g: Tensor):
         q, k, v, o, den = ctx.saved_tensors
         phi, prec = ctx.phi, ctx.prec
-        live = den > 0
+        live = den != 0
         inv = torch.where(live, 1.0 / torch.where(live, den, 1.0), 0.0)
         dden = -(g.float() * o).sum(-1) * inv  # (an einsum here ran as a gemv: 5x slower)
         dnum = Operand(g, None, inv)
@@ -359,5 +375,8 @@ def causal_linear_attention(q: Tensor, k: Tensor, v: Tensor, phi: str | None = N
     dtype, o_i = sum_{j<=i} (qf_i . kf_j) v_j / sum_{j<=i} qf_i . kf_j (0 where that sum is 0), with
     qf = phi(q), kf = phi(k) ("elu": elu + 1, "relu"; None: q and k are features already).
     Query head h reads kv head h // (Hq / Hkv). Differentiable in q, k, v."""
+    if q.dim() != 4 or k.dim() != 4 or (q.shape[1] % k.shape[1] if k.shape[1] else q.shape[1]):
+        raise ValueError(f"q [B, Hq, L, D] and k [B, Hkv, L, D] need Hq a multiple of Hkv, got q {list(q.shape)}, "
+                         f"k {list(k.shape)}")
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     return _Causal.apply(q, k, v, phi, grad)

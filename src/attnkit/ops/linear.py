@@ -115,8 +115,9 @@ def linear_attention(
     PyTorch ops over 64-token chunks; "triton", attnkit's Triton kernels (`ops.causal_product`: the same
     chunkwise steps in three launches per product, elu / relu features made as q and k are loaded,
     float32 sums of tf32 products for half-precision inputs and of three tf32 products (float32's error)
-    for float32 ones; CUDA, or the CPU under TRITON_INTERPRET=1; not float64); "auto", triton for CUDA
-    tensors that are not float64 when Triton is installed, else chunked.
+    for float32 ones; CUDA, or the CPU under TRITON_INTERPRET=1; not float64; first-order gradients
+    only: differentiating its backward again raises, "chunked" differentiates twice); "auto", triton for
+    CUDA tensors that are not float64 when Triton is installed, else chunked.
 
     The output is a convex combination of the values (the features are nonnegative), so no epsilon
     is added to the denominator: one would dominate FAVOR+'s shifted denominators, which can be

@@ -1,12 +1,12 @@
 """Causal linear attention in Triton: the chunkwise causal product and its backward.
 
-The one primitive, for every batch row and head h of `heads`,
+The one primitive, for every batch row and head h of H = max(Ha, Hb),
 
     y_i = sum over j in W(i) of (a_i . b_j + sa_i + sb_j) c_j,   W(i) = {j <= i}, or {j >= i} (reverse)
 
 with a [B, Ha, L, M], b [B, Hb, L, M], c [B, Hb, L, E] read in place through their strides (head h
-reads head h // (heads / H) of each: GQA without copies), and the per-position scalars sa, sb
-optional. Each operand may carry a feature map applied as it is loaded (elu + 1, relu) and a
+reads head h // (H / Ha) of a, h // (H / Hb) of b and c: GQA without copies), and the per-position
+scalars sa, sb optional. Each operand may carry a feature map applied as it is loaded (elu + 1, relu) and a
 per-position scale; the output may be multiplied by a feature map's derivative at x (the chain rule
 of a fused feature map). Forward linear attention is y = num with a = phi(q), b = phi(k), c = v,
 plus den_i = sum over W(i) of a_i . b_j; its three gradients are three more products of the same

@@ -458,3 +458,34 @@ def test_triton_linear_attention_positions_past_int32_offsets(tmp_path):
     low = _quadratic(q, k, v)
     assert_close_rel(out, ref, rel_err(low, ref))
     del q, store
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_sequential_scan_matches_the_cumsum_scan(tdevice, monkeypatch, reverse):
+    """SCAN = "sequential" (one kernel walking the chunks) gives the same products as the parallel state
+    kernel + cumsum: every scalar kind, scales, features, den, M and E past one scan block, GQA; and
+    linear attention's gradients through it."""
+    B, Ha, Hb, L, M, E = 1, 4, 2, 200, 40, 72
+    g = torch.Generator().manual_seed(53 + reverse)
+    a = cp.Operand(randn(B, Ha, L, M, gen=g, device=tdevice), "elu", randn(B, Ha, L, gen=g, device=tdevice))
+    b = cp.Operand(randn(B, Hb, L, M, gen=g, device=tdevice), "relu", randn(B, Hb, L, gen=g, device=tdevice))
+    c = cp.Operand(randn(B, Hb, L, E, gen=g, device=tdevice), None, randn(B, Hb, L, gen=g, device=tdevice))
+    sa, sb = randn(B, Ha, L, gen=g, device=tdevice), randn(B, Hb, L, gen=g, device=tdevice)
+    monkeypatch.setattr(cp, "SCAN", "sequential")
+    fa, fb, fc = _features64(a), _features64(b), _features64(c)
+    for kw in ({}, {"sa": sa}, {"sb": sb}):
+        y, _ = cp.causal_product(a, b, c, reverse=reverse, **kw)
+        assert_close_rel(y, _product64(fa, fb, fc, reverse=reverse, **kw)[0])
+    y, den = cp.causal_product(cp.Operand(a.x, "elu"), cp.Operand(b.x, "elu"), c.x, den=True, reverse=reverse)
+    num, den64 = _product64(_features64(cp.Operand(a.x, "elu")), _features64(cp.Operand(b.x, "elu")), c.x,
+                            reverse=reverse)
+    assert_close_rel(den, den64, name="den")
+    assert_close_rel(y, num / den64[..., None])
+    if not reverse:
+        x = [t.clone().requires_grad_() for t in (a.x, b.x, c.x)]
+        g_out = randn(B, Ha, L, E, gen=g, device=tdevice)
+        got = torch.autograd.grad(linear_attention(*x, causal=True, backend="triton"), x, g_out)
+        r = [t.detach().double().requires_grad_() for t in x]
+        want = torch.autograd.grad(_quadratic(*r), r, g_out.double())
+        for name, p, w in zip(("dq", "dk", "dv"), got, want):
+            assert_close_rel(p, w, rtol=5e-5, name=name)

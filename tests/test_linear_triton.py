@@ -489,3 +489,12 @@ def test_sequential_scan_matches_the_cumsum_scan(tdevice, monkeypatch, reverse):
         want = torch.autograd.grad(_quadratic(*r), r, g_out.double())
         for name, p, w in zip(("dq", "dk", "dv"), got, want):
             assert_close_rel(p, w, rtol=5e-5, name=name)
+
+
+@pytest.mark.cuda
+def test_cuda_auto_inside_torch_compile_keeps_the_pytorch_form():
+    """torch.compile(fullgraph=True) of a causal call with backend="auto" traces whole (the kernels' launches
+    would break the graph), and matches the kernels outside it."""
+    q, k, v = (torch.randn(1, 2, 100, 16, device="cuda") for _ in range(3))
+    compiled = torch.compile(lambda q, k, v: linear_attention(q, k, v, causal=True), fullgraph=True)
+    assert rel_err(compiled(q, k, v), linear_attention(q, k, v, causal=True)) < 1e-5

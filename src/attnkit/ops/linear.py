@@ -117,7 +117,7 @@ def linear_attention(
     float32 sums of tf32 products for half-precision inputs and of three tf32 products (float32's error)
     for float32 ones; CUDA, or the CPU under TRITON_INTERPRET=1; not float64; first-order gradients
     only: differentiating its backward again raises, "chunked" differentiates twice); "auto", triton for
-    CUDA tensors that are not float64 when Triton is installed, else chunked.
+    CUDA tensors that are not float64 when Triton is installed, outside torch.compile, else chunked.
 
     The output is a convex combination of the values (the features are nonnegative), so no epsilon
     is added to the denominator: one would dominate FAVOR+'s shifted denominators, which can be
@@ -146,8 +146,10 @@ def linear_attention(
             f"backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on the CPU), Triton installed, and "
             f"not float64 (the kernels compute in float32); got a {q.dtype} tensor on {q.device}"
         )
+    # auto inside torch.compile keeps the PyTorch form, which the compiler traces whole (it would break its
+    # graph at the kernels' launches)
     fused = causal and backend != "chunked" and (
-        backend == "triton" or (q.is_cuda and causal_product.available(q)))
+        backend == "triton" or (q.is_cuda and causal_product.available(q) and not torch.compiler.is_compiling()))
     dtype = q.dtype
     if fused and key_mask is None and feature_map_kind in ("elu", "relu"):  # features made as the kernels load
         return causal_product.causal_linear_attention(q, k, v, feature_map_kind)

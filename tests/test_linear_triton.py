@@ -7,7 +7,6 @@ those tests are skipped. The CUDA tests take real shapes in bfloat16 and float16
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from attnkit.ops import causal_product as cp
 from attnkit.ops import linear_attention
 from cases import TRITON_INTERPRET
 from conftest import LOWP, assert_close_rel, randn, rel_err
+from test_modules import _phi, ref_linear_attention  # the float64 formula (helpers only: no tests imported)
 
 
 @pytest.fixture
@@ -48,28 +48,12 @@ def _product64(a, b, c, sa=None, sb=None, reverse=False):
     return w @ c, plain
 
 
-def _phi(x, kind, projection=None):
-    if kind == "elu":
-        return torch.where(x > 0, x + 1.0, torch.exp(x))
-    if kind == "relu":
-        return x.clamp_min(0.0)
-    x = x * x.shape[-1] ** -0.25
-    w = projection.to(x.dtype)
-    return torch.exp(x @ w - 0.5 * (x * x).sum(-1, keepdim=True)) / math.sqrt(w.shape[-1])
-
-
 def _quadratic(q, k, v, kind="elu", projection=None, key_mask=None):
-    """Causal linear attention, O(L^2), in q's dtype: rows of phi(q) phi(k)^T (causal, key mask) normalised.
-    k, v [B, Hkv, L, *] are repeated over the query heads' groups."""
+    """Causal linear attention, O(L^2), in q's dtype (test_modules' reference), with k, v [B, Hkv, L, *]
+    repeated over the query heads' groups and key_mask [B, L]."""
     G = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
-    w = _phi(q, kind, projection) @ _phi(k, kind, projection).transpose(-1, -2)
-    L = q.shape[2]
-    w = w * torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    if key_mask is not None:
-        w = w * key_mask.view(key_mask.shape[0], 1, 1, -1).to(w.dtype)
-    den = w.sum(-1, keepdim=True)
-    return (w / torch.where(den == 0, torch.ones_like(den), den)) @ v
+    mask = None if key_mask is None else key_mask.view(key_mask.shape[0], 1, 1, -1)
+    return ref_linear_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), kind, projection, True, mask)
 
 
 def _grads(out, g_out, xs):
@@ -85,7 +69,7 @@ PRODUCT_SHAPES = [(2, 1, 1, 1, 8, 8), (1, 3, 3, 70, 8, 12), (2, 2, 2, 130, 20, 7
 
 def _features64(op):
     x = op.x.double()
-    x = {None: x, "elu": torch.where(x > 0, x + 1.0, torch.exp(x)), "relu": x.clamp_min(0.0)}[op.phi]
+    x = x if op.phi is None else _phi(x, op.phi)
     return x if op.scale is None else x * op.scale.double()[..., None]
 
 
@@ -154,6 +138,10 @@ def test_causal_product_refuses_bad_input():
         cp.causal_product(a, a, a, den=True, sa=torch.rand(2, 1, 5))
     with pytest.raises(ValueError, match="feature map must be one of"):
         cp.causal_product(cp.Operand(a, "gelu"), a, a)
+    with pytest.raises(TypeError, match=r"a must be a torch.Tensor, got list"):
+        cp.causal_product([1.0], a, a)
+    with pytest.raises(ValueError, match=r"a must be \[B, Ha, L, M\], got \[2, 5\]"):
+        cp.causal_product(torch.rand(2, 5), a, a)
     with pytest.raises(ValueError, match="precision must be one of"):
         cp.causal_product(a, a, a, precision="bf16")
     with pytest.raises(ValueError, match=r"scale must be \[2, 1, 5\]"):

@@ -240,7 +240,7 @@ def ref_linear_attention(q, k, v, kind, projection=None, causal=False, key_mask=
     a = _phi(q, kind, projection) @ _phi(k, kind, projection).transpose(-1, -2)
     if causal:
         Lq, Lk = a.shape[-2:]
-        a = a * torch.ones(Lq, Lk, dtype=torch.bool).tril()
+        a = a * torch.ones(Lq, Lk, dtype=torch.bool, device=a.device).tril()
     if key_mask is not None:
         a = a * key_mask.to(a.dtype)
     den = a.sum(-1, keepdim=True)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .._autograd import first_order_only
+from .._checks import tensor
 from ._launch import INTERPRET, block_dim, cdiv, launch, on_device
 
 try:
@@ -262,7 +263,7 @@ class Operand(NamedTuple):
 
 def _operand(name: str, op: Operand | Tensor, B: int, L: int) -> Operand:
     op = op if isinstance(op, Operand) else Operand(op)
-    x = op.x
+    x = tensor(name, op.x)
     if x.dim() != 4 or x.shape[0] != B or x.shape[2] != L:
         raise ValueError(f"{name} must be [B={B}, H, L={L}, *], got {list(x.shape)}")
     if op.phi not in PHI:
@@ -287,7 +288,9 @@ def causal_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor
     (y, None). dphi: y times the derivative of dphi.phi at dphi.x
     [B, Hd, L, E] (head h // (H / Hd)). y is float32 unless out_dtype says otherwise. precision: a key
     of CONFIGS, how the GPU multiplies."""
-    lead = a.x if isinstance(a, Operand) else a
+    lead = tensor("a", a.x if isinstance(a, Operand) else a)
+    if lead.dim() != 4:
+        raise ValueError(f"a must be [B, Ha, L, M], got {list(lead.shape)}")
     B, L = lead.shape[0], lead.shape[2]
     a, b, c = _operand("a", a, B, L), _operand("b", b, B, L), _operand("c", c, B, L)
     M, E = a.x.shape[3], c.x.shape[3]
@@ -403,7 +406,7 @@ class _Causal(torch.autograd.Function):
         phi, prec = ctx.phi, ctx.prec
         live = den != 0
         inv = torch.where(live, 1.0 / torch.where(live, den, 1.0), 0.0)
-        dden = -(g.float() * o).sum(-1) * inv  # (an einsum here ran as a gemv: 5x slower)
+        dden = -(g * o).sum(-1) * inv  # float32 by promotion, no copy of g (an einsum here ran as a gemv: 5x slower)
         dnum = Operand(g, None, inv)
         B, Hq, L, _ = q.shape
         Hkv = k.shape[1]

@@ -1,15 +1,15 @@
 #!/usr/bin/env python
-"""Probe: the chunk length and scan of attnkit's causal linear-attention kernels, and where their time goes.
+"""Probe: the chunk length of attnkit's causal linear-attention kernels, and where their time goes.
 
 Causal elu linear attention through `linear_attention(..., backend="triton")`, B 4, H 8, D = Dv 64, bf16,
 L = 4096 and 16384, forward and forward+backward, for each chunk length in --chunks (ops.causal_product.CHUNK:
 states [B, H, L / CHUNK, M, E] make four trips through memory per product, the in-chunk product grows with
-CHUNK) and each scan in --scans (ops.causal_product.SCAN: "cumsum", a parallel state kernel and torch.cumsum;
-"sequential", one kernel walking the chunks, the states written once). Each variant is first checked against the float64 formula on [1, 2, 2048, 64] (forward and the three
-gradients; BAD over 2e-2), then timed in alternating rounds (median ms per round, the least of the rounds).
-Last, a torch.profiler split of one forward+backward at L = 16384 per variant: GPU time per kernel name.
+CHUNK). Each chunk length is first checked against the float64 formula on [1, 2, 2048, 64] (forward and the
+three gradients; BAD over 2e-2), then timed in alternating rounds (median ms per round, the least of the
+rounds). Last, a torch.profiler split of one forward+backward per chunk length and L: GPU time per kernel
+name and in all, beside the wall time (their gap is host time: Python, autograd, launches).
 
-    python benchmarks/probe_linear.py [--chunks 64 128] [--scans cumsum sequential] [--rounds 3]
+    python benchmarks/probe_linear.py [--chunks 64 128] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -41,13 +41,12 @@ def step(q, k, v, do, mode):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--chunks", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--scans", nargs="+", default=["cumsum", "sequential"], choices=["cumsum", "sequential"])
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    variants = [(c, sc) for c in args.chunks for sc in args.scans]
+    variants = args.chunks
 
     def use(variant):
-        cp.CHUNK, cp.SCAN = variant
+        cp.CHUNK = variant
     dev = torch.device("cuda")
     meta = H.collect_meta(dev)
     print(f"{meta.get('device_name')}, {meta['date_utc']}, torch {torch.__version__}, triton {meta.get('triton')}")
@@ -55,7 +54,7 @@ def main() -> int:
     for variant in variants:
         use(variant)
         err = check(fn, True, dev, torch.bfloat16, grads=True)
-        print(f"chunk {variant[0]}, {variant[1]}: fwd+bwd error against float64 {err:.2e}"
+        print(f"chunk {variant}: fwd+bwd error against float64 {err:.2e}"
               f"{'  BAD' if err > 2e-2 else ''}")
     for L in (4096, 16384):
         g = torch.Generator(device=dev).manual_seed(L)
@@ -67,22 +66,26 @@ def main() -> int:
                     use(variant)
                     best[variant] = min(best[variant], H.time_fn(lambda: step(q, k, v, do, mode), warmup=10, rep=50))
             base = best[variants[0]]
-            print(f"L={L} {mode}: " + ", ".join(f"chunk {c} {sc} {ms:.4f} ms (x{base / ms:.3f})"
-                                                for (c, sc), ms in best.items()), flush=True)
+            print(f"L={L} {mode}: " + ", ".join(f"chunk {c} {ms:.4f} ms (x{base / ms:.3f})"
+                                                for c, ms in best.items()), flush=True)
     from torch.profiler import ProfilerActivity, profile
 
-    q, k, v, do = (torch.randn(4, 8, 16384, 64, device=dev, dtype=torch.bfloat16) for _ in range(4))
-    for variant in variants:
-        use(variant)
-        for _ in range(3):
-            step(q, k, v, do, "fwd+bwd")
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            step(q, k, v, do, "fwd+bwd")
+    for L in (4096, 16384):
+        q, k, v, do = (torch.randn(4, 8, L, 64, device=dev, dtype=torch.bfloat16) for _ in range(4))
+        for variant in variants:
+            use(variant)
+            for _ in range(3):
+                step(q, k, v, do, "fwd+bwd")
             torch.cuda.synchronize()
-        print(f"chunk {variant[0]}, {variant[1]}: one fwd+bwd at L=16384, GPU time per kernel:")
-        for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:10]:
-            print(f"  {e.device_time_total / 1e3:8.3f} ms  x{e.count:<3d} {e.key[:90]}")
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                step(q, k, v, do, "fwd+bwd")
+                torch.cuda.synchronize()
+            rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+            gpu = sum(e.device_time_total for e in rows) / 1e3
+            wall = H.time_fn(lambda: step(q, k, v, do, "fwd+bwd"), warmup=5, rep=30)
+            print(f"chunk {variant}: one fwd+bwd at L={L}: GPU {gpu:.3f} ms in all, wall {wall:.3f} ms; per kernel:")
+            for e in rows[:8]:
+                print(f"  {e.device_time_total / 1e3:8.3f} ms  x{e.count:<3d} {e.key[:90]}")
     return 0
 
 

@@ -60,10 +60,10 @@ def _grads(out, g_out, xs):
     return torch.autograd.grad(out, xs, g_out)
 
 
-# shapes (B, Ha, Hb, L, M, E): one position; lengths off the 64-position chunk; feature / value dims off 16;
+# shapes (B, Ha, Hb, L, M, E): one position; lengths off the 128-position chunk; feature / value dims off 16;
 # M past one feature block (the kernel loops) and E past one value block (the grid splits); a with more
 # heads than b and c (GQA, as the forward) and fewer (as dk and dv)
-PRODUCT_SHAPES = [(2, 1, 1, 1, 8, 8), (1, 3, 3, 70, 8, 12), (2, 2, 2, 130, 20, 70), (1, 4, 2, 64, 16, 16),
+PRODUCT_SHAPES = [(2, 1, 1, 1, 8, 8), (1, 3, 3, 70, 8, 12), (2, 2, 2, 130, 20, 70), (1, 4, 2, 128, 16, 16),
                   (1, 2, 4, 200, 80, 24)]
 
 
@@ -261,7 +261,7 @@ def test_auto_takes_the_kernels_only_for_cuda_tensors(monkeypatch):
 
 
 def test_kernel_path_holds_no_quadratic_or_per_position_state(tdevice):
-    """The kernels' buffers: chunk states [N, L / 64, M, E] and [N, L] vectors, never [L, L] or
+    """The kernels' buffers: chunk states [N, L / CHUNK, M, E] and [N, L] vectors, never [L, L] or
     [L, M, E] per row (the prefix-sum form's)."""
     if tdevice != "cuda":
         pytest.skip("allocation sizes are read from the CUDA caching allocator")
@@ -449,17 +449,17 @@ def test_triton_linear_attention_positions_past_int32_offsets(tmp_path):
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-def test_sequential_scan_matches_the_cumsum_scan(tdevice, monkeypatch, reverse):
-    """SCAN = "sequential" (one kernel walking the chunks) gives the same products as the parallel state
-    kernel + cumsum: every scalar kind, scales, features, den, M and E past one scan block, GQA; and
-    linear attention's gradients through it."""
+def test_many_chunks(tdevice, monkeypatch, reverse):
+    """Thirteen chunks of 16 positions (the scan sums many states, where the default CHUNK gives these
+    shapes two): every scalar kind, scales, features, den, M and E past one block, GQA; and linear
+    attention's gradients."""
     B, Ha, Hb, L, M, E = 1, 4, 2, 200, 40, 72
     g = torch.Generator().manual_seed(53 + reverse)
     a = cp.Operand(randn(B, Ha, L, M, gen=g, device=tdevice), "elu", randn(B, Ha, L, gen=g, device=tdevice))
     b = cp.Operand(randn(B, Hb, L, M, gen=g, device=tdevice), "relu", randn(B, Hb, L, gen=g, device=tdevice))
     c = cp.Operand(randn(B, Hb, L, E, gen=g, device=tdevice), None, randn(B, Hb, L, gen=g, device=tdevice))
     sa, sb = randn(B, Ha, L, gen=g, device=tdevice), randn(B, Hb, L, gen=g, device=tdevice)
-    monkeypatch.setattr(cp, "SCAN", "sequential")
+    monkeypatch.setattr(cp, "CHUNK", 16)
     fa, fb, fc = _features64(a), _features64(b), _features64(c)
     for kw in ({}, {"sa": sa}, {"sb": sb}):
         y, _ = cp.causal_product(a, b, c, reverse=reverse, **kw)

@@ -13,7 +13,7 @@ plus den_i = sum over W(i) of a_i . b_j; its three gradients are three more prod
 kind (`_Causal.backward`).
 
 Each product takes three steps, all parallel over chunks of CHUNK positions, as
-flash-linear-attention's chunk kernels split the work (SCAN = "sequential" fuses the first two):
+flash-linear-attention's chunk kernels split the work:
 1. `_state_kernel`: each chunk's state b_c^T c_c [M, E] (and the vectors the scalars need),
    written one slot further along the scan direction, once per head of b and c;
 2. `torch.cumsum` over the chunk axis: slot s then holds the sum of every chunk before chunk s
@@ -45,7 +45,9 @@ except ImportError:  # pragma: no cover - triton missing: callers take the PyTor
 
 __all__ = ["PHI", "Operand", "available", "causal_linear_attention", "causal_product"]
 
-CHUNK = 64  # positions per chunk: states [B, H, L / CHUNK, M, E] and a [CHUNK, CHUNK] product per chunk
+# Positions per chunk: states [B, H, L / CHUNK, M, E] and a [CHUNK, CHUNK] product per chunk. 128 over 64:
+# half the state traffic (H100, bf16, D 64, L 16k: forward 1.21x, forward+backward 1.24x; benchmarks/probe_linear.py).
+CHUNK = 128
 # Products on the GPU's tensor cores: "tf32" (10-bit mantissas, float32 sums: an error of ~2^-11, under the
 # 2^-9 of a bfloat16 result) for half-precision callers, "tf32x3" (three tf32 products: float32's error)
 # for float32 ones. The interpreter multiplies in float32 whatever the precision says.
@@ -53,11 +55,6 @@ CHUNK = 64  # positions per chunk: states [B, H, L / CHUNK, M, E] and a [CHUNK, 
 # loop, wider value dims split the grid. Chosen offline (sm_90a builds): these build without spills at
 # M = E = 64 in all four products, where 64 columns at tf32x3 spill 200-750 bytes.
 CONFIGS = {"tf32": (64, 8), "tf32x3": (32, 8)}
-# How the chunk states are summed along the sequence: "cumsum", a parallel state kernel then torch.cumsum
-# (the states make three trips through memory before the output kernel reads them), or "sequential", one
-# kernel walking the chunks (one trip, fewer programs: SCAN_COLS x SCAN_COLS blocks of M x E each).
-SCAN = "cumsum"
-SCAN_COLS = 32
 PHI = {None: 0, "elu": 1, "relu": 2}  # feature maps the kernels apply on load: elu(x) + 1, relu(x)
 
 
@@ -118,51 +115,6 @@ if tl is not None:
                      mask=(oe < E) & (mb == 0))
         if DEN:  # sum of b, for the denominator
             tl.store(z_ptr + base * M + om, tl.where(last, 0.0, tl.sum(b, axis=0)), mask=(om < M) & (eb == 0))
-
-    @triton.jit
-    def _scan_kernel(b_ptr, b_sb, b_sh, b_sl, bs_ptr, c_ptr, c_sb, c_sh, c_sl, cs_ptr, sb_ptr,
-                     s_ptr, t_ptr, r_ptr, z_ptr, Hs, L, M, E, n_chunks, n_eb,
-                     CHUNK: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr, REVERSE: tl.constexpr,
-                     PHI_B: tl.constexpr, PHI_C: tl.constexpr, SCALE_B: tl.constexpr, SCALE_C: tl.constexpr,
-                     HAS_SA: tl.constexpr, HAS_SB: tl.constexpr, DEN: tl.constexpr, PREC: tl.constexpr):
-        """What `_state_kernel` and the cumsum write together, in one pass (SCAN = "sequential"): one program
-        per (row, block of M x E) walks the chunks in scan order, storing the sum of the chunks before
-        into slot i before adding chunk i's state. The states go to memory once instead of three times;
-        the price is a loop over the chunks in each of B * Hs * (M / BM) * (E / BE) programs.
-        Grid (B * Hs, M blocks x E blocks)."""
-        row = tl.program_id(0).to(tl.int64)
-        bi = row // Hs
-        hi = row % Hs
-        mb = tl.program_id(1) // n_eb
-        eb = tl.program_id(1) % n_eb
-        om = mb * BM + tl.arange(0, BM)
-        oe = eb * BE + tl.arange(0, BE)
-        run = tl.zeros((BM, BE), dtype=tl.float32)
-        run_t = tl.zeros((BE,), dtype=tl.float32)
-        run_r = tl.zeros((BE,), dtype=tl.float32)
-        run_z = tl.zeros((BM,), dtype=tl.float32)
-        for i in range(0, n_chunks):
-            base = row * n_chunks + i
-            tl.store(s_ptr + base * M * E + om[:, None] * E + oe[None, :], run,
-                     mask=(om[:, None] < M) & (oe[None, :] < E))
-            if HAS_SA:
-                tl.store(t_ptr + base * E + oe, run_t, mask=(oe < E) & (mb == 0))
-            if HAS_SB:
-                tl.store(r_ptr + base * E + oe, run_r, mask=(oe < E) & (mb == 0))
-            if DEN:
-                tl.store(z_ptr + base * M + om, run_z, mask=(om < M) & (eb == 0))
-            c = n_chunks - 1 - i if REVERSE else i
-            pos = (c * CHUNK + tl.arange(0, CHUNK)).to(tl.int64)
-            b = _tile(b_ptr, b_sb, b_sh, b_sl, bi, hi, pos, om, L, M, PHI_B, bs_ptr, Hs, SCALE_B)
-            cv = _tile(c_ptr, c_sb, c_sh, c_sl, bi, hi, pos, oe, L, E, PHI_C, cs_ptr, Hs, SCALE_C)
-            run += tl.dot(tl.trans(b), cv, input_precision=PREC)
-            if HAS_SA:
-                run_t += tl.sum(cv, axis=0)
-            if HAS_SB:
-                sb = tl.load(sb_ptr + row * L + pos, mask=pos < L, other=0.0)
-                run_r += tl.sum(sb[:, None] * cv, axis=0)
-            if DEN:
-                run_z += tl.sum(b, axis=0)
 
     @triton.jit
     def _output_kernel(a_ptr, a_sb, a_sh, a_sl, as_ptr, b_ptr, b_sb, b_sh, b_sl, bs_ptr,
@@ -347,21 +299,13 @@ def causal_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor
     states = dict(PHI_B=PHI[b.phi], PHI_C=PHI[c.phi], SCALE_B=b.scale is not None, SCALE_C=c.scale is not None,
                   **tail)
     with on_device(a.x):
-        if SCAN == "sequential":
-            sm, se = min(SCAN_COLS, block_dim(M)), min(SCAN_COLS, block_dim(E))
-            launch(_scan_kernel, (B * Hb, max(1, cdiv(M, sm)) * cdiv(E, se)),
-                   (*strided(b), scale(b), *strided(c), scale(c), s if sb is None else sb, s, t, r, z, Hb, L, M, E,
-                    n, cdiv(E, se)),
-                   dict(CHUNK=CHUNK, BM=sm, BE=se, REVERSE=reverse, **states), num_warps=4, num_stages=2,
-                   interpret=INTERPRET)
-        else:
-            # at least one block of M: with M = 0 the scalars' vectors are still written
-            launch(_state_kernel, (n, B * Hb, max(1, cdiv(M, bm)) * n_eb),
-                   (*strided(b), scale(b), *strided(c), scale(c), s if sb is None else sb, s, t, r, z, Hb, L, M, E,
-                    n, n_eb),
-                   dict(common, **states), num_warps=4, num_stages=1, interpret=INTERPRET)
-            for buf in {id(v): v for v in (s, t, r, z)}.values():
-                buf.cumsum_(dim=1)  # slot k: the chunks before k in scan order (slot 0 holds zeros)
+        # at least one block of M: with M = 0 the scalars' vectors are still written
+        launch(_state_kernel, (n, B * Hb, max(1, cdiv(M, bm)) * n_eb),
+               (*strided(b), scale(b), *strided(c), scale(c), s if sb is None else sb, s, t, r, z, Hb, L, M, E,
+                n, n_eb),
+               dict(common, **states), num_warps=4, num_stages=1, interpret=INTERPRET)
+        for buf in {id(v): v for v in (s, t, r, z)}.values():
+            buf.cumsum_(dim=1)  # slot k: the chunks before k in scan order (slot 0 holds zeros)
         launch(_output_kernel, (n, B * H, n_eb),
                (*strided(a), scale(a), *strided(b), scale(b), *strided(c), scale(c), x, x.stride(0), x.stride(1),
                 x.stride(2), s if sa is None else sa, s if sb is None else sb, s, t, r, z, y, y if d is None else d,

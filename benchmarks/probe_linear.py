@@ -2,7 +2,7 @@
 """Probe: the chunk length of attnkit's causal linear-attention kernels, and where their time goes.
 
 Causal elu linear attention through `linear_attention(..., backend="triton")`, B 4, H 8, D = Dv 64, bf16,
-L = 4096 and 16384, forward and forward+backward, for each chunk length in --chunks (ops.causal_product.CHUNK:
+L = 4096 and 16384, forward and forward+backward, for each chunk length in --chunks (ops.chunk_product.CHUNK:
 states [B, H, L / CHUNK, M, E] make four trips through memory per product, the in-chunk product grows with
 CHUNK). Each chunk length is first checked against the float64 formula on [1, 2, 2048, 64] (forward and the
 three gradients; BAD over 2e-2), then timed in alternating rounds (median ms per round, the least of the
@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
 import torch  # noqa: E402
 
 import harness as H  # noqa: E402
-from attnkit.ops import causal_product as cp  # noqa: E402
+from attnkit.ops import chunk_product as cp  # noqa: E402
 from attnkit.ops import linear_attention  # noqa: E402
 from bench_linear import check  # noqa: E402
 

@@ -3,9 +3,9 @@
 out_i = phi(q_i) . S / (phi(q_i) . z), with S = sum_j phi(k_j) v_j^T and
 z = sum_j phi(k_j) over the keys query i may see (all of them, or j <= i
 when causal, computed chunkwise: prefix sums over chunk states plus a masked product within
-a chunk, memory O(L * (M * Dv / 64 + 64)) per head). The causal form runs in PyTorch (autograd gives
-its backward) or, on CUDA, in the Triton kernels of `ops.causal_product` (the same chunkwise steps fused,
-with a backward of their own); the non-causal form is two batched matmuls on every backend.
+a chunk, memory O(L * (M * Dv / 64 + 64)) per head). Both forms run in PyTorch (autograd gives their
+backward; the non-causal one is two batched matmuls) or, on CUDA, in the Triton kernels of
+`ops.chunk_product` (the same chunkwise steps fused, with a backward of their own).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import key_padding_mask, tensor
-from . import causal_product
+from . import chunk_product
 
 __all__ = ["BACKENDS", "FEATURE_MAPS", "feature_map", "linear_attention"]
 
 FEATURE_MAPS = ("elu", "relu", "favor+")
-# Where the causal form runs: "chunked" (PyTorch), "triton" (ops.causal_product), "auto" (triton where it can).
+# Where linear attention runs: "chunked" (PyTorch), "triton" (ops.chunk_product), "auto" (triton where it can).
 BACKENDS = ("auto", "chunked", "triton")
 # Causal chunk length: states are kept per chunk, [B, H, L / CHUNK, M, Dv], not per position, and the
 # quadratic part within a chunk costs [B, Hq, L, CHUNK].
@@ -111,12 +111,12 @@ def linear_attention(
     masked keys contribute nothing, and a query with no real key (or, for "relu", phi(q) . z = 0)
     gets 0. causal requires Lq == Lk. Half-precision inputs compute in float32, float64 in float64.
 
-    backend (the causal form only; the non-causal one is two batched matmuls everywhere): "chunked",
-    PyTorch ops over 64-token chunks; "triton", attnkit's Triton kernels (`ops.causal_product`: the same
-    chunkwise steps in three launches per product, elu / relu features made as q and k are loaded,
-    float32 sums of tf32 products for half-precision inputs and of three tf32 products (float32's error)
-    for float32 ones; CUDA, or the CPU under TRITON_INTERPRET=1; not float64; first-order gradients
-    only: differentiating its backward again raises, "chunked" differentiates twice); "auto", triton for
+    backend: "chunked", PyTorch ops (causal: over 64-token chunks; not causal: two batched matmuls);
+    "triton", attnkit's Triton kernels (`ops.chunk_product`: the same chunkwise steps in two launches per
+    product, elu / relu features made as q and k are loaded, float32 sums of tf32 products for
+    half-precision inputs and of three tf32 products (float32's error) for float32 ones; CUDA, or the CPU
+    under TRITON_INTERPRET=1; not float64; first-order gradients only: differentiating its backward again
+    raises, "chunked" differentiates twice); "auto", triton for
     CUDA tensors that are not float64 when Triton is installed, outside torch.compile, else chunked.
 
     The output is a convex combination of the values (the features are nonnegative), so no epsilon
@@ -141,18 +141,18 @@ def linear_attention(
         raise ValueError(f"causal linear attention needs Lq == Lk, got {q.shape[2]} and {k.shape[2]}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton" and causal and not causal_product.available(q):
+    if backend == "triton" and not chunk_product.available(q):
         raise ValueError(
             f"backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on the CPU), Triton installed, and "
             f"not float64 (the kernels compute in float32); got a {q.dtype} tensor on {q.device}"
         )
     # auto inside torch.compile keeps the PyTorch form, which the compiler traces whole (it would break its
     # graph at the kernels' launches)
-    fused = causal and backend != "chunked" and (
-        backend == "triton" or (q.is_cuda and causal_product.available(q) and not torch.compiler.is_compiling()))
+    fused = backend != "chunked" and (
+        backend == "triton" or (q.is_cuda and chunk_product.available(q) and not torch.compiler.is_compiling()))
     dtype = q.dtype
     if fused and key_mask is None and feature_map_kind in ("elu", "relu"):  # features made as the kernels load
-        return causal_product.causal_linear_attention(q, k, v, feature_map_kind)
+        return chunk_product.fused_linear_attention(q, k, v, feature_map_kind, causal)
     B, Hq, Lq = q.shape[:3]
     Hkv = k.shape[1]
     ct = torch.promote_types(dtype, torch.float32)
@@ -174,7 +174,7 @@ def linear_attention(
         if keep is not None:
             kf = kf * keep.to(kf.dtype)
     if fused:
-        return causal_product.causal_linear_attention(qf.view(B, Hq, Lq, qf.shape[-1]), kf, v).to(dtype)
+        return chunk_product.fused_linear_attention(qf.view(B, Hq, Lq, qf.shape[-1]), kf, v, None, causal).to(dtype)
     vf = v.to(ct)
     if not causal:
         kt = kf.transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, M, Lk]: shared by the query group

@@ -1,25 +1,26 @@
-"""Causal linear attention in Triton: the chunkwise causal product and its backward.
+"""Linear attention in Triton: the chunkwise product (causal or not) and its backward.
 
 The one primitive, for every batch row and head h of H = max(Ha, Hb),
 
-    y_i = sum over j in W(i) of (a_i . b_j + sa_i + sb_j) c_j,   W(i) = {j <= i}, or {j >= i} (reverse)
+    y_i = sum over j in W(i) of (a_i . b_j + sa_i + sb_j) c_j,
+    W(i) = {j <= i} (causal), {j >= i} (causal, reverse), or every j (not causal)
 
-with a [B, Ha, L, M], b [B, Hb, L, M], c [B, Hb, L, E] read in place through their strides (head h
-reads head h // (H / Ha) of a, h // (H / Hb) of b and c: GQA without copies), and the per-position
-scalars sa, sb optional. Each operand may carry a feature map applied as it is loaded (elu + 1, relu) and a
-per-position scale; the output may be multiplied by a feature map's derivative at x (the chain rule
-of a fused feature map). Forward linear attention is y = num with a = phi(q), b = phi(k), c = v,
+with a [B, Ha, La, M], b [B, Hb, Lb, M], c [B, Hb, Lb, E] read in place through their strides (head h
+reads head h // (H / Ha) of a, h // (H / Hb) of b and c: GQA without copies; La == Lb when causal), and
+the per-position scalars sa, sb optional. Each operand may carry a feature map applied as it is loaded
+(elu + 1, relu) and a per-position scale; the output may be multiplied by a feature map's derivative at x
+(the chain rule of a fused feature map). Linear attention is y = num with a = phi(q), b = phi(k), c = v,
 plus den_i = sum over W(i) of a_i . b_j; its three gradients are three more products of the same
-kind (`_Causal.backward`).
+kind (`_Fused.backward`).
 
 Each product takes three steps, all parallel over chunks of CHUNK positions, as
 flash-linear-attention's chunk kernels split the work:
-1. `_state_kernel`: each chunk's state b_c^T c_c [M, E] (and the vectors the scalars need),
-   written one slot further along the scan direction, once per head of b and c;
-2. `torch.cumsum` over the chunk axis: slot s then holds the sum of every chunk before chunk s
-   (after it, reversed);
-3. `_output_kernel`: each chunk reads its slot, a_c @ state, plus the masked [CHUNK, CHUNK] product
-   within the chunk.
+1. `_state_kernel`: each chunk's state b_c^T c_c [M, E] (and the vectors the scalars need), once per
+   head of b and c; causal: written one slot further along the scan direction;
+2. causal: `torch.cumsum` over the chunk axis, so that slot s holds the sum of every chunk before
+   chunk s (after it, reversed); not causal: `torch.sum`, one state of all chunks;
+3. `_output_kernel`: each chunk of a reads its state, a_c @ state; causal: plus the masked
+   [CHUNK, CHUNK] product within the chunk.
 
 Inputs may be any float dtype but float64; products accumulate in float32 on the GPU's tensor cores,
 in tf32 for half-precision callers and as three tf32 products (`tf32x3`, float32's error) for float32
@@ -43,7 +44,7 @@ try:
 except ImportError:  # pragma: no cover - triton missing: callers take the PyTorch path
     triton = tl = None
 
-__all__ = ["PHI", "Operand", "available", "causal_linear_attention", "causal_product"]
+__all__ = ["PHI", "Operand", "available", "chunk_product", "fused_linear_attention"]
 
 # Positions per chunk: states [B, H, L / CHUNK, M, E] and a [CHUNK, CHUNK] product per chunk. 128 over 64:
 # half the state traffic (H100, bf16, D 64, L 16k: forward 1.21x, forward+backward 1.24x; benchmarks/probe_linear.py).
@@ -85,19 +86,25 @@ if tl is not None:
     def _state_kernel(b_ptr, b_sb, b_sh, b_sl, bs_ptr, c_ptr, c_sb, c_sh, c_sl, cs_ptr, sb_ptr,
                       s_ptr, t_ptr, r_ptr, z_ptr, Hs, L, M, E, n_chunks, n_eb,
                       CHUNK: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr, REVERSE: tl.constexpr,
-                      PHI_B: tl.constexpr, PHI_C: tl.constexpr, SCALE_B: tl.constexpr, SCALE_C: tl.constexpr,
-                      HAS_SA: tl.constexpr, HAS_SB: tl.constexpr, DEN: tl.constexpr, PREC: tl.constexpr):
+                      FULL: tl.constexpr, PHI_B: tl.constexpr, PHI_C: tl.constexpr, SCALE_B: tl.constexpr,
+                      SCALE_C: tl.constexpr, HAS_SA: tl.constexpr, HAS_SB: tl.constexpr, DEN: tl.constexpr,
+                      PREC: tl.constexpr):
         """Chunk c's state into slot c + 1 (reverse: n - c), and zeros into slot 0 from the chunk whose
-        state no chunk reads (the last in scan order). s [B * Hs, n, M, E]; t, r [B * Hs, n, E];
-        z [B * Hs, n, M]. Grid (n_chunks, B * Hs, M blocks x E blocks), Hs the heads of b and c."""
+        state no chunk reads (the last in scan order); FULL (no mask): into slot c. s [B * Hs, n, M, E];
+        t, r [B * Hs, n, E]; z [B * Hs, n, M]. Grid (n_chunks, B * Hs, M blocks x E blocks), Hs the heads
+        of b and c, L their length."""
         c = tl.program_id(0)
         row = tl.program_id(1).to(tl.int64)
         bi = row // Hs
         hi = row % Hs
         mb = tl.program_id(2) // n_eb
         eb = tl.program_id(2) % n_eb
-        last = (c == 0) if REVERSE else (c == n_chunks - 1)
-        slot = 0 if last else (n_chunks - c if REVERSE else c + 1)
+        if FULL:
+            last = False
+            slot = c
+        else:
+            last = (c == 0) if REVERSE else (c == n_chunks - 1)
+            slot = 0 if last else (n_chunks - c if REVERSE else c + 1)
         pos = (c * CHUNK + tl.arange(0, CHUNK)).to(tl.int64)  # times a position stride: past 2**31 on long inputs
         om = mb * BM + tl.arange(0, BM)
         oe = eb * BE + tl.arange(0, BE)
@@ -122,13 +129,14 @@ if tl is not None:
                        sa_ptr, sb_ptr, s_ptr, t_ptr, r_ptr, z_ptr, y_ptr, den_ptr,
                        H, GA, GBC, GX, L, M, E, n_chunks,
                        CHUNK: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr, REVERSE: tl.constexpr,
-                       PHI_A: tl.constexpr, PHI_B: tl.constexpr, PHI_C: tl.constexpr, SCALE_A: tl.constexpr,
+                       FULL: tl.constexpr, PHI_A: tl.constexpr, PHI_B: tl.constexpr, PHI_C: tl.constexpr, SCALE_A: tl.constexpr,
                        SCALE_B: tl.constexpr, SCALE_C: tl.constexpr, DPHI: tl.constexpr,
                        HAS_SA: tl.constexpr, HAS_SB: tl.constexpr, DEN: tl.constexpr, PREC: tl.constexpr):
         """y [B, H, L, E] for chunk c and one block of E columns: a_c @ (states of the chunks before, from
         slot c) plus the chunk's own masked product, times phi'(x) if DPHI. With DEN, y = num / den
         (0 where den = 0) and den [B, H, L] (from the first E block). Head h reads head h // GA of a,
-        h // GBC of b, c and the states, h // GX of x. Grid (n_chunks, B * H, E blocks)."""
+        h // GBC of b, c and the states, h // GX of x. FULL (no mask): a_c @ the one summed state, b and c
+        not read (L is a's length, b's may differ). Grid (n_chunks, B * H, E blocks)."""
         c = tl.program_id(0)
         row = tl.program_id(1).to(tl.int64)
         bi = row // H
@@ -137,8 +145,10 @@ if tl is not None:
         hs = hi // GBC
         Hs = H // GBC
         eb = tl.program_id(2)
-        slot = n_chunks - 1 - c if REVERSE else c
-        base = (bi * Hs + hs) * n_chunks + slot
+        if FULL:
+            base = bi * Hs + hs
+        else:
+            base = (bi * Hs + hs) * n_chunks + (n_chunks - 1 - c if REVERSE else c)
         pos = (c * CHUNK + tl.arange(0, CHUNK)).to(tl.int64)
         in_l = pos < L
         oe = eb * BE + tl.arange(0, BE)
@@ -152,8 +162,9 @@ if tl is not None:
             om = m0 + tl.arange(0, BM)
             in_m = om < M
             a = _tile(a_ptr, a_sb, a_sh, a_sl, bi, ha, pos, om, L, M, PHI_A, as_ptr, H // GA, False)
-            b = _tile(b_ptr, b_sb, b_sh, b_sl, bi, hs, pos, om, L, M, PHI_B, bs_ptr, Hs, False)
-            a_b += tl.dot(a, tl.trans(b), input_precision=PREC)
+            if not FULL:
+                b = _tile(b_ptr, b_sb, b_sh, b_sl, bi, hs, pos, om, L, M, PHI_B, bs_ptr, Hs, False)
+                a_b += tl.dot(a, tl.trans(b), input_precision=PREC)
             st = tl.load(s_ptr + base * M * E + om[:, None] * E + oe[None, :], mask=in_m[:, None] & in_e[None, :],
                          other=0.0)
             acc += tl.dot(a, st, input_precision=PREC)
@@ -165,7 +176,7 @@ if tl is not None:
             a_b *= sc[:, None]
             acc *= sc[:, None]
             den *= sc
-        if SCALE_B:
+        if SCALE_B and not FULL:
             a_b *= tl.load(bs_ptr + (bi * Hs + hs) * L + pos, mask=in_l, other=0.0)[None, :]
         # padded positions have zero a, b, c and scalars: they add nothing
         if HAS_SA:
@@ -174,23 +185,25 @@ if tl is not None:
             t = tl.load(t_ptr + base * E + oe, mask=in_e, other=0.0)
             acc += sa[:, None] * t[None, :]
         if HAS_SB:
-            sb = tl.load(sb_ptr + (bi * Hs + hs) * L + pos, mask=in_l, other=0.0)
-            a_b += sb[None, :]
+            if not FULL:
+                sb = tl.load(sb_ptr + (bi * Hs + hs) * L + pos, mask=in_l, other=0.0)
+                a_b += sb[None, :]
             r = tl.load(r_ptr + base * E + oe, mask=in_e, other=0.0)
             acc += r[None, :]
-        ii = tl.arange(0, CHUNK)
-        seen = (ii[None, :] >= ii[:, None]) if REVERSE else (ii[None, :] <= ii[:, None])
-        a_b = tl.where(seen, a_b, 0.0)
-        if DEN:
-            if PREC == "tf32":
-                # the weights the product rounds to tf32, and the denominator sums the same ones: a row that
-                # sees one key returns its value exactly
-                a_b = (a_b.to(tl.uint32, bitcast=True) + 0x1000 & 0xFFFFE000).to(tl.float32, bitcast=True)
-            den += tl.sum(a_b, axis=1)
-        if SCALE_C:
-            a_b *= tl.load(cs_ptr + (bi * Hs + hs) * L + pos, mask=in_l, other=0.0)[None, :]
-        cv = _tile(c_ptr, c_sb, c_sh, c_sl, bi, hs, pos, oe, L, E, PHI_C, cs_ptr, Hs, False)
-        acc += tl.dot(a_b, cv, input_precision=PREC)
+        if not FULL:  # the chunk's own keys, through the masked product
+            ii = tl.arange(0, CHUNK)
+            seen = (ii[None, :] >= ii[:, None]) if REVERSE else (ii[None, :] <= ii[:, None])
+            a_b = tl.where(seen, a_b, 0.0)
+            if DEN:
+                if PREC == "tf32":
+                    # the weights the product rounds to tf32, and the denominator sums the same ones: a row
+                    # that sees one key returns its value exactly
+                    a_b = (a_b.to(tl.uint32, bitcast=True) + 0x1000 & 0xFFFFE000).to(tl.float32, bitcast=True)
+                den += tl.sum(a_b, axis=1)
+            if SCALE_C:
+                a_b *= tl.load(cs_ptr + (bi * Hs + hs) * L + pos, mask=in_l, other=0.0)[None, :]
+            cv = _tile(c_ptr, c_sb, c_sh, c_sl, bi, hs, pos, oe, L, E, PHI_C, cs_ptr, Hs, False)
+            acc += tl.dot(a_b, cv, input_precision=PREC)
         if DEN:
             acc = acc / tl.where(den != 0, den, 1.0)[:, None]  # den = 0 where every weight is 0
             tl.store(den_ptr + row * L + pos, den, mask=in_l & (eb == 0))
@@ -228,65 +241,69 @@ def _operand(name: str, op: Operand | Tensor, B: int, L: int) -> Operand:
     return Operand(x, op.phi, scale)
 
 
-def causal_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor, *, sa: Tensor | None = None,
-                   sb: Tensor | None = None, den: bool = False, reverse: bool = False,
-                   dphi: Operand | None = None, out_dtype: torch.dtype = torch.float32,
-                   precision: str = "tf32x3") -> tuple[Tensor, Tensor | None]:
-    """y [B, H, L, E] with y_i = sum over j <= i (reverse: j >= i) of (a_i . b_j + sa_i + sb_j) c_j,
-    for a [B, Ha, L, M], b [B, Hb, L, M], c [B, Hb, L, E], H = max(Ha, Hb) a multiple of both (head h
-    reads head h // (H / Ha) of a, h // (H / Hb) of b and c), sa [B, H, L], sb [B, Hb, L] (float32).
-    den=True (no sa, sb) returns (y / den, den [B, H, L]) with den_i = sum of a_i . b_j over the same j
+def chunk_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor, *, sa: Tensor | None = None,
+                  sb: Tensor | None = None, den: bool = False, causal: bool = True, reverse: bool = False,
+                  dphi: Operand | None = None, out_dtype: torch.dtype = torch.float32,
+                  precision: str = "tf32x3") -> tuple[Tensor, Tensor | None]:
+    """y [B, H, La, E] with y_i = sum over j in W(i) of (a_i . b_j + sa_i + sb_j) c_j, for a [B, Ha, La, M],
+    b [B, Hb, Lb, M], c [B, Hb, Lb, E], H = max(Ha, Hb) a multiple of both (head h reads head h // (H / Ha)
+    of a, h // (H / Hb) of b and c), sa [B, H, La], sb [B, Hb, Lb] (float32). W(i): j <= i when causal
+    (reverse: j >= i; both need La == Lb), every j when not.
+    den=True (no sa, sb) returns (y / den, den [B, H, La]) with den_i = sum of a_i . b_j over the same j
     (y = num = 0 where den = 0, as where every weight is 0: features are meant to be nonnegative); else
-    (y, None). dphi: y times the derivative of dphi.phi at dphi.x
-    [B, Hd, L, E] (head h // (H / Hd)). y is float32 unless out_dtype says otherwise. precision: a key
-    of CONFIGS, how the GPU multiplies."""
+    (y, None). dphi: y times the derivative of dphi.phi at dphi.x [B, Hd, La, E] (head h // (H / Hd)).
+    y is float32 unless out_dtype says otherwise. precision: a key of CONFIGS, how the GPU multiplies."""
     lead = tensor("a", a.x if isinstance(a, Operand) else a)
-    if lead.dim() != 4:
-        raise ValueError(f"a must be [B, Ha, L, M], got {list(lead.shape)}")
-    B, L = lead.shape[0], lead.shape[2]
-    a, b, c = _operand("a", a, B, L), _operand("b", b, B, L), _operand("c", c, B, L)
+    other = tensor("b", b.x if isinstance(b, Operand) else b)
+    if lead.dim() != 4 or other.dim() != 4:
+        raise ValueError(f"a [B, Ha, La, M] and b [B, Hb, Lb, M] must be 4-D, got {list(lead.shape)}, "
+                         f"{list(other.shape)}")
+    B, La, Lb = lead.shape[0], lead.shape[2], other.shape[2]
+    if causal and La != Lb:
+        raise ValueError(f"a causal product needs a and b of one length, got La = {La}, Lb = {Lb}")
+    a, b, c = _operand("a", a, B, La), _operand("b", b, B, Lb), _operand("c", c, B, Lb)
     M, E = a.x.shape[3], c.x.shape[3]
     Ha, Hb = a.x.shape[1], b.x.shape[1]
     H = max(Ha, Hb)
     if b.x.shape[3] != M or c.x.shape[1] != Hb or (Ha and H % Ha) or (Hb and H % Hb):
-        raise ValueError(f"a [B, Ha, L, M], b [B, Hb, L, M], c [B, Hb, L, E] with Ha, Hb dividing the larger; got "
-                         f"{list(a.x.shape)}, {list(b.x.shape)}, {list(c.x.shape)}")
+        raise ValueError(f"a [B, Ha, La, M], b [B, Hb, Lb, M], c [B, Hb, Lb, E] with Ha, Hb dividing the larger; "
+                         f"got {list(a.x.shape)}, {list(b.x.shape)}, {list(c.x.shape)}")
     if (Ha == 0) != (Hb == 0):
         raise ValueError(f"a and b must both have heads or both have none, got a {list(a.x.shape)}, b {list(b.x.shape)}")
     for name, op in (("a", a), ("b", b), ("c", c)):
         if op.x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"{name} must be float16, bfloat16 or float32 (the kernels compute in float32), "
                             f"got {op.x.dtype}")
-    for name, v, want in (("sa", sa, (B, H, L)), ("sb", sb, (B, Hb, L))):
+    for name, v, want in (("sa", sa, (B, H, La)), ("sb", sb, (B, Hb, Lb))):
         if v is not None and tuple(v.shape) != want:
             raise ValueError(f"{name} must be {list(want)}, got {list(v.shape)}")
     if den and (sa is not None or sb is not None):
-        raise ValueError("causal_product: den=True takes no sa / sb")
+        raise ValueError("chunk_product: den=True takes no sa / sb")
     if precision not in CONFIGS:
         raise ValueError(f"precision must be one of {list(CONFIGS)}, got {precision!r}")
     dev = a.x.device
-    y = torch.empty(B, H, L, E, device=dev, dtype=out_dtype)
-    d = torch.empty(B, H, L, device=dev, dtype=torch.float32) if den else None
-    if y.numel() == 0 or (M == 0 and sa is None and sb is None):  # no a . b and no scalars: nothing to add
+    y = torch.empty(B, H, La, E, device=dev, dtype=out_dtype)
+    d = torch.empty(B, H, La, device=dev, dtype=torch.float32) if den else None
+    if y.numel() == 0 or Lb == 0 or (M == 0 and sa is None and sb is None):  # no a . b and no scalars
         if d is not None:
             d.zero_()
         return y.zero_(), d
     if dphi is not None:
-        dphi = _operand("dphi", dphi, B, L)
+        dphi = _operand("dphi", dphi, B, La)
         if dphi.x.shape[3] != E or not dphi.x.shape[1] or H % dphi.x.shape[1]:
-            raise ValueError(f"dphi.x must be [B, Hd, L, E={E}] with Hd dividing {H}, got {list(dphi.x.shape)}")
+            raise ValueError(f"dphi.x must be [B, Hd, La, E={E}] with Hd dividing {H}, got {list(dphi.x.shape)}")
     sa = sa.float().contiguous() if sa is not None else None
     sb = sb.float().contiguous() if sb is not None else None
-    n = cdiv(L, CHUNK)
+    na, nb = cdiv(La, CHUNK), cdiv(Lb, CHUNK)
     cols, warps = CONFIGS[precision]
     bm, be = min(cols, block_dim(M)), min(cols, block_dim(E))
     n_eb = cdiv(E, be)
     f32 = dict(device=dev, dtype=torch.float32)
-    s = torch.empty(B * Hb, n, M, E, **f32)
-    t = torch.empty(B * Hb, n, E, **f32) if sa is not None else s
-    r = torch.empty(B * Hb, n, E, **f32) if sb is not None else s
-    z = torch.empty(B * Hb, n, M, **f32) if den else s
-    common = dict(CHUNK=CHUNK, BM=bm, BE=be, REVERSE=reverse)
+    s = torch.empty(B * Hb, nb, M, E, **f32)
+    t = torch.empty(B * Hb, nb, E, **f32) if sa is not None else s
+    r = torch.empty(B * Hb, nb, E, **f32) if sb is not None else s
+    z = torch.empty(B * Hb, nb, M, **f32) if den else s
+    common = dict(CHUNK=CHUNK, BM=bm, BE=be, REVERSE=reverse and causal, FULL=not causal)
     tail = dict(HAS_SA=sa is not None, HAS_SB=sb is not None, DEN=den, PREC=precision)
 
     def strided(op: Operand) -> tuple:
@@ -300,16 +317,21 @@ def causal_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor
                   **tail)
     with on_device(a.x):
         # at least one block of M: with M = 0 the scalars' vectors are still written
-        launch(_state_kernel, (n, B * Hb, max(1, cdiv(M, bm)) * n_eb),
-               (*strided(b), scale(b), *strided(c), scale(c), s if sb is None else sb, s, t, r, z, Hb, L, M, E,
-                n, n_eb),
+        launch(_state_kernel, (nb, B * Hb, max(1, cdiv(M, bm)) * n_eb),
+               (*strided(b), scale(b), *strided(c), scale(c), s if sb is None else sb, s, t, r, z, Hb, Lb, M, E,
+                nb, n_eb),
                dict(common, **states), num_warps=4, num_stages=1, interpret=INTERPRET)
-        for buf in {id(v): v for v in (s, t, r, z)}.values():
-            buf.cumsum_(dim=1)  # slot k: the chunks before k in scan order (slot 0 holds zeros)
-        launch(_output_kernel, (n, B * H, n_eb),
+        bufs = {id(v): v for v in (s, t, r, z)}.values()
+        if causal:
+            for buf in bufs:
+                buf.cumsum_(dim=1)  # slot k: the chunks before k in scan order (slot 0 holds zeros)
+        else:  # every chunk's state summed into one
+            summed = {id(v): v.sum(dim=1, keepdim=True) for v in bufs}
+            s, t, r, z = (summed[id(v)] for v in (s, t, r, z))
+        launch(_output_kernel, (na, B * H, n_eb),
                (*strided(a), scale(a), *strided(b), scale(b), *strided(c), scale(c), x, x.stride(0), x.stride(1),
                 x.stride(2), s if sa is None else sa, s if sb is None else sb, s, t, r, z, y, y if d is None else d,
-                H, H // Ha, H // Hb, H // x.shape[1], L, M, E, n),
+                H, H // Ha, H // Hb, H // x.shape[1], La, M, E, na),
                dict(common, PHI_A=PHI[a.phi], PHI_B=PHI[b.phi], PHI_C=PHI[c.phi], SCALE_A=a.scale is not None,
                     SCALE_B=b.scale is not None, SCALE_C=c.scale is not None,
                     DPHI=0 if dphi is None else PHI[dphi.phi], **tail),
@@ -317,33 +339,33 @@ def causal_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor
     return y, d
 
 
-class _Causal(torch.autograd.Function):
-    """o = num / den of causal linear attention: q [B, Hq, L, D], k [B, Hkv, L, D], v [B, Hkv, L, E]
-    -> o [B, Hq, L, E] in q's dtype, with features phi(q), phi(k) made on load (phi None: q and k are
-    the features already).
+class _Fused(torch.autograd.Function):
+    """o = num / den of linear attention: q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, E]
+    -> o [B, Hq, Lq, E] in q's dtype, with features phi(q), phi(k) made on load (phi None: q and k are
+    the features already); causal (Lq == Lk) or not.
 
     With g = do, dnum = g / den and dden = -(g . o) / den (both 0 where den = 0), since
-    num_i = sum_{j<=i} (qf_i . kf_j) v_j and den_i = sum_{j<=i} qf_i . kf_j:
-        dqf_i = sum_{j<=i} (dnum_i . v_j + dden_i) kf_j    (a = dnum, b = v, c = kf, sa = dden)
-        dkf_j = sum_{i>=j} (v_j . dnum_i + dden_i) qf_i    (a = v, b = dnum, c = qf, sb = dden, reverse)
-        dv_j  = sum_{i>=j} (kf_j . qf_i) dnum_i            (a = kf, b = qf, c = dnum, reverse)
+    num_i = sum_{j in W(i)} (qf_i . kf_j) v_j and den_i = sum_{j in W(i)} qf_i . kf_j:
+        dqf_i = sum_{j in W(i)} (dnum_i . v_j + dden_i) kf_j    (a = dnum, b = v, c = kf, sa = dden)
+        dkf_j = sum_{i: j in W(i)} (v_j . dnum_i + dden_i) qf_i  (a = v, b = dnum, c = qf, sb = dden, reverse)
+        dv_j  = sum_{i: j in W(i)} (kf_j . qf_i) dnum_i          (a = kf, b = qf, c = dnum, reverse)
     and dq = dqf * phi'(q), dk = dkf * phi'(k) (in the kernels). With GQA, dk and dv come per query
     head and are summed over each kv head's group.
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, phi: str | None, grad: bool) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, phi: str | None, causal: bool, grad: bool) -> Tensor:
         # v is the caller's own tensor (q and k may be float32 features of half-precision inputs)
         prec = "tf32" if v.dtype in (torch.float16, torch.bfloat16) else "tf32x3"
         # float32 o when a backward will read it (dden), else straight into q's dtype
-        o, den = causal_product(Operand(q, phi), Operand(k, phi), v, den=True,
-                                out_dtype=torch.float32 if grad else q.dtype, precision=prec)
-        ctx.phi, ctx.prec = phi, prec
+        o, den = chunk_product(Operand(q, phi), Operand(k, phi), v, den=True, causal=causal,
+                               out_dtype=torch.float32 if grad else q.dtype, precision=prec)
+        ctx.phi, ctx.causal, ctx.prec = phi, causal, prec
         ctx.save_for_backward(q, k, v, o, den)
         return o.to(q.dtype)
 
     @staticmethod
-    @first_order_only("causal linear attention on the triton backend",
+    @first_order_only("linear attention on the triton backend",
                       "use backend='chunked' to differentiate linear attention twice")
     def backward(ctx, g: Tensor):
         q, k, v, o, den = ctx.saved_tensors
@@ -352,36 +374,38 @@ class _Causal(torch.autograd.Function):
         inv = torch.where(live, 1.0 / torch.where(live, den, 1.0), 0.0)
         dden = -(g * o).sum(-1) * inv  # float32 by promotion, no copy of g (an einsum here ran as a gemv: 5x slower)
         dnum = Operand(g, None, inv)
-        B, Hq, L, _ = q.shape
+        B, Hq = q.shape[:2]
         Hkv = k.shape[1]
 
         def grouped(x: Tensor, like: Tensor) -> Tensor:  # per query head -> per kv head
             if Hq != Hkv:
-                x = x.view(B, Hkv, Hq // Hkv, L, x.shape[-1]).sum(2)
+                x = x.view(B, Hkv, Hq // Hkv, *x.shape[2:]).sum(2)
             return x.to(like.dtype)
 
         grouped_dtype = torch.float32 if Hq != Hkv else None
+        kw = dict(causal=ctx.causal, precision=prec)
         dq = dk = dv = None
         if ctx.needs_input_grad[0]:
-            dq = causal_product(dnum, v, Operand(k, phi), sa=dden, dphi=Operand(q, phi) if phi else None,
-                                out_dtype=q.dtype, precision=prec)[0]
+            dq = chunk_product(dnum, v, Operand(k, phi), sa=dden, dphi=Operand(q, phi) if phi else None,
+                               out_dtype=q.dtype, **kw)[0]
         if ctx.needs_input_grad[1]:
-            dk = grouped(causal_product(v, dnum, Operand(q, phi), sb=dden, reverse=True,
-                                        dphi=Operand(k, phi) if phi else None,
-                                        out_dtype=grouped_dtype or k.dtype, precision=prec)[0], k)
+            dk = grouped(chunk_product(v, dnum, Operand(q, phi), sb=dden, reverse=True,
+                                       dphi=Operand(k, phi) if phi else None,
+                                       out_dtype=grouped_dtype or k.dtype, **kw)[0], k)
         if ctx.needs_input_grad[2]:
-            dv = grouped(causal_product(Operand(k, phi), Operand(q, phi), dnum, reverse=True,
-                                        out_dtype=grouped_dtype or v.dtype, precision=prec)[0], v)
-        return dq, dk, dv, None, None
+            dv = grouped(chunk_product(Operand(k, phi), Operand(q, phi), dnum, reverse=True,
+                                       out_dtype=grouped_dtype or v.dtype, **kw)[0], v)
+        return dq, dk, dv, None, None, None
 
 
-def causal_linear_attention(q: Tensor, k: Tensor, v: Tensor, phi: str | None = None) -> Tensor:
-    """Causal linear attention: q [B, Hq, L, D], k [B, Hkv, L, D], v [B, Hkv, L, E] -> [B, Hq, L, E] in q's
-    dtype, o_i = sum_{j<=i} (qf_i . kf_j) v_j / sum_{j<=i} qf_i . kf_j (0 where that sum is 0), with
-    qf = phi(q), kf = phi(k) ("elu": elu + 1, "relu"; None: q and k are features already).
-    Query head h reads kv head h // (Hq / Hkv). Differentiable in q, k, v."""
+def fused_linear_attention(q: Tensor, k: Tensor, v: Tensor, phi: str | None = None, causal: bool = True) -> Tensor:
+    """Linear attention on the kernels: q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, E] ->
+    [B, Hq, Lq, E] in q's dtype, o_i = sum_j (qf_i . kf_j) v_j / sum_j qf_i . kf_j over j <= i if causal
+    (Lq == Lk), every j if not (0 where that sum is 0), with qf = phi(q), kf = phi(k) ("elu": elu + 1,
+    "relu"; None: q and k are features already). Query head h reads kv head h // (Hq / Hkv).
+    Differentiable in q, k, v."""
     if q.dim() != 4 or k.dim() != 4 or (q.shape[1] % k.shape[1] if k.shape[1] else q.shape[1]):
-        raise ValueError(f"q [B, Hq, L, D] and k [B, Hkv, L, D] need Hq a multiple of Hkv, got q {list(q.shape)}, "
+        raise ValueError(f"q [B, Hq, Lq, D] and k [B, Hkv, Lk, D] need Hq a multiple of Hkv, got q {list(q.shape)}, "
                          f"k {list(k.shape)}")
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    return _Causal.apply(q, k, v, phi, grad)
+    return _Fused.apply(q, k, v, phi, causal, grad)

@@ -8,10 +8,10 @@ Workload: B = 4, H = 8, D = Dv = 64, L = 1024, 4096, 16384, bf16 inputs; the elu
 (so M = D); causal and not; forward and forward+backward (grads of q, k, v). Peers, in one process
 on the same inputs:
 
-- attnkit: `attnkit.ops.linear_attention` (backend "auto": on CUDA the causal form runs attnkit's Triton
-  kernels, ops/causal_product.py; float32 math, causal in 64-token chunks);
-- attnkit_chunked: the same with backend="chunked" (its PyTorch form; causal only, the non-causal form
-  is the same two matmuls on every backend);
+- attnkit: `attnkit.ops.linear_attention` (backend "auto": on CUDA attnkit's Triton kernels,
+  ops/chunk_product.py, 128-token chunks, float32 sums);
+- attnkit_chunked: the same with backend="chunked" (its PyTorch form in float32: causal in 64-token
+  chunks, not causal two batched matmuls);
 - fla_chunk: flash-linear-attention's Triton `chunk_linear_attn(normalize=True)` on phi(q), phi(k)
   (causal only; it has no non-causal form), if the package imports;
 - prefix_sum: the per-position prefix-sum form (causal: S_i = cumsum phi(k_j) v_j^T, a
@@ -20,7 +20,10 @@ on the same inputs:
   through `F.scaled_dot_product_attention`, to show the length where the linear form pays.
 
 Work counted: 4 * M * Dv flops per token and head forward (the state product and its read-out),
-3x that for forward+backward; TFLOP/s and the fraction of the bf16 matmul ceiling use that count.
+3x that for forward+backward; TFLOP/s and the fraction of the bf16 matmul ceiling use that count. The op
+is memory-bound at these sizes, so each row also shows GB/s of the least traffic any implementation
+needs (forward: q, k, v read and o written; forward+backward: that, then q, k, v, do read and dq, dk, dv
+written: 4 and 11 bf16 tensors of [B, H, L, D]) and its fraction of the measured copy ceiling.
 ratio (harness.fill_ratios): attnkit's rows over the best peer that is not attnkit's, the others' over the best row; sdpa
 is an instrument there, never the baseline.
 check: each peer is first run on [1, 2, 2048, 64] against the quadratic formula in float64 (output,
@@ -70,9 +73,9 @@ def peers(causal: bool) -> dict:
     from attnkit.ops import linear_attention
 
     fns = {"attnkit": lambda q, k, v: linear_attention(q, k, v, feature_map_kind="elu", causal=causal)}
+    fns["attnkit_chunked"] = lambda q, k, v: linear_attention(q, k, v, feature_map_kind="elu", causal=causal,
+                                                              backend="chunked")
     if causal:
-        fns["attnkit_chunked"] = lambda q, k, v: linear_attention(q, k, v, feature_map_kind="elu", causal=True,
-                                                                  backend="chunked")
         try:
             from fla.ops.linear_attn import chunk_linear_attn
 
@@ -138,6 +141,7 @@ def run(out_dir: str | None, smoke: bool) -> None:
                 g = torch.Generator(device=device).manual_seed(L)
                 q, k, v, do = (torch.randn(B, Hh, L, D, device=device, dtype=dtype, generator=g) for _ in range(4))
                 flops = 4.0 * B * Hh * L * D * D * (3.0 if mode == "fwd+bwd" else 1.0)
+                moved = (11 if mode == "fwd+bwd" else 4) * B * Hh * L * D * q.element_size()
                 rows = []
                 for name, fn in fns.items():
                     def call(fn=fn):
@@ -166,7 +170,12 @@ def run(out_dir: str | None, smoke: bool) -> None:
                     H.free_memory()
                 H.fill_ratios(rows, ceil)
                 first = len(lines)
-                cols = {"peak MiB": lambda r: "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"}
+                def gbps(r):
+                    return None if r["status"] != "ok" or r.get("instrument") else moved / (r["ms"] * 1e-3) / 1e9
+                cols = {"GB/s": lambda r: "-" if gbps(r) is None else f"{gbps(r):.0f}",
+                        "of copy": lambda r: "-" if gbps(r) is None or not ceil else
+                        f"{100 * gbps(r) / ceil['copy_gbps']:.0f}%",
+                        "peak MiB": lambda r: "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"}
                 lines += H.markdown_table(f"## {wl}, L = {L} — {mode} ({flops / 1e9:.1f} GFLOP counted)", rows, cols)
                 records += rows
                 print("\n".join(lines[first:]), flush=True)

@@ -6,8 +6,9 @@ L = 4096 and 16384, forward and forward+backward, for each chunk length in --chu
 states [B, H, L / CHUNK, M, E] make four trips through memory per product, the in-chunk product grows with
 CHUNK). Each chunk length is first checked against the float64 formula on [1, 2, 2048, 64] (forward and the
 three gradients; BAD over 2e-2), then timed in alternating rounds (median ms per round, the least of the
-rounds). Last, a torch.profiler split of one forward+backward per chunk length and L: GPU time per kernel
-name and in all, beside the wall time (their gap is host time: Python, autograd, launches).
+rounds). Last, at the default chunk length, a torch.profiler split of one forward and one forward+backward
+per L, causal and not: GPU time per kernel name and in all, beside the wall time (their gap is host time:
+Python, autograd, launches).
 
     python benchmarks/probe_linear.py [--chunks 64 128] [--rounds 3]
 """
@@ -30,12 +31,12 @@ from attnkit.ops import linear_attention  # noqa: E402
 from bench_linear import check  # noqa: E402
 
 
-def step(q, k, v, do, mode):
+def step(q, k, v, do, mode, causal=True):
     if mode == "fwd":
         with torch.no_grad():
-            return linear_attention(q, k, v, causal=True, backend="triton")
+            return linear_attention(q, k, v, causal=causal, backend="triton")
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    return torch.autograd.grad(linear_attention(*leaves, causal=True, backend="triton"), leaves, do)
+    return torch.autograd.grad(linear_attention(*leaves, causal=causal, backend="triton"), leaves, do)
 
 
 def main() -> int:
@@ -44,6 +45,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     variants = args.chunks
+    default = cp.CHUNK
 
     def use(variant):
         cp.CHUNK = variant
@@ -70,22 +72,24 @@ def main() -> int:
                                                 for c, ms in best.items()), flush=True)
     from torch.profiler import ProfilerActivity, profile
 
+    use(default)
     for L in (4096, 16384):
         q, k, v, do = (torch.randn(4, 8, L, 64, device=dev, dtype=torch.bfloat16) for _ in range(4))
-        for variant in variants:
-            use(variant)
-            for _ in range(3):
-                step(q, k, v, do, "fwd+bwd")
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                step(q, k, v, do, "fwd+bwd")
+        for causal in (True, False):
+            for mode in ("fwd", "fwd+bwd"):
+                for _ in range(3):
+                    step(q, k, v, do, mode, causal)
                 torch.cuda.synchronize()
-            rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
-            gpu = sum(e.device_time_total for e in rows) / 1e3
-            wall = H.time_fn(lambda: step(q, k, v, do, "fwd+bwd"), warmup=5, rep=30)
-            print(f"chunk {variant}: one fwd+bwd at L={L}: GPU {gpu:.3f} ms in all, wall {wall:.3f} ms; per kernel:")
-            for e in rows[:8]:
-                print(f"  {e.device_time_total / 1e3:8.3f} ms  x{e.count:<3d} {e.key[:90]}")
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    step(q, k, v, do, mode, causal)
+                    torch.cuda.synchronize()
+                rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+                gpu = sum(e.device_time_total for e in rows) / 1e3
+                wall = H.time_fn(lambda: step(q, k, v, do, mode, causal), warmup=5, rep=30)
+                print(f"chunk {default}, {'causal' if causal else 'not causal'}, one {mode} at L={L}: GPU {gpu:.3f} ms "
+                      f"in all, wall {wall:.3f} ms; per kernel:")
+                for e in rows[:6]:
+                    print(f"  {e.device_time_total / 1e3:8.3f} ms  x{e.count:<3d} {e.key[:90]}")
     return 0
 
 

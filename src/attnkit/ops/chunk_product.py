@@ -23,8 +23,8 @@ flash-linear-attention's chunk kernels split the work:
    [CHUNK, CHUNK] product within the chunk.
 
 Inputs may be any float dtype but float64; products accumulate in float32 on the GPU's tensor cores,
-in tf32 for half-precision callers and as three tf32 products (`tf32x3`, float32's error) for float32
-ones; states are float32.
+in tf32 for half-precision callers of the causal form and as three tf32 products (`tf32x3`, float32's
+error) otherwise; states are float32.
 """
 
 from __future__ import annotations
@@ -355,8 +355,12 @@ class _Fused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, phi: str | None, causal: bool, grad: bool) -> Tensor:
-        # v is the caller's own tensor (q and k may be float32 features of half-precision inputs)
-        prec = "tf32" if v.dtype in (torch.float16, torch.bfloat16) else "tf32x3"
+        # v is the caller's own tensor (q and k may be float32 features of half-precision inputs). Not causal,
+        # float32's error always: there the products are a small share of the work (memory decides), and tf32
+        # sums of the summed states differ from the float32 denominator by ~2^-11 (one key would not return
+        # its value, nor give dq = 0); causal, the chunk's own product rounds its weights for that instead.
+        half = v.dtype in (torch.float16, torch.bfloat16)
+        prec = "tf32" if half and causal else "tf32x3"
         # float32 o when a backward will read it (dden), else straight into q's dtype
         o, den = chunk_product(Operand(q, phi), Operand(k, phi), v, den=True, causal=causal,
                                out_dtype=torch.float32 if grad else q.dtype, precision=prec)

@@ -113,8 +113,8 @@ def linear_attention(
 
     backend: "chunked", PyTorch ops (causal: over 64-token chunks; not causal: two batched matmuls);
     "triton", attnkit's Triton kernels (`ops.chunk_product`: the same chunkwise steps in two launches per
-    product, elu / relu features made as q and k are loaded, float32 sums of tf32 products for
-    half-precision inputs and of three tf32 products (float32's error) for float32 ones; CUDA, or the CPU
+    product, elu / relu features made as q and k are loaded, float32 sums of tf32 products for causal
+    half-precision inputs and of three tf32 products (float32's error) otherwise; CUDA, or the CPU
     under TRITON_INTERPRET=1; not float64; first-order gradients only: differentiating its backward again
     raises, "chunked" differentiates twice); "auto", triton for
     CUDA tensors that are not float64 when Triton is installed, outside torch.compile, else chunked.

@@ -23,8 +23,8 @@ flash-linear-attention's chunk kernels split the work:
    [CHUNK, CHUNK] product within the chunk.
 
 Inputs may be any float dtype but float64; products accumulate in float32 on the GPU's tensor cores,
-in tf32 for half-precision callers of the causal form and as three tf32 products (`tf32x3`, float32's
-error) otherwise; states are float32.
+in tf32 for half-precision callers and as three tf32 products (`tf32x3`, float32's error) for float32
+ones, and for every non-causal call (`_Fused.forward`); states are float32.
 """
 
 from __future__ import annotations
@@ -52,10 +52,13 @@ CHUNK = 128
 # Products on the GPU's tensor cores: "tf32" (10-bit mantissas, float32 sums: an error of ~2^-11, under the
 # 2^-9 of a bfloat16 result) for half-precision callers, "tf32x3" (three tf32 products: float32's error)
 # for float32 ones. The interpreter multiplies in float32 whatever the precision says.
-# Per precision: (feature and value columns per program, warps of the output kernel); wider feature dims
-# loop, wider value dims split the grid. Chosen offline (sm_90a builds): these build without spills at
-# M = E = 64 in all four products, where 64 columns at tf32x3 spill 200-750 bytes.
+# Per precision: (feature and value columns per program, warps) of the causal output kernel; wider feature
+# dims loop, wider value dims split the grid. Chosen offline (sm_90a builds): these build without spills at
+# M = E = 64 in all four products, where 64 columns at tf32x3 spill 200-750 bytes. The state kernel, and the
+# output kernel when not causal (no [CHUNK, CHUNK] product), take 64 columns at either precision without
+# spills (4 and 8 warps): fewer programs, each reading its chunk of the operands once.
 CONFIGS = {"tf32": (64, 8), "tf32x3": (32, 8)}
+WIDE = 64
 PHI = {None: 0, "elu": 1, "relu": 2}  # feature maps the kernels apply on load: elu(x) + 1, relu(x)
 
 
@@ -81,6 +84,12 @@ if tl is not None:
         if SCALED:
             x *= tl.load(scale_ptr + (bi * H + hi) * L + pos, mask=pos < L, other=0.0)[:, None]
         return x
+
+    @triton.jit
+    def _tf32(x):
+        """x rounded to tf32 (10-bit mantissa, to nearest, ties away), as the tensor cores' tf32 products
+        round their operands."""
+        return (x.to(tl.uint32, bitcast=True) + 0x1000 & 0xFFFFE000).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _state_kernel(b_ptr, b_sb, b_sh, b_sl, bs_ptr, c_ptr, c_sb, c_sh, c_sl, cs_ptr, sb_ptr,
@@ -198,7 +207,7 @@ if tl is not None:
                 if PREC == "tf32":
                     # the weights the product rounds to tf32, and the denominator sums the same ones: a row
                     # that sees one key returns its value exactly
-                    a_b = (a_b.to(tl.uint32, bitcast=True) + 0x1000 & 0xFFFFE000).to(tl.float32, bitcast=True)
+                    a_b = _tf32(a_b)
                 den += tl.sum(a_b, axis=1)
             if SCALE_C:
                 a_b *= tl.load(cs_ptr + (bi * Hs + hs) * L + pos, mask=in_l, other=0.0)[None, :]
@@ -295,15 +304,17 @@ def chunk_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor,
     sa = sa.float().contiguous() if sa is not None else None
     sb = sb.float().contiguous() if sb is not None else None
     na, nb = cdiv(La, CHUNK), cdiv(Lb, CHUNK)
-    cols, warps = CONFIGS[precision]
+    cols, warps = CONFIGS[precision] if causal else (WIDE, 8)
     bm, be = min(cols, block_dim(M)), min(cols, block_dim(E))
     n_eb = cdiv(E, be)
+    sm, se = min(WIDE, block_dim(M)), min(WIDE, block_dim(E))  # the state kernel's blocks
+    n_seb = cdiv(E, se)
     f32 = dict(device=dev, dtype=torch.float32)
     s = torch.empty(B * Hb, nb, M, E, **f32)
     t = torch.empty(B * Hb, nb, E, **f32) if sa is not None else s
     r = torch.empty(B * Hb, nb, E, **f32) if sb is not None else s
     z = torch.empty(B * Hb, nb, M, **f32) if den else s
-    common = dict(CHUNK=CHUNK, BM=bm, BE=be, REVERSE=reverse and causal, FULL=not causal)
+    common = dict(CHUNK=CHUNK, REVERSE=reverse and causal, FULL=not causal)
     tail = dict(HAS_SA=sa is not None, HAS_SB=sb is not None, DEN=den, PREC=precision)
 
     def strided(op: Operand) -> tuple:
@@ -317,10 +328,10 @@ def chunk_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor,
                   **tail)
     with on_device(a.x):
         # at least one block of M: with M = 0 the scalars' vectors are still written
-        launch(_state_kernel, (nb, B * Hb, max(1, cdiv(M, bm)) * n_eb),
+        launch(_state_kernel, (nb, B * Hb, max(1, cdiv(M, sm)) * n_seb),
                (*strided(b), scale(b), *strided(c), scale(c), s if sb is None else sb, s, t, r, z, Hb, Lb, M, E,
-                nb, n_eb),
-               dict(common, **states), num_warps=4, num_stages=1, interpret=INTERPRET)
+                nb, n_seb),
+               dict(common, BM=sm, BE=se, **states), num_warps=4, num_stages=1, interpret=INTERPRET)
         bufs = {id(v): v for v in (s, t, r, z)}.values()
         if causal:
             for buf in bufs:
@@ -332,7 +343,7 @@ def chunk_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor,
                (*strided(a), scale(a), *strided(b), scale(b), *strided(c), scale(c), x, x.stride(0), x.stride(1),
                 x.stride(2), s if sa is None else sa, s if sb is None else sb, s, t, r, z, y, y if d is None else d,
                 H, H // Ha, H // Hb, H // x.shape[1], La, M, E, na),
-               dict(common, PHI_A=PHI[a.phi], PHI_B=PHI[b.phi], PHI_C=PHI[c.phi], SCALE_A=a.scale is not None,
+               dict(common, BM=bm, BE=be, PHI_A=PHI[a.phi], PHI_B=PHI[b.phi], PHI_C=PHI[c.phi], SCALE_A=a.scale is not None,
                     SCALE_B=b.scale is not None, SCALE_C=c.scale is not None,
                     DPHI=0 if dphi is None else PHI[dphi.phi], **tail),
                num_warps=warps, num_stages=2, interpret=INTERPRET)
@@ -356,9 +367,10 @@ class _Fused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, phi: str | None, causal: bool, grad: bool) -> Tensor:
         # v is the caller's own tensor (q and k may be float32 features of half-precision inputs). Not causal,
-        # float32's error always: there the products are a small share of the work (memory decides), and tf32
-        # sums of the summed states differ from the float32 denominator by ~2^-11 (one key would not return
-        # its value, nor give dq = 0); causal, the chunk's own product rounds its weights for that instead.
+        # float32's error for every dtype: there the products are a small share of the work (memory decides),
+        # and tf32 sums of the summed state disagree with the float32 denominator and scalar terms by ~2^-11
+        # (one key would not return its value, nor give dq = dk = 0); causal, the chunk's own product
+        # rounds its weights for the first of those instead.
         half = v.dtype in (torch.float16, torch.bfloat16)
         prec = "tf32" if half and causal else "tf32x3"
         # float32 o when a backward will read it (dden), else straight into q's dtype

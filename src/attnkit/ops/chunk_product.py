@@ -56,9 +56,13 @@ CHUNK = 128
 # dims loop, wider value dims split the grid. Chosen offline (sm_90a builds): these build without spills at
 # M = E = 64 in all four products, where 64 columns at tf32x3 spill 200-750 bytes. The state kernel, and the
 # output kernel when not causal (no [CHUNK, CHUNK] product), take 64 columns at either precision without
-# spills (4 and 8 warps): fewer programs, each reading its chunk of the operands once.
+# spills (the state kernel at 4 warps, 8 when it loops over chunks; the output kernel at 8): fewer programs,
+# each reading its chunk of the operands once.
 CONFIGS = {"tf32": (64, 8), "tf32x3": (32, 8)}
 WIDE = 64
+# Not causal, each state program sums several chunks (a partial state per program, summed after), as many
+# as leave at least this many programs: about four waves of the H100's 132 SMs at two programs each.
+STATE_PROGRAMS = 1024
 PHI = {None: 0, "elu": 1, "relu": 2}  # feature maps the kernels apply on load: elu(x) + 1, relu(x)
 
 
@@ -93,44 +97,64 @@ if tl is not None:
 
     @triton.jit
     def _state_kernel(b_ptr, b_sb, b_sh, b_sl, bs_ptr, c_ptr, c_sb, c_sh, c_sl, cs_ptr, sb_ptr,
-                      s_ptr, t_ptr, r_ptr, z_ptr, Hs, L, M, E, n_chunks, n_eb,
+                      s_ptr, t_ptr, r_ptr, z_ptr, Hs, L, M, E, n_slots, n_eb,
                       CHUNK: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr, REVERSE: tl.constexpr,
                       FULL: tl.constexpr, PHI_B: tl.constexpr, PHI_C: tl.constexpr, SCALE_B: tl.constexpr,
                       SCALE_C: tl.constexpr, HAS_SA: tl.constexpr, HAS_SB: tl.constexpr, DEN: tl.constexpr,
-                      PREC: tl.constexpr):
+                      PREC: tl.constexpr, G: tl.constexpr):
         """Chunk c's state into slot c + 1 (reverse: n - c), and zeros into slot 0 from the chunk whose
-        state no chunk reads (the last in scan order); FULL (no mask): into slot c. s [B * Hs, n, M, E];
-        t, r [B * Hs, n, E]; z [B * Hs, n, M]. Grid (n_chunks, B * Hs, M blocks x E blocks), Hs the heads
-        of b and c, L their length."""
+        state no chunk reads (the last in scan order). FULL (no mask): the sum of chunks cG .. cG + G - 1
+        into slot c (n_slots = cdiv(chunks, G): fewer, longer programs whose loads overlap the products).
+        s [B * Hs, n_slots, M, E]; t, r [B * Hs, n_slots, E]; z [B * Hs, n_slots, M]. Grid (n_slots, B * Hs,
+        M blocks x E blocks), Hs the heads of b and c, L their length."""
         c = tl.program_id(0)
         row = tl.program_id(1).to(tl.int64)
         bi = row // Hs
         hi = row % Hs
         mb = tl.program_id(2) // n_eb
         eb = tl.program_id(2) % n_eb
-        if FULL:
-            last = False
-            slot = c
-        else:
-            last = (c == 0) if REVERSE else (c == n_chunks - 1)
-            slot = 0 if last else (n_chunks - c if REVERSE else c + 1)
-        pos = (c * CHUNK + tl.arange(0, CHUNK)).to(tl.int64)  # times a position stride: past 2**31 on long inputs
         om = mb * BM + tl.arange(0, BM)
         oe = eb * BE + tl.arange(0, BE)
-        b = _tile(b_ptr, b_sb, b_sh, b_sl, bi, hi, pos, om, L, M, PHI_B, bs_ptr, Hs, SCALE_B)
-        cv = _tile(c_ptr, c_sb, c_sh, c_sl, bi, hi, pos, oe, L, E, PHI_C, cs_ptr, Hs, SCALE_C)
-        # the slot-0 zeros by where, not by a product: an inf in that chunk must not make them NaN
-        st = tl.where(last, 0.0, tl.dot(tl.trans(b), cv, input_precision=PREC))
-        base = row * n_chunks + slot
+        if FULL:
+            base = row * n_slots + c
+            st = tl.zeros((BM, BE), dtype=tl.float32)
+            t_c = tl.zeros((BE,), dtype=tl.float32)
+            r_c = tl.zeros((BE,), dtype=tl.float32)
+            z_c = tl.zeros((BM,), dtype=tl.float32)
+            for i in range(G):  # positions past L load as zeros
+                pos = ((c * G + i) * CHUNK + tl.arange(0, CHUNK)).to(tl.int64)
+                b = _tile(b_ptr, b_sb, b_sh, b_sl, bi, hi, pos, om, L, M, PHI_B, bs_ptr, Hs, SCALE_B)
+                cv = _tile(c_ptr, c_sb, c_sh, c_sl, bi, hi, pos, oe, L, E, PHI_C, cs_ptr, Hs, SCALE_C)
+                st += tl.dot(tl.trans(b), cv, input_precision=PREC)
+                if HAS_SA:
+                    t_c += tl.sum(cv, axis=0)
+                if HAS_SB:
+                    sb = tl.load(sb_ptr + row * L + pos, mask=pos < L, other=0.0)
+                    r_c += tl.sum(sb[:, None] * cv, axis=0)
+                if DEN:
+                    z_c += tl.sum(b, axis=0)
+        else:
+            last = (c == 0) if REVERSE else (c == n_slots - 1)
+            base = row * n_slots + (0 if last else (n_slots - c if REVERSE else c + 1))
+            pos = (c * CHUNK + tl.arange(0, CHUNK)).to(tl.int64)  # times a position stride: past 2**31 on long inputs
+            b = _tile(b_ptr, b_sb, b_sh, b_sl, bi, hi, pos, om, L, M, PHI_B, bs_ptr, Hs, SCALE_B)
+            cv = _tile(c_ptr, c_sb, c_sh, c_sl, bi, hi, pos, oe, L, E, PHI_C, cs_ptr, Hs, SCALE_C)
+            # the slot-0 zeros by where, not by a product: an inf in that chunk must not make them NaN
+            st = tl.where(last, 0.0, tl.dot(tl.trans(b), cv, input_precision=PREC))
+            if HAS_SA:  # sum of c, for the sa_i * c_j terms
+                t_c = tl.where(last, 0.0, tl.sum(cv, axis=0))
+            if HAS_SB:  # sum of sb_j c_j
+                sb = tl.load(sb_ptr + row * L + pos, mask=pos < L, other=0.0)
+                r_c = tl.where(last, 0.0, tl.sum(sb[:, None] * cv, axis=0))
+            if DEN:  # sum of b, for the denominator
+                z_c = tl.where(last, 0.0, tl.sum(b, axis=0))
         tl.store(s_ptr + base * M * E + om[:, None] * E + oe[None, :], st, mask=(om[:, None] < M) & (oe[None, :] < E))
-        if HAS_SA:  # sum of c, for the sa_i * c_j terms
-            tl.store(t_ptr + base * E + oe, tl.where(last, 0.0, tl.sum(cv, axis=0)), mask=(oe < E) & (mb == 0))
-        if HAS_SB:  # sum of sb_j c_j
-            sb = tl.load(sb_ptr + row * L + pos, mask=pos < L, other=0.0)
-            tl.store(r_ptr + base * E + oe, tl.where(last, 0.0, tl.sum(sb[:, None] * cv, axis=0)),
-                     mask=(oe < E) & (mb == 0))
-        if DEN:  # sum of b, for the denominator
-            tl.store(z_ptr + base * M + om, tl.where(last, 0.0, tl.sum(b, axis=0)), mask=(om < M) & (eb == 0))
+        if HAS_SA:
+            tl.store(t_ptr + base * E + oe, t_c, mask=(oe < E) & (mb == 0))
+        if HAS_SB:
+            tl.store(r_ptr + base * E + oe, r_c, mask=(oe < E) & (mb == 0))
+        if DEN:
+            tl.store(z_ptr + base * M + om, z_c, mask=(om < M) & (eb == 0))
 
     @triton.jit
     def _output_kernel(a_ptr, a_sb, a_sh, a_sl, as_ptr, b_ptr, b_sb, b_sh, b_sl, bs_ptr,
@@ -309,11 +333,16 @@ def chunk_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor,
     n_eb = cdiv(E, be)
     sm, se = min(WIDE, block_dim(M)), min(WIDE, block_dim(E))  # the state kernel's blocks
     n_seb = cdiv(E, se)
+    rows = B * Hb * max(1, cdiv(M, sm)) * n_seb
+    group = 1  # chunks per state program (not causal): the most, up to 16, that leave STATE_PROGRAMS programs
+    while not causal and group < 16 and cdiv(nb, 2 * group) * rows >= STATE_PROGRAMS:
+        group *= 2
+    ns = nb if causal else cdiv(nb, group)
     f32 = dict(device=dev, dtype=torch.float32)
-    s = torch.empty(B * Hb, nb, M, E, **f32)
-    t = torch.empty(B * Hb, nb, E, **f32) if sa is not None else s
-    r = torch.empty(B * Hb, nb, E, **f32) if sb is not None else s
-    z = torch.empty(B * Hb, nb, M, **f32) if den else s
+    s = torch.empty(B * Hb, ns, M, E, **f32)
+    t = torch.empty(B * Hb, ns, E, **f32) if sa is not None else s
+    r = torch.empty(B * Hb, ns, E, **f32) if sb is not None else s
+    z = torch.empty(B * Hb, ns, M, **f32) if den else s
     common = dict(CHUNK=CHUNK, REVERSE=reverse and causal, FULL=not causal)
     tail = dict(HAS_SA=sa is not None, HAS_SB=sb is not None, DEN=den, PREC=precision)
 
@@ -328,10 +357,11 @@ def chunk_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor,
                   **tail)
     with on_device(a.x):
         # at least one block of M: with M = 0 the scalars' vectors are still written
-        launch(_state_kernel, (nb, B * Hb, max(1, cdiv(M, sm)) * n_seb),
+        launch(_state_kernel, (ns, B * Hb, max(1, cdiv(M, sm)) * n_seb),
                (*strided(b), scale(b), *strided(c), scale(c), s if sb is None else sb, s, t, r, z, Hb, Lb, M, E,
-                nb, n_seb),
-               dict(common, BM=sm, BE=se, **states), num_warps=4, num_stages=1, interpret=INTERPRET)
+                ns, n_seb),
+               dict(common, BM=sm, BE=se, G=group, **states), num_warps=4 if causal else 8,
+               num_stages=1 if causal else 2, interpret=INTERPRET)
         bufs = {id(v): v for v in (s, t, r, z)}.values()
         if causal:
             for buf in bufs:

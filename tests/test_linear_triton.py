@@ -487,17 +487,22 @@ def test_triton_linear_attention_positions_past_int32_offsets(tmp_path):
     del q, store
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-def test_many_chunks(tdevice, monkeypatch, mode):
+@pytest.mark.parametrize("mode, programs", [("fwd", None), ("rev", None), ("full", None), ("full", 8), ("full", 1)],
+                         ids=["fwd", "rev", "full", "full_groups_of_8", "full_one_group"])
+def test_many_chunks(tdevice, monkeypatch, mode, programs):
     """Thirteen chunks of 16 positions (the scan sums many states, where the default CHUNK gives these
     shapes two): every scalar kind, scales, features, den, M and E past one block, GQA; and linear
-    attention's gradients."""
-    B, Ha, Hb, L, M, E = 1, 4, 2, 200, 40, 72
-    g = torch.Generator().manual_seed(53 + len(mode))
+    attention's gradients. Not causal: 70 positions of a against 200 of b and c, and (STATE_PROGRAMS) a
+    state program summing 8 chunks (the last group short) or all 13."""
+    B, Ha, Hb, Lb, M, E = 1, 4, 2, 200, 40, 72
+    L = Lb if mode != "full" else 70
+    g = torch.Generator().manual_seed(53 + len(mode) + (programs or 0))
     a = cp.Operand(randn(B, Ha, L, M, gen=g, device=tdevice), "elu", randn(B, Ha, L, gen=g, device=tdevice))
-    b = cp.Operand(randn(B, Hb, L, M, gen=g, device=tdevice), "relu", randn(B, Hb, L, gen=g, device=tdevice))
-    c = cp.Operand(randn(B, Hb, L, E, gen=g, device=tdevice), None, randn(B, Hb, L, gen=g, device=tdevice))
-    sa, sb = randn(B, Ha, L, gen=g, device=tdevice), randn(B, Hb, L, gen=g, device=tdevice)
+    b = cp.Operand(randn(B, Hb, Lb, M, gen=g, device=tdevice), "relu", randn(B, Hb, Lb, gen=g, device=tdevice))
+    c = cp.Operand(randn(B, Hb, Lb, E, gen=g, device=tdevice), None, randn(B, Hb, Lb, gen=g, device=tdevice))
+    sa, sb = randn(B, Ha, L, gen=g, device=tdevice), randn(B, Hb, Lb, gen=g, device=tdevice)
+    if programs is not None:
+        monkeypatch.setattr(cp, "STATE_PROGRAMS", programs)
     monkeypatch.setattr(cp, "CHUNK", 16)
     fa, fb, fc = _features64(a), _features64(b), _features64(c)
     for kw in ({}, {"sa": sa}, {"sb": sb}):
@@ -528,33 +533,3 @@ def test_cuda_auto_inside_torch_compile_keeps_the_pytorch_form():
         compiled = torch.compile(lambda q, k, v: linear_attention(q, k, v, causal=causal), fullgraph=True)
         assert rel_err(compiled(q, k, v), linear_attention(q, k, v, causal=causal)) < 1e-5
 
-
-@pytest.mark.parametrize("programs", [8, 1], ids=["groups_of_8", "one_group"])
-def test_full_product_sums_chunk_groups(tdevice, monkeypatch, programs):
-    """Not causal, a state program sums several chunks (STATE_PROGRAMS: here 8 chunks per program, the last
-    group short, or all 13 chunks of 16 positions in one): every scalar kind, den, GQA, La != Lb, and linear
-    attention's gradients."""
-    B, Ha, Hb, La, Lb, M, E = 1, 4, 2, 70, 200, 40, 72
-    g = torch.Generator().manual_seed(61 + programs)
-    a = cp.Operand(randn(B, Ha, La, M, gen=g, device=tdevice), "elu", randn(B, Ha, La, gen=g, device=tdevice))
-    b = cp.Operand(randn(B, Hb, Lb, M, gen=g, device=tdevice), "relu", randn(B, Hb, Lb, gen=g, device=tdevice))
-    c = cp.Operand(randn(B, Hb, Lb, E, gen=g, device=tdevice), None, randn(B, Hb, Lb, gen=g, device=tdevice))
-    sa, sb = randn(B, Ha, La, gen=g, device=tdevice), randn(B, Hb, Lb, gen=g, device=tdevice)
-    monkeypatch.setattr(cp, "CHUNK", 16)
-    monkeypatch.setattr(cp, "STATE_PROGRAMS", programs)
-    fa, fb, fc = _features64(a), _features64(b), _features64(c)
-    for kw in ({}, {"sa": sa}, {"sb": sb}):
-        y, _ = cp.chunk_product(a, b, c, causal=False, **kw)
-        assert_close_rel(y, _product64(fa, fb, fc, causal=False, **kw)[0])
-    y, den = cp.chunk_product(cp.Operand(a.x, "elu"), cp.Operand(b.x, "elu"), c.x, den=True, causal=False)
-    num, den64 = _product64(_features64(cp.Operand(a.x, "elu")), _features64(cp.Operand(b.x, "elu")), c.x,
-                            causal=False)
-    assert_close_rel(den, den64, name="den")
-    assert_close_rel(y, num / den64[..., None])
-    x = [t.clone().requires_grad_() for t in (a.x, b.x, c.x)]
-    g_out = randn(B, Ha, La, E, gen=g, device=tdevice)
-    got = torch.autograd.grad(linear_attention(*x, causal=False, backend="triton"), x, g_out)
-    r = [t.detach().double().requires_grad_() for t in x]
-    want = torch.autograd.grad(_quadratic(*r, causal=False), r, g_out.double())
-    for name, p, w in zip(("dq", "dk", "dv"), got, want):
-        assert_close_rel(p, w, rtol=5e-5, name=name)

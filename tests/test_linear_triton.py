@@ -159,6 +159,11 @@ def test_chunk_product_refuses_bad_input():
         cp.chunk_product(torch.rand(2, 5), a, a)
     with pytest.raises(ValueError, match="precision must be one of"):
         cp.chunk_product(a, a, a, precision="bf16")
+    with pytest.raises(TypeError, match="causal must be a bool, got str"):
+        cp.chunk_product(a, a, a, causal="False")
+    with pytest.raises(ValueError, match="dphi.x must be"):  # checked with no keys too (that returns early)
+        cp.chunk_product(a, torch.rand(2, 1, 0, 4), torch.rand(2, 1, 0, 3), causal=False,
+                         dphi=cp.Operand(torch.rand(2, 1, 5, 9), "elu"))
     with pytest.raises(ValueError, match=r"scale must be \[2, 1, 5\]"):
         cp.chunk_product(cp.Operand(a, None, torch.rand(2, 5)), a, a)
 
@@ -242,6 +247,8 @@ def test_triton_linear_attention_at_lengths_0_and_1(tdevice, Lq, Lk, causal):
     assert out.shape == (2, 4, Lq, 5)
     out.sum().backward()
     assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+    if not Lq:
+        assert not k.grad.abs().sum() and not v.grad.abs().sum()
     if Lk == 0:
         assert not out.abs().sum() and not q.grad.abs().sum()
     elif Lq:
@@ -249,19 +256,27 @@ def test_triton_linear_attention_at_lengths_0_and_1(tdevice, Lq, Lk, causal):
         torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
 
 
-def test_triton_and_chunked_agree_and_module_passes_backend(tdevice):
-    """The module's backend reaches the op: both backends give the same result (float32), and bad
-    backends are refused by name."""
+def test_triton_and_chunked_agree_and_module_passes_backend(tdevice, monkeypatch):
+    """The module's backend reaches the op (the kernels run for "triton" only): both backends give the
+    same result (float32), and bad backends are refused by name."""
+    calls = []
+    real = cp.fused_linear_attention
+    monkeypatch.setattr(cp, "fused_linear_attention", lambda *a: calls.append(1) or real(*a))
     g = torch.Generator().manual_seed(3)
     q, k, v = (randn(1, 2, 100, 8, gen=g, device=tdevice) for _ in range(3))
     for causal in (True, False):
         a = LinearAttention(2, 8, causal=causal, backend="triton")(q, k, v)
+        assert len(calls) == 1
         b = LinearAttention(2, 8, causal=causal, backend="chunked")(q, k, v)
+        assert len(calls) == 1
+        calls.clear()
         assert rel_err(a, b) < 1e-5
     with pytest.raises(ValueError, match="backend must be one of"):
         LinearAttention(2, 8, backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         linear_attention(q, k, v, causal=True, backend="flex")
+    with pytest.raises(TypeError, match="causal must be a bool, got str"):
+        linear_attention(q, k, v, causal="False")
 
 
 def test_triton_backend_refuses_float64_and_auto_keeps_it_in_pytorch():

@@ -121,8 +121,8 @@ class LinearAttention(_SplitHeadsModule):
 
     "favor+" uses `num_features` positive orthogonal random features (Performer),
     drawn from `seed` and kept in a buffer; `redraw_projection()` draws anew.
-    `causal=True` (Lq == Lk) runs chunkwise: states per 64-token chunk, not per position; `backend`
-    picks where (`ops.linear_attention`: "auto", "chunked" for PyTorch, "triton" for attnkit's kernels).
+    `causal=True` (Lq == Lk) runs chunkwise: states per chunk, not per position. `backend` picks where
+    either form runs (`ops.linear_attention`: "auto", "chunked" for PyTorch, "triton" for attnkit's kernels).
     `mask` is a key padding mask ([B, Lk] or broadcastable to [B, 1, 1, Lk], True = real key);
     linear attention has no logits, so `bias` is refused. `dropout` applies to the output (there is
     no matrix of probabilities to drop from). Shapes: q [B, H, Lq, D], k, v [B, Hkv, Lk, D] with H a multiple

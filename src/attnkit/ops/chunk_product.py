@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .._autograd import first_order_only
-from .._checks import tensor
+from .._checks import flag, tensor
 from ._launch import INTERPRET, block_dim, cdiv, launch, on_device
 
 try:
@@ -287,6 +287,7 @@ def chunk_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor,
     (y = num = 0 where den = 0, as where every weight is 0: features are meant to be nonnegative); else
     (y, None). dphi: y times the derivative of dphi.phi at dphi.x [B, Hd, La, E] (head h // (H / Hd)).
     y is float32 unless out_dtype says otherwise. precision: a key of CONFIGS, how the GPU multiplies."""
+    causal, reverse = flag("causal", causal), flag("reverse", reverse)
     lead = tensor("a", a.x if isinstance(a, Operand) else a)
     other = tensor("b", b.x if isinstance(b, Operand) else b)
     if lead.dim() != 4 or other.dim() != 4:
@@ -315,6 +316,10 @@ def chunk_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor,
         raise ValueError("chunk_product: den=True takes no sa / sb")
     if precision not in CONFIGS:
         raise ValueError(f"precision must be one of {list(CONFIGS)}, got {precision!r}")
+    if dphi is not None:
+        dphi = _operand("dphi", dphi, B, La)
+        if dphi.x.shape[3] != E or not dphi.x.shape[1] or H % dphi.x.shape[1]:
+            raise ValueError(f"dphi.x must be [B, Hd, La, E={E}] with Hd dividing {H}, got {list(dphi.x.shape)}")
     dev = a.x.device
     y = torch.empty(B, H, La, E, device=dev, dtype=out_dtype)
     d = torch.empty(B, H, La, device=dev, dtype=torch.float32) if den else None
@@ -322,10 +327,6 @@ def chunk_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor,
         if d is not None:
             d.zero_()
         return y.zero_(), d
-    if dphi is not None:
-        dphi = _operand("dphi", dphi, B, La)
-        if dphi.x.shape[3] != E or not dphi.x.shape[1] or H % dphi.x.shape[1]:
-            raise ValueError(f"dphi.x must be [B, Hd, La, E={E}] with Hd dividing {H}, got {list(dphi.x.shape)}")
     sa = sa.float().contiguous() if sa is not None else None
     sb = sb.float().contiguous() if sb is not None else None
     na, nb = cdiv(La, CHUNK), cdiv(Lb, CHUNK)

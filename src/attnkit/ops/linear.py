@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import key_padding_mask, tensor
+from .._checks import flag, key_padding_mask, tensor
 from . import chunk_product
 
 __all__ = ["BACKENDS", "FEATURE_MAPS", "feature_map", "linear_attention"]
@@ -127,6 +127,7 @@ def linear_attention(
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         tensor(name, t)
+    causal = flag("causal", causal)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D [B, H, L, D], got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
     if (k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]

@@ -88,7 +88,8 @@ def _lb(L, mode):
 def test_chunk_product_matches_quadratic_form(tdevice, shape, mode, scalars):
     B, Ha, Hb, L, M, E = shape
     H, Lb = max(Ha, Hb), _lb(L, mode)
-    g = torch.Generator().manual_seed(sum(shape) * 6 + 3 * list(MODES).index(mode) + ["none", "sa", "sb"].index(scalars))
+    seed = sum(shape) * 6 + 3 * list(MODES).index(mode) + ["none", "sa", "sb"].index(scalars)
+    g = torch.Generator().manual_seed(seed)
     a = randn(B, Ha, L, M, gen=g, device=tdevice)
     b = randn(B, Hb, Lb, M, gen=g, device=tdevice)
     c = randn(B, Hb, Lb, E, gen=g, device=tdevice)

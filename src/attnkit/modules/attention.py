@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .._checks import backend_name, integer, key_padding_mask, positive_int, probability, real, tensor
 from ..functional import attention
-from ..ops.linear import BACKENDS as LINEAR_BACKENDS, FEATURE_MAPS, linear_attention
+from ..ops.linear import FEATURE_MAPS, linear_attention, linear_backend
 from .base import ATTENTION_REGISTRY, BaseAttention
 
 __all__ = ["StandardAttention", "FlashAttention", "GatedAttention", "LinearAttention", "LiteAttention"]
@@ -134,9 +134,7 @@ class LinearAttention(_SplitHeadsModule):
         super().__init__(num_heads, head_dim, dropout)
         if feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
-        if backend not in LINEAR_BACKENDS:
-            raise ValueError(f"backend must be one of {LINEAR_BACKENDS}, got {backend!r}")
-        self.backend = backend
+        self.backend = linear_backend(backend)
         if num_features is not None:
             positive_int("num_features", num_features)
         if not isinstance(causal, bool):

@@ -163,8 +163,8 @@ if tl is not None:
                        sa_ptr, sb_ptr, s_ptr, t_ptr, r_ptr, z_ptr, y_ptr, den_ptr,
                        H, GA, GBC, GX, L, M, E, n_chunks,
                        CHUNK: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr, REVERSE: tl.constexpr,
-                       FULL: tl.constexpr, PHI_A: tl.constexpr, PHI_B: tl.constexpr, PHI_C: tl.constexpr, SCALE_A: tl.constexpr,
-                       SCALE_B: tl.constexpr, SCALE_C: tl.constexpr, DPHI: tl.constexpr,
+                       FULL: tl.constexpr, PHI_A: tl.constexpr, PHI_B: tl.constexpr, PHI_C: tl.constexpr,
+                       SCALE_A: tl.constexpr, SCALE_B: tl.constexpr, SCALE_C: tl.constexpr, DPHI: tl.constexpr,
                        HAS_SA: tl.constexpr, HAS_SB: tl.constexpr, DEN: tl.constexpr, PREC: tl.constexpr):
         """y [B, H, L, E] for chunk c and one block of E columns: a_c @ (states of the chunks before, from
         slot c) plus the chunk's own masked product, times phi'(x) if DPHI. With DEN, y = num / den
@@ -304,7 +304,8 @@ def chunk_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor,
         raise ValueError(f"a [B, Ha, La, M], b [B, Hb, Lb, M], c [B, Hb, Lb, E] with Ha, Hb dividing the larger; "
                          f"got {list(a.x.shape)}, {list(b.x.shape)}, {list(c.x.shape)}")
     if (Ha == 0) != (Hb == 0):
-        raise ValueError(f"a and b must both have heads or both have none, got a {list(a.x.shape)}, b {list(b.x.shape)}")
+        raise ValueError(f"a and b must both have heads or both have none, got a {list(a.x.shape)}, "
+                         f"b {list(b.x.shape)}")
     for name, op in (("a", a), ("b", b), ("c", c)):
         if op.x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"{name} must be float16, bfloat16 or float32 (the kernels compute in float32), "
@@ -335,7 +336,8 @@ def chunk_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor,
     n_eb = cdiv(E, be)
     sm, se = min(WIDE, block_dim(M)), min(WIDE, block_dim(E))  # the state kernel's blocks
     n_seb = cdiv(E, se)
-    rows = B * Hb * max(1, cdiv(M, sm)) * n_seb
+    blocks = max(1, cdiv(M, sm)) * n_seb  # at least one block of M: with M = 0 the scalars' vectors are still written
+    rows = B * Hb * blocks
     group = 1  # chunks per state program (not causal): the most, up to 16, that leave STATE_PROGRAMS programs
     while not causal and group < 16 and cdiv(nb, 2 * group) * rows >= STATE_PROGRAMS:
         group *= 2
@@ -358,8 +360,7 @@ def chunk_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor,
     states = dict(PHI_B=PHI[b.phi], PHI_C=PHI[c.phi], SCALE_B=b.scale is not None, SCALE_C=c.scale is not None,
                   **tail)
     with on_device(a.x):
-        # at least one block of M: with M = 0 the scalars' vectors are still written
-        launch(_state_kernel, (ns, B * Hb, max(1, cdiv(M, sm)) * n_seb),
+        launch(_state_kernel, (ns, B * Hb, blocks),
                (*strided(b), scale(b), *strided(c), scale(c), s if sb is None else sb, s, t, r, z, Hb, Lb, M, E,
                 ns, n_seb),
                dict(common, BM=sm, BE=se, G=group, **states), num_warps=4 if causal else 8,
@@ -375,8 +376,8 @@ def chunk_product(a: Operand | Tensor, b: Operand | Tensor, c: Operand | Tensor,
                (*strided(a), scale(a), *strided(b), scale(b), *strided(c), scale(c), x, x.stride(0), x.stride(1),
                 x.stride(2), s if sa is None else sa, s if sb is None else sb, s, t, r, z, y, y if d is None else d,
                 H, H // Ha, H // Hb, H // x.shape[1], La, M, E, na),
-               dict(common, BM=bm, BE=be, PHI_A=PHI[a.phi], PHI_B=PHI[b.phi], PHI_C=PHI[c.phi], SCALE_A=a.scale is not None,
-                    SCALE_B=b.scale is not None, SCALE_C=c.scale is not None,
+               dict(common, BM=bm, BE=be, PHI_A=PHI[a.phi], PHI_B=PHI[b.phi], PHI_C=PHI[c.phi],
+                    SCALE_A=a.scale is not None, SCALE_B=b.scale is not None, SCALE_C=c.scale is not None,
                     DPHI=0 if dphi is None else PHI[dphi.phi], **tail),
                num_warps=warps, num_stages=2, interpret=INTERPRET)
     return y, d

@@ -19,7 +19,7 @@ from torch import Tensor
 from .._checks import flag, key_padding_mask, tensor
 from . import chunk_product
 
-__all__ = ["BACKENDS", "FEATURE_MAPS", "feature_map", "linear_attention"]
+__all__ = ["BACKENDS", "FEATURE_MAPS", "feature_map", "linear_attention", "linear_backend"]
 
 FEATURE_MAPS = ("elu", "relu", "favor+")
 # Where linear attention runs: "chunked" (PyTorch), "triton" (ops.chunk_product), "auto" (triton where it can).
@@ -73,6 +73,13 @@ def _causal_chunkwise(qf: Tensor, kf: Tensor, vf: Tensor) -> tuple[Tensor, Tenso
     num = q @ s + a @ v
     den = (q @ z).squeeze(-1) + a.sum(dim=-1)
     return num.reshape(B, Hkv, G, n * C, E)[:, :, :, :L], den.reshape(B, Hkv, G, n * C)[:, :, :, :L]
+
+
+def linear_backend(name: str) -> str:
+    """name if it is one of BACKENDS, else a ValueError listing them."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
 
 
 def feature_map(x: Tensor, kind: str, projection: Tensor | None = None, *, is_query: bool = True) -> Tensor:
@@ -140,8 +147,7 @@ def linear_attention(
         raise TypeError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"causal linear attention needs Lq == Lk, got {q.shape[2]} and {k.shape[2]}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    linear_backend(backend)
     if backend == "triton" and not chunk_product.available(q):
         raise ValueError(
             f"backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on the CPU), Triton installed, and "
